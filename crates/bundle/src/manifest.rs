@@ -1,0 +1,160 @@
+//! `manifest.json`: the bundle's index. Field order here is the order in the file.
+
+use adaptq_quant::Grid;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub schema_version: u32,
+    pub model_id: String,
+    pub generator: Generator,
+    pub source: SourceRef,
+    /// The full quantization config as the pipeline ran it, seed included.
+    pub quantization: serde_json::Value,
+    pub shard_max_bytes: u64,
+    pub tensors: Vec<TensorEntry>,
+    pub shards: Vec<ShardInfo>,
+    /// Digests of the other files of the bundle, by file name (sorted).
+    pub files: Vec<FileDigest>,
+    pub global_digest: String,
+    pub manifest_digest: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generator {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRef {
+    /// Where the model came from: a file name (never an absolute path), `hf://…`, a URL.
+    pub locator: String,
+    pub format: String,
+    pub tensor_count: usize,
+}
+
+/// How a tensor's payload encodes its values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "kebab-case")]
+pub enum Encoding {
+    /// Integer codes on a per-group grid (RTN, GPTQ, AWQ all write this):
+    /// parts `codes`, `scales` (f16) and, for asymmetric grids, `mins` (f16).
+    Int {
+        bits: u8,
+        group_size: usize,
+        grid: Grid,
+    },
+    /// Little-endian f16 values, part `data`.
+    F16,
+    /// Little-endian f32 values, part `data`.
+    F32,
+    /// Bytes copied from the source unchanged (integer tensors), part `data`.
+    Raw { dtype: String, byte_len: usize },
+}
+
+impl Encoding {
+    /// (part name, byte length) that a tensor of `shape` must have in this encoding.
+    pub fn expected_parts(&self, shape: &[usize]) -> Vec<(&'static str, usize)> {
+        let numel: usize = shape.iter().product();
+        match self {
+            Encoding::Int {
+                bits,
+                group_size,
+                grid,
+            } => {
+                let cols = *shape.last().unwrap_or(&1);
+                let rows = numel / cols.max(1);
+                let (c, s, m) = adaptq_quant::QuantizedTensor::expected_lengths(
+                    rows,
+                    cols,
+                    *bits,
+                    *group_size,
+                    *grid,
+                );
+                let mut v = vec![("codes", c), ("scales", s)];
+                if m > 0 {
+                    v.push(("mins", m));
+                }
+                v
+            }
+            Encoding::F16 => vec![("data", numel * 2)],
+            Encoding::F32 => vec![("data", numel * 4)],
+            Encoding::Raw { byte_len, .. } => vec![("data", *byte_len)],
+        }
+    }
+
+    pub fn label(&self) -> String {
+        match self {
+            Encoding::Int {
+                bits,
+                group_size,
+                grid,
+            } => format!(
+                "int{bits}-g{group_size}-{}",
+                match grid {
+                    Grid::Symmetric => "sym",
+                    Grid::Asymmetric => "asym",
+                }
+            ),
+            Encoding::F16 => "f16".into(),
+            Encoding::F32 => "f32".into(),
+            Encoding::Raw { dtype, .. } => format!("raw-{dtype}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// linear, embedding, output, norm, bias, other.
+    pub role: String,
+    /// Which algorithm produced the values (rtn, gptq, …; `none` when kept).
+    pub method: String,
+    pub encoding: Encoding,
+    pub parts: Vec<Part>,
+    /// Where the payload (the parts concatenated) lies, in order.
+    pub segments: Vec<Segment>,
+}
+
+impl TensorEntry {
+    pub fn payload_len(&self) -> u64 {
+        self.parts.iter().map(|p| p.length).sum()
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Part {
+    pub name: String,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Segment {
+    pub shard: usize,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileDigest {
+    pub file: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+pub fn shard_name(i: usize) -> String {
+    format!("shard-{i:05}.bin")
+}

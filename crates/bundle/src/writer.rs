@@ -1,0 +1,241 @@
+//! Streaming bundle writer. Everything goes into a hidden temp folder next to the target and is
+//! renamed into place only after the manifest is written, so an interrupted run (crash, disk
+//! full) never leaves a folder at the target path, let alone one that `verify` accepts.
+
+use crate::manifest::{
+    shard_name, FileDigest, Generator, Manifest, Part, Segment, ShardInfo, SourceRef,
+};
+use crate::{
+    io_err, BundleError, Encoding, Result, TensorEntry, MANIFEST, MAX_SHARD_BYTES, SCHEMA_VERSION,
+};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    pub shard_max_bytes: u64,
+    /// Replace an existing output folder.
+    pub force: bool,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            shard_max_bytes: MAX_SHARD_BYTES,
+            force: false,
+        }
+    }
+}
+
+pub struct BundleWriter {
+    target: PathBuf,
+    tmp: PathBuf,
+    opts: WriterOptions,
+    buf: Vec<u8>,
+    shards: Vec<ShardInfo>,
+    tensors: Vec<TensorEntry>,
+    files: Vec<FileDigest>,
+    finished: bool,
+}
+
+impl BundleWriter {
+    pub fn create(target: &Path, opts: WriterOptions) -> Result<Self> {
+        if opts.shard_max_bytes == 0 || opts.shard_max_bytes > MAX_SHARD_BYTES {
+            return Err(BundleError::Invalid(format!(
+                "shard size must be between 1 and {MAX_SHARD_BYTES} bytes, got {}",
+                opts.shard_max_bytes
+            )));
+        }
+        if target.exists() && !opts.force {
+            return Err(BundleError::Exists(target.to_path_buf()));
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        let name = target
+            .file_name()
+            .ok_or_else(|| {
+                BundleError::Invalid(format!("{} is not a folder name", target.display()))
+            })?
+            .to_string_lossy();
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        Ok(BundleWriter {
+            target: target.to_path_buf(),
+            tmp,
+            opts,
+            buf: Vec::new(),
+            shards: Vec::new(),
+            tensors: Vec::new(),
+            files: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// Appends a tensor whose payload is `parts` concatenated. Checks the part lengths against
+    /// what the encoding requires, so a writer bug cannot produce an inconsistent index.
+    pub fn add_tensor(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        role: &str,
+        method: &str,
+        encoding: Encoding,
+        parts: &[(&str, &[u8])],
+    ) -> Result<()> {
+        let expected = encoding.expected_parts(shape);
+        let got: Vec<(&str, usize)> = parts.iter().map(|(n, b)| (*n, b.len())).collect();
+        if expected != got {
+            return Err(BundleError::Invalid(format!(
+                "tensor '{name}': parts {got:?} do not match {} (expected {expected:?})",
+                encoding.label()
+            )));
+        }
+        let mut segments: Vec<Segment> = Vec::new();
+        for (_, bytes) in parts {
+            let mut rest: &[u8] = bytes;
+            while !rest.is_empty() {
+                let room = (self.opts.shard_max_bytes as usize) - self.buf.len();
+                let take = room.min(rest.len());
+                let shard = self.shards.len();
+                let offset = self.buf.len() as u64;
+                match segments.last_mut() {
+                    Some(s) if s.shard == shard && s.offset + s.length == offset => {
+                        s.length += take as u64
+                    }
+                    _ => segments.push(Segment {
+                        shard,
+                        offset,
+                        length: take as u64,
+                    }),
+                }
+                self.buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if self.buf.len() as u64 == self.opts.shard_max_bytes {
+                    self.flush_shard()?;
+                }
+            }
+        }
+        self.tensors.push(TensorEntry {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            role: role.to_string(),
+            method: method.to_string(),
+            encoding,
+            parts: parts
+                .iter()
+                .map(|(n, b)| Part {
+                    name: n.to_string(),
+                    length: b.len() as u64,
+                })
+                .collect(),
+            segments,
+        });
+        Ok(())
+    }
+
+    fn flush_shard(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let file = shard_name(self.shards.len());
+        write_file(&self.tmp.join(&file), &self.buf)?;
+        self.shards.push(ShardInfo {
+            file,
+            bytes: self.buf.len() as u64,
+            sha256: crate::sha256_hex(&self.buf),
+            blake3: crate::blake3_hex(&self.buf),
+        });
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Adds a side file (model.meta, verification.json, LICENSE); its digest enters the manifest.
+    pub fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        if name == MANIFEST || name.starts_with("shard-") || name.contains('/') {
+            return Err(BundleError::Invalid(format!(
+                "reserved or invalid file name '{name}'"
+            )));
+        }
+        write_file(&self.tmp.join(name), bytes)?;
+        self.files.retain(|f| f.file != name);
+        self.files.push(FileDigest {
+            file: name.to_string(),
+            bytes: bytes.len() as u64,
+            sha256: crate::sha256_hex(bytes),
+        });
+        Ok(())
+    }
+
+    /// Tensors written so far (for building verification reports before finishing).
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    /// Writes the last shard and the manifest, then renames the folder into place.
+    pub fn finish(
+        mut self,
+        model_id: &str,
+        source: SourceRef,
+        quantization: serde_json::Value,
+    ) -> Result<Manifest> {
+        self.flush_shard()?;
+        self.files.sort_by(|a, b| a.file.cmp(&b.file));
+        let mut m = Manifest {
+            schema_version: SCHEMA_VERSION,
+            model_id: model_id.to_string(),
+            generator: Generator {
+                name: "adaptq".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            source,
+            quantization,
+            shard_max_bytes: self.opts.shard_max_bytes,
+            tensors: std::mem::take(&mut self.tensors),
+            shards: std::mem::take(&mut self.shards),
+            files: std::mem::take(&mut self.files),
+            global_digest: String::new(),
+            manifest_digest: "0".repeat(64),
+        };
+        m.global_digest = crate::global_digest(&m.shards);
+        let text = serde_json::to_string_pretty(&m).expect("manifest serializes") + "\n";
+        m.manifest_digest = crate::manifest_digest(&text).expect("digest field present");
+        let text = serde_json::to_string_pretty(&m).expect("manifest serializes") + "\n";
+        write_file(&self.tmp.join(MANIFEST), text.as_bytes())?;
+        if self.target.exists() {
+            if !self.opts.force {
+                return Err(BundleError::Exists(self.target.clone()));
+            }
+            let old = self.tmp.with_extension("old");
+            std::fs::rename(&self.target, &old).map_err(io_err(&self.target))?;
+            std::fs::rename(&self.tmp, &self.target).map_err(io_err(&self.target))?;
+            let _ = std::fs::remove_dir_all(&old);
+        } else {
+            std::fs::rename(&self.tmp, &self.target).map_err(io_err(&self.target))?;
+        }
+        self.finished = true;
+        Ok(m)
+    }
+}
+
+impl Drop for BundleWriter {
+    /// An unfinished bundle (error, panic, interrupt) is removed rather than left half-written.
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Writes and fsyncs a file, so a rename never publishes data still in flight.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(())
+}

@@ -1,0 +1,338 @@
+//! The `adaptq` command line: a thin layer over `adaptq-pipeline`.
+
+use adaptq_pipeline::{quantize_model, EmbeddingMode, Method, QuantizeConfig};
+use adaptq_quant::Grid;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "adaptq",
+    version,
+    about = "Post-training quantization of LLMs into verified, deterministic bundles",
+    long_about = "adaptq reads a model (GGUF or safetensors), quantizes its linear layers, and writes a \
+bundle of <=2 MiB shards with SHA-256/BLAKE3 hashes, manifest.json, model.meta and verification.json. \
+The same input and config always give byte-identical bundles."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MethodArg {
+    /// Round-to-nearest, per group.
+    Rtn,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EmbedArg {
+    F16,
+    F32,
+    Quant,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Quantize a model into a bundle folder.
+    Quantize {
+        /// Model: a .gguf file, a .safetensors file, or a folder with model.safetensors(.index.json).
+        src: PathBuf,
+        /// Output bundle folder (must not exist unless --force).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "rtn")]
+        method: MethodArg,
+        /// Bits per code, 2 to 8.
+        #[arg(long, default_value_t = 4)]
+        bits: u8,
+        /// Columns per scale group (32, 64, 128, ...); 0 = one group per output channel.
+        #[arg(long, default_value_t = 128)]
+        group_size: usize,
+        /// Symmetric grid (no per-group offset); asymmetric (scale + min) otherwise.
+        #[arg(long)]
+        sym: bool,
+        /// How to store embedding tables and a separate output head.
+        #[arg(long, value_enum, default_value = "f16")]
+        embeddings: EmbedArg,
+        /// Seed for every random choice; recorded in the manifest.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest shard in bytes (at most 2 MiB).
+        #[arg(long, default_value_t = adaptq_bundle::MAX_SHARD_BYTES)]
+        shard_size: u64,
+        /// Gate: lowest acceptable weight cosine similarity of any quantized tensor.
+        #[arg(long, default_value_t = 0.9)]
+        min_cosine: f64,
+        /// Gate: largest acceptable overall bits per weight.
+        #[arg(long)]
+        max_bpw: Option<f64>,
+        /// Model id recorded in the manifest (default: the source's own name).
+        #[arg(long)]
+        model_id: Option<String>,
+        /// Replace the output folder if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a bundle: every shard hash, sizes, index coverage, global digest. Exit 0 only if all hold.
+    Verify {
+        dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a model file or a bundle.
+    Info {
+        path: PathBuf,
+        /// Also list every tensor.
+        #[arg(long)]
+        tensors: bool,
+    },
+    /// Sizes, bits per weight, compression vs f16 and per-layer error of a bundle.
+    Stats {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} tensors  {{per_sec}}  {{msg}}  [{{elapsed_precise}}]"
+        ))
+        .expect("valid template"),
+    );
+    pb
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Quantize {
+            src,
+            out,
+            method,
+            bits,
+            group_size,
+            sym,
+            embeddings,
+            seed,
+            shard_size,
+            min_cosine,
+            max_bpw,
+            model_id,
+            force,
+        } => {
+            let source = adaptq_source::open(&src)?;
+            let cfg = QuantizeConfig {
+                method: match method {
+                    MethodArg::Rtn => Method::Rtn,
+                },
+                bits,
+                group_size,
+                grid: if sym {
+                    Grid::Symmetric
+                } else {
+                    Grid::Asymmetric
+                },
+                embeddings: match embeddings {
+                    EmbedArg::F16 => EmbeddingMode::F16,
+                    EmbedArg::F32 => EmbeddingMode::F32,
+                    EmbedArg::Quant => EmbeddingMode::Quant,
+                },
+                seed,
+                shard_max_bytes: shard_size,
+                min_cosine,
+                max_bpw,
+            };
+            let pb = bar(source.tensors().len() as u64, "quantize");
+            let start = std::time::Instant::now();
+            let summary = quantize_model(
+                source.as_ref(),
+                &src.to_string_lossy(),
+                model_id.as_deref(),
+                &out,
+                &cfg,
+                force,
+                &mut |done, _total, bytes| {
+                    pb.set_position(done as u64);
+                    let s = start.elapsed().as_secs_f64().max(1e-9);
+                    pb.set_message(format!("{:.1} MB/s", bytes as f64 / 1e6 / s));
+                },
+            )?;
+            pb.finish_and_clear();
+            let t = &summary.verification.totals;
+            println!(
+                "wrote {} ({} tensors, {} shards) in {:.1}s",
+                out.display(),
+                summary.manifest.tensors.len(),
+                summary.manifest.shards.len(),
+                start.elapsed().as_secs_f64()
+            );
+            println!(
+                "  {:.3} bits/weight overall, {:.3} on quantized tensors; {:.2}x smaller than f16",
+                t.bits_per_weight, t.bits_per_quantized_weight, t.compression_vs_f16
+            );
+            for g in &summary.verification.gates {
+                println!("  gate {:<22} {}  {}", g.name, g.status, g.detail);
+            }
+            println!("  OVERALL_STATUS {}", summary.verification.overall_status);
+            println!("  global digest {}", summary.manifest.global_digest);
+            Ok(if summary.verification.overall_status == "PASS" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Cmd::Verify { dir, json } => {
+            if !dir.join(adaptq_bundle::MANIFEST).exists() {
+                bail!("{}: not a bundle (no manifest.json)", dir.display());
+            }
+            let total = std::fs::read_dir(&dir)
+                .with_context(|| format!("reading {}", dir.display()))?
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("shard-"))
+                })
+                .count();
+            let pb = ProgressBar::new(total as u64);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "verify {bar:40} {pos}/{len} shards  {msg}  [{elapsed_precise}]",
+                )
+                .expect("valid template"),
+            );
+            let start = std::time::Instant::now();
+            let mut bytes = 0u64;
+            let rep = adaptq_bundle::verify_bundle(&dir, |n| {
+                bytes += n;
+                pb.inc(1);
+                pb.set_message(format!(
+                    "{:.1} MB/s",
+                    bytes as f64 / 1e6 / start.elapsed().as_secs_f64().max(1e-9)
+                ));
+            });
+            pb.finish_and_clear();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": rep.ok(), "problems": rep.problems, "shards_checked": rep.shards_checked,
+                        "bytes_checked": rep.bytes_checked, "tensors_checked": rep.tensors_checked})
+                );
+            } else if rep.ok() {
+                println!(
+                    "OK: {} shards ({} bytes) and {} tensors verified",
+                    rep.shards_checked, rep.bytes_checked, rep.tensors_checked
+                );
+            } else {
+                for p in &rep.problems {
+                    eprintln!("FAIL: {p}");
+                }
+                eprintln!(
+                    "{} problem(s) found in {}",
+                    rep.problems.len(),
+                    dir.display()
+                );
+            }
+            Ok(if rep.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
+        Cmd::Info { path, tensors } => {
+            if path.join(adaptq_bundle::MANIFEST).exists() {
+                info_bundle(&path, tensors)?;
+            } else {
+                let src = adaptq_source::open(&path)?;
+                let mut v = adaptq_pipeline::info::describe_source(src.as_ref());
+                if !tensors {
+                    v.as_object_mut().unwrap().remove("tensors");
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stats { dir, json } => {
+            let s = adaptq_pipeline::stats::bundle_stats(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("model            {}", s.model_id);
+                println!("tensors          {} in {} shards", s.tensors, s.shards);
+                println!(
+                    "shard bytes      {} ({:.2} MiB); bundle on disk {} bytes",
+                    s.shard_bytes,
+                    s.shard_bytes as f64 / 1048576.0,
+                    s.bundle_bytes
+                );
+                println!(
+                    "parameters       {} ({} quantized)",
+                    s.params, s.quantized_params
+                );
+                println!(
+                    "bits/weight      {:.4} overall, {:.4} on quantized tensors",
+                    s.bits_per_weight, s.bits_per_quantized_weight
+                );
+                println!(
+                    "vs f16           {} bytes -> {:.2}x smaller",
+                    s.f16_bytes, s.compression_vs_f16
+                );
+                println!("by encoding:");
+                for e in &s.by_encoding {
+                    println!(
+                        "  {:<18} {:>4} tensors {:>12} params {:>12} bytes",
+                        e.encoding, e.tensors, e.params, e.bytes
+                    );
+                }
+                if let Some(es) = &s.error_summary {
+                    println!(
+                        "weight error     {} layers: rel MSE mean {:.3e}, max {:.3e} ({}); cosine min {:.5}, mean {:.5}",
+                        es.layers, es.rel_mse_mean, es.rel_mse_max, es.rel_mse_max_tensor, es.cosine_min, es.cosine_mean
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn info_bundle(dir: &Path, tensors: bool) -> Result<()> {
+    let b = adaptq_bundle::Bundle::open(dir)?;
+    let m = &b.manifest;
+    let meta: serde_json::Value = serde_json::from_slice(&b.read_file(adaptq_bundle::MODEL_META)?)?;
+    let mut v = serde_json::json!({
+        "bundle": dir.display().to_string(),
+        "model_id": m.model_id,
+        "generator": m.generator,
+        "source": m.source,
+        "quantization": m.quantization,
+        "model": meta,
+        "tensor_count": m.tensors.len(),
+        "shard_count": m.shards.len(),
+        "global_digest": m.global_digest,
+    });
+    if tensors {
+        v["tensors"] = m
+            .tensors
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "shape": t.shape, "role": t.role, "encoding": t.encoding.label(), "bytes": t.payload_len()}))
+            .collect();
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! `quantize`: stream a source tensor by tensor through a quantizer into a bundle.
+
+use adaptq_bundle::manifest::SourceRef;
+use adaptq_bundle::{BundleWriter, Encoding, WriterOptions, MODEL_META, VERIFICATION};
+use adaptq_quant::{metrics::layer_error, quantize_rtn, Grid, LayerError, RtnConfig};
+use adaptq_source::model::{layer_of, role_of, ModelDesc, RopeStyle};
+use adaptq_source::{TensorRole, TensorSource};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+}
+
+/// What to do with embedding tables and a separate output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingMode {
+    /// Keep as f16 (the default: embeddings are sensitive and, tied, double as the head).
+    F16,
+    F32,
+    /// Quantize with the same scheme as the linear layers.
+    Quant,
+}
+
+/// Everything that decides the bytes of a bundle. Recorded whole in the manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantizeConfig {
+    pub method: Method,
+    pub bits: u8,
+    /// 0 = per-channel.
+    pub group_size: usize,
+    pub grid: Grid,
+    pub embeddings: EmbeddingMode,
+    /// Seed for every random choice (RTN makes none; recorded so later methods share the field).
+    pub seed: u64,
+    pub shard_max_bytes: u64,
+    /// Gate: every quantized tensor must keep at least this weight cosine similarity.
+    pub min_cosine: f64,
+    /// Gate: overall bits per weight must not exceed this, when set.
+    pub max_bpw: Option<f64>,
+}
+
+impl Default for QuantizeConfig {
+    fn default() -> Self {
+        QuantizeConfig {
+            method: Method::Rtn,
+            bits: 4,
+            group_size: 128,
+            grid: Grid::Symmetric,
+            embeddings: EmbeddingMode::F16,
+            seed: 0,
+            shard_max_bytes: adaptq_bundle::MAX_SHARD_BYTES,
+            min_cosine: 0.9,
+            max_bpw: None,
+        }
+    }
+}
+
+/// Progress after each tensor: (tensors done, tensors total, source bytes read so far).
+pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, u64);
+
+/// Per-tensor line of `verification.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    pub name: String,
+    pub role: String,
+    pub layer: Option<usize>,
+    pub encoding: String,
+    pub params: usize,
+    pub bytes: u64,
+    pub bits_per_weight: f64,
+    #[serde(flatten)]
+    pub error: Option<LayerError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Gate {
+    pub name: String,
+    pub status: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Totals {
+    pub params: u64,
+    pub quantized_params: u64,
+    pub payload_bytes: u64,
+    pub quantized_payload_bytes: u64,
+    pub bits_per_weight: f64,
+    pub bits_per_quantized_weight: f64,
+    pub source_f16_bytes: u64,
+    pub compression_vs_f16: f64,
+    pub shards: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    pub schema_version: u32,
+    pub tensors: Vec<TensorReport>,
+    pub totals: Totals,
+    pub gates: Vec<Gate>,
+    #[serde(rename = "OVERALL_STATUS")]
+    pub overall_status: String,
+}
+
+pub struct QuantizeSummary {
+    pub manifest: adaptq_bundle::Manifest,
+    pub verification: Verification,
+}
+
+/// The bundle's `model.meta`.
+pub fn model_meta(desc: &ModelDesc) -> serde_json::Value {
+    serde_json::json!({
+        "family": desc.family.name(),
+        "architecture": desc.architecture,
+        "name": desc.name,
+        "tokenizer": desc.tokenizer_id,
+        "vocab_size": desc.vocab_size,
+        "context_length": desc.context_length,
+        "n_layers": desc.n_layers,
+        "hidden": desc.hidden,
+        "n_heads": desc.n_heads,
+        "n_kv_heads": desc.n_kv_heads,
+        "ffn_dim": desc.ffn_dim,
+        "rope_theta": desc.rope_theta,
+        "norm_eps": desc.norm_eps,
+        "rope_style": match desc.rope_style { RopeStyle::AdjacentPairs => "adjacent-pairs", RopeStyle::Halves => "halves" },
+        "tied_embeddings": desc.tied_embeddings,
+        "license": desc.license,
+    })
+}
+
+/// The locator recorded in the manifest: never an absolute path (it would break determinism
+/// across machines and leak the user's folder layout), so local files are named by file name.
+pub fn locator_for(given: &str) -> String {
+    if given.contains("://") {
+        given.to_string()
+    } else {
+        let p = Path::new(given);
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| given.to_string());
+        format!("file:{name}")
+    }
+}
+
+fn f16_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter()
+        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f16_vec_bytes(v: &[half::f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Companion files copied into the bundle so it is self-contained for eval/export.
+fn companion_files(src: &dyn TensorSource) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    if let Some(md) = src.gguf_metadata() {
+        out.push(("gguf-metadata.json".to_string(), gguf_metadata_json(md)));
+    }
+    if let Some(dir) = src.companion_dir() {
+        let mut names = vec!["LICENSE", "LICENSE.txt", "LICENSE.md"];
+        if src.format() == "safetensors" {
+            names.extend(["config.json", "tokenizer.json", "tokenizer_config.json"]);
+        }
+        for n in names {
+            let p = dir.join(n);
+            if p.is_file() {
+                let bytes =
+                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                let name = if n.starts_with("LICENSE") {
+                    "LICENSE"
+                } else {
+                    n
+                };
+                if !out.iter().any(|(k, _)| k == name) {
+                    out.push((name.to_string(), bytes));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// GGUF metadata as JSON with each value's GGUF type, so a GGUF can be rebuilt from a bundle.
+pub fn gguf_metadata_json(md: &adaptq_source::gguf::Metadata) -> Vec<u8> {
+    use adaptq_source::gguf::Value;
+    fn conv(v: &Value) -> serde_json::Value {
+        use serde_json::json;
+        match v {
+            Value::U8(x) => json!({"type": "u8", "value": x}),
+            Value::I8(x) => json!({"type": "i8", "value": x}),
+            Value::U16(x) => json!({"type": "u16", "value": x}),
+            Value::I16(x) => json!({"type": "i16", "value": x}),
+            Value::U32(x) => json!({"type": "u32", "value": x}),
+            Value::I32(x) => json!({"type": "i32", "value": x}),
+            Value::F32(x) => json!({"type": "f32", "value": x}),
+            Value::Bool(x) => json!({"type": "bool", "value": x}),
+            Value::String(x) => json!({"type": "string", "value": x}),
+            Value::U64(x) => json!({"type": "u64", "value": x}),
+            Value::I64(x) => json!({"type": "i64", "value": x}),
+            Value::F64(x) => json!({"type": "f64", "value": x}),
+            Value::Array(t, items) => json!({"type": "array", "element_type": t,
+                "value": items.iter().map(|i| conv(i)["value"].clone()).collect::<Vec<_>>()}),
+        }
+    }
+    let entries: Vec<serde_json::Value> = md
+        .entries
+        .iter()
+        .map(|(k, v)| {
+            let mut o = conv(v);
+            o["key"] = serde_json::Value::String(k.clone());
+            o
+        })
+        .collect();
+    serde_json::to_vec(&entries).expect("metadata serializes")
+}
+
+/// Quantizes `src` into a bundle at `out`. `locator` is what the user named as the source.
+pub fn quantize_model(
+    src: &dyn TensorSource,
+    locator: &str,
+    model_id: Option<&str>,
+    out: &Path,
+    cfg: &QuantizeConfig,
+    force: bool,
+    progress: Progress,
+) -> Result<QuantizeSummary> {
+    if !(2..=8).contains(&cfg.bits) {
+        bail!("--bits must be between 2 and 8, got {}", cfg.bits);
+    }
+    let desc = src.desc().clone();
+    let mut w = BundleWriter::create(
+        out,
+        WriterOptions {
+            shard_max_bytes: cfg.shard_max_bytes,
+            force,
+        },
+    )?;
+    let rtn = RtnConfig {
+        bits: cfg.bits,
+        group_size: cfg.group_size,
+        grid: cfg.grid,
+    };
+    let infos = src.tensors().to_vec();
+    let total = infos.len();
+    let mut reports = Vec::with_capacity(total);
+    let mut read_bytes = 0u64;
+    let mut all_finite = true;
+    for (i, info) in infos.iter().enumerate() {
+        let role = role_of(info);
+        let layer = layer_of(&info.name);
+        let quantize = match role {
+            TensorRole::Linear => true,
+            TensorRole::Embedding | TensorRole::Output => {
+                cfg.embeddings == EmbeddingMode::Quant && info.shape.len() == 2
+            }
+            _ => false,
+        };
+        let (encoding, method, parts, error): (
+            Encoding,
+            &str,
+            Vec<(&str, Vec<u8>)>,
+            Option<LayerError>,
+        ) = if !info.dtype.is_float() {
+            let raw = src.raw_bytes(&info.name)?.to_vec();
+            (
+                Encoding::Raw {
+                    dtype: info.dtype.name(),
+                    byte_len: raw.len(),
+                },
+                "none",
+                vec![("data", raw)],
+                None,
+            )
+        } else {
+            let x = src.read_f32(&info.name)?;
+            if quantize {
+                let cols = *info.shape.last().unwrap();
+                let rows = info.numel() / cols;
+                let q = quantize_rtn(&x, rows, cols, &rtn)
+                    .with_context(|| format!("quantizing tensor '{}'", info.name))?;
+                let deq = q.dequantize();
+                all_finite &= deq.iter().all(|v| v.is_finite());
+                let e = layer_error(&x, &deq);
+                let mut parts = vec![
+                    ("codes", q.codes.clone()),
+                    ("scales", f16_vec_bytes(&q.scales)),
+                ];
+                if cfg.grid == Grid::Asymmetric {
+                    parts.push(("mins", f16_vec_bytes(&q.mins)));
+                }
+                (
+                    Encoding::Int {
+                        bits: q.bits,
+                        group_size: q.group_size,
+                        grid: q.grid,
+                    },
+                    "rtn",
+                    parts,
+                    Some(e),
+                )
+            } else if matches!(
+                role,
+                TensorRole::Embedding | TensorRole::Output | TensorRole::Linear
+            ) && cfg.embeddings == EmbeddingMode::F16
+            {
+                let b = f16_bytes(&x);
+                let back: Vec<f32> = b
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect();
+                all_finite &= back.iter().all(|v| v.is_finite());
+                let e = layer_error(&x, &back);
+                (Encoding::F16, "none", vec![("data", b)], Some(e))
+            } else {
+                (Encoding::F32, "none", vec![("data", f32_bytes(&x))], None)
+            }
+        };
+        let bytes: u64 = parts.iter().map(|(_, b)| b.len() as u64).sum();
+        let part_refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        w.add_tensor(
+            &info.name,
+            &info.shape,
+            role.name(),
+            method,
+            encoding.clone(),
+            &part_refs,
+        )
+        .with_context(|| format!("writing tensor '{}'", info.name))?;
+        let params = info.numel();
+        reports.push(TensorReport {
+            name: info.name.clone(),
+            role: role.name().into(),
+            layer,
+            encoding: encoding.label(),
+            params,
+            bytes,
+            bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
+            error,
+        });
+        read_bytes += info.byte_len as u64;
+        progress(i + 1, total, read_bytes);
+    }
+
+    let verification = build_verification(reports, cfg, all_finite, &w);
+    let meta = serde_json::to_vec_pretty(&model_meta(&desc))?;
+    w.add_file(MODEL_META, &meta)?;
+    w.add_file(VERIFICATION, &serde_json::to_vec_pretty(&verification)?)?;
+    for (name, bytes) in companion_files(src)? {
+        w.add_file(&name, &bytes)?;
+    }
+    let model_id = model_id
+        .map(str::to_string)
+        .or_else(|| desc.name.clone())
+        .unwrap_or_else(|| locator_for(locator));
+    let manifest = w.finish(
+        &model_id,
+        SourceRef {
+            locator: locator_for(locator),
+            format: src.format().into(),
+            tensor_count: total,
+        },
+        serde_json::to_value(cfg)?,
+    )?;
+    Ok(QuantizeSummary {
+        manifest,
+        verification,
+    })
+}
+
+fn build_verification(
+    tensors: Vec<TensorReport>,
+    cfg: &QuantizeConfig,
+    all_finite: bool,
+    w: &BundleWriter,
+) -> Verification {
+    let float = |t: &&TensorReport| !t.encoding.starts_with("raw");
+    let params: u64 = tensors.iter().filter(float).map(|t| t.params as u64).sum();
+    let payload: u64 = tensors.iter().filter(float).map(|t| t.bytes).sum();
+    let quant: Vec<&TensorReport> = tensors
+        .iter()
+        .filter(|t| t.encoding.starts_with("int"))
+        .collect();
+    let qparams: u64 = quant.iter().map(|t| t.params as u64).sum();
+    let qbytes: u64 = quant.iter().map(|t| t.bytes).sum();
+    let bpw = payload as f64 * 8.0 / params.max(1) as f64;
+    let shards = w
+        .tensors()
+        .iter()
+        .flat_map(|t| t.segments.iter().map(|s| s.shard))
+        .max()
+        .map_or(0, |m| m + 1);
+    let totals = Totals {
+        params,
+        quantized_params: qparams,
+        payload_bytes: payload,
+        quantized_payload_bytes: qbytes,
+        bits_per_weight: bpw,
+        bits_per_quantized_weight: qbytes as f64 * 8.0 / qparams.max(1) as f64,
+        source_f16_bytes: params * 2,
+        compression_vs_f16: (params * 2) as f64 / payload.max(1) as f64,
+        shards,
+    };
+    let mut gates = Vec::new();
+    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" }.to_string();
+    gates.push(Gate {
+        name: "reconstruction_finite".into(),
+        status: pass(all_finite),
+        detail: "every stored tensor decodes to finite values".into(),
+    });
+    let worst = quant
+        .iter()
+        .filter_map(|t| t.error.map(|e| (e.cosine, t.name.as_str())))
+        .min_by(|a, b| a.0.total_cmp(&b.0));
+    let (wc, wn) = worst.unwrap_or((1.0, "-"));
+    gates.push(Gate {
+        name: "weight_cosine".into(),
+        status: pass(wc >= cfg.min_cosine),
+        detail: format!(
+            "lowest weight cosine {wc:.6} ({wn}); required >= {}",
+            cfg.min_cosine
+        ),
+    });
+    if let Some(max) = cfg.max_bpw {
+        gates.push(Gate {
+            name: "size_budget".into(),
+            status: pass(bpw <= max),
+            detail: format!("{bpw:.4} bits per weight overall; budget {max}"),
+        });
+    }
+    let overall = pass(gates.iter().all(|g| g.status == "PASS"));
+    Verification {
+        schema_version: 1,
+        tensors,
+        totals,
+        gates,
+        overall_status: overall,
+    }
+}

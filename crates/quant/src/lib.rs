@@ -1,0 +1,131 @@
+//! Quantizers: pure math on f32 weight matrices. No I/O, no CLI types.
+//!
+//! A weight is a row-major `rows × cols` matrix (one row per output channel). Groups run along a
+//! row; when `cols` is not a multiple of the group size the row's last group is shorter, so any
+//! bit width works on any shape (576-wide rows included).
+
+pub mod metrics;
+pub mod pack;
+pub mod rtn;
+
+pub use metrics::LayerError;
+pub use rtn::{quantize_rtn, RtnConfig};
+
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// How the codes of a [`QuantizedTensor`] map back to real values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grid {
+    /// `w = scale * (q - 2^(bits-1))`: zero is exact, no per-group offset.
+    Symmetric,
+    /// `w = scale * q + min`: each group spans its own [min, max].
+    Asymmetric,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QuantError {
+    #[error("bits must be between 2 and 8, got {0}")]
+    Bits(u8),
+    #[error("shape {rows}x{cols} does not match {len} values")]
+    Shape {
+        rows: usize,
+        cols: usize,
+        len: usize,
+    },
+    #[error("weights contain a non-finite value at index {0}")]
+    NonFinite(usize),
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// A quantized matrix: bit-packed codes plus f16 per-group scales (and mins when asymmetric).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub bits: u8,
+    /// Columns per group; equal to `cols` for per-channel quantization.
+    pub group_size: usize,
+    pub grid: Grid,
+    /// `rows * cols` codes of `bits` bits, row-major, packed LSB-first.
+    pub codes: Vec<u8>,
+    /// One scale per group, row-major (`rows * groups_per_row`).
+    pub scales: Vec<f16>,
+    /// One min per group for [`Grid::Asymmetric`], empty otherwise.
+    pub mins: Vec<f16>,
+}
+
+impl QuantizedTensor {
+    pub fn groups_per_row(&self) -> usize {
+        groups_per_row(self.cols, self.group_size)
+    }
+
+    /// Reconstructs the f32 matrix exactly as the codes and f16 parameters define it.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let codes = pack::unpack(&self.codes, self.bits, self.rows * self.cols);
+        let gpr = self.groups_per_row();
+        let mut out = vec![0f32; self.rows * self.cols];
+        let half = (1u32 << (self.bits - 1)) as f32;
+        for r in 0..self.rows {
+            for g in 0..gpr {
+                let s = self.scales[r * gpr + g].to_f32();
+                let c0 = g * self.group_size;
+                let c1 = (c0 + self.group_size).min(self.cols);
+                let base = r * self.cols;
+                match self.grid {
+                    Grid::Symmetric => {
+                        for c in c0..c1 {
+                            out[base + c] = s * (codes[base + c] as f32 - half);
+                        }
+                    }
+                    Grid::Asymmetric => {
+                        let m = self.mins[r * gpr + g].to_f32();
+                        for c in c0..c1 {
+                            out[base + c] = s * codes[base + c] as f32 + m;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Serialized payload size in bytes (codes + scales + mins).
+    pub fn payload_bytes(&self) -> usize {
+        self.codes.len() + 2 * self.scales.len() + 2 * self.mins.len()
+    }
+
+    /// Bits per weight including scale/min overhead.
+    pub fn bits_per_weight(&self) -> f64 {
+        self.payload_bytes() as f64 * 8.0 / (self.rows * self.cols) as f64
+    }
+
+    /// Byte lengths of (codes, scales, mins) a tensor of this shape and config must have.
+    pub fn expected_lengths(
+        rows: usize,
+        cols: usize,
+        bits: u8,
+        group_size: usize,
+        grid: Grid,
+    ) -> (usize, usize, usize) {
+        let groups = rows * groups_per_row(cols, group_size);
+        let codes = pack::packed_len(rows * cols, bits);
+        let mins = if grid == Grid::Asymmetric {
+            groups * 2
+        } else {
+            0
+        };
+        (codes, groups * 2, mins)
+    }
+}
+
+/// Groups per row; `group_size == 0` means one group per row (per-channel).
+pub fn groups_per_row(cols: usize, group_size: usize) -> usize {
+    if group_size == 0 || group_size >= cols {
+        1
+    } else {
+        cols.div_ceil(group_size)
+    }
+}

@@ -1,0 +1,295 @@
+//! Round-to-nearest (RTN) quantization: the baseline every calibrated method must beat.
+
+use crate::{groups_per_row, pack, Grid, QuantError, QuantizedTensor};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RtnConfig {
+    /// Code width, 2–8.
+    pub bits: u8,
+    /// Columns per group; 0 means per-channel (one group per row).
+    pub group_size: usize,
+    pub grid: Grid,
+}
+
+impl RtnConfig {
+    pub fn validate(&self) -> Result<(), QuantError> {
+        if !(2..=8).contains(&self.bits) {
+            return Err(QuantError::Bits(self.bits));
+        }
+        Ok(())
+    }
+}
+
+/// Rounds `x` to f16, saturating instead of overflowing to infinity.
+fn to_f16(x: f32) -> f16 {
+    f16::from_f32(x.clamp(-65504.0, 65504.0))
+}
+
+/// Quantizes one group, writing codes into `out`; returns (scale, min) in f16.
+///
+/// Symmetric: the group's signed extreme `m` maps exactly to code 0 (`d = m / -2^(b-1)`), the
+/// llama.cpp Q4_0 choice, which uses all `2^b` levels instead of wasting one on symmetry.
+/// Asymmetric: `[min, max]` spread over `2^b - 1` steps. The f16-rounded parameters are used to
+/// pick codes, so dequantization reproduces exactly what was chosen.
+pub fn quantize_group(x: &[f32], bits: u8, grid: Grid, out: &mut [u8]) -> (f16, f16) {
+    let maxq = ((1u32 << bits) - 1) as f32;
+    match grid {
+        Grid::Symmetric => {
+            let half = (1u32 << (bits - 1)) as f32;
+            let m = x
+                .iter()
+                .copied()
+                .fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+            let d = to_f16(m / -half);
+            let df = d.to_f32();
+            let inv = if df != 0.0 { 1.0 / df } else { 0.0 };
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = ((v * inv).round() + half).clamp(0.0, maxq) as u8;
+            }
+            (d, f16::ZERO)
+        }
+        Grid::Asymmetric => {
+            let (lo, hi) = x
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
+            let s = to_f16((hi - lo) / maxq);
+            let m = to_f16(lo);
+            let (sf, mf) = (s.to_f32(), m.to_f32());
+            let inv = if sf != 0.0 { 1.0 / sf } else { 0.0 };
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = ((v - mf) * inv).round().clamp(0.0, maxq) as u8;
+            }
+            (s, m)
+        }
+    }
+}
+
+/// Quantizes a row-major `rows × cols` matrix with round-to-nearest.
+pub fn quantize_rtn(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &RtnConfig,
+) -> Result<QuantizedTensor, QuantError> {
+    cfg.validate()?;
+    if rows * cols != w.len() {
+        return Err(QuantError::Shape {
+            rows,
+            cols,
+            len: w.len(),
+        });
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite(i));
+    }
+    let gs = if cfg.group_size == 0 || cfg.group_size >= cols {
+        cols
+    } else {
+        cfg.group_size
+    };
+    let gpr = groups_per_row(cols, gs);
+    let mut codes = vec![0u8; w.len()];
+    let mut scales = Vec::with_capacity(rows * gpr);
+    let mut mins = Vec::new();
+    for r in 0..rows {
+        for g in 0..gpr {
+            let c0 = r * cols + g * gs;
+            let c1 = r * cols + ((g + 1) * gs).min(cols);
+            let (s, m) = quantize_group(&w[c0..c1], cfg.bits, cfg.grid, &mut codes[c0..c1]);
+            scales.push(s);
+            if cfg.grid == Grid::Asymmetric {
+                mins.push(m);
+            }
+        }
+    }
+    Ok(QuantizedTensor {
+        rows,
+        cols,
+        bits: cfg.bits,
+        group_size: gs,
+        grid: cfg.grid,
+        codes: pack::pack(&codes, cfg.bits),
+        scales,
+        mins,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random weights (xorshift), roughly Gaussian-ish via sum of uniforms.
+    fn weights(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.max(1);
+        let mut u = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f32 / (1u64 << 53) as f32
+        };
+        (0..n)
+            .map(|_| (u() + u() + u() + u() - 2.0) * 0.05)
+            .collect()
+    }
+
+    fn configs() -> Vec<RtnConfig> {
+        let mut v = Vec::new();
+        for bits in 2..=8 {
+            for gs in [0usize, 32, 64, 128] {
+                for grid in [Grid::Symmetric, Grid::Asymmetric] {
+                    v.push(RtnConfig {
+                        bits,
+                        group_size: gs,
+                        grid,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn values_lie_on_the_grid_and_error_is_bounded() {
+        let (rows, cols) = (6, 200); // 200 = not a multiple of any group size
+        let w = weights(rows * cols, 7);
+        for cfg in configs() {
+            let q = quantize_rtn(&w, rows, cols, &cfg).unwrap();
+            let deq = q.dequantize();
+            let codes = pack::unpack(&q.codes, q.bits, rows * cols);
+            let gpr = q.groups_per_row();
+            let half = (1u32 << (cfg.bits - 1)) as f32;
+            for r in 0..rows {
+                for c in 0..cols {
+                    let g = r * gpr + c / q.group_size;
+                    let s = q.scales[g].to_f32();
+                    let i = r * cols + c;
+                    assert!((codes[i] as u32) < (1 << cfg.bits));
+                    // On the grid: dequantized value is exactly scale*code(+offset).
+                    let expect = match cfg.grid {
+                        Grid::Symmetric => s * (codes[i] as f32 - half),
+                        Grid::Asymmetric => s * codes[i] as f32 + q.mins[g].to_f32(),
+                    };
+                    assert_eq!(deq[i], expect);
+                    // Round-to-nearest error: half a step, plus the f16 rounding of the scale
+                    // (2^-11 relative) amplified by the code magnitude, plus the f16 min.
+                    // Symmetric grids have one level fewer on the side opposite the extreme,
+                    // so values there may clip by up to one whole step.
+                    let range = (1u32 << cfg.bits) as f32 * s.abs();
+                    let steps = match cfg.grid {
+                        Grid::Symmetric => 1.0,
+                        Grid::Asymmetric => 0.5,
+                    };
+                    let bound = steps * s.abs() + range * 1e-3 + 1e-6;
+                    let err = (w[i] - deq[i]).abs();
+                    assert!(err <= bound, "{cfg:?} r{r} c{c}: err {err} > bound {bound}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn more_bits_less_error() {
+        let w = weights(64 * 256, 3);
+        for grid in [Grid::Symmetric, Grid::Asymmetric] {
+            let mut last = f64::INFINITY;
+            for bits in 2..=8 {
+                let cfg = RtnConfig {
+                    bits,
+                    group_size: 64,
+                    grid,
+                };
+                let q = quantize_rtn(&w, 64, 256, &cfg).unwrap();
+                let e = crate::metrics::layer_error(&w, &q.dequantize()).rel_mse;
+                assert!(e < last * 0.6, "{grid:?} bits {bits}: {e} vs {last}");
+                last = e;
+            }
+        }
+    }
+
+    #[test]
+    fn symmetric_keeps_zero_and_extreme_exact() {
+        let w = vec![0.0, 0.3, -1.0, 0.5];
+        let q = quantize_rtn(
+            &w,
+            1,
+            4,
+            &RtnConfig {
+                bits: 4,
+                group_size: 0,
+                grid: Grid::Symmetric,
+            },
+        )
+        .unwrap();
+        let d = q.dequantize();
+        assert_eq!(d[0], 0.0);
+        assert_eq!(d[2], -1.0);
+    }
+
+    #[test]
+    fn values_already_on_a_grid_are_lossless() {
+        // A group that is exactly s*q + m for q in 0..16 round-trips exactly at 4-bit asym.
+        let s = 0.0625f32;
+        let m = -0.5f32;
+        let w: Vec<f32> = (0..32).map(|i| s * (i % 16) as f32 + m).collect();
+        let cfg = RtnConfig {
+            bits: 4,
+            group_size: 32,
+            grid: Grid::Asymmetric,
+        };
+        let q = quantize_rtn(&w, 1, 32, &cfg).unwrap();
+        assert_eq!(q.dequantize(), w);
+    }
+
+    #[test]
+    fn sizes_and_bpw() {
+        let w = weights(10 * 576, 1);
+        let cfg = RtnConfig {
+            bits: 4,
+            group_size: 128,
+            grid: Grid::Symmetric,
+        };
+        let q = quantize_rtn(&w, 10, 576, &cfg).unwrap();
+        assert_eq!(q.groups_per_row(), 5); // 4×128 + one of 64
+        assert_eq!(q.codes.len(), 10 * 576 / 2);
+        assert_eq!(q.scales.len(), 50);
+        assert!(q.mins.is_empty());
+        let bpw = q.bits_per_weight();
+        assert!((bpw - (4.0 + 50.0 * 16.0 / 5760.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let cfg = RtnConfig {
+            bits: 9,
+            group_size: 0,
+            grid: Grid::Symmetric,
+        };
+        assert_eq!(quantize_rtn(&[0.0], 1, 1, &cfg), Err(QuantError::Bits(9)));
+        let cfg = RtnConfig { bits: 4, ..cfg };
+        assert!(matches!(
+            quantize_rtn(&[0.0, 1.0], 1, 3, &cfg),
+            Err(QuantError::Shape { .. })
+        ));
+        assert_eq!(
+            quantize_rtn(&[0.0, f32::NAN], 1, 2, &cfg),
+            Err(QuantError::NonFinite(1))
+        );
+    }
+
+    #[test]
+    fn all_zero_group() {
+        for grid in [Grid::Symmetric, Grid::Asymmetric] {
+            let cfg = RtnConfig {
+                bits: 3,
+                group_size: 4,
+                grid,
+            };
+            let q = quantize_rtn(&[0.0; 8], 2, 4, &cfg).unwrap();
+            assert_eq!(q.dequantize(), vec![0.0; 8]);
+        }
+    }
+}

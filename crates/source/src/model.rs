@@ -1,0 +1,258 @@
+//! The model description shared by every source format: which architecture, its
+//! hyper-parameters, and what each tensor is for (so the quantizer knows what to touch).
+
+use crate::gguf::Metadata;
+use crate::{Result, SourceError, TensorInfo};
+use std::path::Path;
+
+/// Model families adaptq runs forward passes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama, Mistral, Qwen2, SmolLM: decoder-only, RMSNorm, RoPE, SwiGLU.
+    Llama,
+    /// BERT encoders (MiniLM): LayerNorm, absolute positions, GELU.
+    Bert,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Bert => "bert",
+        }
+    }
+}
+
+/// How rotary embeddings pair up dimensions. GGUF llama files store Q/K rows permuted so that
+/// adjacent pairs rotate together; Hugging Face checkpoints (and GGUF qwen2) rotate halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    AdjacentPairs,
+    Halves,
+}
+
+/// What a tensor does in the network; decides whether it is quantized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole {
+    /// A 2-D projection weight inside a block: the quantizer's target.
+    Linear,
+    /// Token (or position/type) embedding table.
+    Embedding,
+    /// Separate output head (absent when tied to the embedding).
+    Output,
+    Norm,
+    Bias,
+    /// Anything else (e.g. integer position ids): carried through unchanged.
+    Other,
+}
+
+impl TensorRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorRole::Linear => "linear",
+            TensorRole::Embedding => "embedding",
+            TensorRole::Output => "output",
+            TensorRole::Norm => "norm",
+            TensorRole::Bias => "bias",
+            TensorRole::Other => "other",
+        }
+    }
+}
+
+/// Architecture and hyper-parameters, read from GGUF metadata or `config.json`.
+#[derive(Debug, Clone)]
+pub struct ModelDesc {
+    pub family: Family,
+    /// Architecture string as the source names it (`llama`, `qwen2`, `BertModel`, …).
+    pub architecture: String,
+    pub name: Option<String>,
+    pub license: Option<String>,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub ffn_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f32,
+    pub norm_eps: f32,
+    pub rope_style: RopeStyle,
+    pub tied_embeddings: bool,
+    /// Where the tokenizer comes from: `gguf:<model>` or `tokenizer.json`.
+    pub tokenizer_id: String,
+}
+
+impl ModelDesc {
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.n_heads.max(1)
+    }
+
+    pub fn from_gguf(md: &Metadata, infos: &[TensorInfo], path: &Path) -> Result<Self> {
+        let arch = md
+            .get_str("general.architecture")
+            .ok_or_else(|| SourceError::Config {
+                path: path.into(),
+                why: "GGUF metadata has no general.architecture".into(),
+            })?
+            .to_string();
+        let (family, rope_style) = match arch.as_str() {
+            "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
+            "qwen2" => (Family::Llama, RopeStyle::Halves),
+            "bert" => (Family::Bert, RopeStyle::Halves),
+            _ => return Err(SourceError::UnsupportedArch { arch }),
+        };
+        let need = |k: &str| -> Result<usize> {
+            md.get_u64(&format!("{arch}.{k}"))
+                .map(|v| v as usize)
+                .ok_or_else(|| SourceError::Config {
+                    path: path.into(),
+                    why: format!("GGUF metadata lacks {arch}.{k}"),
+                })
+        };
+        let n_heads = need("attention.head_count")?;
+        let vocab = infos
+            .iter()
+            .find(|t| t.name == "token_embd.weight")
+            .map(|t| t.shape[0])
+            .or_else(|| md.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))
+            .unwrap_or(0);
+        Ok(ModelDesc {
+            family,
+            name: md.get_str("general.name").map(str::to_string),
+            license: md.get_str("general.license").map(str::to_string),
+            n_layers: need("block_count")?,
+            hidden: need("embedding_length")?,
+            n_heads,
+            n_kv_heads: md
+                .get_u64(&format!("{arch}.attention.head_count_kv"))
+                .map(|v| v as usize)
+                .unwrap_or(n_heads),
+            ffn_dim: need("feed_forward_length")?,
+            vocab_size: vocab,
+            context_length: need("context_length")?,
+            rope_theta: md
+                .get_f64(&format!("{arch}.rope.freq_base"))
+                .unwrap_or(10000.0) as f32,
+            norm_eps: md
+                .get_f64(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .or_else(|| md.get_f64(&format!("{arch}.attention.layer_norm_epsilon")))
+                .unwrap_or(1e-5) as f32,
+            rope_style,
+            tied_embeddings: !infos.iter().any(|t| t.name == "output.weight"),
+            tokenizer_id: format!(
+                "gguf:{}",
+                md.get_str("tokenizer.ggml.model").unwrap_or("none")
+            ),
+            architecture: arch,
+        })
+    }
+
+    pub fn from_hf_config(config: &Path, infos: &[TensorInfo]) -> Result<Self> {
+        let text = std::fs::read_to_string(config).map_err(|e| SourceError::Config {
+            path: config.into(),
+            why: format!(
+                "cannot read config.json next to the weights ({e}); it names the architecture"
+            ),
+        })?;
+        let c: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| SourceError::Config {
+                path: config.into(),
+                why: format!("invalid JSON: {e}"),
+            })?;
+        let model_type = c["model_type"].as_str().unwrap_or("").to_string();
+        let architecture = c["architectures"][0]
+            .as_str()
+            .unwrap_or(&model_type)
+            .to_string();
+        let family = match model_type.as_str() {
+            "llama" | "mistral" | "qwen2" | "smollm" => Family::Llama,
+            "bert" => Family::Bert,
+            _ => {
+                return Err(SourceError::UnsupportedArch {
+                    arch: if model_type.is_empty() {
+                        architecture
+                    } else {
+                        model_type
+                    },
+                })
+            }
+        };
+        let u = |k: &str| c[k].as_u64().map(|v| v as usize);
+        let need = |k: &str| {
+            u(k).ok_or_else(|| SourceError::Config {
+                path: config.into(),
+                why: format!("config.json lacks \"{k}\""),
+            })
+        };
+        let n_heads = need("num_attention_heads")?;
+        let has_head = infos.iter().any(|t| t.name == "lm_head.weight");
+        Ok(ModelDesc {
+            family,
+            architecture,
+            name: c["_name_or_path"].as_str().map(str::to_string),
+            license: readme_license(config),
+            n_layers: need("num_hidden_layers")?,
+            hidden: need("hidden_size")?,
+            n_heads,
+            n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
+            ffn_dim: need("intermediate_size")?,
+            vocab_size: need("vocab_size")?,
+            context_length: u("max_position_embeddings").unwrap_or(2048),
+            rope_theta: c["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+            norm_eps: c["rms_norm_eps"]
+                .as_f64()
+                .or(c["layer_norm_eps"].as_f64())
+                .unwrap_or(1e-5) as f32,
+            rope_style: RopeStyle::Halves,
+            tied_embeddings: family == Family::Llama
+                && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
+            tokenizer_id: "tokenizer.json".into(),
+        })
+    }
+}
+
+/// The `license:` of a model card's YAML front matter (README.md next to config.json).
+fn readme_license(config: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(config.with_file_name("README.md")).ok()?;
+    let front = text.strip_prefix("---")?.split("\n---").next()?;
+    front
+        .lines()
+        .find_map(|l| l.strip_prefix("license:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+}
+
+/// Classifies a tensor by its name and shape, for GGUF and Hugging Face naming alike.
+pub fn role_of(info: &TensorInfo) -> TensorRole {
+    let n = info.name.as_str();
+    if !info.dtype.is_float() {
+        return TensorRole::Other;
+    }
+    if n.ends_with(".bias") {
+        return TensorRole::Bias;
+    }
+    if n.contains("norm") || n.contains("LayerNorm") || n.contains("ln_") {
+        return TensorRole::Norm;
+    }
+    if n.contains("embd") || n.contains("embed") || n.contains("embeddings") {
+        return TensorRole::Embedding;
+    }
+    if n == "output.weight" || n == "lm_head.weight" {
+        return TensorRole::Output;
+    }
+    if info.shape.len() == 2 && n.ends_with(".weight") {
+        return TensorRole::Linear;
+    }
+    TensorRole::Other
+}
+
+/// Block index of a tensor (`blk.N.`, `layers.N.`, `layer.N.`), if it lives in a block.
+pub fn layer_of(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| {
+        if matches!(w[0], "blk" | "layers" | "layer" | "h") {
+            w[1].parse().ok()
+        } else {
+            None
+        }
+    })
+}
