@@ -227,6 +227,60 @@ pub fn gguf_metadata_json(md: &adaptq_source::gguf::Metadata) -> Vec<u8> {
     serde_json::to_vec(&entries).expect("metadata serializes")
 }
 
+/// One tensor as it will be stored, with its weight error against the source when lossy.
+struct Encoded {
+    encoding: Encoding,
+    method: &'static str,
+    parts: Vec<(&'static str, Vec<u8>)>,
+    error: Option<LayerError>,
+}
+
+fn encode_rtn(x: &[f32], shape: &[usize], cfg: &RtnConfig) -> Result<Encoded> {
+    let cols = *shape.last().unwrap_or(&1);
+    let rows = x.len() / cols.max(1);
+    let q = quantize_rtn(x, rows, cols, cfg)?;
+    let deq = q.dequantize();
+    let mut error = layer_error(x, &deq);
+    if deq.iter().any(|v| !v.is_finite()) {
+        error.rel_mse = f64::INFINITY;
+    }
+    let mut parts = vec![
+        ("codes", q.codes.clone()),
+        ("scales", f16_vec_bytes(&q.scales)),
+    ];
+    if q.grid == Grid::Asymmetric {
+        parts.push(("mins", f16_vec_bytes(&q.mins)));
+    }
+    Ok(Encoded {
+        encoding: Encoding::Int {
+            bits: q.bits,
+            group_size: q.group_size,
+            grid: q.grid,
+        },
+        method: "rtn",
+        parts,
+        error: Some(error),
+    })
+}
+
+fn encode_f16(x: &[f32]) -> Encoded {
+    let b = f16_bytes(x);
+    let back: Vec<f32> = b
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    let mut error = layer_error(x, &back);
+    if back.iter().any(|v| !v.is_finite()) {
+        error.rel_mse = f64::INFINITY;
+    }
+    Encoded {
+        encoding: Encoding::F16,
+        method: "none",
+        parts: vec![("data", b)],
+        error: Some(error),
+    }
+}
+
 /// Quantizes `src` into a bundle at `out`. `locator` is what the user named as the source.
 pub fn quantize_model(
     src: &dyn TensorSource,
@@ -268,65 +322,41 @@ pub fn quantize_model(
             }
             _ => false,
         };
-        let (encoding, method, parts, error): (
-            Encoding,
-            &str,
-            Vec<(&str, Vec<u8>)>,
-            Option<LayerError>,
-        ) = if !info.dtype.is_float() {
+        let Encoded {
+            encoding,
+            method,
+            parts,
+            error,
+        } = if !info.dtype.is_float() {
             let raw = src.raw_bytes(&info.name)?.to_vec();
-            (
-                Encoding::Raw {
+            Encoded {
+                encoding: Encoding::Raw {
                     dtype: info.dtype.name(),
                     byte_len: raw.len(),
                 },
-                "none",
-                vec![("data", raw)],
-                None,
-            )
+                method: "none",
+                parts: vec![("data", raw)],
+                error: None,
+            }
         } else {
             let x = src.read_f32(&info.name)?;
-            if quantize {
-                let cols = *info.shape.last().unwrap();
-                let rows = info.numel() / cols;
-                let q = quantize_rtn(&x, rows, cols, &rtn)
-                    .with_context(|| format!("quantizing tensor '{}'", info.name))?;
-                let deq = q.dequantize();
-                all_finite &= deq.iter().all(|v| v.is_finite());
-                let e = layer_error(&x, &deq);
-                let mut parts = vec![
-                    ("codes", q.codes.clone()),
-                    ("scales", f16_vec_bytes(&q.scales)),
-                ];
-                if cfg.grid == Grid::Asymmetric {
-                    parts.push(("mins", f16_vec_bytes(&q.mins)));
-                }
-                (
-                    Encoding::Int {
-                        bits: q.bits,
-                        group_size: q.group_size,
-                        grid: q.grid,
-                    },
-                    "rtn",
-                    parts,
-                    Some(e),
-                )
-            } else if matches!(
-                role,
-                TensorRole::Embedding | TensorRole::Output | TensorRole::Linear
-            ) && cfg.embeddings == EmbeddingMode::F16
-            {
-                let b = f16_bytes(&x);
-                let back: Vec<f32> = b
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect();
-                all_finite &= back.iter().all(|v| v.is_finite());
-                let e = layer_error(&x, &back);
-                (Encoding::F16, "none", vec![("data", b)], Some(e))
+            let keep_f16 = matches!(role, TensorRole::Embedding | TensorRole::Output)
+                && cfg.embeddings == EmbeddingMode::F16;
+            let enc = if quantize {
+                encode_rtn(&x, &info.shape, &rtn)
+                    .with_context(|| format!("quantizing tensor '{}'", info.name))?
+            } else if keep_f16 {
+                encode_f16(&x)
             } else {
-                (Encoding::F32, "none", vec![("data", f32_bytes(&x))], None)
-            }
+                Encoded {
+                    encoding: Encoding::F32,
+                    method: "none",
+                    parts: vec![("data", f32_bytes(&x))],
+                    error: None,
+                }
+            };
+            all_finite &= enc.error.is_none_or(|e| e.rel_mse.is_finite());
+            enc
         };
         let bytes: u64 = parts.iter().map(|(_, b)| b.len() as u64).sum();
         let part_refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();

@@ -90,7 +90,7 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
             }),
         }
     }
-    by.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    by.sort_by_key(|e| std::cmp::Reverse(e.bytes));
     let float_bytes = shard_bytes - raw_bytes;
     let error_summary = b
         .read_file(adaptq_bundle::VERIFICATION)

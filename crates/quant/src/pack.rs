@@ -15,7 +15,7 @@ pub fn pack(codes: &[u8], bits: u8) -> Vec<u8> {
         return codes.to_vec();
     }
     let mut out = vec![0u8; packed_len(codes.len(), bits)];
-    let mask = ((1u16 << bits) - 1) as u16;
+    let mask = (1u16 << bits) - 1;
     let mut bitpos = 0usize;
     for &c in codes {
         let v = (c as u16) & mask;
@@ -86,7 +86,7 @@ mod tests {
     fn all_max_codes_fill_the_stream() {
         for bits in 2..=8u8 {
             let max = ((1u16 << bits) - 1) as u8;
-            let p = pack(&vec![max; 16], bits);
+            let p = pack(&[max; 16], bits);
             assert!(p.iter().all(|&b| b == 0xFF), "bits={bits}");
         }
     }

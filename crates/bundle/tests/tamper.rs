@@ -1,0 +1,291 @@
+//! verify must fail, naming the problem, for every kind of damage to a bundle.
+
+use adaptq_bundle::manifest::SourceRef;
+use adaptq_bundle::{verify_bundle, BundleWriter, Encoding, WriterOptions};
+use adaptq_quant::Grid;
+use std::path::Path;
+
+/// Writes a small bundle with shards of 1 KiB so tensors span several shards.
+fn write_bundle(dir: &Path) {
+    let mut w = BundleWriter::create(
+        dir,
+        WriterOptions {
+            shard_max_bytes: 1024,
+            force: false,
+        },
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    // A 4-bit g32 symmetric 10x64 tensor: codes 320 bytes, scales 10*2*2 = 40 bytes.
+    w.add_tensor(
+        "blk.0.attn_q.weight",
+        &[10, 64],
+        "linear",
+        "rtn",
+        Encoding::Int {
+            bits: 4,
+            group_size: 32,
+            grid: Grid::Symmetric,
+        },
+        &[("codes", &data[..320]), ("scales", &data[320..360])],
+    )
+    .unwrap();
+    w.add_tensor(
+        "token_embd.weight",
+        &[20, 64],
+        "embedding",
+        "none",
+        Encoding::F16,
+        &[("data", &data[..2560])],
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.attn_norm.weight",
+        &[64],
+        "norm",
+        "none",
+        Encoding::F32,
+        &[("data", &data[..256])],
+    )
+    .unwrap();
+    w.add_file("model.meta", b"{\"family\": \"llama\"}\n")
+        .unwrap();
+    w.finish(
+        "test-model",
+        SourceRef {
+            locator: "file:test.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: 3,
+        },
+        serde_json::json!({"method": "rtn", "seed": 0}),
+    )
+    .unwrap();
+}
+
+fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("bundle");
+    write_bundle(&d);
+    let r = verify_bundle(&d, |_| {});
+    assert!(r.ok(), "fresh bundle must verify: {:?}", r.problems);
+    (t, d)
+}
+
+fn problems(d: &Path) -> String {
+    let r = verify_bundle(d, |_| {});
+    assert!(!r.ok(), "damaged bundle verified");
+    r.problems.join("\n")
+}
+
+#[test]
+fn clean_bundle_verifies_and_spans_shards() {
+    let (_t, d) = fresh();
+    let r = verify_bundle(&d, |_| {});
+    assert_eq!(r.tensors_checked, 3);
+    // 360 + 2560 + 256 = 3176 bytes in 1 KiB shards -> 4 shards, last one partial.
+    assert_eq!(r.shards_checked, 4);
+    assert_eq!(r.bytes_checked, 3176);
+    for i in 0..3 {
+        assert_eq!(
+            std::fs::metadata(d.join(format!("shard-0000{i}.bin")))
+                .unwrap()
+                .len(),
+            1024
+        );
+    }
+}
+
+#[test]
+fn flipped_byte_fails() {
+    let (_t, d) = fresh();
+    let p = d.join("shard-00001.bin");
+    let mut b = std::fs::read(&p).unwrap();
+    b[100] ^= 0x01;
+    std::fs::write(&p, b).unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("shard-00001.bin SHA-256 mismatch"), "{msg}");
+    assert!(msg.contains("BLAKE3 mismatch"), "{msg}");
+}
+
+#[test]
+fn truncated_shard_fails() {
+    let (_t, d) = fresh();
+    let p = d.join("shard-00002.bin");
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &b[..b.len() - 10]).unwrap();
+    let msg = problems(&d);
+    assert!(
+        msg.contains("shard-00002.bin has 1014 bytes, manifest says 1024"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_shard_fails() {
+    let (_t, d) = fresh();
+    std::fs::remove_file(d.join("shard-00000.bin")).unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("shard shard-00000.bin is missing"), "{msg}");
+}
+
+#[test]
+fn extra_shard_fails() {
+    let (_t, d) = fresh();
+    std::fs::write(d.join("shard-00004.bin"), b"extra").unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("unexpected file 'shard-00004.bin'"), "{msg}");
+}
+
+#[test]
+fn edited_manifest_fails() {
+    let (_t, d) = fresh();
+    let p = d.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, text.replace("test-model", "other-model")).unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("manifest.json was edited"), "{msg}");
+}
+
+#[test]
+fn edited_shape_breaks_coverage_too() {
+    let (_t, d) = fresh();
+    let p = d.join("manifest.json");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let text = text.replacen("\"shape\": [\n        20,", "\"shape\": [\n        21,", 1);
+    std::fs::write(&p, text).unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("do not fit shape [21, 64]"), "{msg}");
+}
+
+#[test]
+fn edited_side_file_fails() {
+    let (_t, d) = fresh();
+    std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("model.meta does not match"), "{msg}");
+}
+
+#[test]
+fn reordered_shards_fail() {
+    let (_t, d) = fresh();
+    let a = std::fs::read(d.join("shard-00000.bin")).unwrap();
+    let b = std::fs::read(d.join("shard-00001.bin")).unwrap();
+    std::fs::write(d.join("shard-00000.bin"), b).unwrap();
+    std::fs::write(d.join("shard-00001.bin"), a).unwrap();
+    let msg = problems(&d);
+    assert!(msg.contains("shard-00000.bin SHA-256 mismatch"), "{msg}");
+}
+
+#[test]
+fn existing_output_is_refused_unless_forced() {
+    let (_t, d) = fresh();
+    let err = BundleWriter::create(&d, WriterOptions::default())
+        .err()
+        .expect("must refuse");
+    assert!(err.to_string().contains("already exists"), "{err}");
+    let before = std::fs::read(d.join("manifest.json")).unwrap();
+    // Forced: the old bundle stays in place until the new one is complete.
+    let w = BundleWriter::create(
+        &d,
+        WriterOptions {
+            force: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(w);
+    assert_eq!(std::fs::read(d.join("manifest.json")).unwrap(), before);
+    assert!(verify_bundle(&d, |_| {}).ok());
+}
+
+#[test]
+fn abandoned_write_leaves_nothing_behind() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("b");
+    {
+        let mut w = BundleWriter::create(
+            &d,
+            WriterOptions {
+                shard_max_bytes: 16,
+                force: false,
+            },
+        )
+        .unwrap();
+        w.add_tensor(
+            "x",
+            &[100],
+            "norm",
+            "none",
+            Encoding::F32,
+            &[("data", &[0u8; 400])],
+        )
+        .unwrap();
+        // Dropped without finish(), as on an I/O error (disk full) or a panic mid-way.
+    }
+    assert!(!d.exists());
+    assert_eq!(
+        std::fs::read_dir(t.path()).unwrap().count(),
+        0,
+        "temp folder must be removed"
+    );
+}
+
+#[test]
+fn wrong_part_lengths_are_rejected_at_write_time() {
+    let t = tempfile::tempdir().unwrap();
+    let mut w = BundleWriter::create(&t.path().join("b"), WriterOptions::default()).unwrap();
+    let err = w
+        .add_tensor(
+            "x",
+            &[4, 64],
+            "linear",
+            "rtn",
+            Encoding::Int {
+                bits: 3,
+                group_size: 64,
+                grid: Grid::Asymmetric,
+            },
+            &[("codes", &[0u8; 96]), ("scales", &[0u8; 8])],
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("do not match int3-g64-asym"),
+        "{err}"
+    );
+}
+
+#[test]
+fn same_input_gives_identical_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    write_bundle(&a);
+    write_bundle(&b);
+    let mut names: Vec<_> = std::fs::read_dir(&a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 6);
+    for n in names {
+        assert_eq!(
+            std::fs::read(a.join(&n)).unwrap(),
+            std::fs::read(b.join(&n)).unwrap(),
+            "{n:?}"
+        );
+    }
+}
+
+#[test]
+fn shard_limit_over_2mib_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let err = BundleWriter::create(
+        &t.path().join("b"),
+        WriterOptions {
+            shard_max_bytes: 3 << 20,
+            force: false,
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("shard size"), "{err}");
+}

@@ -1,0 +1,271 @@
+//! End-to-end CLI checks of the foundation slice on the real fixture models.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    let p = std::env::var_os("ADAPTQ_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
+    assert!(
+        p.join("smollm2").exists(),
+        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
+        p.display()
+    );
+    p
+}
+
+fn gguf() -> PathBuf {
+    fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+fn adaptq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(args)
+        .output()
+        .expect("runs adaptq")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn quantize(out: &Path, extra: &[&str]) -> Output {
+    let g = gguf();
+    let mut args = vec![
+        "quantize",
+        g.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    adaptq(&args)
+}
+
+const RTN4: &[&str] = &[
+    "--method",
+    "rtn",
+    "--bits",
+    "4",
+    "--group-size",
+    "128",
+    "--sym",
+];
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
+    let t = tempfile::tempdir().unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    let o = quantize(&a, RTN4);
+    assert!(o.status.success(), "{}", text(&o));
+    let o2 = quantize(&b, RTN4);
+    assert!(o2.status.success(), "{}", text(&o2));
+
+    // Shards all <= 2 MiB; verify passes.
+    let names = files(&a);
+    let shards: Vec<&String> = names.iter().filter(|n| n.starts_with("shard-")).collect();
+    assert!(shards.len() > 10);
+    let mut shard_bytes = 0u64;
+    for s in &shards {
+        let n = std::fs::metadata(a.join(s)).unwrap().len();
+        assert!(n <= 2 * 1024 * 1024, "{s} has {n} bytes");
+        shard_bytes += n;
+    }
+    let v = adaptq(&["verify", a.to_str().unwrap()]);
+    assert!(v.status.success(), "{}", text(&v));
+    assert!(text(&v).contains("OK:"));
+
+    // Second run: same digest, byte-identical files.
+    assert_eq!(names, files(&b));
+    for n in &names {
+        assert_eq!(
+            std::fs::read(a.join(n)).unwrap(),
+            std::fs::read(b.join(n)).unwrap(),
+            "{n} differs"
+        );
+    }
+    let digest = |o: &Output| {
+        text(o)
+            .lines()
+            .find(|l| l.contains("global digest"))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(digest(&o), digest(&o2));
+
+    // Bits per weight by hand. Per block: q,o 576x576; k,v 192x576; gate,up 1536x576; down
+    // 576x1536. 4-bit codes plus one f16 scale per group of 128 (576 = 4x128 + 64 -> 5 groups;
+    // 1536 = 12 groups). Embedding 49152x576 in f16; 61 norms of 576 in f32.
+    let lin = |rows: u64, cols: u64| rows * cols / 2 + rows * cols.div_ceil(128) * 2;
+    let block = 2 * lin(576, 576) + 2 * lin(192, 576) + 2 * lin(1536, 576) + lin(576, 1536);
+    let expect_bytes = 30 * block + 49152 * 576 * 2 + 61 * 576 * 4;
+    assert_eq!(shard_bytes, expect_bytes);
+    let params = 134_515_008u64;
+    let s = adaptq(&["stats", a.to_str().unwrap(), "--json"]);
+    assert!(s.status.success(), "{}", text(&s));
+    let j: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+    assert_eq!(j["shard_bytes"].as_u64().unwrap(), expect_bytes);
+    assert_eq!(j["params"].as_u64().unwrap(), params);
+    let bpw = j["bits_per_weight"].as_f64().unwrap();
+    assert!(
+        (bpw - expect_bytes as f64 * 8.0 / params as f64).abs() < 1e-9,
+        "{bpw}"
+    );
+    let qbpw = j["bits_per_quantized_weight"].as_f64().unwrap();
+    assert!(
+        (qbpw - 30.0 * block as f64 * 8.0 / (params - 49152 * 576 - 61 * 576) as f64).abs() < 1e-9
+    );
+    assert!(j["error_summary"]["cosine_min"].as_f64().unwrap() > 0.98);
+
+    // Damage to a real bundle is caught by the CLI with a non-zero exit.
+    let p = a.join("shard-00007.bin");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[12345] ^= 0x80;
+    std::fs::write(&p, bytes).unwrap();
+    let v = adaptq(&["verify", a.to_str().unwrap()]);
+    assert_eq!(v.status.code(), Some(2));
+    assert!(
+        text(&v).contains("shard-00007.bin SHA-256 mismatch"),
+        "{}",
+        text(&v)
+    );
+}
+
+#[test]
+fn existing_output_is_refused_and_force_replaces() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("exists");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), b"user data").unwrap();
+    let o = quantize(&out, &["--bits", "8"]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("already exists") && text(&o).contains("--force"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        out.join("keep.txt").exists(),
+        "refused run must not touch the folder"
+    );
+    let o = quantize(&out, &["--bits", "8", "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!out.join("keep.txt").exists());
+    assert!(adaptq(&["verify", out.to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("o");
+    let o = adaptq(&[
+        "quantize",
+        "/no/such/model.gguf",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("/no/such/model.gguf: no such file"),
+        "{}",
+        text(&o)
+    );
+
+    let bad = t.path().join("broken.gguf");
+    let head = std::fs::read(gguf()).unwrap()[..4096].to_vec();
+    std::fs::write(&bad, head).unwrap();
+    let o = adaptq(&[
+        "quantize",
+        bad.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("broken.gguf: corrupt or truncated"),
+        "{}",
+        text(&o)
+    );
+    assert!(!out.exists());
+
+    let o = quantize(&out, &["--bits", "9"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("between 2 and 8"), "{}", text(&o));
+    assert!(!out.exists());
+
+    let o = adaptq(&["verify", t.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not a bundle"), "{}", text(&o));
+}
+
+#[test]
+fn gate_fails_when_budget_is_impossible() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("g");
+    let o = quantize(
+        &out,
+        &["--bits", "2", "--group-size", "0", "--max-bpw", "2.5"],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let s = text(&o);
+    assert!(
+        s.contains("size_budget") && s.contains("FAIL") && s.contains("OVERALL_STATUS FAIL"),
+        "{s}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("verification.json")).unwrap()).unwrap();
+    assert_eq!(v["OVERALL_STATUS"], "FAIL");
+    let gates = v["gates"].as_array().unwrap();
+    assert!(gates
+        .iter()
+        .any(|g| g["name"] == "size_budget" && g["status"] == "FAIL"));
+    // Per-channel 2-bit RTN destroys some layers; the weight-cosine gate catches that too.
+    assert!(gates
+        .iter()
+        .any(|g| g["name"] == "weight_cosine" && g["status"] == "FAIL"));
+}
+
+#[test]
+fn minilm_safetensors_quantizes_and_verifies() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let src = fixtures().join("minilm");
+    let o = adaptq(&[
+        "quantize",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--bits",
+        "8",
+        "--group-size",
+        "64",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(adaptq(&["verify", out.to_str().unwrap()]).status.success());
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("model.meta")).unwrap()).unwrap();
+    assert_eq!(meta["family"], "bert");
+    assert_eq!(meta["license"], "apache-2.0");
+    for f in ["tokenizer.json", "config.json"] {
+        assert!(out.join(f).exists(), "{f} must travel with the bundle");
+    }
+    let info = adaptq(&["info", out.to_str().unwrap()]);
+    assert!(
+        text(&info).contains("\"locator\": \"file:minilm\""),
+        "{}",
+        text(&info)
+    );
+}

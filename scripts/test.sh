@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The project's test command (README, and .ci/run calls exactly this): fetch the fixture models
+# into the git-ignored cache if missing, then run every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-fixtures.sh
+cargo test --workspace --release
