@@ -29,6 +29,12 @@ enum MethodArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ScoreArg {
+    All,
+    SecondHalf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum EmbedArg {
     F16,
     F32,
@@ -90,6 +96,43 @@ enum Cmd {
         /// Also list every tensor.
         #[arg(long)]
         tensors: bool,
+    },
+    /// Perplexity of a model or bundle on a text; with --base, KL divergence against another.
+    Eval {
+        /// Model file/folder or adaptq bundle.
+        model: PathBuf,
+        /// Plain-text file to score.
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// all: every next-token prediction; second-half: llama.cpp's llama-perplexity protocol.
+        #[arg(long, value_enum, default_value = "all")]
+        score: ScoreArg,
+        /// Score at most this many windows.
+        #[arg(long)]
+        chunks: Option<usize>,
+        /// Reference model (e.g. the unquantized source) for KLD, top-1 agreement and ΔPPL.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Print one JSON object on stdout (progress stays on stderr).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a prompt with a model or bundle (greedy unless --temperature > 0).
+    Generate {
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy; otherwise sample from softmax(logits / T).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Seed for sampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Sizes, bits per weight, compression vs f16 and per-layer error of a bundle.
     Stats {
@@ -267,6 +310,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Eval {
+            model,
+            text,
+            ctx,
+            score,
+            chunks,
+            base,
+            json,
+        } => {
+            eval(&model, &text, ctx, score, chunks, base.as_deref(), json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let m = adaptq_model::load(&model)?;
+            let opts = adaptq_model::generate::Options {
+                max_tokens,
+                temperature,
+                seed,
+            };
+            let out = adaptq_model::generate::generate(&m, &prompt, &opts, &mut |piece| {
+                use std::io::Write;
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+            })?;
+            println!();
+            eprintln!(
+                "[{} prompt tokens, {} generated, {:.1} tokens/s{}]",
+                out.prompt_tokens,
+                out.tokens.len(),
+                out.tokens_per_s,
+                if out.stopped_on_eos {
+                    ", stopped at end-of-sequence"
+                } else {
+                    ""
+                }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Stats { dir, json } => {
             let s = adaptq_pipeline::stats::bundle_stats(&dir)?;
             if json {
@@ -309,6 +396,83 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn eval(
+    model: &Path,
+    text: &Path,
+    ctx: usize,
+    score: ScoreArg,
+    chunks: Option<usize>,
+    base: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let body =
+        std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
+    let m = adaptq_model::load(model)?;
+    let lm = m.llama()?;
+    let b = base.map(adaptq_model::load).transpose()?;
+    let bl = b.as_ref().map(|b| b.llama()).transpose()?;
+    let tokens = adaptq_model::tokenizer::encode(&m.tokenizer, &body)?;
+    if let Some(b) = &b {
+        let bt = adaptq_model::tokenizer::encode(&b.tokenizer, &body)?;
+        if bt != tokens {
+            bail!("the base model tokenizes the text differently; KL divergence needs the same tokens");
+        }
+    }
+    let mode = match score {
+        ScoreArg::All => adaptq_eval::ScoreMode::All,
+        ScoreArg::SecondHalf => adaptq_eval::ScoreMode::SecondHalf,
+    };
+    let total = (tokens.len() / ctx).min(chunks.unwrap_or(usize::MAX));
+    let pb =
+        ProgressBar::with_draw_target(Some(total as u64), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template(
+            "eval {bar:40} {pos}/{len} windows  {msg}  [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let start = std::time::Instant::now();
+    let models = if bl.is_some() { 2.0 } else { 1.0 };
+    let r = adaptq_eval::evaluate(lm, bl, &tokens, ctx, mode, chunks, &mut |done, _, toks| {
+        pb.set_position(done as u64);
+        pb.set_message(format!(
+            "{:.0} tokens/s",
+            models * toks as f64 / start.elapsed().as_secs_f64().max(1e-9)
+        ));
+    })?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} windows of {} tokens, {} tokens scored ({})",
+        text.display(),
+        r.windows,
+        ctx,
+        r.tokens_scored,
+        match mode {
+            adaptq_eval::ScoreMode::All => "every token",
+            adaptq_eval::ScoreMode::SecondHalf => "second half of each window, as llama-perplexity",
+        }
+    );
+    println!("PPL = {:.4} +/- {:.4}", r.ppl, r.ppl_stderr);
+    if let (Some(bp), Some(bse)) = (r.base_ppl, r.base_ppl_stderr) {
+        println!(
+            "base PPL = {bp:.4} +/- {bse:.4}   ΔPPL = {:+.2}%",
+            r.delta_ppl_pct.unwrap_or(f64::NAN)
+        );
+        println!(
+            "KLD mean = {:.6}   KLD p99 = {:.6}   top-1 agreement = {:.2}%",
+            r.kld_mean.unwrap_or(f64::NAN),
+            r.kld_p99.unwrap_or(f64::NAN),
+            100.0 * r.top1_agreement.unwrap_or(f64::NAN)
+        );
+    }
+    eprintln!("[{:.1} s]", start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn info_bundle(dir: &Path, tensors: bool) -> Result<()> {

@@ -1,1 +1,64 @@
+//! Forward passes on CPU: the Llama family (Llama, Mistral, Qwen2, SmolLM) and BERT encoders.
+//!
+//! Models run from an unquantized source or from an adaptq bundle. Bundle weights are
+//! dequantized to f32 once, at load time, and the forward pass multiplies f32 matrices with
+//! candle's gemm: this measures exactly the function the stored codes define, which is what
+//! perplexity and KL divergence must judge, at the cost of f32 memory (fine up to ~1B params).
 
+pub mod bert;
+pub mod generate;
+pub mod llama;
+pub mod tokenizer;
+mod weights;
+
+pub use weights::{open_weights, Weights};
+
+use adaptq_source::model::{Family, ModelDesc};
+use anyhow::{bail, Result};
+use std::path::Path;
+
+/// A model ready to run: weights, description and tokenizer.
+pub struct LoadedModel {
+    pub desc: ModelDesc,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub kind: ModelKind,
+    /// Where the model came from (for messages).
+    pub label: String,
+}
+
+pub enum ModelKind {
+    Llama(llama::Llama),
+    Bert(bert::Bert),
+}
+
+impl LoadedModel {
+    pub fn llama(&self) -> Result<&llama::Llama> {
+        match &self.kind {
+            ModelKind::Llama(m) => Ok(m),
+            ModelKind::Bert(_) => bail!("{} is a BERT encoder, not a decoder LLM", self.label),
+        }
+    }
+    pub fn bert(&self) -> Result<&bert::Bert> {
+        match &self.kind {
+            ModelKind::Bert(m) => Ok(m),
+            ModelKind::Llama(_) => bail!("{} is a decoder LLM, not a BERT encoder", self.label),
+        }
+    }
+}
+
+/// Loads a model file/folder or an adaptq bundle, with its tokenizer.
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let w = open_weights(path)?;
+    let desc = w.desc().clone();
+    let tokenizer = w.tokenizer()?;
+    let kind = match desc.family {
+        Family::Llama => ModelKind::Llama(llama::Llama::load(&desc, w.as_ref())?),
+        Family::Bert => ModelKind::Bert(bert::Bert::load(&desc, w.as_ref())?),
+    };
+    Ok(LoadedModel {
+        desc,
+        tokenizer,
+        kind,
+        label: path.display().to_string(),
+    })
+}

@@ -24,7 +24,7 @@ pub fn describe_source(src: &dyn TensorSource) -> serde_json::Value {
         .sum();
     serde_json::json!({
         "format": src.format(),
-        "model": crate::quantize::model_meta(d),
+        "model": d.to_meta_json(),
         "params": params,
         "tensor_count": tensors.len(),
         "tensors": tensors,

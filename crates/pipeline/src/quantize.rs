@@ -3,7 +3,7 @@
 use adaptq_bundle::manifest::SourceRef;
 use adaptq_bundle::{BundleWriter, Encoding, WriterOptions, MODEL_META, VERIFICATION};
 use adaptq_quant::{metrics::layer_error, quantize_rtn, Grid, LayerError, RtnConfig};
-use adaptq_source::model::{layer_of, role_of, ModelDesc, RopeStyle};
+use adaptq_source::model::{layer_of, role_of};
 use adaptq_source::{TensorRole, TensorSource};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -110,28 +110,6 @@ pub struct Verification {
 pub struct QuantizeSummary {
     pub manifest: adaptq_bundle::Manifest,
     pub verification: Verification,
-}
-
-/// The bundle's `model.meta`.
-pub fn model_meta(desc: &ModelDesc) -> serde_json::Value {
-    serde_json::json!({
-        "family": desc.family.name(),
-        "architecture": desc.architecture,
-        "name": desc.name,
-        "tokenizer": desc.tokenizer_id,
-        "vocab_size": desc.vocab_size,
-        "context_length": desc.context_length,
-        "n_layers": desc.n_layers,
-        "hidden": desc.hidden,
-        "n_heads": desc.n_heads,
-        "n_kv_heads": desc.n_kv_heads,
-        "ffn_dim": desc.ffn_dim,
-        "rope_theta": desc.rope_theta,
-        "norm_eps": desc.norm_eps,
-        "rope_style": match desc.rope_style { RopeStyle::AdjacentPairs => "adjacent-pairs", RopeStyle::Halves => "halves" },
-        "tied_embeddings": desc.tied_embeddings,
-        "license": desc.license,
-    })
 }
 
 /// The locator recorded in the manifest: never an absolute path (it would break determinism
@@ -385,7 +363,7 @@ pub fn quantize_model(
     }
 
     let verification = build_verification(reports, cfg, all_finite, &w);
-    let meta = serde_json::to_vec_pretty(&model_meta(&desc))?;
+    let meta = serde_json::to_vec_pretty(&desc.to_meta_json())?;
     w.add_file(MODEL_META, &meta)?;
     w.add_file(VERIFICATION, &serde_json::to_vec_pretty(&verification)?)?;
     for (name, bytes) in companion_files(src)? {

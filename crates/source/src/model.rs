@@ -87,6 +87,62 @@ impl ModelDesc {
         self.hidden / self.n_heads.max(1)
     }
 
+    /// The JSON written as a bundle's `model.meta`.
+    pub fn to_meta_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "family": self.family.name(),
+            "architecture": self.architecture,
+            "name": self.name,
+            "tokenizer": self.tokenizer_id,
+            "vocab_size": self.vocab_size,
+            "context_length": self.context_length,
+            "n_layers": self.n_layers,
+            "hidden": self.hidden,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "ffn_dim": self.ffn_dim,
+            "rope_theta": self.rope_theta,
+            "norm_eps": self.norm_eps,
+            "rope_style": match self.rope_style {
+                RopeStyle::AdjacentPairs => "adjacent-pairs",
+                RopeStyle::Halves => "halves",
+            },
+            "tied_embeddings": self.tied_embeddings,
+            "license": self.license,
+        })
+    }
+
+    /// Reads back what [`ModelDesc::to_meta_json`] wrote.
+    pub fn from_meta_json(v: &serde_json::Value) -> Option<Self> {
+        let u = |k: &str| v[k].as_u64().map(|x| x as usize);
+        let s = |k: &str| v[k].as_str().map(str::to_string);
+        Some(ModelDesc {
+            family: match v["family"].as_str()? {
+                "llama" => Family::Llama,
+                "bert" => Family::Bert,
+                _ => return None,
+            },
+            architecture: s("architecture")?,
+            name: s("name"),
+            license: s("license"),
+            n_layers: u("n_layers")?,
+            hidden: u("hidden")?,
+            n_heads: u("n_heads")?,
+            n_kv_heads: u("n_kv_heads")?,
+            ffn_dim: u("ffn_dim")?,
+            vocab_size: u("vocab_size")?,
+            context_length: u("context_length")?,
+            rope_theta: v["rope_theta"].as_f64()? as f32,
+            norm_eps: v["norm_eps"].as_f64()? as f32,
+            rope_style: match v["rope_style"].as_str()? {
+                "adjacent-pairs" => RopeStyle::AdjacentPairs,
+                _ => RopeStyle::Halves,
+            },
+            tied_embeddings: v["tied_embeddings"].as_bool()?,
+            tokenizer_id: s("tokenizer")?,
+        })
+    }
+
     pub fn from_gguf(md: &Metadata, infos: &[TensorInfo], path: &Path) -> Result<Self> {
         let arch = md
             .get_str("general.architecture")

@@ -1,0 +1,361 @@
+//! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, rotary embeddings in either
+//! pairing convention, grouped-query attention, SwiGLU MLP, tied or separate output head.
+//!
+//! The forward pass is exposed in pieces (`embed`, `block`, `head`) so calibration can run the
+//! network layer by layer, and every linear layer's input can be handed to a hook.
+
+use crate::Weights;
+use adaptq_source::model::{ModelDesc, RopeStyle};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+
+/// Called with (weight tensor name, input activations `[tokens, in_features]`) before each
+/// linear layer runs. q/k/v share one input; the hook sees it once per weight name.
+pub type Hook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
+
+pub struct Linear {
+    pub name: String,
+    /// Weight transposed to `[in, out]` so `x @ wt` is a plain row-major gemm.
+    wt: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &dyn Weights, name: &str, bias: Option<&str>) -> Result<Self> {
+        let shape = w
+            .shape(name)
+            .with_context(|| format!("model lacks tensor '{name}'"))?;
+        if shape.len() != 2 {
+            bail!("tensor '{name}' has shape {shape:?}, expected a matrix");
+        }
+        let data = w.read(name)?;
+        let wt = Tensor::from_vec(data, (shape[0], shape[1]), &Device::Cpu)?
+            .t()?
+            .contiguous()?;
+        let bias = match bias {
+            Some(b) if w.has(b) => Some(Tensor::from_vec(w.read(b)?, shape[0], &Device::Cpu)?),
+            _ => None,
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            wt,
+            bias,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
+        if let Some(h) = hook.as_mut() {
+            h(&self.name, x)?;
+        }
+        let y = x.matmul(&self.wt)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Replaces the weight (row-major `[out, in]`), e.g. with a quantized reconstruction.
+    pub fn set_weight(&mut self, w: Vec<f32>) -> Result<()> {
+        let (i, o) = self.wt.dims2()?;
+        self.wt = Tensor::from_vec(w, (o, i), &Device::Cpu)?
+            .t()?
+            .contiguous()?;
+        Ok(())
+    }
+}
+
+pub struct Block {
+    attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    ffn_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Block {
+    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+/// Keys and values of earlier positions, per layer, for incremental decoding.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dims()[0])
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub struct Llama {
+    pub desc: ModelDesc,
+    embed: Tensor,
+    head_t: Tensor,
+    final_norm: Tensor,
+    pub blocks: Vec<Block>,
+    /// Inverse frequencies θ_i = base^(-2i/head_dim).
+    inv_freq: Vec<f32>,
+}
+
+fn vec_tensor(w: &dyn Weights, name: &str) -> Result<Tensor> {
+    let v = w.read(name).with_context(|| format!("reading '{name}'"))?;
+    let n = v.len();
+    Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?
+        .broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+impl Llama {
+    pub fn load(desc: &ModelDesc, w: &dyn Weights) -> Result<Self> {
+        let gguf = w.has("token_embd.weight");
+        let n = |i: usize, g: &str, h: &str| {
+            if gguf {
+                format!("blk.{i}.{g}")
+            } else {
+                format!("model.layers.{i}.{h}")
+            }
+        };
+        let (embed_name, norm_name, head_name) = if gguf {
+            ("token_embd.weight", "output_norm.weight", "output.weight")
+        } else {
+            (
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+            )
+        };
+        let eshape = w
+            .shape(embed_name)
+            .with_context(|| format!("model lacks '{embed_name}'"))?;
+        let embed = Tensor::from_vec(w.read(embed_name)?, (eshape[0], eshape[1]), &Device::Cpu)?;
+        let head_t = if w.has(head_name) {
+            Linear::load(w, head_name, None)?.wt
+        } else {
+            embed.t()?.contiguous()?
+        };
+        let mut blocks = Vec::with_capacity(desc.n_layers);
+        for i in 0..desc.n_layers {
+            let lin = |g: &str, h: &str, bias: bool| {
+                let name = n(i, &format!("{g}.weight"), &format!("{h}.weight"));
+                let b = n(i, &format!("{g}.bias"), &format!("{h}.bias"));
+                Linear::load(w, &name, bias.then_some(b.as_str()))
+            };
+            blocks.push(Block {
+                attn_norm: vec_tensor(w, &n(i, "attn_norm.weight", "input_layernorm.weight"))?,
+                q: lin("attn_q", "self_attn.q_proj", true)?,
+                k: lin("attn_k", "self_attn.k_proj", true)?,
+                v: lin("attn_v", "self_attn.v_proj", true)?,
+                o: lin("attn_output", "self_attn.o_proj", false)?,
+                ffn_norm: vec_tensor(
+                    w,
+                    &n(i, "ffn_norm.weight", "post_attention_layernorm.weight"),
+                )?,
+                gate: lin("ffn_gate", "mlp.gate_proj", false)?,
+                up: lin("ffn_up", "mlp.up_proj", false)?,
+                down: lin("ffn_down", "mlp.down_proj", false)?,
+            });
+        }
+        let hd = desc.head_dim();
+        let inv_freq = (0..hd / 2)
+            .map(|i| (desc.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64) as f32)
+            .collect();
+        Ok(Llama {
+            desc: desc.clone(),
+            embed,
+            head_t,
+            final_norm: vec_tensor(w, norm_name)?,
+            blocks,
+            inv_freq,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embed.dims()[0]
+    }
+
+    /// Token embeddings `[T, hidden]`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let v = self.vocab_size() as u32;
+        if let Some(t) = tokens.iter().find(|&&t| t >= v) {
+            bail!("token id {t} is outside the vocabulary of {v}");
+        }
+        let ids = Tensor::new(tokens, &Device::Cpu)?;
+        Ok(self.embed.index_select(&ids, 0)?)
+    }
+
+    /// cos/sin tables for positions `pos0..pos0+t`, shaped for `x: [T, H, hd/2, 1|…]`.
+    fn rope_tables(&self, pos0: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in pos0..pos0 + t {
+            for &f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, 1, half), &Device::Cpu)?,
+            Tensor::from_vec(sin, (t, 1, half), &Device::Cpu)?,
+        ))
+    }
+
+    /// Rotates `x: [T, H, hd]`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, h, hd) = x.dims3()?;
+        let half = hd / 2;
+        Ok(match self.desc.rope_style {
+            RopeStyle::AdjacentPairs => {
+                let x = x.reshape((t, h, half, 2))?;
+                let x0 = x.narrow(3, 0, 1)?.squeeze(3)?;
+                let x1 = x.narrow(3, 1, 1)?.squeeze(3)?;
+                let o0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+                let o1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+                Tensor::stack(&[o0, o1], 3)?.reshape((t, h, hd))?
+            }
+            RopeStyle::Halves => {
+                let x0 = x.narrow(2, 0, half)?;
+                let x1 = x.narrow(2, half, half)?;
+                let o0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+                let o1 = (x1.broadcast_mul(cos)? + x0.broadcast_mul(sin)?)?;
+                Tensor::cat(&[o0, o1], 2)?
+            }
+        })
+    }
+
+    /// One transformer block on `x: [T, hidden]` at positions `pos0..`.
+    pub fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hook: &mut Option<Hook>,
+    ) -> Result<Tensor> {
+        let b = &self.blocks[i];
+        let d = &self.desc;
+        let (t, _) = x.dims2()?;
+        let hd = d.head_dim();
+        let (nh, nkv) = (d.n_heads, d.n_kv_heads);
+
+        let h = rms_norm(x, &b.attn_norm, d.norm_eps)?;
+        let q = b.q.forward(&h, hook)?.reshape((t, nh, hd))?;
+        let k = b.k.forward(&h, hook)?.reshape((t, nkv, hd))?;
+        let v = b.v.forward(&h, hook)?.reshape((t, nkv, hd))?;
+        let (cos, sin) = self.rope_tables(pos0, t)?;
+        let q = self.rope(&q, &cos, &sin)?;
+        let mut k = self.rope(&k, &cos, &sin)?;
+        let mut v = v;
+        if let Some(c) = cache {
+            if let Some((pk, pv)) = c.as_ref() {
+                k = Tensor::cat(&[pk, &k], 0)?;
+                v = Tensor::cat(&[pv, &v], 0)?;
+            }
+            *c = Some((k.clone(), v.clone()));
+        }
+        let s = k.dims()[0];
+        let rep = nh / nkv;
+        // [H, T, hd] queries; keys/values repeated across each KV group: [H, S, hd].
+        let q = q.transpose(0, 1)?.contiguous()?;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            let x = x.transpose(0, 1)?; // [KV, S, hd]
+            Ok(x.unsqueeze(1)?
+                .expand((nkv, rep, s, hd))?
+                .reshape((nh, s, hd))?
+                .contiguous()?)
+        };
+        let k = expand(&k)?;
+        let v = expand(&v)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = if t > 1 {
+            let past = s - t;
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            scores.broadcast_add(&Tensor::from_vec(mask, (t, s), &Device::Cpu)?)?
+        } else {
+            scores
+        };
+        let probs = softmax_last(&scores)?;
+        let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let x = (x + b.o.forward(&attn, hook)?)?;
+
+        let h = rms_norm(&x, &b.ffn_norm, d.norm_eps)?;
+        let g = b.gate.forward(&h, hook)?.silu()?;
+        let u = b.up.forward(&h, hook)?;
+        let m = b.down.forward(&(g * u)?, hook)?;
+        Ok((x + m)?)
+    }
+
+    /// Final norm and output head: logits `[T, vocab]`.
+    pub fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let h = rms_norm(x, &self.final_norm, self.desc.norm_eps)?;
+        Ok(h.matmul(&self.head_t)?)
+    }
+
+    /// Full forward pass over `tokens` at positions `cache.len()..`; logits `[T, vocab]`.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
+        mut hook: Option<Hook>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed(tokens)?;
+        match cache {
+            Some(c) => {
+                let pos0 = c.len();
+                c.layers.resize_with(self.blocks.len(), || None);
+                for (i, slot) in c.layers.iter_mut().enumerate() {
+                    x = self.block(i, &x, pos0, Some(slot), &mut hook)?;
+                }
+            }
+            None => {
+                for i in 0..self.blocks.len() {
+                    x = self.block(i, &x, 0, None, &mut hook)?;
+                }
+            }
+        }
+        self.head(&x)
+    }
+
+    /// Logits as rows of f32.
+    pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,94 @@
+//! One view over "where weights come from": a source model or an adaptq bundle.
+
+use adaptq_bundle::Bundle;
+use adaptq_source::model::ModelDesc;
+use adaptq_source::TensorSource;
+use anyhow::{anyhow, Context, Result};
+use std::path::Path;
+
+pub trait Weights {
+    fn desc(&self) -> &ModelDesc;
+    fn has(&self, name: &str) -> bool;
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor decoded (dequantized) to f32.
+    fn read(&self, name: &str) -> Result<Vec<f32>>;
+    fn tokenizer(&self) -> Result<tokenizers::Tokenizer>;
+}
+
+struct SourceWeights(Box<dyn TensorSource>);
+
+impl Weights for SourceWeights {
+    fn desc(&self) -> &ModelDesc {
+        self.0.desc()
+    }
+    fn has(&self, name: &str) -> bool {
+        self.0.info(name).is_some()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.0.info(name).map(|t| t.shape.clone())
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.0.read_f32(name)?)
+    }
+    fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        if let Some(md) = self.0.gguf_metadata() {
+            return crate::tokenizer::from_gguf(&crate::tokenizer::GgufVocab::from_metadata(md)?);
+        }
+        let dir = self
+            .0
+            .companion_dir()
+            .ok_or_else(|| anyhow!("no folder to look for tokenizer.json in"))?;
+        crate::tokenizer::from_file(&dir.join("tokenizer.json"))
+    }
+}
+
+struct BundleWeights {
+    bundle: Bundle,
+    desc: ModelDesc,
+}
+
+impl Weights for BundleWeights {
+    fn desc(&self) -> &ModelDesc {
+        &self.desc
+    }
+    fn has(&self, name: &str) -> bool {
+        self.bundle.entry(name).is_some()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.bundle.entry(name).map(|t| t.shape.clone())
+    }
+    fn read(&self, name: &str) -> Result<Vec<f32>> {
+        Ok(self.bundle.read_f32(name)?)
+    }
+    fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
+        if let Ok(bytes) = self.bundle.read_file("tokenizer.json") {
+            return tokenizers::Tokenizer::from_bytes(bytes)
+                .map_err(|e| anyhow!("{}: tokenizer.json: {e}", self.bundle.dir.display()));
+        }
+        let md = self
+            .bundle
+            .read_file("gguf-metadata.json")
+            .with_context(|| {
+                format!(
+                    "{}: bundle has neither tokenizer.json nor gguf-metadata.json",
+                    self.bundle.dir.display()
+                )
+            })?;
+        let v: serde_json::Value = serde_json::from_slice(&md)?;
+        crate::tokenizer::from_gguf(&crate::tokenizer::GgufVocab::from_metadata_json(&v)?)
+    }
+}
+
+/// Opens a model file/folder or an adaptq bundle (a folder with `manifest.json`).
+pub fn open_weights(path: &Path) -> Result<Box<dyn Weights>> {
+    if path.join(adaptq_bundle::MANIFEST).is_file() {
+        let bundle = Bundle::open(path)?;
+        let meta: serde_json::Value =
+            serde_json::from_slice(&bundle.read_file(adaptq_bundle::MODEL_META)?)
+                .with_context(|| format!("{}: model.meta is not JSON", path.display()))?;
+        let desc = ModelDesc::from_meta_json(&meta)
+            .ok_or_else(|| anyhow!("{}: model.meta lacks fields adaptq needs", path.display()))?;
+        return Ok(Box::new(BundleWeights { bundle, desc }));
+    }
+    Ok(Box::new(SourceWeights(adaptq_source::open(path)?)))
+}
