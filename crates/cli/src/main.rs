@@ -134,6 +134,35 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Gold-prompt spot checks: greedy continuations of a candidate vs a reference model.
+    SpotCheck {
+        /// Candidate (e.g. a quantized bundle).
+        model: PathBuf,
+        /// Reference model (e.g. the unquantized source).
+        #[arg(long)]
+        base: PathBuf,
+        /// One prompt per line.
+        #[arg(long, default_value = "prompts/gold.txt")]
+        prompts: PathBuf,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forward-pass throughput (prompt processing and generation) of one or more models, as a
+    /// table with each model's speed relative to the first.
+    Bench {
+        models: Vec<PathBuf>,
+        /// Prompt tokens processed in one batch.
+        #[arg(long, default_value_t = 512)]
+        pp: usize,
+        /// Tokens generated one at a time after the prompt.
+        #[arg(long, default_value_t = 64)]
+        tg: usize,
+        /// Repetitions; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Sizes, bits per weight, compression vs f16 and per-layer error of a bundle.
     Stats {
         dir: PathBuf,
@@ -354,6 +383,83 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::SpotCheck {
+            model,
+            base,
+            prompts,
+            max_tokens,
+            json,
+        } => {
+            let list: Vec<String> = std::fs::read_to_string(&prompts)
+                .with_context(|| format!("reading prompts file {}", prompts.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            if list.is_empty() {
+                bail!("{} holds no prompts (one per line)", prompts.display());
+            }
+            let cand = adaptq_model::load(&model)?;
+            let refm = adaptq_model::load(&base)?;
+            let checks = adaptq_model::generate::spot_check(&cand, &refm, &list, max_tokens)?;
+            let fails = checks.iter().filter(|c| c.status == "FAIL").count();
+            let mean = checks.iter().map(|c| c.token_agreement).sum::<f64>() / checks.len() as f64;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"checks": checks, "mean_token_agreement": mean, "failures": fails})
+                );
+            } else {
+                for c in &checks {
+                    println!(
+                        "[{}] {:.0}% agree  {}",
+                        c.status,
+                        100.0 * c.token_agreement,
+                        c.prompt
+                    );
+                    println!("    reference: {}", c.reference.replace('\n', " "));
+                    println!("    candidate: {}", c.candidate.replace('\n', " "));
+                }
+                println!(
+                    "mean token agreement {:.1}%, {fails} failure(s)",
+                    100.0 * mean
+                );
+            }
+            Ok(if fails == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            })
+        }
+        Cmd::Bench {
+            models,
+            pp,
+            tg,
+            reps,
+        } => {
+            if models.is_empty() {
+                bail!("name at least one model or bundle to benchmark");
+            }
+            println!("threads: {}", rayon::current_num_threads());
+            println!("| model | pp{pp} tok/s | tg{tg} tok/s | pp vs first | tg vs first |");
+            println!("|---|---|---|---|---|");
+            let mut first: Option<adaptq_eval::speed::Speed> = None;
+            for p in &models {
+                let m = adaptq_model::load(p)?;
+                let s = adaptq_eval::speed::measure(m.llama()?, pp, tg, reps)?;
+                let f = first.get_or_insert_with(|| s.clone());
+                println!(
+                    "| {} | {:.1} | {:.1} | {:.2}x | {:.2}x |",
+                    p.display(),
+                    s.pp_tokens_per_s,
+                    s.tg_tokens_per_s,
+                    s.pp_tokens_per_s / f.pp_tokens_per_s,
+                    s.tg_tokens_per_s / f.tg_tokens_per_s
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Stats { dir, json } => {
             let s = adaptq_pipeline::stats::bundle_stats(&dir)?;
             if json {
@@ -410,6 +516,9 @@ fn eval(
     let body =
         std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
     let m = adaptq_model::load(model)?;
+    if let adaptq_model::ModelKind::Bert(bert) = &m.kind {
+        return eval_embeddings(&m, bert, &body, chunks, base, json);
+    }
     let lm = m.llama()?;
     let b = base.map(adaptq_model::load).transpose()?;
     let bl = b.as_ref().map(|b| b.llama()).transpose()?;
@@ -472,6 +581,44 @@ fn eval(
         );
     }
     eprintln!("[{:.1} s]", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Encoders: cosine similarity of sentence embeddings against the base model.
+fn eval_embeddings(
+    m: &adaptq_model::LoadedModel,
+    bert: &adaptq_model::bert::Bert,
+    body: &str,
+    chunks: Option<usize>,
+    base: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    let Some(base) = base else {
+        bail!("{} is an encoder: evaluate it against a reference with --base (embedding cosine similarity)", m.label);
+    };
+    let b = adaptq_model::load(base)?;
+    let bb = b.bert()?;
+    let sents = adaptq_eval::embeddings::sentences(body, chunks.unwrap_or(200));
+    let ids = sents
+        .iter()
+        .map(|s| adaptq_model::tokenizer::encode_special(&m.tokenizer, s))
+        .collect::<Result<Vec<_>>>()?;
+    let pb = ProgressBar::with_draw_target(
+        Some(ids.len() as u64),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    let r = adaptq_eval::embeddings::compare_embeddings(bert, bb, &ids, &mut |i| {
+        pb.set_position(i as u64)
+    })?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} sentences: embedding cosine vs base mean {:.6}, min {:.6}, 1st percentile {:.6}",
+            r.sentences, r.cosine_mean, r.cosine_min, r.cosine_p01
+        );
+    }
     Ok(())
 }
 

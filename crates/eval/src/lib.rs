@@ -1,7 +1,9 @@
 //! Measuring what quantization cost: perplexity with its standard error, and — against a base
 //! model on the same tokens — mean and 99th-percentile KL divergence and top-1 agreement.
 
+pub mod embeddings;
 pub mod score;
+pub mod speed;
 
 pub use score::{log_softmax, Scorer};
 
@@ -84,15 +86,12 @@ pub fn evaluate(
     for w in 0..n {
         let win = &tokens[w * ctx..(w + 1) * ctx];
         let targets = &win[first + 1..];
-        let logits = model
-            .forward(win, None, None)?
-            .narrow(0, first, ctx - 1 - first)?;
+        // The last token predicts nothing scored, so the window runs on ctx - 1 tokens.
+        let logits = model.forward_from(&win[..ctx - 1], first)?;
         let rows = logits.to_vec2::<f32>()?;
         match base {
             Some(b) => {
-                let bl = b
-                    .forward(win, None, None)?
-                    .narrow(0, first, ctx - 1 - first)?;
+                let bl = b.forward_from(&win[..ctx - 1], first)?;
                 s.add_pair(&rows, &bl.to_vec2::<f32>()?, targets);
             }
             None => s.add(&rows, targets),

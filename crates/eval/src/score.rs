@@ -171,8 +171,10 @@ mod tests {
 
     #[test]
     fn quantile_nearest_rank() {
-        let mut s = Scorer::default();
-        s.kld = (1..=100).map(|i| i as f64).collect();
+        let s = Scorer {
+            kld: (1..=100).map(|i| i as f64).collect(),
+            ..Default::default()
+        };
         assert_eq!(s.kld_quantile(0.99), 99.0);
         assert_eq!(s.kld_quantile(0.5), 50.0);
     }

@@ -7,7 +7,7 @@
 use crate::Weights;
 use adaptq_source::model::{ModelDesc, RopeStyle};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Device, Tensor, D};
 
 /// Called with (weight tensor name, input activations `[tokens, in_features]`) before each
 /// linear layer runs. q/k/v share one input; the hook sees it once per weight name.
@@ -334,6 +334,24 @@ impl Llama {
         &self,
         tokens: &[u32],
         cache: Option<&mut KvCache>,
+        hook: Option<Hook>,
+    ) -> Result<Tensor> {
+        self.head(&self.hidden(tokens, cache, hook)?)
+    }
+
+    /// Logits for positions `from..` only: the output head is a fifth of the work of a
+    /// 512-token window, so skipping rows nobody scores matters.
+    pub fn forward_from(&self, tokens: &[u32], from: usize) -> Result<Tensor> {
+        let h = self.hidden(tokens, None, None)?;
+        let t = h.dims()[0];
+        self.head(&h.narrow(0, from, t - from)?)
+    }
+
+    /// Hidden states after the last block (before the final norm), `[T, hidden]`.
+    pub fn hidden(
+        &self,
+        tokens: &[u32],
+        cache: Option<&mut KvCache>,
         mut hook: Option<Hook>,
     ) -> Result<Tensor> {
         let mut x = self.embed(tokens)?;
@@ -351,11 +369,6 @@ impl Llama {
                 }
             }
         }
-        self.head(&x)
-    }
-
-    /// Logits as rows of f32.
-    pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
-        Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        Ok(x)
     }
 }

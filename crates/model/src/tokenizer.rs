@@ -8,7 +8,20 @@ use serde_json::json;
 use std::path::Path;
 
 pub fn from_file(path: &Path) -> Result<tokenizers::Tokenizer> {
-    tokenizers::Tokenizer::from_file(path).map_err(|e| anyhow!("{}: {e}", path.display()))
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Parses a `tokenizer.json`, dropping any padding/truncation it configures: adaptq feeds whole
+/// sequences without attention masks, and pad tokens would be attended (MiniLM's file pads to
+/// 128).
+pub fn from_bytes(bytes: &[u8]) -> Result<tokenizers::Tokenizer> {
+    let mut t =
+        tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| anyhow!("tokenizer.json: {e}"))?;
+    t.with_padding(None);
+    t.with_truncation(None)
+        .map_err(|e| anyhow!("tokenizer.json: {e}"))?;
+    Ok(t)
 }
 
 /// The tokenizer fields of a GGUF file.
@@ -147,4 +160,13 @@ pub fn encode(tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
 
 pub fn decode(tok: &tokenizers::Tokenizer, ids: &[u32]) -> Result<String> {
     tok.decode(ids, false).map_err(|e| anyhow!("decoding: {e}"))
+}
+
+/// Encodes with the tokenizer's own special tokens (BERT's `[CLS] … [SEP]`).
+pub fn encode_special(tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
+    Ok(tok
+        .encode_fast(text, true)
+        .map_err(|e| anyhow!("tokenizing: {e}"))?
+        .get_ids()
+        .to_vec())
 }

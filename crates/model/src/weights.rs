@@ -62,8 +62,8 @@ impl Weights for BundleWeights {
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Ok(bytes) = self.bundle.read_file("tokenizer.json") {
-            return tokenizers::Tokenizer::from_bytes(bytes)
-                .map_err(|e| anyhow!("{}: tokenizer.json: {e}", self.bundle.dir.display()));
+            return crate::tokenizer::from_bytes(&bytes)
+                .with_context(|| format!("{}: tokenizer.json", self.bundle.dir.display()));
         }
         let md = self
             .bundle

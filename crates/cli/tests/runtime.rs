@@ -1,0 +1,236 @@
+//! End-to-end checks of the runtime on the real SmolLM2 and MiniLM fixtures: the forward pass
+//! against llama.cpp's figure, KL divergence, generation and spot checks.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    let p = std::env::var_os("ADAPTQ_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
+    assert!(
+        p.join("smollm2").exists(),
+        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
+        p.display()
+    );
+    p
+}
+
+fn corpus(name: &str) -> String {
+    std::env::var_os("ADAPTQ_CORPORA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpora/austen")
+        })
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn gguf() -> String {
+    fixtures()
+        .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn adaptq(args: &[&str]) -> Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(args)
+        .output()
+        .expect("runs adaptq");
+    assert!(
+        o.status.success(),
+        "adaptq {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    })
+}
+
+/// llama.cpp's `llama-perplexity -c 512` on the f32 model, first 40 windows of
+/// prideprejudice.txt: PPL 22.4632 (../shared/anchors/llamacpp-smollm2.md).
+#[test]
+fn f32_perplexity_matches_llama_cpp() {
+    let o = adaptq(&[
+        "eval",
+        &gguf(),
+        "--text",
+        &corpus("prideprejudice.txt"),
+        "--ctx",
+        "512",
+        "--score",
+        "second-half",
+        "--chunks",
+        "40",
+        "--json",
+    ]);
+    let j = json(&o);
+    assert_eq!(j["tokens_scored"], 40 * 255);
+    let ppl = j["ppl"].as_f64().unwrap();
+    assert!(
+        (ppl / 22.4632 - 1.0).abs() < 0.001,
+        "PPL {ppl} vs llama.cpp 22.4632"
+    );
+    let se = j["ppl_stderr"].as_f64().unwrap();
+    assert!(se > 0.1 && se < 2.0, "stderr {se}");
+}
+
+#[test]
+fn kld_is_zero_against_itself_and_positive_for_rtn4() {
+    let text = corpus("prideprejudice.txt");
+    let g = gguf();
+    let o = adaptq(&[
+        "eval", &g, "--text", &text, "--ctx", "128", "--chunks", "2", "--base", &g, "--json",
+    ]);
+    let j = json(&o);
+    assert_eq!(j["kld_mean"].as_f64().unwrap(), 0.0);
+    assert_eq!(j["kld_p99"].as_f64().unwrap(), 0.0);
+    assert_eq!(j["top1_agreement"].as_f64().unwrap(), 1.0);
+    assert_eq!(j["ppl"], j["base_ppl"]);
+    assert_eq!(j["tokens_scored"], 2 * 127);
+
+    let t = tempfile::tempdir().unwrap();
+    let b = t.path().join("rtn4");
+    let bs = b.to_str().unwrap();
+    adaptq(&[
+        "quantize",
+        &g,
+        "--out",
+        bs,
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group-size",
+        "128",
+        "--sym",
+    ]);
+    let o = adaptq(&[
+        "eval", bs, "--text", &text, "--ctx", "128", "--chunks", "2", "--base", &g, "--json",
+    ]);
+    let j = json(&o);
+    for k in [
+        "ppl",
+        "ppl_stderr",
+        "tokens_scored",
+        "base_ppl",
+        "kld_mean",
+        "kld_p99",
+        "top1_agreement",
+        "delta_ppl_pct",
+    ] {
+        assert!(j.get(k).is_some(), "missing key {k}: {j}");
+    }
+    let kld = j["kld_mean"].as_f64().unwrap();
+    assert!(kld > 0.01 && kld < 2.0, "RTN4 KLD {kld}");
+    let top1 = j["top1_agreement"].as_f64().unwrap();
+    assert!(top1 > 0.3 && top1 < 1.0, "top-1 {top1}");
+    assert!(j["kld_p99"].as_f64().unwrap() > kld);
+}
+
+#[test]
+fn greedy_generation_is_coherent_and_deterministic() {
+    let g = gguf();
+    let run = || {
+        let o = adaptq(&[
+            "generate",
+            &g,
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "12",
+        ]);
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let a = run();
+    assert!(a.contains("Paris"), "{a}");
+    assert_eq!(a, run());
+    // Seeded sampling is reproducible too.
+    let s = |seed: &str| {
+        let o = adaptq(&[
+            "generate",
+            &g,
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+        ]);
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert_eq!(s("3"), s("3"));
+}
+
+#[test]
+fn spot_check_of_the_model_against_itself_agrees_fully() {
+    let g = gguf();
+    let t = tempfile::tempdir().unwrap();
+    let prompts = t.path().join("p.txt");
+    std::fs::write(
+        &prompts,
+        "The capital of France is\nWater boils at a temperature of\n",
+    )
+    .unwrap();
+    let o = adaptq(&[
+        "spot-check",
+        &g,
+        "--base",
+        &g,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    let j = json(&o);
+    assert_eq!(j["failures"], 0);
+    assert_eq!(j["mean_token_agreement"].as_f64().unwrap(), 1.0);
+    assert_eq!(j["checks"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn minilm_bundle_embeddings_stay_close() {
+    let src = fixtures().join("minilm");
+    let s = src.to_str().unwrap();
+    let t = tempfile::tempdir().unwrap();
+    let b = t.path().join("m8");
+    let bs = b.to_str().unwrap();
+    adaptq(&[
+        "quantize",
+        s,
+        "--out",
+        bs,
+        "--bits",
+        "8",
+        "--group-size",
+        "32",
+    ]);
+    let o = adaptq(&[
+        "eval",
+        bs,
+        "--text",
+        &corpus("prideprejudice.txt"),
+        "--chunks",
+        "20",
+        "--base",
+        s,
+        "--json",
+    ]);
+    let j = json(&o);
+    assert_eq!(j["sentences"], 20);
+    let c = j["cosine_mean"].as_f64().unwrap();
+    assert!(c > 0.999 && c < 1.0, "cosine {c}");
+}

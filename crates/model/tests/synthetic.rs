@@ -1,0 +1,258 @@
+//! Forward-pass properties on a tiny random Llama: both RoPE conventions compute the same
+//! function once Q/K rows are permuted as llama.cpp's converter does; the KV cache gives the
+//! same logits as a full pass; the calibration hook sees every linear input.
+
+use adaptq_model::llama::{KvCache, Llama};
+use adaptq_model::Weights;
+use adaptq_source::model::{Family, ModelDesc, RopeStyle};
+use std::collections::BTreeMap;
+
+struct Mem {
+    desc: ModelDesc,
+    t: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl Weights for Mem {
+    fn desc(&self) -> &ModelDesc {
+        &self.desc
+    }
+    fn has(&self, name: &str) -> bool {
+        self.t.contains_key(name)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.t.get(name).map(|x| x.0.clone())
+    }
+    fn read(&self, name: &str) -> anyhow::Result<Vec<f32>> {
+        Ok(self
+            .t
+            .get(name)
+            .ok_or_else(|| anyhow::anyhow!("no {name}"))?
+            .1
+            .clone())
+    }
+    fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
+        anyhow::bail!("no tokenizer in a synthetic model")
+    }
+}
+
+fn desc(style: RopeStyle) -> ModelDesc {
+    ModelDesc {
+        family: Family::Llama,
+        architecture: "llama".into(),
+        name: None,
+        license: None,
+        n_layers: 2,
+        hidden: 32,
+        n_heads: 4,
+        n_kv_heads: 2,
+        ffn_dim: 48,
+        vocab_size: 50,
+        context_length: 64,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        rope_style: style,
+        tied_embeddings: true,
+        tokenizer_id: "none".into(),
+    }
+}
+
+fn rand(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+/// HF-named weights (halves RoPE).
+fn hf_weights() -> Mem {
+    let d = desc(RopeStyle::Halves);
+    let mut s = 0x1234_5678_9abc_def1u64;
+    let mut t = BTreeMap::new();
+    let (h, kv, f, v) = (32, 16, 48, 50);
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        (vec![v, h], rand(v * h, &mut s, 1.0)),
+    );
+    t.insert(
+        "model.norm.weight".into(),
+        (
+            vec![h],
+            rand(h, &mut s, 0.2).iter().map(|x| 1.0 + x).collect(),
+        ),
+    );
+    for i in 0..2 {
+        let p = format!("model.layers.{i}");
+        for (n, rows, cols) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", f, h),
+            ("mlp.up_proj", f, h),
+            ("mlp.down_proj", h, f),
+        ] {
+            t.insert(
+                format!("{p}.{n}.weight"),
+                (vec![rows, cols], rand(rows * cols, &mut s, 0.6)),
+            );
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            t.insert(
+                format!("{p}.{n}.weight"),
+                (
+                    vec![h],
+                    rand(h, &mut s, 0.2).iter().map(|x| 1.0 + x).collect(),
+                ),
+            );
+        }
+    }
+    Mem { desc: d, t }
+}
+
+/// llama.cpp's converter permutation of Q/K rows: per head, HF row `j*(hd/2) + i` becomes
+/// GGUF row `2*i + j`.
+fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let mut out = vec![0f32; w.len()];
+    for hh in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let src = hh * hd + j * (hd / 2) + i;
+                let dst = hh * hd + 2 * i + j;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The same model under GGUF names with permuted Q/K (adjacent-pair RoPE).
+fn gguf_weights(hf: &Mem) -> Mem {
+    let mut t = BTreeMap::new();
+    let get = |n: &str| hf.t[n].clone();
+    t.insert("token_embd.weight".into(), get("model.embed_tokens.weight"));
+    t.insert("output_norm.weight".into(), get("model.norm.weight"));
+    for i in 0..2 {
+        let p = format!("model.layers.{i}");
+        let map = [
+            ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"),
+            ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"),
+            ("ffn_gate", "mlp.gate_proj"),
+            ("ffn_up", "mlp.up_proj"),
+            ("ffn_down", "mlp.down_proj"),
+            ("attn_norm", "input_layernorm"),
+            ("ffn_norm", "post_attention_layernorm"),
+        ];
+        for (g, h) in map {
+            let (shape, mut data) = get(&format!("{p}.{h}.weight"));
+            if g == "attn_q" {
+                data = permute(&data, shape[0], shape[1], 4);
+            } else if g == "attn_k" {
+                data = permute(&data, shape[0], shape[1], 2);
+            }
+            t.insert(format!("blk.{i}.{g}.weight"), (shape, data));
+        }
+    }
+    Mem {
+        desc: desc(RopeStyle::AdjacentPairs),
+        t,
+    }
+}
+
+fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+const TOKENS: [u32; 12] = [3, 17, 42, 8, 8, 0, 49, 23, 11, 5, 30, 2];
+
+#[test]
+fn rope_conventions_agree_after_permutation() {
+    let hf = hf_weights();
+    let gg = gguf_weights(&hf);
+    let a = Llama::load(&hf.desc, &hf)
+        .unwrap()
+        .forward(&TOKENS, None, None)
+        .unwrap();
+    let b = Llama::load(&gg.desc, &gg)
+        .unwrap()
+        .forward(&TOKENS, None, None)
+        .unwrap();
+    assert_eq!(a.dims(), &[12, 50]);
+    let d = max_diff(&a, &b);
+    assert!(d < 1e-4, "max logit difference {d}");
+    // Without the permutation the adjacent-pair model computes something else.
+    let mut wrong = gguf_weights(&hf);
+    wrong.t.insert(
+        "blk.0.attn_q.weight".into(),
+        hf.t["model.layers.0.self_attn.q_proj.weight"].clone(),
+    );
+    let c = Llama::load(&wrong.desc, &wrong)
+        .unwrap()
+        .forward(&TOKENS, None, None)
+        .unwrap();
+    assert!(max_diff(&a, &c) > 1e-2);
+}
+
+#[test]
+fn kv_cache_matches_full_pass() {
+    let hf = hf_weights();
+    let m = Llama::load(&hf.desc, &hf).unwrap();
+    let full = m.forward(&TOKENS, None, None).unwrap();
+    let mut cache = KvCache::default();
+    let first = m.forward(&TOKENS[..7], Some(&mut cache), None).unwrap();
+    assert!(max_diff(&first, &full.narrow(0, 0, 7).unwrap()) < 1e-4);
+    for (i, &t) in TOKENS.iter().enumerate().skip(7) {
+        let step = m.forward(&[t], Some(&mut cache), None).unwrap();
+        let d = max_diff(&step, &full.narrow(0, i, 1).unwrap());
+        assert!(d < 1e-4, "position {i}: {d}");
+    }
+    assert_eq!(cache.len(), TOKENS.len());
+}
+
+#[test]
+fn causal_mask_hides_the_future() {
+    let hf = hf_weights();
+    let m = Llama::load(&hf.desc, &hf).unwrap();
+    let a = m.forward(&TOKENS, None, None).unwrap();
+    let mut other = TOKENS;
+    other[11] = 44;
+    let b = m.forward(&other, None, None).unwrap();
+    assert!(max_diff(&a.narrow(0, 0, 11).unwrap(), &b.narrow(0, 0, 11).unwrap()) < 1e-6);
+    assert!(max_diff(&a.narrow(0, 11, 1).unwrap(), &b.narrow(0, 11, 1).unwrap()) > 1e-3);
+}
+
+#[test]
+fn hook_sees_every_linear_input() {
+    let hf = hf_weights();
+    let m = Llama::load(&hf.desc, &hf).unwrap();
+    let mut seen: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut hook = |name: &str, x: &candle_core::Tensor| -> anyhow::Result<()> {
+        seen.push((name.to_string(), x.dims().to_vec()));
+        Ok(())
+    };
+    m.forward(&TOKENS, None, Some(&mut hook)).unwrap();
+    assert_eq!(seen.len(), 2 * 7);
+    assert_eq!(
+        seen[0],
+        (
+            "model.layers.0.self_attn.q_proj.weight".to_string(),
+            vec![12, 32]
+        )
+    );
+    let down = seen
+        .iter()
+        .find(|s| s.0 == "model.layers.1.mlp.down_proj.weight")
+        .unwrap();
+    assert_eq!(down.1, vec![12, 48]);
+}
