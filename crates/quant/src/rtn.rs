@@ -68,6 +68,27 @@ pub fn quantize_group(x: &[f32], bits: u8, grid: Grid, out: &mut [u8]) -> (f16, 
     }
 }
 
+/// Code of one value on a group's grid (the same rule [`quantize_group`] applies).
+#[inline]
+pub fn code_of(v: f32, scale: f16, min: f16, bits: u8, grid: Grid) -> u8 {
+    let maxq = ((1u32 << bits) - 1) as f32;
+    let s = scale.to_f32();
+    let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
+    match grid {
+        Grid::Symmetric => ((v * inv).round() + (1u32 << (bits - 1)) as f32).clamp(0.0, maxq) as u8,
+        Grid::Asymmetric => ((v - min.to_f32()) * inv).round().clamp(0.0, maxq) as u8,
+    }
+}
+
+/// Value a code stands for on a group's grid.
+#[inline]
+pub fn value_of(code: u8, scale: f16, min: f16, bits: u8, grid: Grid) -> f32 {
+    match grid {
+        Grid::Symmetric => scale.to_f32() * (code as f32 - (1u32 << (bits - 1)) as f32),
+        Grid::Asymmetric => scale.to_f32() * code as f32 + min.to_f32(),
+    }
+}
+
 /// Quantizes a row-major `rows × cols` matrix with round-to-nearest.
 pub fn quantize_rtn(
     w: &[f32],
