@@ -26,6 +26,8 @@ struct Cli {
 enum MethodArg {
     /// Round-to-nearest, per group.
     Rtn,
+    /// GPTQ: Hessian-aware rounding from calibration text (--calib).
+    Gptq,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,6 +81,21 @@ enum Cmd {
         /// Model id recorded in the manifest (default: the source's own name).
         #[arg(long)]
         model_id: Option<String>,
+        /// Calibration text for calibrated methods (convention: emma.txt; never the eval text).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration windows sampled from --calib.
+        #[arg(long, default_value_t = 32)]
+        calib_samples: usize,
+        /// Tokens per calibration window.
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        /// GPTQ Hessian dampening, as a fraction of the mean diagonal.
+        #[arg(long, default_value_t = 0.01)]
+        damp: f64,
+        /// GPTQ: quantize columns by decreasing activation energy (static groups).
+        #[arg(long)]
+        act_order: bool,
         /// Replace the output folder if it exists.
         #[arg(long)]
         force: bool,
@@ -207,13 +224,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             min_cosine,
             max_bpw,
             model_id,
+            calib,
+            calib_samples,
+            seq_len,
+            damp,
+            act_order,
             force,
         } => {
             let source = adaptq_source::open(&src)?;
+            if out.exists() && !force {
+                bail!(
+                    "output folder {} already exists (use --force to replace it)",
+                    out.display()
+                );
+            }
+            let grid = if sym {
+                Grid::Symmetric
+            } else {
+                Grid::Asymmetric
+            };
+            let calibrated = match method {
+                MethodArg::Rtn => None,
+                MethodArg::Gptq => {
+                    let Some(calib) = calib.as_ref() else {
+                        bail!("--method gptq needs calibration text: --calib FILE (e.g. ../shared/corpora/austen/emma.txt)");
+                    };
+                    let gcfg = adaptq_quant::gptq::GptqConfig {
+                        bits,
+                        group_size,
+                        grid,
+                        damp,
+                        act_order,
+                    };
+                    let pb = ProgressBar::new(source.desc().n_layers as u64);
+                    pb.set_style(
+                        ProgressStyle::with_template("calibrate {bar:40} {pos}/{len} blocks  [{elapsed_precise}<{eta_precise}]")
+                            .expect("valid template"),
+                    );
+                    let r = adaptq_pipeline::calibrate::run_gptq(
+                        &src,
+                        calib,
+                        calib_samples,
+                        seq_len,
+                        seed,
+                        &gcfg,
+                        &mut |d, _| pb.set_position(d as u64),
+                    )?;
+                    pb.finish_and_clear();
+                    Some(r)
+                }
+            };
             let cfg = QuantizeConfig {
                 method: match method {
                     MethodArg::Rtn => Method::Rtn,
+                    MethodArg::Gptq => Method::Gptq,
                 },
+                gptq: matches!(method, MethodArg::Gptq)
+                    .then_some(adaptq_pipeline::GptqSettings { damp, act_order }),
+                calibration: calibrated.as_ref().map(|(_, info)| info.config.clone()),
                 bits,
                 group_size,
                 grid: if sym {
@@ -235,11 +303,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let start = std::time::Instant::now();
             let summary = quantize_model(
                 source.as_ref(),
-                &src.to_string_lossy(),
-                model_id.as_deref(),
-                &out,
+                &adaptq_pipeline::Target {
+                    locator: &src.to_string_lossy(),
+                    model_id: model_id.as_deref(),
+                    out: &out,
+                    force,
+                },
                 &cfg,
-                force,
+                calibrated
+                    .as_ref()
+                    .map(|(layers, info)| adaptq_pipeline::Precomputed {
+                        layers,
+                        info,
+                        method: "gptq",
+                    }),
                 &mut |done, _total, bytes| {
                     pb.set_position(done as u64);
                     let s = start.elapsed().as_secs_f64().max(1e-9);

@@ -54,6 +54,16 @@ impl Linear {
         })
     }
 
+    /// The current weight, row-major `[out, in]`.
+    pub fn weight_rows(&self) -> Result<(Vec<f32>, usize, usize)> {
+        let (i, o) = self.wt.dims2()?;
+        Ok((
+            self.wt.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
+            o,
+            i,
+        ))
+    }
+
     /// Replaces the weight (row-major `[out, in]`), e.g. with a quantized reconstruction.
     pub fn set_weight(&mut self, w: Vec<f32>) -> Result<()> {
         let (i, o) = self.wt.dims2()?;

@@ -2,10 +2,12 @@
 //! can call them directly: [`quantize::quantize_model`], [`stats::bundle_stats`],
 //! [`info::describe_source`].
 
+pub mod calibrate;
 pub mod info;
 pub mod quantize;
 pub mod stats;
 
 pub use quantize::{
-    quantize_model, EmbeddingMode, Method, Progress, QuantizeConfig, QuantizeSummary,
+    quantize_model, EmbeddingMode, GptqSettings, Method, Precomputed, Progress, QuantizeConfig,
+    QuantizeSummary, Target,
 };

@@ -13,6 +13,8 @@ use std::path::Path;
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Rtn,
+    /// GPTQ: Hessian-aware rounding from calibration activations.
+    Gptq,
 }
 
 /// What to do with embedding tables and a separate output head.
@@ -42,6 +44,25 @@ pub struct QuantizeConfig {
     pub min_cosine: f64,
     /// Gate: overall bits per weight must not exceed this, when set.
     pub max_bpw: Option<f64>,
+    /// GPTQ settings (method gptq only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gptq: Option<GptqSettings>,
+    /// Calibration sampling (calibrated methods only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibrate::CalibConfig>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GptqSettings {
+    pub damp: f64,
+    pub act_order: bool,
+}
+
+/// Codes already computed by a calibrated method, with what calibration measured.
+pub struct Precomputed<'a> {
+    pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::Calibrated>,
+    pub info: &'a crate::calibrate::CalibInfo,
+    pub method: &'static str,
 }
 
 impl Default for QuantizeConfig {
@@ -56,6 +77,8 @@ impl Default for QuantizeConfig {
             shard_max_bytes: adaptq_bundle::MAX_SHARD_BYTES,
             min_cosine: 0.9,
             max_bpw: None,
+            gptq: None,
+            calibration: None,
         }
     }
 }
@@ -75,6 +98,12 @@ pub struct TensorReport {
     pub bits_per_weight: f64,
     #[serde(flatten)]
     pub error: Option<LayerError>,
+    /// Hessian-weighted relative output error on the calibration inputs (calibrated methods).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_rel_error: Option<f64>,
+    /// The same for round-to-nearest at the same config: what calibration bought.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtn_output_rel_error: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,6 +129,8 @@ pub struct Totals {
 #[derive(Debug, Clone, Serialize)]
 pub struct Verification {
     pub schema_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::calibrate::CalibInfo>,
     pub tensors: Vec<TensorReport>,
     pub totals: Totals,
     pub gates: Vec<Gate>,
@@ -216,7 +247,11 @@ struct Encoded {
 fn encode_rtn(x: &[f32], shape: &[usize], cfg: &RtnConfig) -> Result<Encoded> {
     let cols = *shape.last().unwrap_or(&1);
     let rows = x.len() / cols.max(1);
-    let q = quantize_rtn(x, rows, cols, cfg)?;
+    Ok(encode_q(x, &quantize_rtn(x, rows, cols, cfg)?, "rtn"))
+}
+
+/// Stores integer codes from any method; the error is measured against the source values.
+fn encode_q(x: &[f32], q: &adaptq_quant::QuantizedTensor, method: &'static str) -> Encoded {
     let deq = q.dequantize();
     let mut error = layer_error(x, &deq);
     if deq.iter().any(|v| !v.is_finite()) {
@@ -229,16 +264,16 @@ fn encode_rtn(x: &[f32], shape: &[usize], cfg: &RtnConfig) -> Result<Encoded> {
     if q.grid == Grid::Asymmetric {
         parts.push(("mins", f16_vec_bytes(&q.mins)));
     }
-    Ok(Encoded {
+    Encoded {
         encoding: Encoding::Int {
             bits: q.bits,
             group_size: q.group_size,
             grid: q.grid,
         },
-        method: "rtn",
+        method,
         parts,
         error: Some(error),
-    })
+    }
 }
 
 fn encode_f16(x: &[f32]) -> Encoded {
@@ -259,16 +294,31 @@ fn encode_f16(x: &[f32]) -> Encoded {
     }
 }
 
-/// Quantizes `src` into a bundle at `out`. `locator` is what the user named as the source.
+/// Where a bundle goes and what it is called.
+pub struct Target<'a> {
+    /// What the user named as the source (recorded as a locator, never as an absolute path).
+    pub locator: &'a str,
+    /// Model id for the manifest; the source's own name when `None`.
+    pub model_id: Option<&'a str>,
+    pub out: &'a Path,
+    /// Replace an existing bundle folder.
+    pub force: bool,
+}
+
+/// Quantizes `src` into a bundle at `target.out`.
 pub fn quantize_model(
     src: &dyn TensorSource,
-    locator: &str,
-    model_id: Option<&str>,
-    out: &Path,
+    target: &Target,
     cfg: &QuantizeConfig,
-    force: bool,
+    pre: Option<Precomputed>,
     progress: Progress,
 ) -> Result<QuantizeSummary> {
+    let Target {
+        locator,
+        model_id,
+        out,
+        force,
+    } = *target;
     if !(2..=8).contains(&cfg.bits) {
         bail!("--bits must be between 2 and 8, got {}", cfg.bits);
     }
@@ -320,7 +370,26 @@ pub fn quantize_model(
             let x = src.read_f32(&info.name)?;
             let keep_f16 = matches!(role, TensorRole::Embedding | TensorRole::Output)
                 && cfg.embeddings == EmbeddingMode::F16;
-            let enc = if quantize {
+            let calibrated = pre
+                .as_ref()
+                .and_then(|p| p.layers.get(&info.name).map(|c| (c, p.method)));
+            let enc = if let (true, Some((c, method))) = (quantize, calibrated) {
+                if c.q.rows * c.q.cols != x.len() {
+                    bail!(
+                        "calibrated codes for '{}' do not match its shape {:?}",
+                        info.name,
+                        info.shape
+                    );
+                }
+                encode_q(&x, &c.q, method)
+            } else if quantize {
+                if cfg.method != Method::Rtn && role == TensorRole::Linear {
+                    bail!(
+                        "method {:?} produced no codes for linear tensor '{}'",
+                        cfg.method,
+                        info.name
+                    );
+                }
                 encode_rtn(&x, &info.shape, &rtn)
                     .with_context(|| format!("quantizing tensor '{}'", info.name))?
             } else if keep_f16 {
@@ -357,12 +426,21 @@ pub fn quantize_model(
             bytes,
             bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
             error,
+            output_rel_error: pre
+                .as_ref()
+                .and_then(|p| p.layers.get(&info.name))
+                .map(|c| c.output_rel_error),
+            rtn_output_rel_error: pre
+                .as_ref()
+                .and_then(|p| p.layers.get(&info.name))
+                .map(|c| c.rtn_output_rel_error),
         });
         read_bytes += info.byte_len as u64;
         progress(i + 1, total, read_bytes);
     }
 
-    let verification = build_verification(reports, cfg, all_finite, &w);
+    let mut verification = build_verification(reports, cfg, all_finite, &w);
+    verification.calibration = pre.as_ref().map(|p| p.info.clone());
     let meta = serde_json::to_vec_pretty(&desc.to_meta_json())?;
     w.add_file(MODEL_META, &meta)?;
     w.add_file(VERIFICATION, &serde_json::to_vec_pretty(&verification)?)?;
@@ -451,6 +529,7 @@ fn build_verification(
     let overall = pass(gates.iter().all(|g| g.status == "PASS"));
     Verification {
         schema_version: 1,
+        calibration: None,
         tensors,
         totals,
         gates,

@@ -58,10 +58,9 @@ impl Hessian {
     pub fn add_rows(&mut self, x: &[f32]) {
         let d = self.dim;
         for r in x.chunks_exact(d) {
-            for i in 0..d {
-                let xi = r[i] as f64;
-                for j in 0..d {
-                    self.sum[i * d + j] += xi * r[j] as f64;
+            for (i, &xi) in r.iter().enumerate() {
+                for (s, &xj) in self.sum[i * d..(i + 1) * d].iter_mut().zip(r) {
+                    *s += xi as f64 * xj as f64;
                 }
             }
             self.rows += 1;
@@ -83,7 +82,9 @@ impl Hessian {
 /// on the calibration inputs, the quantity GPTQ minimises.
 pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
     let hm = h.matrix();
-    let (num, den) = w
+    // Per-row terms are collected, then summed in row order: a parallel reduce would add them
+    // in a schedule-dependent order and make verification.json differ between runs.
+    let per_row: Vec<(f64, f64)> = w
         .par_chunks(cols)
         .zip(q.par_chunks(cols))
         .map(|(wr, qr)| {
@@ -102,7 +103,10 @@ pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
             }
             (num, den)
         })
-        .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        .collect();
+    let (num, den) = per_row
+        .iter()
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     if den > 0.0 {
         num / den
     } else {
@@ -220,7 +224,7 @@ pub fn quantize_gptq(
             for i in 0..cols {
                 let c = perm[i];
                 let g = c / gs;
-                if !cfg.act_order && c % gs == 0 {
+                if !cfg.act_order && c.is_multiple_of(gs) {
                     let c1 = (c + gs).min(cols);
                     let cur: Vec<f32> = x[c..c1].iter().map(|&v| v as f32).collect();
                     let (s, m) = quantize_group(&cur, cfg.bits, cfg.grid, &mut scratch[..c1 - c]);
