@@ -3,20 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("ADAPTQ_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
-    assert!(
-        p.join("smollm2").exists(),
-        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
-        p.display()
-    );
-    p
-}
-
 fn gguf() -> PathBuf {
-    fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    adaptq_testutil::smollm2_gguf()
 }
 
 fn adaptq(args: &[&str]) -> Output {
@@ -242,7 +230,7 @@ fn gate_fails_when_budget_is_impossible() {
 fn minilm_safetensors_quantizes_and_verifies() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("m");
-    let src = fixtures().join("minilm");
+    let src = adaptq_testutil::minilm();
     let o = adaptq(&[
         "quantize",
         src.to_str().unwrap(),

@@ -1,30 +1,11 @@
 //! GPTQ end to end on the real model: deterministic bundles, recorded calibration, and lower
 //! KL divergence than round-to-nearest at the same size.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("ADAPTQ_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
-    assert!(
-        p.join("smollm2").exists(),
-        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
-        p.display()
-    );
-    p
-}
-
 fn corpus(name: &str) -> String {
-    std::env::var_os("ADAPTQ_CORPORA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpora/austen")
-        })
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
+    adaptq_testutil::corpus(name).to_string_lossy().into_owned()
 }
 
 fn run(args: &[&str]) -> Output {
@@ -47,7 +28,7 @@ fn ok(args: &[&str]) -> Output {
 
 #[test]
 fn gptq_is_deterministic_recorded_and_beats_rtn() {
-    let g = fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = adaptq_testutil::smollm2_gguf();
     let g = g.to_str().unwrap();
     let emma = corpus("emma.txt");
     let t = tempfile::tempdir().unwrap();
@@ -164,7 +145,7 @@ fn gptq_is_deterministic_recorded_and_beats_rtn() {
 
 #[test]
 fn gptq_without_calibration_text_is_refused() {
-    let g = fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let g = adaptq_testutil::smollm2_gguf();
     let t = tempfile::tempdir().unwrap();
     let o = run(&[
         "quantize",

@@ -1,35 +1,14 @@
 //! End-to-end checks of the runtime on the real SmolLM2 and MiniLM fixtures: the forward pass
 //! against llama.cpp's figure, KL divergence, generation and spot checks.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("ADAPTQ_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
-    assert!(
-        p.join("smollm2").exists(),
-        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
-        p.display()
-    );
-    p
-}
-
 fn corpus(name: &str) -> String {
-    std::env::var_os("ADAPTQ_CORPORA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpora/austen")
-        })
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
+    adaptq_testutil::corpus(name).to_string_lossy().into_owned()
 }
 
 fn gguf() -> String {
-    fixtures()
-        .join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    adaptq_testutil::smollm2_gguf()
         .to_string_lossy()
         .into_owned()
 }
@@ -203,7 +182,7 @@ fn spot_check_of_the_model_against_itself_agrees_fully() {
 
 #[test]
 fn minilm_bundle_embeddings_stay_close() {
-    let src = fixtures().join("minilm");
+    let src = adaptq_testutil::minilm();
     let s = src.to_str().unwrap();
     let t = tempfile::tempdir().unwrap();
     let b = t.path().join("m8");

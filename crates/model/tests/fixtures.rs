@@ -1,32 +1,9 @@
 //! Tokenizers and forward passes on the real fixture models.
 
 use adaptq_model::tokenizer::{decode, encode, encode_special};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("ADAPTQ_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
-    assert!(
-        p.join("smollm2").exists(),
-        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
-        p.display()
-    );
-    p
-}
-
-/// The shared Austen corpora live beside the repository (`../shared/corpora/austen`).
-fn corpus(name: &str) -> PathBuf {
-    std::env::var_os("ADAPTQ_CORPORA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/corpora/austen")
-        })
-        .join(name)
-}
 
 fn smollm_tokenizer() -> tokenizers::Tokenizer {
-    adaptq_model::open_weights(&fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    adaptq_model::open_weights(&adaptq_testutil::smollm2_gguf())
         .unwrap()
         .tokenizer()
         .unwrap()
@@ -47,7 +24,7 @@ fn gguf_tokenizer_known_ids_and_round_trip() {
     let pieces: Vec<String> = ids.iter().map(|&i| tok.id_to_token(i).unwrap()).collect();
     assert_eq!(pieces, ["in", "Ġ", "1", "8", "1", "3"]);
     // Round trip on real text, newlines and punctuation included.
-    let text = std::fs::read_to_string(corpus("emma.txt")).unwrap();
+    let text = std::fs::read_to_string(adaptq_testutil::corpus("emma.txt")).unwrap();
     let sample: String = text.chars().take(20000).collect();
     let ids = encode(&tok, &sample).unwrap();
     assert!(ids.len() > 3000 && ids.len() < 8000, "{} tokens", ids.len());
@@ -56,7 +33,7 @@ fn gguf_tokenizer_known_ids_and_round_trip() {
 
 #[test]
 fn minilm_matches_independent_numpy_reference() {
-    let m = adaptq_model::load(&fixtures().join("minilm")).unwrap();
+    let m = adaptq_model::load(&adaptq_testutil::minilm()).unwrap();
     let bert = m.bert().unwrap();
     let refs: serde_json::Value =
         serde_json::from_str(include_str!("data/minilm_reference.json")).unwrap();

@@ -4,18 +4,6 @@ use adaptq_source::model::{role_of, Family, RopeStyle};
 use adaptq_source::{open, SourceError, SrcDType, TensorRole};
 use std::path::{Path, PathBuf};
 
-fn fixtures() -> PathBuf {
-    let p = std::env::var_os("ADAPTQ_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/fixtures"));
-    assert!(
-        p.join("smollm2").exists(),
-        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
-        p.display()
-    );
-    p
-}
-
 // ---------- a minimal GGUF v3 writer for hand-made inputs ----------
 
 fn s(out: &mut Vec<u8>, v: &str) {
@@ -314,7 +302,7 @@ fn safetensors_without_config_explains() {
 
 #[test]
 fn smollm2_gguf_fixture() {
-    let p = fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = adaptq_testutil::smollm2_gguf();
     let src = open(&p).unwrap();
     let d = src.desc();
     assert_eq!(d.family, Family::Llama);
@@ -361,7 +349,7 @@ fn smollm2_gguf_fixture() {
 
 #[test]
 fn minilm_safetensors_fixture() {
-    let p = fixtures().join("minilm");
+    let p = adaptq_testutil::minilm();
     let src = open(&p).unwrap();
     let d = src.desc();
     assert_eq!(d.family, Family::Bert);
@@ -389,4 +377,60 @@ fn minilm_safetensors_fixture() {
         .filter(|t| role_of(t) == TensorRole::Linear)
         .count();
     assert_eq!(linear, 6 * 6 + 1); // q, k, v, attn out, intermediate, output per layer + pooler
+}
+
+/// Every GGML block type adaptq reads: our block table agrees with candle's, and bytes written
+/// by candle's quantizer decode through our reader path to what candle itself decodes.
+#[test]
+fn every_ggml_block_type_decodes() {
+    use adaptq_source::gguf::{dequantize, GgmlType};
+    use candle_core::quantized::{GgmlDType as C, QTensor};
+    let n = 1024;
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+        .collect();
+    let t = candle_core::Tensor::from_vec(x.clone(), (4, 256), &candle_core::Device::Cpu).unwrap();
+    let types = [
+        (GgmlType::F32, C::F32),
+        (GgmlType::F16, C::F16),
+        (GgmlType::BF16, C::BF16),
+        (GgmlType::Q4_0, C::Q4_0),
+        (GgmlType::Q4_1, C::Q4_1),
+        (GgmlType::Q5_0, C::Q5_0),
+        (GgmlType::Q5_1, C::Q5_1),
+        (GgmlType::Q8_0, C::Q8_0),
+        (GgmlType::Q2K, C::Q2K),
+        (GgmlType::Q3K, C::Q3K),
+        (GgmlType::Q4K, C::Q4K),
+        (GgmlType::Q5K, C::Q5K),
+        (GgmlType::Q6K, C::Q6K),
+    ];
+    for (ours, theirs) in types {
+        assert_eq!(
+            ours.block(),
+            (theirs.block_size(), theirs.type_size()),
+            "{}",
+            ours.name()
+        );
+        let q = QTensor::quantize(&t, theirs).unwrap();
+        let bytes = q.data().unwrap();
+        assert_eq!(
+            bytes.len(),
+            n / ours.block().0 * ours.block().1,
+            "{}",
+            ours.name()
+        );
+        let want = q
+            .dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = dequantize(ours, &bytes, n).unwrap();
+        assert_eq!(got, want, "{}", ours.name());
+        // And the values are a sane approximation of the input (coarsest: Q2_K).
+        let err: f32 = got.iter().zip(&x).map(|(a, b)| (a - b).abs()).sum::<f32>() / n as f32;
+        assert!(err < 0.2, "{}: mean abs error {err}", ours.name());
+    }
 }

@@ -1,0 +1,48 @@
+//! Locations of the real-model fixtures and text corpora, shared by every crate's tests.
+//!
+//! Fixtures are fetched by `scripts/fetch-fixtures.sh` into `.cache/fixtures/` (override with
+//! `ADAPTQ_FIXTURES`); the Austen corpora sit beside the repository in `../shared/corpora/austen`
+//! (override with `ADAPTQ_CORPORA`). A missing fixture fails the test with the command to run,
+//! rather than skipping it silently.
+
+use std::path::{Path, PathBuf};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn fixtures() -> PathBuf {
+    let p = std::env::var_os("ADAPTQ_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".cache/fixtures"));
+    assert!(
+        p.join("smollm2").exists(),
+        "fixtures missing at {}: run scripts/fetch-fixtures.sh",
+        p.display()
+    );
+    p
+}
+
+/// The SmolLM2-135M GGUF (Q4_1; dequantized to f32 it is the reference model).
+pub fn smollm2_gguf() -> PathBuf {
+    fixtures().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The MiniLM (BERT) safetensors folder.
+pub fn minilm() -> PathBuf {
+    fixtures().join("minilm")
+}
+
+/// A text of the shared Austen corpus (`emma.txt` calibrates, `prideprejudice.txt` evaluates).
+pub fn corpus(name: &str) -> PathBuf {
+    let p = std::env::var_os("ADAPTQ_CORPORA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/corpora/austen"))
+        .join(name);
+    assert!(
+        p.exists(),
+        "corpus text {} missing (expected ../shared/corpora/austen)",
+        p.display()
+    );
+    p
+}
