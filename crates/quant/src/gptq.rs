@@ -153,24 +153,14 @@ pub fn quantize_gptq(
     h: &Hessian,
     cfg: &GptqConfig,
 ) -> Result<QuantizedTensor, QuantError> {
-    if !(2..=8).contains(&cfg.bits) {
-        return Err(QuantError::Bits(cfg.bits));
-    }
-    if rows * cols != w.len() || h.dim != cols {
+    if h.dim != cols {
         return Err(QuantError::Shape {
             rows,
-            cols,
+            cols: h.dim,
             len: w.len(),
         });
     }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite(i));
-    }
-    let gs = if cfg.group_size == 0 || cfg.group_size >= cols {
-        cols
-    } else {
-        cfg.group_size
-    };
+    let gs = crate::check_input(w, rows, cols, cfg.bits, cfg.group_size)?;
     let gpr = groups_per_row(cols, gs);
     let mut hm = h.matrix();
     // Inputs that never fire carry no information: their weights cannot matter, zero them.

@@ -122,6 +122,35 @@ impl QuantizedTensor {
     }
 }
 
+/// Checks a matrix before quantization; returns the effective group size (0 or a size of at
+/// least `cols` both mean one group per row).
+pub(crate) fn check_input(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    bits: u8,
+    group_size: usize,
+) -> Result<usize, QuantError> {
+    if !(2..=8).contains(&bits) {
+        return Err(QuantError::Bits(bits));
+    }
+    if rows * cols != w.len() {
+        return Err(QuantError::Shape {
+            rows,
+            cols,
+            len: w.len(),
+        });
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite(i));
+    }
+    Ok(if group_size == 0 || group_size >= cols {
+        cols
+    } else {
+        group_size
+    })
+}
+
 /// Groups per row; `group_size == 0` means one group per row (per-channel).
 pub fn groups_per_row(cols: usize, group_size: usize) -> usize {
     if group_size == 0 || group_size >= cols {

@@ -96,22 +96,7 @@ pub fn quantize_rtn(
     cols: usize,
     cfg: &RtnConfig,
 ) -> Result<QuantizedTensor, QuantError> {
-    cfg.validate()?;
-    if rows * cols != w.len() {
-        return Err(QuantError::Shape {
-            rows,
-            cols,
-            len: w.len(),
-        });
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite(i));
-    }
-    let gs = if cfg.group_size == 0 || cfg.group_size >= cols {
-        cols
-    } else {
-        cfg.group_size
-    };
+    let gs = crate::check_input(w, rows, cols, cfg.bits, cfg.group_size)?;
     let gpr = groups_per_row(cols, gs);
     let mut codes = vec![0u8; w.len()];
     let mut scales = Vec::with_capacity(rows * gpr);
