@@ -13,15 +13,6 @@ pub struct RtnConfig {
     pub grid: Grid,
 }
 
-impl RtnConfig {
-    pub fn validate(&self) -> Result<(), QuantError> {
-        if !(2..=8).contains(&self.bits) {
-            return Err(QuantError::Bits(self.bits));
-        }
-        Ok(())
-    }
-}
-
 /// Rounds `x` to f16, saturating instead of overflowing to infinity.
 fn to_f16(x: f32) -> f16 {
     f16::from_f32(x.clamp(-65504.0, 65504.0))
