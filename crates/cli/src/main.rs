@@ -47,8 +47,13 @@ enum EmbedArg {
 enum Cmd {
     /// Quantize a model into a bundle folder.
     Quantize {
-        /// Model: a .gguf file, a .safetensors file, or a folder with model.safetensors(.index.json).
-        src: PathBuf,
+        /// Model: a local .gguf/.safetensors file or folder, hf://org/name[@revision][/file],
+        /// an http(s):// link to a .gguf/.safetensors file, or ollama://name[:tag].
+        /// Remote weights are streamed with range requests, fetched ahead while quantizing.
+        /// Environment: HF_TOKEN (or HUGGINGFACE_TOKEN, HUGGING_FACE_HUB_TOKEN), HF_ENDPOINT,
+        /// ADAPTQ_CACHE_DIR (keep downloads, hub cache layout), ADAPTQ_OFFLINE=1 / HF_HUB_OFFLINE=1
+        /// (cache only), OLLAMA_MODELS (Ollama store, default ~/.ollama/models).
+        src: String,
         /// Output bundle folder (must not exist unless --force).
         #[arg(long)]
         out: PathBuf,
@@ -199,6 +204,11 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// Opens a model from a local path or a remote locator, naming it in any error.
+fn open_model(loc: &str) -> Result<adaptq_remote::Opened> {
+    adaptq_remote::open(loc).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -231,7 +241,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             act_order,
             force,
         } => {
-            let source = adaptq_source::open(&src)?;
+            let opened = open_model(&src)?;
+            let source = &opened.source;
             if out.exists() && !force {
                 bail!(
                     "output folder {} already exists (use --force to replace it)",
@@ -262,7 +273,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                             .expect("valid template"),
                     );
                     let r = adaptq_pipeline::calibrate::run_gptq(
-                        &src,
+                        open_model(&src)?.source,
                         calib,
                         calib_samples,
                         seq_len,
@@ -299,12 +310,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 min_cosine,
                 max_bpw,
             };
-            let pb = bar(source.tensors().len() as u64, "quantize");
+            let multi = indicatif::MultiProgress::new();
+            let dl = adaptq_remote::is_remote(&src).then(|| {
+                let d = multi.add(ProgressBar::no_length());
+                d.set_style(
+                    ProgressStyle::with_template("download {bytes} {binary_bytes_per_sec}")
+                        .expect("valid template"),
+                );
+                d
+            });
+            let pb = multi.add(bar(source.tensors().len() as u64, "quantize"));
             let start = std::time::Instant::now();
             let summary = quantize_model(
                 source.as_ref(),
                 &adaptq_pipeline::Target {
-                    locator: &src.to_string_lossy(),
+                    locator: &opened.locator,
                     model_id: model_id.as_deref(),
                     out: &out,
                     force,
@@ -319,11 +339,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }),
                 &mut |done, _total, bytes| {
                     pb.set_position(done as u64);
+                    if let Some(d) = &dl {
+                        d.set_position(adaptq_remote::bytes_downloaded());
+                    }
                     let s = start.elapsed().as_secs_f64().max(1e-9);
                     pb.set_message(format!("{:.1} MB/s", bytes as f64 / 1e6 / s));
                 },
             )?;
             pb.finish_and_clear();
+            if let Some(d) = dl {
+                d.finish_and_clear();
+            }
             let t = &summary.verification.totals;
             println!(
                 "wrote {} ({} tensors, {} shards) in {:.1}s",
@@ -407,8 +433,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if path.join(adaptq_bundle::MANIFEST).exists() {
                 info_bundle(&path, tensors)?;
             } else {
-                let src = adaptq_source::open(&path)?;
-                let mut v = adaptq_pipeline::info::describe_source(src.as_ref());
+                let opened = open_model(&path.to_string_lossy())?;
+                let mut v = adaptq_pipeline::info::describe_source(opened.source.as_ref());
                 if !tensors {
                     v.as_object_mut().unwrap().remove("tensors");
                 }

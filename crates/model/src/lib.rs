@@ -11,7 +11,7 @@ pub mod llama;
 pub mod tokenizer;
 mod weights;
 
-pub use weights::{open_weights, Weights};
+pub use weights::{from_source, open_weights, Weights};
 
 use adaptq_source::model::{Family, ModelDesc};
 use anyhow::{bail, Result};
@@ -48,7 +48,11 @@ impl LoadedModel {
 
 /// Loads a model file/folder or an adaptq bundle, with its tokenizer.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    let w = open_weights(path)?;
+    load_weights(open_weights(path)?, path.display().to_string())
+}
+
+/// Loads a model from weights already opened (e.g. a remote source); `label` names it in messages.
+pub fn load_weights(w: Box<dyn Weights>, label: String) -> Result<LoadedModel> {
     let desc = w.desc().clone();
     let tokenizer = w.tokenizer()?;
     let kind = match desc.family {
@@ -59,6 +63,6 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         desc,
         tokenizer,
         kind,
-        label: path.display().to_string(),
+        label,
     })
 }

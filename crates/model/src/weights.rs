@@ -90,5 +90,10 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn Weights>> {
             .ok_or_else(|| anyhow!("{}: model.meta lacks fields adaptq needs", path.display()))?;
         return Ok(Box::new(BundleWeights { bundle, desc }));
     }
-    Ok(Box::new(SourceWeights(adaptq_source::open(path)?)))
+    Ok(from_source(adaptq_source::open(path)?))
+}
+
+/// Weights read from an already opened source (a remote one, say).
+pub fn from_source(src: Box<dyn TensorSource>) -> Box<dyn Weights> {
+    Box::new(SourceWeights(src))
 }

@@ -176,7 +176,7 @@ pub fn gptq_llama(
 
 /// Loads the model at `path`, samples calibration windows and runs GPTQ on every linear layer.
 pub fn run_gptq(
-    path: &Path,
+    src: Box<dyn adaptq_source::TensorSource>,
     calib: &Path,
     samples: usize,
     seq_len: usize,
@@ -184,7 +184,7 @@ pub fn run_gptq(
     cfg: &GptqConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(BTreeMap<String, Calibrated>, CalibInfo)> {
-    let loaded = adaptq_model::load(path)?;
+    let loaded = adaptq_model::load_weights(adaptq_model::from_source(src), "model".into())?;
     let (windows, info) = prepare(&loaded.tokenizer, calib, samples, seq_len, seed)?;
     let mut llama = match loaded.kind {
         adaptq_model::ModelKind::Llama(l) => l,

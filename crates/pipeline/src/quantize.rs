@@ -146,7 +146,7 @@ pub struct QuantizeSummary {
 /// The locator recorded in the manifest: never an absolute path (it would break determinism
 /// across machines and leak the user's folder layout), so local files are named by file name.
 pub fn locator_for(given: &str) -> String {
-    if given.contains("://") {
+    if given.contains("://") || given.starts_with("file:") {
         given.to_string()
     } else {
         let p = Path::new(given);

@@ -28,16 +28,23 @@ pub enum SourceError {
     NoSuchTensor { path: PathBuf, tensor: String },
     #[error("{path}: {why}")]
     Config { path: PathBuf, why: String },
+    /// The GGUF header runs past the prefix fetched so far; the reader fetches more and retries,
+    /// so this never reaches a user.
+    #[error("{path}: header continues past the bytes read so far")]
+    HeaderShort { path: PathBuf },
+    /// Fetching bytes failed (network, remote server): the message says what to do.
+    #[error("{path}: {why}")]
+    Fetch { path: PathBuf, why: String },
 }
 
 impl SourceError {
-    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
         SourceError::Io {
             path: path.to_path_buf(),
             source,
         }
     }
-    pub(crate) fn corrupt(path: &Path, why: impl Into<String>) -> Self {
+    pub fn corrupt(path: &Path, why: impl Into<String>) -> Self {
         SourceError::Corrupt {
             path: path.to_path_buf(),
             why: why.into(),

@@ -5,8 +5,10 @@
 //! panic), and adaptq must answer bad input with an error that names the file. Block
 //! dequantization is candle's: its GGML kernels are the well-tested part.
 
+use crate::blob::{Blob, MmapBlob};
 use crate::model::ModelDesc;
-use crate::{map_file, Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use crate::{Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// GGML tensor types that adaptq can read.
@@ -232,9 +234,11 @@ pub struct Header {
     pub data_start: u64,
 }
 
-/// Bounds-checked little-endian cursor over the mapped file.
+/// Bounds-checked little-endian cursor over the start of the file (`buf` may be a prefix of a
+/// `total`-byte file when the header is fetched remotely).
 struct Cursor<'a> {
     buf: &'a [u8],
+    total: usize,
     pos: usize,
     path: &'a Path,
 }
@@ -248,12 +252,14 @@ impl<'a> Cursor<'a> {
                 self.pos = end;
                 Ok(s)
             }
+            None if self.pos.saturating_add(n) <= self.total => Err(SourceError::HeaderShort {
+                path: self.path.to_path_buf(),
+            }),
             None => Err(SourceError::corrupt(
                 self.path,
                 format!(
                     "header ends early while reading {what} at byte {} (file has {} bytes)",
-                    self.pos,
-                    self.buf.len()
+                    self.pos, self.total
                 ),
             )),
         }
@@ -274,7 +280,7 @@ impl<'a> Cursor<'a> {
     /// A count that must be satisfiable by the remaining bytes (each item ≥ `min_item` bytes).
     fn count(&mut self, what: &str, min_item: usize) -> Result<usize> {
         let n = self.u64()?;
-        let left = (self.buf.len() - self.pos) as u64;
+        let left = (self.total - self.pos) as u64;
         if n.saturating_mul(min_item.max(1) as u64) > left {
             return Err(SourceError::corrupt(
                 self.path,
@@ -327,7 +333,32 @@ impl<'a> Cursor<'a> {
 
 /// Parses the header of a GGUF file held in `buf`.
 pub fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
-    let mut c = Cursor { buf, pos: 0, path };
+    parse_prefix(buf, buf.len(), path)
+}
+
+/// Reads and parses the header from a blob, fetching a growing prefix: GGUF gives no header
+/// length up front, and the tokenizer in the metadata makes headers of several MiB.
+pub fn read_header(blob: &dyn Blob) -> Result<Header> {
+    let total = blob.len();
+    let mut want = total.min(4 << 20);
+    loop {
+        let prefix = blob.read(0, want)?;
+        match parse_prefix(&prefix, total as usize, blob.label()) {
+            Err(SourceError::HeaderShort { .. }) if want < total => {
+                want = total.min(want * 4);
+            }
+            r => return r,
+        }
+    }
+}
+
+fn parse_prefix(buf: &[u8], total: usize, path: &Path) -> Result<Header> {
+    let mut c = Cursor {
+        buf,
+        total,
+        pos: 0,
+        path,
+    };
     if c.take(4, "magic")? != b"GGUF" {
         return Err(SourceError::corrupt(path, "missing GGUF magic bytes"));
     }
@@ -391,19 +422,27 @@ pub fn parse_header(buf: &[u8], path: &Path) -> Result<Header> {
 /// A memory-mapped GGUF file.
 pub struct GgufSource {
     path: PathBuf,
-    map: memmap2::Mmap,
+    blob: Box<dyn Blob>,
     header: Header,
     infos: Vec<TensorInfo>,
     /// Absolute byte ranges of each tensor, parallel to `infos`.
-    ranges: Vec<(usize, usize)>,
+    ranges: Vec<(u64, u64)>,
     desc: ModelDesc,
     dir: Option<PathBuf>,
 }
 
 impl GgufSource {
     pub fn open(path: &Path) -> Result<Self> {
-        let map = map_file(path)?;
-        let header = parse_header(&map, path)?;
+        let blob = MmapBlob::open(path)?;
+        Self::from_blob(Box::new(blob), path.parent().map(Path::to_path_buf))
+    }
+
+    /// Reads a GGUF from any byte container; `dir` holds companion files (LICENSE, README).
+    pub fn from_blob(blob: Box<dyn Blob>, dir: Option<PathBuf>) -> Result<Self> {
+        let path = blob.label().to_path_buf();
+        let path = path.as_path();
+        let header = read_header(blob.as_ref())?;
+        let file_len = blob.len();
         let mut infos = Vec::with_capacity(header.tensors.len());
         let mut ranges = Vec::with_capacity(header.tensors.len());
         for (name, dims, ty, off) in &header.tensors {
@@ -428,13 +467,12 @@ impl GgufSource {
             let start = header.data_start.checked_add(*off);
             let end = start.and_then(|s| s.checked_add(bytes));
             match (start, end) {
-                (Some(s), Some(e)) if e <= map.len() as u64 => ranges.push((s as usize, e as usize)),
+                (Some(s), Some(e)) if e <= file_len => ranges.push((s, e)),
                 _ => {
                     return Err(SourceError::corrupt(
                         path,
                         format!(
-                            "tensor '{name}' data (offset {off}, {bytes} bytes) lies past the end of the {}-byte file",
-                            map.len()
+                            "tensor '{name}' data (offset {off}, {bytes} bytes) lies past the end of the {file_len}-byte file"
                         ),
                     ))
                 }
@@ -452,14 +490,15 @@ impl GgufSource {
             });
         }
         let desc = ModelDesc::from_gguf(&header.metadata, &infos, path)?;
+        blob.plan(&ranges);
         Ok(GgufSource {
             path: path.to_path_buf(),
-            map,
+            blob,
             header,
             infos,
             ranges,
             desc,
-            dir: path.parent().map(Path::to_path_buf),
+            dir,
         })
     }
 
@@ -520,13 +559,13 @@ impl TensorSource for GgufSource {
         let (s, e) = self.ranges[i];
         let info = &self.infos[i];
         let ty = self.header.tensors[i].2;
-        dequantize(ty, &self.map[s..e], info.numel())
+        dequantize(ty, &self.blob.read(s, e)?, info.numel())
             .map_err(|why| SourceError::corrupt(&self.path, format!("tensor '{name}': {why}")))
     }
-    fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+    fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index(name)?;
         let (s, e) = self.ranges[i];
-        Ok(&self.map[s..e])
+        self.blob.read(s, e)
     }
     fn desc(&self) -> &ModelDesc {
         &self.desc

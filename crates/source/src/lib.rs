@@ -5,14 +5,17 @@
 //! touches only its own pages. Two formats are understood: safetensors (single file or a sharded
 //! folder with `model.safetensors.index.json`) and GGUF v2/v3.
 
+pub mod blob;
 mod error;
 pub mod gguf;
 pub mod model;
 pub mod safetensors;
 
+pub use blob::Blob;
 pub use error::SourceError;
 pub use model::{ModelDesc, TensorRole};
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 pub type Result<T> = std::result::Result<T, SourceError>;
@@ -74,7 +77,7 @@ pub trait TensorSource: Send + Sync {
     /// Decodes one tensor to f32 (dequantizing GGML blocks). Errors name the tensor.
     fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
     /// The stored bytes of a tensor, undecoded.
-    fn raw_bytes(&self, name: &str) -> Result<&[u8]>;
+    fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>>;
     /// Architecture and hyper-parameters.
     fn desc(&self) -> &ModelDesc;
     /// Format label: "gguf" or "safetensors".
@@ -154,14 +157,6 @@ fn list_with_ext(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
-}
-
-/// Memory-maps a file read-only.
-pub(crate) fn map_file(path: &Path) -> Result<memmap2::Mmap> {
-    let f = std::fs::File::open(path).map_err(|e| SourceError::io(path, e))?;
-    // SAFETY: the map is read-only; adaptq never writes to its inputs. A file truncated by
-    // another process while mapped would fault, as with every mmap-based model loader.
-    unsafe { memmap2::Mmap::map(&f) }.map_err(|e| SourceError::io(path, e))
 }
 
 /// Decodes little-endian f16/bf16/f32 bytes to f32.

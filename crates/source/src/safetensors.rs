@@ -4,8 +4,10 @@
 //! file as one slice and gives no ranged access across shards); each file is memory-mapped so
 //! only the tensor being read is paged in.
 
+use crate::blob::{Blob, MmapBlob};
 use crate::model::ModelDesc;
-use crate::{decode_plain, map_file, Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use crate::{decode_plain, Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 /// Largest header we accept; real headers are a few MiB at most.
@@ -13,7 +15,7 @@ const MAX_HEADER: u64 = 100 << 20;
 
 struct Shard {
     path: PathBuf,
-    map: memmap2::Mmap,
+    blob: Box<dyn Blob>,
 }
 
 pub struct SafetensorsSource {
@@ -21,7 +23,7 @@ pub struct SafetensorsSource {
     shards: Vec<Shard>,
     infos: Vec<TensorInfo>,
     /// (shard index, absolute start, absolute end), parallel to `infos`.
-    loc: Vec<(usize, usize, usize)>,
+    loc: Vec<(usize, u64, u64)>,
     desc: ModelDesc,
 }
 
@@ -39,17 +41,24 @@ impl SafetensorsSource {
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             (dir, vec![path.to_path_buf()])
         };
+        let blobs = files
+            .iter()
+            .map(|f| MmapBlob::open(f).map(|b| Box::new(b) as Box<dyn Blob>))
+            .collect::<Result<Vec<_>>>()?;
+        Self::from_blobs(dir, blobs)
+    }
+
+    /// Reads safetensors shards from any byte containers; `dir` holds `config.json` and the
+    /// tokenizer files.
+    pub fn from_blobs(dir: PathBuf, blobs: Vec<Box<dyn Blob>>) -> Result<Self> {
         let mut shards = Vec::new();
         let mut entries = Vec::new();
-        for (si, f) in files.iter().enumerate() {
-            let map = map_file(f)?;
-            for (info, s, e) in parse_header(&map, f)? {
+        for (si, blob) in blobs.into_iter().enumerate() {
+            let f = blob.label().to_path_buf();
+            for (info, s, e) in read_header(blob.as_ref())? {
                 entries.push((si, s, info, e));
             }
-            shards.push(Shard {
-                path: f.clone(),
-                map,
-            });
+            shards.push(Shard { path: f, blob });
         }
         // Stable order: by shard, then by position in the file.
         entries.sort_by_key(|(si, s, _, _)| (*si, *s));
@@ -67,6 +76,14 @@ impl SafetensorsSource {
         }
         let config = dir.join("config.json");
         let desc = ModelDesc::from_hf_config(&config, &infos)?;
+        for (si, shard) in shards.iter().enumerate() {
+            let ranges: Vec<(u64, u64)> = loc
+                .iter()
+                .filter(|(s, _, _)| *s == si)
+                .map(|&(_, a, b)| (a, b))
+                .collect();
+            shard.blob.plan(&ranges);
+        }
         Ok(SafetensorsSource {
             root: dir,
             shards,
@@ -88,8 +105,23 @@ impl SafetensorsSource {
 }
 
 fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(idx).map_err(|e| SourceError::io(idx, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    let text = std::fs::read(idx).map_err(|e| SourceError::io(idx, e))?;
+    let dir = idx.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for f in index_shard_names(&text, idx)? {
+        let p = dir.join(&f);
+        if !p.exists() {
+            return Err(SourceError::NotFound { path: p });
+        }
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, sorted and checked to be
+/// plain file names (an index must not point outside its folder).
+pub fn index_shard_names(text: &[u8], idx: &Path) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(text)
         .map_err(|e| SourceError::corrupt(idx, format!("invalid JSON: {e}")))?;
     let map = v
         .get("weight_map")
@@ -105,44 +137,47 @@ fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
         .collect::<Result<_>>()?;
     files.sort();
     files.dedup();
-    let dir = idx.parent().unwrap_or(Path::new("."));
-    let mut out = Vec::new();
-    for f in files {
+    for f in &files {
         if f.contains('/') || f.contains('\\') || f.starts_with('.') {
             return Err(SourceError::corrupt(
                 idx,
                 format!("shard name '{f}' is not a plain file name"),
             ));
         }
-        let p = dir.join(&f);
-        if !p.exists() {
-            return Err(SourceError::NotFound { path: p });
-        }
-        out.push(p);
     }
-    Ok(out)
+    Ok(files)
 }
 
-/// Parses a safetensors header into (info, absolute start, absolute end).
-fn parse_header(buf: &[u8], path: &Path) -> Result<Vec<(TensorInfo, usize, usize)>> {
-    if buf.len() < 8 {
+/// Reads the 8-byte length and the JSON header from a blob (two ranged reads).
+fn read_header(blob: &dyn Blob) -> Result<Vec<(TensorInfo, u64, u64)>> {
+    let path = blob.label();
+    let total = blob.len();
+    if total < 8 {
         return Err(SourceError::corrupt(
             path,
             "file is shorter than the 8-byte header length",
         ));
     }
-    let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
-    if n > MAX_HEADER || 8 + n > buf.len() as u64 {
+    let n = u64::from_le_bytes(blob.read(0, 8)?.as_ref().try_into().unwrap());
+    if n > MAX_HEADER || 8 + n > total {
         return Err(SourceError::corrupt(
             path,
-            format!("header length {n} exceeds the file ({} bytes)", buf.len()),
+            format!("header length {n} exceeds the file ({total} bytes)"),
         ));
     }
-    let data_start = 8 + n as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&buf[8..data_start])
-            .map_err(|e| SourceError::corrupt(path, format!("header is not valid JSON: {e}")))?;
-    let data_len = buf.len() - data_start;
+    let json = blob.read(8, 8 + n)?;
+    parse_json(&json, 8 + n, total - 8 - n, path)
+}
+
+/// Parses a safetensors JSON header into (info, absolute start, absolute end).
+fn parse_json(
+    json: &[u8],
+    data_start: u64,
+    data_len: u64,
+    path: &Path,
+) -> Result<Vec<(TensorInfo, u64, u64)>> {
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
+        .map_err(|e| SourceError::corrupt(path, format!("header is not valid JSON: {e}")))?;
     let mut out = Vec::new();
     for (name, v) in header {
         if name == "__metadata__" {
@@ -182,14 +217,14 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<Vec<(TensorInfo, usize, usize
             .filter(|a| a.len() == 2)
             .ok_or_else(|| bad("data_offsets must be [start, end]"))?;
         let (s, e) = match (offs[0].as_u64(), offs[1].as_u64()) {
-            (Some(s), Some(e)) if s <= e && e <= data_len as u64 => (s as usize, e as usize),
+            (Some(s), Some(e)) if s <= e && e <= data_len => (s, e),
             _ => return Err(bad(&format!("data_offsets {offs:?} lie outside the {data_len}-byte data section (truncated file?)"))),
         };
         let numel = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| bad("shape overflows"))?;
-        if numel.checked_mul(esize) != Some(e - s) {
+        if numel.checked_mul(esize) != Some((e - s) as usize) {
             return Err(bad(&format!(
                 "shape {shape:?} of {dt} needs {} bytes but data_offsets give {}",
                 numel.saturating_mul(esize),
@@ -201,7 +236,7 @@ fn parse_header(buf: &[u8], path: &Path) -> Result<Vec<(TensorInfo, usize, usize
                 name: name.clone(),
                 shape,
                 dtype,
-                byte_len: e - s,
+                byte_len: (e - s) as usize,
             },
             data_start + s,
             data_start + e,
@@ -226,13 +261,13 @@ impl TensorSource for SafetensorsSource {
             });
         }
         let mut out = Vec::with_capacity(info.numel());
-        decode_plain(info.dtype, &self.shards[si].map[s..e], &mut out);
+        decode_plain(info.dtype, &self.shards[si].blob.read(s, e)?, &mut out);
         Ok(out)
     }
-    fn raw_bytes(&self, name: &str) -> Result<&[u8]> {
+    fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index(name)?;
         let (si, s, e) = self.loc[i];
-        Ok(&self.shards[si].map[s..e])
+        self.shards[si].blob.read(s, e)
     }
     fn desc(&self) -> &ModelDesc {
         &self.desc
@@ -247,8 +282,9 @@ impl TensorSource for SafetensorsSource {
 
 /// Parses just the tensor table of a safetensors file held in memory (for tests and tools).
 pub fn header_of(buf: &[u8], path: &Path) -> Result<Vec<TensorInfo>> {
-    Ok(parse_header(buf, path)?
-        .into_iter()
-        .map(|(i, _, _)| i)
-        .collect())
+    let blob = crate::blob::MemBlob {
+        label: path.to_path_buf(),
+        bytes: buf.to_vec(),
+    };
+    Ok(read_header(&blob)?.into_iter().map(|(i, _, _)| i).collect())
 }

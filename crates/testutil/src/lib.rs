@@ -5,6 +5,8 @@
 //! (override with `ADAPTQ_CORPORA`). A missing fixture fails the test with the command to run,
 //! rather than skipping it silently.
 
+pub mod hub_server;
+
 use std::path::{Path, PathBuf};
 
 fn repo_root() -> PathBuf {

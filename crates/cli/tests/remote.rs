@@ -1,0 +1,331 @@
+//! Remote sources end to end: `adaptq quantize hf://…`, `http(s)://…` and `ollama://…` against a
+//! local test server (127.0.0.1 only) must give the same bundle as the local file, survive
+//! faults, explain auth failures, and never leak the token.
+
+use adaptq_testutil::hub_server::{repo_from_dir, HubServer, ServerConfig};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::Ordering;
+
+const SHA: &str = "1111111111111111111111111111111111111111";
+const TOKEN: &str = "hf_TESTtokenDoNotLeak42";
+
+fn adaptq(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_adaptq"));
+    c.args(args);
+    for k in [
+        "HF_TOKEN",
+        "HUGGINGFACE_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_ENDPOINT",
+        "ADAPTQ_CACHE_DIR",
+        "ADAPTQ_OFFLINE",
+        "HF_HUB_OFFLINE",
+        "OLLAMA_MODELS",
+    ] {
+        c.env_remove(k);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("runs adaptq")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn quantize(src: &str, out: &Path, env: &[(&str, &str)]) -> Output {
+    adaptq(
+        &[
+            "quantize",
+            src,
+            "--out",
+            out.to_str().unwrap(),
+            "--bits",
+            "3",
+            "--group-size",
+            "64",
+        ],
+        env,
+    )
+}
+
+fn manifest(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+}
+
+/// Same shards (byte for byte) and the same global digest; only the locator may differ.
+fn assert_same_bundle(a: &Path, b: &Path) {
+    let (ma, mb) = (manifest(a), manifest(b));
+    assert_eq!(ma["global_digest"], mb["global_digest"]);
+    assert_eq!(ma["tensors"], mb["tensors"]);
+    assert_eq!(ma["files"], mb["files"]);
+    let shards = ma["shards"].as_array().unwrap();
+    assert!(shards.len() > 10);
+    for s in shards {
+        let f = s["file"].as_str().unwrap();
+        assert!(
+            std::fs::read(a.join(f)).unwrap() == std::fs::read(b.join(f)).unwrap(),
+            "shard {f} differs"
+        );
+    }
+}
+
+fn local_bundle(t: &Path, src: &Path) -> PathBuf {
+    let out = t.join("local");
+    let o = quantize(src.to_str().unwrap(), &out, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    out
+}
+
+fn grep_dir(dir: &Path, needle: &str) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            hits.extend(grep_dir(&p, needle));
+        } else if let Ok(b) = std::fs::read(&p) {
+            if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn hub_stream_with_faults_matches_local_file_and_keeps_the_token_secret() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let server = HubServer::start(ServerConfig {
+        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        token: Some(TOKEN.into()),
+        fail_first: 2,
+        drop_after: Some(3 << 20),
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let local = local_bundle(t.path(), &gguf);
+    let remote = t.path().join("remote");
+    let url = server.url();
+    let env = [("HF_ENDPOINT", url.as_str()), ("HF_TOKEN", TOKEN)];
+    let o = quantize("hf://test/smollm2", &remote, &env);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    // The faults really happened and were recovered from.
+    assert_eq!(server.stats.failed_503.load(Ordering::Relaxed), 2);
+    assert_eq!(server.stats.dropped.load(Ordering::Relaxed), 1);
+    assert_same_bundle(&local, &remote);
+    let loc = manifest(&remote)["source"]["locator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        loc,
+        format!("hf://test/smollm2@{SHA}/SmolLM2-135M-Instruct.Q4_1.gguf")
+    );
+    // Ranged reads, not one whole-file download.
+    let log = server.stats.log.lock().unwrap().clone();
+    assert!(log.len() > 50, "only {} requests", log.len());
+    assert!(
+        log.iter().all(|(_, auth)| *auth),
+        "a hub request went without the token"
+    );
+    // The token is in no output and no file.
+    assert!(!out.contains(TOKEN));
+    assert!(grep_dir(&remote, TOKEN).is_empty());
+    let v = adaptq(&["verify", remote.to_str().unwrap()], &[]);
+    assert!(v.status.success(), "{}", text(&v));
+}
+
+#[test]
+fn wrong_or_missing_token_is_explained_in_one_line() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let server = HubServer::start(ServerConfig {
+        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        token: Some(TOKEN.into()),
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let wrong = "hf_wrongTOKENvalue";
+    for (env, expect) in [
+        (
+            vec![("HF_ENDPOINT", url.as_str()), ("HF_TOKEN", wrong)],
+            "token in HF_TOKEN was refused",
+        ),
+        (vec![("HF_ENDPOINT", url.as_str())], "set HF_TOKEN"),
+    ] {
+        let out = t.path().join("x");
+        let o = quantize("hf://test/smollm2", &out, &env);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{err}");
+        assert!(
+            lines[0].contains("401") && lines[0].contains(expect),
+            "{err}"
+        );
+        assert!(!text(&o).contains(wrong) && !text(&o).contains(TOKEN));
+        assert!(!out.exists(), "a failed run left an output folder");
+    }
+    let o = quantize(
+        "hf://test/nosuchrepo",
+        &t.path().join("y"),
+        &[("HF_ENDPOINT", url.as_str()), ("HF_TOKEN", TOKEN)],
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not found (HTTP 404)"), "{}", text(&o));
+}
+
+#[test]
+fn safetensors_over_hub_plain_url_without_ranges_and_token_scope() {
+    let minilm = adaptq_testutil::minilm();
+    let hub = HubServer::start(ServerConfig {
+        repos: vec![repo_from_dir("test/minilm", SHA, &minilm)],
+        ..Default::default()
+    });
+    let plain = HubServer::start(ServerConfig {
+        static_dir: Some(minilm.clone()),
+        no_ranges: true,
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let local = local_bundle(t.path(), &minilm);
+    let url = hub.url();
+    let via_hub = t.path().join("hub");
+    let o = quantize("hf://test/minilm", &via_hub, &[("HF_ENDPOINT", &url)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_bundle(&local, &via_hub);
+    // A plain server that ignores ranges: whole-file fallback, said out loud. The hub token
+    // is set but must not be sent to this other host.
+    let via_url = t.path().join("url");
+    let link = format!("{}/files/model.safetensors", plain.url());
+    let o = quantize(
+        &link,
+        &via_url,
+        &[("HF_ENDPOINT", &url), ("HF_TOKEN", TOKEN)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not support range requests"),
+        "{}",
+        text(&o)
+    );
+    assert_same_bundle(&local, &via_url);
+    assert!(plain
+        .stats
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, auth)| !auth));
+}
+
+#[test]
+fn ollama_store_resolves_to_the_same_bundle() {
+    use sha2::Digest;
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let t = tempfile::tempdir().unwrap();
+    let local = local_bundle(t.path(), &gguf);
+    // Build a store the way Ollama lays it out.
+    let store = t.path().join("models");
+    let blobs = store.join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    let hex = hex::encode(sha2::Sha256::digest(&bytes));
+    std::os::unix::fs::symlink(&gguf, blobs.join(format!("sha256-{hex}"))).unwrap();
+    let lic = b"Apache License 2.0 (test)";
+    let lic_hex = hex::encode(sha2::Sha256::digest(lic));
+    std::fs::write(blobs.join(format!("sha256-{lic_hex}")), lic).unwrap();
+    let mdir = store.join("manifests/registry.ollama.ai/library/smollm2");
+    std::fs::create_dir_all(&mdir).unwrap();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": format!("sha256:{lic_hex}"), "size": lic.len()},
+        "layers": [
+            {"mediaType": "application/vnd.ollama.image.model", "digest": format!("sha256:{hex}"), "size": bytes.len()},
+            {"mediaType": "application/vnd.ollama.image.license", "digest": format!("sha256:{lic_hex}"), "size": lic.len()}
+        ]
+    });
+    std::fs::write(mdir.join("135m"), manifest.to_string()).unwrap();
+    let out = t.path().join("ollama");
+    let o = quantize(
+        "ollama://smollm2:135m",
+        &out,
+        &[("OLLAMA_MODELS", store.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let (ma, mb) = (manifest_of(&local), manifest_of(&out));
+    assert_eq!(ma["global_digest"], mb["global_digest"]);
+    assert_eq!(mb["source"]["locator"], "ollama://smollm2:135m");
+    assert_eq!(std::fs::read(out.join("LICENSE")).unwrap(), lic);
+    let o = quantize(
+        "ollama://smollm2:7b",
+        &t.path().join("none"),
+        &[("OLLAMA_MODELS", store.to_str().unwrap())],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("manifests/registry.ollama.ai/library/smollm2/7b")
+    );
+}
+
+fn manifest_of(d: &Path) -> serde_json::Value {
+    manifest(d)
+}
+
+#[test]
+fn cache_then_offline() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let first = t.path().join("first");
+    {
+        let server = HubServer::start(ServerConfig {
+            repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+            ..Default::default()
+        });
+        let url = server.url();
+        let o = quantize(
+            "hf://test/smollm2",
+            &first,
+            &[("HF_ENDPOINT", &url), ("ADAPTQ_CACHE_DIR", c)],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let snap = cache.join(format!("models--test--smollm2/snapshots/{SHA}"));
+    assert!(snap.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file());
+    assert_eq!(
+        std::fs::read_to_string(cache.join("models--test--smollm2/refs/main")).unwrap(),
+        SHA
+    );
+    // The server is gone: offline mode must answer from the cache alone.
+    let second = t.path().join("second");
+    let o = quantize(
+        "hf://test/smollm2",
+        &second,
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("ADAPTQ_CACHE_DIR", c),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_bundle(&first, &second);
+    let o = quantize(
+        "hf://test/other",
+        &t.path().join("third"),
+        &[("ADAPTQ_CACHE_DIR", c), ("ADAPTQ_OFFLINE", "1")],
+    );
+    assert!(
+        !o.status.success() && text(&o).contains("not in the cache"),
+        "{}",
+        text(&o)
+    );
+}

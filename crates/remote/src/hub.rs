@@ -1,0 +1,421 @@
+//! Hugging Face Hub: `hf://org/name[@revision][/file]`.
+//!
+//! The revision is resolved to a commit once (`/api/models/{repo}/revision/{rev}`), and every
+//! file is then read at that commit, so a push to the repository mid-run cannot mix versions.
+//! Weights are streamed by range requests; small companion files (config, tokenizer, licence)
+//! are downloaded into a folder. With a cache folder, files follow the hub's cache layout
+//! (`models--org--name/refs/{rev}`, `snapshots/{commit}/{file}`) and offline mode reads only
+//! from there.
+
+use crate::http::{authority, Client, Flavor, Token};
+use crate::Opened;
+use adaptq_source::{Result, SourceError};
+use std::path::{Path, PathBuf};
+
+/// Where the hub is and how to talk to it; [`HubConfig::from_env`] reads the usual variables.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub endpoint: String,
+    pub token: Option<Token>,
+    pub cache_dir: Option<PathBuf>,
+    pub offline: bool,
+}
+
+impl HubConfig {
+    /// `HF_ENDPOINT` (default https://huggingface.co); the token from `HF_TOKEN`,
+    /// `HUGGINGFACE_TOKEN` or `HUGGING_FACE_HUB_TOKEN`; `ADAPTQ_CACHE_DIR`; offline when
+    /// `ADAPTQ_OFFLINE` or `HF_HUB_OFFLINE` is 1.
+    pub fn from_env() -> Self {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let endpoint = var("HF_ENDPOINT")
+            .unwrap_or_else(|| "https://huggingface.co".into())
+            .trim_end_matches('/')
+            .to_string();
+        let secret = var("HF_TOKEN")
+            .or_else(|| var("HUGGINGFACE_TOKEN"))
+            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"));
+        let on = |k: &str| var(k).is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+        HubConfig {
+            token: secret.and_then(|s| authority(&endpoint).map(|a| Token::new(a, s))),
+            endpoint,
+            cache_dir: var("ADAPTQ_CACHE_DIR").map(PathBuf::from),
+            offline: on("ADAPTQ_OFFLINE") || on("HF_HUB_OFFLINE"),
+        }
+    }
+}
+
+/// A parsed `hf://` locator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubRef {
+    pub repo: String,
+    pub revision: String,
+    pub file: Option<String>,
+}
+
+impl HubRef {
+    pub fn parse(loc: &str) -> Result<Self> {
+        let bad = |why: &str| SourceError::Unrecognized {
+            path: loc.into(),
+            why: format!("{why} (expected hf://org/name[@revision][/file])"),
+        };
+        let rest = loc
+            .strip_prefix("hf://")
+            .ok_or_else(|| bad("not an hf:// locator"))?;
+        let mut parts = rest.splitn(3, '/');
+        let org = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("no organisation"))?;
+        let name = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("no repository name"))?;
+        let file = parts.next().filter(|s| !s.is_empty()).map(str::to_string);
+        let (name, revision) = match name.split_once('@') {
+            Some((n, r)) if !r.is_empty() => (n, r.to_string()),
+            Some(_) => return Err(bad("empty revision after '@'")),
+            None => (name, "main".to_string()),
+        };
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if !ok(org) || !ok(name) {
+            return Err(bad(
+                "organisation and name may hold letters, digits, '-', '_' and '.'",
+            ));
+        }
+        if let Some(f) = &file {
+            if f.split('/').any(|c| c.is_empty() || c == "..") {
+                return Err(bad("file path must not contain empty or '..' parts"));
+            }
+        }
+        Ok(HubRef {
+            repo: format!("{org}/{name}"),
+            revision,
+            file,
+        })
+    }
+}
+
+/// Files a model folder may carry besides weights; copied so the bundle is self-contained.
+const COMPANIONS: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "README.md",
+    "LICENSE",
+    "LICENSE.txt",
+    "LICENSE.md",
+];
+
+struct Hub<'a> {
+    cfg: &'a HubConfig,
+    client: Client,
+    r: HubRef,
+    label: String,
+}
+
+impl Hub<'_> {
+    fn url(&self, commit: &str, file: &str) -> String {
+        format!(
+            "{}/{}/resolve/{commit}/{file}",
+            self.cfg.endpoint, self.r.repo
+        )
+    }
+    fn err(&self, why: impl Into<String>) -> SourceError {
+        SourceError::Fetch {
+            path: self.label.clone().into(),
+            why: why.into(),
+        }
+    }
+
+    /// Commit hash and file list of the revision.
+    fn resolve(&self) -> Result<(String, Vec<String>)> {
+        let url = format!(
+            "{}/api/models/{}/revision/{}",
+            self.cfg.endpoint, self.r.repo, self.r.revision
+        );
+        let body = self.client.get(&url, Path::new(&self.label))?;
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| self.err(format!("hub answered with invalid JSON: {e}")))?;
+        let sha = v
+            .get("sha")
+            .and_then(|s| s.as_str())
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .ok_or_else(|| self.err("hub answer has no commit sha"))?
+            .to_string();
+        let files = v
+            .get("siblings")
+            .and_then(|s| s.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|f| {
+                        f.get("rfilename")
+                            .and_then(|n| n.as_str())
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((sha, files))
+    }
+}
+
+/// Which weight files to read: a named file, a sharded index, one safetensors, or one GGUF.
+fn choose(files: &[String], wanted: Option<&str>, label: &str) -> Result<Choice> {
+    let err = |why: String| SourceError::Unrecognized {
+        path: label.into(),
+        why,
+    };
+    if let Some(w) = wanted {
+        if !files.iter().any(|f| f == w) {
+            return Err(err(format!("the repository has no file '{w}'")));
+        }
+        return Ok(if w.ends_with(".gguf") {
+            Choice::Gguf(w.to_string())
+        } else if w.ends_with(".safetensors.index.json") {
+            Choice::Index(w.to_string())
+        } else if w.ends_with(".safetensors") {
+            Choice::Safetensors(vec![w.to_string()])
+        } else {
+            return Err(err(format!("'{w}' is neither .gguf nor .safetensors")));
+        });
+    }
+    let top: Vec<&String> = files.iter().filter(|f| !f.contains('/')).collect();
+    if top.iter().any(|f| *f == "model.safetensors.index.json") {
+        return Ok(Choice::Index("model.safetensors.index.json".into()));
+    }
+    if top.iter().any(|f| *f == "model.safetensors") {
+        return Ok(Choice::Safetensors(vec!["model.safetensors".into()]));
+    }
+    let st: Vec<&&String> = top.iter().filter(|f| f.ends_with(".safetensors")).collect();
+    if st.len() == 1 {
+        return Ok(Choice::Safetensors(vec![st[0].to_string()]));
+    }
+    let gg: Vec<&String> = files.iter().filter(|f| f.ends_with(".gguf")).collect();
+    match gg.as_slice() {
+        [one] => Ok(Choice::Gguf(one.to_string())),
+        [] => Err(err(
+            "the repository holds no model.safetensors, safetensors index or .gguf file".into(),
+        )),
+        many => Err(err(format!(
+            "the repository holds {} .gguf files; name one, e.g. {label}/{}",
+            many.len(),
+            many[0]
+        ))),
+    }
+}
+
+enum Choice {
+    Gguf(String),
+    Index(String),
+    Safetensors(Vec<String>),
+}
+
+fn cache_root(cfg: &HubConfig, repo: &str) -> Option<PathBuf> {
+    cfg.cache_dir
+        .as_ref()
+        .map(|d| d.join(format!("models--{}", repo.replace('/', "--"))))
+}
+
+/// Opens `hf://…` with the given configuration.
+pub fn open(loc: &str, cfg: &HubConfig) -> Result<Opened> {
+    let r = HubRef::parse(loc)?;
+    let label = format!("hf://{}", r.repo);
+    let client = Client::new(cfg.token.clone(), Flavor::Hub);
+    let hub = Hub {
+        cfg,
+        client,
+        r,
+        label: label.clone(),
+    };
+    let cache = cache_root(cfg, &hub.r.repo);
+    if cfg.offline {
+        return open_offline(&hub, cache.as_deref());
+    }
+    let (commit, files) = hub.resolve()?;
+    let choice = choose(&files, hub.r.file.as_deref(), &label)?;
+    // Companion files: in the cache snapshot when there is one, else in a private temp folder.
+    let (dir, keep) = match &cache {
+        Some(root) => {
+            let snap = root.join("snapshots").join(&commit);
+            std::fs::create_dir_all(&snap).map_err(|e| SourceError::io(&snap, e))?;
+            let refs = root.join("refs");
+            std::fs::create_dir_all(&refs).map_err(|e| SourceError::io(&refs, e))?;
+            write_atomic(&refs.join(&hub.r.revision), commit.as_bytes())?;
+            (snap, None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("adaptq-hub-")
+                .tempdir()
+                .map_err(|e| SourceError::io(Path::new("temp folder"), e))?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    for f in COMPANIONS {
+        if files.iter().any(|x| x == f) && !dir.join(f).exists() {
+            let bytes = hub
+                .client
+                .get(&hub.url(&commit, f), Path::new(&format!("{label}/{f}")))?;
+            write_atomic(&dir.join(f), &bytes)?;
+        }
+    }
+    let weight_files = match &choice {
+        Choice::Gguf(f) => vec![f.clone()],
+        Choice::Safetensors(v) => v.clone(),
+        Choice::Index(idx) => {
+            let ilabel = format!("{label}/{idx}");
+            let bytes = hub.client.get(&hub.url(&commit, idx), Path::new(&ilabel))?;
+            write_atomic(&dir.join(idx), &bytes)?;
+            adaptq_source::safetensors::index_shard_names(&bytes, Path::new(&ilabel))?
+        }
+    };
+    let locator = format!(
+        "hf://{}@{commit}/{}",
+        hub.r.repo,
+        match &choice {
+            Choice::Gguf(f) | Choice::Index(f) => f.clone(),
+            Choice::Safetensors(v) => v[0].clone(),
+        }
+    );
+    let blobs = if cache.is_some() {
+        // The cache keeps whole files: download each once, then read it locally.
+        weight_files
+            .iter()
+            .map(|f| {
+                let dest = dir.join(f);
+                if !dest.exists() {
+                    let l = PathBuf::from(format!("{label}/{f}"));
+                    let url = hub.url(&commit, f);
+                    let (len, ranges_ok) = hub.client.probe(&url, &l)?;
+                    crate::download_atomic(&hub.client, &url, len, ranges_ok, &dest, &l)?;
+                }
+                Ok(Box::new(adaptq_source::blob::MmapBlob::open(&dest)?)
+                    as Box<dyn adaptq_source::Blob>)
+            })
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        weight_files
+            .iter()
+            .map(|f| {
+                let l = PathBuf::from(format!("{label}/{f}"));
+                let url = hub.url(&commit, f);
+                let (len, ranges_ok) = hub.client.probe(&url, &l)?;
+                if !ranges_ok {
+                    return Err(hub.err("the hub endpoint ignores range requests; set ADAPTQ_CACHE_DIR to download whole files instead"));
+                }
+                Ok(Box::new(crate::blob::HttpBlob::new(hub.client.clone(), url, l, len))
+                    as Box<dyn adaptq_source::Blob>)
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    crate::assemble(blobs, matches!(choice, Choice::Gguf(_)), dir, keep, locator)
+}
+
+fn open_offline(hub: &Hub, cache: Option<&Path>) -> Result<Opened> {
+    let Some(root) = cache else {
+        return Err(hub.err("offline mode needs a cache: set ADAPTQ_CACHE_DIR"));
+    };
+    let refp = root.join("refs").join(&hub.r.revision);
+    let commit = std::fs::read_to_string(&refp).map_err(|_| {
+        hub.err(format!(
+            "offline, and revision '{}' is not in the cache at {}",
+            hub.r.revision,
+            root.display()
+        ))
+    })?;
+    let snap = root.join("snapshots").join(commit.trim());
+    let mut files: Vec<String> = Vec::new();
+    for e in std::fs::read_dir(&snap).map_err(|e| SourceError::io(&snap, e))? {
+        let e = e.map_err(|e| SourceError::io(&snap, e))?;
+        files.push(e.file_name().to_string_lossy().to_string());
+    }
+    files.sort();
+    files.retain(|f| !f.starts_with('.'));
+    let choice = choose(&files, hub.r.file.as_deref(), &hub.label)?;
+    let path = match &choice {
+        Choice::Gguf(f) | Choice::Index(f) => snap.join(f),
+        Choice::Safetensors(v) => snap.join(&v[0]),
+    };
+    let source = if matches!(choice, Choice::Index(_)) {
+        adaptq_source::open(&snap)?
+    } else {
+        adaptq_source::open(&path)?
+    };
+    Ok(Opened {
+        source,
+        locator: format!(
+            "hf://{}@{}/{}",
+            hub.r.repo,
+            commit.trim(),
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ),
+        _keep: None,
+    })
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("adaptq-partial");
+    std::fs::write(&tmp, bytes).map_err(|e| SourceError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| SourceError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_locators() {
+        let r = HubRef::parse("hf://HuggingFaceTB/SmolLM2-135M@v1.0/model.gguf").unwrap();
+        assert_eq!(r.repo, "HuggingFaceTB/SmolLM2-135M");
+        assert_eq!(r.revision, "v1.0");
+        assert_eq!(r.file.as_deref(), Some("model.gguf"));
+        let r = HubRef::parse("hf://a/b").unwrap();
+        assert_eq!((r.revision.as_str(), r.file), ("main", None));
+        for bad in [
+            "hf://a",
+            "hf:///b",
+            "hf://a/b@",
+            "hf://a/../x",
+            "hf://a/b/../../etc",
+            "s3://a/b",
+        ] {
+            assert!(HubRef::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn chooses_weight_files() {
+        let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(matches!(
+            choose(&f(&["config.json", "model.safetensors"]), None, "x").unwrap(),
+            Choice::Safetensors(_)
+        ));
+        assert!(matches!(
+            choose(
+                &f(&[
+                    "model.safetensors.index.json",
+                    "model-00001-of-00002.safetensors"
+                ]),
+                None,
+                "x"
+            )
+            .unwrap(),
+            Choice::Index(_)
+        ));
+        assert!(matches!(
+            choose(&f(&["a.gguf"]), None, "x").unwrap(),
+            Choice::Gguf(_)
+        ));
+        let e = choose(&f(&["a.gguf", "b.gguf"]), None, "hf://o/n")
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("hf://o/n/a.gguf"), "{e}");
+        assert!(choose(&f(&["README.md"]), None, "x").is_err());
+        assert!(choose(&f(&["a.gguf"]), Some("b.gguf"), "x").is_err());
+    }
+}

@@ -1,0 +1,90 @@
+//! Byte access behind the format readers: a memory-mapped local file, or anything else that can
+//! serve byte ranges (HTTP range requests live in `adaptq-remote`).
+//!
+//! The readers only ever ask for the header and then one tensor's bytes at a time, so a remote
+//! model is read without downloading it first and without holding it in memory.
+
+use crate::{Result, SourceError};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+/// A read-only byte container addressed by offset.
+pub trait Blob: Send + Sync {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Bytes `start..end`. Callers check the range against [`Blob::len`] first.
+    fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>>;
+    /// Name used in error messages (a path, or a URL-like locator).
+    fn label(&self) -> &Path;
+    /// Hint: these tensor byte ranges will be read in this order. Remote blobs use it to fetch
+    /// ahead while earlier tensors are being quantized; local files ignore it.
+    fn plan(&self, _ranges: &[(u64, u64)]) {}
+}
+
+/// A local file, memory-mapped: reading a tensor touches only its own pages.
+pub struct MmapBlob {
+    path: PathBuf,
+    map: memmap2::Mmap,
+}
+
+impl MmapBlob {
+    pub fn open(path: &Path) -> Result<Self> {
+        let f = std::fs::File::open(path).map_err(|e| SourceError::io(path, e))?;
+        // SAFETY: the map is read-only; adaptq never writes to its inputs. A file truncated by
+        // another process while mapped would fault, as with every mmap-based model loader.
+        let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| SourceError::io(path, e))?;
+        Ok(MmapBlob {
+            path: path.to_path_buf(),
+            map,
+        })
+    }
+}
+
+impl Blob for MmapBlob {
+    fn len(&self) -> u64 {
+        self.map.len() as u64
+    }
+    fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
+        self.map
+            .get(start as usize..end as usize)
+            .map(Cow::Borrowed)
+            .ok_or_else(|| {
+                SourceError::corrupt(
+                    &self.path,
+                    format!(
+                        "bytes {start}..{end} lie past the end of the {}-byte file",
+                        self.map.len()
+                    ),
+                )
+            })
+    }
+    fn label(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Bytes held in memory (tests, small downloaded files).
+pub struct MemBlob {
+    pub label: PathBuf,
+    pub bytes: Vec<u8>,
+}
+
+impl Blob for MemBlob {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+    fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
+        self.bytes
+            .get(start as usize..end as usize)
+            .map(Cow::Borrowed)
+            .ok_or_else(|| {
+                SourceError::corrupt(&self.label, format!("bytes {start}..{end} out of range"))
+            })
+    }
+    fn label(&self) -> &Path {
+        &self.label
+    }
+}
