@@ -28,6 +28,12 @@ enum MethodArg {
     Rtn,
     /// GPTQ: Hessian-aware rounding from calibration text (--calib).
     Gptq,
+    /// AWQ: activation-aware channel scales folded into the norms, then round-to-nearest.
+    Awq,
+    /// APQ: per-layer widths from measured sensitivity under --target-bpw (embeddings and
+    /// head included), GPTQ at those widths, then promotion of the worst layers until the
+    /// held-out perplexity gate (--max-ppl-delta) passes or the budget runs out.
+    Apq,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -59,9 +65,27 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, value_enum, default_value = "rtn")]
         method: MethodArg,
-        /// Bits per code, 2 to 8.
+        /// Bits per code, 2 to 8; for --method apq a range of allowed widths, e.g. 3-4 or 2-8.
+        #[arg(long, default_value = "4")]
+        bits: String,
+        /// APQ: overall bits per weight to aim for, every tensor counted (default: the middle
+        /// of the --bits range plus the scale overhead).
+        #[arg(long)]
+        target_bpw: Option<f64>,
+        /// Search and fold AWQ scales before GPTQ/APQ rounding (always on for --method awq).
+        #[arg(long)]
+        awq: bool,
+        /// APQ gate: held-out perplexity may rise at most this many percent.
+        #[arg(long, default_value_t = 2.0)]
+        max_ppl_delta: f64,
+        /// APQ: layers promoted to the next width per round, and the most rounds.
         #[arg(long, default_value_t = 4)]
-        bits: u8,
+        promote_per_round: usize,
+        #[arg(long, default_value_t = 6)]
+        max_rounds: usize,
+        /// APQ: held-out windows (from the last tenth of --calib) for the perplexity gate.
+        #[arg(long, default_value_t = 4)]
+        heldout_windows: usize,
         /// Columns per scale group (32, 64, 128, ...); 0 = one group per output channel.
         #[arg(long, default_value_t = 128)]
         group_size: usize,
@@ -96,7 +120,7 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         seq_len: usize,
         /// GPTQ Hessian dampening, as a fraction of the mean diagonal.
-        #[arg(long, default_value_t = 0.01)]
+        #[arg(long, default_value_t = 0.05)]
         damp: f64,
         /// GPTQ: quantize columns by decreasing activation energy (static groups).
         #[arg(long)]
@@ -204,6 +228,43 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     pb
 }
 
+/// What a calibrated method hands to the bundle writer: codes and folded norms, sampling
+/// info, verification sections and measured gates.
+type Calibrated = (
+    adaptq_pipeline::calibrate::Calibration,
+    adaptq_pipeline::calibrate::CalibInfo,
+    serde_json::Map<String, serde_json::Value>,
+    Vec<adaptq_pipeline::quantize::Gate>,
+);
+
+fn method_name(m: MethodArg) -> &'static str {
+    match m {
+        MethodArg::Rtn => "rtn",
+        MethodArg::Gptq => "gptq",
+        MethodArg::Awq => "awq",
+        MethodArg::Apq => "apq",
+    }
+}
+
+/// `4` → (4, 4); `3-4` → (3, 4). Widths are 2 to 8.
+fn parse_bits(s: &str) -> Result<(u8, u8)> {
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let p = |x: &str| -> Result<u8> {
+        let v: u8 = x.trim().parse().with_context(|| {
+            format!("--bits '{s}': expected a width like 4 or a range like 3-4")
+        })?;
+        if !(2..=8).contains(&v) {
+            bail!("--bits '{s}': widths run from 2 to 8");
+        }
+        Ok(v)
+    };
+    let (lo, hi) = (p(a)?, p(b)?);
+    if lo > hi {
+        bail!("--bits '{s}': the range must run low-high");
+    }
+    Ok((lo, hi))
+}
+
 /// Opens a model from a local path or a remote locator, naming it in any error.
 fn open_model(loc: &str) -> Result<adaptq_remote::Opened> {
     adaptq_remote::open(loc).map_err(|e| anyhow::anyhow!("{e}"))
@@ -240,7 +301,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             damp,
             act_order,
             force,
+            target_bpw,
+            awq,
+            max_ppl_delta,
+            promote_per_round,
+            max_rounds,
+            heldout_windows,
         } => {
+            let (lo, hi) = parse_bits(&bits)?;
+            if lo != hi && !matches!(method, MethodArg::Apq) {
+                bail!("--bits {bits} is a range; only --method apq mixes widths");
+            }
+            let bits = hi;
             let opened = open_model(&src)?;
             let source = &opened.source;
             if out.exists() && !force {
@@ -254,45 +326,115 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 Grid::Asymmetric
             };
-            let calibrated = match method {
+            let need_calib = || -> Result<&PathBuf> {
+                calib.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--method {} needs calibration text: --calib FILE (e.g. ../shared/corpora/austen/emma.txt)",
+                        method_name(method)
+                    )
+                })
+            };
+            let calib_bar = |len: u64, what: &str| {
+                let pb = ProgressBar::new(len);
+                pb.set_style(
+                    ProgressStyle::with_template(&format!(
+                        "{what} {{bar:40}} {{pos}}/{{len}} blocks  [{{elapsed_precise}}<{{eta_precise}}]"
+                    ))
+                    .expect("valid template"),
+                );
+                pb
+            };
+            let mut embeddings = embeddings;
+            let calibrated: Option<Calibrated> = match method {
                 MethodArg::Rtn => None,
-                MethodArg::Gptq => {
-                    let Some(calib) = calib.as_ref() else {
-                        bail!("--method gptq needs calibration text: --calib FILE (e.g. ../shared/corpora/austen/emma.txt)");
-                    };
-                    let gcfg = adaptq_quant::gptq::GptqConfig {
+                MethodArg::Gptq | MethodArg::Awq => {
+                    let calib = need_calib()?;
+                    let spec = adaptq_pipeline::calibrate::CalibSpec {
                         bits,
                         group_size,
                         grid,
-                        damp,
-                        act_order,
+                        rounding: if matches!(method, MethodArg::Gptq) {
+                            adaptq_pipeline::calibrate::Rounding::Gptq { damp, act_order }
+                        } else {
+                            adaptq_pipeline::calibrate::Rounding::Rtn
+                        },
+                        awq: awq || matches!(method, MethodArg::Awq),
+                        widths: Default::default(),
+                        keep_hessians: false,
                     };
-                    let pb = ProgressBar::new(source.desc().n_layers as u64);
-                    pb.set_style(
-                        ProgressStyle::with_template("calibrate {bar:40} {pos}/{len} blocks  [{elapsed_precise}<{eta_precise}]")
-                            .expect("valid template"),
-                    );
-                    let r = adaptq_pipeline::calibrate::run_gptq(
+                    let pb = calib_bar(source.desc().n_layers as u64, "calibrate");
+                    let (cal, info) = adaptq_pipeline::calibrate::run(
                         open_model(&src)?.source,
                         calib,
                         calib_samples,
                         seq_len,
                         seed,
-                        &gcfg,
+                        &spec,
                         &mut |d, _| pb.set_position(d as u64),
                     )?;
                     pb.finish_and_clear();
-                    Some(r)
+                    let mut extra = serde_json::Map::new();
+                    if !cal.awq.is_empty() {
+                        extra.insert("awq".into(), serde_json::to_value(&cal.awq)?);
+                    }
+                    Some((cal, info, extra, Vec::new()))
+                }
+                MethodArg::Apq => {
+                    let calib = need_calib()?;
+                    let widths: Vec<u8> = adaptq_pipeline::apq::CANDIDATES
+                        .iter()
+                        .copied()
+                        .filter(|b| (lo..=hi).contains(b))
+                        .collect();
+                    let overhead = if group_size == 0 {
+                        0.0
+                    } else {
+                        (if sym { 16.0 } else { 32.0 }) / group_size as f64
+                    };
+                    let s = adaptq_pipeline::apq::ApqSettings {
+                        target_bpw: target_bpw.unwrap_or((lo as f64 + hi as f64) / 2.0 + overhead),
+                        widths,
+                        group_size,
+                        grid,
+                        awq,
+                        damp,
+                        act_order,
+                        max_ppl_delta,
+                        max_bpw,
+                        promote_per_round,
+                        max_rounds,
+                        heldout_windows,
+                    };
+                    let pb = calib_bar(source.desc().n_layers as u64 + 1, "apq");
+                    let out = adaptq_pipeline::apq::run(
+                        open_model(&src)?.source,
+                        calib,
+                        calib_samples,
+                        seq_len,
+                        seed,
+                        &s,
+                        &mut |stage, d, t| {
+                            pb.set_length(t as u64);
+                            pb.set_position(d as u64);
+                            pb.set_message(stage.to_string());
+                        },
+                    )?;
+                    pb.finish_and_clear();
+                    // Embeddings are part of the mix: they take the width APQ chose.
+                    embeddings = EmbedArg::Quant;
+                    Some((out.cal, out.info, out.extra, out.gates))
                 }
             };
             let cfg = QuantizeConfig {
                 method: match method {
                     MethodArg::Rtn => Method::Rtn,
                     MethodArg::Gptq => Method::Gptq,
+                    MethodArg::Awq => Method::Awq,
+                    MethodArg::Apq => Method::Apq,
                 },
-                gptq: matches!(method, MethodArg::Gptq)
+                gptq: matches!(method, MethodArg::Gptq | MethodArg::Apq)
                     .then_some(adaptq_pipeline::GptqSettings { damp, act_order }),
-                calibration: calibrated.as_ref().map(|(_, info)| info.config.clone()),
+                calibration: calibrated.as_ref().map(|(_, info, ..)| info.config.clone()),
                 bits,
                 group_size,
                 grid: if sym {
@@ -332,10 +474,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &cfg,
                 calibrated
                     .as_ref()
-                    .map(|(layers, info)| adaptq_pipeline::Precomputed {
-                        layers,
+                    .map(|(cal, info, extra, gates)| adaptq_pipeline::Precomputed {
+                        layers: &cal.layers,
                         info,
-                        method: "gptq",
+                        overrides: &cal.overrides,
+                        extra: extra.clone(),
+                        gates: gates.clone(),
                     }),
                 &mut |done, _total, bytes| {
                     pb.set_position(done as u64);

@@ -75,11 +75,13 @@ impl Linear {
 }
 
 pub struct Block {
+    pub attn_norm_name: String,
     attn_norm: Tensor,
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    pub ffn_norm_name: String,
     ffn_norm: Tensor,
     pub gate: Linear,
     pub up: Linear,
@@ -87,6 +89,17 @@ pub struct Block {
 }
 
 impl Block {
+    /// Divides the attention norm's weight by `s` per channel (AWQ folds input scales here).
+    pub fn div_attn_norm(&mut self, s: &[f32]) -> Result<Vec<f32>> {
+        self.attn_norm = div_vec(&self.attn_norm, s)?;
+        Ok(self.attn_norm.to_vec1()?)
+    }
+    /// Divides the MLP norm's weight by `s` per channel.
+    pub fn div_ffn_norm(&mut self, s: &[f32]) -> Result<Vec<f32>> {
+        self.ffn_norm = div_vec(&self.ffn_norm, s)?;
+        Ok(self.ffn_norm.to_vec1()?)
+    }
+
     pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
         [
             &mut self.q,
@@ -98,6 +111,19 @@ impl Block {
             &mut self.down,
         ]
     }
+}
+
+fn div_vec(t: &Tensor, s: &[f32]) -> Result<Tensor> {
+    let v: Vec<f32> = t.to_vec1::<f32>()?;
+    if v.len() != s.len() {
+        bail!(
+            "norm of {} channels cannot take {} scales",
+            v.len(),
+            s.len()
+        );
+    }
+    let out: Vec<f32> = v.iter().zip(s).map(|(a, b)| a / b).collect();
+    Ok(Tensor::from_vec(out, v.len(), &Device::Cpu)?)
 }
 
 /// Keys and values of earlier positions, per layer, for incremental decoding.
@@ -121,7 +147,10 @@ impl KvCache {
 pub struct Llama {
     pub desc: ModelDesc,
     embed: Tensor,
+    /// Source name of the embedding table.
+    pub embed_name: String,
     head_t: Tensor,
+    tied: bool,
     final_norm: Tensor,
     pub blocks: Vec<Block>,
     /// Inverse frequencies θ_i = base^(-2i/head_dim).
@@ -171,10 +200,11 @@ impl Llama {
             .shape(embed_name)
             .with_context(|| format!("model lacks '{embed_name}'"))?;
         let embed = Tensor::from_vec(w.read(embed_name)?, (eshape[0], eshape[1]), &Device::Cpu)?;
-        let head_t = if w.has(head_name) {
-            Linear::load(w, head_name, None)?.wt
-        } else {
+        let tied = !w.has(head_name);
+        let head_t = if tied {
             embed.t()?.contiguous()?
+        } else {
+            Linear::load(w, head_name, None)?.wt
         };
         let mut blocks = Vec::with_capacity(desc.n_layers);
         for i in 0..desc.n_layers {
@@ -183,16 +213,17 @@ impl Llama {
                 let b = n(i, &format!("{g}.bias"), &format!("{h}.bias"));
                 Linear::load(w, &name, bias.then_some(b.as_str()))
             };
+            let attn_norm_name = n(i, "attn_norm.weight", "input_layernorm.weight");
+            let ffn_norm_name = n(i, "ffn_norm.weight", "post_attention_layernorm.weight");
             blocks.push(Block {
-                attn_norm: vec_tensor(w, &n(i, "attn_norm.weight", "input_layernorm.weight"))?,
+                attn_norm: vec_tensor(w, &attn_norm_name)?,
+                attn_norm_name,
                 q: lin("attn_q", "self_attn.q_proj", true)?,
                 k: lin("attn_k", "self_attn.k_proj", true)?,
                 v: lin("attn_v", "self_attn.v_proj", true)?,
                 o: lin("attn_output", "self_attn.o_proj", false)?,
-                ffn_norm: vec_tensor(
-                    w,
-                    &n(i, "ffn_norm.weight", "post_attention_layernorm.weight"),
-                )?,
+                ffn_norm: vec_tensor(w, &ffn_norm_name)?,
+                ffn_norm_name,
                 gate: lin("ffn_gate", "mlp.gate_proj", false)?,
                 up: lin("ffn_up", "mlp.up_proj", false)?,
                 down: lin("ffn_down", "mlp.down_proj", false)?,
@@ -205,7 +236,9 @@ impl Llama {
         Ok(Llama {
             desc: desc.clone(),
             embed,
+            embed_name: embed_name.to_string(),
             head_t,
+            tied,
             final_norm: vec_tensor(w, norm_name)?,
             blocks,
             inv_freq,
@@ -335,8 +368,39 @@ impl Llama {
 
     /// Final norm and output head: logits `[T, vocab]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let h = rms_norm(x, &self.final_norm, self.desc.norm_eps)?;
+        let h = self.final_normed(x)?;
         Ok(h.matmul(&self.head_t)?)
+    }
+
+    /// The final norm's output: the output head's input.
+    pub fn final_normed(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.final_norm, self.desc.norm_eps)
+    }
+
+    /// `(vocab, hidden)` of the embedding table.
+    pub fn embed_dims(&self) -> (usize, usize) {
+        let d = self.embed.dims();
+        (d[0], d[1])
+    }
+
+    /// True when the output head is the embedding table (tied weights).
+    pub fn tied(&self) -> bool {
+        self.tied
+    }
+
+    /// The embedding table, row-major `[vocab, hidden]`.
+    pub fn embedding_rows(&self) -> Result<Vec<f32>> {
+        Ok(self.embed.flatten_all()?.to_vec1()?)
+    }
+
+    /// Replaces the embedding table (and the head when tied), e.g. with a quantized one.
+    pub fn set_embedding(&mut self, rows: Vec<f32>) -> Result<()> {
+        let dims = self.embed.dims2()?;
+        self.embed = Tensor::from_vec(rows, dims, &Device::Cpu)?;
+        if self.tied {
+            self.head_t = self.embed.t()?.contiguous()?;
+        }
+        Ok(())
     }
 
     /// Full forward pass over `tokens` at positions `cache.len()..`; logits `[T, vocab]`.

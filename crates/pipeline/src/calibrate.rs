@@ -2,8 +2,9 @@
 //! block is calibrated on the outputs of the already-quantized blocks before it.
 
 use adaptq_model::llama::Llama;
+use adaptq_quant::awq::{search_scales, AwqConfig};
 use adaptq_quant::gptq::{output_rel_error, quantize_gptq, GptqConfig, Hessian};
-use adaptq_quant::{quantize_rtn, QuantizedTensor, RtnConfig};
+use adaptq_quant::{quantize_rtn, Grid, QuantizedTensor, RtnConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::Serialize;
@@ -96,74 +97,332 @@ pub fn prepare(
     Ok((windows, info))
 }
 
-/// One calibrated layer: its codes and the output error GPTQ reached vs plain rounding.
+/// One calibrated layer: its codes and the output error reached vs plain rounding.
 pub struct Calibrated {
     pub q: QuantizedTensor,
+    /// Which method produced the codes ("gptq", "awq+rtn", "awq+gptq", "rtn").
+    pub method: &'static str,
+    /// The codes approximate `diag(row_scale) · W · diag(col_scale)` (AWQ scaling, folded
+    /// exactly into the neighbouring norm or layer); `None` = unscaled.
+    pub col_scale: Option<Vec<f32>>,
+    pub row_scale: Option<Vec<f32>>,
     /// Hessian-weighted relative output error of the stored weights.
     pub output_rel_error: f64,
-    /// The same measure for round-to-nearest at the same config, for comparison.
+    /// The same measure for round-to-nearest of the original weight at the same width.
     pub rtn_output_rel_error: f64,
+    /// The (scaled) weight before rounding, kept for re-quantization when promoting.
+    pub scaled_weight: Option<Vec<f32>>,
 }
 
-/// Runs GPTQ over every linear layer of `m`, block by block. After a block is quantized its
-/// weights are replaced by their reconstructions, and the calibration activations are pushed
-/// through the quantized block to become the next block's inputs. `progress(block, blocks)`.
-pub fn gptq_llama(
+impl Calibrated {
+    /// The tensor the codes stand for, from the source weight `w` (row-major, `cols` wide).
+    pub fn reference(&self, w: &[f32], cols: usize) -> Vec<f32> {
+        let mut x = w.to_vec();
+        if let Some(s) = &self.col_scale {
+            adaptq_quant::awq::scale_cols(&mut x, cols, s);
+        }
+        if let Some(r) = &self.row_scale {
+            for (row, k) in x.chunks_mut(cols).zip(r) {
+                row.iter_mut().for_each(|v| *v *= k);
+            }
+        }
+        x
+    }
+}
+
+/// How each linear layer is rounded after (optional) AWQ scaling.
+#[derive(Debug, Clone, Copy)]
+pub enum Rounding {
+    Rtn,
+    Gptq { damp: f64, act_order: bool },
+}
+
+/// What calibration does to every layer.
+#[derive(Debug, Clone)]
+pub struct CalibSpec {
+    pub bits: u8,
+    pub group_size: usize,
+    pub grid: Grid,
+    pub rounding: Rounding,
+    /// Search and fold AWQ scales before rounding.
+    pub awq: bool,
+    /// Per-tensor widths (APQ); tensors not listed use `bits`. The embedding table is
+    /// quantized (round-to-nearest) only when listed here.
+    pub widths: BTreeMap<String, u8>,
+    /// Keep each layer's Hessian (for re-quantizing promoted layers).
+    pub keep_hessians: bool,
+}
+
+impl CalibSpec {
+    fn method(&self) -> &'static str {
+        match (self.awq, self.rounding) {
+            (false, Rounding::Rtn) => "rtn",
+            (false, Rounding::Gptq { .. }) => "gptq",
+            (true, Rounding::Rtn) => "awq+rtn",
+            (true, Rounding::Gptq { .. }) => "awq+gptq",
+        }
+    }
+    pub fn width(&self, name: &str) -> u8 {
+        self.widths.get(name).copied().unwrap_or(self.bits)
+    }
+    /// Rounds `w` at `bits` against `h` as the spec says.
+    pub fn round(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &Hessian,
+        bits: u8,
+    ) -> Result<QuantizedTensor> {
+        Ok(match self.rounding {
+            Rounding::Rtn => quantize_rtn(
+                w,
+                rows,
+                cols,
+                &RtnConfig {
+                    bits,
+                    group_size: self.group_size,
+                    grid: self.grid,
+                },
+            )?,
+            Rounding::Gptq { damp, act_order } => quantize_gptq(
+                w,
+                rows,
+                cols,
+                h,
+                &GptqConfig {
+                    bits,
+                    group_size: self.group_size,
+                    grid: self.grid,
+                    damp,
+                    act_order,
+                },
+            )?,
+        })
+    }
+}
+
+/// AWQ search result for one group of layers sharing an input.
+#[derive(Debug, Clone, Serialize)]
+pub struct AwqGroup {
+    pub layers: Vec<String>,
+    pub alpha: f32,
+    /// Output squared error with the chosen scales / without, summed over the group.
+    pub error: f64,
+    pub error_plain: f64,
+}
+
+/// Everything calibration produced.
+#[derive(Default)]
+pub struct Calibration {
+    pub layers: BTreeMap<String, Calibrated>,
+    /// Norm weights changed by folding AWQ scales: stored instead of the source's.
+    pub overrides: BTreeMap<String, Vec<f32>>,
+    pub awq: Vec<AwqGroup>,
+    /// Input Hessians by layer (when `keep_hessians`), in the scaled space of the codes.
+    pub hessians: BTreeMap<String, Hessian>,
+}
+
+/// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
+pub type BlockStats = (BTreeMap<String, Hessian>, BTreeMap<String, Vec<f32>>);
+
+/// Runs block `b` on `xs` and collects each linear layer's input statistics.
+pub fn collect_stats(m: &Llama, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
+    let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
+    let mut abs: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
+    {
+        // q, k and v share one input tensor: compute its statistics once.
+        let mut last: Option<(candle_core::TensorId, Vec<f32>, Vec<f32>, usize)> = None;
+        let mut hook = |name: &str, x: &Tensor| -> Result<()> {
+            let (rows, dim) = x.dims2()?;
+            if last.as_ref().is_none_or(|(id, ..)| *id != x.id()) {
+                let g = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+                let a = x.abs()?.sum(0)?.to_vec1::<f32>()?;
+                last = Some((x.id(), g, a, rows));
+            }
+            let (_, g, a, rows) = last.as_ref().expect("set above");
+            hs.entry(name.to_string())
+                .or_insert_with(|| Hessian::new(dim))
+                .add_gram(g, *rows);
+            let e = abs
+                .entry(name.to_string())
+                .or_insert_with(|| (vec![0.0; dim], 0));
+            e.0.iter_mut().zip(a).for_each(|(s, v)| *s += *v as f64);
+            e.1 += rows;
+            Ok(())
+        };
+        for x in xs {
+            let mut h: Option<adaptq_model::llama::Hook> = Some(&mut hook);
+            m.block(b, x, 0, None, &mut h)?;
+        }
+    }
+    let act = abs
+        .into_iter()
+        .map(|(k, (s, n))| (k, s.iter().map(|v| (v / n.max(1) as f64) as f32).collect()))
+        .collect();
+    Ok((hs, act))
+}
+
+/// Searches AWQ scales for one group and applies them to the group's weights.
+fn awq_group(
+    spec: &CalibSpec,
+    lins: &mut [&mut adaptq_model::llama::Linear],
+    h: &Hessian,
+    act: &[f32],
+) -> Result<(Vec<f32>, AwqGroup)> {
+    let ws: Vec<(Vec<f32>, usize, usize)> = lins
+        .iter()
+        .map(|l| l.weight_rows())
+        .collect::<Result<_>>()?;
+    let cols = ws[0].2;
+    let bits = lins
+        .iter()
+        .map(|l| spec.width(&l.name))
+        .min()
+        .unwrap_or(spec.bits);
+    let refs: Vec<(&[f32], usize)> = ws.iter().map(|(w, r, _)| (w.as_slice(), *r)).collect();
+    let r = search_scales(
+        &refs,
+        cols,
+        &h.matrix(),
+        act,
+        &AwqConfig {
+            bits,
+            group_size: spec.group_size,
+            grid: spec.grid,
+            n_grid: 20,
+        },
+    )?;
+    for (l, (mut w, _, _)) in lins.iter_mut().zip(ws) {
+        adaptq_quant::awq::scale_cols(&mut w, cols, &r.scales);
+        l.set_weight(w)?;
+    }
+    let g = AwqGroup {
+        layers: lins.iter().map(|l| l.name.clone()).collect(),
+        alpha: r.alpha,
+        error: r.error,
+        error_plain: r.error_plain,
+    };
+    Ok((r.scales, g))
+}
+
+fn inverse(s: &[f32]) -> Vec<f32> {
+    s.iter().map(|v| 1.0 / v).collect()
+}
+
+/// Calibrates every linear layer of `m`, block by block. After a block is quantized its
+/// weights are replaced by their reconstructions (and its norms by their AWQ-folded values),
+/// and the calibration activations are pushed through the quantized block to become the next
+/// block's inputs. `progress(block, blocks)`.
+pub fn calibrate_llama(
     m: &mut Llama,
     windows: &[Vec<u32>],
-    cfg: &GptqConfig,
+    spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<BTreeMap<String, Calibrated>> {
+) -> Result<Calibration> {
     let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
-    let mut out = BTreeMap::new();
+    let mut out = Calibration::default();
     let n = m.blocks.len();
     for b in 0..n {
-        let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
-        {
-            // q, k and v share one input tensor: compute its Gram matrix once.
-            let mut last: Option<(candle_core::TensorId, Vec<f32>, usize)> = None;
-            let mut hook = |name: &str, x: &Tensor| -> Result<()> {
-                let (rows, dim) = x.dims2()?;
-                if last.as_ref().is_none_or(|(id, _, _)| *id != x.id()) {
-                    let g = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
-                    last = Some((x.id(), g, rows));
-                }
-                let (_, g, rows) = last.as_ref().expect("set above");
-                hs.entry(name.to_string())
-                    .or_insert_with(|| Hessian::new(dim))
-                    .add_gram(g, *rows);
-                Ok(())
+        let (mut hs, act) = collect_stats(m, b, &xs)?;
+        let originals: BTreeMap<String, (Vec<f32>, usize, usize)> = m.blocks[b]
+            .linears_mut()
+            .into_iter()
+            .map(|l| Ok((l.name.clone(), l.weight_rows()?)))
+            .collect::<Result<_>>()?;
+        let orig_h = hs.clone();
+        let mut col: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut row: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        if spec.awq {
+            let blk = &mut m.blocks[b];
+            let need = |name: &str| {
+                orig_h
+                    .get(name)
+                    .zip(act.get(name))
+                    .with_context(|| format!("no calibration inputs reached '{name}'"))
             };
-            for x in &xs {
-                let mut h: Option<adaptq_model::llama::Hook> = Some(&mut hook);
-                m.block(b, x, 0, None, &mut h)?;
+            // attention input: q, k, v share it; fold 1/s into the attention norm.
+            let qn = blk.q.name.clone();
+            let (h, a) = need(&qn)?;
+            let (s, g) = awq_group(spec, &mut [&mut blk.q, &mut blk.k, &mut blk.v], h, a)?;
+            let folded = blk.div_attn_norm(&s)?;
+            out.overrides.insert(blk.attn_norm_name.clone(), folded);
+            for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
+                col.insert(l.clone(), s.clone());
             }
+            out.awq.push(g);
+            let inv = inverse(&s);
+            for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
+                let scaled = hs[l].scaled(&inv);
+                hs.insert(l.clone(), scaled);
+            }
+            // MLP input: gate and up share it; fold into the MLP norm.
+            let gn = blk.gate.name.clone();
+            let (h, a) = need(&gn)?;
+            let (s, g) = awq_group(spec, &mut [&mut blk.gate, &mut blk.up], h, a)?;
+            let folded = blk.div_ffn_norm(&s)?;
+            out.overrides.insert(blk.ffn_norm_name.clone(), folded);
+            col.insert(blk.gate.name.clone(), s.clone());
+            col.insert(blk.up.name.clone(), s.clone());
+            out.awq.push(g);
+            let inv = inverse(&s);
+            for l in [&blk.gate.name, &blk.up.name] {
+                let scaled = hs[l].scaled(&inv);
+                hs.insert(l.clone(), scaled);
+            }
+            // down's input is silu(gate)·up: scaling up's output rows by 1/s divides it by s.
+            let dn = blk.down.name.clone();
+            let (h, a) = need(&dn)?;
+            let (s, g) = awq_group(spec, &mut [&mut blk.down], h, a)?;
+            let inv = inverse(&s);
+            let (mut uw, ur, uc) = blk.up.weight_rows()?;
+            for (r, k) in uw.chunks_mut(uc).zip(&inv) {
+                r.iter_mut().for_each(|v| *v *= k);
+            }
+            debug_assert_eq!(ur, inv.len());
+            blk.up.set_weight(uw)?;
+            row.insert(blk.up.name.clone(), inv.clone());
+            col.insert(dn.clone(), s);
+            out.awq.push(g);
+            let scaled = hs[&dn].scaled(&inv);
+            hs.insert(dn, scaled);
         }
         for lin in m.blocks[b].linears_mut() {
             let h = hs
                 .get(&lin.name)
                 .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
+            let bits = spec.width(&lin.name);
             let (w, rows, cols) = lin.weight_rows()?;
-            let q = quantize_gptq(&w, rows, cols, h, cfg)
-                .with_context(|| format!("GPTQ on '{}'", lin.name))?;
+            let q = spec
+                .round(&w, rows, cols, h, bits)
+                .with_context(|| format!("quantizing '{}'", lin.name))?;
             let deq = q.dequantize();
+            let (ow, _, _) = &originals[&lin.name];
+            let oh = &orig_h[&lin.name];
             let rtn = quantize_rtn(
-                &w,
+                ow,
                 rows,
                 cols,
                 &RtnConfig {
-                    bits: cfg.bits,
-                    group_size: cfg.group_size,
-                    grid: cfg.grid,
+                    bits,
+                    group_size: spec.group_size,
+                    grid: spec.grid,
                 },
             )?;
             let c = Calibrated {
                 output_rel_error: output_rel_error(&w, &deq, cols, h),
-                rtn_output_rel_error: output_rel_error(&w, &rtn.dequantize(), cols, h),
+                rtn_output_rel_error: output_rel_error(ow, &rtn.dequantize(), cols, oh),
+                method: spec.method(),
+                col_scale: col.remove(&lin.name),
+                row_scale: row.remove(&lin.name),
+                scaled_weight: spec.keep_hessians.then(|| w.clone()),
                 q,
             };
             lin.set_weight(deq)?;
-            out.insert(lin.name.clone(), c);
+            if spec.keep_hessians {
+                out.hessians.insert(lin.name.clone(), h.clone());
+            }
+            out.layers.insert(lin.name.clone(), c);
         }
         xs = xs
             .iter()
@@ -171,28 +430,55 @@ pub fn gptq_llama(
             .collect::<Result<_>>()?;
         progress(b + 1, n);
     }
+    if let Some(&bits) = spec.widths.get(&m.embed_name) {
+        let (vocab, hidden) = m.embed_dims();
+        let e = m.embedding_rows()?;
+        let q = quantize_rtn(
+            &e,
+            vocab,
+            hidden,
+            &RtnConfig {
+                bits,
+                group_size: spec.group_size,
+                grid: spec.grid,
+            },
+        )?;
+        m.set_embedding(q.dequantize())?;
+        out.layers.insert(
+            m.embed_name.clone(),
+            Calibrated {
+                q,
+                method: "rtn",
+                col_scale: None,
+                row_scale: None,
+                output_rel_error: f64::NAN,
+                rtn_output_rel_error: f64::NAN,
+                scaled_weight: None,
+            },
+        );
+    }
     Ok(out)
 }
 
-/// Loads the model at `path`, samples calibration windows and runs GPTQ on every linear layer.
-pub fn run_gptq(
+/// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`.
+pub fn run(
     src: Box<dyn adaptq_source::TensorSource>,
     calib: &Path,
     samples: usize,
     seq_len: usize,
     seed: u64,
-    cfg: &GptqConfig,
+    spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(BTreeMap<String, Calibrated>, CalibInfo)> {
+) -> Result<(Calibration, CalibInfo)> {
     let loaded = adaptq_model::load_weights(adaptq_model::from_source(src), "model".into())?;
     let (windows, info) = prepare(&loaded.tokenizer, calib, samples, seq_len, seed)?;
     let mut llama = match loaded.kind {
         adaptq_model::ModelKind::Llama(l) => l,
         adaptq_model::ModelKind::Bert(_) => bail!(
-            "GPTQ calibration runs on decoder (Llama-family) models; use --method rtn for BERT"
+            "calibrated methods run on decoder (Llama-family) models; use --method rtn for BERT"
         ),
     };
-    let out = gptq_llama(&mut llama, &windows, cfg, progress)?;
+    let out = calibrate_llama(&mut llama, &windows, spec, progress)?;
     Ok((out, info))
 }
 

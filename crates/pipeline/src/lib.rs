@@ -2,6 +2,7 @@
 //! can call them directly: [`quantize::quantize_model`], [`stats::bundle_stats`],
 //! [`info::describe_source`].
 
+pub mod apq;
 pub mod calibrate;
 pub mod info;
 pub mod quantize;

@@ -15,6 +15,10 @@ pub enum Method {
     Rtn,
     /// GPTQ: Hessian-aware rounding from calibration activations.
     Gptq,
+    /// AWQ: activation-aware channel scaling folded into the norms, then rounding.
+    Awq,
+    /// APQ: per-layer widths chosen from measured sensitivity under a size budget.
+    Apq,
 }
 
 /// What to do with embedding tables and a separate output head.
@@ -62,7 +66,12 @@ pub struct GptqSettings {
 pub struct Precomputed<'a> {
     pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::Calibrated>,
     pub info: &'a crate::calibrate::CalibInfo,
-    pub method: &'static str,
+    /// Tensors stored instead of the source's (norms with AWQ scales folded in).
+    pub overrides: &'a std::collections::BTreeMap<String, Vec<f32>>,
+    /// Extra sections for verification.json (AWQ search, APQ allocation, promotions, gates).
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    /// Gates measured by the calibrated pipeline (perplexity delta, spot checks, ...).
+    pub gates: Vec<Gate>,
 }
 
 impl Default for QuantizeConfig {
@@ -134,6 +143,9 @@ pub struct Verification {
     pub tensors: Vec<TensorReport>,
     pub totals: Totals,
     pub gates: Vec<Gate>,
+    /// Method-specific sections (AWQ search, APQ allocation, promotion rounds).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
     #[serde(rename = "OVERALL_STATUS")]
     pub overall_status: String,
 }
@@ -367,13 +379,15 @@ pub fn quantize_model(
                 error: None,
             }
         } else {
-            let x = src.read_f32(&info.name)?;
+            let x = match pre.as_ref().and_then(|p| p.overrides.get(&info.name)) {
+                Some(v) if v.len() == info.numel() => v.clone(),
+                Some(_) => bail!("replacement for '{}' has the wrong size", info.name),
+                None => src.read_f32(&info.name)?,
+            };
             let keep_f16 = matches!(role, TensorRole::Embedding | TensorRole::Output)
                 && cfg.embeddings == EmbeddingMode::F16;
-            let calibrated = pre
-                .as_ref()
-                .and_then(|p| p.layers.get(&info.name).map(|c| (c, p.method)));
-            let enc = if let (true, Some((c, method))) = (quantize, calibrated) {
+            let calibrated = pre.as_ref().and_then(|p| p.layers.get(&info.name));
+            let enc = if let (true, Some(c)) = (quantize, calibrated) {
                 if c.q.rows * c.q.cols != x.len() {
                     bail!(
                         "calibrated codes for '{}' do not match its shape {:?}",
@@ -381,7 +395,7 @@ pub fn quantize_model(
                         info.shape
                     );
                 }
-                encode_q(&x, &c.q, method)
+                encode_q(&c.reference(&x, c.q.cols), &c.q, c.method)
             } else if quantize {
                 if cfg.method != Method::Rtn && role == TensorRole::Linear {
                     bail!(
@@ -429,18 +443,24 @@ pub fn quantize_model(
             output_rel_error: pre
                 .as_ref()
                 .and_then(|p| p.layers.get(&info.name))
-                .map(|c| c.output_rel_error),
+                .map(|c| c.output_rel_error)
+                .filter(|v| v.is_finite()),
             rtn_output_rel_error: pre
                 .as_ref()
                 .and_then(|p| p.layers.get(&info.name))
-                .map(|c| c.rtn_output_rel_error),
+                .map(|c| c.rtn_output_rel_error)
+                .filter(|v| v.is_finite()),
         });
         read_bytes += info.byte_len as u64;
         progress(i + 1, total, read_bytes);
     }
 
-    let mut verification = build_verification(reports, cfg, all_finite, &w);
+    let extra_gates = pre.as_ref().map(|p| p.gates.clone()).unwrap_or_default();
+    let mut verification = build_verification(reports, cfg, all_finite, &w, extra_gates);
     verification.calibration = pre.as_ref().map(|p| p.info.clone());
+    if let Some(p) = &pre {
+        verification.extra = p.extra.clone();
+    }
     let meta = serde_json::to_vec_pretty(&desc.to_meta_json())?;
     w.add_file(MODEL_META, &meta)?;
     w.add_file(VERIFICATION, &serde_json::to_vec_pretty(&verification)?)?;
@@ -471,6 +491,7 @@ fn build_verification(
     cfg: &QuantizeConfig,
     all_finite: bool,
     w: &BundleWriter,
+    extra_gates: Vec<Gate>,
 ) -> Verification {
     let float = |t: &&TensorReport| !t.encoding.starts_with("raw");
     let params: u64 = tensors.iter().filter(float).map(|t| t.params as u64).sum();
@@ -526,6 +547,7 @@ fn build_verification(
             detail: format!("{bpw:.4} bits per weight overall; budget {max}"),
         });
     }
+    gates.extend(extra_gates);
     let overall = pass(gates.iter().all(|g| g.status == "PASS"));
     Verification {
         schema_version: 1,
@@ -533,6 +555,7 @@ fn build_verification(
         tensors,
         totals,
         gates,
+        extra: serde_json::Map::new(),
         overall_status: overall,
     }
 }

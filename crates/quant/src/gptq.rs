@@ -71,6 +71,22 @@ impl Hessian {
         self.rows
     }
 
+    /// The statistics of inputs scaled per channel by `d` (`x_j → d_j x_j`): `D H D`.
+    pub fn scaled(&self, d: &[f32]) -> Hessian {
+        let n = self.dim;
+        let mut sum = self.sum.clone();
+        for i in 0..n {
+            for j in 0..n {
+                sum[i * n + j] *= d[i] as f64 * d[j] as f64;
+            }
+        }
+        Hessian {
+            dim: n,
+            sum,
+            rows: self.rows,
+        }
+    }
+
     /// `H = 2/n · Σ xᵀx`.
     pub fn matrix(&self) -> Vec<f64> {
         let k = 2.0 / self.rows.max(1) as f64;

@@ -4,6 +4,7 @@
 //! row; when `cols` is not a multiple of the group size the row's last group is shorter, so any
 //! bit width works on any shape (576-wide rows included).
 
+pub mod awq;
 pub mod gptq;
 pub mod metrics;
 pub mod pack;

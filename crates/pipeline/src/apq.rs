@@ -1,0 +1,554 @@
+//! APQ: per-layer widths from measured sensitivity under a size budget, then fail-safe
+//! promotion of the worst layers until a perplexity gate passes.
+//!
+//! Sensitivity: for every linear layer and every candidate width, the relative output error
+//! `Σ Δw H Δwᵀ / Σ w H wᵀ` of round-to-nearest on the unquantized model's calibration inputs
+//! (the embedding table, tied to the head, is measured on the head's inputs). The allocator
+//! minimises the sum of these predicted errors under the bit budget by greedy upgrades in order
+//! of error removed per bit spent, which is optimal for convex error curves.
+
+use crate::calibrate::{collect_stats, CalibSpec, Calibration};
+use adaptq_model::llama::Llama;
+use adaptq_quant::awq::output_sq_error;
+use adaptq_quant::gptq::Hessian;
+use adaptq_quant::{quantize_rtn, Grid, RtnConfig};
+use anyhow::{bail, Result};
+use candle_core::Tensor;
+use faer::Mat;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Widths APQ chooses from.
+pub const CANDIDATES: [u8; 6] = [2, 3, 4, 5, 6, 8];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerProfile {
+    pub name: String,
+    pub params: usize,
+    pub groups: usize,
+    /// Relative output error of round-to-nearest at each candidate width.
+    pub errors: BTreeMap<u8, f64>,
+}
+
+fn rel_errors(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &Hessian,
+    widths: &[u8],
+    group_size: usize,
+    grid: Grid,
+) -> Result<BTreeMap<u8, f64>> {
+    let hm = h.matrix();
+    let m = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
+    let zero = vec![0f32; w.len()];
+    let energy = output_sq_error(w, &zero, cols, &m).max(1e-30);
+    let mut out = BTreeMap::new();
+    for &b in widths {
+        let q = quantize_rtn(
+            w,
+            rows,
+            cols,
+            &RtnConfig {
+                bits: b,
+                group_size,
+                grid,
+            },
+        )?;
+        out.insert(b, output_sq_error(w, &q.dequantize(), cols, &m) / energy);
+    }
+    Ok(out)
+}
+
+/// Measures every layer's sensitivity on the unquantized model.
+pub fn profile(
+    m: &Llama,
+    windows: &[Vec<u32>],
+    widths: &[u8],
+    group_size: usize,
+    grid: Grid,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<LayerProfile>> {
+    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
+    let n = m.blocks.len();
+    let mut out = Vec::new();
+    let gpr = |cols: usize| adaptq_quant::groups_per_row(cols, group_size);
+    for b in 0..n {
+        let (hs, _) = collect_stats(m, b, &xs)?;
+        let blk = &m.blocks[b];
+        for lin in [
+            &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
+        ] {
+            let (w, rows, cols) = lin.weight_rows()?;
+            out.push(LayerProfile {
+                name: lin.name.clone(),
+                params: rows * cols,
+                groups: rows * gpr(cols),
+                errors: rel_errors(&w, rows, cols, &hs[&lin.name], widths, group_size, grid)?,
+            });
+        }
+        xs = xs
+            .iter()
+            .map(|x| m.block(b, x, 0, None, &mut None))
+            .collect::<Result<_>>()?;
+        progress(b + 1, n + 1);
+    }
+    if m.tied() {
+        let mut h = Hessian::new(m.embed_dims().1);
+        for x in &xs {
+            let y = m.final_normed(x)?;
+            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
+            h.add_gram(&g, y.dims2()?.0);
+        }
+        let (rows, cols) = m.embed_dims();
+        let e = m.embedding_rows()?;
+        // The tied table is the input of every token and the head that makes every logit:
+        // its error reaches the output undamped, where a block's is one of n in the residual
+        // stream. Weighting it as much as all blocks together is a heuristic, recorded here.
+        let weight = n as f64;
+        out.push(LayerProfile {
+            name: m.embed_name.clone(),
+            params: rows * cols,
+            groups: rows * gpr(cols),
+            errors: rel_errors(&e, rows, cols, &h, widths, group_size, grid)?
+                .into_iter()
+                .map(|(b, e)| (b, e * weight))
+                .collect(),
+        });
+    }
+    progress(n + 1, n + 1);
+    Ok(out)
+}
+
+/// Bits a layer costs at width `b`: codes plus f16 scale (and f16 min when asymmetric) per group.
+pub fn layer_bits(p: &LayerProfile, b: u8, grid: Grid) -> u64 {
+    let per_group = if grid == Grid::Asymmetric { 32 } else { 16 };
+    p.params as u64 * b as u64 + p.groups as u64 * per_group
+}
+
+/// Chooses a width per layer so the total stays within `budget_bits`, minimising the summed
+/// predicted error. Starts every layer at the narrowest width; fails if even that does not fit.
+pub fn allocate(
+    profiles: &[LayerProfile],
+    budget_bits: u64,
+    grid: Grid,
+) -> Result<BTreeMap<String, u8>> {
+    let mut width: Vec<u8> = profiles
+        .iter()
+        .map(|p| *p.errors.keys().next().expect("at least one width"))
+        .collect();
+    let mut used: u64 = profiles
+        .iter()
+        .zip(&width)
+        .map(|(p, &b)| layer_bits(p, b, grid))
+        .sum();
+    if used > budget_bits {
+        bail!(
+            "the budget of {:.3} bits per weight cannot hold even {}-bit codes everywhere ({:.3} needed)",
+            budget_bits as f64 / profiles.iter().map(|p| p.params).sum::<usize>() as f64,
+            width.iter().min().unwrap_or(&0),
+            used as f64 / profiles.iter().map(|p| p.params).sum::<usize>() as f64
+        );
+    }
+    loop {
+        // Best upgrade by error removed per extra bit; ties broken by layer order.
+        let mut best: Option<(f64, usize, u8, u64)> = None;
+        for (i, p) in profiles.iter().enumerate() {
+            let cur = width[i];
+            let Some((&next, &e_next)) = p.errors.range(cur + 1..).next() else {
+                continue;
+            };
+            let extra = layer_bits(p, next, grid) - layer_bits(p, cur, grid);
+            if used + extra > budget_bits {
+                continue;
+            }
+            let gain = (p.errors[&cur] - e_next) / extra as f64;
+            if best.is_none_or(|(g, ..)| gain > g) {
+                best = Some((gain, i, next, extra));
+            }
+        }
+        let Some((gain, i, next, extra)) = best else {
+            break;
+        };
+        if gain <= 0.0 {
+            break;
+        }
+        width[i] = next;
+        used += extra;
+    }
+    Ok(profiles
+        .iter()
+        .zip(width)
+        .map(|(p, b)| (p.name.clone(), b))
+        .collect())
+}
+
+/// One promotion round: which layers were widened and the perplexity gate's reading after it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Promotion {
+    pub round: usize,
+    pub promoted: Vec<(String, u8, u8)>,
+    pub heldout_ppl_delta_pct: f64,
+    pub bits_per_weight: f64,
+}
+
+/// Widens the `k` layers with the largest output error to their next candidate width and
+/// re-quantizes them with their stored Hessians. Returns what changed (empty: nothing to do).
+pub fn promote(
+    m: &mut Llama,
+    cal: &mut Calibration,
+    spec: &mut CalibSpec,
+    k: usize,
+) -> Result<Vec<(String, u8, u8)>> {
+    let mut cands: Vec<(f64, String)> = cal
+        .layers
+        .iter()
+        .filter(|(n, c)| c.output_rel_error.is_finite() && cal.hessians.contains_key(*n))
+        .filter(|(n, _)| spec.width(n) < *CANDIDATES.last().unwrap())
+        .map(|(n, c)| (c.output_rel_error, n.clone()))
+        .collect();
+    cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut changed = Vec::new();
+    for (_, name) in cands.into_iter().take(k) {
+        let from = spec.width(&name);
+        let to = *CANDIDATES
+            .iter()
+            .find(|&&b| b > from)
+            .expect("filtered above");
+        spec.widths.insert(name.clone(), to);
+        let h = &cal.hessians[&name];
+        let lin = m
+            .blocks
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .find(|l| l.name == name)
+            .expect("layer of this model");
+        let c = cal.layers.get_mut(&name).expect("listed");
+        // Re-quantize the (scaled) weight the codes stand for, not the reconstruction.
+        let (rows, cols) = (c.q.rows, c.q.cols);
+        let w = c.scaled_weight.clone().expect("kept with hessians");
+        let q = spec.round(&w, rows, cols, h, to)?;
+        let deq = q.dequantize();
+        c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
+        c.q = q;
+        lin.set_weight(deq)?;
+        changed.push((name, from, to));
+    }
+    Ok(changed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, params: usize, e: &[(u8, f64)]) -> LayerProfile {
+        LayerProfile {
+            name: name.into(),
+            params,
+            groups: params / 128,
+            errors: e.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn allocation_spends_bits_where_they_remove_most_error() {
+        let ps = vec![
+            p(
+                "sensitive",
+                1280,
+                &[(2, 1.0), (3, 0.3), (4, 0.08), (8, 0.001)],
+            ),
+            p(
+                "robust",
+                1280,
+                &[(2, 0.05), (3, 0.012), (4, 0.003), (8, 0.0001)],
+            ),
+        ];
+        // Room for 3.5 bits on average plus scales.
+        let budget = (2 * 1280) as u64 * 35 / 10 + 2 * 10 * 16;
+        let w = allocate(&ps, budget, Grid::Symmetric).unwrap();
+        assert!(w["sensitive"] > w["robust"], "{w:?}");
+        let used: u64 = ps
+            .iter()
+            .map(|x| layer_bits(x, w[&x.name], Grid::Symmetric))
+            .sum();
+        assert!(used <= budget);
+        // An impossible budget is an error, not a silent overrun.
+        assert!(allocate(&ps, 1000, Grid::Symmetric).is_err());
+    }
+}
+
+/// Perplexity of `m` on `windows`, every position scored (the held-out gate's measure).
+pub fn heldout_ppl(m: &Llama, windows: &[Vec<u32>]) -> Result<f64> {
+    let (mut nll, mut n) = (0.0f64, 0usize);
+    for w in windows {
+        let logits = m.forward(w, None, None)?.to_vec2::<f32>()?;
+        for (row, &t) in logits.iter().zip(&w[1..]) {
+            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
+            let lse = row
+                .iter()
+                .map(|&v| ((v - mx) as f64).exp())
+                .sum::<f64>()
+                .ln()
+                + mx as f64;
+            nll += lse - row[t as usize] as f64;
+            n += 1;
+        }
+    }
+    Ok((nll / n.max(1) as f64).exp())
+}
+
+/// APQ settings from the command line.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApqSettings {
+    /// Overall bits per weight, every tensor (embeddings, head, norms) counted.
+    pub target_bpw: f64,
+    /// Allowed widths (subset of [`CANDIDATES`]).
+    pub widths: Vec<u8>,
+    pub group_size: usize,
+    pub grid: Grid,
+    pub awq: bool,
+    pub damp: f64,
+    pub act_order: bool,
+    /// Gate: held-out perplexity may rise at most this many percent over the unquantized model.
+    pub max_ppl_delta: f64,
+    /// Promotion stops before overall bits per weight would pass this.
+    pub max_bpw: Option<f64>,
+    pub promote_per_round: usize,
+    pub max_rounds: usize,
+    pub heldout_windows: usize,
+}
+
+/// What APQ produced: the calibration (codes, folded norms), sampling info, the sections for
+/// verification.json and the gates it measured.
+pub struct ApqOutcome {
+    pub cal: Calibration,
+    pub info: crate::calibrate::CalibInfo,
+    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub gates: Vec<crate::quantize::Gate>,
+}
+
+fn bpw_of(
+    profiles: &[LayerProfile],
+    spec: &CalibSpec,
+    other_bits: u64,
+    total: u64,
+    grid: Grid,
+) -> f64 {
+    let q: u64 = profiles
+        .iter()
+        .map(|p| layer_bits(p, spec.width(&p.name), grid))
+        .sum();
+    (q + other_bits) as f64 / total as f64
+}
+
+/// The whole APQ pipeline on a decoder model: profile, allocate, calibrate (AWQ/GPTQ at the
+/// chosen widths), then promote the worst layers until the held-out perplexity gate passes or
+/// the size budget / round limit is reached. `progress(stage, done, total)`.
+pub fn run(
+    src: Box<dyn adaptq_source::TensorSource>,
+    calib: &std::path::Path,
+    samples: usize,
+    seq_len: usize,
+    seed: u64,
+    s: &ApqSettings,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<ApqOutcome> {
+    use crate::calibrate::{fingerprint, sample_windows, CalibConfig, CalibInfo, Rounding};
+    use crate::quantize::Gate;
+    let loaded = adaptq_model::load_weights(adaptq_model::from_source(src), "model".into())?;
+    let text = std::fs::read_to_string(calib)
+        .map_err(|e| anyhow::anyhow!("reading calibration text {}: {e}", calib.display()))?;
+    let tokens = adaptq_model::tokenizer::encode(&loaded.tokenizer, &text)?;
+    let mut m = match loaded.kind {
+        adaptq_model::ModelKind::Llama(l) => l,
+        adaptq_model::ModelKind::Bert(_) => bail!("APQ runs on decoder (Llama-family) models"),
+    };
+    // The last tenth of the text is held out: the gate never sees calibration tokens.
+    let cut = tokens.len() * 9 / 10;
+    let windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
+    let held = sample_windows(&tokens[cut..], s.heldout_windows, seq_len, seed ^ 0x5EED)?;
+    let info = CalibInfo {
+        config: CalibConfig {
+            file: calib
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            samples,
+            seq_len,
+            seed,
+        },
+        text_tokens: tokens.len(),
+        fingerprint: fingerprint(&windows),
+    };
+    let base_ppl = heldout_ppl(&m, &held)?;
+    let widths: Vec<u8> = CANDIDATES
+        .iter()
+        .copied()
+        .filter(|b| s.widths.contains(b))
+        .collect();
+    if widths.is_empty() {
+        bail!(
+            "no APQ width in {:?} (candidates: {CANDIDATES:?})",
+            s.widths
+        );
+    }
+    let n_prof = samples.min(16);
+    let profiles = profile(
+        &m,
+        &windows[..n_prof],
+        &widths,
+        s.group_size,
+        s.grid,
+        &mut |d, t| progress("profile", d, t),
+    )?;
+    let quant_params: u64 = profiles.iter().map(|p| p.params as u64).sum();
+    let d = &m.desc;
+    let other_params = (d.n_layers * 2 * d.hidden + d.hidden) as u64;
+    let other_bits = other_params * 32;
+    let total = quant_params + other_params;
+    let budget = ((s.target_bpw * total as f64) as u64).saturating_sub(other_bits);
+    let alloc = allocate(&profiles, budget, s.grid)?;
+    let predicted: f64 = profiles.iter().map(|p| p.errors[&alloc[&p.name]]).sum();
+    let mut spec = CalibSpec {
+        bits: widths[0],
+        group_size: s.group_size,
+        grid: s.grid,
+        rounding: Rounding::Gptq {
+            damp: s.damp,
+            act_order: s.act_order,
+        },
+        awq: s.awq,
+        widths: alloc.clone(),
+        keep_hessians: true,
+    };
+    let mut cal = crate::calibrate::calibrate_llama(&mut m, &windows, &spec, &mut |d, t| {
+        progress("calibrate", d, t)
+    })?;
+    let mut ppl = heldout_ppl(&m, &held)?;
+    let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
+    let mut rounds = Vec::new();
+    let mut stop_reason = "gate passed".to_string();
+    for round in 1..=s.max_rounds {
+        if delta(ppl) <= s.max_ppl_delta {
+            break;
+        }
+        if round == s.max_rounds {
+            stop_reason = format!("{} promotion rounds used", s.max_rounds);
+        }
+        let before = spec.clone();
+        let changed = promote(&mut m, &mut cal, &mut spec, s.promote_per_round)?;
+        if changed.is_empty() {
+            stop_reason = "every layer is at the widest width".into();
+            break;
+        }
+        let bpw = bpw_of(&profiles, &spec, other_bits, total, s.grid);
+        if s.max_bpw.is_some_and(|mx| bpw > mx) {
+            // Undo: the size budget wins over the quality gate, and the gate reports FAIL.
+            for (name, from, _) in &changed {
+                let h = &cal.hessians[name];
+                let c = cal.layers.get_mut(name).expect("promoted layer");
+                let w = c.scaled_weight.clone().expect("kept");
+                let q = before.round(&w, c.q.rows, c.q.cols, h, *from)?;
+                let deq = q.dequantize();
+                c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, c.q.cols, h);
+                c.q = q;
+                m.blocks
+                    .iter_mut()
+                    .flat_map(|b| b.linears_mut())
+                    .find(|l| &l.name == name)
+                    .expect("layer")
+                    .set_weight(deq)?;
+            }
+            spec = before;
+            stop_reason = "size budget (--max-bpw) exhausted".into();
+            break;
+        }
+        ppl = heldout_ppl(&m, &held)?;
+        progress("promote", round, s.max_rounds);
+        rounds.push(Promotion {
+            round,
+            promoted: changed,
+            heldout_ppl_delta_pct: delta(ppl),
+            bits_per_weight: bpw,
+        });
+    }
+    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" }.to_string();
+    let mut gates = vec![Gate {
+        name: "heldout_ppl_delta".into(),
+        status: pass(delta(ppl) <= s.max_ppl_delta),
+        detail: format!(
+            "held-out perplexity {ppl:.4} vs {base_ppl:.4} unquantized ({:+.2}%) on {} windows of {seq_len} tokens from the last tenth of {}; limit {:+.2}%; promotion stopped: {stop_reason}",
+            delta(ppl),
+            held.len(),
+            info.config.file,
+            s.max_ppl_delta
+        ),
+    }];
+    // Layer-error outliers: log10 relative output error above Q3 + 3 IQR.
+    let mut errs: Vec<(f64, &String)> = cal
+        .layers
+        .iter()
+        .filter(|(_, c)| c.output_rel_error.is_finite() && c.output_rel_error > 0.0)
+        .map(|(n, c)| (c.output_rel_error.log10(), n))
+        .collect();
+    errs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let q = |f: f64| errs[((errs.len() - 1) as f64 * f) as usize].0;
+    let fence = q(0.75) + 3.0 * (q(0.75) - q(0.25));
+    let outliers: Vec<String> = errs
+        .iter()
+        .filter(|(e, _)| *e > fence)
+        .map(|(e, n)| format!("{n} ({:.4})", 10f64.powf(*e)))
+        .collect();
+    gates.push(Gate {
+        name: "layer_error_outliers".into(),
+        status: pass(outliers.is_empty()),
+        detail: if outliers.is_empty() {
+            format!("no layer's output error above 10^{fence:.2} (Q3 + 3 IQR of log10 errors)")
+        } else {
+            format!("above 10^{fence:.2}: {}", outliers.join(", "))
+        },
+    });
+    // Determinism: the first layer re-quantized from the same inputs gives the same codes.
+    if let Some((name, c)) = cal
+        .layers
+        .iter()
+        .find(|(n, _)| cal.hessians.contains_key(*n))
+    {
+        let w = c.scaled_weight.as_ref().expect("kept");
+        let again = spec.round(w, c.q.rows, c.q.cols, &cal.hessians[name], spec.width(name))?;
+        let same = again.codes == c.q.codes && again.scales == c.q.scales && again.mins == c.q.mins;
+        gates.push(Gate {
+            name: "determinism".into(),
+            status: pass(same),
+            detail: format!("'{name}' re-quantized from the same inputs gives identical codes and scales: {same}"),
+        });
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert(
+        "apq".into(),
+        serde_json::json!({
+            "settings": s,
+            "predicted_error_sum": predicted,
+            "allocation": alloc,
+            "final_widths": profiles.iter().map(|p| (p.name.clone(), spec.width(&p.name))).collect::<BTreeMap<_, _>>(),
+            "bits_per_weight_planned": bpw_of(&profiles, &spec, other_bits, total, s.grid),
+            "profile": profiles,
+            "heldout": {"windows": held.len(), "seq_len": seq_len, "base_ppl": base_ppl, "ppl": ppl, "delta_pct": delta(ppl)},
+            "promotion_rounds": rounds,
+        }),
+    );
+    if !cal.awq.is_empty() {
+        extra.insert("awq".into(), serde_json::to_value(&cal.awq)?);
+    }
+    cal.hessians.clear();
+    for c in cal.layers.values_mut() {
+        c.scaled_weight = None;
+    }
+    Ok(ApqOutcome {
+        cal,
+        info,
+        extra,
+        gates,
+    })
+}
