@@ -43,6 +43,13 @@ enum ScoreArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ReportFormat {
+    Json,
+    Md,
+    Html,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum EmbedArg {
     F16,
     F32,
@@ -128,6 +135,15 @@ enum Cmd {
         /// Replace the output folder if it exists.
         #[arg(long)]
         force: bool,
+    },
+    /// Where a bundle lost quality: per-layer widths and errors, error histogram, gates, sizes.
+    Report {
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value = "md")]
+        format: ReportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Check a bundle: every shard hash, sizes, index coverage, global digest. Exit 0 only if all hold.
     Verify {
@@ -572,6 +588,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Cmd::Report { dir, format, out } => {
+            let r = adaptq_pipeline::report::build(&dir)?;
+            let text = match format {
+                ReportFormat::Json => serde_json::to_string_pretty(&r)? + "\n",
+                ReportFormat::Md => adaptq_pipeline::report::markdown(&r),
+                ReportFormat::Html => adaptq_pipeline::report::html(&r),
+            };
+            match out {
+                Some(p) => {
+                    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?
+                }
+                None => print!("{text}"),
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Info { path, tensors } => {
             if path.join(adaptq_bundle::MANIFEST).exists() {

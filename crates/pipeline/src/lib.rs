@@ -6,6 +6,7 @@ pub mod apq;
 pub mod calibrate;
 pub mod info;
 pub mod quantize;
+pub mod report;
 pub mod stats;
 
 pub use quantize::{

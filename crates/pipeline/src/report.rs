@@ -1,0 +1,320 @@
+//! `adaptq report`: where a bundle lost quality, at a glance. Built from the bundle's own
+//! `manifest.json` and `verification.json`, as JSON, Markdown or a self-contained HTML page
+//! with SVG charts (per-layer error bars coloured by width, and a histogram of layer errors).
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::fmt::Write;
+use std::path::Path;
+
+/// One quantized tensor's line in the report.
+struct Row {
+    name: String,
+    encoding: String,
+    bits: u8,
+    bpw: f64,
+    /// Output error on calibration inputs when measured, else weight relative MSE.
+    error: f64,
+    error_kind: &'static str,
+}
+
+fn rows(v: &Value) -> Vec<Row> {
+    v["tensors"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+        .iter()
+        .filter(|t| t["encoding"].as_str().is_some_and(|e| e.starts_with("int")))
+        .map(|t| {
+            let enc = t["encoding"].as_str().unwrap_or("").to_string();
+            let bits = enc
+                .trim_start_matches("int")
+                .split('-')
+                .next()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            let (error, kind) = match t["output_rel_error"].as_f64() {
+                Some(e) => (e, "output"),
+                None => (t["rel_mse"].as_f64().unwrap_or(f64::NAN), "weight"),
+            };
+            Row {
+                name: t["name"].as_str().unwrap_or("").to_string(),
+                encoding: enc,
+                bits,
+                bpw: t["bits_per_weight"].as_f64().unwrap_or(0.0),
+                error,
+                error_kind: kind,
+            }
+        })
+        .collect()
+}
+
+/// Histogram of log10 errors: (lower edge, upper edge, count), 12 bins over the data's range.
+fn histogram(rows: &[Row]) -> Vec<(f64, f64, usize)> {
+    let logs: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.error > 0.0 && r.error.is_finite())
+        .map(|r| r.error.log10())
+        .collect();
+    if logs.is_empty() {
+        return Vec::new();
+    }
+    let lo = logs.iter().cloned().fold(f64::MAX, f64::min).floor();
+    let hi = logs
+        .iter()
+        .cloned()
+        .fold(f64::MIN, f64::max)
+        .ceil()
+        .max(lo + 1.0);
+    let bins = 12;
+    let w = (hi - lo) / bins as f64;
+    let mut h = vec![0usize; bins];
+    for l in logs {
+        h[(((l - lo) / w) as usize).min(bins - 1)] += 1;
+    }
+    h.iter()
+        .enumerate()
+        .map(|(i, &c)| (lo + i as f64 * w, lo + (i + 1) as f64 * w, c))
+        .collect()
+}
+
+/// The report as JSON (the other formats render this).
+pub fn build(dir: &Path) -> Result<Value> {
+    let read = |f: &str| -> Result<Value> {
+        let p = dir.join(f);
+        serde_json::from_slice(
+            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", p.display()))
+    };
+    let m = read(adaptq_bundle::MANIFEST)?;
+    let v = read(adaptq_bundle::VERIFICATION)?;
+    let rs = rows(&v);
+    let mut by_bits = std::collections::BTreeMap::<u8, usize>::new();
+    for r in &rs {
+        *by_bits.entry(r.bits).or_default() += 1;
+    }
+    let mut worst: Vec<&Row> = rs.iter().filter(|r| r.error.is_finite()).collect();
+    worst.sort_by(|a, b| b.error.total_cmp(&a.error));
+    Ok(json!({
+        "model_id": m["model_id"],
+        "source": m["source"],
+        "quantization": m["quantization"],
+        "totals": v["totals"],
+        "gates": v["gates"],
+        "OVERALL_STATUS": v["OVERALL_STATUS"],
+        "layers_by_width": by_bits.iter().map(|(b, n)| (b.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "worst_layers": worst.iter().take(10).map(|r| json!({"name": r.name, "encoding": r.encoding, "error": r.error, "error_kind": r.error_kind})).collect::<Vec<_>>(),
+        "error_histogram_log10": histogram(&rs).iter().map(|(a, b, c)| json!({"from": a, "to": b, "count": c})).collect::<Vec<_>>(),
+        "layers": rs.iter().map(|r| json!({"name": r.name, "encoding": r.encoding, "bits": r.bits, "bits_per_weight": r.bpw, "error": r.error, "error_kind": r.error_kind})).collect::<Vec<_>>(),
+        "promotion_rounds": v["apq"]["promotion_rounds"],
+        "heldout": v["apq"]["heldout"],
+    }))
+}
+
+fn fmt_gates(r: &Value, out: &mut String) {
+    for g in r["gates"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            g["name"].as_str().unwrap_or(""),
+            g["status"].as_str().unwrap_or(""),
+            g["detail"].as_str().unwrap_or("").replace('|', "/")
+        );
+    }
+}
+
+/// Markdown rendering.
+pub fn markdown(r: &Value) -> String {
+    let mut s = String::new();
+    let t = &r["totals"];
+    let _ = writeln!(
+        s,
+        "# adaptq report: {}\n",
+        r["model_id"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(
+        s,
+        "**OVERALL_STATUS: {}** · {:.3} bits per weight overall · {} bytes of tensors · {:.2}x smaller than f16\n",
+        r["OVERALL_STATUS"].as_str().unwrap_or("?"),
+        t["bits_per_weight"].as_f64().unwrap_or(0.0),
+        t["payload_bytes"],
+        t["compression_vs_f16"].as_f64().unwrap_or(0.0)
+    );
+    s.push_str("## Gates\n\n| gate | status | detail |\n|---|---|---|\n");
+    fmt_gates(r, &mut s);
+    s.push_str("\n## Widths\n\n| bits | layers |\n|---|---|\n");
+    if let Some(m) = r["layers_by_width"].as_object() {
+        for (b, n) in m {
+            let _ = writeln!(s, "| {b} | {n} |");
+        }
+    }
+    s.push_str(
+        "\n## Worst layers\n\n| layer | encoding | error | measured on |\n|---|---|---|---|\n",
+    );
+    for w in r["worst_layers"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+    {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.5} | {} |",
+            w["name"].as_str().unwrap_or(""),
+            w["encoding"].as_str().unwrap_or(""),
+            w["error"].as_f64().unwrap_or(f64::NAN),
+            w["error_kind"].as_str().unwrap_or("")
+        );
+    }
+    s.push_str("\n## Layer-error histogram (log10)\n\n| from | to | layers |\n|---|---|---|\n");
+    for h in r["error_histogram_log10"]
+        .as_array()
+        .map(|a| a.as_slice())
+        .unwrap_or(&[])
+    {
+        let _ = writeln!(
+            s,
+            "| {:.2} | {:.2} | {} |",
+            h["from"].as_f64().unwrap_or(0.0),
+            h["to"].as_f64().unwrap_or(0.0),
+            h["count"]
+        );
+    }
+    if let Some(rounds) = r["promotion_rounds"].as_array() {
+        s.push_str("\n## Promotion rounds\n\n| round | promoted | held-out ΔPPL % | bpw |\n|---|---|---|---|\n");
+        for p in rounds {
+            let names: Vec<String> = p["promoted"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .map(|x| format!("{} {}→{}", x[0].as_str().unwrap_or(""), x[1], x[2]))
+                .collect();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} | {:.3} |",
+                p["round"],
+                names.join(", "),
+                p["heldout_ppl_delta_pct"].as_f64().unwrap_or(f64::NAN),
+                p["bits_per_weight"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    s
+}
+
+fn esc(x: &str) -> String {
+    x.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+const COLORS: [(u8, &str); 7] = [
+    (2, "#d73027"),
+    (3, "#fc8d59"),
+    (4, "#fee08b"),
+    (5, "#d9ef8b"),
+    (6, "#91cf60"),
+    (8, "#1a9850"),
+    (0, "#999999"),
+];
+
+fn color(bits: u8) -> &'static str {
+    COLORS
+        .iter()
+        .find(|(b, _)| *b == bits)
+        .map(|(_, c)| *c)
+        .unwrap_or("#4575b4")
+}
+
+/// Self-contained HTML with inline SVG: per-layer error bars (log scale) and the histogram.
+pub fn html(r: &Value) -> String {
+    let layers = r["layers"].as_array().cloned().unwrap_or_default();
+    let errs: Vec<f64> = layers
+        .iter()
+        .map(|l| l["error"].as_f64().unwrap_or(f64::NAN))
+        .collect();
+    let logs: Vec<f64> = errs
+        .iter()
+        .filter(|e| **e > 0.0 && e.is_finite())
+        .map(|e| e.log10())
+        .collect();
+    let lo = logs.iter().cloned().fold(f64::MAX, f64::min).floor();
+    let hi = logs
+        .iter()
+        .cloned()
+        .fold(f64::MIN, f64::max)
+        .ceil()
+        .max(lo + 1.0);
+    let (w, h) = (900.0, 260.0);
+    let bw = w / layers.len().max(1) as f64;
+    let mut bars = String::new();
+    for (i, l) in layers.iter().enumerate() {
+        let e = errs[i];
+        if !(e > 0.0 && e.is_finite()) {
+            continue;
+        }
+        let bh = (e.log10() - lo) / (hi - lo) * h;
+        let _ = write!(
+            bars,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{}\"><title>{} {} error {:.5}</title></rect>",
+            i as f64 * bw,
+            h - bh,
+            bw.max(0.5),
+            bh,
+            color(l["bits"].as_u64().unwrap_or(0) as u8),
+            esc(l["name"].as_str().unwrap_or("")),
+            esc(l["encoding"].as_str().unwrap_or("")),
+            e
+        );
+    }
+    let hist = r["error_histogram_log10"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let maxc = hist
+        .iter()
+        .filter_map(|x| x["count"].as_u64())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let hbw = 400.0 / hist.len().max(1) as f64;
+    let mut hbars = String::new();
+    for (i, b) in hist.iter().enumerate() {
+        let c = b["count"].as_u64().unwrap_or(0) as f64;
+        let bh = c / maxc * 160.0;
+        let _ = write!(
+            hbars,
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#4575b4\"><title>10^{:.2}..10^{:.2}: {} layers</title></rect><text x=\"{:.1}\" y=\"178\" font-size=\"9\">{:.1}</text>",
+            i as f64 * hbw,
+            160.0 - bh,
+            hbw - 2.0,
+            bh,
+            b["from"].as_f64().unwrap_or(0.0),
+            b["to"].as_f64().unwrap_or(0.0),
+            c,
+            i as f64 * hbw,
+            b["from"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let legend: String = COLORS
+        .iter()
+        .filter(|(b, _)| *b > 0)
+        .map(|(b, c)| {
+            format!("<span style=\"background:{c};padding:0 8px;margin-right:6px\">{b}-bit</span>")
+        })
+        .collect();
+    let md = markdown(r);
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>adaptq report</title>\
+<style>body{{font-family:sans-serif;max-width:960px;margin:auto}}pre{{white-space:pre-wrap}}</style></head><body>\
+<h1>adaptq report: {}</h1><p><b>OVERALL_STATUS: {}</b></p>\
+<h2>Per-layer error (log10 scale {lo:.0} to {hi:.0}; hover for names)</h2><p>{legend}</p>\
+<svg width=\"{w}\" height=\"{h}\" style=\"border:1px solid #ccc\">{bars}</svg>\
+<h2>Layer-error histogram (log10)</h2><svg width=\"420\" height=\"185\">{hbars}</svg>\
+<h2>Details</h2><pre>{}</pre></body></html>\n",
+        esc(r["model_id"].as_str().unwrap_or("?")),
+        esc(r["OVERALL_STATUS"].as_str().unwrap_or("?")),
+        esc(&md)
+    )
+}
