@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The quantization comparison table, end to end on the real model in one run: each method and
+# config is quantized (calibrated on emma.txt), verified, and evaluated on the first CHUNKS
+# windows of prideprejudice.txt (ctx 512, second half scored) against the f32 model. Wall time
+# and peak RSS of each quantize come from /usr/bin/time -v. Prints a markdown table; the
+# llama.cpp anchors for the same model and text are in ../shared/anchors/.
+#
+# Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 64), ONLY (a regex over the
+# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 3 hours on 2 cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-fixtures.sh >/dev/null
+cargo build --release -p adaptq 2>/dev/null
+bin=target/release/adaptq
+m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+calib=../shared/corpora/austen/emma.txt
+text=../shared/corpora/austen/prideprejudice.txt
+chunks=${CHUNKS:-40}
+samples=${SAMPLES:-64}
+only=${ONLY:-.}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+C="--calib $calib --calib-samples $samples --act-order"
+rows=(
+  "rtn4-sym|--bits 4 --group-size 128 --sym"
+  "rtn4-sym-allquant|--bits 4 --group-size 128 --sym --embeddings quant"
+  "gptq4-sym|--method gptq --bits 4 --group-size 128 --sym $C"
+  "awq4-sym|--method awq --bits 4 --group-size 128 --sym $C"
+  "rtn3-asym|--bits 3 --group-size 128"
+  "gptq3-asym|--method gptq --bits 3 --group-size 128 $C"
+  "awq3-asym|--method awq --bits 3 --group-size 128 $C"
+  "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym $C"
+  "rtn2-asym-g64|--bits 2 --group-size 64"
+  "gptq2-asym-g64|--method gptq --bits 2 --group-size 64 $C"
+  "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym $C"
+)
+echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | gates |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
+for row in "${rows[@]}"; do
+  name=${row%%|*}; args=${row#*|}
+  [[ $name =~ $only ]] || continue
+  out="$tmp/$name"
+  # shellcheck disable=SC2086
+  /usr/bin/time -v "$bin" quantize "$m" --out "$out" $args >"$tmp/$name.log" 2>"$tmp/$name.time" || true
+  "$bin" verify "$out" >/dev/null
+  "$bin" eval "$out" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name.json"
+  python3 - "$name" "$out" "$tmp/$name.json" "$tmp/$name.time" <<'PY'
+import json, sys, re
+name, out, ev, tm = sys.argv[1:]
+v = json.load(open(f"{out}/verification.json")); e = json.load(open(ev)); t = open(tm).read()
+wall = re.search(r"Elapsed \(wall clock\) time.*: (.*)", t).group(1).split(":")
+secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024
+tot = v["totals"]
+failed = [g["name"] for g in v["gates"] if g["status"] != "PASS"]
+print(f"| {name} | {tot['payload_bytes']} | {tot['bits_per_weight']:.3f} | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.1f} | "
+      f"{e['kld_mean']:.4f} | {100*e['top1_agreement']:.2f} | {secs:.1f} | {rss:.0f} | {v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
+PY
+done
