@@ -82,6 +82,11 @@ enum Cmd {
         /// Search and fold AWQ scales before GPTQ/APQ rounding (always on for --method awq).
         #[arg(long)]
         awq: bool,
+        /// Progressive pass for calibrated methods: after rounding, re-fit each group's scale
+        /// (and min) to the layer's output error on the calibration inputs, codes fixed; kept
+        /// only where it lowers the error. The reduction is recorded per layer.
+        #[arg(long)]
+        refit: bool,
         /// APQ gate: held-out perplexity may rise at most this many percent.
         #[arg(long, default_value_t = 2.0)]
         max_ppl_delta: f64,
@@ -319,6 +324,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             target_bpw,
             awq,
+            refit,
             max_ppl_delta,
             promote_per_round,
             max_rounds,
@@ -377,6 +383,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         awq: awq || matches!(method, MethodArg::Awq),
                         widths: Default::default(),
                         keep_hessians: false,
+                        refit,
                     };
                     let pb = calib_bar(source.desc().n_layers as u64, "calibrate");
                     let (cal, info) = adaptq_pipeline::calibrate::run(
@@ -413,6 +420,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         group_size,
                         grid,
                         awq,
+                        refit,
                         damp,
                         act_order,
                         max_ppl_delta,

@@ -308,6 +308,8 @@ pub struct ApqSettings {
     pub group_size: usize,
     pub grid: Grid,
     pub awq: bool,
+    /// Re-fit group scales after rounding (progressive pass).
+    pub refit: bool,
     pub damp: f64,
     pub act_order: bool,
     /// Gate: held-out perplexity may rise at most this many percent over the unquantized model.
@@ -421,6 +423,7 @@ pub fn run(
         awq: s.awq,
         widths: alloc.clone(),
         keep_hessians: true,
+        refit: s.refit,
     };
     let mut cal = crate::calibrate::calibrate_llama(&mut m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)

@@ -112,6 +112,8 @@ pub struct Calibrated {
     pub rtn_output_rel_error: f64,
     /// The (scaled) weight before rounding, kept for re-quantization when promoting.
     pub scaled_weight: Option<Vec<f32>>,
+    /// Fraction of the output error the scale re-fit removed (progressive pass).
+    pub refit_error_reduction: Option<f64>,
 }
 
 impl Calibrated {
@@ -151,6 +153,8 @@ pub struct CalibSpec {
     pub widths: BTreeMap<String, u8>,
     /// Keep each layer's Hessian (for re-quantizing promoted layers).
     pub keep_hessians: bool,
+    /// Progressive pass: re-fit group scales/mins to the output error with codes fixed.
+    pub refit: bool,
 }
 
 impl CalibSpec {
@@ -167,6 +171,34 @@ impl CalibSpec {
     }
     /// Rounds `w` at `bits` against `h` as the spec says.
     pub fn round(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &Hessian,
+        bits: u8,
+    ) -> Result<QuantizedTensor> {
+        Ok(self.round_reporting(w, rows, cols, h, bits)?.0)
+    }
+
+    /// Rounds, then (with `refit`) re-fits the group parameters; also returns the refit's
+    /// output error before and after.
+    pub fn round_reporting(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &Hessian,
+        bits: u8,
+    ) -> Result<(QuantizedTensor, Option<(f64, f64)>)> {
+        let mut q = self.round_only(w, rows, cols, h, bits)?;
+        let gain = self
+            .refit
+            .then(|| adaptq_quant::refit::refit_scales(&mut q, w, &h.matrix()));
+        Ok((q, gain))
+    }
+
+    fn round_only(
         &self,
         w: &[f32],
         rows: usize,
@@ -393,8 +425,8 @@ pub fn calibrate_llama(
                 .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
             let bits = spec.width(&lin.name);
             let (w, rows, cols) = lin.weight_rows()?;
-            let q = spec
-                .round(&w, rows, cols, h, bits)
+            let (q, refit) = spec
+                .round_reporting(&w, rows, cols, h, bits)
                 .with_context(|| format!("quantizing '{}'", lin.name))?;
             let deq = q.dequantize();
             let (ow, _, _) = &originals[&lin.name];
@@ -416,6 +448,7 @@ pub fn calibrate_llama(
                 col_scale: col.remove(&lin.name),
                 row_scale: row.remove(&lin.name),
                 scaled_weight: spec.keep_hessians.then(|| w.clone()),
+                refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
                 q,
             };
             lin.set_weight(deq)?;
@@ -454,6 +487,7 @@ pub fn calibrate_llama(
                 output_rel_error: f64::NAN,
                 rtn_output_rel_error: f64::NAN,
                 scaled_weight: None,
+                refit_error_reduction: None,
             },
         );
     }

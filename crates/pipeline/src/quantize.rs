@@ -113,6 +113,9 @@ pub struct TensorReport {
     /// The same for round-to-nearest at the same config: what calibration bought.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rtn_output_rel_error: Option<f64>,
+    /// Fraction of the output error removed by re-fitting scales with codes fixed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refit_error_reduction: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -450,6 +453,10 @@ pub fn quantize_model(
                 .and_then(|p| p.layers.get(&info.name))
                 .map(|c| c.rtn_output_rel_error)
                 .filter(|v| v.is_finite()),
+            refit_error_reduction: pre
+                .as_ref()
+                .and_then(|p| p.layers.get(&info.name))
+                .and_then(|c| c.refit_error_reduction),
         });
         read_bytes += info.byte_len as u64;
         progress(i + 1, total, read_bytes);

@@ -8,6 +8,7 @@ pub mod awq;
 pub mod gptq;
 pub mod metrics;
 pub mod pack;
+pub mod refit;
 pub mod rtn;
 
 pub use metrics::LayerError;
