@@ -275,7 +275,7 @@ fn parse_bits(s: &str) -> Result<(u8, u8)> {
             format!("--bits '{s}': expected a width like 4 or a range like 3-4")
         })?;
         if !(2..=8).contains(&v) {
-            bail!("--bits '{s}': widths run from 2 to 8");
+            bail!("--bits '{s}': widths must be between 2 and 8");
         }
         Ok(v)
     };
