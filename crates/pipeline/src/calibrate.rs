@@ -466,28 +466,45 @@ pub fn calibrate_llama(
     if let Some(&bits) = spec.widths.get(&m.embed_name) {
         let (vocab, hidden) = m.embed_dims();
         let e = m.embedding_rows()?;
-        let q = quantize_rtn(
-            &e,
-            vocab,
-            hidden,
-            &RtnConfig {
-                bits,
-                group_size: spec.group_size,
-                grid: spec.grid,
-            },
-        )?;
+        // A tied table is also the output head: calibrate it as the head, on the final norm's
+        // outputs of the already-quantized network (the head decides every logit).
+        let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. }) {
+            let mut h = Hessian::new(hidden);
+            for x in &xs {
+                let y = m.final_normed(x)?;
+                let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
+                h.add_gram(&g, y.dims2()?.0);
+            }
+            let (q, refit) = spec
+                .round_reporting(&e, vocab, hidden, &h, bits)
+                .with_context(|| format!("quantizing '{}' as the output head", m.embed_name))?;
+            let err = output_rel_error(&e, &q.dequantize(), hidden, &h);
+            (q, "gptq", err, refit)
+        } else {
+            let q = quantize_rtn(
+                &e,
+                vocab,
+                hidden,
+                &RtnConfig {
+                    bits,
+                    group_size: spec.group_size,
+                    grid: spec.grid,
+                },
+            )?;
+            (q, "rtn", f64::NAN, None)
+        };
         m.set_embedding(q.dequantize())?;
         out.layers.insert(
             m.embed_name.clone(),
             Calibrated {
                 q,
-                method: "rtn",
+                method,
                 col_scale: None,
                 row_scale: None,
-                output_rel_error: f64::NAN,
+                output_rel_error: err,
                 rtn_output_rel_error: f64::NAN,
                 scaled_weight: None,
-                refit_error_reduction: None,
+                refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
             },
         );
     }
