@@ -329,3 +329,69 @@ fn cache_then_offline() {
         text(&o)
     );
 }
+
+/// Splits a safetensors file into two shards with a `model.safetensors.index.json`.
+fn shard_safetensors(src: &Path, dir: &Path) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let names: Vec<&String> = header.keys().filter(|k| *k != "__metadata__").collect();
+    let mut weight_map = serde_json::Map::new();
+    for (part, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", part + 1);
+        let mut h = serde_json::Map::new();
+        let mut body = Vec::new();
+        for name in chunk {
+            let t = &header[*name];
+            let o = t["data_offsets"].as_array().unwrap();
+            let (s, e) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            let mut t = t.clone();
+            t["data_offsets"] = serde_json::json!([body.len(), body.len() + e - s]);
+            body.extend_from_slice(&data[s..e]);
+            h.insert((*name).clone(), t);
+            weight_map.insert((*name).clone(), file.clone().into());
+        }
+        let hj = serde_json::to_vec(&h).unwrap();
+        let mut out = (hj.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&hj);
+        out.extend_from_slice(&body);
+        std::fs::write(dir.join(&file), out).unwrap();
+    }
+    let idx = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), idx.to_string()).unwrap();
+}
+
+#[test]
+fn sharded_safetensors_over_hub_match_the_local_folder() {
+    let minilm = adaptq_testutil::minilm();
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("sharded");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+    ] {
+        std::fs::copy(minilm.join(f), dir.join(f)).unwrap();
+    }
+    shard_safetensors(&minilm.join("model.safetensors"), &dir);
+    let local = local_bundle(t.path(), &dir);
+    let hub = HubServer::start(ServerConfig {
+        repos: vec![repo_from_dir("test/sharded", SHA, &dir)],
+        ..Default::default()
+    });
+    let url = hub.url();
+    let remote = t.path().join("remote");
+    let o = quantize("hf://test/sharded", &remote, &[("HF_ENDPOINT", &url)]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_same_bundle(&local, &remote);
+    let log = hub.stats.log.lock().unwrap();
+    assert!(log.iter().any(|(p, _)| p.contains("model-00001-of-00002")));
+    assert!(log.iter().any(|(p, _)| p.contains("model-00002-of-00002")));
+}

@@ -468,7 +468,8 @@ pub fn calibrate_llama(
         let e = m.embedding_rows()?;
         // A tied table is also the output head: calibrate it as the head, on the final norm's
         // outputs of the already-quantized network (the head decides every logit).
-        let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. }) {
+        let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. })
+        {
             let mut h = Hessian::new(hidden);
             for x in &xs {
                 let y = m.final_normed(x)?;
