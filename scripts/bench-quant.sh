@@ -29,10 +29,10 @@ rows=(
   "rtn3-asym|--bits 3 --group-size 128"
   "gptq3-asym|--method gptq --bits 3 --group-size 128 $C"
   "awq3-asym|--method awq --bits 3 --group-size 128 $C"
-  "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym $C"
+  "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --awq --refit $C"
   "rtn2-asym-g64|--bits 2 --group-size 64"
   "gptq2-asym-g64|--method gptq --bits 2 --group-size 64 $C"
-  "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym $C"
+  "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym --awq --refit $C"
 )
 echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | gates |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
