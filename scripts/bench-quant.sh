@@ -11,7 +11,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh >/dev/null
 cargo build --release -p adaptq 2>/dev/null
-bin=target/release/adaptq
 m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 calib=../shared/corpora/austen/emma.txt
 text=../shared/corpora/austen/prideprejudice.txt
@@ -20,6 +19,9 @@ samples=${SAMPLES:-64}
 only=${ONLY:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# A private copy, so rebuilding the workspace during a long run cannot change the binary mid-table.
+cp target/release/adaptq "$tmp/adaptq"
+bin=$tmp/adaptq
 C="--calib $calib --calib-samples $samples --act-order"
 rows=(
   "rtn4-sym|--bits 4 --group-size 128 --sym"

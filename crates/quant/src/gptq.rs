@@ -7,6 +7,7 @@
 //! the GPU formulation's lazy block updates. The result is the same arithmetic. Cholesky and
 //! inverse come from faer.
 
+use crate::ggml::{self, BlockHead, BlockType};
 use crate::rtn::{code_of, quantize_group, value_of};
 use crate::{groups_per_row, pack, Grid, QuantError, QuantizedTensor};
 use faer::linalg::solvers::DenseSolveCore;
@@ -160,6 +161,137 @@ fn inverse_hessian_factor(h: &mut [f64], n: usize, damp: f64) -> Result<Vec<f64>
         .collect())
 }
 
+/// What every GPTQ variant needs from the Hessian: dead inputs, the column order and the upper
+/// Cholesky factor of the dampened inverse (in that order).
+struct Prepared {
+    dead: Vec<bool>,
+    perm: Vec<usize>,
+    u: Vec<f64>,
+}
+
+fn prepare(h: &Hessian, cols: usize, damp: f64, act_order: bool) -> Result<Prepared, QuantError> {
+    let mut hm = h.matrix();
+    // Inputs that never fire carry no information: their weights cannot matter, zero them.
+    let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] == 0.0).collect();
+    for i in 0..cols {
+        if dead[i] {
+            hm[i * cols + i] = 1.0;
+        }
+    }
+    let perm: Vec<usize> = if act_order {
+        let mut p: Vec<usize> = (0..cols).collect();
+        p.sort_by(|&a, &b| {
+            hm[b * cols + b]
+                .total_cmp(&hm[a * cols + a])
+                .then(a.cmp(&b))
+        });
+        p
+    } else {
+        (0..cols).collect()
+    };
+    let mut hp = vec![0f64; cols * cols];
+    for i in 0..cols {
+        for j in 0..cols {
+            hp[i * cols + j] = hm[perm[i] * cols + perm[j]];
+        }
+    }
+    let u = inverse_hessian_factor(&mut hp, cols, damp)?;
+    Ok(Prepared { dead, perm, u })
+}
+
+/// GPTQ onto the exact grid of a GGML block type; returns the type's bytes (row-major blocks).
+///
+/// Block parameters are fitted when the sweep enters a block, from the error-updated weights
+/// (as GPTQ fits its groups), weighting each column by its Hessian diagonal the way llama.cpp
+/// uses an importance matrix. With `act_order` they are fitted once from the original weights
+/// ("static groups"), since columns then arrive out of block order.
+pub fn quantize_gptq_ggml(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    h: &Hessian,
+    ty: BlockType,
+    damp: f64,
+    act_order: bool,
+) -> Result<Vec<u8>, QuantError> {
+    if h.dim != cols {
+        return Err(QuantError::Shape {
+            rows,
+            cols: h.dim,
+            len: w.len(),
+        });
+    }
+    if rows * cols != w.len() {
+        return Err(QuantError::Shape {
+            rows,
+            cols,
+            len: w.len(),
+        });
+    }
+    if !ty.fits(cols) {
+        return Err(QuantError::Corrupt(format!(
+            "rows of {cols} values do not fit {}'s blocks of {}",
+            ty.name(),
+            ty.block_len()
+        )));
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite(i));
+    }
+    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order)?;
+    let hm = h.matrix();
+    let imp: Vec<f32> = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
+    let (n, sl) = (ty.block_len(), ty.sub_len());
+    let nblocks = cols / n;
+    let rows_out: Vec<Vec<u8>> = w
+        .par_chunks(cols)
+        .map(|row| {
+            let orig: Vec<f32> = row
+                .iter()
+                .zip(&dead)
+                .map(|(&v, &d)| if d { 0.0 } else { v })
+                .collect();
+            let mut x: Vec<f64> = perm.iter().map(|&c| orig[c] as f64).collect();
+            let mut heads: Vec<Option<BlockHead>> = vec![None; nblocks];
+            if act_order {
+                for (b, hd) in heads.iter_mut().enumerate() {
+                    let r = b * n..(b + 1) * n;
+                    *hd = Some(ggml::fit_block(ty, &orig[r.clone()], Some(&imp[r])));
+                }
+            }
+            let mut codes = vec![0u8; cols];
+            for i in 0..cols {
+                let c = perm[i];
+                let b = c / n;
+                if heads[b].is_none() {
+                    // Natural order: the block's columns are all still ahead, at x[c..c + n].
+                    let cur: Vec<f32> = x[c..c + n].iter().map(|&v| v as f32).collect();
+                    heads[b] = Some(ggml::fit_block(ty, &cur, Some(&imp[c..c + n])));
+                }
+                let g = ggml::affine(ty, heads[b].as_ref().unwrap(), (c % n) / sl);
+                let code = g.code(x[i] as f32);
+                codes[c] = code;
+                let err = (x[i] - g.value(code) as f64) / u[i * cols + i];
+                let urow = &u[i * cols..(i + 1) * cols];
+                for j in i + 1..cols {
+                    x[j] -= err * urow[j];
+                }
+            }
+            let mut out = Vec::with_capacity(ty.bytes_for(cols));
+            for b in 0..nblocks {
+                ggml::encode_block(
+                    ty,
+                    heads[b].as_ref().unwrap(),
+                    &codes[b * n..(b + 1) * n],
+                    &mut out,
+                );
+            }
+            out
+        })
+        .collect();
+    Ok(rows_out.concat())
+}
+
 /// Quantizes `w` (row-major `rows × cols`, rows = output channels) with GPTQ against the
 /// inputs summarised by `h` (dim = cols).
 pub fn quantize_gptq(
@@ -178,32 +310,7 @@ pub fn quantize_gptq(
     }
     let gs = crate::check_input(w, rows, cols, cfg.bits, cfg.group_size)?;
     let gpr = groups_per_row(cols, gs);
-    let mut hm = h.matrix();
-    // Inputs that never fire carry no information: their weights cannot matter, zero them.
-    let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] == 0.0).collect();
-    for i in 0..cols {
-        if dead[i] {
-            hm[i * cols + i] = 1.0;
-        }
-    }
-    let perm: Vec<usize> = if cfg.act_order {
-        let mut p: Vec<usize> = (0..cols).collect();
-        p.sort_by(|&a, &b| {
-            hm[b * cols + b]
-                .total_cmp(&hm[a * cols + a])
-                .then(a.cmp(&b))
-        });
-        p
-    } else {
-        (0..cols).collect()
-    };
-    let mut hp = vec![0f64; cols * cols];
-    for i in 0..cols {
-        for j in 0..cols {
-            hp[i * cols + j] = hm[perm[i] * cols + perm[j]];
-        }
-    }
-    let u = inverse_hessian_factor(&mut hp, cols, cfg.damp)?;
+    let Prepared { dead, perm, u } = prepare(h, cols, cfg.damp, cfg.act_order)?;
 
     let results: Vec<(Vec<u8>, Vec<f16>, Vec<f16>)> = w
         .par_chunks(cols)
@@ -414,6 +521,36 @@ mod tests {
         b.add_gram(&gram, 10);
         for (p, q) in a.matrix().iter().zip(b.matrix()) {
             assert!((p - q).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn gptq_onto_ggml_grids_beats_their_rtn_and_is_deterministic() {
+        use crate::ggml::{self, BlockType};
+        let (rows, cols) = (12, 512);
+        let (w, h) = setup(rows, cols);
+        for (ty, act_order) in [
+            (BlockType::Q4_0, false),
+            (BlockType::Q4_1, true),
+            (BlockType::Q5_0, false),
+            (BlockType::Q3K, false),
+            (BlockType::Q4K, true),
+            (BlockType::Q6K, false),
+            (BlockType::Q2K, false),
+        ] {
+            let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None).unwrap();
+            let g = quantize_gptq_ggml(&w, rows, cols, &h, ty, 0.01, act_order).unwrap();
+            assert_eq!(g.len(), rtn.len());
+            let again = quantize_gptq_ggml(&w, rows, cols, &h, ty, 0.01, act_order).unwrap();
+            assert_eq!(g, again, "{}: not deterministic", ty.name());
+            let deq = |b: &[u8]| ggml::dequantize(ty, b, w.len()).unwrap();
+            let er = output_rel_error(&w, &deq(&rtn), cols, &h);
+            let eg = output_rel_error(&w, &deq(&g), cols, &h);
+            assert!(
+                eg < 0.8 * er,
+                "{} act_order {act_order}: GPTQ {eg} vs RTN {er}",
+                ty.name()
+            );
         }
     }
 }

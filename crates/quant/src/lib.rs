@@ -5,6 +5,7 @@
 //! bit width works on any shape (576-wide rows included).
 
 pub mod awq;
+pub mod ggml;
 pub mod gptq;
 pub mod metrics;
 pub mod pack;

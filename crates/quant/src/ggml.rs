@@ -1,0 +1,815 @@
+//! llama.cpp's block formats (Q4_0 … Q8_0, Q2_K … Q6_K) as quantization *grids*.
+//!
+//! Every GGML type dequantizes a code `q` of a sub-block to either `A·(q − off)` (symmetric
+//! types) or `A·q + B` (types with a min), where `A`, `B` come from the block's stored scale
+//! fields in the type's own encoding (f16 super-scales times 4/6/8-bit sub-scales). Seen that
+//! way, any quantizer that picks integer codes against fixed per-sub-block parameters can write
+//! straight onto a GGML grid: [`fit_block`] chooses the encoded parameters, [`code_for`] and
+//! [`value_of`] round and reconstruct with *exactly* the arithmetic llama.cpp's (and candle's)
+//! dequantizers use, and [`encode_block`] lays the bits out. GPTQ uses this to store optimized
+//! values rather than values re-rounded by `llama-quantize`.
+//!
+//! Written here rather than taken from candle because candle's encoders only do
+//! round-to-nearest from f32 (no way to hand them chosen codes), which is what GPTQ/AWQ need.
+
+use crate::QuantError;
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+/// The GGML block types adaptq writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum BlockType {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+pub const ALL: [BlockType; 10] = [
+    BlockType::Q4_0,
+    BlockType::Q4_1,
+    BlockType::Q5_0,
+    BlockType::Q5_1,
+    BlockType::Q8_0,
+    BlockType::Q2K,
+    BlockType::Q3K,
+    BlockType::Q4K,
+    BlockType::Q5K,
+    BlockType::Q6K,
+];
+
+/// Super-block length of the k-quants.
+pub const QK_K: usize = 256;
+
+impl BlockType {
+    /// llama.cpp's name (`Q4_0`, `Q4_K`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "Q4_0",
+            Self::Q4_1 => "Q4_1",
+            Self::Q5_0 => "Q5_0",
+            Self::Q5_1 => "Q5_1",
+            Self::Q8_0 => "Q8_0",
+            Self::Q2K => "Q2_K",
+            Self::Q3K => "Q3_K",
+            Self::Q4K => "Q4_K",
+            Self::Q5K => "Q5_K",
+            Self::Q6K => "Q6_K",
+        }
+    }
+
+    /// Parses `q4_0`, `Q4_K`, `q6k` and the like.
+    pub fn parse(s: &str) -> Option<Self> {
+        let norm: String = s
+            .chars()
+            .filter(|c| *c != '_')
+            .collect::<String>()
+            .to_ascii_uppercase();
+        ALL.into_iter().find(|t| t.name().replace('_', "") == norm)
+    }
+
+    /// ggml's type id (the number stored in a GGUF tensor info).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q5_0 => 6,
+            Self::Q5_1 => 7,
+            Self::Q8_0 => 8,
+            Self::Q2K => 10,
+            Self::Q3K => 11,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+        }
+    }
+
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        if self.is_k() {
+            QK_K
+        } else {
+            32
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
+            Self::Q8_0 => 34,
+            Self::Q2K => 84,
+            Self::Q3K => 110,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+        }
+    }
+
+    pub fn is_k(self) -> bool {
+        matches!(
+            self,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K
+        )
+    }
+
+    /// Values sharing one (A, B) pair.
+    pub fn sub_len(self) -> usize {
+        match self {
+            Self::Q2K | Self::Q3K | Self::Q6K => 16,
+            _ => 32,
+        }
+    }
+
+    /// Code bits.
+    pub fn bits(self) -> u8 {
+        match self {
+            Self::Q2K => 2,
+            Self::Q3K => 3,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K => 4,
+            Self::Q5_0 | Self::Q5_1 | Self::Q5K => 5,
+            Self::Q6K => 6,
+            Self::Q8_0 => 8,
+        }
+    }
+
+    /// For symmetric types, the code that stands for zero; `None` for types with a min.
+    pub fn zero_code(self) -> Option<i32> {
+        match self {
+            Self::Q4_0 => Some(8),
+            Self::Q5_0 => Some(16),
+            Self::Q8_0 => Some(128),
+            Self::Q3K => Some(4),
+            Self::Q6K => Some(32),
+            _ => None,
+        }
+    }
+
+    /// Bits per weight, block overhead included.
+    pub fn bits_per_weight(self) -> f64 {
+        self.block_bytes() as f64 * 8.0 / self.block_len() as f64
+    }
+
+    /// Whether a row of `cols` values can be stored in this type.
+    pub fn fits(self, cols: usize) -> bool {
+        cols > 0 && cols.is_multiple_of(self.block_len())
+    }
+
+    /// The type used instead when rows do not fit a k-quant: llama.cpp's own choices for
+    /// Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0; Q2_K/Q3_K go to Q4_0 (llama.cpp picks IQ4_NL, which is
+    /// the same size and not written here).
+    pub fn fallback(self) -> BlockType {
+        match self {
+            Self::Q2K | Self::Q3K => Self::Q4_0,
+            Self::Q4K => Self::Q5_0,
+            Self::Q5K => Self::Q5_1,
+            Self::Q6K => Self::Q8_0,
+            t => t,
+        }
+    }
+
+    /// Bytes for `n` values (`n` a multiple of the block length).
+    pub fn bytes_for(self, n: usize) -> usize {
+        n / self.block_len() * self.block_bytes()
+    }
+
+    fn max_code(self) -> i32 {
+        (1 << self.bits()) - 1
+    }
+}
+
+/// A block's scale fields, in the type's encoding. For Q4_1/Q5_1 `dmin` holds the min `m`
+/// itself; for k-quants `sc`/`mn` hold the integer sub-block scales/mins (Q3_K: 0..63 with 32 as
+/// zero, Q6_K: an i8 stored as u8).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockHead {
+    pub d: f16,
+    pub dmin: f16,
+    pub sc: [u8; 16],
+    pub mn: [u8; 16],
+}
+
+impl BlockHead {
+    fn new(d: f16, dmin: f16) -> Self {
+        BlockHead {
+            d,
+            dmin,
+            sc: [0; 16],
+            mn: [0; 16],
+        }
+    }
+}
+
+/// The affine map of one sub-block: value = `a·(q − off)` or `a·q + b`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Affine {
+    pub a: f32,
+    pub b: f32,
+    pub off: Option<i32>,
+    pub max_code: i32,
+}
+
+impl Affine {
+    /// The value code `q` decodes to, with the dequantizers' operation order.
+    #[inline]
+    pub fn value(&self, q: u8) -> f32 {
+        match self.off {
+            Some(o) => self.a * (q as i32 - o) as f32,
+            None => self.a * q as f32 + self.b,
+        }
+    }
+
+    /// The nearest code to `x` on this grid.
+    #[inline]
+    pub fn code(&self, x: f32) -> u8 {
+        if self.a == 0.0 {
+            return self.off.unwrap_or(0) as u8;
+        }
+        let r = match self.off {
+            Some(o) => (x / self.a).round() + o as f32,
+            None => ((x - self.b) / self.a).round(),
+        };
+        let q = r.clamp(0.0, self.max_code as f32) as i32;
+        // Division rounding can land one step off the true nearest value; check neighbours.
+        let mut best = q;
+        let mut err = (self.value(q as u8) - x).abs();
+        for c in [q - 1, q + 1] {
+            if (0..=self.max_code).contains(&c) {
+                let e = (self.value(c as u8) - x).abs();
+                if e < err {
+                    err = e;
+                    best = c;
+                }
+            }
+        }
+        best as u8
+    }
+}
+
+/// The grid of sub-block `s` of a block.
+pub fn affine(ty: BlockType, h: &BlockHead, s: usize) -> Affine {
+    let d = h.d.to_f32();
+    let max_code = ty.max_code();
+    let (a, b) = match ty {
+        BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => (d, 0.0),
+        BlockType::Q4_1 | BlockType::Q5_1 => (d, h.dmin.to_f32()),
+        BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
+            (d * h.sc[s] as f32, -(h.dmin.to_f32() * h.mn[s] as f32))
+        }
+        BlockType::Q3K => (d * (h.sc[s] as f32 - 32.0), 0.0),
+        BlockType::Q6K => (d * (h.sc[s] as i8) as f32, 0.0),
+    };
+    Affine {
+        a,
+        b,
+        off: ty.zero_code(),
+        max_code,
+    }
+}
+
+fn to_f16(x: f32) -> f16 {
+    f16::from_f32(x.clamp(-65504.0, 65504.0))
+}
+
+/// Weighted squared error of `x` rounded onto `g`.
+fn sub_error(g: &Affine, x: &[f32], w: Option<&[f32]>) -> f64 {
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let e = (g.value(g.code(v)) - v) as f64;
+            e * e * w.map_or(1.0, |w| w[i] as f64)
+        })
+        .sum()
+}
+
+/// Chooses a block's encoded parameters for the values `x` (one block), minimising the
+/// (optionally importance-weighted) squared rounding error over a small neighbourhood of the
+/// min/max fit for each sub-block.
+pub fn fit_block(ty: BlockType, x: &[f32], w: Option<&[f32]>) -> BlockHead {
+    debug_assert_eq!(x.len(), ty.block_len());
+    let sl = ty.sub_len();
+    let nsub = ty.block_len() / sl;
+    let maxq = ty.max_code() as f32;
+    match ty {
+        BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => {
+            let half = (1u32 << (ty.bits() - 1)) as f32;
+            let m = signed_extreme(x);
+            BlockHead::new(to_f16(m / -half), f16::ZERO)
+        }
+        BlockType::Q4_1 | BlockType::Q5_1 => {
+            let (lo, hi) = min_max(x);
+            BlockHead::new(to_f16((hi - lo) / maxq), to_f16(lo))
+        }
+        BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
+            // Per sub-block: scale (max−min)/maxq and a min ≤ 0 (the format stores −min ≥ 0).
+            let levels = if ty == BlockType::Q2K { 15.0 } else { 63.0 };
+            let mut scales = [0f32; 16];
+            let mut mins = [0f32; 16];
+            for s in 0..nsub {
+                let (lo, hi) = min_max(&x[s * sl..(s + 1) * sl]);
+                let lo = lo.min(0.0);
+                scales[s] = (hi - lo) / maxq;
+                mins[s] = -lo;
+            }
+            let smax = scales[..nsub].iter().cloned().fold(0f32, f32::max);
+            let mmax = mins[..nsub].iter().cloned().fold(0f32, f32::max);
+            let mut h = BlockHead::new(to_f16(smax / levels), to_f16(mmax / levels));
+            let (d, dm) = (h.d.to_f32(), h.dmin.to_f32());
+            for s in 0..nsub {
+                let l0 = if d > 0.0 {
+                    (scales[s] / d).round()
+                } else {
+                    0.0
+                };
+                // Round the min *up* first so the grid still reaches the sub-block's minimum.
+                let m0 = if dm > 0.0 { (mins[s] / dm).ceil() } else { 0.0 };
+                let xs = &x[s * sl..(s + 1) * sl];
+                let ws = w.map(|w| &w[s * sl..(s + 1) * sl]);
+                let mut best = (f64::INFINITY, 0u8, 0u8);
+                for dl in [-1.0f32, 0.0, 1.0, 2.0] {
+                    for dmn in [-1.0f32, 0.0, 1.0] {
+                        let l = (l0 + dl).clamp(0.0, levels) as u8;
+                        let m = (m0 + dmn).clamp(0.0, levels) as u8;
+                        h.sc[s] = l;
+                        h.mn[s] = m;
+                        let e = sub_error(&affine(ty, &h, s), xs, ws);
+                        if e < best.0 {
+                            best = (e, l, m);
+                        }
+                    }
+                }
+                h.sc[s] = best.1;
+                h.mn[s] = best.2;
+            }
+            h
+        }
+        BlockType::Q3K | BlockType::Q6K => {
+            let half = (1u32 << (ty.bits() - 1)) as f32;
+            let (lim_lo, lim_hi, zero) = if ty == BlockType::Q3K {
+                (-32.0f32, 31.0f32, 32.0f32)
+            } else {
+                (-128.0, 127.0, 0.0)
+            };
+            let mut scales = [0f32; 16];
+            for s in 0..nsub {
+                scales[s] = signed_extreme(&x[s * sl..(s + 1) * sl]) / -half;
+            }
+            let amax = scales[..nsub].iter().fold(0f32, |a, v| a.max(v.abs()));
+            let mut h = BlockHead::new(to_f16(amax / lim_hi), f16::ZERO);
+            let d = h.d.to_f32();
+            for s in 0..nsub {
+                let l0 = if d > 0.0 {
+                    (scales[s] / d).round()
+                } else {
+                    0.0
+                };
+                let xs = &x[s * sl..(s + 1) * sl];
+                let ws = w.map(|w| &w[s * sl..(s + 1) * sl]);
+                let mut best = (f64::INFINITY, 0u8);
+                for dl in [-1.0f32, 0.0, 1.0] {
+                    let l = (l0 + dl).clamp(lim_lo, lim_hi);
+                    let enc = if ty == BlockType::Q3K {
+                        (l + zero) as u8
+                    } else {
+                        (l as i8) as u8
+                    };
+                    h.sc[s] = enc;
+                    let e = sub_error(&affine(ty, &h, s), xs, ws);
+                    if e < best.0 {
+                        best = (e, enc);
+                    }
+                }
+                h.sc[s] = best.1;
+            }
+            h
+        }
+    }
+}
+
+fn signed_extreme(x: &[f32]) -> f32 {
+    x.iter()
+        .copied()
+        .fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a })
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+            (l.min(v), h.max(v))
+        })
+}
+
+/// Appends one block's bytes: `codes` are the block's `block_len` codes in value order.
+pub fn encode_block(ty: BlockType, h: &BlockHead, codes: &[u8], out: &mut Vec<u8>) {
+    let n = ty.block_len();
+    debug_assert_eq!(codes.len(), n);
+    let start = out.len();
+    out.resize(start + ty.block_bytes(), 0);
+    let b = &mut out[start..];
+    match ty {
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+            let has_m = matches!(ty, BlockType::Q4_1 | BlockType::Q5_1);
+            b[0..2].copy_from_slice(&h.d.to_le_bytes());
+            let mut p = 2;
+            if has_m {
+                b[2..4].copy_from_slice(&h.dmin.to_le_bytes());
+                p = 4;
+            }
+            if ty.bits() == 5 {
+                let mut qh = 0u32;
+                for (j, &c) in codes.iter().enumerate() {
+                    qh |= ((c as u32 >> 4) & 1) << j;
+                }
+                b[p..p + 4].copy_from_slice(&qh.to_le_bytes());
+                p += 4;
+            }
+            for j in 0..16 {
+                b[p + j] = (codes[j] & 0xF) | ((codes[j + 16] & 0xF) << 4);
+            }
+        }
+        BlockType::Q8_0 => {
+            b[0..2].copy_from_slice(&h.d.to_le_bytes());
+            for j in 0..32 {
+                b[2 + j] = (codes[j] as i32 - 128) as i8 as u8;
+            }
+        }
+        BlockType::Q2K => {
+            // scales[16] | qs[64] | d | dmin
+            for s in 0..16 {
+                b[s] = (h.sc[s] & 0xF) | (h.mn[s] << 4);
+            }
+            for (i, &c) in codes.iter().enumerate() {
+                let (half, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                b[16 + 32 * half + l] |= (c & 3) << (2 * j);
+            }
+            b[80..82].copy_from_slice(&h.d.to_le_bytes());
+            b[82..84].copy_from_slice(&h.dmin.to_le_bytes());
+        }
+        BlockType::Q3K => {
+            // hmask[32] | qs[64] | scales[12] | d
+            for (i, &c) in codes.iter().enumerate() {
+                let (half, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                b[32 + 32 * half + l] |= (c & 3) << (2 * j);
+                if c & 4 != 0 {
+                    b[l] |= 1 << (4 * half + j);
+                }
+            }
+            let sc = &mut b[96..108];
+            for j in 0..16 {
+                let l = h.sc[j];
+                if j < 8 {
+                    sc[j] = l & 0xF;
+                } else {
+                    sc[j - 8] |= (l & 0xF) << 4;
+                }
+                sc[j % 4 + 8] |= (l >> 4) << (2 * (j / 4));
+            }
+            b[108..110].copy_from_slice(&h.d.to_le_bytes());
+        }
+        BlockType::Q4K | BlockType::Q5K => {
+            // d | dmin | scales[12] | (qh[32]) | qs[128]
+            b[0..2].copy_from_slice(&h.d.to_le_bytes());
+            b[2..4].copy_from_slice(&h.dmin.to_le_bytes());
+            let sc = &mut b[4..16];
+            for j in 0..8 {
+                let (ls, lm) = (h.sc[j], h.mn[j]);
+                if j < 4 {
+                    sc[j] = ls;
+                    sc[j + 4] = lm;
+                } else {
+                    sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+                    sc[j - 4] |= (ls >> 4) << 6;
+                    sc[j] |= (lm >> 4) << 6;
+                }
+            }
+            let qs0 = if ty == BlockType::Q5K { 48 } else { 16 };
+            for (i, &c) in codes.iter().enumerate() {
+                let (chunk, k, l) = (i / 64, (i % 64) / 32, i % 32);
+                b[qs0 + 32 * chunk + l] |= (c & 0xF) << (4 * k);
+                if ty == BlockType::Q5K && c & 16 != 0 {
+                    b[16 + l] |= 1 << (2 * chunk + k);
+                }
+            }
+        }
+        BlockType::Q6K => {
+            // ql[128] | qh[64] | scales[16] | d
+            for (i, &c) in codes.iter().enumerate() {
+                let (half, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                let ql = 64 * half + l + if k % 2 == 1 { 32 } else { 0 };
+                b[ql] |= (c & 0xF) << if k >= 2 { 4 } else { 0 };
+                b[128 + 32 * half + l] |= ((c >> 4) & 3) << (2 * k);
+            }
+            b[192..208].copy_from_slice(&h.sc);
+            b[208..210].copy_from_slice(&h.d.to_le_bytes());
+        }
+    }
+    let _ = n;
+}
+
+/// Reads one block back into its parameters and codes (the inverse of [`encode_block`]).
+pub fn decode_block(ty: BlockType, b: &[u8], codes: &mut [u8]) -> BlockHead {
+    let rd = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
+    match ty {
+        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+            let has_m = matches!(ty, BlockType::Q4_1 | BlockType::Q5_1);
+            let h = BlockHead::new(rd(0), if has_m { rd(2) } else { f16::ZERO });
+            let mut p = if has_m { 4 } else { 2 };
+            let mut qh = 0u32;
+            if ty.bits() == 5 {
+                qh = u32::from_le_bytes([b[p], b[p + 1], b[p + 2], b[p + 3]]);
+                p += 4;
+            }
+            for j in 0..16 {
+                codes[j] = (b[p + j] & 0xF) | (((qh >> j) & 1) << 4) as u8;
+                codes[j + 16] = (b[p + j] >> 4) | (((qh >> (j + 16)) & 1) << 4) as u8;
+            }
+            h
+        }
+        BlockType::Q8_0 => {
+            for j in 0..32 {
+                codes[j] = ((b[2 + j] as i8) as i32 + 128) as u8;
+            }
+            BlockHead::new(rd(0), f16::ZERO)
+        }
+        BlockType::Q2K => {
+            let mut h = BlockHead::new(rd(80), rd(82));
+            for s in 0..16 {
+                h.sc[s] = b[s] & 0xF;
+                h.mn[s] = b[s] >> 4;
+            }
+            for (i, c) in codes.iter_mut().enumerate() {
+                let (half, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                *c = (b[16 + 32 * half + l] >> (2 * j)) & 3;
+            }
+            h
+        }
+        BlockType::Q3K => {
+            let mut h = BlockHead::new(rd(108), f16::ZERO);
+            let sc = &b[96..108];
+            for j in 0..16 {
+                let lo = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
+                let hi = (sc[j % 4 + 8] >> (2 * (j / 4))) & 3;
+                h.sc[j] = lo | (hi << 4);
+            }
+            for (i, c) in codes.iter_mut().enumerate() {
+                let (half, j, l) = (i / 128, (i % 128) / 32, i % 32);
+                let low = (b[32 + 32 * half + l] >> (2 * j)) & 3;
+                let high = (b[l] >> (4 * half + j)) & 1;
+                *c = low | (high << 2);
+            }
+            h
+        }
+        BlockType::Q4K | BlockType::Q5K => {
+            let mut h = BlockHead::new(rd(0), rd(2));
+            let sc = &b[4..16];
+            for j in 0..8 {
+                if j < 4 {
+                    h.sc[j] = sc[j] & 63;
+                    h.mn[j] = sc[j + 4] & 63;
+                } else {
+                    h.sc[j] = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+                    h.mn[j] = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+                }
+            }
+            let qs0 = if ty == BlockType::Q5K { 48 } else { 16 };
+            for (i, c) in codes.iter_mut().enumerate() {
+                let (chunk, k, l) = (i / 64, (i % 64) / 32, i % 32);
+                let mut v = (b[qs0 + 32 * chunk + l] >> (4 * k)) & 0xF;
+                if ty == BlockType::Q5K {
+                    v |= ((b[16 + l] >> (2 * chunk + k)) & 1) << 4;
+                }
+                *c = v;
+            }
+            h
+        }
+        BlockType::Q6K => {
+            let mut h = BlockHead::new(rd(208), f16::ZERO);
+            h.sc.copy_from_slice(&b[192..208]);
+            for (i, c) in codes.iter_mut().enumerate() {
+                let (half, k, l) = (i / 128, (i % 128) / 32, i % 32);
+                let ql = 64 * half + l + if k % 2 == 1 { 32 } else { 0 };
+                let lo = (b[ql] >> if k >= 2 { 4 } else { 0 }) & 0xF;
+                let hi = (b[128 + 32 * half + l] >> (2 * k)) & 3;
+                *c = lo | (hi << 4);
+            }
+            h
+        }
+    }
+}
+
+fn check_shape(ty: BlockType, len: usize, rows: usize, cols: usize) -> Result<(), QuantError> {
+    if rows * cols != len {
+        return Err(QuantError::Shape { rows, cols, len });
+    }
+    if !ty.fits(cols) {
+        return Err(QuantError::Corrupt(format!(
+            "rows of {cols} values do not fit {}'s blocks of {}",
+            ty.name(),
+            ty.block_len()
+        )));
+    }
+    Ok(())
+}
+
+/// Round-to-nearest onto `ty`'s grid; `importance` (one weight per column, e.g. the diagonal
+/// of the input Hessian) steers the choice of block scales like llama.cpp's imatrix.
+pub fn quantize_rtn(
+    ty: BlockType,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    importance: Option<&[f32]>,
+) -> Result<Vec<u8>, QuantError> {
+    check_shape(ty, w.len(), rows, cols)?;
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite(i));
+    }
+    let n = ty.block_len();
+    let mut out = Vec::with_capacity(ty.bytes_for(w.len()));
+    let mut codes = vec![0u8; n];
+    for row in w.chunks(cols) {
+        for (bi, x) in row.chunks(n).enumerate() {
+            let imp = importance.map(|v| &v[bi * n..(bi + 1) * n]);
+            let h = fit_block(ty, x, imp);
+            let sl = ty.sub_len();
+            for (s, xs) in x.chunks(sl).enumerate() {
+                let g = affine(ty, &h, s);
+                for (c, &v) in codes[s * sl..(s + 1) * sl].iter_mut().zip(xs) {
+                    *c = g.code(v);
+                }
+            }
+            encode_block(ty, &h, &codes, &mut out);
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes `n` values of `ty` blocks with the dequantizers' arithmetic.
+pub fn dequantize(ty: BlockType, bytes: &[u8], n: usize) -> Result<Vec<f32>, QuantError> {
+    let bl = ty.block_len();
+    if !n.is_multiple_of(bl) || bytes.len() != ty.bytes_for(n) {
+        return Err(QuantError::Corrupt(format!(
+            "{} data of {} bytes cannot hold {n} values",
+            ty.name(),
+            bytes.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut codes = vec![0u8; bl];
+    let sl = ty.sub_len();
+    for b in bytes.chunks(ty.block_bytes()) {
+        let h = decode_block(ty, b, &mut codes);
+        for (s, cs) in codes.chunks(sl).enumerate() {
+            let g = affine(ty, &h, s);
+            out.extend(cs.iter().map(|&c| g.value(c)));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.max(1);
+        (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+                // Some outliers and an all-positive stretch, as real rows have.
+                if i % 97 == 0 {
+                    u * 0.8
+                } else if (i / 256) % 3 == 2 {
+                    u.abs() * 0.05 + 0.01
+                } else {
+                    u * 0.1
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for t in ALL {
+            assert_eq!(BlockType::parse(t.name()), Some(t));
+            assert_eq!(BlockType::parse(&t.name().to_lowercase()), Some(t));
+        }
+        assert_eq!(BlockType::parse("q4k"), Some(BlockType::Q4K));
+        assert_eq!(BlockType::parse("q7_0"), None);
+    }
+
+    #[test]
+    fn encode_decode_round_trips_and_error_shrinks_with_bits() {
+        let (rows, cols) = (4, 512);
+        let w = weights(rows * cols, 5);
+        let mut errs = Vec::new();
+        for t in ALL {
+            let bytes = quantize_rtn(t, &w, rows, cols, None).unwrap();
+            assert_eq!(bytes.len(), t.bytes_for(w.len()), "{}", t.name());
+            let back = dequantize(t, &bytes, w.len()).unwrap();
+            let mse: f64 = w
+                .iter()
+                .zip(&back)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                / w.len() as f64;
+            let var: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum::<f64>() / w.len() as f64;
+            errs.push((t, mse / var));
+            // Re-encoding the decoded codes gives the same bytes.
+            let mut again = Vec::new();
+            let mut codes = vec![0u8; t.block_len()];
+            for b in bytes.chunks(t.block_bytes()) {
+                let h = decode_block(t, b, &mut codes);
+                encode_block(t, &h, &codes, &mut again);
+            }
+            assert_eq!(again, bytes, "{}", t.name());
+        }
+        let rel = |t| errs.iter().find(|(x, _)| *x == t).unwrap().1;
+        assert!(rel(BlockType::Q2K) > rel(BlockType::Q3K));
+        assert!(rel(BlockType::Q3K) > rel(BlockType::Q4K));
+        assert!(rel(BlockType::Q4K) > rel(BlockType::Q5K));
+        assert!(rel(BlockType::Q5K) > rel(BlockType::Q6K));
+        assert!(rel(BlockType::Q4_0) > rel(BlockType::Q5_0));
+        assert!(rel(BlockType::Q5_0) > rel(BlockType::Q8_0));
+        assert!(rel(BlockType::Q8_0) < 1e-4, "{errs:?}");
+        assert!(rel(BlockType::Q2K) < 0.5, "{errs:?}");
+    }
+
+    /// Our decoder must agree bit for bit with candle's GGML dequantizers (llama.cpp's arithmetic).
+    #[test]
+    fn dequantization_matches_candle_exactly() {
+        use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType};
+        let (rows, cols) = (3, 768);
+        let w = weights(rows * cols, 11);
+        for t in ALL {
+            let dt = match t {
+                BlockType::Q4_0 => GgmlDType::Q4_0,
+                BlockType::Q4_1 => GgmlDType::Q4_1,
+                BlockType::Q5_0 => GgmlDType::Q5_0,
+                BlockType::Q5_1 => GgmlDType::Q5_1,
+                BlockType::Q8_0 => GgmlDType::Q8_0,
+                BlockType::Q2K => GgmlDType::Q2K,
+                BlockType::Q3K => GgmlDType::Q3K,
+                BlockType::Q4K => GgmlDType::Q4K,
+                BlockType::Q5K => GgmlDType::Q5K,
+                BlockType::Q6K => GgmlDType::Q6K,
+            };
+            let bytes = quantize_rtn(t, &w, rows, cols, None).unwrap();
+            let ours = dequantize(t, &bytes, w.len()).unwrap();
+            let dev = candle_core::Device::Cpu;
+            let q = qtensor_from_ggml(dt, &bytes, vec![w.len()], &dev).unwrap();
+            let theirs: Vec<f32> = q.dequantize(&dev).unwrap().to_vec1().unwrap();
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{} value {i}: {a} vs {b}",
+                    t.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn importance_lowers_weighted_error() {
+        let (rows, cols) = (8, 256);
+        let w = weights(rows * cols, 9);
+        let imp: Vec<f32> = (0..cols)
+            .map(|c| if c % 5 == 0 { 50.0 } else { 1.0 })
+            .collect();
+        for t in [BlockType::Q2K, BlockType::Q3K, BlockType::Q4K] {
+            let werr = |b: &[u8]| {
+                let d = dequantize(t, b, w.len()).unwrap();
+                w.iter()
+                    .zip(&d)
+                    .enumerate()
+                    .map(|(i, (a, b))| ((a - b) as f64).powi(2) * imp[i % cols] as f64)
+                    .sum::<f64>()
+            };
+            let plain = werr(&quantize_rtn(t, &w, rows, cols, None).unwrap());
+            let steered = werr(&quantize_rtn(t, &w, rows, cols, Some(&imp)).unwrap());
+            assert!(steered <= plain, "{}: {steered} > {plain}", t.name());
+        }
+    }
+
+    #[test]
+    fn rows_that_do_not_fit_are_refused_with_the_type_named() {
+        let w = vec![0.1f32; 576];
+        let e = quantize_rtn(BlockType::Q4K, &w, 1, 576, None).unwrap_err();
+        assert!(e.to_string().contains("Q4_K"), "{e}");
+        assert_eq!(BlockType::Q4K.fallback(), BlockType::Q5_0);
+        assert!(BlockType::Q5_0.fits(576));
+    }
+}
