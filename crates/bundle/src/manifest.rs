@@ -1,5 +1,6 @@
 //! `manifest.json`: the bundle's index. Field order here is the order in the file.
 
+use adaptq_quant::ggml::BlockType;
 use adaptq_quant::Grid;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,8 @@ pub enum Encoding {
         group_size: usize,
         grid: Grid,
     },
+    /// llama.cpp blocks of one GGML type (row-major, as in a GGUF), part `blocks`.
+    Ggml { ggml_type: BlockType },
     /// Little-endian f16 values, part `data`.
     F16,
     /// Little-endian f32 values, part `data`.
@@ -78,6 +81,9 @@ impl Encoding {
                 }
                 v
             }
+            Encoding::Ggml { ggml_type } => {
+                vec![("blocks", ggml_type.bytes_for(numel))]
+            }
             Encoding::F16 => vec![("data", numel * 2)],
             Encoding::F32 => vec![("data", numel * 4)],
             Encoding::Raw { byte_len, .. } => vec![("data", *byte_len)],
@@ -97,6 +103,7 @@ impl Encoding {
                     Grid::Asymmetric => "asym",
                 }
             ),
+            Encoding::Ggml { ggml_type } => format!("ggml-{}", ggml_type.name()),
             Encoding::F16 => "f16".into(),
             Encoding::F32 => "f32".into(),
             Encoding::Raw { dtype, .. } => format!("raw-{dtype}"),

@@ -115,6 +115,11 @@ impl Bundle {
             .ok_or_else(|| BundleError::Invalid(format!("bundle has no tensor '{name}'")))?;
         match &t.encoding {
             Encoding::Int { .. } => Ok(self.quantized(t)?.dequantize()),
+            Encoding::Ggml { ggml_type } => {
+                adaptq_quant::ggml::dequantize(*ggml_type, &self.payload(t)?, t.numel()).map_err(
+                    |e| BundleError::Invalid(format!("tensor '{name}': {e}")),
+                )
+            }
             Encoding::F16 => Ok(self
                 .payload(t)?
                 .chunks_exact(2)

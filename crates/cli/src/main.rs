@@ -56,6 +56,28 @@ enum EmbedArg {
     Quant,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum FormatArg {
+    /// adaptq's verified bundle folder.
+    Bundle,
+    /// One GGUF v3 file for llama.cpp / Ollama / LM Studio.
+    Gguf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportTo {
+    Gguf,
+}
+
+fn parse_ggml(s: &str) -> Result<adaptq_quant::ggml::BlockType> {
+    adaptq_quant::ggml::BlockType::parse(s).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown GGML type '{s}'; choose one of {}",
+            adaptq_quant::ggml::ALL.map(|t| t.name()).join(", ")
+        )
+    })
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Quantize a model into a bundle folder.
@@ -140,6 +162,43 @@ enum Cmd {
         /// Replace the output folder if it exists.
         #[arg(long)]
         force: bool,
+        /// Output format: a bundle folder, or a GGUF file (--out names the .gguf; the
+        /// calibrated values are written onto the GGML type's exact grid).
+        #[arg(long, value_enum, default_value = "bundle")]
+        format: FormatArg,
+        /// Store linear layers as this llama.cpp type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
+        /// Q4_K, Q5_K, Q6_K) instead of adaptq's own groups; rows that do not fit a k-quant
+        /// (576 is not a multiple of 256) fall back as llama.cpp does (Q4_K→Q5_0, Q5_K→Q5_1,
+        /// Q6_K→Q8_0, Q2_K/Q3_K→Q4_0). Default with --format gguf: the type nearest --bits.
+        #[arg(long)]
+        ggml_type: Option<String>,
+        /// With GGML types: the embedding / output table's type, or f16 to keep it as float.
+        #[arg(long, default_value = "q8_0")]
+        ggml_embedding_type: String,
+    },
+    /// Write a bundle as a file another runtime loads: GGUF v3 (llama.cpp, Ollama, LM Studio).
+    Export {
+        /// The bundle folder (verified before export).
+        dir: PathBuf,
+        #[arg(long, value_enum)]
+        to: ExportTo,
+        /// The file to write (replaced atomically; written under a temporary name first).
+        #[arg(long)]
+        out: PathBuf,
+        /// Re-round every quantized tensor onto this GGML type (default: keep each tensor's
+        /// own; integer grids that are a GGML grid convert losslessly, others are re-rounded
+        /// onto the nearest type and listed).
+        #[arg(long = "type")]
+        ty: Option<String>,
+        /// Print the per-tensor summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// SHA-256 of every tensor's values as this tool decodes them (f32, little-endian), one
+    /// JSON object; lets an independent reader prove it decodes a file identically.
+    TensorHashes {
+        /// A .gguf/.safetensors file or a bundle folder.
+        path: PathBuf,
     },
     /// Where a bundle lost quality: per-layer widths and errors, error histogram, gates, sizes.
     Report {
@@ -291,6 +350,83 @@ fn open_model(loc: &str) -> Result<adaptq_remote::Opened> {
     adaptq_remote::open(loc).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+fn bytes_of(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The GGML type nearest `--bits` (with llama.cpp's sym/min layouts).
+fn nearest_ggml(bits: u8, sym: bool) -> adaptq_quant::ggml::BlockType {
+    use adaptq_quant::ggml::BlockType as B;
+    match (bits, sym) {
+        (0..=2, _) => B::Q2K,
+        (3, _) => B::Q3K,
+        (4, true) => B::Q4_0,
+        (4, false) => B::Q4_1,
+        (5, true) => B::Q5_0,
+        (5, false) => B::Q5_1,
+        (6, _) => B::Q6K,
+        _ => B::Q8_0,
+    }
+}
+
+/// Verifies `dir`, writes it as GGUF at `out` and prints what was written.
+fn export_bundle_gguf(
+    dir: &Path,
+    out: &Path,
+    ty: Option<adaptq_quant::ggml::BlockType>,
+    json: bool,
+) -> Result<()> {
+    let rep = adaptq_bundle::verify_bundle(dir, |_| {});
+    if !rep.ok() {
+        for p in &rep.problems {
+            eprintln!("FAIL: {p}");
+        }
+        bail!("{} does not verify; refusing to export it", dir.display());
+    }
+    let b = adaptq_bundle::Bundle::open(dir)?;
+    let pb = bar(b.manifest.tensors.len() as u64, "export");
+    let s = adaptq_export::export_gguf(
+        &b,
+        out,
+        &adaptq_export::ExportOptions { force_type: ty },
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let mut counts: Vec<(String, usize)> = Vec::new();
+    for t in &s.tensors {
+        match counts.iter_mut().find(|(n, _)| *n == t.ggml_type) {
+            Some(c) => c.1 += 1,
+            None => counts.push((t.ggml_type.clone(), 1)),
+        }
+    }
+    let types: Vec<String> = counts.iter().map(|(n, c)| format!("{n} ×{c}")).collect();
+    println!(
+        "wrote {} (GGUF v3, {} bytes, {:.3} bits/weight over {} parameters): {}",
+        out.display(),
+        s.file_bytes,
+        s.bits_per_weight,
+        s.params,
+        types.join(", ")
+    );
+    let rer: Vec<&adaptq_export::ExportedTensor> = s.tensors.iter().filter(|t| !t.exact).collect();
+    if rer.is_empty() {
+        println!("  every tensor holds exactly the bundle's values");
+    } else {
+        println!("  {} tensor(s) re-rounded (not the bundle's exact values):", rer.len());
+        for t in rer.iter().take(8) {
+            println!("    {}: {}", t.name, t.note.as_deref().unwrap_or(""));
+        }
+        if rer.len() > 8 {
+            println!("    … and {} more (--json lists all)", rer.len() - 8);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -329,8 +465,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             promote_per_round,
             max_rounds,
             heldout_windows,
+            format,
+            ggml_type,
+            ggml_embedding_type,
         } => {
             let (lo, hi) = parse_bits(&bits)?;
+            let ggml = match (&ggml_type, format) {
+                (Some(t), _) => Some(parse_ggml(t)?),
+                (None, FormatArg::Gguf) => Some(nearest_ggml(hi, sym)),
+                (None, FormatArg::Bundle) => None,
+            };
+            let ggml = match ggml {
+                Some(linear) => {
+                    if matches!(method, MethodArg::Apq) {
+                        bail!("--method apq mixes adaptq widths; GGML types are not supported with it yet (quantize APQ to a bundle, then `adaptq export --to gguf`)");
+                    }
+                    if refit {
+                        bail!("--refit re-fits adaptq group scales; it does not apply to GGML types");
+                    }
+                    let embedding = match ggml_embedding_type.to_ascii_lowercase().as_str() {
+                        "f16" | "f32" => None,
+                        t => Some(parse_ggml(t)?),
+                    };
+                    Some(adaptq_quant::ggml::GgmlSpec { linear, embedding })
+                }
+                None => None,
+            };
+            // GGUF: quantize into a bundle beside the file, export it, then drop the bundle.
+            let gguf_out = (format == FormatArg::Gguf).then(|| out.clone());
+            let out = match &gguf_out {
+                Some(g) => {
+                    if g.exists() && !force {
+                        bail!("{} already exists (use --force to replace it)", g.display());
+                    }
+                    let name = g.file_name().context("--out must name a file")?;
+                    g.with_file_name(format!(".{}.bundle.partial", name.to_string_lossy()))
+                }
+                None => out,
+            };
+            let force = force || gguf_out.is_some();
             if lo != hi && !matches!(method, MethodArg::Apq) {
                 bail!("--bits {bits} is a range; only --method apq mixes widths");
             }
@@ -384,6 +557,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         widths: Default::default(),
                         keep_hessians: false,
                         refit,
+                        ggml,
                     };
                     let pb = calib_bar(source.desc().n_layers as u64, "calibrate");
                     let (cal, info) = adaptq_pipeline::calibrate::run(
@@ -475,6 +649,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 shard_max_bytes: shard_size,
                 min_cosine,
                 max_bpw,
+                ggml,
             };
             let multi = indicatif::MultiProgress::new();
             let dl = adaptq_remote::is_remote(&src).then(|| {
@@ -535,6 +710,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             println!("  OVERALL_STATUS {}", summary.verification.overall_status);
             println!("  global digest {}", summary.manifest.global_digest);
+            if let Some(g) = &gguf_out {
+                let res = export_bundle_gguf(&out, g, None, false);
+                let _ = std::fs::remove_dir_all(&out);
+                res?;
+            }
             Ok(if summary.verification.overall_status == "PASS" {
                 ExitCode::SUCCESS
             } else {
@@ -596,6 +776,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 ExitCode::from(2)
             })
+        }
+        Cmd::Export {
+            dir,
+            to: ExportTo::Gguf,
+            out,
+            ty,
+            json,
+        } => {
+            let ty = ty.as_deref().map(parse_ggml).transpose()?;
+            export_bundle_gguf(&dir, &out, ty, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::TensorHashes { path } => {
+            use sha2::{Digest, Sha256};
+            let mut out = serde_json::Map::new();
+            if path.join(adaptq_bundle::MANIFEST).exists() {
+                let b = adaptq_bundle::Bundle::open(&path)?;
+                for t in &b.manifest.tensors {
+                    let v = b.read_f32(&t.name)?;
+                    let h = Sha256::digest(bytes_of(&v));
+                    out.insert(t.name.clone(), hex::encode(h).into());
+                }
+            } else {
+                let src = adaptq_source::open(&path)?;
+                for t in src.tensors() {
+                    if !t.dtype.is_float() {
+                        continue;
+                    }
+                    let v = src.read_f32(&t.name)?;
+                    let h = Sha256::digest(bytes_of(&v));
+                    out.insert(t.name.clone(), hex::encode(h).into());
+                }
+            }
+            println!("{}", serde_json::Value::Object(out));
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Report { dir, format, out } => {
             let r = adaptq_pipeline::report::build(&dir)?;

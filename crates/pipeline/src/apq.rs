@@ -225,12 +225,12 @@ pub fn promote(
             .expect("layer of this model");
         let c = cal.layers.get_mut(&name).expect("listed");
         // Re-quantize the (scaled) weight the codes stand for, not the reconstruction.
-        let (rows, cols) = (c.q.rows, c.q.cols);
+        let (rows, cols) = (c.q.rows(), c.q.cols());
         let w = c.scaled_weight.clone().expect("kept with hessians");
         let q = spec.round(&w, rows, cols, h, to)?;
         let deq = q.dequantize();
         c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
-        c.q = q;
+        c.q = adaptq_quant::LayerCodes::Int(q);
         lin.set_weight(deq)?;
         changed.push((name, from, to));
     }
@@ -424,6 +424,7 @@ pub fn run(
         widths: alloc.clone(),
         keep_hessians: true,
         refit: s.refit,
+        ggml: None,
     };
     let mut cal = crate::calibrate::calibrate_llama(&mut m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)
@@ -452,10 +453,11 @@ pub fn run(
                 let h = &cal.hessians[name];
                 let c = cal.layers.get_mut(name).expect("promoted layer");
                 let w = c.scaled_weight.clone().expect("kept");
-                let q = before.round(&w, c.q.rows, c.q.cols, h, *from)?;
+                let (rows, cols) = (c.q.rows(), c.q.cols());
+                let q = before.round(&w, rows, cols, h, *from)?;
                 let deq = q.dequantize();
-                c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, c.q.cols, h);
-                c.q = q;
+                c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
+                c.q = adaptq_quant::LayerCodes::Int(q);
                 m.blocks
                     .iter_mut()
                     .flat_map(|b| b.linears_mut())
@@ -519,8 +521,8 @@ pub fn run(
         .find(|(n, _)| cal.hessians.contains_key(*n))
     {
         let w = c.scaled_weight.as_ref().expect("kept");
-        let again = spec.round(w, c.q.rows, c.q.cols, &cal.hessians[name], spec.width(name))?;
-        let same = again.codes == c.q.codes && again.scales == c.q.scales && again.mins == c.q.mins;
+        let again = spec.round(w, c.q.rows(), c.q.cols(), &cal.hessians[name], spec.width(name))?;
+        let same = c.q.as_int() == Some(&again);
         gates.push(Gate {
             name: "determinism".into(),
             status: pass(same),

@@ -3,7 +3,9 @@
 
 use adaptq_model::llama::Llama;
 use adaptq_quant::awq::{search_scales, AwqConfig};
-use adaptq_quant::gptq::{output_rel_error, quantize_gptq, GptqConfig, Hessian};
+use adaptq_quant::ggml::{BlockType, GgmlSpec};
+use adaptq_quant::gptq::{output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian};
+use adaptq_quant::LayerCodes;
 use adaptq_quant::{quantize_rtn, Grid, QuantizedTensor, RtnConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -99,7 +101,7 @@ pub fn prepare(
 
 /// One calibrated layer: its codes and the output error reached vs plain rounding.
 pub struct Calibrated {
-    pub q: QuantizedTensor,
+    pub q: LayerCodes,
     /// Which method produced the codes ("gptq", "awq+rtn", "awq+gptq", "rtn").
     pub method: &'static str,
     /// The codes approximate `diag(row_scale) · W · diag(col_scale)` (AWQ scaling, folded
@@ -155,6 +157,8 @@ pub struct CalibSpec {
     pub keep_hessians: bool,
     /// Progressive pass: re-fit group scales/mins to the output error with codes fixed.
     pub refit: bool,
+    /// Round linear layers onto llama.cpp block grids instead of adaptq's own groups.
+    pub ggml: Option<GgmlSpec>,
 }
 
 impl CalibSpec {
@@ -196,6 +200,34 @@ impl CalibSpec {
             .refit
             .then(|| adaptq_quant::refit::refit_scales(&mut q, w, &h.matrix()));
         Ok((q, gain))
+    }
+
+    /// Rounds onto a GGML type's grid: GPTQ when the spec says so, else round-to-nearest with
+    /// the input Hessian's diagonal steering the block scales (llama.cpp's imatrix idea).
+    pub fn round_ggml(
+        &self,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &Hessian,
+        ty: BlockType,
+    ) -> Result<LayerCodes> {
+        let bytes = match self.rounding {
+            Rounding::Rtn => {
+                let hm = h.matrix();
+                let imp: Vec<f32> = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
+                adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, Some(&imp))?
+            }
+            Rounding::Gptq { damp, act_order } => {
+                quantize_gptq_ggml(w, rows, cols, h, ty, damp, act_order)?
+            }
+        };
+        Ok(LayerCodes::Ggml {
+            ty,
+            rows,
+            cols,
+            bytes,
+        })
     }
 
     fn round_only(
@@ -425,25 +457,36 @@ pub fn calibrate_llama(
                 .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
             let bits = spec.width(&lin.name);
             let (w, rows, cols) = lin.weight_rows()?;
-            let (q, refit) = spec
-                .round_reporting(&w, rows, cols, h, bits)
-                .with_context(|| format!("quantizing '{}'", lin.name))?;
-            let deq = q.dequantize();
             let (ow, _, _) = &originals[&lin.name];
             let oh = &orig_h[&lin.name];
-            let rtn = quantize_rtn(
-                ow,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: spec.group_size,
-                    grid: spec.grid,
-                },
-            )?;
+            let ((q, refit), rtn) = if let Some(g) = &spec.ggml {
+                let (ty, _) = g.linear_for(cols)?;
+                let q = spec
+                    .round_ggml(&w, rows, cols, h, ty)
+                    .with_context(|| format!("quantizing '{}' as {}", lin.name, ty.name()))?;
+                let rtn = adaptq_quant::ggml::quantize_rtn(ty, ow, rows, cols, None)?;
+                let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, ow.len())?;
+                ((q, None), rtn)
+            } else {
+                let (q, refit) = spec
+                    .round_reporting(&w, rows, cols, h, bits)
+                    .with_context(|| format!("quantizing '{}'", lin.name))?;
+                let rtn = quantize_rtn(
+                    ow,
+                    rows,
+                    cols,
+                    &RtnConfig {
+                        bits,
+                        group_size: spec.group_size,
+                        grid: spec.grid,
+                    },
+                )?;
+                ((LayerCodes::Int(q), refit), rtn.dequantize())
+            };
+            let deq = q.dequantize();
             let c = Calibrated {
                 output_rel_error: output_rel_error(&w, &deq, cols, h),
-                rtn_output_rel_error: output_rel_error(ow, &rtn.dequantize(), cols, oh),
+                rtn_output_rel_error: output_rel_error(ow, &rtn, cols, oh),
                 method: spec.method(),
                 col_scale: col.remove(&lin.name),
                 row_scale: row.remove(&lin.name),
@@ -498,7 +541,7 @@ pub fn calibrate_llama(
         out.layers.insert(
             m.embed_name.clone(),
             Calibrated {
-                q,
+                q: LayerCodes::Int(q),
                 method,
                 col_scale: None,
                 row_scale: None,

@@ -2,7 +2,8 @@
 
 use adaptq_bundle::manifest::SourceRef;
 use adaptq_bundle::{BundleWriter, Encoding, WriterOptions, MODEL_META, VERIFICATION};
-use adaptq_quant::{metrics::layer_error, quantize_rtn, Grid, LayerError, RtnConfig};
+use adaptq_quant::ggml::{BlockType, GgmlSpec};
+use adaptq_quant::{metrics::layer_error, quantize_rtn, Grid, LayerCodes, LayerError, RtnConfig};
 use adaptq_source::model::{layer_of, role_of};
 use adaptq_source::{TensorRole, TensorSource};
 use anyhow::{bail, Context, Result};
@@ -54,6 +55,9 @@ pub struct QuantizeConfig {
     /// Calibration sampling (calibrated methods only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub calibration: Option<crate::calibrate::CalibConfig>,
+    /// Store llama.cpp block types (for GGUF export) instead of adaptq's own groups.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ggml: Option<GgmlSpec>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -88,6 +92,7 @@ impl Default for QuantizeConfig {
             max_bpw: None,
             gptq: None,
             calibration: None,
+            ggml: None,
         }
     }
 }
@@ -291,6 +296,21 @@ fn encode_q(x: &[f32], q: &adaptq_quant::QuantizedTensor, method: &'static str) 
     }
 }
 
+/// Stores GGML blocks; the error is measured against `x`, the values they stand for.
+fn encode_ggml(x: &[f32], ty: BlockType, bytes: Vec<u8>, method: &'static str) -> Result<Encoded> {
+    let deq = adaptq_quant::ggml::dequantize(ty, &bytes, x.len())?;
+    let mut error = layer_error(x, &deq);
+    if deq.iter().any(|v| !v.is_finite()) {
+        error.rel_mse = f64::INFINITY;
+    }
+    Ok(Encoded {
+        encoding: Encoding::Ggml { ggml_type: ty },
+        method,
+        parts: vec![("blocks", bytes)],
+        error: Some(error),
+    })
+}
+
 fn encode_f16(x: &[f32]) -> Encoded {
     let b = f16_bytes(x);
     let back: Vec<f32> = b
@@ -361,7 +381,11 @@ pub fn quantize_model(
         let quantize = match role {
             TensorRole::Linear => true,
             TensorRole::Embedding | TensorRole::Output => {
-                cfg.embeddings == EmbeddingMode::Quant && info.shape.len() == 2
+                info.shape.len() == 2
+                    && match cfg.ggml {
+                        Some(g) => g.embedding.is_some(),
+                        None => cfg.embeddings == EmbeddingMode::Quant,
+                    }
             }
             _ => false,
         };
@@ -391,14 +415,38 @@ pub fn quantize_model(
                 && cfg.embeddings == EmbeddingMode::F16;
             let calibrated = pre.as_ref().and_then(|p| p.layers.get(&info.name));
             let enc = if let (true, Some(c)) = (quantize, calibrated) {
-                if c.q.rows * c.q.cols != x.len() {
+                if c.q.rows() * c.q.cols() != x.len() {
                     bail!(
                         "calibrated codes for '{}' do not match its shape {:?}",
                         info.name,
                         info.shape
                     );
                 }
-                encode_q(&c.reference(&x, c.q.cols), &c.q, c.method)
+                let reference = c.reference(&x, c.q.cols());
+                match &c.q {
+                    LayerCodes::Int(q) => encode_q(&reference, q, c.method),
+                    LayerCodes::Ggml { ty, bytes, .. } => {
+                        encode_ggml(&reference, *ty, bytes.clone(), c.method)?
+                    }
+                }
+            } else if let (true, Some(g)) = (quantize, cfg.ggml) {
+                if cfg.method != Method::Rtn && role == TensorRole::Linear {
+                    bail!(
+                        "method {:?} produced no codes for linear tensor '{}'",
+                        cfg.method,
+                        info.name
+                    );
+                }
+                let cols = *info.shape.last().unwrap_or(&1);
+                let want = match role {
+                    TensorRole::Linear => g.linear,
+                    _ => g.embedding.expect("checked above"),
+                };
+                let (ty, _) = adaptq_quant::ggml::pick(want, cols)
+                    .with_context(|| format!("tensor '{}'", info.name))?;
+                let bytes = adaptq_quant::ggml::quantize_rtn(ty, &x, x.len() / cols, cols, None)
+                    .with_context(|| format!("quantizing tensor '{}' as {}", info.name, ty.name()))?;
+                encode_ggml(&x, ty, bytes, "rtn")?
             } else if quantize {
                 if cfg.method != Method::Rtn && role == TensorRole::Linear {
                     bail!(
@@ -505,7 +553,7 @@ fn build_verification(
     let payload: u64 = tensors.iter().filter(float).map(|t| t.bytes).sum();
     let quant: Vec<&TensorReport> = tensors
         .iter()
-        .filter(|t| t.encoding.starts_with("int"))
+        .filter(|t| t.encoding.starts_with("int") || t.encoding.starts_with("ggml"))
         .collect();
     let qparams: u64 = quant.iter().map(|t| t.params as u64).sum();
     let qbytes: u64 = quant.iter().map(|t| t.bytes).sum();

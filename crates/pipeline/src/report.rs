@@ -24,15 +24,22 @@ fn rows(v: &Value) -> Vec<Row> {
         .map(|a| a.as_slice())
         .unwrap_or(&[])
         .iter()
-        .filter(|t| t["encoding"].as_str().is_some_and(|e| e.starts_with("int")))
+        .filter(|t| {
+            t["encoding"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("int") || e.starts_with("ggml"))
+        })
         .map(|t| {
             let enc = t["encoding"].as_str().unwrap_or("").to_string();
-            let bits = enc
-                .trim_start_matches("int")
-                .split('-')
-                .next()
-                .and_then(|b| b.parse().ok())
-                .unwrap_or(0);
+            let bits = match enc.strip_prefix("ggml-") {
+                Some(ty) => adaptq_quant::ggml::BlockType::parse(ty).map_or(0, |t| t.bits()),
+                None => enc
+                    .trim_start_matches("int")
+                    .split('-')
+                    .next()
+                    .and_then(|b| b.parse().ok())
+                    .unwrap_or(0),
+            };
             let (error, kind) = match t["output_rel_error"].as_f64() {
                 Some(e) => (e, "output"),
                 None => (t["rel_mse"].as_f64().unwrap_or(f64::NAN), "weight"),

@@ -69,7 +69,7 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
         let n = t.numel() as u64;
         match t.encoding {
             Encoding::Raw { .. } => raw_bytes += t.payload_len(),
-            Encoding::Int { .. } => {
+            Encoding::Int { .. } | Encoding::Ggml { .. } => {
                 qparams += n;
                 qbytes += t.payload_len();
                 params += n;
@@ -118,7 +118,11 @@ fn summarize_errors(v: &serde_json::Value) -> Option<ErrorSummary> {
     let mut rows: Vec<(String, f64, f64)> = v["tensors"]
         .as_array()?
         .iter()
-        .filter(|t| t["encoding"].as_str().is_some_and(|e| e.starts_with("int")))
+        .filter(|t| {
+            t["encoding"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("int") || e.starts_with("ggml"))
+        })
         .filter_map(|t| {
             Some((
                 t["name"].as_str()?.to_string(),

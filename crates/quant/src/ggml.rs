@@ -24,11 +24,46 @@ pub enum BlockType {
     Q5_0,
     Q5_1,
     Q8_0,
+    #[serde(rename = "Q2_K")]
     Q2K,
+    #[serde(rename = "Q3_K")]
     Q3K,
+    #[serde(rename = "Q4_K")]
     Q4K,
+    #[serde(rename = "Q5_K")]
     Q5K,
+    #[serde(rename = "Q6_K")]
     Q6K,
+}
+
+/// Which GGML types a model's tensors get.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct GgmlSpec {
+    /// Type for linear layers whose rows fit it; others take its [`BlockType::fallback`].
+    pub linear: BlockType,
+    /// Type for embedding / output tables; `None` keeps them as float.
+    pub embedding: Option<BlockType>,
+}
+
+impl GgmlSpec {
+    /// The type a linear layer with rows of `cols` values gets, and whether that is a fallback.
+    pub fn linear_for(&self, cols: usize) -> Result<(BlockType, bool), QuantError> {
+        pick(self.linear, cols)
+    }
+}
+
+/// `want` if rows of `cols` fit it, else its fallback (then Q8_0); an error naming the type when
+/// nothing fits (rows not a multiple of 32).
+pub fn pick(want: BlockType, cols: usize) -> Result<(BlockType, bool), QuantError> {
+    for (t, fell) in [(want, false), (want.fallback(), true), (BlockType::Q8_0, true)] {
+        if t.fits(cols) {
+            return Ok((t, fell && t != want));
+        }
+    }
+    Err(QuantError::Corrupt(format!(
+        "rows of {cols} values fit no GGML block type (they need a multiple of 32); {} asked",
+        want.name()
+    )))
 }
 
 pub const ALL: [BlockType; 10] = [
@@ -653,6 +688,30 @@ pub fn quantize_rtn(
     Ok(out)
 }
 
+/// The GGML type whose grid *is* this integer grid (group 32, widths 4/5/8 with llama.cpp's
+/// symmetric or min-offset layout), with the codes re-laid as its blocks: lossless.
+pub fn from_int(q: &crate::QuantizedTensor) -> Option<(BlockType, Vec<u8>)> {
+    use crate::Grid::{Asymmetric, Symmetric};
+    let ty = match (q.bits, q.grid) {
+        (4, Symmetric) => BlockType::Q4_0,
+        (4, Asymmetric) => BlockType::Q4_1,
+        (5, Symmetric) => BlockType::Q5_0,
+        (5, Asymmetric) => BlockType::Q5_1,
+        (8, Symmetric) => BlockType::Q8_0,
+        _ => return None,
+    };
+    if q.group_size != 32 || !q.cols.is_multiple_of(32) {
+        return None;
+    }
+    let codes = crate::pack::unpack(&q.codes, q.bits, q.rows * q.cols);
+    let mut out = Vec::with_capacity(ty.bytes_for(codes.len()));
+    for (g, c) in codes.chunks(32).enumerate() {
+        let min = q.mins.get(g).copied().unwrap_or(f16::ZERO);
+        encode_block(ty, &BlockHead::new(q.scales[g], min), c, &mut out);
+    }
+    Some((ty, out))
+}
+
 /// Decodes `n` values of `ty` blocks with the dequantizers' arithmetic.
 pub fn dequantize(ty: BlockType, bytes: &[u8], n: usize) -> Result<Vec<f32>, QuantError> {
     let bl = ty.block_len();
@@ -811,5 +870,30 @@ mod tests {
         assert!(e.to_string().contains("Q4_K"), "{e}");
         assert_eq!(BlockType::Q4K.fallback(), BlockType::Q5_0);
         assert!(BlockType::Q5_0.fits(576));
+    }
+
+    #[test]
+    fn matching_integer_grids_convert_losslessly() {
+        use crate::{quantize_rtn as int_rtn, Grid, RtnConfig};
+        let (rows, cols) = (3, 96);
+        let w = weights(rows * cols, 4);
+        for (bits, grid, ty) in [
+            (4, Grid::Symmetric, BlockType::Q4_0),
+            (4, Grid::Asymmetric, BlockType::Q4_1),
+            (5, Grid::Symmetric, BlockType::Q5_0),
+            (5, Grid::Asymmetric, BlockType::Q5_1),
+            (8, Grid::Symmetric, BlockType::Q8_0),
+        ] {
+            let q = int_rtn(&w, rows, cols, &RtnConfig { bits, group_size: 32, grid }).unwrap();
+            let (t, bytes) = from_int(&q).unwrap();
+            assert_eq!(t, ty);
+            let a = dequantize(t, &bytes, w.len()).unwrap();
+            let b = q.dequantize();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", t.name());
+        }
+        let q = int_rtn(&w, rows, cols, &RtnConfig { bits: 4, group_size: 64, grid: Grid::Symmetric }).unwrap();
+        assert!(from_int(&q).is_none());
+        let q = int_rtn(&w, rows, cols, &RtnConfig { bits: 3, group_size: 32, grid: Grid::Symmetric }).unwrap();
+        assert!(from_int(&q).is_none());
     }
 }

@@ -125,6 +125,54 @@ impl QuantizedTensor {
     }
 }
 
+/// A quantized layer in either of adaptq's code layouts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerCodes {
+    /// adaptq's own per-group grid (any width 2–8, any group size).
+    Int(QuantizedTensor),
+    /// llama.cpp blocks of one GGML type, row-major.
+    Ggml {
+        ty: ggml::BlockType,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    },
+}
+
+impl LayerCodes {
+    pub fn rows(&self) -> usize {
+        match self {
+            LayerCodes::Int(q) => q.rows,
+            LayerCodes::Ggml { rows, .. } => *rows,
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            LayerCodes::Int(q) => q.cols,
+            LayerCodes::Ggml { cols, .. } => *cols,
+        }
+    }
+    pub fn dequantize(&self) -> Vec<f32> {
+        match self {
+            LayerCodes::Int(q) => q.dequantize(),
+            LayerCodes::Ggml {
+                ty,
+                rows,
+                cols,
+                bytes,
+            } => ggml::dequantize(*ty, bytes, rows * cols)
+                .expect("blocks were written for this shape"),
+        }
+    }
+    /// The integer-grid form; `None` for GGML blocks.
+    pub fn as_int(&self) -> Option<&QuantizedTensor> {
+        match self {
+            LayerCodes::Int(q) => Some(q),
+            LayerCodes::Ggml { .. } => None,
+        }
+    }
+}
+
 /// Checks a matrix before quantization; returns the effective group size (0 or a size of at
 /// least `cols` both mean one group per row).
 pub(crate) fn check_input(

@@ -1,0 +1,125 @@
+//! GGUF export on the real model: what adaptq writes, adaptq (candle's GGML kernels) reads back
+//! with the bundle's exact values, with the source's tokenizer metadata intact.
+
+use adaptq_source::gguf::GgufSource;
+use adaptq_source::TensorSource;
+use adaptq_testutil::smollm2_gguf;
+use std::path::Path;
+use std::process::Command;
+
+fn adaptq(args: &[&str]) -> std::process::Output {
+    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "adaptq {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Every tensor of `gguf` decodes to exactly the bundle's values.
+fn same_values(bundle: &Path, gguf: &Path) -> Vec<String> {
+    let b = adaptq_bundle::Bundle::open(bundle).unwrap();
+    let g = GgufSource::open(gguf).unwrap();
+    let mut types = Vec::new();
+    assert_eq!(g.tensors().len(), b.manifest.tensors.len());
+    for (t, info) in b.manifest.tensors.iter().zip(g.tensors()) {
+        assert_eq!(t.name, info.name, "tensor order kept");
+        assert_eq!(t.shape, info.shape, "{}", t.name);
+        let want = b.read_f32(&t.name).unwrap();
+        let got = g.read_f32(&t.name).unwrap();
+        let same = want
+            .iter()
+            .zip(&got)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "tensor '{}' ({:?}) differs", t.name, info.dtype);
+        types.push(format!("{:?}", info.dtype));
+    }
+    types
+}
+
+#[test]
+fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
+    let m = smollm2_gguf();
+    let m = m.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let src = GgufSource::open(Path::new(m)).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    // k-quants land on the 1536-wide down projections; 576-wide rows take the fallbacks,
+    // which covers the 32-blocks types too.
+    for ty in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1"] {
+        let b = dir.path().join(format!("b-{ty}"));
+        let g = dir.path().join(format!("{ty}.gguf"));
+        adaptq(&[
+            "quantize", m, "--out", b.to_str().unwrap(), "--ggml-type", ty,
+        ]);
+        let o = adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("every tensor holds exactly"), "{text}");
+        seen.extend(same_values(&b, &g));
+        // The tokenizer and architecture metadata survive unchanged.
+        let out = GgufSource::open(&g).unwrap();
+        let (a, z) = (src.header().metadata.clone(), out.header().metadata.clone());
+        for key in [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.model",
+            "general.architecture",
+            "llama.rope.freq_base",
+        ] {
+            assert_eq!(a.get(key), z.get(key), "{key}");
+        }
+        assert_eq!(out.header().version, 3);
+    }
+    for t in ["Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q4_1"] {
+        assert!(seen.iter().any(|s| s.contains(t)), "{t} not exercised: {seen:?}");
+    }
+
+    // An adaptq integer grid that *is* a GGML grid converts losslessly; others are re-rounded
+    // and listed.
+    let b = dir.path().join("int4");
+    adaptq(&["quantize", m, "--out", b.to_str().unwrap(), "--bits", "4", "--group-size", "32", "--sym"]);
+    let g = dir.path().join("int4.gguf");
+    adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()]);
+    same_values(&b, &g);
+    let b = dir.path().join("int3");
+    adaptq(&["quantize", m, "--out", b.to_str().unwrap(), "--bits", "3"]);
+    let g = dir.path().join("int3.gguf");
+    let o = adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rer: Vec<&serde_json::Value> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["exact"] == false)
+        .collect();
+    assert_eq!(rer.len(), 210, "every linear layer re-rounded");
+    assert!(rer[0]["note"].as_str().unwrap().contains("no GGML twin"));
+}
+
+#[test]
+fn a_bundle_that_fails_verification_is_not_exported() {
+    let m = smollm2_gguf();
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b");
+    adaptq(&["quantize", m.to_str().unwrap(), "--out", b.to_str().unwrap(), "--ggml-type", "q4_0"]);
+    let shard = b.join("shard-00003.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let g = dir.path().join("x.gguf");
+    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not verify"));
+    assert!(!g.exists());
+    assert!(std::fs::read_dir(dir.path())
+        .unwrap()
+        .all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+}

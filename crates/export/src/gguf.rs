@@ -1,0 +1,329 @@
+//! Bundle → GGUF v3.
+//!
+//! Each tensor is written in the best form the bundle allows: GGML blocks are copied as they
+//! are; integer grids that *are* a GGML grid (group 32, 4/5/8 bits) are re-laid losslessly;
+//! anything else is decoded and rounded onto the nearest GGML type, and the summary says so.
+//! Metadata (architecture, tokenizer) comes from the bundle's copy of the source GGUF's.
+
+use adaptq_bundle::{Bundle, Encoding, TensorEntry};
+use adaptq_quant::ggml::{self, BlockType};
+use adaptq_quant::Grid;
+use adaptq_source::gguf::Value;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::BufWriter;
+use std::path::Path;
+
+use crate::writer::{GgufWriter, TensorPlan};
+
+/// The bundle file holding the source GGUF's metadata (written by `quantize`).
+pub const GGUF_METADATA: &str = "gguf-metadata.json";
+
+#[derive(Debug, Clone, Default)]
+pub struct ExportOptions {
+    /// Re-round every quantized tensor that is not already this type onto it (k-quants fall
+    /// back where rows do not fit). `None`: keep each tensor's own type where it has one.
+    pub force_type: Option<BlockType>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedTensor {
+    pub name: String,
+    /// GGML type name written (`Q4_0`, `F16`, …).
+    pub ggml_type: String,
+    /// Whether the values are exactly the bundle's (no re-rounding).
+    pub exact: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub file_bytes: u64,
+    pub tensor_bytes: u64,
+    pub params: u64,
+    /// Tensor bytes × 8 / every parameter (llama.cpp's "bpw overall" in the anchors).
+    pub bits_per_weight: f64,
+    pub tensors: Vec<ExportedTensor>,
+}
+
+/// How one bundle tensor becomes GGUF bytes.
+enum Route {
+    Copy(BlockType),
+    Relay(BlockType),
+    Reround(BlockType, String),
+    F16,
+    F32,
+}
+
+impl Route {
+    fn ggml_id(&self) -> u32 {
+        match self {
+            Route::Copy(t) | Route::Relay(t) | Route::Reround(t, _) => t.ggml_id(),
+            Route::F16 => 1,
+            Route::F32 => 0,
+        }
+    }
+    fn bytes(&self, numel: usize) -> usize {
+        match self {
+            Route::Copy(t) | Route::Relay(t) | Route::Reround(t, _) => t.bytes_for(numel),
+            Route::F16 => numel * 2,
+            Route::F32 => numel * 4,
+        }
+    }
+    fn name(&self) -> &'static str {
+        match self {
+            Route::Copy(t) | Route::Relay(t) | Route::Reround(t, _) => t.name(),
+            Route::F16 => "F16",
+            Route::F32 => "F32",
+        }
+    }
+}
+
+/// The GGML type nearest an integer grid of `bits`.
+fn nearest(bits: u8, grid: Grid) -> BlockType {
+    match (bits, grid) {
+        (0..=2, _) => BlockType::Q2K,
+        (3, _) => BlockType::Q3K,
+        (4, Grid::Symmetric) => BlockType::Q4_0,
+        (4, Grid::Asymmetric) => BlockType::Q4_1,
+        (5, Grid::Symmetric) => BlockType::Q5_0,
+        (5, Grid::Asymmetric) => BlockType::Q5_1,
+        (6, _) => BlockType::Q6K,
+        _ => BlockType::Q8_0,
+    }
+}
+
+fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
+    let cols = *t.shape.last().unwrap_or(&1);
+    let reround = |want: BlockType, why: String| -> Result<Route> {
+        let (ty, fell) = ggml::pick(want, cols).with_context(|| format!("tensor '{}'", t.name))?;
+        let why = if fell {
+            format!("{why}; rows of {cols} do not fit {}, used {}", want.name(), ty.name())
+        } else {
+            why
+        };
+        Ok(Route::Reround(ty, why))
+    };
+    Ok(match &t.encoding {
+        Encoding::Ggml { ggml_type } => match opts.force_type {
+            Some(f) if f != *ggml_type => reround(f, format!("{} re-rounded as asked", ggml_type.name()))?,
+            _ => Route::Copy(*ggml_type),
+        },
+        Encoding::Int {
+            bits,
+            group_size,
+            grid,
+        } => {
+            let exact = match (bits, grid) {
+                (4, Grid::Symmetric) => Some(BlockType::Q4_0),
+                (4, Grid::Asymmetric) => Some(BlockType::Q4_1),
+                (5, Grid::Symmetric) => Some(BlockType::Q5_0),
+                (5, Grid::Asymmetric) => Some(BlockType::Q5_1),
+                (8, Grid::Symmetric) => Some(BlockType::Q8_0),
+                _ => None,
+            }
+            .filter(|_| *group_size == 32 && cols.is_multiple_of(32));
+            match (exact, opts.force_type) {
+                (Some(e), None) => Route::Relay(e),
+                (Some(e), Some(f)) if f == e => Route::Relay(e),
+                (_, Some(f)) => reround(f, format!("{} re-rounded as asked", t.encoding.label()))?,
+                (None, None) => reround(
+                    nearest(*bits, *grid),
+                    format!("{} has no GGML twin (those are group 32 at 4, 5 or 8 bits)", t.encoding.label()),
+                )?,
+            }
+        }
+        Encoding::F16 => Route::F16,
+        Encoding::F32 => Route::F32,
+        Encoding::Raw { dtype, .. } => {
+            bail!("tensor '{}' holds raw {dtype} data, which GGUF export does not carry", t.name)
+        }
+    })
+}
+
+/// GGUF metadata back from the bundle's JSON copy.
+pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).context("gguf-metadata.json")?;
+    let items = v.as_array().context("gguf-metadata.json is not a list")?;
+    fn scalar(ty: &str, v: &serde_json::Value) -> Option<Value> {
+        Some(match ty {
+            "u8" => Value::U8(v.as_u64()? as u8),
+            "i8" => Value::I8(v.as_i64()? as i8),
+            "u16" => Value::U16(v.as_u64()? as u16),
+            "i16" => Value::I16(v.as_i64()? as i16),
+            "u32" => Value::U32(v.as_u64()? as u32),
+            "i32" => Value::I32(v.as_i64()? as i32),
+            "f32" => Value::F32(v.as_f64()? as f32),
+            "bool" => Value::Bool(v.as_bool()?),
+            "string" => Value::String(v.as_str()?.to_string()),
+            "u64" => Value::U64(v.as_u64()?),
+            "i64" => Value::I64(v.as_i64()?),
+            "f64" => Value::F64(v.as_f64()?),
+            _ => return None,
+        })
+    }
+    const NAMES: [&str; 13] = [
+        "u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64",
+        "f64",
+    ];
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let key = it["key"].as_str().context("metadata entry without a key")?;
+        let ty = it["type"].as_str().unwrap_or("");
+        let val = if ty == "array" {
+            let ety = it["element_type"].as_u64().unwrap_or(u64::MAX) as u32;
+            let ename = NAMES.get(ety as usize).copied().unwrap_or("?");
+            let vals = it["value"].as_array().with_context(|| format!("metadata '{key}'"))?;
+            let items = vals
+                .iter()
+                .map(|x| scalar(ename, x))
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| format!("metadata array '{key}' of {ename} cannot be rebuilt"))?;
+            Value::Array(ety, items)
+        } else {
+            scalar(ty, &it["value"]).with_context(|| format!("metadata '{key}' ({ty})"))?
+        };
+        out.push((key.to_string(), val));
+    }
+    Ok(out)
+}
+
+/// llama.cpp's `general.file_type` for a file mostly of `t`.
+fn file_type(t: Option<BlockType>) -> u32 {
+    match t {
+        None => 1,
+        Some(BlockType::Q4_0) => 2,
+        Some(BlockType::Q4_1) => 3,
+        Some(BlockType::Q8_0) => 7,
+        Some(BlockType::Q5_0) => 8,
+        Some(BlockType::Q5_1) => 9,
+        Some(BlockType::Q2K) => 10,
+        Some(BlockType::Q3K) => 11,
+        Some(BlockType::Q4K) => 14,
+        Some(BlockType::Q5K) => 16,
+        Some(BlockType::Q6K) => 18,
+    }
+}
+
+fn set(md: &mut Vec<(String, Value)>, key: &str, v: Value) {
+    match md.iter_mut().find(|(k, _)| k == key) {
+        Some(e) => e.1 = v,
+        None => md.push((key.to_string(), v)),
+    }
+}
+
+/// Writes `bundle` as a GGUF v3 file at `out` (via a temporary name, renamed when complete).
+pub fn export_gguf(
+    bundle: &Bundle,
+    out: &Path,
+    opts: &ExportOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ExportSummary> {
+    let md_bytes = bundle.read_file(GGUF_METADATA).map_err(|_| {
+        anyhow::anyhow!(
+            "{}: this bundle was not made from a GGUF, so it has no GGUF metadata \
+             (architecture, tokenizer) to export; quantize the model's GGUF instead \
+             (safetensors → GGUF conversion is not supported yet)",
+            bundle.dir.display()
+        )
+    })?;
+    let mut md = metadata_from_json(&md_bytes)?;
+    let tensors = &bundle.manifest.tensors;
+    let routes: Vec<Route> = tensors.iter().map(|t| route(t, opts)).collect::<Result<_>>()?;
+    // Name the file by what most of its parameters are stored as.
+    let mut by_type: Vec<(BlockType, u64)> = Vec::new();
+    for (t, r) in tensors.iter().zip(&routes) {
+        if let Route::Copy(b) | Route::Relay(b) | Route::Reround(b, _) = r {
+            match by_type.iter_mut().find(|(x, _)| x == b) {
+                Some(e) => e.1 += t.numel() as u64,
+                None => by_type.push((*b, t.numel() as u64)),
+            }
+        }
+    }
+    let main = by_type.iter().max_by_key(|(_, n)| *n).map(|(t, _)| *t);
+    set(&mut md, "general.file_type", Value::U32(file_type(main)));
+    set(&mut md, "general.quantization_version", Value::U32(2));
+    set(&mut md, "general.quantized_by", Value::String("adaptq".into()));
+    let plan: Vec<TensorPlan> = tensors
+        .iter()
+        .zip(&routes)
+        .map(|(t, r)| TensorPlan {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ggml_type: r.ggml_id(),
+            bytes: r.bytes(t.numel()) as u64,
+        })
+        .collect();
+    let tensor_bytes: u64 = plan.iter().map(|p| p.bytes).sum();
+
+    let file_name = out
+        .file_name()
+        .with_context(|| format!("{}: not a file path", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+    let result = (|| -> Result<Vec<ExportedTensor>> {
+        let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = GgufWriter::new(BufWriter::new(f), &md, plan)?;
+        let mut report = Vec::with_capacity(tensors.len());
+        for (i, (t, r)) in tensors.iter().zip(&routes).enumerate() {
+            let bytes = encode(bundle, t, r).with_context(|| format!("tensor '{}'", t.name))?;
+            w.write_tensor(&t.name, &bytes)?;
+            report.push(ExportedTensor {
+                name: t.name.clone(),
+                ggml_type: r.name().to_string(),
+                exact: !matches!(r, Route::Reround(..)),
+                note: match r {
+                    Route::Reround(_, why) => Some(why.clone()),
+                    _ => None,
+                },
+            });
+            progress(i + 1, tensors.len());
+        }
+        let f = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        Ok(report)
+    })();
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    let params: u64 = tensors.iter().map(|t| t.numel() as u64).sum();
+    Ok(ExportSummary {
+        file_bytes: std::fs::metadata(out)?.len(),
+        tensor_bytes,
+        params,
+        bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
+        tensors: report,
+    })
+}
+
+fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
+    let cols = *t.shape.last().unwrap_or(&1);
+    Ok(match r {
+        Route::Copy(_) => bundle.payload(t)?,
+        Route::Relay(_) => {
+            let q = bundle.quantized(t)?;
+            ggml::from_int(&q).context("integer grid has no GGML twin")?.1
+        }
+        Route::Reround(ty, _) => {
+            let x = bundle.read_f32(&t.name)?;
+            ggml::quantize_rtn(*ty, &x, x.len() / cols, cols, None)?
+        }
+        Route::F16 => match t.encoding {
+            Encoding::F16 => bundle.payload(t)?,
+            _ => bundle
+                .read_f32(&t.name)?
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+        },
+        Route::F32 => match t.encoding {
+            Encoding::F32 => bundle.payload(t)?,
+            _ => bundle.read_f32(&t.name)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        },
+    })
+}
