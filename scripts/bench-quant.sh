@@ -6,7 +6,8 @@
 # llama.cpp anchors for the same model and text are in ../shared/anchors/.
 #
 # Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 64), ONLY (a regex over the
-# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 3 hours on 2 cores.
+# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 4 hours on 2 cores. Rows with
+# --ggml-type are exported to GGUF and the GGUF file itself is evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh >/dev/null
@@ -35,6 +36,11 @@ rows=(
   "rtn2-asym-g64|--bits 2 --group-size 64"
   "gptq2-asym-g64|--method gptq --bits 2 --group-size 64 $C"
   "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym --awq --refit $C"
+  # llama.cpp block types (embedding Q8_0 as llama-quantize does), evaluated on the exported GGUF.
+  "gguf-q4_0-rtn|--ggml-type q4_0"
+  "gguf-q4_0-gptq|--method gptq --ggml-type q4_0 $C"
+  "gguf-q4_k-rtn|--ggml-type q4_k"
+  "gguf-q4_k-gptq|--method gptq --ggml-type q4_k $C"
 )
 echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | gates |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
@@ -45,7 +51,12 @@ for row in "${rows[@]}"; do
   # shellcheck disable=SC2086
   /usr/bin/time -v "$bin" quantize "$m" --out "$out" $args >"$tmp/$name.log" 2>"$tmp/$name.time" || true
   "$bin" verify "$out" >/dev/null
-  "$bin" eval "$out" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name.json"
+  model=$out
+  if [[ $args == *--ggml-type* ]]; then
+    "$bin" export "$out" --to gguf --out "$out.gguf" >/dev/null
+    model=$out.gguf
+  fi
+  "$bin" eval "$model" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name.json"
   python3 - "$name" "$out" "$tmp/$name.json" "$tmp/$name.time" <<'PY'
 import json, sys, re
 name, out, ev, tm = sys.argv[1:]

@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh
 cargo test --workspace --release
+# GGUF exports checked by an independent reader (llama.cpp's gguf-py from PyPI).
+./scripts/check-gguf.sh
