@@ -7,3 +7,4 @@ cd "$(dirname "$0")/.."
 cargo test --workspace --release
 # GGUF exports checked by an independent reader (llama.cpp's gguf-py from PyPI).
 ./scripts/check-gguf.sh
+./scripts/check-hf-gptq.sh

@@ -116,9 +116,8 @@ impl Bundle {
         match &t.encoding {
             Encoding::Int { .. } => Ok(self.quantized(t)?.dequantize()),
             Encoding::Ggml { ggml_type } => {
-                adaptq_quant::ggml::dequantize(*ggml_type, &self.payload(t)?, t.numel()).map_err(
-                    |e| BundleError::Invalid(format!("tensor '{name}': {e}")),
-                )
+                adaptq_quant::ggml::dequantize(*ggml_type, &self.payload(t)?, t.numel())
+                    .map_err(|e| BundleError::Invalid(format!("tensor '{name}': {e}")))
             }
             Encoding::F16 => Ok(self
                 .payload(t)?

@@ -66,7 +66,11 @@ enum FormatArg {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ExportTo {
+    /// GGUF v3 file (llama.cpp, Ollama, LM Studio).
     Gguf,
+    /// Hugging Face GPTQ checkpoint folder (transformers, vLLM): qweight/qzeros/scales/g_idx,
+    /// config.json with quantization_config, tokenizer files. Needs a symmetric 2/4/8-bit bundle.
+    HfGptq,
 }
 
 fn parse_ggml(s: &str) -> Result<adaptq_quant::ggml::BlockType> {
@@ -182,9 +186,12 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, value_enum)]
         to: ExportTo,
-        /// The file to write (replaced atomically; written under a temporary name first).
+        /// The file (GGUF) or folder (hf-gptq) to write; built under a temporary name first.
         #[arg(long)]
         out: PathBuf,
+        /// hf-gptq: largest safetensors shard in bytes (more than one adds an index).
+        #[arg(long, default_value_t = 4 << 30)]
+        max_shard_size: u64,
         /// Re-round every quantized tensor onto this GGML type (default: keep each tensor's
         /// own; integer grids that are a GGML grid convert losslessly, others are re-rounded
         /// onto the nearest type and listed).
@@ -199,6 +206,9 @@ enum Cmd {
     TensorHashes {
         /// A .gguf/.safetensors file or a bundle folder.
         path: PathBuf,
+        /// For a bundle: name and order tensors as its Hugging Face GPTQ export does.
+        #[arg(long)]
+        hf: bool,
     },
     /// Where a bundle lost quality: per-layer widths and errors, error histogram, gates, sizes.
     Report {
@@ -369,13 +379,11 @@ fn nearest_ggml(bits: u8, sym: bool) -> adaptq_quant::ggml::BlockType {
     }
 }
 
-/// Verifies `dir`, writes it as GGUF at `out` and prints what was written.
-fn export_bundle_gguf(
-    dir: &Path,
-    out: &Path,
-    ty: Option<adaptq_quant::ggml::BlockType>,
-    json: bool,
-) -> Result<()> {
+/// Opens a bundle after checking every hash; exports never start from a bundle that fails.
+fn verified_bundle(dir: &Path) -> Result<adaptq_bundle::Bundle> {
+    if !dir.join(adaptq_bundle::MANIFEST).exists() {
+        bail!("{}: not a bundle (no manifest.json)", dir.display());
+    }
     let rep = adaptq_bundle::verify_bundle(dir, |_| {});
     if !rep.ok() {
         for p in &rep.problems {
@@ -383,7 +391,17 @@ fn export_bundle_gguf(
         }
         bail!("{} does not verify; refusing to export it", dir.display());
     }
-    let b = adaptq_bundle::Bundle::open(dir)?;
+    Ok(adaptq_bundle::Bundle::open(dir)?)
+}
+
+/// Verifies `dir`, writes it as GGUF at `out` and prints what was written.
+fn export_bundle_gguf(
+    dir: &Path,
+    out: &Path,
+    ty: Option<adaptq_quant::ggml::BlockType>,
+    json: bool,
+) -> Result<()> {
+    let b = verified_bundle(dir)?;
     let pb = bar(b.manifest.tensors.len() as u64, "export");
     let s = adaptq_export::export_gguf(
         &b,
@@ -416,7 +434,10 @@ fn export_bundle_gguf(
     if rer.is_empty() {
         println!("  every tensor holds exactly the bundle's values");
     } else {
-        println!("  {} tensor(s) re-rounded (not the bundle's exact values):", rer.len());
+        println!(
+            "  {} tensor(s) re-rounded (not the bundle's exact values):",
+            rer.len()
+        );
         for t in rer.iter().take(8) {
             println!("    {}: {}", t.name, t.note.as_deref().unwrap_or(""));
         }
@@ -481,7 +502,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         bail!("--method apq mixes adaptq widths; GGML types are not supported with it yet (quantize APQ to a bundle, then `adaptq export --to gguf`)");
                     }
                     if refit {
-                        bail!("--refit re-fits adaptq group scales; it does not apply to GGML types");
+                        bail!(
+                            "--refit re-fits adaptq group scales; it does not apply to GGML types"
+                        );
                     }
                     let embedding = match ggml_embedding_type.to_ascii_lowercase().as_str() {
                         "f16" | "f32" => None,
@@ -779,19 +802,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Export {
             dir,
-            to: ExportTo::Gguf,
+            to,
             out,
             ty,
             json,
+            max_shard_size,
         } => {
-            let ty = ty.as_deref().map(parse_ggml).transpose()?;
-            export_bundle_gguf(&dir, &out, ty, json)?;
+            match to {
+                ExportTo::Gguf => {
+                    let ty = ty.as_deref().map(parse_ggml).transpose()?;
+                    export_bundle_gguf(&dir, &out, ty, json)?;
+                }
+                ExportTo::HfGptq => {
+                    if ty.is_some() {
+                        bail!("--type applies to --to gguf");
+                    }
+                    let b = verified_bundle(&dir)?;
+                    let pb = bar(b.manifest.tensors.len() as u64, "export");
+                    let s = adaptq_export::export_hf_gptq(
+                        &b,
+                        &out,
+                        &adaptq_export::HfGptqOptions {
+                            max_shard_bytes: max_shard_size,
+                        },
+                        &mut |d, _| pb.set_position(d as u64),
+                    )?;
+                    pb.finish_and_clear();
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&s)?);
+                    } else {
+                        println!(
+                            "wrote {} (Hugging Face GPTQ, {}-bit group {}, {} tensor bytes): {}",
+                            out.display(),
+                            s.bits,
+                            s.group_size,
+                            s.tensor_bytes,
+                            s.files.join(", ")
+                        );
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::TensorHashes { path } => {
+        Cmd::TensorHashes { path, hf } => {
             use sha2::{Digest, Sha256};
             let mut out = serde_json::Map::new();
-            if path.join(adaptq_bundle::MANIFEST).exists() {
+            if hf {
+                let b = adaptq_bundle::Bundle::open(&path)?;
+                adaptq_export::hf_gptq::for_each_hf_tensor(&b, &mut |name, v| {
+                    out.insert(name.into(), hex::encode(Sha256::digest(bytes_of(v))).into());
+                })?;
+            } else if path.join(adaptq_bundle::MANIFEST).exists() {
                 let b = adaptq_bundle::Bundle::open(&path)?;
                 for t in &b.manifest.tensors {
                     let v = b.read_f32(&t.name)?;

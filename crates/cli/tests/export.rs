@@ -55,9 +55,21 @@ fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
         let b = dir.path().join(format!("b-{ty}"));
         let g = dir.path().join(format!("{ty}.gguf"));
         adaptq(&[
-            "quantize", m, "--out", b.to_str().unwrap(), "--ggml-type", ty,
+            "quantize",
+            m,
+            "--out",
+            b.to_str().unwrap(),
+            "--ggml-type",
+            ty,
         ]);
-        let o = adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()]);
+        let o = adaptq(&[
+            "export",
+            b.to_str().unwrap(),
+            "--to",
+            "gguf",
+            "--out",
+            g.to_str().unwrap(),
+        ]);
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(text.contains("every tensor holds exactly"), "{text}");
         seen.extend(same_values(&b, &g));
@@ -75,21 +87,51 @@ fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
         }
         assert_eq!(out.header().version, 3);
     }
-    for t in ["Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q4_1"] {
-        assert!(seen.iter().any(|s| s.contains(t)), "{t} not exercised: {seen:?}");
+    for t in [
+        "Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "Q4_0", "Q5_0", "Q5_1", "Q8_0", "Q4_1",
+    ] {
+        assert!(
+            seen.iter().any(|s| s.contains(t)),
+            "{t} not exercised: {seen:?}"
+        );
     }
 
     // An adaptq integer grid that *is* a GGML grid converts losslessly; others are re-rounded
     // and listed.
     let b = dir.path().join("int4");
-    adaptq(&["quantize", m, "--out", b.to_str().unwrap(), "--bits", "4", "--group-size", "32", "--sym"]);
+    adaptq(&[
+        "quantize",
+        m,
+        "--out",
+        b.to_str().unwrap(),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--sym",
+    ]);
     let g = dir.path().join("int4.gguf");
-    adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()]);
+    adaptq(&[
+        "export",
+        b.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--out",
+        g.to_str().unwrap(),
+    ]);
     same_values(&b, &g);
     let b = dir.path().join("int3");
     adaptq(&["quantize", m, "--out", b.to_str().unwrap(), "--bits", "3"]);
     let g = dir.path().join("int3.gguf");
-    let o = adaptq(&["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap(), "--json"]);
+    let o = adaptq(&[
+        "export",
+        b.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--out",
+        g.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let rer: Vec<&serde_json::Value> = v["tensors"]
         .as_array()
@@ -106,20 +148,36 @@ fn a_bundle_that_fails_verification_is_not_exported() {
     let m = smollm2_gguf();
     let dir = tempfile::tempdir().unwrap();
     let b = dir.path().join("b");
-    adaptq(&["quantize", m.to_str().unwrap(), "--out", b.to_str().unwrap(), "--ggml-type", "q4_0"]);
+    adaptq(&[
+        "quantize",
+        m.to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+        "--ggml-type",
+        "q4_0",
+    ]);
     let shard = b.join("shard-00003.bin");
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&shard, bytes).unwrap();
     let g = dir.path().join("x.gguf");
     let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(["export", b.to_str().unwrap(), "--to", "gguf", "--out", g.to_str().unwrap()])
+        .args([
+            "export",
+            b.to_str().unwrap(),
+            "--to",
+            "gguf",
+            "--out",
+            g.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not verify"));
     assert!(!g.exists());
-    assert!(std::fs::read_dir(dir.path())
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().contains("partial")));
+        .file_name()
+        .to_string_lossy()
+        .contains("partial")));
 }

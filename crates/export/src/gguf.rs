@@ -99,7 +99,11 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
     let reround = |want: BlockType, why: String| -> Result<Route> {
         let (ty, fell) = ggml::pick(want, cols).with_context(|| format!("tensor '{}'", t.name))?;
         let why = if fell {
-            format!("{why}; rows of {cols} do not fit {}, used {}", want.name(), ty.name())
+            format!(
+                "{why}; rows of {cols} do not fit {}, used {}",
+                want.name(),
+                ty.name()
+            )
         } else {
             why
         };
@@ -107,7 +111,9 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
     };
     Ok(match &t.encoding {
         Encoding::Ggml { ggml_type } => match opts.force_type {
-            Some(f) if f != *ggml_type => reround(f, format!("{} re-rounded as asked", ggml_type.name()))?,
+            Some(f) if f != *ggml_type => {
+                reround(f, format!("{} re-rounded as asked", ggml_type.name()))?
+            }
             _ => Route::Copy(*ggml_type),
         },
         Encoding::Int {
@@ -130,14 +136,20 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
                 (_, Some(f)) => reround(f, format!("{} re-rounded as asked", t.encoding.label()))?,
                 (None, None) => reround(
                     nearest(*bits, *grid),
-                    format!("{} has no GGML twin (those are group 32 at 4, 5 or 8 bits)", t.encoding.label()),
+                    format!(
+                        "{} has no GGML twin (those are group 32 at 4, 5 or 8 bits)",
+                        t.encoding.label()
+                    ),
                 )?,
             }
         }
         Encoding::F16 => Route::F16,
         Encoding::F32 => Route::F32,
         Encoding::Raw { dtype, .. } => {
-            bail!("tensor '{}' holds raw {dtype} data, which GGUF export does not carry", t.name)
+            bail!(
+                "tensor '{}' holds raw {dtype} data, which GGUF export does not carry",
+                t.name
+            )
         }
     })
 }
@@ -174,7 +186,9 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
         let val = if ty == "array" {
             let ety = it["element_type"].as_u64().unwrap_or(u64::MAX) as u32;
             let ename = NAMES.get(ety as usize).copied().unwrap_or("?");
-            let vals = it["value"].as_array().with_context(|| format!("metadata '{key}'"))?;
+            let vals = it["value"]
+                .as_array()
+                .with_context(|| format!("metadata '{key}'"))?;
             let items = vals
                 .iter()
                 .map(|x| scalar(ename, x))
@@ -230,7 +244,10 @@ pub fn export_gguf(
     })?;
     let mut md = metadata_from_json(&md_bytes)?;
     let tensors = &bundle.manifest.tensors;
-    let routes: Vec<Route> = tensors.iter().map(|t| route(t, opts)).collect::<Result<_>>()?;
+    let routes: Vec<Route> = tensors
+        .iter()
+        .map(|t| route(t, opts))
+        .collect::<Result<_>>()?;
     // Name the file by what most of its parameters are stored as.
     let mut by_type: Vec<(BlockType, u64)> = Vec::new();
     for (t, r) in tensors.iter().zip(&routes) {
@@ -244,7 +261,11 @@ pub fn export_gguf(
     let main = by_type.iter().max_by_key(|(_, n)| *n).map(|(t, _)| *t);
     set(&mut md, "general.file_type", Value::U32(file_type(main)));
     set(&mut md, "general.quantization_version", Value::U32(2));
-    set(&mut md, "general.quantized_by", Value::String("adaptq".into()));
+    set(
+        &mut md,
+        "general.quantized_by",
+        Value::String("adaptq".into()),
+    );
     let plan: Vec<TensorPlan> = tensors
         .iter()
         .zip(&routes)
@@ -262,7 +283,8 @@ pub fn export_gguf(
         .with_context(|| format!("{}: not a file path", out.display()))?;
     let tmp = out.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
     let result = (|| -> Result<Vec<ExportedTensor>> {
-        let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = GgufWriter::new(BufWriter::new(f), &md, plan)?;
         let mut report = Vec::with_capacity(tensors.len());
         for (i, (t, r)) in tensors.iter().zip(&routes).enumerate() {
@@ -307,7 +329,9 @@ fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
         Route::Copy(_) => bundle.payload(t)?,
         Route::Relay(_) => {
             let q = bundle.quantized(t)?;
-            ggml::from_int(&q).context("integer grid has no GGML twin")?.1
+            ggml::from_int(&q)
+                .context("integer grid has no GGML twin")?
+                .1
         }
         Route::Reround(ty, _) => {
             let x = bundle.read_f32(&t.name)?;
@@ -323,7 +347,11 @@ fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
         },
         Route::F32 => match t.encoding {
             Encoding::F32 => bundle.payload(t)?,
-            _ => bundle.read_f32(&t.name)?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            _ => bundle
+                .read_f32(&t.name)?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
         },
     })
 }

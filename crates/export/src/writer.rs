@@ -76,7 +76,10 @@ fn put_value<W: Write>(w: &mut W, v: &Value) -> Result<()> {
             w.write_all(&(items.len() as u64).to_le_bytes())?;
             for it in items {
                 if type_id(it) != *ety {
-                    bail!("GGUF array of type {ety} holds an item of type {}", type_id(it));
+                    bail!(
+                        "GGUF array of type {ety} holds an item of type {}",
+                        type_id(it)
+                    );
                 }
                 put_value(w, it)?;
             }
@@ -115,7 +118,11 @@ impl<W: Write> GgufWriter<W> {
         let mut off = 0u64;
         for t in &plan {
             if t.shape.is_empty() || t.shape.len() > 4 {
-                bail!("tensor '{}': GGUF holds 1 to 4 dimensions, not {}", t.name, t.shape.len());
+                bail!(
+                    "tensor '{}': GGUF holds 1 to 4 dimensions, not {}",
+                    t.name,
+                    t.shape.len()
+                );
             }
             put_str(&mut head, &t.name)?;
             head.extend_from_slice(&(t.shape.len() as u32).to_le_bytes());
@@ -143,10 +150,16 @@ impl<W: Write> GgufWriter<W> {
     /// Writes the next tensor's bytes; names and sizes must follow the plan.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some(t) = self.plan.get(self.next) else {
-            bail!("tensor '{name}' is not in the GGUF plan (all {} written)", self.plan.len());
+            bail!(
+                "tensor '{name}' is not in the GGUF plan (all {} written)",
+                self.plan.len()
+            );
         };
         if t.name != name {
-            bail!("GGUF tensors out of order: expected '{}', got '{name}'", t.name);
+            bail!(
+                "GGUF tensors out of order: expected '{}', got '{name}'",
+                t.name
+            );
         }
         if t.bytes != bytes.len() as u64 {
             bail!(
@@ -188,19 +201,35 @@ mod tests {
     #[test]
     fn header_round_trips_through_our_reader() {
         let md = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             ("x.u32".to_string(), Value::U32(7)),
             ("x.f32".to_string(), Value::F32(1.5)),
             ("x.bool".to_string(), Value::Bool(true)),
             (
                 "x.arr".to_string(),
-                Value::Array(8, vec![Value::String("a".into()), Value::String("bc".into())]),
+                Value::Array(
+                    8,
+                    vec![Value::String("a".into()), Value::String("bc".into())],
+                ),
             ),
             ("x.i64".to_string(), Value::I64(-3)),
         ];
         let plan = vec![
-            TensorPlan { name: "a".into(), shape: vec![2, 3], ggml_type: 0, bytes: 24 },
-            TensorPlan { name: "b".into(), shape: vec![1, 32], ggml_type: 2, bytes: 18 },
+            TensorPlan {
+                name: "a".into(),
+                shape: vec![2, 3],
+                ggml_type: 0,
+                bytes: 24,
+            },
+            TensorPlan {
+                name: "b".into(),
+                shape: vec![1, 32],
+                ggml_type: 2,
+                bytes: 18,
+            },
         ];
         let mut w = GgufWriter::new(Vec::new(), &md, plan).unwrap();
         w.write_tensor("a", &[1u8; 24]).unwrap();
@@ -219,7 +248,12 @@ mod tests {
 
     #[test]
     fn out_of_plan_writes_are_refused() {
-        let plan = vec![TensorPlan { name: "a".into(), shape: vec![4], ggml_type: 0, bytes: 16 }];
+        let plan = vec![TensorPlan {
+            name: "a".into(),
+            shape: vec![4],
+            ggml_type: 0,
+            bytes: 16,
+        }];
         let mut w = GgufWriter::new(Vec::new(), &[], plan.clone()).unwrap();
         assert!(w.write_tensor("b", &[0; 16]).is_err());
         assert!(w.write_tensor("a", &[0; 12]).is_err());

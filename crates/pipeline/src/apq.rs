@@ -521,7 +521,13 @@ pub fn run(
         .find(|(n, _)| cal.hessians.contains_key(*n))
     {
         let w = c.scaled_weight.as_ref().expect("kept");
-        let again = spec.round(w, c.q.rows(), c.q.cols(), &cal.hessians[name], spec.width(name))?;
+        let again = spec.round(
+            w,
+            c.q.rows(),
+            c.q.cols(),
+            &cal.hessians[name],
+            spec.width(name),
+        )?;
         let same = c.q.as_int() == Some(&again);
         gates.push(Gate {
             name: "determinism".into(),

@@ -4,7 +4,9 @@
 use adaptq_model::llama::Llama;
 use adaptq_quant::awq::{search_scales, AwqConfig};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
-use adaptq_quant::gptq::{output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian};
+use adaptq_quant::gptq::{
+    output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian,
+};
 use adaptq_quant::LayerCodes;
 use adaptq_quant::{quantize_rtn, Grid, QuantizedTensor, RtnConfig};
 use anyhow::{bail, Context, Result};

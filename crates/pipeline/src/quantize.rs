@@ -445,7 +445,9 @@ pub fn quantize_model(
                 let (ty, _) = adaptq_quant::ggml::pick(want, cols)
                     .with_context(|| format!("tensor '{}'", info.name))?;
                 let bytes = adaptq_quant::ggml::quantize_rtn(ty, &x, x.len() / cols, cols, None)
-                    .with_context(|| format!("quantizing tensor '{}' as {}", info.name, ty.name()))?;
+                    .with_context(|| {
+                        format!("quantizing tensor '{}' as {}", info.name, ty.name())
+                    })?;
                 encode_ggml(&x, ty, bytes, "rtn")?
             } else if quantize {
                 if cfg.method != Method::Rtn && role == TensorRole::Linear {

@@ -12,6 +12,9 @@
 //! Written here rather than taken from candle because candle's encoders only do
 //! round-to-nearest from f32 (no way to hand them chosen codes), which is what GPTQ/AWQ need.
 
+// Block layouts are specified by byte and bit index; index loops mirror that specification.
+#![allow(clippy::needless_range_loop)]
+
 use crate::QuantError;
 use half::f16;
 use serde::{Deserialize, Serialize};
@@ -55,7 +58,11 @@ impl GgmlSpec {
 /// `want` if rows of `cols` fit it, else its fallback (then Q8_0); an error naming the type when
 /// nothing fits (rows not a multiple of 32).
 pub fn pick(want: BlockType, cols: usize) -> Result<(BlockType, bool), QuantError> {
-    for (t, fell) in [(want, false), (want.fallback(), true), (BlockType::Q8_0, true)] {
+    for (t, fell) in [
+        (want, false),
+        (want.fallback(), true),
+        (BlockType::Q8_0, true),
+    ] {
         if t.fits(cols) {
             return Ok((t, fell && t != want));
         }
@@ -884,16 +891,50 @@ mod tests {
             (5, Grid::Asymmetric, BlockType::Q5_1),
             (8, Grid::Symmetric, BlockType::Q8_0),
         ] {
-            let q = int_rtn(&w, rows, cols, &RtnConfig { bits, group_size: 32, grid }).unwrap();
+            let q = int_rtn(
+                &w,
+                rows,
+                cols,
+                &RtnConfig {
+                    bits,
+                    group_size: 32,
+                    grid,
+                },
+            )
+            .unwrap();
             let (t, bytes) = from_int(&q).unwrap();
             assert_eq!(t, ty);
             let a = dequantize(t, &bytes, w.len()).unwrap();
             let b = q.dequantize();
-            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{}", t.name());
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{}",
+                t.name()
+            );
         }
-        let q = int_rtn(&w, rows, cols, &RtnConfig { bits: 4, group_size: 64, grid: Grid::Symmetric }).unwrap();
+        let q = int_rtn(
+            &w,
+            rows,
+            cols,
+            &RtnConfig {
+                bits: 4,
+                group_size: 64,
+                grid: Grid::Symmetric,
+            },
+        )
+        .unwrap();
         assert!(from_int(&q).is_none());
-        let q = int_rtn(&w, rows, cols, &RtnConfig { bits: 3, group_size: 32, grid: Grid::Symmetric }).unwrap();
+        let q = int_rtn(
+            &w,
+            rows,
+            cols,
+            &RtnConfig {
+                bits: 3,
+                group_size: 32,
+                grid: Grid::Symmetric,
+            },
+        )
+        .unwrap();
         assert!(from_int(&q).is_none());
     }
 }

@@ -1,0 +1,560 @@
+//! Bundle → Hugging Face GPTQ checkpoint (transformers / vLLM / gptqmodel read it).
+//!
+//! Each linear layer becomes `qweight` (int32, `[in / (32/bits), out]`, codes of the transposed
+//! weight packed LSB-first along the input axis), `qzeros` (int32, `[groups, out / (32/bits)]`,
+//! the legacy "gptq" v1 layout storing zero − 1), `scales` (f16, `[groups, out]`) and `g_idx`
+//! (int32, the group of each input column). GPTQ's zero points are integers, so adaptq's
+//! symmetric grid (`w = s·(q − 2^(b−1))`) maps exactly; asymmetric grids (a float min) do not,
+//! and are refused rather than silently re-rounded. GGUF-sourced llama Q/K rows are un-permuted
+//! back to Hugging Face's rotate-half layout (whole rows move, so values stay exact).
+
+use crate::safetensors::{Dtype, ShardedWriter, StTensor};
+use adaptq_bundle::{Bundle, Encoding, TensorEntry};
+use adaptq_quant::{pack, Grid, QuantizedTensor};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::json;
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct HfGptqOptions {
+    /// Largest safetensors shard; more than one shard adds `model.safetensors.index.json`.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for HfGptqOptions {
+    fn default() -> Self {
+        HfGptqOptions {
+            max_shard_bytes: 4 << 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HfGptqSummary {
+    pub bits: u8,
+    pub group_size: usize,
+    pub shards: Vec<String>,
+    pub tensor_bytes: u64,
+    pub files: Vec<String>,
+}
+
+/// Model facts needed for config.json (from the bundle's model.meta).
+struct Meta {
+    hidden: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    n_layers: usize,
+    ffn_dim: usize,
+    vocab: usize,
+    ctx: usize,
+    rope_theta: f64,
+    eps: f64,
+    tied: bool,
+    gguf_layout: bool,
+}
+
+/// Hugging Face name of a GGUF llama tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let (part, suffix) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{n}.{hf}.{suffix}"))
+}
+
+/// For GGUF Q/K weights: the source row of each Hugging Face row. llama.cpp's converter moved
+/// HF row `h·hd + j·hd/2 + i` to `h·hd + 2i + j`; this undoes it.
+pub fn unpermute_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut src = vec![0; rows];
+    for h in 0..heads {
+        for j in 0..2 {
+            for i in 0..hd / 2 {
+                src[h * hd + j * (hd / 2) + i] = h * hd + 2 * i + j;
+            }
+        }
+    }
+    src
+}
+
+fn permuted_heads(m: &Meta, gguf: &str) -> Option<usize> {
+    if !m.gguf_layout {
+        return None;
+    }
+    if gguf.ends_with(".attn_q.weight") {
+        Some(m.n_heads)
+    } else if gguf.ends_with(".attn_k.weight") {
+        Some(m.n_kv_heads)
+    } else {
+        None
+    }
+}
+
+/// GPTQ tensors of one layer: (qweight, qzeros, scales, g_idx) as little-endian bytes.
+pub fn pack_gptq(q: &QuantizedTensor, row_order: Option<&[usize]>) -> Result<[Vec<u8>; 4]> {
+    if q.grid != Grid::Symmetric {
+        bail!("GPTQ zero points are integers; adaptq's asymmetric grid stores a float min (quantize with --sym)");
+    }
+    if !matches!(q.bits, 2 | 4 | 8) {
+        bail!(
+            "the GPTQ checkpoint format packs 2, 4 or 8 bits here, not {}",
+            q.bits
+        );
+    }
+    let b = q.bits as usize;
+    let pf = 32 / b;
+    let (rows, cols) = (q.rows, q.cols);
+    if !cols.is_multiple_of(pf) || !rows.is_multiple_of(pf) {
+        bail!("a {rows}×{cols} layer cannot be packed {pf} codes per int32");
+    }
+    let gpr = q.groups_per_row();
+    let gs = q.group_size;
+    let codes = pack::unpack(&q.codes, q.bits, rows * cols);
+    let order: Vec<usize> = match row_order {
+        Some(o) => o.to_vec(),
+        None => (0..rows).collect(),
+    };
+    // qweight[i / pf][j] holds codes[j][i] for the pf inputs i of that word (out = j).
+    let mut qweight = Vec::with_capacity(cols / pf * rows * 4);
+    for iw in 0..cols / pf {
+        for &r in &order {
+            let mut word = 0u32;
+            for k in 0..pf {
+                word |= (codes[r * cols + iw * pf + k] as u32) << (b * k);
+            }
+            qweight.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    let zero = (1u32 << (b - 1)) - 1; // v1 format: zero − 1
+    let mut qzeros = Vec::with_capacity(gpr * rows / pf * 4);
+    let mut zword = 0u32;
+    for k in 0..pf {
+        zword |= zero << (b * k);
+    }
+    for _ in 0..gpr * rows / pf {
+        qzeros.extend_from_slice(&zword.to_le_bytes());
+    }
+    let mut scales = Vec::with_capacity(gpr * rows * 2);
+    for g in 0..gpr {
+        for &r in &order {
+            scales.extend_from_slice(&q.scales[r * gpr + g].to_le_bytes());
+        }
+    }
+    let g_idx: Vec<u8> = (0..cols)
+        .flat_map(|c| ((c / gs) as i32).to_le_bytes())
+        .collect();
+    Ok([qweight, qzeros, scales, g_idx])
+}
+
+fn meta_of(bundle: &Bundle) -> Result<Meta> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&bundle.read_file(adaptq_bundle::MODEL_META)?)
+            .context("model.meta")?;
+    if v["family"] != "llama" {
+        bail!(
+            "Hugging Face GPTQ export covers Llama-family decoders; this bundle is {}",
+            v["family"]
+        );
+    }
+    let u = |k: &str| {
+        v[k].as_u64()
+            .map(|x| x as usize)
+            .with_context(|| format!("model.meta lacks {k}"))
+    };
+    Ok(Meta {
+        hidden: u("hidden")?,
+        n_heads: u("n_heads")?,
+        n_kv_heads: u("n_kv_heads")?,
+        n_layers: u("n_layers")?,
+        ffn_dim: u("ffn_dim")?,
+        vocab: u("vocab_size")?,
+        ctx: u("context_length")?,
+        rope_theta: v["rope_theta"].as_f64().unwrap_or(10000.0),
+        eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
+        tied: v["tied_embeddings"].as_bool().unwrap_or(false),
+        gguf_layout: v["rope_style"] == "adjacent-pairs",
+    })
+}
+
+/// Calls `f` with each tensor of `bundle` as the Hugging Face checkpoint means it: its HF name
+/// and its dequantized f32 values in HF row order (for checks against an independent unpacker).
+pub fn for_each_hf_tensor(bundle: &Bundle, f: &mut dyn FnMut(&str, &[f32])) -> Result<()> {
+    let meta = meta_of(bundle)?;
+    for t in &bundle.manifest.tensors {
+        let name = if meta.gguf_layout {
+            hf_name(&t.name)
+                .with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))?
+        } else {
+            t.name.clone()
+        };
+        let mut v = bundle.read_f32(&t.name)?;
+        if let Some(h) = permuted_heads(&meta, &t.name) {
+            let cols = t.shape[1];
+            let order = unpermute_rows(t.shape[0], h);
+            v = order
+                .iter()
+                .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
+                .collect();
+        }
+        f(&name, &v);
+    }
+    Ok(())
+}
+
+/// One output tensor before its bytes exist.
+struct Planned<'a> {
+    entry: &'a TensorEntry,
+    hf: String,
+    kind: Kind,
+}
+
+enum Kind {
+    Gptq,
+    Float(Dtype),
+}
+
+/// Writes `bundle` as a Hugging Face GPTQ checkpoint folder at `out` (built under a temporary
+/// name and renamed when complete).
+pub fn export_hf_gptq(
+    bundle: &Bundle,
+    out: &Path,
+    opts: &HfGptqOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<HfGptqSummary> {
+    let meta = meta_of(bundle)?;
+    let mut cfg: Option<(u8, usize)> = None;
+    let mut plan = Vec::new();
+    for t in &bundle.manifest.tensors {
+        let hf = if meta.gguf_layout {
+            hf_name(&t.name)
+                .with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))?
+        } else {
+            t.name.clone()
+        };
+        let kind = match (&t.encoding, t.role.as_str()) {
+            (
+                Encoding::Int {
+                    bits,
+                    group_size,
+                    grid,
+                },
+                "linear",
+            ) => {
+                if *grid != Grid::Symmetric {
+                    bail!("tensor '{}': GPTQ zero points are integers; adaptq's asymmetric grid stores a float min — quantize with --sym for a Hugging Face GPTQ export", t.name);
+                }
+                match cfg {
+                    None => cfg = Some((*bits, *group_size)),
+                    Some(c) if c != (*bits, *group_size) => bail!(
+                        "tensor '{}' is {}-bit group {}, others {}-bit group {}: a GPTQ checkpoint has one width and group size (APQ mixes cannot be exported this way)",
+                        t.name, bits, group_size, c.0, c.1
+                    ),
+                    _ => {}
+                }
+                Kind::Gptq
+            }
+            (Encoding::Int { .. }, _) | (Encoding::Ggml { .. }, _) => {
+                if matches!(t.encoding, Encoding::Ggml { .. }) && t.role == "linear" {
+                    bail!(
+                        "tensor '{}' holds GGML blocks; export those with --to gguf",
+                        t.name
+                    );
+                }
+                Kind::Float(Dtype::F16)
+            }
+            (Encoding::F16, _) => Kind::Float(Dtype::F16),
+            (Encoding::F32, _) => Kind::Float(Dtype::F32),
+            (Encoding::Raw { dtype, .. }, _) => bail!("tensor '{}' holds raw {dtype} data", t.name),
+        };
+        plan.push(Planned { entry: t, hf, kind });
+    }
+    let (bits, group_size) = cfg.context("no quantized linear layer to export")?;
+
+    // Every output tensor with its size, in order, for the streaming writer.
+    let mut st: Vec<StTensor> = Vec::new();
+    for p in &plan {
+        let shape = &p.entry.shape;
+        match p.kind {
+            Kind::Gptq => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let pf = 32 / bits as usize;
+                let groups = adaptq_quant::groups_per_row(cols, group_size);
+                let base = p.hf.trim_end_matches(".weight");
+                st.push(StTensor::new(
+                    format!("{base}.qweight"),
+                    Dtype::I32,
+                    vec![cols / pf, rows],
+                ));
+                st.push(StTensor::new(
+                    format!("{base}.qzeros"),
+                    Dtype::I32,
+                    vec![groups, rows / pf],
+                ));
+                st.push(StTensor::new(
+                    format!("{base}.scales"),
+                    Dtype::F16,
+                    vec![groups, rows],
+                ));
+                st.push(StTensor::new(
+                    format!("{base}.g_idx"),
+                    Dtype::I32,
+                    vec![cols],
+                ));
+            }
+            Kind::Float(d) => st.push(StTensor::new(p.hf.clone(), d, shape.clone())),
+        }
+    }
+
+    let name = out
+        .file_name()
+        .with_context(|| format!("{}: not a folder path", out.display()))?;
+    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let result = (|| -> Result<HfGptqSummary> {
+        let mut w = ShardedWriter::create(&tmp, st, opts.max_shard_bytes)?;
+        for (i, p) in plan.iter().enumerate() {
+            let t = p.entry;
+            match p.kind {
+                Kind::Gptq => {
+                    let q = bundle.quantized(t)?;
+                    let order = permuted_heads(&meta, &t.name).map(|h| unpermute_rows(q.rows, h));
+                    let parts = pack_gptq(&q, order.as_deref())
+                        .with_context(|| format!("tensor '{}'", t.name))?;
+                    for part in parts {
+                        w.write_next(&part)?;
+                    }
+                }
+                Kind::Float(d) => {
+                    let mut v = bundle.read_f32(&t.name)?;
+                    if let Some(h) = permuted_heads(&meta, &t.name) {
+                        let cols = t.shape[1];
+                        let order = unpermute_rows(t.shape[0], h);
+                        v = order
+                            .iter()
+                            .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
+                            .collect();
+                    }
+                    let bytes: Vec<u8> = match d {
+                        Dtype::F16 => v
+                            .iter()
+                            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                            .collect(),
+                        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    };
+                    w.write_next(&bytes)?;
+                }
+            }
+            progress(i + 1, plan.len());
+        }
+        let (shards, tensor_bytes) = w.finish()?;
+        let mut files = shards.clone();
+        let qcfg = json!({
+            "quant_method": "gptq",
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": false,
+            "sym": true,
+            "static_groups": false,
+            "true_sequential": true,
+            "checkpoint_format": "gptq",
+            "damp_percent": 0.05,
+        });
+        let config = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": meta.hidden,
+            "intermediate_size": meta.ffn_dim,
+            "num_attention_heads": meta.n_heads,
+            "num_key_value_heads": meta.n_kv_heads,
+            "num_hidden_layers": meta.n_layers,
+            "vocab_size": meta.vocab,
+            "max_position_embeddings": meta.ctx,
+            "rms_norm_eps": meta.eps,
+            "rope_theta": meta.rope_theta,
+            "hidden_act": "silu",
+            "tie_word_embeddings": meta.tied,
+            "torch_dtype": "float16",
+            "quantization_config": qcfg,
+        });
+        std::fs::write(tmp.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        std::fs::write(
+            tmp.join("quantize_config.json"),
+            serde_json::to_vec_pretty(&qcfg)?,
+        )?;
+        files.extend([
+            "config.json".to_string(),
+            "quantize_config.json".to_string(),
+        ]);
+        for f in ["tokenizer.json", "tokenizer_config.json", "LICENSE"] {
+            if let Ok(b) = bundle.read_file(f) {
+                std::fs::write(tmp.join(f), b)?;
+                files.push(f.into());
+            }
+        }
+        if !files.iter().any(|f| f == "tokenizer.json") {
+            if let Ok(md) = bundle.read_file(crate::gguf::GGUF_METADATA) {
+                let v: serde_json::Value = serde_json::from_slice(&md)?;
+                let vocab = adaptq_model::tokenizer::GgufVocab::from_metadata_json(&v)?;
+                let tok = adaptq_model::tokenizer::from_gguf(&vocab)?;
+                let text = tok
+                    .to_string(true)
+                    .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+                std::fs::write(tmp.join("tokenizer.json"), text)?;
+                std::fs::write(
+                    tmp.join("tokenizer_config.json"),
+                    serde_json::to_vec_pretty(&json!({
+                        "tokenizer_class": "PreTrainedTokenizerFast",
+                        "model_max_length": meta.ctx,
+                    }))?,
+                )?;
+                files.extend([
+                    "tokenizer.json".to_string(),
+                    "tokenizer_config.json".to_string(),
+                ]);
+            }
+        }
+        files.sort();
+        Ok(HfGptqSummary {
+            bits,
+            group_size,
+            shards,
+            tensor_bytes,
+            files,
+        })
+    })();
+    match result {
+        Ok(s) => {
+            if out.exists() {
+                std::fs::remove_dir_all(out)
+                    .with_context(|| format!("replacing {}", out.display()))?;
+            }
+            std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+            Ok(s)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptq_quant::{quantize_rtn, RtnConfig};
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: HF row h·hd + j·hd/2 + i → GGUF row h·hd + 2i + j.
+        let (heads, hd) = (3, 8);
+        let rows = heads * hd;
+        let mut gguf_of_hf = vec![0; rows];
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..hd / 2 {
+                    gguf_of_hf[h * hd + j * hd / 2 + i] = h * hd + 2 * i + j;
+                }
+            }
+        }
+        assert_eq!(unpermute_rows(rows, heads), gguf_of_hf);
+    }
+
+    #[test]
+    fn packed_codes_decode_to_the_same_weights() {
+        let (rows, cols) = (16, 96);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+            .collect();
+        for bits in [2u8, 4, 8] {
+            let q = quantize_rtn(
+                &w,
+                rows,
+                cols,
+                &RtnConfig {
+                    bits,
+                    group_size: 32,
+                    grid: Grid::Symmetric,
+                },
+            )
+            .unwrap();
+            let [qw, qz, sc, gi] = pack_gptq(&q, None).unwrap();
+            let b = bits as usize;
+            let pf = 32 / b;
+            let word =
+                |v: &[u8], i: usize| u32::from_le_bytes(v[4 * i..4 * i + 4].try_into().unwrap());
+            let deq = q.dequantize();
+            for j in 0..rows {
+                for i in 0..cols {
+                    let code = (word(&qw, (i / pf) * rows + j) >> (b * (i % pf))) & ((1 << b) - 1);
+                    let g = word(&gi, i) as usize;
+                    let z = ((word(&qz, g * rows / pf + j / pf) >> (b * (j % pf)))
+                        & ((1 << b) - 1))
+                        + 1;
+                    let s = half::f16::from_le_bytes([
+                        sc[2 * (g * rows + j)],
+                        sc[2 * (g * rows + j) + 1],
+                    ]);
+                    let v = s.to_f32() * (code as f32 - z as f32);
+                    assert_eq!(
+                        v.to_bits(),
+                        deq[j * cols + i].to_bits(),
+                        "bits {bits} ({j},{i})"
+                    );
+                }
+            }
+        }
+        let q = quantize_rtn(
+            &w,
+            rows,
+            cols,
+            &RtnConfig {
+                bits: 4,
+                group_size: 32,
+                grid: Grid::Asymmetric,
+            },
+        )
+        .unwrap();
+        assert!(pack_gptq(&q, None)
+            .unwrap_err()
+            .to_string()
+            .contains("--sym"));
+    }
+
+    #[test]
+    fn names_follow_transformers() {
+        assert_eq!(
+            hf_name("blk.7.ffn_down.weight").unwrap(),
+            "model.layers.7.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_norm.weight").unwrap(),
+            "model.layers.0.input_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").unwrap(),
+            "model.embed_tokens.weight"
+        );
+        assert!(hf_name("blk.0.mystery.weight").is_none());
+    }
+}

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Hugging Face GPTQ export, checked without adaptq: numpy unpacks qweight/qzeros/scales/g_idx
+# (scripts/check_hf_gptq.py) and must reproduce adaptq's dequantized weights bit for bit; the
+# unpacked weights, written as a plain float checkpoint in Hugging Face layout (rotate-half
+# RoPE, un-permuted Q/K, the exported tokenizer.json), must give the bundle's perplexity.
+# Run by scripts/test.sh (CI); the numpy virtualenv is shared with check-gguf.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-fixtures.sh >/dev/null
+venv=.cache/py/venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import gguf" 2>/dev/null; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-check.txt
+fi
+cargo build --release -p adaptq 2>/dev/null
+bin=target/release/adaptq
+m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+text=../shared/corpora/austen/prideprejudice.txt
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for cfg in "4 128" "8 32" "2 64"; do
+  set -- $cfg
+  "$bin" quantize "$m" --out "$tmp/b$1" --bits "$1" --group-size "$2" --sym --min-cosine 0 >/dev/null
+  # Small shards here so the index path is exercised too.
+  "$bin" export "$tmp/b$1" --to hf-gptq --out "$tmp/hf$1" --max-shard-size 40000000 >/dev/null
+  "$bin" tensor-hashes "$tmp/b$1" --hf >"$tmp/h$1.json"
+  "$venv/bin/python" scripts/check_hf_gptq.py "$tmp/hf$1" "$tmp/h$1.json"
+done
+"$bin" export "$tmp/b4" --to hf-gptq --out "$tmp/hf4one" >/dev/null
+"$venv/bin/python" scripts/check_hf_gptq.py "$tmp/hf4one" "$tmp/h4.json" --write-float "$tmp/float"
+a=$("$bin" eval "$tmp/b4" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+b=$("$bin" eval "$tmp/float" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+python3 - "$a" "$b" <<'PY'
+import json, sys
+a, b = (json.loads(x)["ppl"] for x in sys.argv[1:3])
+assert abs(a - b) / a < 1e-5, f"bundle PPL {a} vs unpacked HF checkpoint {b}"
+print(f"forward pass: bundle PPL {a:.6f}, numpy-unpacked HF checkpoint {b:.6f}")
+PY
+echo "Hugging Face GPTQ export verified"
