@@ -8,3 +8,6 @@ cargo test --workspace --release
 # GGUF exports checked by an independent reader (llama.cpp's gguf-py from PyPI).
 ./scripts/check-gguf.sh
 ./scripts/check-hf-gptq.sh
+# The no_std bundle loader must build for WebAssembly canisters.
+rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+cargo build -p adaptq-loader --target wasm32-unknown-unknown --release

@@ -8,7 +8,7 @@ pub mod awq;
 pub mod ggml;
 pub mod gptq;
 pub mod metrics;
-pub mod pack;
+pub use adaptq_loader::pack;
 pub mod refit;
 pub mod rtn;
 

@@ -3,6 +3,9 @@
 //! A plain bit stream (rather than per-width layouts) keeps packing exact and uniform for every
 //! width, including 3, 5, 6 and 7 bits that do not divide a byte.
 
+use alloc::vec;
+use alloc::vec::Vec;
+
 /// Bytes needed to hold `n` codes of `bits` bits.
 pub fn packed_len(n: usize, bits: u8) -> usize {
     (n * bits as usize).div_ceil(8)

@@ -1,0 +1,474 @@
+//! Loads an adaptq bundle where there is no file system: a WebAssembly canister receives
+//! `manifest.json` and then the ≤ 2 MiB shards as messages, in any order and in pieces.
+//!
+//! `no_std` + `alloc`, no I/O. [`Loader::new`] checks the manifest against its own digest and
+//! the global digest against its shard list; [`Loader::feed`] appends bytes to a shard and, once
+//! the shard is whole, checks its SHA-256 and BLAKE3 (a bad shard is dropped and reported, so it
+//! can be sent again); tensors are handed out only when every shard they touch is verified,
+//! dequantized to f32 ([`Loader::tensor_f32`]) or as their stored parts ([`Loader::tensor_packed`]).
+//!
+//! The bit-packing of codes lives here too ([`pack`]): this crate is the bundle format's
+//! dependency-free core, which the host-side crates re-use.
+
+#![no_std]
+
+extern crate alloc;
+
+pub mod pack;
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use serde::Deserialize;
+use sha2::Digest;
+
+/// The largest shard a bundle may hold.
+pub const MAX_SHARD_BYTES: u64 = 2 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LoadError {
+    /// manifest.json is not a bundle manifest, or contradicts itself.
+    Manifest(String),
+    /// A shard's bytes do not match its recorded size or hashes.
+    Shard(String),
+    /// A tensor was asked for before all its shards were verified.
+    Missing(String),
+    /// The tensor is not known, or cannot be given in the form asked.
+    Tensor(String),
+}
+
+impl core::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            LoadError::Manifest(s) => write!(f, "manifest: {s}"),
+            LoadError::Shard(s) => write!(f, "shard: {s}"),
+            LoadError::Missing(s) => write!(f, "missing: {s}"),
+            LoadError::Tensor(s) => write!(f, "tensor: {s}"),
+        }
+    }
+}
+
+pub type Result<T> = core::result::Result<T, LoadError>;
+
+#[derive(Debug, Clone, Deserialize)]
+struct Manifest {
+    schema_version: u32,
+    shard_max_bytes: u64,
+    tensors: Vec<TensorEntry>,
+    shards: Vec<ShardInfo>,
+    global_digest: String,
+    manifest_digest: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ShardInfo {
+    file: String,
+    bytes: u64,
+    sha256: String,
+    blake3: String,
+}
+
+/// How a tensor's payload encodes its values (the subset of the bundle's schemes this loader
+/// decodes; others are still handed out packed).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "scheme", rename_all = "kebab-case")]
+pub enum Encoding {
+    Int {
+        bits: u8,
+        group_size: usize,
+        grid: Grid,
+    },
+    Ggml {
+        ggml_type: String,
+    },
+    F16,
+    F32,
+    Raw {
+        dtype: String,
+        byte_len: usize,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Grid {
+    Symmetric,
+    Asymmetric,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct TensorEntry {
+    name: String,
+    shape: Vec<usize>,
+    encoding: Encoding,
+    parts: Vec<Part>,
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Part {
+    name: String,
+    length: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Segment {
+    shard: usize,
+    offset: u64,
+    length: u64,
+}
+
+/// A tensor as stored: its encoding and named parts (codes, scales, mins, blocks or data).
+#[derive(Debug, Clone)]
+pub struct PackedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub encoding: Encoding,
+    pub parts: Vec<(String, Vec<u8>)>,
+}
+
+/// What [`Loader::feed`] did with a piece of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fed {
+    /// Stored; the shard still lacks this many bytes.
+    Partial(u64),
+    /// The shard is complete and its hashes match.
+    Verified,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(D[(b >> 4) as usize] as char);
+        s.push(D[(b & 15) as usize] as char);
+    }
+    s
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex(&sha2::Sha256::digest(data))
+}
+
+/// SHA-256 over the ordered shard list (name, size, both hashes), as the bundle writer computes it.
+fn global_digest(shards: &[ShardInfo]) -> String {
+    let mut h = sha2::Sha256::new();
+    for s in shards {
+        h.update(format!("{} {} {} {}\n", s.file, s.bytes, s.sha256, s.blake3).as_bytes());
+    }
+    hex(&h.finalize())
+}
+
+/// SHA-256 of the manifest text with its own digest blanked to zeros.
+fn manifest_digest(text: &str) -> Option<String> {
+    let key = "\"manifest_digest\": \"";
+    let start = text.find(key)? + key.len();
+    let end = start + text[start..].find('"')?;
+    let mut blanked = String::with_capacity(text.len());
+    blanked.push_str(&text[..start]);
+    blanked.push_str(&"0".repeat(64));
+    blanked.push_str(&text[end..]);
+    Some(sha256_hex(blanked.as_bytes()))
+}
+
+fn groups_per_row(cols: usize, gs: usize) -> usize {
+    if gs == 0 || gs >= cols {
+        1
+    } else {
+        cols.div_ceil(gs)
+    }
+}
+
+/// (part, bytes) a tensor of `shape` must have in `enc`; `None` when this loader cannot tell.
+fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static str, u64)>> {
+    let numel: usize = shape.iter().product();
+    Some(match enc {
+        Encoding::Int {
+            bits,
+            group_size,
+            grid,
+        } => {
+            let cols = *shape.last().unwrap_or(&1);
+            let groups = (numel / cols.max(1)) * groups_per_row(cols, *group_size);
+            let mut v = vec![
+                ("codes", pack::packed_len(numel, *bits) as u64),
+                ("scales", 2 * groups as u64),
+            ];
+            if *grid == Grid::Asymmetric {
+                v.push(("mins", 2 * groups as u64));
+            }
+            v
+        }
+        Encoding::F16 => vec![("data", 2 * numel as u64)],
+        Encoding::F32 => vec![("data", 4 * numel as u64)],
+        Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],
+        Encoding::Ggml { .. } => return None,
+    })
+}
+
+pub struct Loader {
+    m: Manifest,
+    /// Bytes received per shard; `verified[i]` once its hashes matched.
+    data: Vec<Vec<u8>>,
+    verified: Vec<bool>,
+}
+
+impl Loader {
+    /// Parses and checks `manifest.json`: its own digest, the global digest over the shard list,
+    /// shard names and sizes, and that every tensor's parts and segments are consistent.
+    pub fn new(manifest_json: &[u8]) -> Result<Self> {
+        let text = core::str::from_utf8(manifest_json)
+            .map_err(|_| LoadError::Manifest("not UTF-8".into()))?;
+        let m: Manifest = serde_json::from_str(text)
+            .map_err(|e| LoadError::Manifest(format!("not a bundle manifest: {e}")))?;
+        if m.schema_version != 1 {
+            return Err(LoadError::Manifest(format!(
+                "schema version {} (this loader reads 1)",
+                m.schema_version
+            )));
+        }
+        match manifest_digest(text) {
+            Some(d) if d == m.manifest_digest => {}
+            _ => {
+                return Err(LoadError::Manifest(
+                    "manifest_digest does not match the manifest (edited)".into(),
+                ))
+            }
+        }
+        let g = global_digest(&m.shards);
+        if g != m.global_digest {
+            return Err(LoadError::Manifest(format!(
+                "global digest {} does not match the shard list ({g}): shards reordered or edited",
+                m.global_digest
+            )));
+        }
+        if m.shard_max_bytes > MAX_SHARD_BYTES {
+            return Err(LoadError::Manifest("shard limit above 2 MiB".into()));
+        }
+        for (i, s) in m.shards.iter().enumerate() {
+            if s.file != format!("shard-{i:05}.bin") {
+                return Err(LoadError::Manifest(format!(
+                    "shard #{i} is named '{}'",
+                    s.file
+                )));
+            }
+            if s.bytes > m.shard_max_bytes {
+                return Err(LoadError::Manifest(format!(
+                    "{} is over the shard limit",
+                    s.file
+                )));
+            }
+        }
+        for t in &m.tensors {
+            let total: u64 = t.parts.iter().map(|p| p.length).sum();
+            let seg: u64 = t.segments.iter().map(|s| s.length).sum();
+            if total != seg {
+                return Err(LoadError::Manifest(format!(
+                    "tensor '{}': parts hold {total} bytes, segments {seg}",
+                    t.name
+                )));
+            }
+            for s in &t.segments {
+                let ok = m.shards.get(s.shard).is_some_and(|sh| {
+                    s.offset
+                        .checked_add(s.length)
+                        .is_some_and(|e| e <= sh.bytes)
+                });
+                if !ok {
+                    return Err(LoadError::Manifest(format!(
+                        "tensor '{}' points outside its shard",
+                        t.name
+                    )));
+                }
+            }
+            if let Some(exp) = expected_parts(&t.encoding, &t.shape) {
+                let got: Vec<(&str, u64)> = t
+                    .parts
+                    .iter()
+                    .map(|p| (p.name.as_str(), p.length))
+                    .collect();
+                if got != exp {
+                    return Err(LoadError::Manifest(format!(
+                        "tensor '{}': parts {got:?} do not fit its shape and encoding",
+                        t.name
+                    )));
+                }
+            }
+        }
+        let n = m.shards.len();
+        Ok(Loader {
+            m,
+            data: vec![Vec::new(); n],
+            verified: vec![false; n],
+        })
+    }
+
+    fn shard_index(&self, name: &str) -> Result<usize> {
+        self.m
+            .shards
+            .iter()
+            .position(|s| s.file == name)
+            .ok_or_else(|| LoadError::Shard(format!("'{name}' is not a shard of this bundle")))
+    }
+
+    /// Appends the next piece of shard `name` (pieces of one shard arrive in order; shards in
+    /// any order). When the shard is complete its SHA-256 and BLAKE3 are checked; on mismatch
+    /// its bytes are dropped so it can be sent again.
+    pub fn feed(&mut self, name: &str, piece: &[u8]) -> Result<Fed> {
+        let i = self.shard_index(name)?;
+        if self.verified[i] {
+            return Err(LoadError::Shard(format!(
+                "{name} was already received and verified"
+            )));
+        }
+        let want = self.m.shards[i].bytes;
+        let have = self.data[i].len() as u64;
+        if have + piece.len() as u64 > want {
+            self.data[i].clear();
+            return Err(LoadError::Shard(format!(
+                "{name} is longer than its recorded {want} bytes"
+            )));
+        }
+        self.data[i].extend_from_slice(piece);
+        let have = self.data[i].len() as u64;
+        if have < want {
+            return Ok(Fed::Partial(want - have));
+        }
+        let s = &self.m.shards[i];
+        let sha = sha256_hex(&self.data[i]);
+        let b3 = hex(blake3::hash(&self.data[i]).as_bytes());
+        if sha != s.sha256 || b3 != s.blake3 {
+            self.data[i] = Vec::new();
+            return Err(LoadError::Shard(format!(
+                "{name} does not match its recorded SHA-256/BLAKE3 (corrupt)"
+            )));
+        }
+        self.verified[i] = true;
+        Ok(Fed::Verified)
+    }
+
+    /// Shards not yet received and verified, by file name.
+    pub fn missing(&self) -> Vec<&str> {
+        self.m
+            .shards
+            .iter()
+            .zip(&self.verified)
+            .filter(|(_, v)| !**v)
+            .map(|(s, _)| s.file.as_str())
+            .collect()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.verified.iter().all(|v| *v)
+    }
+
+    /// Tensor names in bundle order.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.m.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.m
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| LoadError::Tensor(format!("no tensor '{name}'")))
+    }
+
+    /// A tensor's stored parts, once every shard it lies in is verified.
+    pub fn tensor_packed(&self, name: &str) -> Result<PackedTensor> {
+        let t = self.entry(name)?;
+        let mut payload = Vec::new();
+        for s in &t.segments {
+            if !self.verified[s.shard] {
+                return Err(LoadError::Missing(format!(
+                    "tensor '{name}' needs {}, not yet verified",
+                    self.m.shards[s.shard].file
+                )));
+            }
+            let d = &self.data[s.shard];
+            payload.extend_from_slice(&d[s.offset as usize..(s.offset + s.length) as usize]);
+        }
+        let mut parts = Vec::with_capacity(t.parts.len());
+        let mut pos = 0usize;
+        for p in &t.parts {
+            let end = pos + p.length as usize;
+            parts.push((p.name.clone(), payload[pos..end].to_vec()));
+            pos = end;
+        }
+        Ok(PackedTensor {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            encoding: t.encoding.clone(),
+            parts,
+        })
+    }
+
+    /// A tensor dequantized to f32 (integer grids, f16, f32). GGML blocks are given packed only.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let p = self.tensor_packed(name)?;
+        let part = |n: &str| {
+            p.parts
+                .iter()
+                .find(|(k, _)| k == n)
+                .map(|(_, b)| b.as_slice())
+                .unwrap_or(&[])
+        };
+        let f16s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect()
+        };
+        let numel: usize = p.shape.iter().product();
+        match &p.encoding {
+            Encoding::F16 => Ok(f16s(part("data"))),
+            Encoding::F32 => Ok(part("data")
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()),
+            Encoding::Int {
+                bits,
+                group_size,
+                grid,
+            } => {
+                let cols = *p.shape.last().unwrap_or(&1);
+                let gs = if *group_size == 0 || *group_size >= cols {
+                    cols
+                } else {
+                    *group_size
+                };
+                let gpr = groups_per_row(cols, gs);
+                let codes = pack::unpack(part("codes"), *bits, numel);
+                let scales = f16s(part("scales"));
+                let mins = f16s(part("mins"));
+                let half = (1u32 << (bits - 1)) as f32;
+                let mut out = Vec::with_capacity(numel);
+                for (i, &c) in codes.iter().enumerate() {
+                    let g = (i / cols) * gpr + (i % cols) / gs;
+                    out.push(match grid {
+                        Grid::Symmetric => scales[g] * (c as f32 - half),
+                        Grid::Asymmetric => scales[g] * c as f32 + mins[g],
+                    });
+                }
+                Ok(out)
+            }
+            Encoding::Ggml { ggml_type } => Err(LoadError::Tensor(format!(
+                "'{name}' holds GGML {ggml_type} blocks; take them with tensor_packed"
+            ))),
+            Encoding::Raw { dtype, .. } => Err(LoadError::Tensor(format!(
+                "'{name}' holds raw {dtype} data; take it with tensor_packed"
+            ))),
+        }
+    }
+}
+
+impl core::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Loader")
+            .field("tensors", &self.m.tensors.len())
+            .field("shards", &self.m.shards.len())
+            .field("verified", &self.verified.iter().filter(|v| **v).count())
+            .finish()
+    }
+}

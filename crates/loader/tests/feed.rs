@@ -1,0 +1,222 @@
+//! The loader, natively: shards fed out of order and in pieces give exactly the tensors the
+//! host-side reader gives; a corrupt shard, an edited or reordered manifest and a missing
+//! shard are refused.
+
+use adaptq_bundle::manifest::SourceRef;
+use adaptq_bundle::{Bundle, BundleWriter, Encoding, WriterOptions};
+use adaptq_loader::{Fed, LoadError, Loader};
+use adaptq_quant::{quantize_rtn, Grid, RtnConfig};
+use std::path::{Path, PathBuf};
+
+fn weights(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 1000.0
+                - 0.5
+        })
+        .collect()
+}
+
+fn f16s(v: &[f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+use half::f16;
+
+/// A bundle with 3-bit asymmetric, 4-bit symmetric, f16 and f32 tensors over 1 KiB shards.
+fn bundle() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("b");
+    let mut w = BundleWriter::create(
+        &d,
+        WriterOptions {
+            shard_max_bytes: 1024,
+            force: false,
+        },
+    )
+    .unwrap();
+    for (name, bits, grid, rows, cols) in [
+        ("blk.0.attn_q.weight", 4u8, Grid::Symmetric, 12, 96),
+        ("blk.0.ffn_down.weight", 3, Grid::Asymmetric, 10, 100),
+    ] {
+        let x = weights(rows * cols, bits as u32);
+        let q = quantize_rtn(
+            &x,
+            rows,
+            cols,
+            &RtnConfig {
+                bits,
+                group_size: 32,
+                grid,
+            },
+        )
+        .unwrap();
+        let (s, m) = (f16s(&q.scales), f16s(&q.mins));
+        let mut parts: Vec<(&str, &[u8])> = vec![("codes", &q.codes), ("scales", &s)];
+        if grid == Grid::Asymmetric {
+            parts.push(("mins", &m));
+        }
+        w.add_tensor(
+            name,
+            &[rows, cols],
+            "linear",
+            "rtn",
+            Encoding::Int {
+                bits,
+                group_size: 32,
+                grid,
+            },
+            &parts,
+        )
+        .unwrap();
+    }
+    let e: Vec<u8> = weights(20 * 32, 9)
+        .iter()
+        .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+        .collect();
+    w.add_tensor(
+        "token_embd.weight",
+        &[20, 32],
+        "embedding",
+        "none",
+        Encoding::F16,
+        &[("data", &e)],
+    )
+    .unwrap();
+    let n: Vec<u8> = weights(32, 5)
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    w.add_tensor(
+        "output_norm.weight",
+        &[32],
+        "norm",
+        "none",
+        Encoding::F32,
+        &[("data", &n)],
+    )
+    .unwrap();
+    w.finish(
+        "t",
+        SourceRef {
+            locator: "file:t.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: 4,
+        },
+        serde_json::json!({"seed": 0}),
+    )
+    .unwrap();
+    (t, d)
+}
+
+fn shards(d: &Path) -> Vec<(String, Vec<u8>)> {
+    let b = Bundle::open(d).unwrap();
+    b.manifest
+        .shards
+        .iter()
+        .map(|s| (s.file.clone(), std::fs::read(d.join(&s.file)).unwrap()))
+        .collect()
+}
+
+#[test]
+fn shards_out_of_order_in_pieces_give_the_bundles_exact_tensors() {
+    let (_t, d) = bundle();
+    let manifest = std::fs::read(d.join("manifest.json")).unwrap();
+    let mut l = Loader::new(&manifest).unwrap();
+    let mut sh = shards(&d);
+    assert!(sh.len() >= 3, "several shards");
+    sh.reverse();
+    sh.swap(0, 2);
+    for (name, bytes) in &sh {
+        let pieces: Vec<&[u8]> = bytes.chunks(300).collect();
+        for (k, p) in pieces.iter().enumerate() {
+            let r = l.feed(name, p).unwrap();
+            if k + 1 == pieces.len() {
+                assert_eq!(r, Fed::Verified);
+            } else {
+                assert!(matches!(r, Fed::Partial(_)));
+            }
+        }
+    }
+    assert!(l.is_complete());
+    let b = Bundle::open(&d).unwrap();
+    for name in l.tensor_names() {
+        let a = l.tensor_f32(name).unwrap();
+        let e = b.read_f32(name).unwrap();
+        assert_eq!(a.len(), e.len());
+        assert!(
+            a.iter().zip(&e).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{name}"
+        );
+        assert!(!l.tensor_packed(name).unwrap().parts.is_empty());
+    }
+}
+
+#[test]
+fn a_bad_shard_is_rejected_and_can_be_sent_again() {
+    let (_t, d) = bundle();
+    let mut l = Loader::new(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
+    let sh = shards(&d);
+    let (name, good) = &sh[1];
+    let mut bad = good.clone();
+    bad[17] ^= 0x40;
+    match l.feed(name, &bad) {
+        Err(LoadError::Shard(m)) => assert!(m.contains("SHA-256"), "{m}"),
+        r => panic!("corrupt shard accepted: {r:?}"),
+    }
+    assert!(l.missing().contains(&name.as_str()));
+    assert!(matches!(
+        l.feed(name, &[good.clone(), vec![0]].concat()),
+        Err(LoadError::Shard(_))
+    ));
+    assert_eq!(l.feed(name, good).unwrap(), Fed::Verified);
+    assert!(l.feed("shard-99999.bin", b"x").is_err());
+}
+
+#[test]
+fn a_missing_shard_withholds_the_tensors_that_need_it() {
+    let (_t, d) = bundle();
+    let mut l = Loader::new(&std::fs::read(d.join("manifest.json")).unwrap()).unwrap();
+    let sh = shards(&d);
+    for (name, bytes) in sh.iter().skip(1) {
+        l.feed(name, bytes).unwrap();
+    }
+    assert!(!l.is_complete());
+    assert_eq!(l.missing(), vec![sh[0].0.as_str()]);
+    match l.tensor_f32("blk.0.attn_q.weight") {
+        Err(LoadError::Missing(m)) => assert!(m.contains("shard-00000.bin"), "{m}"),
+        r => panic!("tensor given without its shard: {r:?}"),
+    }
+}
+
+/// Re-computes manifest_digest the way the writer does, so only the check under test can fire.
+fn redigest(text: &str) -> String {
+    use sha2::Digest;
+    let key = "\"manifest_digest\": \"";
+    let start = text.find(key).unwrap() + key.len();
+    let end = start + text[start..].find('"').unwrap();
+    let blank = format!("{}{}{}", &text[..start], "0".repeat(64), &text[end..]);
+    let d = hex::encode(sha2::Sha256::digest(blank.as_bytes()));
+    format!("{}{}{}", &text[..start], d, &text[end..])
+}
+
+#[test]
+fn edited_or_reordered_manifests_are_refused() {
+    let (_t, d) = bundle();
+    let text = std::fs::read_to_string(d.join("manifest.json")).unwrap();
+    // Any edit breaks the manifest digest.
+    let edited = text.replacen("\"t\"", "\"u\"", 1);
+    assert!(
+        matches!(Loader::new(edited.as_bytes()), Err(LoadError::Manifest(m)) if m.contains("edited"))
+    );
+    // Shard entries swapped (digest recomputed): the global digest no longer matches.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let shards = v["shards"].as_array_mut().unwrap();
+    shards.swap(0, 1);
+    let swapped = redigest(&serde_json::to_string_pretty(&v).unwrap());
+    match Loader::new(swapped.as_bytes()) {
+        Err(LoadError::Manifest(m)) => assert!(m.contains("global digest"), "{m}"),
+        r => panic!("reordered shard list accepted: {r:?}"),
+    }
+    // The untouched manifest loads.
+    assert!(Loader::new(text.as_bytes()).is_ok());
+}
