@@ -124,6 +124,14 @@ enum Cmd {
         /// APQ: held-out windows (from the last tenth of --calib) for the perplexity gate.
         #[arg(long, default_value_t = 4)]
         heldout_windows: usize,
+        /// APQ gold-prompt gate: one prompt per line (default: the built-in prompts/gold.txt);
+        /// the quantized model's greedy continuation must not loop or fall silent where the
+        /// unquantized model does not.
+        #[arg(long)]
+        gold_prompts: Option<PathBuf>,
+        /// APQ gold-prompt gate: greedy tokens generated per prompt.
+        #[arg(long, default_value_t = 16)]
+        gold_tokens: usize,
         /// Columns per scale group (32, 64, 128, ...); 0 = one group per output channel.
         #[arg(long, default_value_t = 128)]
         group_size: usize,
@@ -360,6 +368,21 @@ fn open_model(loc: &str) -> Result<adaptq_remote::Opened> {
     adaptq_remote::open(loc).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// Gold prompts, one per line (blank lines skipped); the built-in set when no file is given.
+fn read_prompts(file: Option<&Path>) -> Result<Vec<String>> {
+    let text = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .with_context(|| format!("reading gold prompts {}", p.display()))?,
+        None => include_str!("../../../prompts/gold.txt").to_string(),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
 fn bytes_of(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -486,6 +509,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             promote_per_round,
             max_rounds,
             heldout_windows,
+            gold_prompts,
+            gold_tokens,
             format,
             ggml_type,
             ggml_embedding_type,
@@ -625,6 +650,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         promote_per_round,
                         max_rounds,
                         heldout_windows,
+                        gold_prompts: read_prompts(gold_prompts.as_deref())?,
+                        gold_tokens,
                     };
                     let pb = calib_bar(source.desc().n_layers as u64 + 1, "apq");
                     let out = adaptq_pipeline::apq::run(

@@ -52,6 +52,15 @@ fn impossible_ppl_budget_fails_the_named_gate_after_promoting_worst_layers() {
         .find(|g| g["name"] == "heldout_ppl_delta")
         .expect("perplexity gate recorded");
     assert_eq!(gate["status"], "FAIL", "{gate}");
+    // The gold-prompt spot checks ran against the unquantized model and are recorded.
+    let gold = v["gates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "gold_prompts")
+        .expect("gold-prompt gate recorded");
+    assert!(gold["status"] == "PASS" || gold["status"] == "FAIL");
+    assert_eq!(v["gold_prompts"].as_array().unwrap().len(), 8);
     let apq = &v["apq"];
     let rounds = apq["promotion_rounds"].as_array().unwrap();
     assert!(!rounds.is_empty(), "no promotion happened");

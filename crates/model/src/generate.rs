@@ -154,40 +154,66 @@ pub fn spot_check(
     for p in prompts {
         let r = generate(reference, p, &opts, &mut |_| {})?;
         let c = generate(candidate, p, &opts, &mut |_| {})?;
-        let same = r
-            .tokens
-            .iter()
-            .zip(&c.tokens)
-            .filter(|(a, b)| a == b)
-            .count();
-        let prefix = r
-            .tokens
-            .iter()
-            .zip(&c.tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        let (rl, cl) = (
-            has_repetition_loop(&r.tokens),
-            has_repetition_loop(&c.tokens),
-        );
-        let fail = (c.tokens.is_empty() && !r.tokens.is_empty()) || (cl && !rl);
-        out.push(SpotCheck {
-            prompt: p.clone(),
-            token_agreement: same as f64 / r.tokens.len().max(1) as f64,
-            matching_prefix: prefix,
-            reference: r.text,
-            candidate: c.text,
-            reference_loops: rl,
-            candidate_loops: cl,
-            status: if fail { "FAIL" } else { "PASS" },
-        });
+        out.push(judge(p, r, c));
     }
     Ok(out)
+}
+
+/// Compares a candidate's greedy continuation of `prompt` with the reference's.
+pub fn judge(prompt: &str, r: Output, c: Output) -> SpotCheck {
+    let same = r
+        .tokens
+        .iter()
+        .zip(&c.tokens)
+        .filter(|(a, b)| a == b)
+        .count();
+    let prefix = r
+        .tokens
+        .iter()
+        .zip(&c.tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    let (rl, cl) = (
+        has_repetition_loop(&r.tokens),
+        has_repetition_loop(&c.tokens),
+    );
+    let fail = (c.tokens.is_empty() && !r.tokens.is_empty()) || (cl && !rl);
+    SpotCheck {
+        prompt: prompt.to_string(),
+        token_agreement: same as f64 / r.tokens.len().max(1) as f64,
+        matching_prefix: prefix,
+        reference: r.text,
+        candidate: c.text,
+        reference_loops: rl,
+        candidate_loops: cl,
+        status: if fail { "FAIL" } else { "PASS" },
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[test]
+    fn judge_fails_a_candidate_that_loops_or_falls_silent() {
+        let out = |tokens: Vec<u32>| Output {
+            prompt_tokens: 3,
+            tokens_per_s: 0.0,
+            text: String::new(),
+            stopped_on_eos: false,
+            tokens,
+        };
+        let r = || out(vec![1, 2, 3, 4, 5, 6, 7, 8]);
+        let ok = judge("p", r(), out(vec![1, 2, 3, 9, 5, 6, 7, 8]));
+        assert_eq!(ok.status, "PASS");
+        assert_eq!(ok.matching_prefix, 3);
+        assert!((ok.token_agreement - 7.0 / 8.0).abs() < 1e-12);
+        assert_eq!(
+            judge("p", r(), out(vec![1, 2, 5, 5, 5, 5, 5, 5])).status,
+            "FAIL"
+        );
+        assert_eq!(judge("p", r(), out(vec![])).status, "FAIL");
+    }
+
     #[test]
     fn detects_loops() {
         assert!(has_repetition_loop(&[5, 1, 2, 1, 2, 1, 2]));

@@ -319,6 +319,9 @@ pub struct ApqSettings {
     pub promote_per_round: usize,
     pub max_rounds: usize,
     pub heldout_windows: usize,
+    /// Gold prompts for the spot-check gate (greedy continuations vs the unquantized model).
+    pub gold_prompts: Vec<String>,
+    pub gold_tokens: usize,
 }
 
 /// What APQ produced: the calibration (codes, folded norms), sampling info, the sections for
@@ -362,7 +365,19 @@ pub fn run(
     let text = std::fs::read_to_string(calib)
         .map_err(|e| anyhow::anyhow!("reading calibration text {}: {e}", calib.display()))?;
     let tokens = adaptq_model::tokenizer::encode(&loaded.tokenizer, &text)?;
-    let mut m = match loaded.kind {
+    let mut loaded = loaded;
+    // Gold prompts: the unquantized model's greedy continuations, to compare with at the end.
+    let gold_opts = adaptq_model::generate::Options {
+        max_tokens: s.gold_tokens,
+        temperature: 0.0,
+        seed: 0,
+    };
+    let gold_ref = s
+        .gold_prompts
+        .iter()
+        .map(|p| adaptq_model::generate::generate(&loaded, p, &gold_opts, &mut |_| {}))
+        .collect::<Result<Vec<_>>>()?;
+    let m = match &mut loaded.kind {
         adaptq_model::ModelKind::Llama(l) => l,
         adaptq_model::ModelKind::Bert(_) => bail!("APQ runs on decoder (Llama-family) models"),
     };
@@ -426,7 +441,7 @@ pub fn run(
         refit: s.refit,
         ggml: None,
     };
-    let mut cal = crate::calibrate::calibrate_llama(&mut m, &windows, &spec, &mut |d, t| {
+    let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)
     })?;
     let mut ppl = heldout_ppl(&m, &held)?;
@@ -441,7 +456,7 @@ pub fn run(
             stop_reason = format!("{} promotion rounds used", s.max_rounds);
         }
         let before = spec.clone();
-        let changed = promote(&mut m, &mut cal, &mut spec, s.promote_per_round)?;
+        let changed = promote(m, &mut cal, &mut spec, s.promote_per_round)?;
         if changed.is_empty() {
             stop_reason = "every layer is at the widest width".into();
             break;
@@ -535,7 +550,28 @@ pub fn run(
             detail: format!("'{name}' re-quantized from the same inputs gives identical codes and scales: {same}"),
         });
     }
+    // Gold prompts: the quantized model's greedy continuations against the unquantized ones.
+    let mut gold = Vec::new();
+    for (p, r) in s.gold_prompts.iter().zip(gold_ref) {
+        let c = adaptq_model::generate::generate(&loaded, p, &gold_opts, &mut |_| {})?;
+        gold.push(adaptq_model::generate::judge(p, r, c));
+    }
+    if !gold.is_empty() {
+        let fails = gold.iter().filter(|c| c.status == "FAIL").count();
+        let agree = gold.iter().map(|c| c.token_agreement).sum::<f64>() / gold.len() as f64;
+        gates.push(Gate {
+            name: "gold_prompts".into(),
+            status: pass(fails == 0),
+            detail: format!(
+                "{} gold prompts, {} greedy tokens each: {:.1}% of the unquantized model's tokens reproduced; {fails} failed (looping or silent where the unquantized model is not)",
+                gold.len(),
+                s.gold_tokens,
+                agree * 100.0
+            ),
+        });
+    }
     let mut extra = serde_json::Map::new();
+    extra.insert("gold_prompts".into(), serde_json::to_value(&gold)?);
     extra.insert(
         "apq".into(),
         serde_json::json!({
