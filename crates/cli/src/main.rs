@@ -82,6 +82,8 @@ fn parse_ggml(s: &str) -> Result<adaptq_quant::ggml::BlockType> {
     })
 }
 
+// Parsed once per run: the size of the biggest variant (quantize's many flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Quantize a model into a bundle folder.

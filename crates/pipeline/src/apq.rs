@@ -398,7 +398,7 @@ pub fn run(
         text_tokens: tokens.len(),
         fingerprint: fingerprint(&windows),
     };
-    let base_ppl = heldout_ppl(&m, &held)?;
+    let base_ppl = heldout_ppl(m, &held)?;
     let widths: Vec<u8> = CANDIDATES
         .iter()
         .copied()
@@ -412,7 +412,7 @@ pub fn run(
     }
     let n_prof = samples.min(16);
     let profiles = profile(
-        &m,
+        m,
         &windows[..n_prof],
         &widths,
         s.group_size,
@@ -444,7 +444,7 @@ pub fn run(
     let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)
     })?;
-    let mut ppl = heldout_ppl(&m, &held)?;
+    let mut ppl = heldout_ppl(m, &held)?;
     let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
     let mut rounds = Vec::new();
     let mut stop_reason = "gate passed".to_string();
@@ -484,7 +484,7 @@ pub fn run(
             stop_reason = "size budget (--max-bpw) exhausted".into();
             break;
         }
-        ppl = heldout_ppl(&m, &held)?;
+        ppl = heldout_ppl(m, &held)?;
         progress("promote", round, s.max_rounds);
         rounds.push(Promotion {
             round,
