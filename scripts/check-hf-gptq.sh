@@ -3,6 +3,7 @@
 # (scripts/check_hf_gptq.py) and must reproduce adaptq's dequantized weights bit for bit; the
 # unpacked weights, written as a plain float checkpoint in Hugging Face layout (rotate-half
 # RoPE, un-permuted Q/K, the exported tokenizer.json), must give the bundle's perplexity.
+# Then the unpacked Hugging Face checkpoint goes the other way, safetensors → GGUF.
 # Run by scripts/test.sh (CI); the numpy virtualenv is shared with check-gguf.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,20 @@ import json, sys
 a, b = (json.loads(x)["ppl"] for x in sys.argv[1:3])
 assert abs(a - b) / a < 1e-5, f"bundle PPL {a} vs unpacked HF checkpoint {b}"
 print(f"forward pass: bundle PPL {a:.6f}, numpy-unpacked HF checkpoint {b:.6f}")
+PY
+# Safetensors (Hugging Face layout) → bundle → GGUF: metadata built from config.json and
+# tokenizer.json must match the original GGUF's tokenizer, and Q/K rows permuted back for
+# llama.cpp's RoPE must leave the perplexity unchanged.
+"$bin" quantize "$tmp/float" --out "$tmp/fb" --bits 8 --group-size 32 --sym >/dev/null
+"$bin" export "$tmp/fb" --to gguf --out "$tmp/f.gguf" >/dev/null
+"$bin" tensor-hashes "$tmp/f.gguf" >"$tmp/f.json"
+"$venv/bin/python" scripts/check_gguf.py "$m" "$tmp/f.gguf" "$tmp/f.json"
+c=$("$bin" eval "$tmp/fb" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+d=$("$bin" eval "$tmp/f.gguf" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+python3 - "$c" "$d" <<'PY'
+import json, sys
+a, b = (json.loads(x)["ppl"] for x in sys.argv[1:3])
+assert abs(a - b) / a < 1e-5, f"safetensors bundle PPL {a} vs its GGUF export {b}"
+print(f"safetensors → GGUF: bundle PPL {a:.6f}, GGUF {b:.6f}")
 PY
 echo "Hugging Face GPTQ export verified"

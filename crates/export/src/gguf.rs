@@ -203,6 +203,197 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
     Ok(out)
 }
 
+/// GGUF name of a Hugging Face llama tensor (the inverse of [`crate::hf_gptq::hf_name`]).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    let g = match part {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        _ => return None,
+    };
+    Some(format!("blk.{n}.{g}.{suffix}"))
+}
+
+/// llama.cpp's converter order for Q/K rows: GGUF row `h·hd + 2i + j` holds Hugging Face row
+/// `h·hd + j·hd/2 + i` (so that RoPE pairs adjacent values).
+pub fn permute_rows(rows: usize, heads: usize) -> Vec<usize> {
+    let hd = rows / heads;
+    let mut src = vec![0; rows];
+    for h in 0..heads {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                src[h * hd + 2 * i + j] = h * hd + j * (hd / 2) + i;
+            }
+        }
+    }
+    src
+}
+
+/// GGUF metadata for a Hugging Face llama checkpoint: architecture from `config.json`,
+/// vocabulary, token types and merges from `tokenizer.json` (byte-level BPE), special ids and
+/// chat template from `config.json` / `tokenizer_config.json`.
+pub fn metadata_from_hf(
+    name: &str,
+    config: &serde_json::Value,
+    tokenizer: &serde_json::Value,
+    tok_config: Option<&serde_json::Value>,
+) -> Result<Vec<(String, Value)>> {
+    let u = |k: &str| -> Result<u32> {
+        config[k]
+            .as_u64()
+            .map(|v| v as u32)
+            .with_context(|| format!("config.json lacks {k}"))
+    };
+    let heads = u("num_attention_heads")?;
+    let hidden = u("hidden_size")?;
+    let model = &tokenizer["model"];
+    if model["type"] != "BPE" {
+        bail!(
+            "tokenizer.json model is {}; GGUF export handles byte-level BPE",
+            model["type"]
+        );
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .context("tokenizer.json has no vocab")?;
+    let added = tokenizer["added_tokens"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let n = vocab
+        .values()
+        .filter_map(|v| v.as_u64())
+        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
+        .max()
+        .map_or(0, |m| m as usize + 1);
+    let mut tokens = vec![None; n];
+    let mut types = vec![1i32; n];
+    for (t, id) in vocab {
+        if let Some(i) = id.as_u64() {
+            tokens[i as usize] = Some(t.clone());
+        }
+    }
+    for a in &added {
+        if let (Some(i), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) {
+            tokens[i as usize] = Some(c.to_string());
+            types[i as usize] = if a["special"] == true { 3 } else { 4 };
+        }
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    let merges: Vec<Value> = model["merges"]
+        .as_array()
+        .context("tokenizer.json has no merges")?
+        .iter()
+        .map(|m| match m {
+            serde_json::Value::String(s) => Ok(Value::String(s.clone())),
+            serde_json::Value::Array(p) if p.len() == 2 => Ok(Value::String(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or(""),
+                p[1].as_str().unwrap_or("")
+            ))),
+            _ => bail!("tokenizer.json has a merge that is neither \"a b\" nor [a, b]"),
+        })
+        .collect::<Result<_>>()?;
+    // llama.cpp names the pre-tokenizer; these are the two byte-level shapes adaptq recognises.
+    let pt = &tokenizer["pre_tokenizer"];
+    let pre = if pt["type"] == "ByteLevel" {
+        "gpt2"
+    } else if pt["type"] == "Sequence"
+        && pt["pretokenizers"][0]["type"] == "Digits"
+        && pt["pretokenizers"][0]["individual_digits"] == true
+        && pt["pretokenizers"][1]["type"] == "ByteLevel"
+    {
+        "smollm"
+    } else {
+        "default"
+    };
+    let s = |v: &str| Value::String(v.to_string());
+    let mut md = vec![
+        ("general.architecture".to_string(), s("llama")),
+        ("general.name".into(), s(name)),
+        (
+            "llama.block_count".into(),
+            Value::U32(u("num_hidden_layers")?),
+        ),
+        (
+            "llama.context_length".into(),
+            Value::U32(u("max_position_embeddings")?),
+        ),
+        ("llama.embedding_length".into(), Value::U32(hidden)),
+        (
+            "llama.feed_forward_length".into(),
+            Value::U32(u("intermediate_size")?),
+        ),
+        ("llama.attention.head_count".into(), Value::U32(heads)),
+        (
+            "llama.attention.head_count_kv".into(),
+            Value::U32(u("num_key_value_heads").unwrap_or(heads)),
+        ),
+        (
+            "llama.rope.freq_base".into(),
+            Value::F32(config["rope_theta"].as_f64().unwrap_or(10000.0) as f32),
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            Value::F32(config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32),
+        ),
+        ("llama.vocab_size".into(), Value::U32(n as u32)),
+        (
+            "llama.rope.dimension_count".into(),
+            Value::U32(hidden / heads),
+        ),
+        ("tokenizer.ggml.model".into(), s("gpt2")),
+        ("tokenizer.ggml.pre".into(), s(pre)),
+        ("tokenizer.ggml.tokens".into(), Value::Array(8, tokens)),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(5, types.into_iter().map(Value::I32).collect()),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(8, merges)),
+    ];
+    for (k, key) in [
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+    ] {
+        if let Some(v) = config[k].as_u64() {
+            md.push((key.into(), Value::U32(v as u32)));
+        }
+    }
+    if let Some(tc) = tok_config {
+        if let Some(b) = tc["add_bos_token"].as_bool() {
+            md.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(b)));
+        }
+        if let Some(t) = tc["chat_template"].as_str() {
+            md.push(("tokenizer.chat_template".into(), s(t)));
+        }
+    }
+    Ok(md)
+}
+
 /// llama.cpp's `general.file_type` for a file mostly of `t`.
 fn file_type(t: Option<BlockType>) -> u32 {
     match t {
@@ -234,15 +425,43 @@ pub fn export_gguf(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportSummary> {
-    let md_bytes = bundle.read_file(GGUF_METADATA).map_err(|_| {
-        anyhow::anyhow!(
-            "{}: this bundle was not made from a GGUF, so it has no GGUF metadata \
-             (architecture, tokenizer) to export; quantize the model's GGUF instead \
-             (safetensors → GGUF conversion is not supported yet)",
-            bundle.dir.display()
-        )
-    })?;
-    let mut md = metadata_from_json(&md_bytes)?;
+    // GGUF sources carry their metadata; Hugging Face llama checkpoints get it built from
+    // config.json + tokenizer.json, their tensors renamed and Q/K rows permuted.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&bundle.read_file(adaptq_bundle::MODEL_META)?)
+            .context("model.meta")?;
+    let (mut md, hf) = match bundle.read_file(GGUF_METADATA) {
+        Ok(b) => (metadata_from_json(&b)?, None),
+        Err(_) => {
+            let json = |f: &str| -> Result<serde_json::Value> {
+                let b = bundle.read_file(f).map_err(|_| {
+                    anyhow::anyhow!(
+                        "{}: no {f} in the bundle, so there is no tokenizer/architecture to put in a GGUF",
+                        bundle.dir.display()
+                    )
+                })?;
+                serde_json::from_slice(&b).with_context(|| f.to_string())
+            };
+            if meta["family"] != "llama" {
+                bail!(
+                    "GGUF export from safetensors covers Llama-family models; this bundle is {}",
+                    meta["family"]
+                );
+            }
+            let tc = json("tokenizer_config.json").ok();
+            let md = metadata_from_hf(
+                &bundle.manifest.model_id,
+                &json("config.json")?,
+                &json("tokenizer.json")?,
+                tc.as_ref(),
+            )?;
+            let heads = (
+                meta["n_heads"].as_u64().unwrap_or(1) as usize,
+                meta["n_kv_heads"].as_u64().unwrap_or(1) as usize,
+            );
+            (md, Some(heads))
+        }
+    };
     let tensors = &bundle.manifest.tensors;
     let routes: Vec<Route> = tensors
         .iter()
@@ -266,11 +485,20 @@ pub fn export_gguf(
         "general.quantized_by",
         Value::String("adaptq".into()),
     );
+    let names: Vec<String> = tensors
+        .iter()
+        .map(|t| match hf {
+            Some(_) => gguf_name(&t.name)
+                .with_context(|| format!("tensor '{}' has no llama.cpp name", t.name)),
+            None => Ok(t.name.clone()),
+        })
+        .collect::<Result<_>>()?;
     let plan: Vec<TensorPlan> = tensors
         .iter()
         .zip(&routes)
-        .map(|(t, r)| TensorPlan {
-            name: t.name.clone(),
+        .zip(&names)
+        .map(|((t, r), n)| TensorPlan {
+            name: n.clone(),
             shape: t.shape.clone(),
             ggml_type: r.ggml_id(),
             bytes: r.bytes(t.numel()) as u64,
@@ -287,11 +515,29 @@ pub fn export_gguf(
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = GgufWriter::new(BufWriter::new(f), &md, plan)?;
         let mut report = Vec::with_capacity(tensors.len());
-        for (i, (t, r)) in tensors.iter().zip(&routes).enumerate() {
-            let bytes = encode(bundle, t, r).with_context(|| format!("tensor '{}'", t.name))?;
-            w.write_tensor(&t.name, &bytes)?;
+        for (i, ((t, r), name)) in tensors.iter().zip(&routes).zip(&names).enumerate() {
+            let mut bytes = encode(bundle, t, r).with_context(|| format!("tensor '{}'", t.name))?;
+            let heads = hf.and_then(|(q, kv)| {
+                if name.ends_with(".attn_q.weight") {
+                    Some(q)
+                } else if name.ends_with(".attn_k.weight") {
+                    Some(kv)
+                } else {
+                    None
+                }
+            });
+            if let Some(h) = heads {
+                // Every GGUF type stores rows contiguously: permuting whole rows is exact.
+                let rb = bytes.len() / t.shape[0];
+                let src = permute_rows(t.shape[0], h);
+                bytes = src
+                    .iter()
+                    .flat_map(|&r| bytes[r * rb..(r + 1) * rb].to_vec())
+                    .collect();
+            }
+            w.write_tensor(name, &bytes)?;
             report.push(ExportedTensor {
-                name: t.name.clone(),
+                name: name.clone(),
                 ggml_type: r.name().to_string(),
                 exact: !matches!(r, Route::Reround(..)),
                 note: match r {

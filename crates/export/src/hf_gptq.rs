@@ -380,7 +380,27 @@ pub fn export_hf_gptq(
             "checkpoint_format": "gptq",
             "damp_percent": 0.05,
         });
-        let config = json!({
+        // Special tokens and the chat template, from the source GGUF's metadata when there is one.
+        let gmd: Vec<serde_json::Value> = bundle
+            .read_file(crate::gguf::GGUF_METADATA)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default();
+        let gget = |k: &str| {
+            gmd.iter()
+                .find(|e| e["key"] == k)
+                .map(|e| e["value"].clone())
+        };
+        let token = |id: &Option<serde_json::Value>| {
+            let tokens = gget("tokenizer.ggml.tokens")?;
+            tokens.get(id.as_ref()?.as_u64()? as usize).cloned()
+        };
+        let (bos, eos) = (
+            gget("tokenizer.ggml.bos_token_id"),
+            gget("tokenizer.ggml.eos_token_id"),
+        );
+        let mut config = json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
             "hidden_size": meta.hidden,
@@ -397,6 +417,10 @@ pub fn export_hf_gptq(
             "torch_dtype": "float16",
             "quantization_config": qcfg,
         });
+        if let (Some(b), Some(e)) = (&bos, &eos) {
+            config["bos_token_id"] = b.clone();
+            config["eos_token_id"] = e.clone();
+        }
         std::fs::write(tmp.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
         std::fs::write(
             tmp.join("quantize_config.json"),
@@ -421,12 +445,25 @@ pub fn export_hf_gptq(
                     .to_string(true)
                     .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
                 std::fs::write(tmp.join("tokenizer.json"), text)?;
+                let mut tc = json!({
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "model_max_length": meta.ctx,
+                });
+                if let Some(t) = token(&bos) {
+                    tc["bos_token"] = t;
+                }
+                if let Some(t) = token(&eos) {
+                    tc["eos_token"] = t;
+                }
+                if let Some(b) = gget("tokenizer.ggml.add_bos_token") {
+                    tc["add_bos_token"] = b;
+                }
+                if let Some(t) = gget("tokenizer.chat_template") {
+                    tc["chat_template"] = t;
+                }
                 std::fs::write(
                     tmp.join("tokenizer_config.json"),
-                    serde_json::to_vec_pretty(&json!({
-                        "tokenizer_class": "PreTrainedTokenizerFast",
-                        "model_max_length": meta.ctx,
-                    }))?,
+                    serde_json::to_vec_pretty(&tc)?,
                 )?;
                 files.extend([
                     "tokenizer.json".to_string(),
