@@ -181,3 +181,62 @@ fn a_bundle_that_fails_verification_is_not_exported() {
         .to_string_lossy()
         .contains("partial")));
 }
+
+#[test]
+fn gptq_writes_onto_ggml_grids_and_beats_their_rounding() {
+    let m = smollm2_gguf();
+    let emma = adaptq_testutil::corpus("emma.txt");
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("b");
+    adaptq(&[
+        "quantize",
+        m.to_str().unwrap(),
+        "--out",
+        b.to_str().unwrap(),
+        "--method",
+        "gptq",
+        "--ggml-type",
+        "q4_k",
+        "--calib",
+        emma.to_str().unwrap(),
+        "--calib-samples",
+        "2",
+        "--seq-len",
+        "64",
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(b.join("verification.json")).unwrap()).unwrap();
+    let lin: Vec<&serde_json::Value> = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["role"] == "linear")
+        .collect();
+    assert_eq!(lin.len(), 210);
+    let mut better = 0;
+    for t in &lin {
+        let enc = t["encoding"].as_str().unwrap();
+        let down = t["name"].as_str().unwrap().contains("ffn_down");
+        assert_eq!(enc, if down { "ggml-Q4_K" } else { "ggml-Q5_0" }, "{t}");
+        let (g, r) = (
+            t["output_rel_error"].as_f64().unwrap(),
+            t["rtn_output_rel_error"].as_f64().unwrap(),
+        );
+        better += (g < r) as usize;
+    }
+    // GPTQ lowers the calibration output error against the type's own round-to-nearest.
+    assert!(
+        better >= 200,
+        "GPTQ beat RTN on only {better} of 210 layers"
+    );
+    let g = dir.path().join("g.gguf");
+    adaptq(&[
+        "export",
+        b.to_str().unwrap(),
+        "--to",
+        "gguf",
+        "--out",
+        g.to_str().unwrap(),
+    ]);
+    same_values(&b, &g);
+}
