@@ -35,6 +35,8 @@ rows=(
   "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --awq --refit $C"
   "rtn2-asym-g64|--bits 2 --group-size 64"
   "gptq2-asym-g64|--method gptq --bits 2 --group-size 64 $C"
+  "awq2-asym-g64|--method awq --bits 2 --group-size 64 $C"
+  "ternary-g64|--method ternary --group-size 64"
   "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym --awq --refit $C"
   # llama.cpp block types (embedding Q8_0 as llama-quantize does), evaluated on the exported GGUF.
   "gguf-q4_0-rtn|--ggml-type q4_0"

@@ -34,6 +34,10 @@ enum MethodArg {
     /// head included), GPTQ at those widths, then promotion of the worst layers until the
     /// held-out perplexity gate (--max-ppl-delta) passes or the budget runs out.
     Apq,
+    /// Ternary: codes in {-1, 0, +1} times a per-group scale mean|w| (BitNet b1.58's rule,
+    /// applied after training), stored at 2 bits plus the f16 scale. A model not trained
+    /// ternary loses most of its quality; measure it with `eval --base`.
+    Ternary,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -340,6 +344,7 @@ type Calibrated = (
 fn method_name(m: MethodArg) -> &'static str {
     match m {
         MethodArg::Rtn => "rtn",
+        MethodArg::Ternary => "ternary",
         MethodArg::Gptq => "gptq",
         MethodArg::Awq => "awq",
         MethodArg::Apq => "apq",
@@ -591,7 +596,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut embeddings = embeddings;
             let calibrated: Option<Calibrated> = match method {
-                MethodArg::Rtn => None,
+                MethodArg::Rtn | MethodArg::Ternary => None,
                 MethodArg::Gptq | MethodArg::Awq => {
                     let calib = need_calib()?;
                     let spec = adaptq_pipeline::calibrate::CalibSpec {
@@ -678,6 +683,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let cfg = QuantizeConfig {
                 method: match method {
                     MethodArg::Rtn => Method::Rtn,
+                    MethodArg::Ternary => Method::Ternary,
                     MethodArg::Gptq => Method::Gptq,
                     MethodArg::Awq => Method::Awq,
                     MethodArg::Apq => Method::Apq,
@@ -685,9 +691,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gptq: matches!(method, MethodArg::Gptq | MethodArg::Apq)
                     .then_some(adaptq_pipeline::GptqSettings { damp, act_order }),
                 calibration: calibrated.as_ref().map(|(_, info, ..)| info.config.clone()),
-                bits,
+                // Ternary codes live on the 2-bit symmetric grid; record what is stored.
+                bits: if matches!(method, MethodArg::Ternary) {
+                    2
+                } else {
+                    bits
+                },
                 group_size,
-                grid: if sym {
+                grid: if sym || matches!(method, MethodArg::Ternary) {
                     Grid::Symmetric
                 } else {
                     Grid::Asymmetric

@@ -20,6 +20,8 @@ pub enum Method {
     Awq,
     /// APQ: per-layer widths chosen from measured sensitivity under a size budget.
     Apq,
+    /// Ternary {−s, 0, +s} per group, s = mean|w| (BitNet b1.58's rule, post-training).
+    Ternary,
 }
 
 /// What to do with embedding tables and a separate output head.
@@ -450,15 +452,29 @@ pub fn quantize_model(
                     })?;
                 encode_ggml(&x, ty, bytes, "rtn")?
             } else if quantize {
-                if cfg.method != Method::Rtn && role == TensorRole::Linear {
+                if !matches!(cfg.method, Method::Rtn | Method::Ternary)
+                    && role == TensorRole::Linear
+                {
                     bail!(
                         "method {:?} produced no codes for linear tensor '{}'",
                         cfg.method,
                         info.name
                     );
                 }
-                encode_rtn(&x, &info.shape, &rtn)
-                    .with_context(|| format!("quantizing tensor '{}'", info.name))?
+                if cfg.method == Method::Ternary {
+                    let cols = *info.shape.last().unwrap_or(&1);
+                    let q = adaptq_quant::ternary::quantize_ternary(
+                        &x,
+                        x.len() / cols,
+                        cols,
+                        cfg.group_size,
+                    )
+                    .with_context(|| format!("quantizing tensor '{}'", info.name))?;
+                    encode_q(&x, &q, "ternary")
+                } else {
+                    encode_rtn(&x, &info.shape, &rtn)
+                        .with_context(|| format!("quantizing tensor '{}'", info.name))?
+                }
             } else if keep_f16 {
                 encode_f16(&x)
             } else {

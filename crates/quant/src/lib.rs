@@ -11,6 +11,7 @@ pub mod metrics;
 pub use adaptq_loader::pack;
 pub mod refit;
 pub mod rtn;
+pub mod ternary;
 
 pub use metrics::LayerError;
 pub use rtn::{quantize_rtn, RtnConfig};
