@@ -13,9 +13,11 @@ use std::process::ExitCode;
     name = "adaptq",
     version,
     about = "Post-training quantization of LLMs into verified, deterministic bundles",
-    long_about = "adaptq reads a model (GGUF or safetensors), quantizes its linear layers, and writes a \
-bundle of <=2 MiB shards with SHA-256/BLAKE3 hashes, manifest.json, model.meta and verification.json. \
-The same input and config always give byte-identical bundles."
+    long_about = "adaptq reads a model (GGUF or safetensors, local or from hf://, https:// or ollama://), \
+quantizes it (RTN, GPTQ, AWQ, APQ mixed widths, ternary; or onto llama.cpp's block types), and writes a \
+bundle of <=2 MiB shards with SHA-256/BLAKE3 hashes, manifest.json, model.meta and verification.json \
+(measured errors and PASS/FAIL gates). The same input and config always give byte-identical bundles. \
+`export` turns a bundle into a GGUF file or a Hugging Face GPTQ checkpoint."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -90,7 +92,7 @@ fn parse_ggml(s: &str) -> Result<adaptq_quant::ggml::BlockType> {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
-    /// Quantize a model into a bundle folder.
+    /// Quantize a model into a verified bundle folder (or, with --format gguf, one GGUF file).
     Quantize {
         /// Model: a local .gguf/.safetensors file or folder, hf://org/name[@revision][/file],
         /// an http(s):// link to a .gguf/.safetensors file, or ollama://name[:tag].
@@ -194,7 +196,8 @@ enum Cmd {
         #[arg(long, default_value = "q8_0")]
         ggml_embedding_type: String,
     },
-    /// Write a bundle as a file another runtime loads: GGUF v3 (llama.cpp, Ollama, LM Studio).
+    /// Write a bundle as files another runtime loads: GGUF v3 (llama.cpp, Ollama, LM Studio) or a
+    /// Hugging Face GPTQ checkpoint (transformers, vLLM).
     Export {
         /// The bundle folder (verified before export).
         dir: PathBuf,
