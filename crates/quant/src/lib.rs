@@ -7,6 +7,7 @@
 pub mod awq;
 pub mod ggml;
 pub mod gptq;
+pub mod hadamard;
 pub mod metrics;
 pub use adaptq_loader::pack;
 pub mod refit;
