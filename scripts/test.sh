@@ -9,5 +9,10 @@ cargo test --workspace --release
 ./scripts/check-gguf.sh
 ./scripts/check-hf-gptq.sh
 # The no_std bundle loader must build for WebAssembly canisters.
-rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  rustup target add wasm32-unknown-unknown || {
+    echo "cannot install the wasm32-unknown-unknown target (rustup fetches it once from the network)" >&2
+    exit 1
+  }
+fi
 cargo build -p adaptq-loader --target wasm32-unknown-unknown --release
