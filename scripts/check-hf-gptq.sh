@@ -8,11 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh >/dev/null
-venv=.cache/py/venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import gguf" 2>/dev/null; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-check.txt
-fi
+source scripts/python-env.sh
 cargo build --release -p adaptq 2>/dev/null
 bin=target/release/adaptq
 m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf

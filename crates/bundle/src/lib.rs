@@ -61,25 +61,17 @@ pub fn blake3_hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
 
-/// The bundle's global digest: SHA-256 over the ordered list of shard names and hashes.
+/// The bundle's global digest: SHA-256 over the ordered list of shard names and hashes
+/// (shared with the wasm loader, which must compute it identically).
 pub fn global_digest(shards: &[ShardInfo]) -> String {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    for s in shards {
-        h.update(format!("{} {} {} {}\n", s.file, s.bytes, s.sha256, s.blake3).as_bytes());
-    }
-    hex::encode(h.finalize())
+    adaptq_loader::shard_list_digest(shards.iter().map(|s| {
+        (
+            s.file.as_str(),
+            s.bytes,
+            s.sha256.as_str(),
+            s.blake3.as_str(),
+        )
+    }))
 }
 
-/// SHA-256 of the manifest text with the `manifest_digest` value blanked to zeros, so any edit
-/// of the manifest, including whitespace, is detected.
-pub fn manifest_digest(text: &str) -> Option<String> {
-    let key = "\"manifest_digest\": \"";
-    let start = text.find(key)? + key.len();
-    let end = start + text[start..].find('"')?;
-    let mut blanked = String::with_capacity(text.len());
-    blanked.push_str(&text[..start]);
-    blanked.push_str(&"0".repeat(64));
-    blanked.push_str(&text[end..]);
-    Some(sha256_hex(blanked.as_bytes()))
-}
+pub use adaptq_loader::manifest_digest;

@@ -199,24 +199,34 @@ fn meta_of(bundle: &Bundle) -> Result<Meta> {
 pub fn for_each_hf_tensor(bundle: &Bundle, f: &mut dyn FnMut(&str, &[f32])) -> Result<()> {
     let meta = meta_of(bundle)?;
     for t in &bundle.manifest.tensors {
-        let name = if meta.gguf_layout {
-            hf_name(&t.name)
-                .with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))?
-        } else {
-            t.name.clone()
-        };
-        let mut v = bundle.read_f32(&t.name)?;
-        if let Some(h) = permuted_heads(&meta, &t.name) {
-            let cols = t.shape[1];
-            let order = unpermute_rows(t.shape[0], h);
-            v = order
-                .iter()
-                .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
-                .collect();
-        }
-        f(&name, &v);
+        let v = hf_values(bundle, &meta, t)?;
+        f(&hf_tensor_name(&meta, t)?, &v);
     }
     Ok(())
+}
+
+/// The Hugging Face name of a bundle tensor (GGUF-sourced bundles are renamed).
+fn hf_tensor_name(meta: &Meta, t: &TensorEntry) -> Result<String> {
+    if meta.gguf_layout {
+        hf_name(&t.name).with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))
+    } else {
+        Ok(t.name.clone())
+    }
+}
+
+/// A tensor's f32 values in Hugging Face row order (Q/K rows of GGUF sources un-permuted).
+fn hf_values(bundle: &Bundle, meta: &Meta, t: &TensorEntry) -> Result<Vec<f32>> {
+    let v = bundle.read_f32(&t.name)?;
+    Ok(match permuted_heads(meta, &t.name) {
+        Some(h) => {
+            let cols = t.shape[1];
+            unpermute_rows(t.shape[0], h)
+                .iter()
+                .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
+                .collect()
+        }
+        None => v,
+    })
 }
 
 /// One output tensor before its bytes exist.
@@ -243,12 +253,7 @@ pub fn export_hf_gptq(
     let mut cfg: Option<(u8, usize)> = None;
     let mut plan = Vec::new();
     for t in &bundle.manifest.tensors {
-        let hf = if meta.gguf_layout {
-            hf_name(&t.name)
-                .with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))?
-        } else {
-            t.name.clone()
-        };
+        let hf = hf_tensor_name(&meta, t)?;
         let kind = match (&t.encoding, t.role.as_str()) {
             (
                 Encoding::Int {
@@ -346,15 +351,7 @@ pub fn export_hf_gptq(
                     }
                 }
                 Kind::Float(d) => {
-                    let mut v = bundle.read_f32(&t.name)?;
-                    if let Some(h) = permuted_heads(&meta, &t.name) {
-                        let cols = t.shape[1];
-                        let order = unpermute_rows(t.shape[0], h);
-                        v = order
-                            .iter()
-                            .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
-                            .collect();
-                    }
+                    let v = hf_values(bundle, &meta, t)?;
                     let bytes: Vec<u8> = match d {
                         Dtype::F16 => v
                             .iter()

@@ -151,17 +151,32 @@ fn sha256_hex(data: &[u8]) -> String {
     hex(&sha2::Sha256::digest(data))
 }
 
-/// SHA-256 over the ordered shard list (name, size, both hashes), as the bundle writer computes it.
-fn global_digest(shards: &[ShardInfo]) -> String {
+/// The bundle's global digest: SHA-256 over the ordered shard list, one line per shard of
+/// (file name, size, SHA-256, BLAKE3). The bundle writer and `verify` use this same function.
+pub fn shard_list_digest<'a>(
+    shards: impl IntoIterator<Item = (&'a str, u64, &'a str, &'a str)>,
+) -> String {
     let mut h = sha2::Sha256::new();
-    for s in shards {
-        h.update(format!("{} {} {} {}\n", s.file, s.bytes, s.sha256, s.blake3).as_bytes());
+    for (file, bytes, sha, b3) in shards {
+        h.update(format!("{file} {bytes} {sha} {b3}\n").as_bytes());
     }
     hex(&h.finalize())
 }
 
-/// SHA-256 of the manifest text with its own digest blanked to zeros.
-fn manifest_digest(text: &str) -> Option<String> {
+fn global_digest(shards: &[ShardInfo]) -> String {
+    shard_list_digest(shards.iter().map(|s| {
+        (
+            s.file.as_str(),
+            s.bytes,
+            s.sha256.as_str(),
+            s.blake3.as_str(),
+        )
+    }))
+}
+
+/// SHA-256 of the manifest text with its own `manifest_digest` value blanked to zeros, so any
+/// edit of the manifest, whitespace included, is detected.
+pub fn manifest_digest(text: &str) -> Option<String> {
     let key = "\"manifest_digest\": \"";
     let start = text.find(key)? + key.len();
     let end = start + text[start..].find('"')?;

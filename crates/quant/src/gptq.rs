@@ -199,6 +199,27 @@ fn prepare(h: &Hessian, cols: usize, damp: f64, act_order: bool) -> Result<Prepa
     Ok(Prepared { dead, perm, u })
 }
 
+/// A row with dead inputs zeroed, and its working copy in quantization order.
+fn start_row(row: &[f32], dead: &[bool], perm: &[usize]) -> (Vec<f32>, Vec<f64>) {
+    let orig: Vec<f32> = row
+        .iter()
+        .zip(dead)
+        .map(|(&v, &d)| if d { 0.0 } else { v })
+        .collect();
+    let x = perm.iter().map(|&c| orig[c] as f64).collect();
+    (orig, x)
+}
+
+/// GPTQ's update: column `i` was stored as `q`; spread its error over the columns after it.
+#[inline]
+fn push_error(x: &mut [f64], i: usize, q: f64, u: &[f64], cols: usize) {
+    let err = (x[i] - q) / u[i * cols + i];
+    let urow = &u[i * cols..(i + 1) * cols];
+    for j in i + 1..cols {
+        x[j] -= err * urow[j];
+    }
+}
+
 /// GPTQ onto the exact grid of a GGML block type; returns the type's bytes (row-major blocks).
 ///
 /// Block parameters are fitted when the sweep enters a block, from the error-updated weights
@@ -246,12 +267,7 @@ pub fn quantize_gptq_ggml(
     let rows_out: Vec<Vec<u8>> = w
         .par_chunks(cols)
         .map(|row| {
-            let orig: Vec<f32> = row
-                .iter()
-                .zip(&dead)
-                .map(|(&v, &d)| if d { 0.0 } else { v })
-                .collect();
-            let mut x: Vec<f64> = perm.iter().map(|&c| orig[c] as f64).collect();
+            let (orig, mut x) = start_row(row, &dead, &perm);
             let mut heads: Vec<Option<BlockHead>> = vec![None; nblocks];
             if act_order {
                 for (b, hd) in heads.iter_mut().enumerate() {
@@ -271,11 +287,7 @@ pub fn quantize_gptq_ggml(
                 let g = ggml::affine(ty, heads[b].as_ref().unwrap(), (c % n) / sl);
                 let code = g.code(x[i] as f32);
                 codes[c] = code;
-                let err = (x[i] - g.value(code) as f64) / u[i * cols + i];
-                let urow = &u[i * cols..(i + 1) * cols];
-                for j in i + 1..cols {
-                    x[j] -= err * urow[j];
-                }
+                push_error(&mut x, i, g.value(code) as f64, &u, cols);
             }
             let mut out = Vec::with_capacity(ty.bytes_for(cols));
             for b in 0..nblocks {
@@ -315,12 +327,7 @@ pub fn quantize_gptq(
     let results: Vec<(Vec<u8>, Vec<f16>, Vec<f16>)> = w
         .par_chunks(cols)
         .map(|row| {
-            let orig: Vec<f32> = row
-                .iter()
-                .zip(&dead)
-                .map(|(&v, &d)| if d { 0.0 } else { v })
-                .collect();
-            let mut x: Vec<f64> = perm.iter().map(|&c| orig[c] as f64).collect();
+            let (orig, mut x) = start_row(row, &dead, &perm);
             let mut scales = vec![f16::ZERO; gpr];
             let mut mins = vec![f16::ZERO; gpr];
             let mut codes = vec![0u8; cols];
@@ -347,11 +354,7 @@ pub fn quantize_gptq(
                 let code = code_of(x[i] as f32, scales[g], mins[g], cfg.bits, cfg.grid);
                 codes[c] = code;
                 let q = value_of(code, scales[g], mins[g], cfg.bits, cfg.grid) as f64;
-                let err = (x[i] - q) / u[i * cols + i];
-                let urow = &u[i * cols..(i + 1) * cols];
-                for j in i + 1..cols {
-                    x[j] -= err * urow[j];
-                }
+                push_error(&mut x, i, q, &u, cols);
             }
             (codes, scales, mins)
         })
