@@ -48,6 +48,10 @@ pub enum Encoding {
     },
     /// llama.cpp blocks of one GGML type (row-major, as in a GGUF), part `blocks`.
     Ggml { ggml_type: BlockType },
+    /// NOVAQ residual vector codebooks (see `adaptq_loader::codebook`): parts `row_scale`,
+    /// `row_mean` (f16 per row), `col_scale` (f16 per column), then per stage `s`
+    /// `codebook{s}` (f16, `2^bits × dim`) and `codes{s}` (packed at `bits`).
+    Codebook { dim: usize, stage_bits: Vec<u8> },
     /// Little-endian f16 values, part `data`.
     F16,
     /// Little-endian f32 values, part `data`.
@@ -84,6 +88,11 @@ impl Encoding {
             Encoding::Ggml { ggml_type } => {
                 vec![("blocks", ggml_type.bytes_for(numel))]
             }
+            Encoding::Codebook { dim, stage_bits } => {
+                let cols = *shape.last().unwrap_or(&1);
+                let rows = numel / cols.max(1);
+                adaptq_loader::codebook::parts(rows, cols, *dim, stage_bits)
+            }
             Encoding::F16 => vec![("data", numel * 2)],
             Encoding::F32 => vec![("data", numel * 4)],
             Encoding::Raw { byte_len, .. } => vec![("data", *byte_len)],
@@ -104,6 +113,14 @@ impl Encoding {
                 }
             ),
             Encoding::Ggml { ggml_type } => format!("ggml-{}", ggml_type.name()),
+            Encoding::Codebook { dim, stage_bits } => format!(
+                "novaq-d{dim}-{}",
+                stage_bits
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            ),
             Encoding::F16 => "f16".into(),
             Encoding::F32 => "f32".into(),
             Encoding::Raw { dtype, .. } => format!("raw-{dtype}"),
@@ -134,10 +151,45 @@ impl TensorEntry {
     }
 }
 
+impl Encoding {
+    /// Width and count of the symbols of a code part (the lossless stage codes those).
+    pub fn code_symbols(&self, part: &str, shape: &[usize]) -> Option<(u8, usize)> {
+        let numel: usize = shape.iter().product();
+        match self {
+            Encoding::Int { bits, .. } if part == "codes" => Some((*bits, numel)),
+            Encoding::Codebook { dim, stage_bits } => {
+                let s: usize = part.strip_prefix("codes")?.parse().ok()?;
+                let cols = *shape.last().unwrap_or(&1);
+                let nv = adaptq_loader::codebook::vectors_per_row(cols, (*dim).max(1));
+                Some((*stage_bits.get(s)?, numel / cols.max(1) * nv))
+            }
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Part {
     pub name: String,
+    /// Bytes stored.
     pub length: u64,
+    /// Set when the lossless stage coded this part: decode to get `raw_length` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lossless: Option<Lossless>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lossless {
+    /// `rans`: see `adaptq_loader::rans`.
+    pub scheme: String,
+    pub raw_length: u64,
+}
+
+impl Part {
+    /// The part's length once decoded.
+    pub fn raw_length(&self) -> u64 {
+        self.lossless.as_ref().map_or(self.length, |l| l.raw_length)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -2,6 +2,7 @@
 
 use crate::manifest::Manifest;
 use crate::{io_err, BundleError, Encoding, Result, TensorEntry, MANIFEST};
+use adaptq_quant::novaq::{CodebookTensor, Stage};
 use adaptq_quant::QuantizedTensor;
 use half::f16;
 use std::path::{Path, PathBuf};
@@ -35,8 +36,35 @@ impl Bundle {
         std::fs::read(&p).map_err(io_err(&p))
     }
 
-    /// The payload of a tensor (its parts concatenated), gathered from its shards.
+    /// The payload of a tensor (its parts concatenated, losslessly coded parts decoded).
     pub fn payload(&self, t: &TensorEntry) -> Result<Vec<u8>> {
+        let stored = self.stored_payload(t)?;
+        if t.parts.iter().all(|p| p.lossless.is_none()) {
+            return Ok(stored);
+        }
+        let mut out = Vec::with_capacity(t.parts.iter().map(|p| p.raw_length() as usize).sum());
+        let mut pos = 0usize;
+        for p in &t.parts {
+            let end = (pos + p.length as usize).min(stored.len());
+            let bytes = &stored[pos..end];
+            pos = end;
+            match &p.lossless {
+                None => out.extend_from_slice(bytes),
+                Some(l) => out.extend(
+                    adaptq_loader::rans::decode(bytes, l.raw_length as usize).ok_or_else(|| {
+                        BundleError::Invalid(format!(
+                            "tensor '{}': part '{}' does not decode ({} stream)",
+                            t.name, p.name, l.scheme
+                        ))
+                    })?,
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes a tensor occupies in its shards, as stored.
+    pub fn stored_payload(&self, t: &TensorEntry) -> Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
         let mut out = Vec::with_capacity(t.payload_len() as usize);
         for s in &t.segments {
@@ -56,12 +84,12 @@ impl Bundle {
         Ok(out)
     }
 
-    /// Splits a payload into its named parts.
+    /// Splits a (decoded) payload into its named parts.
     pub fn parts<'t, 'p>(t: &'t TensorEntry, payload: &'p [u8]) -> Vec<(&'t str, &'p [u8])> {
         let mut out = Vec::new();
         let mut pos = 0usize;
         for p in &t.parts {
-            let end = (pos + p.length as usize).min(payload.len());
+            let end = (pos + p.raw_length() as usize).min(payload.len());
             out.push((p.name.as_str(), &payload[pos..end]));
             pos = end;
         }
@@ -108,6 +136,62 @@ impl Bundle {
         })
     }
 
+    /// The stored form of a NOVAQ tensor.
+    pub fn codebook(&self, t: &TensorEntry) -> Result<CodebookTensor> {
+        let Encoding::Codebook { dim, stage_bits } = &t.encoding else {
+            return Err(BundleError::Invalid(format!(
+                "tensor '{}' is not NOVAQ-coded",
+                t.name
+            )));
+        };
+        if *dim == 0
+            || !(1..=4).contains(&stage_bits.len())
+            || stage_bits.iter().any(|b| !(1..=16).contains(b))
+        {
+            return Err(BundleError::Invalid(format!(
+                "tensor '{}': codebook layout dim {dim}, stage widths {stage_bits:?} is not valid",
+                t.name
+            )));
+        }
+        let payload = self.payload(t)?;
+        let parts = Self::parts(t, &payload);
+        let get = |n: &str| {
+            parts
+                .iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, b)| *b)
+                .ok_or_else(|| {
+                    BundleError::Invalid(format!("tensor '{}' lacks its part '{n}'", t.name))
+                })
+        };
+        let f16s = |b: &[u8]| {
+            b.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>()
+        };
+        let cols = *t.shape.last().unwrap_or(&1);
+        let stages = stage_bits
+            .iter()
+            .enumerate()
+            .map(|(s, &bits)| {
+                Ok(Stage {
+                    bits,
+                    centroids: f16s(get(&format!("codebook{s}"))?),
+                    codes: get(&format!("codes{s}"))?.to_vec(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CodebookTensor {
+            rows: t.numel() / cols.max(1),
+            cols,
+            dim: *dim,
+            stages,
+            row_scale: f16s(get("row_scale")?),
+            row_mean: f16s(get("row_mean")?),
+            col_scale: f16s(get("col_scale")?),
+        })
+    }
+
     /// Decodes any float tensor to f32 (dequantizing integer grids).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let t = self
@@ -118,6 +202,12 @@ impl Bundle {
             Encoding::Ggml { ggml_type } => {
                 adaptq_quant::ggml::dequantize(*ggml_type, &self.payload(t)?, t.numel())
                     .map_err(|e| BundleError::Invalid(format!("tensor '{name}': {e}")))
+            }
+            Encoding::Codebook { .. } => {
+                let c = self.codebook(t)?;
+                c.try_dequantize().ok_or_else(|| {
+                    BundleError::Invalid(format!("tensor '{name}': codebook parts do not fit"))
+                })
             }
             Encoding::F16 => Ok(self
                 .payload(t)?

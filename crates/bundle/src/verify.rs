@@ -162,8 +162,18 @@ pub fn verify_bundle(dir: &Path, mut on_shard: impl FnMut(u64)) -> VerifyReport 
         let got: Vec<(&str, usize)> = t
             .parts
             .iter()
-            .map(|p| (p.name.as_str(), p.length as usize))
+            .map(|p| (p.name.as_str(), p.raw_length() as usize))
             .collect();
+        for p in &t.parts {
+            if let Some(l) = &p.lossless {
+                if l.scheme != "rans" || t.encoding.code_symbols(&p.name, &t.shape).is_none() {
+                    r.problems.push(format!(
+                        "tensor '{}': part '{}' claims lossless scheme '{}', which adaptq does not write there",
+                        t.name, p.name, l.scheme
+                    ));
+                }
+            }
+        }
         if expected != got {
             r.problems.push(format!(
                 "tensor '{}': parts {got:?} do not fit shape {:?} in {} (expected {expected:?})",

@@ -16,6 +16,8 @@ pub struct WriterOptions {
     pub shard_max_bytes: u64,
     /// Replace an existing output folder.
     pub force: bool,
+    /// Entropy-code code parts with rANS where that makes them smaller (decoded on load).
+    pub lossless: bool,
 }
 
 impl Default for WriterOptions {
@@ -23,6 +25,7 @@ impl Default for WriterOptions {
         WriterOptions {
             shard_max_bytes: MAX_SHARD_BYTES,
             force: false,
+            lossless: false,
         }
     }
 }
@@ -96,8 +99,23 @@ impl BundleWriter {
                 encoding.label()
             )));
         }
+        // The lossless stage: code parts entropy-coded where that saves bytes.
+        let coded: Vec<Option<Vec<u8>>> = parts
+            .iter()
+            .map(|(n, b)| {
+                let (bits, count) = encoding
+                    .code_symbols(n, shape)
+                    .filter(|_| self.opts.lossless)?;
+                adaptq_loader::rans::encode(b, bits, count).filter(|c| c.len() < b.len())
+            })
+            .collect();
+        let stored: Vec<&[u8]> = parts
+            .iter()
+            .zip(&coded)
+            .map(|((_, b), c)| c.as_deref().unwrap_or(b))
+            .collect();
         let mut segments: Vec<Segment> = Vec::new();
-        for (_, bytes) in parts {
+        for bytes in &stored {
             let mut rest: &[u8] = bytes;
             while !rest.is_empty() {
                 let room = (self.opts.shard_max_bytes as usize) - self.buf.len();
@@ -129,9 +147,14 @@ impl BundleWriter {
             encoding,
             parts: parts
                 .iter()
-                .map(|(n, b)| Part {
+                .zip(&stored)
+                .map(|((n, raw), b)| Part {
                     name: n.to_string(),
                     length: b.len() as u64,
+                    lossless: (b.len() != raw.len()).then(|| crate::manifest::Lossless {
+                        scheme: "rans".into(),
+                        raw_length: raw.len() as u64,
+                    }),
                 })
                 .collect(),
             segments,

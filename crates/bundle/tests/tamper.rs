@@ -12,6 +12,7 @@ fn write_bundle(dir: &Path) {
         WriterOptions {
             shard_max_bytes: 1024,
             force: false,
+            lossless: false,
         },
     )
     .unwrap();
@@ -208,6 +209,7 @@ fn abandoned_write_leaves_nothing_behind() {
             WriterOptions {
                 shard_max_bytes: 16,
                 force: false,
+                lossless: false,
             },
         )
         .unwrap();
@@ -283,6 +285,7 @@ fn shard_limit_over_2mib_is_refused() {
         WriterOptions {
             shard_max_bytes: 3 << 20,
             force: false,
+            lossless: false,
         },
     )
     .err()

@@ -14,7 +14,9 @@
 
 extern crate alloc;
 
+pub mod codebook;
 pub mod pack;
+pub mod rans;
 
 use alloc::format;
 use alloc::string::String;
@@ -82,6 +84,10 @@ pub enum Encoding {
     Ggml {
         ggml_type: String,
     },
+    Codebook {
+        dim: usize,
+        stage_bits: Vec<u8>,
+    },
     F16,
     F32,
     Raw {
@@ -110,6 +116,21 @@ struct TensorEntry {
 struct Part {
     name: String,
     length: u64,
+    #[serde(default)]
+    lossless: Option<Lossless>,
+}
+
+/// A part coded by the bundle's lossless stage ([`rans`]).
+#[derive(Debug, Clone, Deserialize)]
+struct Lossless {
+    scheme: String,
+    raw_length: u64,
+}
+
+impl Part {
+    fn raw_length(&self) -> u64 {
+        self.lossless.as_ref().map_or(self.length, |l| l.raw_length)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +239,13 @@ fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static str, 
         Encoding::F16 => vec![("data", 2 * numel as u64)],
         Encoding::F32 => vec![("data", 4 * numel as u64)],
         Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],
+        Encoding::Codebook { dim, stage_bits } => {
+            let cols = *shape.last().unwrap_or(&1);
+            codebook::parts(numel / cols.max(1), cols, *dim, stage_bits)
+                .into_iter()
+                .map(|(n, l)| (n, l as u64))
+                .collect()
+        }
         Encoding::Ggml { .. } => return None,
     })
 }
@@ -297,11 +325,21 @@ impl Loader {
                     )));
                 }
             }
+            if let Some(p) = t
+                .parts
+                .iter()
+                .find(|p| p.lossless.as_ref().is_some_and(|l| l.scheme != "rans"))
+            {
+                return Err(LoadError::Manifest(format!(
+                    "tensor '{}': part '{}' uses a lossless scheme this loader does not know",
+                    t.name, p.name
+                )));
+            }
             if let Some(exp) = expected_parts(&t.encoding, &t.shape) {
                 let got: Vec<(&str, u64)> = t
                     .parts
                     .iter()
-                    .map(|p| (p.name.as_str(), p.length))
+                    .map(|p| (p.name.as_str(), p.raw_length()))
                     .collect();
                 if got != exp {
                     return Err(LoadError::Manifest(format!(
@@ -391,7 +429,7 @@ impl Loader {
             .ok_or_else(|| LoadError::Tensor(format!("no tensor '{name}'")))
     }
 
-    /// A tensor's stored parts, once every shard it lies in is verified.
+    /// A tensor's parts (losslessly coded ones decoded), once every shard it lies in is verified.
     pub fn tensor_packed(&self, name: &str) -> Result<PackedTensor> {
         let t = self.entry(name)?;
         let mut payload = Vec::new();
@@ -409,7 +447,14 @@ impl Loader {
         let mut pos = 0usize;
         for p in &t.parts {
             let end = pos + p.length as usize;
-            parts.push((p.name.clone(), payload[pos..end].to_vec()));
+            let bytes = &payload[pos..end];
+            let raw = match &p.lossless {
+                None => bytes.to_vec(),
+                Some(l) => rans::decode(bytes, l.raw_length as usize).ok_or_else(|| {
+                    LoadError::Tensor(format!("'{name}': part '{}' does not decode", p.name))
+                })?,
+            };
+            parts.push((p.name.clone(), raw));
             pos = end;
         }
         Ok(PackedTensor {
@@ -467,6 +512,35 @@ impl Loader {
                     });
                 }
                 Ok(out)
+            }
+            Encoding::Codebook { dim, stage_bits } => {
+                let cols = *p.shape.last().unwrap_or(&1);
+                let bad = || LoadError::Tensor(format!("'{name}': codebook parts do not fit"));
+                if *dim == 0 || stage_bits.is_empty() || stage_bits.len() > 4 {
+                    return Err(bad());
+                }
+                let books: Vec<Vec<f32>> = (0..stage_bits.len())
+                    .map(|s| f16s(part(&format!("codebook{s}"))))
+                    .collect();
+                let stages: Vec<codebook::StageRef> = stage_bits
+                    .iter()
+                    .enumerate()
+                    .map(|(s, &bits)| codebook::StageRef {
+                        bits,
+                        centroids: &books[s],
+                        codes: part(&format!("codes{s}")),
+                    })
+                    .collect();
+                codebook::decode(
+                    numel / cols.max(1),
+                    cols,
+                    *dim,
+                    &stages,
+                    &f16s(part("row_scale")),
+                    &f16s(part("row_mean")),
+                    &f16s(part("col_scale")),
+                )
+                .ok_or_else(bad)
             }
             Encoding::Ggml { ggml_type } => Err(LoadError::Tensor(format!(
                 "'{name}' holds GGML {ggml_type} blocks; take them with tensor_packed"

@@ -31,6 +31,7 @@ fn bundle() -> (tempfile::TempDir, PathBuf) {
         WriterOptions {
             shard_max_bytes: 1024,
             force: false,
+            lossless: false,
         },
     )
     .unwrap();
@@ -219,4 +220,106 @@ fn edited_or_reordered_manifests_are_refused() {
     }
     // The untouched manifest loads.
     assert!(Loader::new(text.as_bytes()).is_ok());
+}
+
+/// Ternary (skewed 2-bit codes) and NOVAQ tensors, with or without the lossless stage.
+fn coded_bundle(dir: &Path, lossless: bool) {
+    let mut w = BundleWriter::create(
+        dir,
+        WriterOptions {
+            shard_max_bytes: 4096,
+            force: false,
+            lossless,
+        },
+    )
+    .unwrap();
+    // Bell-shaped weights: most ternary codes are 0, most NOVAQ vectors near the centre.
+    let bell: Vec<f32> = weights(64 * 96, 3)
+        .chunks(3)
+        .flat_map(|c| {
+            let v = (c[0] + c.get(1).unwrap_or(&0.0) + c.get(2).unwrap_or(&0.0)) / 3.0;
+            [v, v * 0.5, -v]
+        })
+        .collect();
+    let q = adaptq_quant::ternary::quantize_ternary(&bell, 64, 96, 32).unwrap();
+    let s = f16s(&q.scales);
+    w.add_tensor(
+        "blk.0.attn_k.weight",
+        &[64, 96],
+        "linear",
+        "ternary",
+        Encoding::Int {
+            bits: 2,
+            group_size: 32,
+            grid: Grid::Symmetric,
+        },
+        &[("codes", &q.codes), ("scales", &s)],
+    )
+    .unwrap();
+    let cfg = adaptq_quant::novaq::NovaqConfig {
+        target_bits: 3.0,
+        level1_centroids: 64,
+        level2_centroids: 16,
+        max_subspace_dim: 4,
+        ..Default::default()
+    };
+    let (t, _) = adaptq_quant::novaq::quantize_novaq(&bell, 64, 96, None, &cfg).unwrap();
+    let mut parts: Vec<(&str, Vec<u8>)> = vec![
+        ("row_scale", f16s(&t.row_scale)),
+        ("row_mean", f16s(&t.row_mean)),
+        ("col_scale", f16s(&t.col_scale)),
+    ];
+    for (i, st) in t.stages.iter().enumerate() {
+        parts.push((["codebook0", "codebook1"][i], f16s(&st.centroids)));
+        parts.push((["codes0", "codes1"][i], st.codes.clone()));
+    }
+    let refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+    w.add_tensor(
+        "blk.0.attn_v.weight",
+        &[64, 96],
+        "linear",
+        "novaq",
+        Encoding::Codebook {
+            dim: t.dim,
+            stage_bits: t.stages.iter().map(|s| s.bits).collect(),
+        },
+        &refs,
+    )
+    .unwrap();
+    w.finish(
+        "t",
+        SourceRef {
+            locator: "file:t.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: 2,
+        },
+        serde_json::json!({"seed": 0}),
+    )
+    .unwrap();
+}
+
+#[test]
+fn losslessly_coded_codes_decode_to_the_same_tensors_in_both_readers() {
+    let t = tempfile::tempdir().unwrap();
+    let (plain, coded) = (t.path().join("plain"), t.path().join("coded"));
+    coded_bundle(&plain, false);
+    coded_bundle(&coded, true);
+    let bp = Bundle::open(&plain).unwrap();
+    let bc = Bundle::open(&coded).unwrap();
+    let rep = adaptq_bundle::verify_bundle(&coded, |_| {});
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    let k = bc.entry("blk.0.attn_k.weight").unwrap();
+    let codes = k.parts.iter().find(|p| p.name == "codes").unwrap();
+    assert!(codes.lossless.is_some(), "skewed ternary codes are coded");
+    assert!(codes.length < codes.raw_length() * 9 / 10, "{codes:?}");
+    let manifest = std::fs::read(coded.join("manifest.json")).unwrap();
+    let mut l = Loader::new(&manifest).unwrap();
+    for (name, bytes) in shards(&coded) {
+        l.feed(&name, &bytes).unwrap();
+    }
+    for name in ["blk.0.attn_k.weight", "blk.0.attn_v.weight"] {
+        let want = bp.read_f32(name).unwrap();
+        assert_eq!(bc.read_f32(name).unwrap(), want, "{name}: bundle reader");
+        assert_eq!(l.tensor_f32(name).unwrap(), want, "{name}: loader");
+    }
 }
