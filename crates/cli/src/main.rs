@@ -40,6 +40,45 @@ enum MethodArg {
     /// applied after training), stored at 2 bits plus the f16 scale. A model not trained
     /// ternary loses most of its quality; measure it with `eval --base`.
     Ternary,
+    /// NOVAQ: rows normalized (mean, scale; column scales for outlier inputs), cut into
+    /// vectors coded by two residual k-means codebooks sized per layer to --target-bits
+    /// (every overhead counted). With --calib: distances weighted by the inputs' Hessian,
+    /// codes chosen with GPTQ-style error feedback, codebooks and row scales refined against
+    /// each layer's output on the calibration text. Without: plain weighted k-means.
+    Novaq,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum LosslessArg {
+    None,
+    Rans,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PresetArg {
+    /// About 1.5 bits per weight on the linear layers.
+    Balanced,
+    /// About 2.5 bits per weight.
+    HighQuality,
+    /// About 1.0 bit per weight (quality drops sharply; measure it).
+    Aggressive,
+}
+
+impl PresetArg {
+    fn name(self) -> &'static str {
+        match self {
+            PresetArg::Balanced => "balanced",
+            PresetArg::HighQuality => "high-quality",
+            PresetArg::Aggressive => "aggressive",
+        }
+    }
+    fn target_bits(self) -> f64 {
+        match self {
+            PresetArg::Balanced => 1.5,
+            PresetArg::HighQuality => 2.5,
+            PresetArg::Aggressive => 1.0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -195,6 +234,45 @@ enum Cmd {
         /// With GGML types: the embedding / output table's type, or f16 to keep it as float.
         #[arg(long, default_value = "q8_0")]
         ggml_embedding_type: String,
+        /// Rotate the residual stream by a seeded Hadamard rotation (--seed) before quantizing
+        /// (rtn, gptq, awq, novaq): norms are folded into the layers that read them, readers
+        /// become W·Q and writers Qᵀ·W, so the network computes the same function while
+        /// outliers are spread over every coordinate. Embeddings enter and leave the rotated
+        /// stream online (tied tables stay tied). Needs --calib (the layers are calibrated in
+        /// the rotated space). Such bundles cannot be exported to GGUF / GPTQ.
+        #[arg(long)]
+        rotate: bool,
+        /// Lossless stage: entropy-code the packed codes with rANS (decoded on load; parts
+        /// that would not shrink stay as they are). The gain is reported per tensor and overall.
+        #[arg(long, value_enum, default_value = "none")]
+        lossless: LosslessArg,
+        /// NOVAQ: a named setting (sets --target-bits unless that is given).
+        #[arg(long, value_enum)]
+        preset: Option<PresetArg>,
+        /// NOVAQ: bits per weight of each linear layer, codebooks, scales and means included
+        /// (default 2.5, or the preset's).
+        #[arg(long)]
+        target_bits: Option<f64>,
+        /// NOVAQ: most centroids of the first codebook (a power of two).
+        #[arg(long, default_value_t = 256)]
+        level1_centroids: usize,
+        /// NOVAQ: most centroids of the residual codebook (a power of two; 0 = one stage).
+        #[arg(long, default_value_t = 256)]
+        level2_centroids: usize,
+        /// NOVAQ: smallest and largest subspace (vector) dimension the planner may choose.
+        #[arg(long, default_value_t = 2)]
+        min_subspace_dim: usize,
+        #[arg(long, default_value_t = 16)]
+        max_subspace_dim: usize,
+        /// NOVAQ: k-means iterations at most per codebook.
+        #[arg(long, default_value_t = 25)]
+        max_iterations: usize,
+        /// NOVAQ: stop k-means when the objective improves by less than this fraction.
+        #[arg(long, default_value_t = 1e-4)]
+        tolerance: f64,
+        /// NOVAQ: conjugate-gradient iterations of teacher-guided refinement (0 = off).
+        #[arg(long, default_value_t = 12)]
+        refine_iterations: usize,
     },
     /// Write a bundle as files another runtime loads: GGUF v3 (llama.cpp, Ollama, LM Studio) or a
     /// Hugging Face GPTQ checkpoint (transformers, vLLM).
@@ -272,6 +350,10 @@ enum Cmd {
         /// Print one JSON object on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
+        /// Rotate the model's residual stream (norms folded, seeded Hadamard rotation) before
+        /// scoring: checks that rotation alone leaves the model's function unchanged.
+        #[arg(long, value_name = "SEED")]
+        rotate: Option<u64>,
     },
     /// Continue a prompt with a model or bundle (greedy unless --temperature > 0).
     Generate {
@@ -351,6 +433,7 @@ fn method_name(m: MethodArg) -> &'static str {
         MethodArg::Gptq => "gptq",
         MethodArg::Awq => "awq",
         MethodArg::Apq => "apq",
+        MethodArg::Novaq => "novaq",
     }
 }
 
@@ -524,7 +607,55 @@ fn run(cli: Cli) -> Result<ExitCode> {
             format,
             ggml_type,
             ggml_embedding_type,
+            preset,
+            target_bits,
+            level1_centroids,
+            level2_centroids,
+            min_subspace_dim,
+            max_subspace_dim,
+            max_iterations,
+            tolerance,
+            refine_iterations,
+            rotate,
+            lossless,
         } => {
+            if rotate {
+                if matches!(method, MethodArg::Apq | MethodArg::Ternary) {
+                    bail!(
+                        "--rotate works with --method rtn, gptq, awq or novaq, not {}",
+                        method_name(method)
+                    );
+                }
+                if ggml_type.is_some() || format == FormatArg::Gguf {
+                    bail!("--rotate needs an online rotation llama.cpp does not run; quantize to a bundle");
+                }
+                if calib.is_none() {
+                    bail!("--rotate needs --calib: rotated layers are quantized through the calibrated pipeline");
+                }
+            }
+            let novaq = matches!(method, MethodArg::Novaq).then(|| {
+                adaptq_pipeline::quantize::NovaqSettings {
+                    preset: preset.map(|p| p.name().to_string()),
+                    config: adaptq_quant::novaq::NovaqConfig {
+                        target_bits: target_bits
+                            .or(preset.map(|p| p.target_bits()))
+                            .unwrap_or(2.5),
+                        level1_centroids,
+                        level2_centroids,
+                        min_subspace_dim,
+                        max_subspace_dim,
+                        max_iterations,
+                        tolerance,
+                        seed,
+                        refine_iterations,
+                        damp,
+                        ..Default::default()
+                    },
+                }
+            });
+            if novaq.is_none() && (preset.is_some() || target_bits.is_some()) {
+                bail!("--preset and --target-bits are NOVAQ settings; add --method novaq");
+            }
             let (lo, hi) = parse_bits(&bits)?;
             let ggml = match (&ggml_type, format) {
                 (Some(t), _) => Some(parse_ggml(t)?),
@@ -599,8 +730,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut embeddings = embeddings;
             let calibrated: Option<Calibrated> = match method {
-                MethodArg::Rtn | MethodArg::Ternary => None,
-                MethodArg::Gptq | MethodArg::Awq => {
+                MethodArg::Rtn | MethodArg::Ternary if !rotate => None,
+                MethodArg::Ternary => unreachable!("refused above"),
+                MethodArg::Novaq if calib.is_none() => None,
+                MethodArg::Novaq => {
+                    if ggml.is_some() {
+                        bail!("NOVAQ codebooks are not GGML blocks; quantize to a bundle (export with --type re-rounds them)");
+                    }
+                    let calib = need_calib()?;
+                    let n = novaq.as_ref().expect("set for --method novaq");
+                    let spec = adaptq_pipeline::calibrate::CalibSpec {
+                        bits,
+                        group_size,
+                        grid,
+                        rounding: adaptq_pipeline::calibrate::Rounding::Novaq(n.config),
+                        awq: false,
+                        widths: Default::default(),
+                        keep_hessians: false,
+                        refit: false,
+                        ggml: None,
+                        rotate: rotate.then_some(seed),
+                    };
+                    let pb = calib_bar(source.desc().n_layers as u64, "novaq");
+                    let (cal, info) = adaptq_pipeline::calibrate::run(
+                        open_model(&src)?.source,
+                        calib,
+                        calib_samples,
+                        seq_len,
+                        seed,
+                        &spec,
+                        &mut |d, _| pb.set_position(d as u64),
+                    )?;
+                    pb.finish_and_clear();
+                    let mut extra = serde_json::Map::new();
+                    let layers: Vec<serde_json::Value> = cal
+                        .layers
+                        .iter()
+                        .filter_map(|(name, c)| {
+                            let r = c.novaq.as_ref()?;
+                            let mut v = serde_json::to_value(r).ok()?;
+                            v["name"] = name.clone().into();
+                            Some(v)
+                        })
+                        .collect();
+                    extra.insert("novaq".into(), layers.into());
+                    Some((cal, info, extra, Vec::new()))
+                }
+                MethodArg::Gptq | MethodArg::Awq | MethodArg::Rtn => {
                     let calib = need_calib()?;
                     let spec = adaptq_pipeline::calibrate::CalibSpec {
                         bits,
@@ -616,6 +792,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         keep_hessians: false,
                         refit,
                         ggml,
+                        rotate: rotate.then_some(seed),
                     };
                     let pb = calib_bar(source.desc().n_layers as u64, "calibrate");
                     let (cal, info) = adaptq_pipeline::calibrate::run(
@@ -690,6 +867,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     MethodArg::Gptq => Method::Gptq,
                     MethodArg::Awq => Method::Awq,
                     MethodArg::Apq => Method::Apq,
+                    MethodArg::Novaq => Method::Novaq,
                 },
                 gptq: matches!(method, MethodArg::Gptq | MethodArg::Apq)
                     .then_some(adaptq_pipeline::GptqSettings { damp, act_order }),
@@ -716,6 +894,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 min_cosine,
                 max_bpw,
                 ggml,
+                novaq,
+                rotate: rotate.then_some(adaptq_pipeline::quantize::RotateSettings {
+                    kind: "hadamard".into(),
+                    seed,
+                }),
+                lossless: (lossless == LosslessArg::Rans).then(|| "rans".to_string()),
             };
             let multi = indicatif::MultiProgress::new();
             let dl = adaptq_remote::is_remote(&src).then(|| {
@@ -771,6 +955,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 "  {:.3} bits/weight overall, {:.3} on quantized tensors; {:.2}x smaller than f16",
                 t.bits_per_weight, t.bits_per_quantized_weight, t.compression_vs_f16
             );
+            if let Some(r) = t.lossless_ratio {
+                println!(
+                    "  lossless stage (rANS on codes): quantized payload {r:.3}x smaller than packed"
+                );
+            }
             for g in &summary.verification.gates {
                 println!("  gate {:<22} {}  {}", g.name, g.status, g.detail);
             }
@@ -952,8 +1141,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             chunks,
             base,
             json,
+            rotate,
         } => {
-            eval(&model, &text, ctx, score, chunks, base.as_deref(), json)?;
+            eval(
+                &model,
+                &text,
+                ctx,
+                score,
+                chunks,
+                base.as_deref(),
+                json,
+                rotate,
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Generate {
@@ -1109,6 +1308,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval(
     model: &Path,
     text: &Path,
@@ -1117,12 +1317,19 @@ fn eval(
     chunks: Option<usize>,
     base: Option<&Path>,
     json: bool,
+    rotate: Option<u64>,
 ) -> Result<()> {
     let body =
         std::fs::read_to_string(text).with_context(|| format!("reading {}", text.display()))?;
-    let m = adaptq_model::load(model)?;
+    let mut m = adaptq_model::load(model)?;
     if let adaptq_model::ModelKind::Bert(bert) = &m.kind {
+        if rotate.is_some() {
+            bail!("--rotate applies to decoder (Llama-family) models");
+        }
         return eval_embeddings(&m, bert, &body, chunks, base, json);
+    }
+    if let (Some(seed), adaptq_model::ModelKind::Llama(l)) = (rotate, &mut m.kind) {
+        l.rotate_residual(seed)?;
     }
     let lm = m.llama()?;
     let b = base.map(adaptq_model::load).transpose()?;

@@ -143,6 +143,17 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
                 )?,
             }
         }
+        Encoding::Codebook { .. } => match opts.force_type {
+            Some(f) => reround(
+                f,
+                format!("{} decoded and re-rounded as asked", t.encoding.label()),
+            )?,
+            None => bail!(
+                "tensor '{}' holds NOVAQ codebooks, which llama.cpp cannot run; pass --type T to \
+                 re-round the decoded weights onto a GGML type (this loses NOVAQ's accuracy)",
+                t.name
+            ),
+        },
         Encoding::F16 => Route::F16,
         Encoding::F32 => Route::F32,
         Encoding::Raw { dtype, .. } => {
@@ -425,6 +436,7 @@ pub fn export_gguf(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportSummary> {
+    crate::refuse_rotated(bundle)?;
     // GGUF sources carry their metadata; Hugging Face llama checkpoints get it built from
     // config.json + tokenizer.json, their tensors renamed and Q/K rows permuted.
     let meta: serde_json::Value =

@@ -249,6 +249,7 @@ pub fn export_hf_gptq(
     opts: &HfGptqOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HfGptqSummary> {
+    crate::refuse_rotated(bundle)?;
     let meta = meta_of(bundle)?;
     let mut cfg: Option<(u8, usize)> = None;
     let mut plan = Vec::new();
@@ -285,6 +286,10 @@ pub fn export_hf_gptq(
                 }
                 Kind::Float(Dtype::F16)
             }
+            (Encoding::Codebook { .. }, _) => bail!(
+                "tensor '{}' holds NOVAQ codebooks, which a GPTQ checkpoint cannot hold",
+                t.name
+            ),
             (Encoding::F16, _) => Kind::Float(Dtype::F16),
             (Encoding::F32, _) => Kind::Float(Dtype::F32),
             (Encoding::Raw { dtype, .. }, _) => bail!("tensor '{}' holds raw {dtype} data", t.name),

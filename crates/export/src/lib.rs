@@ -9,3 +9,17 @@ pub mod writer;
 pub use gguf::{export_gguf, ExportOptions, ExportSummary, ExportedTensor};
 pub use hf_gptq::{export_hf_gptq, HfGptqOptions, HfGptqSummary};
 pub use writer::{GgufWriter, TensorPlan};
+
+/// Refuses bundles whose weights carry a residual rotation: the rotation is applied online by
+/// adaptq's forward pass, which GGUF and GPTQ runtimes do not do.
+pub fn refuse_rotated(bundle: &adaptq_bundle::Bundle) -> anyhow::Result<()> {
+    if let Some(seed) = bundle.manifest.quantization["rotate"]["seed"].as_u64() {
+        anyhow::bail!(
+            "{}: the weights are rotated (--rotate, seed {seed}) and need adaptq's online \
+             rotation; other runtimes would compute a different function. Quantize without \
+             --rotate to export",
+            bundle.dir.display()
+        );
+    }
+    Ok(())
+}

@@ -155,6 +155,10 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     /// Inverse frequencies θ_i = base^(-2i/head_dim).
     inv_freq: Vec<f32>,
+    /// Residual-stream rotation `Q` (hidden × hidden) when the blocks' weights are rotated:
+    /// embeddings are multiplied by `Q` as they enter and the stream by `Qᵀ` before the final
+    /// norm, so the (tied) embedding table and the final norm stay as they were.
+    rotation: Option<(u64, Tensor)>,
 }
 
 fn vec_tensor(w: &dyn Weights, name: &str) -> Result<Tensor> {
@@ -233,7 +237,7 @@ impl Llama {
         let inv_freq = (0..hd / 2)
             .map(|i| (desc.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64) as f32)
             .collect();
-        Ok(Llama {
+        let mut m = Llama {
             desc: desc.clone(),
             embed,
             embed_name: embed_name.to_string(),
@@ -242,7 +246,98 @@ impl Llama {
             final_norm: vec_tensor(w, norm_name)?,
             blocks,
             inv_freq,
-        })
+            rotation: None,
+        };
+        if let Some(seed) = w.residual_rotation() {
+            m.set_rotation(seed)?;
+        }
+        Ok(m)
+    }
+
+    /// The dense rotation matrix of `seed` for this model's hidden size.
+    fn rotation_matrix(&self, seed: u64) -> Result<Tensor> {
+        let n = self.desc.hidden;
+        let r = adaptq_quant::hadamard::Rotation::new(n, seed);
+        let mut q = vec![0f32; n * n];
+        for i in 0..n {
+            q[i * n + i] = 1.0;
+        }
+        r.apply_rows(&mut q);
+        Ok(Tensor::from_vec(q, (n, n), &Device::Cpu)?)
+    }
+
+    /// Declares the blocks' weights rotated by the residual rotation of `seed` (a bundle
+    /// written with `--rotate`): embeddings and the final norm's input are rotated online.
+    fn set_rotation(&mut self, seed: u64) -> Result<()> {
+        self.rotation = Some((seed, self.rotation_matrix(seed)?));
+        Ok(())
+    }
+
+    /// The seed of the residual rotation in effect, if any.
+    pub fn rotation_seed(&self) -> Option<u64> {
+        self.rotation.as_ref().map(|(s, _)| *s)
+    }
+
+    /// Rotates the residual stream by a seeded Hadamard rotation `Q` (QuaRot-style) without
+    /// changing the function: each RMSNorm's weight is folded into the layers that read it
+    /// (and set to 1; RMSNorm without a weight commutes with an orthogonal map), readers'
+    /// weights become `W·Q`, writers' (attention output, MLP down) `Qᵀ·W`. Rotated weights are
+    /// incoherent — outliers spread over every coordinate — which is what quantizers like.
+    /// Returns the new norm weights by name (all ones) for the bundle to store.
+    pub fn rotate_residual(&mut self, seed: u64) -> Result<Vec<(String, Vec<f32>)>> {
+        if self.rotation.is_some() {
+            bail!("the model is already rotated");
+        }
+        let n = self.desc.hidden;
+        let r = adaptq_quant::hadamard::Rotation::new(n, seed);
+        let mut norms = Vec::new();
+        for b in &mut self.blocks {
+            for (norm, name, lins) in [
+                (
+                    &mut b.attn_norm,
+                    &b.attn_norm_name,
+                    vec![&mut b.q, &mut b.k, &mut b.v],
+                ),
+                (
+                    &mut b.ffn_norm,
+                    &b.ffn_norm_name,
+                    vec![&mut b.gate, &mut b.up],
+                ),
+            ] {
+                let g: Vec<f32> = norm.to_vec1()?;
+                for l in lins {
+                    let (mut w, _, cols) = l.weight_rows()?;
+                    for row in w.chunks_mut(cols) {
+                        row.iter_mut().zip(&g).for_each(|(v, k)| *v *= k);
+                    }
+                    r.apply_rows(&mut w);
+                    l.set_weight(w)?;
+                }
+                let ones = vec![1f32; n];
+                *norm = Tensor::from_vec(ones.clone(), n, &Device::Cpu)?;
+                norms.push((name.clone(), ones));
+            }
+            for l in [&mut b.o, &mut b.down] {
+                // Qᵀ·W: rotate the columns of Wᵀ, i.e. each column of W as a row vector.
+                let (w, rows, cols) = l.weight_rows()?;
+                let mut wt = vec![0f32; rows * cols];
+                for i in 0..rows {
+                    for j in 0..cols {
+                        wt[j * rows + i] = w[i * cols + j];
+                    }
+                }
+                r.apply_rows(&mut wt);
+                let mut back = vec![0f32; rows * cols];
+                for j in 0..cols {
+                    for i in 0..rows {
+                        back[i * cols + j] = wt[j * rows + i];
+                    }
+                }
+                l.set_weight(back)?;
+            }
+        }
+        self.set_rotation(seed)?;
+        Ok(norms)
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -256,7 +351,11 @@ impl Llama {
             bail!("token id {t} is outside the vocabulary of {v}");
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        let x = self.embed.index_select(&ids, 0)?;
+        Ok(match &self.rotation {
+            Some((_, q)) => x.matmul(q)?,
+            None => x,
+        })
     }
 
     /// cos/sin tables for positions `pos0..pos0+t`, shaped for `x: [T, H, hd/2, 1|…]`.
@@ -374,7 +473,10 @@ impl Llama {
 
     /// The final norm's output: the output head's input.
     pub fn final_normed(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.final_norm, self.desc.norm_eps)
+        match &self.rotation {
+            Some((_, q)) => rms_norm(&x.matmul(&q.t()?)?, &self.final_norm, self.desc.norm_eps),
+            None => rms_norm(x, &self.final_norm, self.desc.norm_eps),
+        }
     }
 
     /// `(vocab, hidden)` of the embedding table.

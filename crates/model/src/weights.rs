@@ -13,6 +13,10 @@ pub trait Weights {
     /// The tensor decoded (dequantized) to f32.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer>;
+    /// Seed of the residual rotation the stored weights carry (bundles made with `--rotate`).
+    fn residual_rotation(&self) -> Option<u64> {
+        None
+    }
 }
 
 struct SourceWeights(Box<dyn TensorSource>);
@@ -50,6 +54,9 @@ struct BundleWeights {
 impl Weights for BundleWeights {
     fn desc(&self) -> &ModelDesc {
         &self.desc
+    }
+    fn residual_rotation(&self) -> Option<u64> {
+        self.bundle.manifest.quantization["rotate"]["seed"].as_u64()
     }
     fn has(&self, name: &str) -> bool {
         self.bundle.entry(name).is_some()

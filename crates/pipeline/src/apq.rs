@@ -440,6 +440,7 @@ pub fn run(
         keep_hessians: true,
         refit: s.refit,
         ggml: None,
+        rotate: None,
     };
     let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)

@@ -116,13 +116,21 @@ pub struct Calibrated {
     pub rtn_output_rel_error: f64,
     /// The (scaled) weight before rounding, kept for re-quantization when promoting.
     pub scaled_weight: Option<Vec<f32>>,
-    /// Fraction of the output error the scale re-fit removed (progressive pass).
+    /// Fraction of the output error the scale re-fit removed (progressive pass), or NOVAQ's
+    /// teacher-guided refinement removed.
     pub refit_error_reduction: Option<f64>,
+    /// NOVAQ's layout and measurements for this layer.
+    pub novaq: Option<adaptq_quant::novaq::NovaqReport>,
+    /// The exact weight the codes approximate when it is not the source's (rotated models).
+    pub reference_weight: Option<Vec<f32>>,
 }
 
 impl Calibrated {
     /// The tensor the codes stand for, from the source weight `w` (row-major, `cols` wide).
     pub fn reference(&self, w: &[f32], cols: usize) -> Vec<f32> {
+        if let Some(r) = &self.reference_weight {
+            return r.clone();
+        }
         let mut x = w.to_vec();
         if let Some(s) = &self.col_scale {
             adaptq_quant::awq::scale_cols(&mut x, cols, s);
@@ -140,7 +148,13 @@ impl Calibrated {
 #[derive(Debug, Clone, Copy)]
 pub enum Rounding {
     Rtn,
-    Gptq { damp: f64, act_order: bool },
+    Gptq {
+        damp: f64,
+        act_order: bool,
+    },
+    /// NOVAQ residual vector codebooks (the layer seed is derived from the config's seed and
+    /// the layer name).
+    Novaq(adaptq_quant::novaq::NovaqConfig),
 }
 
 /// What calibration does to every layer.
@@ -161,6 +175,8 @@ pub struct CalibSpec {
     pub refit: bool,
     /// Round linear layers onto llama.cpp block grids instead of adaptq's own groups.
     pub ggml: Option<GgmlSpec>,
+    /// Rotate the residual stream by the seeded Hadamard rotation first (`--rotate`).
+    pub rotate: Option<u64>,
 }
 
 impl CalibSpec {
@@ -170,6 +186,8 @@ impl CalibSpec {
             (false, Rounding::Gptq { .. }) => "gptq",
             (true, Rounding::Rtn) => "awq+rtn",
             (true, Rounding::Gptq { .. }) => "awq+gptq",
+            (false, Rounding::Novaq(_)) => "novaq",
+            (true, Rounding::Novaq(_)) => "awq+novaq",
         }
     }
     pub fn width(&self, name: &str) -> u8 {
@@ -223,6 +241,7 @@ impl CalibSpec {
             Rounding::Gptq { damp, act_order } => {
                 quantize_gptq_ggml(w, rows, cols, h, ty, damp, act_order)?
             }
+            Rounding::Novaq(_) => bail!("NOVAQ codebooks cannot be stored as GGML blocks"),
         };
         Ok(LayerCodes::Ggml {
             ty,
@@ -264,8 +283,39 @@ impl CalibSpec {
                     act_order,
                 },
             )?,
+            Rounding::Novaq(_) => bail!("NOVAQ layers are coded by `round_novaq`"),
         })
     }
+
+    /// Codes a layer with NOVAQ; the seed is mixed with the layer name so layers of one shape
+    /// do not share their k-means draws.
+    pub fn round_novaq(
+        &self,
+        name: &str,
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        h: &Hessian,
+    ) -> Result<(LayerCodes, adaptq_quant::novaq::NovaqReport)> {
+        let Rounding::Novaq(cfg) = self.rounding else {
+            bail!("round_novaq needs NOVAQ rounding");
+        };
+        let cfg = adaptq_quant::novaq::NovaqConfig {
+            seed: layer_seed(cfg.seed, name),
+            ..cfg
+        };
+        let (t, rep) = adaptq_quant::novaq::quantize_novaq(w, rows, cols, Some(h), &cfg)?;
+        Ok((LayerCodes::Codebook(t), rep))
+    }
+}
+
+/// A per-layer seed: FNV-1a of the name mixed into the run's seed (stable on every platform).
+pub fn layer_seed(seed: u64, name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    seed ^ h
 }
 
 /// AWQ search result for one group of layers sharing an input.
@@ -386,8 +436,13 @@ pub fn calibrate_llama(
     spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Calibration> {
-    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
     let mut out = Calibration::default();
+    if let Some(seed) = spec.rotate {
+        for (name, v) in m.rotate_residual(seed)? {
+            out.overrides.insert(name, v);
+        }
+    }
+    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
     let n = m.blocks.len();
     for b in 0..n {
         let (mut hs, act) = collect_stats(m, b, &xs)?;
@@ -461,7 +516,27 @@ pub fn calibrate_llama(
             let (w, rows, cols) = lin.weight_rows()?;
             let (ow, _, _) = &originals[&lin.name];
             let oh = &orig_h[&lin.name];
-            let ((q, refit), rtn) = if let Some(g) = &spec.ggml {
+            let mut novaq = None;
+            let ((q, refit), rtn) = if let Rounding::Novaq(_) = spec.rounding {
+                let (q, rep) = spec
+                    .round_novaq(&lin.name, &w, rows, cols, h)
+                    .with_context(|| format!("quantizing '{}' with NOVAQ", lin.name))?;
+                novaq = Some(rep);
+                let rtn = quantize_rtn(
+                    ow,
+                    rows,
+                    cols,
+                    &RtnConfig {
+                        bits,
+                        group_size: spec.group_size,
+                        grid: spec.grid,
+                    },
+                )?;
+                (
+                    (q, Some((rep.error_before_refine, rep.error_after_refine))),
+                    rtn.dequantize(),
+                )
+            } else if let Some(g) = &spec.ggml {
                 let (ty, _) = g.linear_for(cols)?;
                 let q = spec
                     .round_ggml(&w, rows, cols, h, ty)
@@ -494,6 +569,8 @@ pub fn calibrate_llama(
                 row_scale: row.remove(&lin.name),
                 scaled_weight: spec.keep_hessians.then(|| w.clone()),
                 refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
+                novaq,
+                reference_weight: spec.rotate.is_some().then(|| w.clone()),
                 q,
             };
             lin.set_weight(deq)?;
@@ -551,6 +628,8 @@ pub fn calibrate_llama(
                 rtn_output_rel_error: f64::NAN,
                 scaled_weight: None,
                 refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
+                novaq: None,
+                reference_weight: None,
             },
         );
     }

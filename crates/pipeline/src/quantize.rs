@@ -22,6 +22,8 @@ pub enum Method {
     Apq,
     /// Ternary {−s, 0, +s} per group, s = mean|w| (BitNet b1.58's rule, post-training).
     Ternary,
+    /// NOVAQ: normalized residual vector codebooks, calibration-aware, refined.
+    Novaq,
 }
 
 /// What to do with embedding tables and a separate output head.
@@ -60,6 +62,29 @@ pub struct QuantizeConfig {
     /// Store llama.cpp block types (for GGUF export) instead of adaptq's own groups.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ggml: Option<GgmlSpec>,
+    /// NOVAQ settings (method novaq only), the preset named when one was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub novaq: Option<NovaqSettings>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotate: Option<RotateSettings>,
+    /// Lossless stage on code parts: `rans`, or none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lossless: Option<String>,
+}
+
+/// The residual rotation a bundle's weights carry; the model re-applies it online on load.
+#[derive(Debug, Clone, Serialize)]
+pub struct RotateSettings {
+    pub kind: String,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NovaqSettings {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    #[serde(flatten)]
+    pub config: adaptq_quant::novaq::NovaqConfig,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -95,6 +120,9 @@ impl Default for QuantizeConfig {
             gptq: None,
             calibration: None,
             ggml: None,
+            novaq: None,
+            rotate: None,
+            lossless: None,
         }
     }
 }
@@ -112,6 +140,12 @@ pub struct TensorReport {
     pub params: usize,
     pub bytes: u64,
     pub bits_per_weight: f64,
+    /// Bytes before the lossless stage (equal to `bytes` when it is off or did not help).
+    #[serde(skip)]
+    pub raw_bytes: u64,
+    /// `raw / stored` when the lossless stage coded this tensor's codes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lossless_ratio: Option<f64>,
     #[serde(flatten)]
     pub error: Option<LayerError>,
     /// Hessian-weighted relative output error on the calibration inputs (calibrated methods).
@@ -143,6 +177,9 @@ pub struct Totals {
     pub source_f16_bytes: u64,
     pub compression_vs_f16: f64,
     pub shards: usize,
+    /// Quantized payload before the lossless stage / after it (present when it ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lossless_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -298,6 +335,39 @@ fn encode_q(x: &[f32], q: &adaptq_quant::QuantizedTensor, method: &'static str) 
     }
 }
 
+/// Stores NOVAQ codebooks; the error is measured against `x`, the values they stand for.
+fn encode_codebook(
+    x: &[f32],
+    t: &adaptq_quant::novaq::CodebookTensor,
+    method: &'static str,
+) -> Encoded {
+    let deq = t.dequantize();
+    let mut error = layer_error(x, &deq);
+    if deq.iter().any(|v| !v.is_finite()) {
+        error.rel_mse = f64::INFINITY;
+    }
+    const BOOK: [&str; 2] = ["codebook0", "codebook1"];
+    const CODES: [&str; 2] = ["codes0", "codes1"];
+    let mut parts = vec![
+        ("row_scale", f16_vec_bytes(&t.row_scale)),
+        ("row_mean", f16_vec_bytes(&t.row_mean)),
+        ("col_scale", f16_vec_bytes(&t.col_scale)),
+    ];
+    for (s, st) in t.stages.iter().enumerate() {
+        parts.push((BOOK[s], f16_vec_bytes(&st.centroids)));
+        parts.push((CODES[s], st.codes.clone()));
+    }
+    Encoded {
+        encoding: Encoding::Codebook {
+            dim: t.dim,
+            stage_bits: t.stages.iter().map(|s| s.bits).collect(),
+        },
+        method,
+        parts,
+        error: Some(error),
+    }
+}
+
 /// Stores GGML blocks; the error is measured against `x`, the values they stand for.
 fn encode_ggml(x: &[f32], ty: BlockType, bytes: Vec<u8>, method: &'static str) -> Result<Encoded> {
     let deq = adaptq_quant::ggml::dequantize(ty, &bytes, x.len())?;
@@ -365,6 +435,11 @@ pub fn quantize_model(
         WriterOptions {
             shard_max_bytes: cfg.shard_max_bytes,
             force,
+            lossless: match cfg.lossless.as_deref() {
+                None | Some("none") => false,
+                Some("rans") => true,
+                Some(o) => bail!("unknown lossless stage '{o}' (rans or none)"),
+            },
         },
     )?;
     let rtn = RtnConfig {
@@ -430,6 +505,7 @@ pub fn quantize_model(
                     LayerCodes::Ggml { ty, bytes, .. } => {
                         encode_ggml(&reference, *ty, bytes.clone(), c.method)?
                     }
+                    LayerCodes::Codebook(t) => encode_codebook(&reference, t, c.method),
                 }
             } else if let (true, Some(g)) = (quantize, cfg.ggml) {
                 if cfg.method != Method::Rtn && role == TensorRole::Linear {
@@ -452,7 +528,7 @@ pub fn quantize_model(
                     })?;
                 encode_ggml(&x, ty, bytes, "rtn")?
             } else if quantize {
-                if !matches!(cfg.method, Method::Rtn | Method::Ternary)
+                if !matches!(cfg.method, Method::Rtn | Method::Ternary | Method::Novaq)
                     && role == TensorRole::Linear
                 {
                     bail!(
@@ -471,6 +547,24 @@ pub fn quantize_model(
                     )
                     .with_context(|| format!("quantizing tensor '{}'", info.name))?;
                     encode_q(&x, &q, "ternary")
+                } else if cfg.method == Method::Novaq {
+                    // No calibration (an encoder, say): plain weighted k-means, no refinement.
+                    let cols = *info.shape.last().unwrap_or(&1);
+                    let ncfg = cfg
+                        .novaq
+                        .as_ref()
+                        .map(|n| n.config)
+                        .context("method novaq needs its settings")?;
+                    let ncfg = adaptq_quant::novaq::NovaqConfig {
+                        seed: crate::calibrate::layer_seed(ncfg.seed, &info.name),
+                        ..ncfg
+                    };
+                    let (t, _) =
+                        adaptq_quant::novaq::quantize_novaq(&x, x.len() / cols, cols, None, &ncfg)
+                            .with_context(|| {
+                                format!("quantizing tensor '{}' with NOVAQ", info.name)
+                            })?;
+                    encode_codebook(&x, &t, "novaq")
                 } else {
                     encode_rtn(&x, &info.shape, &rtn)
                         .with_context(|| format!("quantizing tensor '{}'", info.name))?
@@ -488,7 +582,7 @@ pub fn quantize_model(
             all_finite &= enc.error.is_none_or(|e| e.rel_mse.is_finite());
             enc
         };
-        let bytes: u64 = parts.iter().map(|(_, b)| b.len() as u64).sum();
+        let raw_bytes: u64 = parts.iter().map(|(_, b)| b.len() as u64).sum();
         let part_refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
         w.add_tensor(
             &info.name,
@@ -499,6 +593,7 @@ pub fn quantize_model(
             &part_refs,
         )
         .with_context(|| format!("writing tensor '{}'", info.name))?;
+        let bytes = w.tensors().last().map_or(raw_bytes, |t| t.payload_len());
         let params = info.numel();
         reports.push(TensorReport {
             name: info.name.clone(),
@@ -508,6 +603,8 @@ pub fn quantize_model(
             params,
             bytes,
             bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
+            lossless_ratio: (bytes != raw_bytes).then(|| raw_bytes as f64 / bytes.max(1) as f64),
+            raw_bytes,
             error,
             output_rel_error: pre
                 .as_ref()
@@ -571,10 +668,15 @@ fn build_verification(
     let payload: u64 = tensors.iter().filter(float).map(|t| t.bytes).sum();
     let quant: Vec<&TensorReport> = tensors
         .iter()
-        .filter(|t| t.encoding.starts_with("int") || t.encoding.starts_with("ggml"))
+        .filter(|t| {
+            ["int", "ggml", "novaq"]
+                .iter()
+                .any(|p| t.encoding.starts_with(p))
+        })
         .collect();
     let qparams: u64 = quant.iter().map(|t| t.params as u64).sum();
     let qbytes: u64 = quant.iter().map(|t| t.bytes).sum();
+    let qraw: u64 = quant.iter().map(|t| t.raw_bytes).sum();
     let bpw = payload as f64 * 8.0 / params.max(1) as f64;
     let shards = w
         .tensors()
@@ -592,6 +694,11 @@ fn build_verification(
         source_f16_bytes: params * 2,
         compression_vs_f16: (params * 2) as f64 / payload.max(1) as f64,
         shards,
+        lossless_ratio: cfg
+            .lossless
+            .as_ref()
+            .filter(|l| *l != "none")
+            .map(|_| qraw as f64 / qbytes.max(1) as f64),
     };
     let mut gates = Vec::new();
     let pass = |ok: bool| if ok { "PASS" } else { "FAIL" }.to_string();

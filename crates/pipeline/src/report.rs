@@ -27,12 +27,16 @@ fn rows(v: &Value) -> Vec<Row> {
         .filter(|t| {
             t["encoding"]
                 .as_str()
-                .is_some_and(|e| e.starts_with("int") || e.starts_with("ggml"))
+                .is_some_and(|e| ["int", "ggml", "novaq"].iter().any(|p| e.starts_with(p)))
         })
         .map(|t| {
             let enc = t["encoding"].as_str().unwrap_or("").to_string();
             let bits = match enc.strip_prefix("ggml-") {
                 Some(ty) => adaptq_quant::ggml::BlockType::parse(ty).map_or(0, |t| t.bits()),
+                // Codebooks have no code width per weight: their bits per weight say it.
+                None if enc.starts_with("novaq") => {
+                    t["bits_per_weight"].as_f64().unwrap_or(0.0).round() as u8
+                }
                 None => enc
                     .trim_start_matches("int")
                     .split('-')

@@ -69,7 +69,7 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
         let n = t.numel() as u64;
         match t.encoding {
             Encoding::Raw { .. } => raw_bytes += t.payload_len(),
-            Encoding::Int { .. } | Encoding::Ggml { .. } => {
+            Encoding::Int { .. } | Encoding::Ggml { .. } | Encoding::Codebook { .. } => {
                 qparams += n;
                 qbytes += t.payload_len();
                 params += n;
@@ -121,7 +121,7 @@ fn summarize_errors(v: &serde_json::Value) -> Option<ErrorSummary> {
         .filter(|t| {
             t["encoding"]
                 .as_str()
-                .is_some_and(|e| e.starts_with("int") || e.starts_with("ggml"))
+                .is_some_and(|e| ["int", "ggml", "novaq"].iter().any(|p| e.starts_with(p)))
         })
         .filter_map(|t| {
             Some((

@@ -163,13 +163,18 @@ fn inverse_hessian_factor(h: &mut [f64], n: usize, damp: f64) -> Result<Vec<f64>
 
 /// What every GPTQ variant needs from the Hessian: dead inputs, the column order and the upper
 /// Cholesky factor of the dampened inverse (in that order).
-struct Prepared {
-    dead: Vec<bool>,
-    perm: Vec<usize>,
-    u: Vec<f64>,
+pub(crate) struct Prepared {
+    pub dead: Vec<bool>,
+    pub perm: Vec<usize>,
+    pub u: Vec<f64>,
 }
 
-fn prepare(h: &Hessian, cols: usize, damp: f64, act_order: bool) -> Result<Prepared, QuantError> {
+pub(crate) fn prepare(
+    h: &Hessian,
+    cols: usize,
+    damp: f64,
+    act_order: bool,
+) -> Result<Prepared, QuantError> {
     let mut hm = h.matrix();
     // Inputs that never fire carry no information: their weights cannot matter, zero them.
     let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] == 0.0).collect();
@@ -200,7 +205,7 @@ fn prepare(h: &Hessian, cols: usize, damp: f64, act_order: bool) -> Result<Prepa
 }
 
 /// A row with dead inputs zeroed, and its working copy in quantization order.
-fn start_row(row: &[f32], dead: &[bool], perm: &[usize]) -> (Vec<f32>, Vec<f64>) {
+pub(crate) fn start_row(row: &[f32], dead: &[bool], perm: &[usize]) -> (Vec<f32>, Vec<f64>) {
     let orig: Vec<f32> = row
         .iter()
         .zip(dead)
@@ -212,7 +217,7 @@ fn start_row(row: &[f32], dead: &[bool], perm: &[usize]) -> (Vec<f32>, Vec<f64>)
 
 /// GPTQ's update: column `i` was stored as `q`; spread its error over the columns after it.
 #[inline]
-fn push_error(x: &mut [f64], i: usize, q: f64, u: &[f64], cols: usize) {
+pub(crate) fn push_error(x: &mut [f64], i: usize, q: f64, u: &[f64], cols: usize) {
     let err = (x[i] - q) / u[i * cols + i];
     let urow = &u[i * cols..(i + 1) * cols];
     for j in i + 1..cols {

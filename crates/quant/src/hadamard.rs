@@ -8,6 +8,8 @@
 //! coordinate with every other, and costs `O(n log n + n·m)`. Hand-written because no crate of
 //! the stack offers a fast Walsh–Hadamard transform or non-power-of-two Hadamard rotations.
 
+use crate::rng::Rng;
+
 /// An orthogonal `n × n` rotation `Q`, applied to row vectors as `x ↦ x·Q`.
 #[derive(Debug, Clone)]
 pub struct Rotation {
@@ -38,25 +40,6 @@ pub fn fwht(x: &mut [f32]) {
     }
     let s = 1.0 / (n as f32).sqrt();
     x.iter_mut().for_each(|v| *v *= s);
-}
-
-/// SplitMix64, for seeded signs and Gaussian draws.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.unit(), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
 }
 
 impl Rotation {

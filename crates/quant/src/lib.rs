@@ -9,6 +9,8 @@ pub mod ggml;
 pub mod gptq;
 pub mod hadamard;
 pub mod metrics;
+pub mod novaq;
+mod rng;
 pub use adaptq_loader::pack;
 pub mod refit;
 pub mod rtn;
@@ -139,6 +141,8 @@ pub enum LayerCodes {
         cols: usize,
         bytes: Vec<u8>,
     },
+    /// NOVAQ residual vector codebooks.
+    Codebook(novaq::CodebookTensor),
 }
 
 impl LayerCodes {
@@ -146,12 +150,14 @@ impl LayerCodes {
         match self {
             LayerCodes::Int(q) => q.rows,
             LayerCodes::Ggml { rows, .. } => *rows,
+            LayerCodes::Codebook(c) => c.rows,
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             LayerCodes::Int(q) => q.cols,
             LayerCodes::Ggml { cols, .. } => *cols,
+            LayerCodes::Codebook(c) => c.cols,
         }
     }
     pub fn dequantize(&self) -> Vec<f32> {
@@ -164,13 +170,14 @@ impl LayerCodes {
                 bytes,
             } => ggml::dequantize(*ty, bytes, rows * cols)
                 .expect("blocks were written for this shape"),
+            LayerCodes::Codebook(c) => c.dequantize(),
         }
     }
     /// The integer-grid form; `None` for GGML blocks.
     pub fn as_int(&self) -> Option<&QuantizedTensor> {
         match self {
             LayerCodes::Int(q) => Some(q),
-            LayerCodes::Ggml { .. } => None,
+            LayerCodes::Ggml { .. } | LayerCodes::Codebook(_) => None,
         }
     }
 }
