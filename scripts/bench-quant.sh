@@ -24,6 +24,9 @@ trap 'rm -rf "$tmp"' EXIT
 cp target/release/adaptq "$tmp/adaptq"
 bin=$tmp/adaptq
 C="--calib $calib --calib-samples $samples --act-order"
+N="--method novaq --calib $calib --calib-samples $samples --lossless rans"
+# Rotated RTN needs calibration text only to run the layers in the rotated space.
+R="--rotate --calib $calib --calib-samples 8"
 rows=(
   "rtn4-sym|--bits 4 --group-size 128 --sym"
   "rtn4-sym-allquant|--bits 4 --group-size 128 --sym --embeddings quant"
@@ -38,18 +41,42 @@ rows=(
   "awq2-asym-g64|--method awq --bits 2 --group-size 64 $C"
   "ternary-g64|--method ternary --group-size 64"
   "apq-2.5|--method apq --bits 2-8 --target-bpw 2.5 --max-bpw 2.5 --sym --awq --refit $C"
+  # NOVAQ: residual vector codebooks; the budget counts codebooks, scales and means.
+  "novaq-2.5|--preset high-quality $N"
+  "novaq-2.5-norefine|--preset high-quality --refine-iterations 0 $N"
+  "novaq-2.0|--target-bits 2.0 $N"
+  "novaq-1.5|--preset balanced $N"
+  "ternary-g64-rans|--method ternary --group-size 64 --lossless rans"
+  # Residual-stream Hadamard rotation (norms folded, online rotation at the embedding ends).
+  "f32-rotated|EVAL --rotate 1"
+  "rtn3-asym-rot|--bits 3 --group-size 128 $R"
+  "rtn4-sym-rot|--bits 4 --group-size 128 --sym $R"
+  "gptq3-asym-rot|--method gptq --bits 3 --group-size 128 --rotate $C"
+  "gptq4-sym-rot|--method gptq --bits 4 --group-size 128 --sym --rotate $C"
   # llama.cpp block types (embedding Q8_0 as llama-quantize does), evaluated on the exported GGUF.
   "gguf-q4_0-rtn|--ggml-type q4_0"
   "gguf-q4_0-gptq|--method gptq --ggml-type q4_0 $C"
   "gguf-q4_k-rtn|--ggml-type q4_k"
   "gguf-q4_k-gptq|--method gptq --ggml-type q4_k $C"
 )
-echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | gates |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | lossless × | gates |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for row in "${rows[@]}"; do
   name=${row%%|*}; args=${row#*|}
   [[ $name =~ $only ]] || continue
   out="$tmp/$name"
+  if [[ $args == EVAL* ]]; then
+    # The unquantized model itself, transformed as the flags say (e.g. rotated).
+    # shellcheck disable=SC2086
+    "$bin" eval "$m" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json ${args#EVAL} >"$tmp/$name.json"
+    python3 - "$name" "$tmp/$name.json" <<'PY'
+import json, sys
+name, ev = sys.argv[1:]
+e = json.load(open(ev))
+print(f"| {name} | - | 32.000 | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.6f} | {100*e['top1_agreement']:.2f} | - | - | - | - |")
+PY
+    continue
+  fi
   # shellcheck disable=SC2086
   /usr/bin/time -v "$bin" quantize "$m" --out "$out" $args >"$tmp/$name.log" 2>"$tmp/$name.time" || true
   "$bin" verify "$out" >/dev/null
@@ -68,7 +95,8 @@ secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
 rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1)) / 1024
 tot = v["totals"]
 failed = [g["name"] for g in v["gates"] if g["status"] != "PASS"]
+lossless = f"{tot['lossless_ratio']:.3f}" if tot.get("lossless_ratio") else "-"
 print(f"| {name} | {tot['payload_bytes']} | {tot['bits_per_weight']:.3f} | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.1f} | "
-      f"{e['kld_mean']:.4f} | {100*e['top1_agreement']:.2f} | {secs:.1f} | {rss:.0f} | {v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
+      f"{e['kld_mean']:.4f} | {100*e['top1_agreement']:.2f} | {secs:.1f} | {rss:.0f} | {lossless} | {v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
 PY
 done

@@ -739,10 +739,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     }
                     let calib = need_calib()?;
                     let n = novaq.as_ref().expect("set for --method novaq");
+                    // The per-layer comparison in verification.json: round-to-nearest at the
+                    // nearest integer width below the budget, group 64 asymmetric.
                     let spec = adaptq_pipeline::calibrate::CalibSpec {
-                        bits,
-                        group_size,
-                        grid,
+                        bits: (n.config.target_bits.floor() as u8).clamp(2, 8),
+                        group_size: 64,
+                        grid: Grid::Asymmetric,
                         rounding: adaptq_pipeline::calibrate::Rounding::Novaq(n.config),
                         awq: false,
                         widths: Default::default(),

@@ -98,32 +98,11 @@ impl Hessian {
 /// `Σ_r (w_r − q_r) H (w_r − q_r)ᵀ / Σ_r w_r H w_rᵀ`: the relative error of the layer's output
 /// on the calibration inputs, the quantity GPTQ minimises.
 pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
-    let hm = h.matrix();
-    // Per-row terms are collected, then summed in row order: a parallel reduce would add them
-    // in a schedule-dependent order and make verification.json differ between runs.
-    let per_row: Vec<(f64, f64)> = w
-        .par_chunks(cols)
-        .zip(q.par_chunks(cols))
-        .map(|(wr, qr)| {
-            let d: Vec<f64> = wr.iter().zip(qr).map(|(a, b)| (*a - *b) as f64).collect();
-            let mut num = 0.0;
-            let mut den = 0.0;
-            for i in 0..cols {
-                let row = &hm[i * cols..(i + 1) * cols];
-                let (mut hd, mut hw) = (0.0, 0.0);
-                for j in 0..cols {
-                    hd += row[j] * d[j];
-                    hw += row[j] * wr[j] as f64;
-                }
-                num += d[i] * hd;
-                den += wr[i] as f64 * hw;
-            }
-            (num, den)
-        })
-        .collect();
-    let (num, den) = per_row
-        .iter()
-        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let hm = crate::linalg::hmat(&h.matrix(), cols);
+    let e: Vec<f64> = w.iter().zip(q).map(|(a, b)| (*a - *b) as f64).collect();
+    let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    let num = crate::linalg::quad(&e, cols, &hm);
+    let den = crate::linalg::quad(&wf, cols, &hm);
     if den > 0.0 {
         num / den
     } else {

@@ -8,6 +8,7 @@ pub mod awq;
 pub mod ggml;
 pub mod gptq;
 pub mod hadamard;
+pub mod linalg;
 pub mod metrics;
 pub mod novaq;
 mod rng;

@@ -26,6 +26,7 @@
 //! seeded, platform-independent k-means++ start, which determinism needs.
 
 use crate::gptq::{prepare, push_error, start_row, Hessian, Prepared};
+use crate::linalg::{hmat, quad, times_h};
 use crate::rng::Rng;
 use crate::QuantError;
 use adaptq_loader::codebook::{self, StageRef};
@@ -404,8 +405,13 @@ pub fn kmeans(
             }
         }
         // Empty clusters restart on the worst-served vectors, farthest first.
-        let mut far: Vec<usize> = (0..n).collect();
-        far.sort_by(|&p, &q| dist[q].total_cmp(&dist[p]).then(p.cmp(&q)));
+        let empty = count.iter().filter(|&&c| c == 0).count();
+        let mut far: Vec<usize> = Vec::new();
+        if empty > 0 {
+            far = (0..n).collect();
+            far.sort_by(|&p, &q| dist[q].total_cmp(&dist[p]).then(p.cmp(&q)));
+            far.truncate(empty);
+        }
         let mut far = far.into_iter();
         for j in 0..k {
             if count[j] == 0 {
@@ -759,7 +765,14 @@ fn assign(
                     cand.push((dist(&books[0][k * d..(k + 1) * d], &zoff), k));
                 }
                 let (best1, best2) = if two {
-                    cand.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                    let by = |a: &(f64, usize), b: &(f64, usize)| {
+                        a.0.total_cmp(&b.0).then(a.1.cmp(&b.1))
+                    };
+                    if beam < cand.len() {
+                        cand.select_nth_unstable_by(beam, by);
+                        cand.truncate(beam);
+                    }
+                    cand.sort_by(by);
                     let k2 = books[1].len() / d;
                     let mut best = (f64::INFINITY, 0usize, 0usize);
                     for &(_, k) in cand.iter().take(beam) {
@@ -802,13 +815,13 @@ fn assign(
     Ok(out)
 }
 
-/// `Σ (w−q) H (w−q)ᵀ / Σ w H wᵀ` over rows, via one matrix product each.
-fn rel_error(w: &[f32], q: &[f32], rows: usize, cols: usize, hm: &[f64]) -> f64 {
+/// `Σ (w−q) H (w−q)ᵀ / Σ w H wᵀ` over rows.
+fn rel_error(w: &[f32], q: &[f32], _rows: usize, cols: usize, hm: &[f64]) -> f64 {
     let e: Vec<f64> = w.iter().zip(q).map(|(a, b)| (a - b) as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-    let h = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
-    let num = quad(&e, rows, cols, &h);
-    let den = quad(&wf, rows, cols, &h);
+    let h = hmat(hm, cols);
+    let num = quad(&e, cols, &h);
+    let den = quad(&wf, cols, &h);
     if den > 0.0 {
         num / den
     } else {
@@ -824,33 +837,6 @@ fn rel_error_plain(w: &[f32], q: &[f32]) -> f64 {
     } else {
         0.0
     }
-}
-
-/// `M · H` for row-major `M` (rows × cols); returns row-major.
-fn times_h(m: &[f64], rows: usize, cols: usize, h: &Mat<f64>) -> Vec<f64> {
-    let a = Mat::<f64>::from_fn(rows, cols, |i, j| m[i * cols + j]);
-    let mut out = Mat::<f64>::zeros(rows, cols);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        a.as_ref(),
-        h.as_ref(),
-        1.0,
-        faer::get_global_parallelism(),
-    );
-    let mut v = vec![0f64; rows * cols];
-    for j in 0..cols {
-        for (i, x) in out.col_as_slice(j).iter().enumerate() {
-            v[i * cols + j] = *x;
-        }
-    }
-    v
-}
-
-/// `Σ_r m_r H m_rᵀ`.
-fn quad(m: &[f64], rows: usize, cols: usize, h: &Mat<f64>) -> f64 {
-    let mh = times_h(m, rows, cols, h);
-    m.iter().zip(&mh).map(|(a, b)| a * b).sum()
 }
 
 /// `V[r][c] = s_r k_c Σ_s θ_s[code_s(r, c/d)][c%d]`: the part of the reconstruction that is
@@ -924,7 +910,7 @@ fn refine_books(
     iters: usize,
 ) {
     let d = p.dim;
-    let h = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
+    let h = hmat(hm, cols);
     let sk: Vec<f64> = (0..rows * cols)
         .map(|i| norm.scale[i / cols].to_f64() * norm.col[i % cols].to_f64())
         .collect();
@@ -938,7 +924,7 @@ fn refine_books(
     let e: Vec<f64> = (0..rows * cols)
         .map(|i| w[i] as f64 - norm.mean[i / cols].to_f64() - v[i])
         .collect();
-    let eh = times_h(&e, rows, cols, &h);
+    let eh = times_h(&e, cols, &h);
     // Residual of the normal equations (−½ the gradient).
     let mut res = adjoint_books(rows, cols, d, &sk, &eh, codes, &sizes);
     let mut dir = res.clone();
@@ -949,7 +935,7 @@ fn refine_books(
             break;
         }
         let pv = apply_books(rows, cols, d, &sk, &dir, codes);
-        let ph = times_h(&pv, rows, cols, &h);
+        let ph = times_h(&pv, cols, &h);
         let curv: f64 = pv.iter().zip(&ph).map(|(a, b)| a * b).sum();
         if curv <= 0.0 {
             break;
@@ -990,7 +976,7 @@ fn refit_rows(
     hm: &[f64],
 ) {
     let d = p.dim;
-    let h = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
+    let h = hmat(hm, cols);
     let kc: Vec<f64> = (0..rows * cols)
         .map(|i| norm.col[i % cols].to_f64())
         .collect();
@@ -1001,7 +987,7 @@ fn refit_rows(
     // u_r[c] = k_c · decoded codebook sum: ŵ_r = mean_r + scale_r · u_r.
     let u = apply_books(rows, cols, d, &kc, &theta, codes);
     let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-    let uh = times_h(&u, rows, cols, &h);
+    let uh = times_h(&u, cols, &h);
     let h1: Vec<f64> = (0..cols)
         .map(|i| hm[i * cols..(i + 1) * cols].iter().sum())
         .collect();
