@@ -107,6 +107,64 @@ pub fn build(dir: &Path) -> Result<Value> {
     }
     let mut worst: Vec<&Row> = rs.iter().filter(|r| r.error.is_finite()).collect();
     worst.sort_by(|a, b| b.error.total_cmp(&a.error));
+    let q = &m["quantization"];
+    let mut notes: Vec<String> = Vec::new();
+    if q["method"] == "ternary" {
+        notes.push(
+            "Ternary codes were applied after training. A model not trained ternary loses most \
+             of its quality this way: on SmolLM2-135M adaptq measured a mean KL divergence of \
+             13.32 and 0.11 % top-1 agreement at group 64 (README, scripts/bench-quant.sh). \
+             Measure this bundle with `adaptq eval DIR --base SOURCE`."
+                .into(),
+        );
+    }
+    if let Some(seed) = q["rotate"]["seed"].as_u64() {
+        notes.push(format!(
+            "Weights carry a residual Hadamard rotation (seed {seed}); adaptq applies it online \
+             when loading, and GGUF / GPTQ export is refused."
+        ));
+    }
+    if let Some(r) = v["totals"]["lossless_ratio"].as_f64() {
+        notes.push(format!(
+            "Lossless stage (rANS on the packed codes): the quantized payload is {r:.3}x smaller \
+             than the packed codes alone would be."
+        ));
+    }
+    let novaq = v["novaq"].as_array().map(|layers| {
+        let mut red: Vec<f64> = layers
+            .iter()
+            .filter_map(|l| {
+                let (b, a) = (
+                    l["error_before_refine"].as_f64()?,
+                    l["error_after_refine"].as_f64()?,
+                );
+                (b > 0.0).then(|| 1.0 - a / b)
+            })
+            .collect();
+        red.sort_by(f64::total_cmp);
+        let mut layouts = std::collections::BTreeMap::<String, usize>::new();
+        for l in layers {
+            let p = &l["plan"];
+            let bits: Vec<String> = p["stage_bits"]
+                .as_array()
+                .map(|a| a.as_slice())
+                .unwrap_or(&[])
+                .iter()
+                .filter(|b| b.as_u64() != Some(0))
+                .map(|b| b.to_string())
+                .collect();
+            *layouts
+                .entry(format!("dim {} · stages {}", p["dim"], bits.join("+")))
+                .or_default() += 1;
+        }
+        json!({
+            "layers": layers.len(),
+            "layouts": layouts,
+            "refine_error_reduction_median": red.get(red.len() / 2),
+            "refine_error_reduction_min": red.first(),
+            "refine_error_reduction_max": red.last(),
+        })
+    });
     Ok(json!({
         "model_id": m["model_id"],
         "source": m["source"],
@@ -120,6 +178,8 @@ pub fn build(dir: &Path) -> Result<Value> {
         "layers": rs.iter().map(|r| json!({"name": r.name, "encoding": r.encoding, "bits": r.bits, "bits_per_weight": r.bpw, "error": r.error, "error_kind": r.error_kind})).collect::<Vec<_>>(),
         "promotion_rounds": v["apq"]["promotion_rounds"],
         "heldout": v["apq"]["heldout"],
+        "novaq": novaq,
+        "notes": notes,
     }))
 }
 
@@ -154,6 +214,32 @@ pub fn markdown(r: &Value) -> String {
     );
     s.push_str("## Gates\n\n| gate | status | detail |\n|---|---|---|\n");
     fmt_gates(r, &mut s);
+    if let Some(notes) = r["notes"].as_array().filter(|n| !n.is_empty()) {
+        s.push_str("\n## Notes\n\n");
+        for n in notes {
+            let _ = writeln!(s, "- {}", n.as_str().unwrap_or(""));
+        }
+    }
+    if let Some(n) = r["novaq"].as_object() {
+        s.push_str("\n## NOVAQ\n\n| layout | layers |\n|---|---|\n");
+        if let Some(l) = n["layouts"].as_object() {
+            for (k, c) in l {
+                let _ = writeln!(s, "| {k} | {c} |");
+            }
+        }
+        let pct = |k: &str| {
+            n[k].as_f64()
+                .map_or("-".to_string(), |v| format!("{:.1} %", 100.0 * v))
+        };
+        let _ = writeln!(
+            s,
+            "\nTeacher-guided refinement removed a median {} of each layer's output error \
+             (min {}, max {}).",
+            pct("refine_error_reduction_median"),
+            pct("refine_error_reduction_min"),
+            pct("refine_error_reduction_max")
+        );
+    }
     s.push_str("\n## Widths\n\n| bits | layers |\n|---|---|\n");
     if let Some(m) = r["layers_by_width"].as_object() {
         for (b, n) in m {

@@ -122,10 +122,11 @@ fn log2_pow2(n: usize, what: &str) -> Result<u8, QuantError> {
 }
 
 /// Adaptive subspace planning: among subspace dimensions in `[min, max]` and stage widths up
-/// to the configured centroid counts, the layout with the most bits that still fits
-/// `target_bits` for this layer's shape (small layers pay relatively more for their codebooks
-/// and row parameters, so they get a different layout than large ones). Ties go to the larger
-/// dimension, where vector quantization gains most.
+/// to the configured centroid counts, the layout whose codes carry the most bits per weight
+/// while codes, codebooks, scales and means together still fit `target_bits` for this layer's
+/// shape. Small layers pay relatively more for their codebooks and row/column parameters, so
+/// they get smaller codebooks or shorter vectors than large ones. Ties go to the larger
+/// dimension (where vector quantization gains most), then to the larger first stage.
 pub fn plan(rows: usize, cols: usize, cfg: &NovaqConfig) -> Result<Plan, QuantError> {
     let b1max = log2_pow2(cfg.level1_centroids, "--level1-centroids")?;
     let b2max = log2_pow2(cfg.level2_centroids, "--level2-centroids")?;
@@ -140,6 +141,7 @@ pub fn plan(rows: usize, cols: usize, cfg: &NovaqConfig) -> Result<Plan, QuantEr
             cfg.min_subspace_dim, cfg.max_subspace_dim
         )));
     }
+    // (code bits per weight, layout)
     let mut best: Option<(f64, Plan)> = None;
     for dim in cfg.min_subspace_dim..=cfg.max_subspace_dim.min(cols) {
         let nvec = rows * codebook::vectors_per_row(cols, dim);
@@ -152,12 +154,17 @@ pub fn plan(rows: usize, cols: usize, cfg: &NovaqConfig) -> Result<Plan, QuantEr
                     dim,
                     stage_bits: [b1, b2],
                 };
-                let bpw = p.bits_per_weight(rows, cols);
-                if bpw > cfg.target_bits + 1e-9 {
+                if p.bits_per_weight(rows, cols) > cfg.target_bits + 1e-9 {
                     continue;
                 }
-                if best.is_none_or(|(b, _)| bpw > b + 1e-9 || (bpw > b - 1e-9 && dim > p.dim)) {
-                    best = Some((bpw, p));
+                let code = (b1 + b2) as f64 / dim as f64;
+                let better = |(b, q): (f64, Plan)| {
+                    code > b + 1e-9
+                        || (code > b - 1e-9
+                            && (dim > q.dim || (dim == q.dim && b1 > q.stage_bits[0])))
+                };
+                if best.is_none_or(better) {
+                    best = Some((code, p));
                 }
             }
         }
@@ -1067,6 +1074,11 @@ mod tests {
                 assert!(
                     bpw <= target && bpw > target - 0.4,
                     "{rows}x{cols} {target}: {p:?} {bpw}"
+                );
+                let code: f64 = p.stages().iter().map(|&b| b as f64).sum::<f64>() / p.dim as f64;
+                assert!(
+                    code > target - 0.5,
+                    "{rows}x{cols} {target}: {p:?} codes {code}"
                 );
             }
         }
