@@ -1060,7 +1060,7 @@ mod tests {
     fn plan_fits_the_budget_counting_every_overhead() {
         let cfg = NovaqConfig::default();
         for (rows, cols) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
-            for target in [1.5, 2.0, 2.5] {
+            for target in [1.0, 1.5, 2.0, 2.5] {
                 let p = plan(
                     rows,
                     cols,
