@@ -874,14 +874,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 gptq: matches!(method, MethodArg::Gptq | MethodArg::Apq)
                     .then_some(adaptq_pipeline::GptqSettings { damp, act_order }),
                 calibration: calibrated.as_ref().map(|(_, info, ..)| info.config.clone()),
-                // Ternary codes live on the 2-bit symmetric grid; record what is stored.
-                bits: if matches!(method, MethodArg::Ternary) {
-                    2
-                } else {
-                    bits
+                // Ternary codes live on the 2-bit symmetric grid; record what is stored. NOVAQ
+                // has no grid: these fields name the RTN it is compared with per layer.
+                bits: match (method, &novaq) {
+                    (MethodArg::Ternary, _) => 2,
+                    (_, Some(n)) => (n.config.target_bits.floor() as u8).clamp(2, 8),
+                    _ => bits,
                 },
-                group_size,
-                grid: if sym || matches!(method, MethodArg::Ternary) {
+                group_size: if novaq.is_some() { 64 } else { group_size },
+                grid: if (sym && novaq.is_none()) || matches!(method, MethodArg::Ternary) {
                     Grid::Symmetric
                 } else {
                     Grid::Asymmetric
