@@ -234,12 +234,13 @@ enum Cmd {
         /// With GGML types: the embedding / output table's type, or f16 to keep it as float.
         #[arg(long, default_value = "q8_0")]
         ggml_embedding_type: String,
-        /// Rotate the residual stream by a seeded Hadamard rotation (--seed) before quantizing
-        /// (rtn, gptq, awq, novaq): norms are folded into the layers that read them, readers
-        /// become W·Q and writers Qᵀ·W, so the network computes the same function while
-        /// outliers are spread over every coordinate. Embeddings enter and leave the rotated
-        /// stream online (tied tables stay tied). Needs --calib (the layers are calibrated in
-        /// the rotated space). Such bundles cannot be exported to GGUF / GPTQ.
+        /// Rotate by seeded Hadamard rotations (--seed) before quantizing (rtn, gptq, novaq):
+        /// norms are folded into the layers that read them, readers become W·Q and writers
+        /// Qᵀ·W, and the MLP down projection's input is rotated online (W_down·P), so the
+        /// network computes the same function while outliers are spread over every
+        /// coordinate. Embeddings enter and leave the rotated stream online (tied tables stay
+        /// tied). Needs --calib (the layers are calibrated in the rotated space). Such bundles
+        /// cannot be exported to GGUF / GPTQ.
         #[arg(long)]
         rotate: bool,
         /// Lossless stage: entropy-code the packed codes with rANS (decoded on load; parts
@@ -622,7 +623,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if rotate {
                 if matches!(method, MethodArg::Apq | MethodArg::Ternary) {
                     bail!(
-                        "--rotate works with --method rtn, gptq, awq or novaq, not {}",
+                        "--rotate works with --method rtn, gptq or novaq, not {}",
                         method_name(method)
                     );
                 }
@@ -631,6 +632,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 if calib.is_none() {
                     bail!("--rotate needs --calib: rotated layers are quantized through the calibrated pipeline");
+                }
+                if awq || matches!(method, MethodArg::Awq) {
+                    bail!("--rotate cannot be combined with AWQ: AWQ's down-projection scales fold into up's rows, which the online MLP rotation mixes");
                 }
             }
             let novaq = matches!(method, MethodArg::Novaq).then(|| {

@@ -144,6 +144,16 @@ impl KvCache {
     }
 }
 
+/// The online half of a rotated model. Residual stream: embeddings are multiplied by `Q` as
+/// they enter and the stream by `Qᵀ` before the final norm, so the (tied) embedding table and
+/// the final norm stay as they were. MLP: the down projection's input (SwiGLU's output, which
+/// no weight precedes linearly) is rotated by `P` on the fly, `W_down` having become `W_down·P`.
+struct Rotated {
+    seed: u64,
+    q: Tensor,
+    ffn: adaptq_quant::hadamard::Rotation,
+}
+
 pub struct Llama {
     pub desc: ModelDesc,
     embed: Tensor,
@@ -155,10 +165,9 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     /// Inverse frequencies θ_i = base^(-2i/head_dim).
     inv_freq: Vec<f32>,
-    /// Residual-stream rotation `Q` (hidden × hidden) when the blocks' weights are rotated:
-    /// embeddings are multiplied by `Q` as they enter and the stream by `Qᵀ` before the final
-    /// norm, so the (tied) embedding table and the final norm stay as they were.
-    rotation: Option<(u64, Tensor)>,
+    /// Rotations the blocks' weights carry (`--rotate`), applied online where they cannot be
+    /// folded.
+    rotation: Option<Rotated>,
 }
 
 fn vec_tensor(w: &dyn Weights, name: &str) -> Result<Tensor> {
@@ -254,6 +263,11 @@ impl Llama {
         Ok(m)
     }
 
+    /// The MLP rotation of `seed` (drawn apart from the residual one).
+    fn ffn_rotation(&self, seed: u64) -> adaptq_quant::hadamard::Rotation {
+        adaptq_quant::hadamard::Rotation::new(self.desc.ffn_dim, seed.wrapping_add(1))
+    }
+
     /// The dense rotation matrix of `seed` for this model's hidden size.
     fn rotation_matrix(&self, seed: u64) -> Result<Tensor> {
         let n = self.desc.hidden;
@@ -269,20 +283,26 @@ impl Llama {
     /// Declares the blocks' weights rotated by the residual rotation of `seed` (a bundle
     /// written with `--rotate`): embeddings and the final norm's input are rotated online.
     fn set_rotation(&mut self, seed: u64) -> Result<()> {
-        self.rotation = Some((seed, self.rotation_matrix(seed)?));
+        self.rotation = Some(Rotated {
+            seed,
+            q: self.rotation_matrix(seed)?,
+            ffn: self.ffn_rotation(seed),
+        });
         Ok(())
     }
 
-    /// The seed of the residual rotation in effect, if any.
+    /// The seed of the rotation in effect, if any.
     pub fn rotation_seed(&self) -> Option<u64> {
-        self.rotation.as_ref().map(|(s, _)| *s)
+        self.rotation.as_ref().map(|r| r.seed)
     }
 
     /// Rotates the residual stream by a seeded Hadamard rotation `Q` (QuaRot-style) without
     /// changing the function: each RMSNorm's weight is folded into the layers that read it
     /// (and set to 1; RMSNorm without a weight commutes with an orthogonal map), readers'
-    /// weights become `W·Q`, writers' (attention output, MLP down) `Qᵀ·W`. Rotated weights are
-    /// incoherent — outliers spread over every coordinate — which is what quantizers like.
+    /// weights become `W·Q`, writers' (attention output, MLP down) `Qᵀ·W`; the MLP down
+    /// projection's input is rotated online by `P` (its width, e.g. 1536 = 512·3, need not be
+    /// a power of two) and its weight becomes `Qᵀ·W·P`. Rotated weights are incoherent —
+    /// outliers spread over every coordinate — which is what quantizers like.
     /// Returns the new norm weights by name (all ones) for the bundle to store.
     pub fn rotate_residual(&mut self, seed: u64) -> Result<Vec<(String, Vec<f32>)>> {
         if self.rotation.is_some() {
@@ -290,6 +310,7 @@ impl Llama {
         }
         let n = self.desc.hidden;
         let r = adaptq_quant::hadamard::Rotation::new(n, seed);
+        let p = self.ffn_rotation(seed);
         let mut norms = Vec::new();
         for b in &mut self.blocks {
             for (norm, name, lins) in [
@@ -335,6 +356,9 @@ impl Llama {
                 }
                 l.set_weight(back)?;
             }
+            let (mut w, _, _) = b.down.weight_rows()?;
+            p.apply_rows(&mut w);
+            b.down.set_weight(w)?;
         }
         self.set_rotation(seed)?;
         Ok(norms)
@@ -353,7 +377,7 @@ impl Llama {
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let x = self.embed.index_select(&ids, 0)?;
         Ok(match &self.rotation {
-            Some((_, q)) => x.matmul(q)?,
+            Some(r) => x.matmul(&r.q)?,
             None => x,
         })
     }
@@ -461,7 +485,17 @@ impl Llama {
         let h = rms_norm(&x, &b.ffn_norm, d.norm_eps)?;
         let g = b.gate.forward(&h, hook)?.silu()?;
         let u = b.up.forward(&h, hook)?;
-        let m = b.down.forward(&(g * u)?, hook)?;
+        let mid = (g * u)?;
+        let mid = match &self.rotation {
+            Some(r) => {
+                let (t, f) = mid.dims2()?;
+                let mut v = mid.flatten_all()?.to_vec1::<f32>()?;
+                r.ffn.apply_rows(&mut v);
+                Tensor::from_vec(v, (t, f), &Device::Cpu)?
+            }
+            None => mid,
+        };
+        let m = b.down.forward(&mid, hook)?;
         Ok((x + m)?)
     }
 
@@ -474,7 +508,7 @@ impl Llama {
     /// The final norm's output: the output head's input.
     pub fn final_normed(&self, x: &Tensor) -> Result<Tensor> {
         match &self.rotation {
-            Some((_, q)) => rms_norm(&x.matmul(&q.t()?)?, &self.final_norm, self.desc.norm_eps),
+            Some(r) => rms_norm(&x.matmul(&r.q.t()?)?, &self.final_norm, self.desc.norm_eps),
             None => rms_norm(x, &self.final_norm, self.desc.norm_eps),
         }
     }
