@@ -234,13 +234,12 @@ enum Cmd {
         /// With GGML types: the embedding / output table's type, or f16 to keep it as float.
         #[arg(long, default_value = "q8_0")]
         ggml_embedding_type: String,
-        /// Rotate by seeded Hadamard rotations (--seed) before quantizing (rtn, gptq, novaq):
-        /// norms are folded into the layers that read them, readers become W·Q and writers
-        /// Qᵀ·W, and the MLP down projection's input is rotated online (W_down·P), so the
-        /// network computes the same function while outliers are spread over every
-        /// coordinate. Embeddings enter and leave the rotated stream online (tied tables stay
-        /// tied). Needs --calib (the layers are calibrated in the rotated space). Such bundles
-        /// cannot be exported to GGUF / GPTQ.
+        /// Rotate every linear layer's input by seeded Hadamard rotations (--seed) before
+        /// quantizing (rtn, gptq, novaq): weights are stored as W·R and adaptq's forward pass
+        /// rotates the inputs online, so the network computes the same function while outlier
+        /// columns are spread over every row. Any width works (576 = 64·9, 1536 = 512·3).
+        /// Needs --calib (layers are calibrated in the rotated space). Such bundles cannot be
+        /// exported to GGUF / GPTQ (those runtimes do not rotate online).
         #[arg(long)]
         rotate: bool,
         /// Lossless stage: entropy-code the packed codes with rANS (decoded on load; parts
@@ -351,7 +350,7 @@ enum Cmd {
         /// Print one JSON object on stdout (progress stays on stderr).
         #[arg(long)]
         json: bool,
-        /// Rotate the model's residual stream (norms folded, seeded Hadamard rotation) before
+        /// Rotate every linear layer's input (seeded Hadamard rotations, weights W·R) before
         /// scoring: checks that rotation alone leaves the model's function unchanged.
         #[arg(long, value_name = "SEED")]
         rotate: Option<u64>,
@@ -634,7 +633,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     bail!("--rotate needs --calib: rotated layers are quantized through the calibrated pipeline");
                 }
                 if awq || matches!(method, MethodArg::Awq) {
-                    bail!("--rotate cannot be combined with AWQ: AWQ's down-projection scales fold into up's rows, which the online MLP rotation mixes");
+                    bail!("--rotate cannot be combined with AWQ: AWQ folds its scales into the norms and up's rows, before the online rotations");
                 }
             }
             let novaq = matches!(method, MethodArg::Novaq).then(|| {
@@ -1336,7 +1335,7 @@ fn eval(
         return eval_embeddings(&m, bert, &body, chunks, base, json);
     }
     if let (Some(seed), adaptq_model::ModelKind::Llama(l)) = (rotate, &mut m.kind) {
-        l.rotate_residual(seed)?;
+        l.rotate(seed)?;
     }
     let lm = m.llama()?;
     let b = base.map(adaptq_model::load).transpose()?;

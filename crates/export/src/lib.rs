@@ -10,7 +10,7 @@ pub use gguf::{export_gguf, ExportOptions, ExportSummary, ExportedTensor};
 pub use hf_gptq::{export_hf_gptq, HfGptqOptions, HfGptqSummary};
 pub use writer::{GgufWriter, TensorPlan};
 
-/// Refuses bundles whose weights carry a residual rotation: the rotation is applied online by
+/// Refuses bundles whose weights carry input rotations: the rotations are applied online by
 /// adaptq's forward pass, which GGUF and GPTQ runtimes do not do.
 pub fn refuse_rotated(bundle: &adaptq_bundle::Bundle) -> anyhow::Result<()> {
     if let Some(seed) = bundle.manifest.quantization["rotate"]["seed"].as_u64() {

@@ -144,14 +144,26 @@ impl KvCache {
     }
 }
 
-/// The online half of a rotated model. Residual stream: embeddings are multiplied by `Q` as
-/// they enter and the stream by `Qᵀ` before the final norm, so the (tied) embedding table and
-/// the final norm stay as they were. MLP: the down projection's input (SwiGLU's output, which
-/// no weight precedes linearly) is rotated by `P` on the fly, `W_down` having become `W_down·P`.
+/// The online half of a rotated model (`--rotate`): every linear layer's input is multiplied by
+/// a seeded Hadamard-type rotation `R` on the fly and its weight stored as `W·R`, so the layer
+/// computes the same product while the weight's rows are incoherent (outlier columns spread
+/// over the whole row), which is what weight quantizers like.
 struct Rotated {
     seed: u64,
-    q: Tensor,
+    /// Normalized block inputs (q/k/v and gate/up read them).
+    hidden: adaptq_quant::hadamard::Rotation,
+    /// The attention output (o reads it).
+    attn: adaptq_quant::hadamard::Rotation,
+    /// SwiGLU's output (down reads it), e.g. 1536 = 512·3 wide.
     ffn: adaptq_quant::hadamard::Rotation,
+}
+
+/// `x·R` for every row of `x: [T, n]`, by the fast transform.
+fn rot_rows(x: &Tensor, r: &adaptq_quant::hadamard::Rotation) -> Result<Tensor> {
+    let (t, n) = x.dims2()?;
+    let mut v = x.flatten_all()?.to_vec1::<f32>()?;
+    r.apply_rows(&mut v);
+    Ok(Tensor::from_vec(v, (t, n), &Device::Cpu)?)
 }
 
 pub struct Llama {
@@ -257,38 +269,21 @@ impl Llama {
             inv_freq,
             rotation: None,
         };
-        if let Some(seed) = w.residual_rotation() {
-            m.set_rotation(seed)?;
+        if let Some(seed) = w.rotation_seed() {
+            m.rotation = Some(m.rotations(seed));
         }
         Ok(m)
     }
 
-    /// The MLP rotation of `seed` (drawn apart from the residual one).
-    fn ffn_rotation(&self, seed: u64) -> adaptq_quant::hadamard::Rotation {
-        adaptq_quant::hadamard::Rotation::new(self.desc.ffn_dim, seed.wrapping_add(1))
-    }
-
-    /// The dense rotation matrix of `seed` for this model's hidden size.
-    fn rotation_matrix(&self, seed: u64) -> Result<Tensor> {
-        let n = self.desc.hidden;
-        let r = adaptq_quant::hadamard::Rotation::new(n, seed);
-        let mut q = vec![0f32; n * n];
-        for i in 0..n {
-            q[i * n + i] = 1.0;
-        }
-        r.apply_rows(&mut q);
-        Ok(Tensor::from_vec(q, (n, n), &Device::Cpu)?)
-    }
-
-    /// Declares the blocks' weights rotated by the residual rotation of `seed` (a bundle
-    /// written with `--rotate`): embeddings and the final norm's input are rotated online.
-    fn set_rotation(&mut self, seed: u64) -> Result<()> {
-        self.rotation = Some(Rotated {
+    fn rotations(&self, seed: u64) -> Rotated {
+        use adaptq_quant::hadamard::Rotation;
+        let d = &self.desc;
+        Rotated {
             seed,
-            q: self.rotation_matrix(seed)?,
-            ffn: self.ffn_rotation(seed),
-        });
-        Ok(())
+            hidden: Rotation::new(d.hidden, seed),
+            attn: Rotation::new(d.n_heads * d.head_dim(), seed.wrapping_add(2)),
+            ffn: Rotation::new(d.ffn_dim, seed.wrapping_add(1)),
+        }
     }
 
     /// The seed of the rotation in effect, if any.
@@ -296,72 +291,34 @@ impl Llama {
         self.rotation.as_ref().map(|r| r.seed)
     }
 
-    /// Rotates the residual stream by a seeded Hadamard rotation `Q` (QuaRot-style) without
-    /// changing the function: each RMSNorm's weight is folded into the layers that read it
-    /// (and set to 1; RMSNorm without a weight commutes with an orthogonal map), readers'
-    /// weights become `W·Q`, writers' (attention output, MLP down) `Qᵀ·W`; the MLP down
-    /// projection's input is rotated online by `P` (its width, e.g. 1536 = 512·3, need not be
-    /// a power of two) and its weight becomes `Qᵀ·W·P`. Rotated weights are incoherent —
-    /// outliers spread over every coordinate — which is what quantizers like.
-    /// Returns the new norm weights by name (all ones) for the bundle to store.
-    pub fn rotate_residual(&mut self, seed: u64) -> Result<Vec<(String, Vec<f32>)>> {
+    /// Rotates every linear layer's input by seeded Hadamard rotations without changing the
+    /// function: weights become `W·R` (q/k/v/gate/up by the hidden-size rotation, o by the
+    /// attention-output one, down by the MLP one) and the forward pass rotates their inputs.
+    /// Norms, embeddings and the head are untouched. Rotating the residual stream itself
+    /// (QuaRot's folding of norms, writers `Qᵀ·W`) was measured on SmolLM2 and made 3-bit RTN
+    /// worse, so only inputs are rotated.
+    pub fn rotate(&mut self, seed: u64) -> Result<()> {
         if self.rotation.is_some() {
             bail!("the model is already rotated");
         }
-        let n = self.desc.hidden;
-        let r = adaptq_quant::hadamard::Rotation::new(n, seed);
-        let p = self.ffn_rotation(seed);
-        let mut norms = Vec::new();
+        let r = self.rotations(seed);
         for b in &mut self.blocks {
-            for (norm, name, lins) in [
-                (
-                    &mut b.attn_norm,
-                    &b.attn_norm_name,
-                    vec![&mut b.q, &mut b.k, &mut b.v],
-                ),
-                (
-                    &mut b.ffn_norm,
-                    &b.ffn_norm_name,
-                    vec![&mut b.gate, &mut b.up],
-                ),
+            for (l, rot) in [
+                (&mut b.q, &r.hidden),
+                (&mut b.k, &r.hidden),
+                (&mut b.v, &r.hidden),
+                (&mut b.gate, &r.hidden),
+                (&mut b.up, &r.hidden),
+                (&mut b.o, &r.attn),
+                (&mut b.down, &r.ffn),
             ] {
-                let g: Vec<f32> = norm.to_vec1()?;
-                for l in lins {
-                    let (mut w, _, cols) = l.weight_rows()?;
-                    for row in w.chunks_mut(cols) {
-                        row.iter_mut().zip(&g).for_each(|(v, k)| *v *= k);
-                    }
-                    r.apply_rows(&mut w);
-                    l.set_weight(w)?;
-                }
-                let ones = vec![1f32; n];
-                *norm = Tensor::from_vec(ones.clone(), n, &Device::Cpu)?;
-                norms.push((name.clone(), ones));
+                let (mut w, _, _) = l.weight_rows()?;
+                rot.apply_rows(&mut w);
+                l.set_weight(w)?;
             }
-            for l in [&mut b.o, &mut b.down] {
-                // Qᵀ·W: rotate the columns of Wᵀ, i.e. each column of W as a row vector.
-                let (w, rows, cols) = l.weight_rows()?;
-                let mut wt = vec![0f32; rows * cols];
-                for i in 0..rows {
-                    for j in 0..cols {
-                        wt[j * rows + i] = w[i * cols + j];
-                    }
-                }
-                r.apply_rows(&mut wt);
-                let mut back = vec![0f32; rows * cols];
-                for j in 0..cols {
-                    for i in 0..rows {
-                        back[i * cols + j] = wt[j * rows + i];
-                    }
-                }
-                l.set_weight(back)?;
-            }
-            let (mut w, _, _) = b.down.weight_rows()?;
-            p.apply_rows(&mut w);
-            b.down.set_weight(w)?;
         }
-        self.set_rotation(seed)?;
-        Ok(norms)
+        self.rotation = Some(r);
+        Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -375,11 +332,7 @@ impl Llama {
             bail!("token id {t} is outside the vocabulary of {v}");
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let x = self.embed.index_select(&ids, 0)?;
-        Ok(match &self.rotation {
-            Some(r) => x.matmul(&r.q)?,
-            None => x,
-        })
+        Ok(self.embed.index_select(&ids, 0)?)
     }
 
     /// cos/sin tables for positions `pos0..pos0+t`, shaped for `x: [T, H, hd/2, 1|…]`.
@@ -439,6 +392,11 @@ impl Llama {
         let (nh, nkv) = (d.n_heads, d.n_kv_heads);
 
         let h = rms_norm(x, &b.attn_norm, d.norm_eps)?;
+        let rot = self.rotation.as_ref();
+        let h = match rot {
+            Some(r) => rot_rows(&h, &r.hidden)?,
+            None => h,
+        };
         let q = b.q.forward(&h, hook)?.reshape((t, nh, hd))?;
         let k = b.k.forward(&h, hook)?.reshape((t, nkv, hd))?;
         let v = b.v.forward(&h, hook)?.reshape((t, nkv, hd))?;
@@ -480,19 +438,22 @@ impl Llama {
         };
         let probs = softmax_last(&scores)?;
         let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
+        let attn = match rot {
+            Some(r) => rot_rows(&attn, &r.attn)?,
+            None => attn,
+        };
         let x = (x + b.o.forward(&attn, hook)?)?;
 
         let h = rms_norm(&x, &b.ffn_norm, d.norm_eps)?;
+        let h = match rot {
+            Some(r) => rot_rows(&h, &r.hidden)?,
+            None => h,
+        };
         let g = b.gate.forward(&h, hook)?.silu()?;
         let u = b.up.forward(&h, hook)?;
         let mid = (g * u)?;
-        let mid = match &self.rotation {
-            Some(r) => {
-                let (t, f) = mid.dims2()?;
-                let mut v = mid.flatten_all()?.to_vec1::<f32>()?;
-                r.ffn.apply_rows(&mut v);
-                Tensor::from_vec(v, (t, f), &Device::Cpu)?
-            }
+        let mid = match rot {
+            Some(r) => rot_rows(&mid, &r.ffn)?,
             None => mid,
         };
         let m = b.down.forward(&mid, hook)?;
@@ -507,10 +468,7 @@ impl Llama {
 
     /// The final norm's output: the output head's input.
     pub fn final_normed(&self, x: &Tensor) -> Result<Tensor> {
-        match &self.rotation {
-            Some(r) => rms_norm(&x.matmul(&r.q.t()?)?, &self.final_norm, self.desc.norm_eps),
-            None => rms_norm(x, &self.final_norm, self.desc.norm_eps),
-        }
+        rms_norm(x, &self.final_norm, self.desc.norm_eps)
     }
 
     /// `(vocab, hidden)` of the embedding table.

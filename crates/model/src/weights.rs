@@ -13,8 +13,8 @@ pub trait Weights {
     /// The tensor decoded (dequantized) to f32.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer>;
-    /// Seed of the residual rotation the stored weights carry (bundles made with `--rotate`).
-    fn residual_rotation(&self) -> Option<u64> {
+    /// Seed of the input rotations the stored weights carry (bundles made with `--rotate`).
+    fn rotation_seed(&self) -> Option<u64> {
         None
     }
 }
@@ -55,7 +55,7 @@ impl Weights for BundleWeights {
     fn desc(&self) -> &ModelDesc {
         &self.desc
     }
-    fn residual_rotation(&self) -> Option<u64> {
+    fn rotation_seed(&self) -> Option<u64> {
         self.bundle.manifest.quantization["rotate"]["seed"].as_u64()
     }
     fn has(&self, name: &str) -> bool {

@@ -258,28 +258,33 @@ fn hook_sees_every_linear_input() {
 }
 
 #[test]
-fn residual_rotation_keeps_the_function() {
+fn input_rotation_keeps_the_function() {
     let hf = hf_weights();
     let plain = Llama::load(&hf.desc, &hf).unwrap();
     let mut rot = Llama::load(&hf.desc, &hf).unwrap();
-    let before = rot.blocks[0].q.weight_rows().unwrap().0;
-    let norms = rot.rotate_residual(7).unwrap();
-    assert_eq!(norms.len(), 4, "two norms per block come back, folded");
-    assert!(norms.iter().all(|(_, v)| v.iter().all(|&x| x == 1.0)));
-    let after = rot.blocks[0].q.weight_rows().unwrap().0;
-    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
-    assert!(moved > before.len() / 2, "weights are rotated");
+    let before: Vec<Vec<f32>> = rot.blocks[0]
+        .linears_mut()
+        .iter()
+        .map(|l| l.weight_rows().unwrap().0)
+        .collect();
+    rot.rotate(7).unwrap();
+    // Every linear layer's weight is rotated, the MLP's 48 = 16·3 wide input included.
+    for (l, b) in rot.blocks[0].linears_mut().iter().zip(&before) {
+        let a = l.weight_rows().unwrap().0;
+        let moved = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert!(moved > a.len() / 2, "{} is rotated", l.name);
+    }
     let (a, b) = (
         plain.forward(&TOKENS, None, None).unwrap(),
         rot.forward(&TOKENS, None, None).unwrap(),
     );
     let d = max_diff(&a, &b);
     assert!(d < 1e-4, "max logit difference {d}");
-    // The KV-cached path goes through the same online rotation.
+    // The KV-cached path goes through the same online rotations.
     let mut cache = KvCache::default();
     rot.forward(&TOKENS[..6], Some(&mut cache), None).unwrap();
     let step = rot.forward(&TOKENS[6..7], Some(&mut cache), None).unwrap();
     assert!(max_diff(&step, &a.narrow(0, 6, 1).unwrap()) < 1e-4);
-    assert!(rot.rotate_residual(7).is_err(), "rotating twice is refused");
+    assert!(rot.rotate(7).is_err(), "rotating twice is refused");
     assert_eq!(rot.rotation_seed(), Some(7));
 }

@@ -175,7 +175,7 @@ pub struct CalibSpec {
     pub refit: bool,
     /// Round linear layers onto llama.cpp block grids instead of adaptq's own groups.
     pub ggml: Option<GgmlSpec>,
-    /// Rotate the residual stream by the seeded Hadamard rotation first (`--rotate`).
+    /// Rotate every linear layer's input by seeded Hadamard rotations first (`--rotate`).
     pub rotate: Option<u64>,
 }
 
@@ -438,9 +438,7 @@ pub fn calibrate_llama(
 ) -> Result<Calibration> {
     let mut out = Calibration::default();
     if let Some(seed) = spec.rotate {
-        for (name, v) in m.rotate_residual(seed)? {
-            out.overrides.insert(name, v);
-        }
+        m.rotate(seed)?;
     }
     let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
     let n = m.blocks.len();

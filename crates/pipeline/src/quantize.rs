@@ -72,7 +72,7 @@ pub struct QuantizeConfig {
     pub lossless: Option<String>,
 }
 
-/// The residual rotation a bundle's weights carry; the model re-applies it online on load.
+/// The input rotations a bundle's weights carry; the model re-applies them online on load.
 #[derive(Debug, Clone, Serialize)]
 pub struct RotateSettings {
     pub kind: String,

@@ -120,8 +120,8 @@ pub fn build(dir: &Path) -> Result<Value> {
     }
     if let Some(seed) = q["rotate"]["seed"].as_u64() {
         notes.push(format!(
-            "Weights carry a residual Hadamard rotation (seed {seed}); adaptq applies it online \
-             when loading, and GGUF / GPTQ export is refused."
+            "Weights carry Hadamard rotations of their inputs (seed {seed}); adaptq rotates the \
+             inputs online when it runs the bundle, and GGUF / GPTQ export is refused."
         ));
     }
     if let Some(r) = v["totals"]["lossless_ratio"].as_f64() {
