@@ -179,7 +179,7 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     /// Rotations the blocks' weights carry (`--rotate`), applied online where they cannot be
     /// folded.
-    rotation: Option<Rotated>,
+    rotation: Option<Box<Rotated>>,
 }
 
 fn vec_tensor(w: &dyn Weights, name: &str) -> Result<Tensor> {
@@ -270,7 +270,7 @@ impl Llama {
             rotation: None,
         };
         if let Some(seed) = w.rotation_seed() {
-            m.rotation = Some(m.rotations(seed));
+            m.rotation = Some(Box::new(m.rotations(seed)));
         }
         Ok(m)
     }
@@ -317,7 +317,7 @@ impl Llama {
                 l.set_weight(w)?;
             }
         }
-        self.rotation = Some(r);
+        self.rotation = Some(Box::new(r));
         Ok(())
     }
 
