@@ -6,7 +6,7 @@
 # llama.cpp anchors for the same model and text are in ../shared/anchors/.
 #
 # Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 64), ONLY (a regex over the
-# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 4 hours on 2 cores. Rows with
+# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 6 hours on 2 cores. Rows with
 # --ggml-type are exported to GGUF and the GGUF file itself is evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +53,7 @@ rows=(
   "rtn4-sym-rot|--bits 4 --group-size 128 --sym $R"
   "gptq3-asym-rot|--method gptq --bits 3 --group-size 128 --rotate $C"
   "gptq4-sym-rot|--method gptq --bits 4 --group-size 128 --sym --rotate $C"
+  "novaq-2.5-rot|--preset high-quality --rotate $N"
   # llama.cpp block types (embedding Q8_0 as llama-quantize does), evaluated on the exported GGUF.
   "gguf-q4_0-rtn|--ggml-type q4_0"
   "gguf-q4_0-gptq|--method gptq --ggml-type q4_0 $C"
