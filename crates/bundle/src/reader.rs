@@ -7,6 +7,12 @@ use adaptq_quant::QuantizedTensor;
 use half::f16;
 use std::path::{Path, PathBuf};
 
+fn f16s(b: &[u8]) -> Vec<f16> {
+    b.chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
@@ -118,11 +124,6 @@ impl Bundle {
                 .map(|(_, b)| *b)
                 .unwrap_or(&[])
         };
-        let f16s = |b: &[u8]| {
-            b.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect::<Vec<_>>()
-        };
         let cols = *t.shape.last().unwrap_or(&1);
         Ok(QuantizedTensor {
             rows: t.numel() / cols.max(1),
@@ -163,11 +164,6 @@ impl Bundle {
                 .ok_or_else(|| {
                     BundleError::Invalid(format!("tensor '{}' lacks its part '{n}'", t.name))
                 })
-        };
-        let f16s = |b: &[u8]| {
-            b.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                .collect::<Vec<_>>()
         };
         let cols = *t.shape.last().unwrap_or(&1);
         let stages = stage_bits

@@ -736,70 +736,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 MethodArg::Rtn | MethodArg::Ternary if !rotate => None,
                 MethodArg::Ternary => unreachable!("refused above"),
                 MethodArg::Novaq if calib.is_none() => None,
-                MethodArg::Novaq => {
-                    if ggml.is_some() {
-                        bail!("NOVAQ codebooks are not GGML blocks; quantize to a bundle (export with --type re-rounds them)");
-                    }
+                MethodArg::Novaq | MethodArg::Gptq | MethodArg::Awq | MethodArg::Rtn => {
                     let calib = need_calib()?;
-                    let n = novaq.as_ref().expect("set for --method novaq");
-                    // The per-layer comparison in verification.json: round-to-nearest at the
-                    // nearest integer width below the budget, group 64 asymmetric.
-                    let spec = adaptq_pipeline::calibrate::CalibSpec {
-                        bits: (n.config.target_bits.floor() as u8).clamp(2, 8),
-                        group_size: 64,
-                        grid: Grid::Asymmetric,
-                        rounding: adaptq_pipeline::calibrate::Rounding::Novaq(n.config),
-                        awq: false,
-                        widths: Default::default(),
-                        keep_hessians: false,
-                        refit: false,
-                        ggml: None,
-                        rotate: rotate.then_some(seed),
-                    };
-                    let pb = calib_bar(source.desc().n_layers as u64, "novaq");
-                    let (cal, info) = adaptq_pipeline::calibrate::run(
-                        open_model(&src)?.source,
-                        calib,
-                        calib_samples,
-                        seq_len,
-                        seed,
-                        &spec,
-                        &mut |d, _| pb.set_position(d as u64),
-                    )?;
-                    pb.finish_and_clear();
-                    let mut extra = serde_json::Map::new();
-                    let layers: Vec<serde_json::Value> = cal
-                        .layers
-                        .iter()
-                        .filter_map(|(name, c)| {
-                            let r = c.novaq.as_ref()?;
-                            let mut v = serde_json::to_value(r).ok()?;
-                            v["name"] = name.clone().into();
-                            Some(v)
-                        })
-                        .collect();
-                    extra.insert("novaq".into(), layers.into());
-                    Some((cal, info, extra, Vec::new()))
-                }
-                MethodArg::Gptq | MethodArg::Awq | MethodArg::Rtn => {
-                    let calib = need_calib()?;
-                    let spec = adaptq_pipeline::calibrate::CalibSpec {
-                        bits,
-                        group_size,
-                        grid,
-                        rounding: if matches!(method, MethodArg::Gptq) {
-                            adaptq_pipeline::calibrate::Rounding::Gptq { damp, act_order }
-                        } else {
-                            adaptq_pipeline::calibrate::Rounding::Rtn
+                    let spec = match &novaq {
+                        Some(n) => {
+                            if ggml.is_some() {
+                                bail!("NOVAQ codebooks are not GGML blocks; quantize to a bundle (export with --type re-rounds them)");
+                            }
+                            // The per-layer comparison in verification.json: round-to-nearest
+                            // at the integer width below the budget, group 64 asymmetric.
+                            adaptq_pipeline::calibrate::CalibSpec {
+                                bits: (n.config.target_bits.floor() as u8).clamp(2, 8),
+                                group_size: 64,
+                                grid: Grid::Asymmetric,
+                                rounding: adaptq_pipeline::calibrate::Rounding::Novaq(n.config),
+                                awq: false,
+                                widths: Default::default(),
+                                keep_hessians: false,
+                                refit: false,
+                                ggml: None,
+                                rotate: rotate.then_some(seed),
+                            }
+                        }
+                        None => adaptq_pipeline::calibrate::CalibSpec {
+                            bits,
+                            group_size,
+                            grid,
+                            rounding: if matches!(method, MethodArg::Gptq) {
+                                adaptq_pipeline::calibrate::Rounding::Gptq { damp, act_order }
+                            } else {
+                                adaptq_pipeline::calibrate::Rounding::Rtn
+                            },
+                            awq: awq || matches!(method, MethodArg::Awq),
+                            widths: Default::default(),
+                            keep_hessians: false,
+                            refit,
+                            ggml,
+                            rotate: rotate.then_some(seed),
                         },
-                        awq: awq || matches!(method, MethodArg::Awq),
-                        widths: Default::default(),
-                        keep_hessians: false,
-                        refit,
-                        ggml,
-                        rotate: rotate.then_some(seed),
                     };
-                    let pb = calib_bar(source.desc().n_layers as u64, "calibrate");
+                    let pb = calib_bar(source.desc().n_layers as u64, method_name(method));
                     let (cal, info) = adaptq_pipeline::calibrate::run(
                         open_model(&src)?.source,
                         calib,
@@ -813,6 +789,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     let mut extra = serde_json::Map::new();
                     if !cal.awq.is_empty() {
                         extra.insert("awq".into(), serde_json::to_value(&cal.awq)?);
+                    }
+                    if novaq.is_some() {
+                        let layers: Vec<serde_json::Value> = cal
+                            .layers
+                            .iter()
+                            .filter_map(|(name, c)| {
+                                let mut v = serde_json::to_value(c.novaq.as_ref()?).ok()?;
+                                v["name"] = name.clone().into();
+                                Some(v)
+                            })
+                            .collect();
+                        extra.insert("novaq".into(), layers.into());
                     }
                     Some((cal, info, extra, Vec::new()))
                 }

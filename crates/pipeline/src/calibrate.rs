@@ -514,25 +514,24 @@ pub fn calibrate_llama(
             let (w, rows, cols) = lin.weight_rows()?;
             let (ow, _, _) = &originals[&lin.name];
             let oh = &orig_h[&lin.name];
+            // What plain rounding of the original weight at this width gives, for comparison.
+            let rtn_same_width = || -> Result<Vec<f32>> {
+                let cfg = RtnConfig {
+                    bits,
+                    group_size: spec.group_size,
+                    grid: spec.grid,
+                };
+                Ok(quantize_rtn(ow, rows, cols, &cfg)?.dequantize())
+            };
             let mut novaq = None;
             let ((q, refit), rtn) = if let Rounding::Novaq(_) = spec.rounding {
                 let (q, rep) = spec
                     .round_novaq(&lin.name, &w, rows, cols, h)
                     .with_context(|| format!("quantizing '{}' with NOVAQ", lin.name))?;
                 novaq = Some(rep);
-                let rtn = quantize_rtn(
-                    ow,
-                    rows,
-                    cols,
-                    &RtnConfig {
-                        bits,
-                        group_size: spec.group_size,
-                        grid: spec.grid,
-                    },
-                )?;
                 (
                     (q, Some((rep.error_before_refine, rep.error_after_refine))),
-                    rtn.dequantize(),
+                    rtn_same_width()?,
                 )
             } else if let Some(g) = &spec.ggml {
                 let (ty, _) = g.linear_for(cols)?;
@@ -546,17 +545,7 @@ pub fn calibrate_llama(
                 let (q, refit) = spec
                     .round_reporting(&w, rows, cols, h, bits)
                     .with_context(|| format!("quantizing '{}'", lin.name))?;
-                let rtn = quantize_rtn(
-                    ow,
-                    rows,
-                    cols,
-                    &RtnConfig {
-                        bits,
-                        group_size: spec.group_size,
-                        grid: spec.grid,
-                    },
-                )?;
-                ((LayerCodes::Int(q), refit), rtn.dequantize())
+                ((LayerCodes::Int(q), refit), rtn_same_width()?)
             };
             let deq = q.dequantize();
             let c = Calibrated {

@@ -183,6 +183,21 @@ impl LayerCodes {
     }
 }
 
+/// A `rows × cols` matrix of finite values, or the reason it is not one.
+pub(crate) fn check_matrix(w: &[f32], rows: usize, cols: usize) -> Result<(), QuantError> {
+    if rows * cols != w.len() || rows == 0 || cols == 0 {
+        return Err(QuantError::Shape {
+            rows,
+            cols,
+            len: w.len(),
+        });
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        return Err(QuantError::NonFinite(i));
+    }
+    Ok(())
+}
+
 /// Checks a matrix before quantization; returns the effective group size (0 or a size of at
 /// least `cols` both mean one group per row).
 pub(crate) fn check_input(
@@ -195,16 +210,7 @@ pub(crate) fn check_input(
     if !(2..=8).contains(&bits) {
         return Err(QuantError::Bits(bits));
     }
-    if rows * cols != w.len() {
-        return Err(QuantError::Shape {
-            rows,
-            cols,
-            len: w.len(),
-        });
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite(i));
-    }
+    check_matrix(w, rows, cols)?;
     Ok(if group_size == 0 || group_size >= cols {
         cols
     } else {

@@ -446,6 +446,7 @@ fn f16v(v: f64) -> f16 {
 }
 
 /// Normalization parameters, already rounded to f16 (so everything after uses stored values).
+#[derive(Clone)]
 struct Norm {
     mean: Vec<f16>,
     scale: Vec<f16>,
@@ -513,16 +514,7 @@ pub fn quantize_novaq(
     h: Option<&Hessian>,
     cfg: &NovaqConfig,
 ) -> Result<(CodebookTensor, NovaqReport), QuantError> {
-    if rows * cols != w.len() || rows == 0 || cols == 0 {
-        return Err(QuantError::Shape {
-            rows,
-            cols,
-            len: w.len(),
-        });
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        return Err(QuantError::NonFinite(i));
-    }
+    crate::check_matrix(w, rows, cols)?;
     if let Some(h) = h {
         if h.dim != cols {
             return Err(QuantError::Shape {
@@ -615,17 +607,13 @@ pub fn quantize_novaq(
     let codes = assign(w, rows, cols, &p, &norm, &books, &zw, h, cfg)?;
     let mut t = build(rows, cols, &p, &norm, &books, &codes);
     let err = |t: &CodebookTensor| match &hm {
-        Some(m) => rel_error(w, &t.dequantize(), rows, cols, m),
+        Some(m) => rel_error(w, &t.dequantize(), cols, m),
         None => rel_error_plain(w, &t.dequantize()),
     };
     let before = err(&t);
     let mut after = before;
     if let (Some(m), true) = (&hm, cfg.refine_iterations > 0) {
-        let mut norm2 = Norm {
-            mean: norm.mean.clone(),
-            scale: norm.scale.clone(),
-            col: norm.col.clone(),
-        };
+        let mut norm2 = norm.clone();
         let mut books2 = books.clone();
         refine_books(
             w,
@@ -823,7 +811,7 @@ fn assign(
 }
 
 /// `Σ (w−q) H (w−q)ᵀ / Σ w H wᵀ` over rows.
-fn rel_error(w: &[f32], q: &[f32], _rows: usize, cols: usize, hm: &[f64]) -> f64 {
+fn rel_error(w: &[f32], q: &[f32], cols: usize, hm: &[f64]) -> f64 {
     let e: Vec<f64> = w.iter().zip(q).map(|(a, b)| (a - b) as f64).collect();
     let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
     let h = hmat(hm, cols);
@@ -848,7 +836,6 @@ fn rel_error_plain(w: &[f32], q: &[f32]) -> f64 {
 
 /// `V[r][c] = s_r k_c Σ_s θ_s[code_s(r, c/d)][c%d]`: the part of the reconstruction that is
 /// linear in the codebooks.
-#[allow(clippy::too_many_arguments)]
 fn apply_books(
     rows: usize,
     cols: usize,
@@ -1130,7 +1117,7 @@ mod tests {
             t.plan().storage_bits(rows, cols)
         );
         assert!(rep.bits_per_weight <= 3.0);
-        let got = rel_error(&w, &t.dequantize(), rows, cols, &h.matrix());
+        let got = rel_error(&w, &t.dequantize(), cols, &h.matrix());
         assert!((got - rep.error_after_refine).abs() < 1e-12);
         assert!(got < 0.2, "relative output error {got}");
     }
@@ -1142,7 +1129,7 @@ mod tests {
         let cfg = small_cfg(2.5);
         let hm = h.matrix();
         let (plain, _) = quantize_novaq(&w, rows, cols, None, &cfg).unwrap();
-        let plain_err = rel_error(&w, &plain.dequantize(), rows, cols, &hm);
+        let plain_err = rel_error(&w, &plain.dequantize(), cols, &hm);
         let (_, rep) = quantize_novaq(&w, rows, cols, Some(&h), &cfg).unwrap();
         assert!(
             rep.error_before_refine < plain_err,
