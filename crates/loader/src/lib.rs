@@ -15,6 +15,7 @@
 extern crate alloc;
 
 pub mod codebook;
+pub mod names;
 pub mod pack;
 pub mod rans;
 
