@@ -1,10 +1,12 @@
-//! Streaming bundle writer. Everything goes into a hidden temp folder next to the target and is
-//! renamed into place only after the manifest is written, so an interrupted run (crash, disk
-//! full) never leaves a folder at the target path, let alone one that `verify` accepts.
+//! Streaming bundle writer. Everything goes into a staging folder next to the target and is
+//! swapped into place ([`crate::output`]) only after the manifest is written, so an interrupted
+//! run (crash, disk full) never leaves a half-written folder at the target path, let alone one
+//! that `verify` accepts.
 
 use crate::manifest::{
     shard_name, FileDigest, Generator, Manifest, Part, Segment, ShardInfo, SourceRef,
 };
+use crate::output::{Kind, Staged};
 use crate::{
     io_err, BundleError, Encoding, Result, TensorEntry, MANIFEST, MAX_SHARD_BYTES, SCHEMA_VERSION,
 };
@@ -31,14 +33,14 @@ impl Default for WriterOptions {
 }
 
 pub struct BundleWriter {
-    target: PathBuf,
+    /// The staging folder; removed on drop unless the bundle was committed.
+    staged: Staged,
     tmp: PathBuf,
     opts: WriterOptions,
     buf: Vec<u8>,
     shards: Vec<ShardInfo>,
     tensors: Vec<TensorEntry>,
     files: Vec<FileDigest>,
-    finished: bool,
 }
 
 impl BundleWriter {
@@ -49,34 +51,15 @@ impl BundleWriter {
                 opts.shard_max_bytes
             )));
         }
-        if target.exists() && !opts.force {
-            return Err(BundleError::Exists(target.to_path_buf()));
-        }
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-        let name = target
-            .file_name()
-            .ok_or_else(|| {
-                BundleError::Invalid(format!("{} is not a folder name", target.display()))
-            })?
-            .to_string_lossy();
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-        }
-        std::fs::create_dir(&tmp).map_err(io_err(&tmp))?;
+        let staged = Staged::new(target, opts.force, Kind::Folder)?;
         Ok(BundleWriter {
-            target: target.to_path_buf(),
-            tmp,
+            tmp: staged.path().to_path_buf(),
+            staged,
             opts,
             buf: Vec::new(),
             shards: Vec::new(),
             tensors: Vec::new(),
             files: Vec::new(),
-            finished: false,
         })
     }
 
@@ -230,28 +213,8 @@ impl BundleWriter {
         m.manifest_digest = crate::manifest_digest(&text).expect("digest field present");
         let text = serde_json::to_string_pretty(&m).expect("manifest serializes") + "\n";
         write_file(&self.tmp.join(MANIFEST), text.as_bytes())?;
-        if self.target.exists() {
-            if !self.opts.force {
-                return Err(BundleError::Exists(self.target.clone()));
-            }
-            let old = self.tmp.with_extension("old");
-            std::fs::rename(&self.target, &old).map_err(io_err(&self.target))?;
-            std::fs::rename(&self.tmp, &self.target).map_err(io_err(&self.target))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&self.tmp, &self.target).map_err(io_err(&self.target))?;
-        }
-        self.finished = true;
+        self.staged.commit(Kind::Folder)?;
         Ok(m)
-    }
-}
-
-impl Drop for BundleWriter {
-    /// An unfinished bundle (error, panic, interrupt) is removed rather than left half-written.
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
     }
 }
 

@@ -218,7 +218,8 @@ enum Cmd {
         /// GPTQ: quantize columns by decreasing activation energy (static groups).
         #[arg(long)]
         act_order: bool,
-        /// Replace the output folder if it exists.
+        /// Replace --out if it exists and adaptq wrote it (a bundle, or a GGUF it exported);
+        /// any other file or folder there is refused, never deleted.
         #[arg(long)]
         force: bool,
         /// Output format: a bundle folder, or a GGUF file (--out names the .gguf; the
@@ -295,6 +296,10 @@ enum Cmd {
         /// Print the per-tensor summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Replace an existing --out, only if adaptq wrote it (a GGUF it exported, or a
+        /// folder it created); anything else is refused.
+        #[arg(long)]
+        force: bool,
     },
     /// SHA-256 of every tensor's values as this tool decodes them (f32, little-endian), one
     /// JSON object; lets an independent reader prove it decodes a file identically.
@@ -511,18 +516,41 @@ fn verified_bundle(dir: &Path) -> Result<adaptq_bundle::Bundle> {
 }
 
 /// Verifies `dir`, writes it as GGUF at `out` and prints what was written.
+/// What a forced run may replace at a GGUF output path: a GGUF adaptq wrote.
+fn gguf_kind() -> adaptq_bundle::output::Kind<'static> {
+    adaptq_bundle::output::Kind::File {
+        is_ours: &adaptq_export::is_adaptq_gguf,
+    }
+}
+
+/// Says which flag replaces an existing output, for the one error that needs it.
+fn force_hint(e: adaptq_bundle::BundleError) -> anyhow::Error {
+    match e {
+        adaptq_bundle::BundleError::Exists(p) => anyhow::anyhow!(
+            "{} already exists (use --force to replace it, if adaptq wrote it)",
+            p.display()
+        ),
+        e => e.into(),
+    }
+}
+
 fn export_bundle_gguf(
     dir: &Path,
     out: &Path,
     ty: Option<adaptq_quant::ggml::BlockType>,
     json: bool,
+    force: bool,
 ) -> Result<()> {
+    adaptq_bundle::output::check_replaceable(out, force, gguf_kind()).map_err(force_hint)?;
     let b = verified_bundle(dir)?;
     let pb = bar(b.manifest.tensors.len() as u64, "export");
     let s = adaptq_export::export_gguf(
         &b,
         out,
-        &adaptq_export::ExportOptions { force_type: ty },
+        &adaptq_export::ExportOptions {
+            force_type: ty,
+            force,
+        },
         &mut |d, _| pb.set_position(d as u64),
     )?;
     pb.finish_and_clear();
@@ -565,6 +593,14 @@ fn export_bundle_gguf(
 }
 
 fn main() -> ExitCode {
+    // `adaptq info … | head` must end quietly like any Unix tool, not panic in println!.
+    // Rust ignores SIGPIPE by default; restoring the default is safe for the hub client
+    // because std's sockets send with MSG_NOSIGNAL on Linux, so they still see EPIPE errors.
+    #[cfg(target_os = "linux")]
+    // SAFETY: called once at start-up before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -683,31 +719,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 None => None,
             };
-            // GGUF: quantize into a bundle beside the file, export it, then drop the bundle.
+            // GGUF: quantize into a bundle in a scratch folder beside the file, export it, then
+            // drop the scratch folder. What is at --out is checked before any work.
             let gguf_out = (format == FormatArg::Gguf).then(|| out.clone());
-            let out = match &gguf_out {
+            let force_gguf = force;
+            let (out, force, _scratch) = match &gguf_out {
                 Some(g) => {
-                    if g.exists() && !force {
-                        bail!("{} already exists (use --force to replace it)", g.display());
-                    }
-                    let name = g.file_name().context("--out must name a file")?;
-                    g.with_file_name(format!(".{}.bundle.partial", name.to_string_lossy()))
+                    adaptq_bundle::output::check_replaceable(g, force, gguf_kind())
+                        .map_err(force_hint)?;
+                    let scratch = adaptq_bundle::output::Staged::scratch(g)?;
+                    (scratch.path().join("bundle"), false, Some(scratch))
                 }
-                None => out,
+                None => {
+                    adaptq_bundle::output::check_replaceable(
+                        &out,
+                        force,
+                        adaptq_bundle::output::Kind::Folder,
+                    )
+                    .map_err(force_hint)?;
+                    (out, force, None)
+                }
             };
-            let force = force || gguf_out.is_some();
             if lo != hi && !matches!(method, MethodArg::Apq) {
                 bail!("--bits {bits} is a range; only --method apq mixes widths");
             }
             let bits = hi;
             let opened = open_model(&src)?;
             let source = &opened.source;
-            if out.exists() && !force {
-                bail!(
-                    "output folder {} already exists (use --force to replace it)",
-                    out.display()
-                );
-            }
             let grid = if sym {
                 Grid::Symmetric
             } else {
@@ -960,9 +998,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("  OVERALL_STATUS {}", summary.verification.overall_status);
             println!("  global digest {}", summary.manifest.global_digest);
             if let Some(g) = &gguf_out {
-                let res = export_bundle_gguf(&out, g, None, false);
-                let _ = std::fs::remove_dir_all(&out);
-                res?;
+                export_bundle_gguf(&out, g, None, false, force_gguf)?;
             }
             Ok(if summary.verification.overall_status == "PASS" {
                 ExitCode::SUCCESS
@@ -1033,16 +1069,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             ty,
             json,
             max_shard_size,
+            force,
         } => {
             match to {
                 ExportTo::Gguf => {
                     let ty = ty.as_deref().map(parse_ggml).transpose()?;
-                    export_bundle_gguf(&dir, &out, ty, json)?;
+                    export_bundle_gguf(&dir, &out, ty, json, force)?;
                 }
                 ExportTo::HfGptq => {
                     if ty.is_some() {
                         bail!("--type applies to --to gguf");
                     }
+                    adaptq_bundle::output::check_replaceable(
+                        &out,
+                        force,
+                        adaptq_bundle::output::Kind::Folder,
+                    )
+                    .map_err(force_hint)?;
                     let b = verified_bundle(&dir)?;
                     let pb = bar(b.manifest.tensors.len() as u64, "export");
                     let s = adaptq_export::export_hf_gptq(
@@ -1050,6 +1093,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         &out,
                         &adaptq_export::HfGptqOptions {
                             max_shard_bytes: max_shard_size,
+                            force,
                         },
                         &mut |d, _| pb.set_position(d as u64),
                     )?;

@@ -133,7 +133,7 @@ fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
 }
 
 #[test]
-fn existing_output_is_refused_and_force_replaces() {
+fn existing_output_is_refused_and_force_replaces_only_a_bundle() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("exists");
     std::fs::create_dir(&out).unwrap();
@@ -145,14 +145,24 @@ fn existing_output_is_refused_and_force_replaces() {
         "{}",
         text(&o)
     );
-    assert!(
-        out.join("keep.txt").exists(),
-        "refused run must not touch the folder"
-    );
+    // --force replaces only what adaptq wrote: a folder of the user's survives it.
     let o = quantize(&out, &["--bits", "8", "--force"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"user data");
+    let bundle = t.path().join("bundle");
+    let o = quantize(&bundle, &["--bits", "8"]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(!out.join("keep.txt").exists());
-    assert!(adaptq(&["verify", out.to_str().unwrap()]).status.success());
+    let o = quantize(&bundle, &["--bits", "4", "--force"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(adaptq(&["verify", bundle.to_str().unwrap()])
+        .status
+        .success());
+    let left: Vec<String> = files(t.path())
+        .into_iter()
+        .filter(|f| f.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "staging left behind: {left:?}");
 }
 
 #[test]

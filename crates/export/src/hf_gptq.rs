@@ -9,6 +9,7 @@
 //! back to Hugging Face's rotate-half layout (whole rows move, so values stay exact).
 
 use crate::safetensors::{Dtype, ShardedWriter, StTensor};
+use adaptq_bundle::output::{Kind as OutKind, Staged};
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::{pack, Grid, QuantizedTensor};
 use anyhow::{bail, Context, Result};
@@ -20,12 +21,15 @@ use std::path::Path;
 pub struct HfGptqOptions {
     /// Largest safetensors shard; more than one shard adds `model.safetensors.index.json`.
     pub max_shard_bytes: u64,
+    /// Replace an existing output folder (only one adaptq wrote: see `adaptq_bundle::output`).
+    pub force: bool,
 }
 
 impl Default for HfGptqOptions {
     fn default() -> Self {
         HfGptqOptions {
             max_shard_bytes: 4 << 30,
+            force: false,
         }
     }
 }
@@ -250,6 +254,8 @@ pub fn export_hf_gptq(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HfGptqSummary> {
     crate::refuse_rotated(bundle)?;
+    // Refused before any work when the folder is taken by something adaptq did not write.
+    let staged = Staged::new(out, opts.force, OutKind::Folder)?;
     let meta = meta_of(bundle)?;
     let mut cfg: Option<(u8, usize)> = None;
     let mut plan = Vec::new();
@@ -333,14 +339,9 @@ pub fn export_hf_gptq(
         }
     }
 
-    let name = out
-        .file_name()
-        .with_context(|| format!("{}: not a folder path", out.display()))?;
-    let tmp = out.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
+    let tmp = staged.path().to_path_buf();
+    // Marks the folder as adaptq's, so a later forced export may replace it.
+    std::fs::write(tmp.join(adaptq_bundle::output::MARKER), b"")?;
     let result = (|| -> Result<HfGptqSummary> {
         let mut w = ShardedWriter::create(&tmp, st, opts.max_shard_bytes)?;
         for (i, p) in plan.iter().enumerate() {
@@ -482,20 +483,9 @@ pub fn export_hf_gptq(
             files,
         })
     })();
-    match result {
-        Ok(s) => {
-            if out.exists() {
-                std::fs::remove_dir_all(out)
-                    .with_context(|| format!("replacing {}", out.display()))?;
-            }
-            std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
-            Ok(s)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    let summary = result?;
+    staged.commit(OutKind::Folder)?;
+    Ok(summary)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ pub mod hf_gptq;
 pub mod safetensors;
 pub mod writer;
 
-pub use gguf::{export_gguf, ExportOptions, ExportSummary, ExportedTensor};
+pub use gguf::{export_gguf, is_adaptq_gguf, ExportOptions, ExportSummary, ExportedTensor};
 pub use hf_gptq::{export_hf_gptq, HfGptqOptions, HfGptqSummary};
 pub use writer::{GgufWriter, TensorPlan};
 

@@ -4,7 +4,7 @@
 use crate::llama::softmax_last;
 use crate::Weights;
 use adaptq_source::model::ModelDesc;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, D};
 
 struct Dense {
@@ -15,13 +15,11 @@ struct Dense {
 impl Dense {
     fn load(w: &dyn Weights, prefix: &str) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let s = w
-            .shape(&name)
-            .with_context(|| format!("model lacks '{name}'"))?;
-        let wt = Tensor::from_vec(w.read(&name)?, (s[0], s[1]), &Device::Cpu)?
+        let (rows, cols) = w.matrix(&name)?;
+        let wt = Tensor::from_vec(w.read(&name)?, (rows, cols), &Device::Cpu)?
             .t()?
             .contiguous()?;
-        let b = Tensor::from_vec(w.read(&format!("{prefix}.bias"))?, s[0], &Device::Cpu)?;
+        let b = Tensor::from_vec(w.read(&format!("{prefix}.bias"))?, rows, &Device::Cpu)?;
         Ok(Dense { wt, b })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -80,11 +78,15 @@ pub struct Bert {
 impl Bert {
     pub fn load(desc: &ModelDesc, w: &dyn Weights) -> Result<Self> {
         let table = |name: &str| -> Result<Tensor> {
-            let s = w
-                .shape(name)
-                .with_context(|| format!("model lacks '{name}'"))?;
-            Ok(Tensor::from_vec(w.read(name)?, (s[0], s[1]), &Device::Cpu)?)
+            Ok(Tensor::from_vec(
+                w.read(name)?,
+                w.matrix(name)?,
+                &Device::Cpu,
+            )?)
         };
+        crate::check_layer_count(w, desc.n_layers, |i| {
+            format!("encoder.layer.{i}.attention.self.query.weight")
+        })?;
         let mut layers = Vec::new();
         for i in 0..desc.n_layers {
             let p = format!("encoder.layer.{i}");

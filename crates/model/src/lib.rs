@@ -47,6 +47,23 @@ impl LoadedModel {
 }
 
 /// Loads a model file/folder or an adaptq bundle, with its tokenizer.
+/// Refuses a layer count the weights do not back (a header may claim 2^32 layers): the last
+/// layer's first tensor must be there. Checked before anything is sized from the count.
+pub(crate) fn check_layer_count(
+    w: &dyn Weights,
+    n_layers: usize,
+    first_tensor: impl Fn(usize) -> String,
+) -> Result<()> {
+    if n_layers == 0 {
+        bail!("the model declares no layers");
+    }
+    let last = first_tensor(n_layers - 1);
+    if !w.has(&last) {
+        bail!("the model declares {n_layers} layers, but has no tensor '{last}'");
+    }
+    Ok(())
+}
+
 pub fn load(path: &Path) -> Result<LoadedModel> {
     load_weights(open_weights(path)?, path.display().to_string())
 }

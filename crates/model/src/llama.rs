@@ -21,19 +21,25 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(w: &dyn Weights, name: &str, bias: Option<&str>) -> Result<Self> {
-        let shape = w
-            .shape(name)
-            .with_context(|| format!("model lacks tensor '{name}'"))?;
-        if shape.len() != 2 {
-            bail!("tensor '{name}' has shape {shape:?}, expected a matrix");
+    /// Loads `name`, which must be `[out, in]` as the model's dimensions say.
+    fn load(
+        w: &dyn Weights,
+        name: &str,
+        bias: Option<&str>,
+        (o, i): (usize, usize),
+    ) -> Result<Self> {
+        let (rows, cols) = w.matrix(name)?;
+        if (rows, cols) != (o, i) {
+            bail!(
+                "tensor '{name}' is [{rows}, {cols}], but the model's dimensions need [{o}, {i}]"
+            );
         }
         let data = w.read(name)?;
-        let wt = Tensor::from_vec(data, (shape[0], shape[1]), &Device::Cpu)?
+        let wt = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?
             .t()?
             .contiguous()?;
         let bias = match bias {
-            Some(b) if w.has(b) => Some(Tensor::from_vec(w.read(b)?, shape[0], &Device::Cpu)?),
+            Some(b) if w.has(b) => Some(Tensor::from_vec(w.read(b)?, rows, &Device::Cpu)?),
             _ => None,
         };
         Ok(Linear {
@@ -182,9 +188,13 @@ pub struct Llama {
     rotation: Option<Box<Rotated>>,
 }
 
-fn vec_tensor(w: &dyn Weights, name: &str) -> Result<Tensor> {
+/// A norm weight, which must have `len` values.
+fn vec_tensor(w: &dyn Weights, name: &str, len: usize) -> Result<Tensor> {
     let v = w.read(name).with_context(|| format!("reading '{name}'"))?;
     let n = v.len();
+    if n != len {
+        bail!("tensor '{name}' holds {n} values, but the model's hidden size is {len}");
+    }
     Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
 }
 
@@ -221,40 +231,61 @@ impl Llama {
                 "lm_head.weight",
             )
         };
-        let eshape = w
-            .shape(embed_name)
-            .with_context(|| format!("model lacks '{embed_name}'"))?;
-        let embed = Tensor::from_vec(w.read(embed_name)?, (eshape[0], eshape[1]), &Device::Cpu)?;
+        let d = desc.hidden;
+        let hd = desc.head_dim();
+        if d == 0
+            || desc.n_heads == 0
+            || desc.n_kv_heads == 0
+            || d % desc.n_heads != 0
+            || desc.n_heads % desc.n_kv_heads != 0
+            || hd % 2 != 0
+        {
+            bail!(
+                "model dimensions do not fit together: hidden {d}, {} heads, {} kv heads",
+                desc.n_heads,
+                desc.n_kv_heads
+            );
+        }
+        let (vocab, ecols) = w.matrix(embed_name)?;
+        if ecols != d {
+            bail!(
+                "tensor '{embed_name}' is [{vocab}, {ecols}], but the model's hidden size is {d}"
+            );
+        }
+        let embed = Tensor::from_vec(w.read(embed_name)?, (vocab, ecols), &Device::Cpu)?;
         let tied = !w.has(head_name);
         let head_t = if tied {
             embed.t()?.contiguous()?
         } else {
-            Linear::load(w, head_name, None)?.wt
+            Linear::load(w, head_name, None, (vocab, d))?.wt
         };
-        let mut blocks = Vec::with_capacity(desc.n_layers);
+        crate::check_layer_count(w, desc.n_layers, |i| {
+            n(i, "attn_q.weight", "self_attn.q_proj.weight")
+        })?;
+        let (q_out, kv_out, ffn) = (desc.n_heads * hd, desc.n_kv_heads * hd, desc.ffn_dim);
+        let mut blocks = Vec::new();
         for i in 0..desc.n_layers {
-            let lin = |g: &str, h: &str, bias: bool| {
+            let lin = |g: &str, h: &str, bias: bool, expect: (usize, usize)| {
                 let name = n(i, &format!("{g}.weight"), &format!("{h}.weight"));
                 let b = n(i, &format!("{g}.bias"), &format!("{h}.bias"));
-                Linear::load(w, &name, bias.then_some(b.as_str()))
+                Linear::load(w, &name, bias.then_some(b.as_str()), expect)
             };
             let attn_norm_name = n(i, "attn_norm.weight", "input_layernorm.weight");
             let ffn_norm_name = n(i, "ffn_norm.weight", "post_attention_layernorm.weight");
             blocks.push(Block {
-                attn_norm: vec_tensor(w, &attn_norm_name)?,
+                attn_norm: vec_tensor(w, &attn_norm_name, d)?,
                 attn_norm_name,
-                q: lin("attn_q", "self_attn.q_proj", true)?,
-                k: lin("attn_k", "self_attn.k_proj", true)?,
-                v: lin("attn_v", "self_attn.v_proj", true)?,
-                o: lin("attn_output", "self_attn.o_proj", false)?,
-                ffn_norm: vec_tensor(w, &ffn_norm_name)?,
+                q: lin("attn_q", "self_attn.q_proj", true, (q_out, d))?,
+                k: lin("attn_k", "self_attn.k_proj", true, (kv_out, d))?,
+                v: lin("attn_v", "self_attn.v_proj", true, (kv_out, d))?,
+                o: lin("attn_output", "self_attn.o_proj", false, (d, q_out))?,
+                ffn_norm: vec_tensor(w, &ffn_norm_name, d)?,
                 ffn_norm_name,
-                gate: lin("ffn_gate", "mlp.gate_proj", false)?,
-                up: lin("ffn_up", "mlp.up_proj", false)?,
-                down: lin("ffn_down", "mlp.down_proj", false)?,
+                gate: lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
+                up: lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
+                down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
             });
         }
-        let hd = desc.head_dim();
         let inv_freq = (0..hd / 2)
             .map(|i| (desc.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64) as f32)
             .collect();
@@ -264,7 +295,7 @@ impl Llama {
             embed_name: embed_name.to_string(),
             head_t,
             tied,
-            final_norm: vec_tensor(w, norm_name)?,
+            final_norm: vec_tensor(w, norm_name, d)?,
             blocks,
             inv_freq,
             rotation: None,

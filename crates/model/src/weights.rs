@@ -17,6 +17,15 @@ pub trait Weights {
     fn rotation_seed(&self) -> Option<u64> {
         None
     }
+    /// The `[rows, cols]` of a matrix tensor; an error (not a panic) when it is absent or not
+    /// 2-D, since shapes come from files.
+    fn matrix(&self, name: &str) -> Result<(usize, usize)> {
+        match self.shape(name).as_deref() {
+            Some(&[r, c]) => Ok((r, c)),
+            Some(s) => anyhow::bail!("tensor '{name}' has shape {s:?}, expected a matrix"),
+            None => anyhow::bail!("model lacks tensor '{name}'"),
+        }
+    }
 }
 
 struct SourceWeights(Box<dyn TensorSource>);

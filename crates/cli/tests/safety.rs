@@ -1,0 +1,180 @@
+//! What adaptq may replace at `--out`, and what killed runs leave behind (issue 18, items 2, 10
+//! and 13's broken pipe), end to end on the real SmolLM2 GGUF.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn gguf() -> PathBuf {
+    adaptq_testutil::smollm2_gguf()
+}
+
+fn adaptq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(args)
+        .output()
+        .expect("runs adaptq")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(o: Output) -> Output {
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+const RTN8: &[&str] = &["--method", "rtn", "--bits", "8", "--group-size", "64"];
+
+fn quantize(src: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut a = vec!["quantize", s(src), "--out", s(out)];
+    a.extend_from_slice(RTN8);
+    a.extend_from_slice(extra);
+    adaptq(&a)
+}
+
+fn dot_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn hf_gptq_export_never_deletes_a_folder_it_did_not_write() {
+    let t = tempfile::tempdir().unwrap();
+    let bundle = t.path().join("b");
+    let src = gguf();
+    let mut a = vec!["quantize", s(&src), "--out", s(&bundle)];
+    a.extend_from_slice(&[
+        "--method",
+        "rtn",
+        "--bits",
+        "4",
+        "--group-size",
+        "64",
+        "--sym",
+    ]);
+    ok(adaptq(&a));
+    let user = t.path().join("photos");
+    std::fs::create_dir(&user).unwrap();
+    std::fs::write(user.join("holiday.jpg"), b"irreplaceable").unwrap();
+    let export = |out: &Path, force: bool| {
+        let mut a = vec!["export", s(&bundle), "--to", "hf-gptq", "--out", s(out)];
+        if force {
+            a.push("--force");
+        }
+        adaptq(&a)
+    };
+    for force in [false, true] {
+        let o = export(&user, force);
+        assert!(!o.status.success(), "export over a user folder succeeded");
+        assert_eq!(
+            std::fs::read(user.join("holiday.jpg")).unwrap(),
+            b"irreplaceable"
+        );
+    }
+    // Its own export is replaced with --force, and only with it.
+    let out = t.path().join("gptq");
+    ok(export(&out, false));
+    assert!(!export(&out, false).status.success());
+    ok(export(&out, true));
+    assert!(out.join("config.json").exists());
+    assert!(
+        dot_entries(t.path()).is_empty(),
+        "{:?}",
+        dot_entries(t.path())
+    );
+}
+
+#[test]
+fn forced_quantize_keeps_the_source_model_folder_and_foreign_gguf() {
+    let t = tempfile::tempdir().unwrap();
+    let models = t.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    let src = models.join("model.gguf");
+    std::fs::copy(gguf(), &src).unwrap();
+    let before = std::fs::metadata(&src).unwrap().len();
+    let o = quantize(&src, &models, &["--force"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    assert_eq!(std::fs::metadata(&src).unwrap().len(), before);
+    // A GGUF adaptq did not write is refused as a --format gguf target, before any work.
+    let o = quantize(&src, &src, &["--format", "gguf", "--force"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    assert_eq!(std::fs::metadata(&src).unwrap().len(), before);
+    // Its own GGUF is replaced.
+    let mine = t.path().join("mine.gguf");
+    ok(quantize(&src, &mine, &["--format", "gguf"]));
+    ok(quantize(&src, &mine, &["--format", "gguf", "--force"]));
+    assert!(
+        dot_entries(t.path()).is_empty(),
+        "{:?}",
+        dot_entries(t.path())
+    );
+}
+
+#[test]
+fn killed_runs_leave_the_old_bundle_and_nothing_that_blocks_the_next() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("b");
+    ok(quantize(&gguf(), &out, &[]));
+    // SIGKILL while the replacement is being written: the old bundle stays whole.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(["quantize", s(&gguf()), "--out", s(&out), "--force"])
+        .args(RTN8)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = t.path().join(format!(".b.partial-{}", child.id()));
+    let start = Instant::now();
+    while !staging.exists() && start.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    ok(adaptq(&["verify", s(&out)]));
+    // What killed runs leave (a staging folder, the old bundle moved aside by a swap cut short)
+    // belongs to dead processes: the next forced run clears it and succeeds.
+    for stale in [".b.partial-4294967295", ".b.partial-4294967294-old"] {
+        let d = t.path().join(stale);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("manifest.json"), b"{}").unwrap();
+    }
+    ok(quantize(&gguf(), &out, &["--force"]));
+    ok(adaptq(&["verify", s(&out)]));
+    assert!(
+        dot_entries(t.path()).is_empty(),
+        "{:?}",
+        dot_entries(t.path())
+    );
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+        .args(["info", s(&gguf())])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(o.status.code(), Some(101), "{err}");
+}
