@@ -178,3 +178,107 @@ fn closed_stdout_ends_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(o.status.code(), Some(101), "{err}");
 }
+
+/// The SmolLM2 GGUF with the u32 value of `key` overwritten.
+fn gguf_with_u32(key: &str, value: u32, out: &Path) {
+    let mut b = std::fs::read(gguf()).unwrap();
+    let at = b
+        .windows(key.len())
+        .position(|w| w == key.as_bytes())
+        .expect("key in the header");
+    let v = at + key.len() + 4;
+    assert_eq!(&b[at + key.len()..v], &4u32.to_le_bytes(), "{key} is a u32");
+    b[v..v + 4].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(out, b).unwrap();
+}
+
+#[test]
+fn a_layer_count_the_file_does_not_back_is_an_error_not_an_abort() {
+    let t = tempfile::tempdir().unwrap();
+    let bad = t.path().join("bad.gguf");
+    gguf_with_u32("llama.block_count", u32::MAX, &bad);
+    let corpus = t.path().join("t.txt");
+    std::fs::write(
+        &corpus,
+        "It is a truth universally acknowledged. ".repeat(40),
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "eval",
+            s(&bad),
+            "--text",
+            s(&corpus),
+            "--ctx",
+            "64",
+            "--chunks",
+            "1",
+        ],
+        vec![
+            "quantize",
+            s(&bad),
+            "--out",
+            s(&t.path().join("q")),
+            "--method",
+            "gptq",
+            "--calib",
+            s(&corpus),
+        ],
+    ] {
+        let o = adaptq(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains("4294967295 layers"), "{}", text(&o));
+    }
+}
+
+#[test]
+fn a_rehashed_bundle_with_a_flat_embedding_is_refused_cleanly() {
+    let t = tempfile::tempdir().unwrap();
+    let b = t.path().join("b");
+    let src = gguf();
+    ok(adaptq(&[
+        "quantize",
+        s(&src),
+        "--out",
+        s(&b),
+        "--method",
+        "rtn",
+        "--bits",
+        "8",
+        "--embeddings",
+        "f16",
+    ]));
+    let mp = b.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    let emb = m["tensors"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|t| t["name"] == "token_embd.weight")
+        .unwrap();
+    let numel: u64 = emb["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap())
+        .product();
+    emb["shape"] = serde_json::json!([numel]);
+    let json = serde_json::to_string_pretty(&m).unwrap() + "\n";
+    let digest = adaptq_bundle::manifest_digest(&json).unwrap();
+    m["manifest_digest"] = serde_json::json!(digest);
+    std::fs::write(&mp, serde_json::to_string_pretty(&m).unwrap() + "\n").unwrap();
+    let corpus = t.path().join("t.txt");
+    std::fs::write(&corpus, "A short text to score. ".repeat(40)).unwrap();
+    let o = adaptq(&[
+        "eval",
+        s(&b),
+        "--text",
+        s(&corpus),
+        "--ctx",
+        "64",
+        "--chunks",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("token_embd.weight"), "{}", text(&o));
+}
