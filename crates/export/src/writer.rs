@@ -71,17 +71,11 @@ fn put_value<W: Write>(w: &mut W, v: &Value) -> Result<()> {
         Value::U64(x) => w.write_all(&x.to_le_bytes())?,
         Value::I64(x) => w.write_all(&x.to_le_bytes())?,
         Value::F64(x) => w.write_all(&x.to_le_bytes())?,
-        Value::Array(ety, items) => {
-            w.write_all(&ety.to_le_bytes())?;
-            w.write_all(&(items.len() as u64).to_le_bytes())?;
-            for it in items {
-                if type_id(it) != *ety {
-                    bail!(
-                        "GGUF array of type {ety} holds an item of type {}",
-                        type_id(it)
-                    );
-                }
-                put_value(w, it)?;
+        Value::Array(a) => {
+            w.write_all(&a.element_type().to_le_bytes())?;
+            w.write_all(&(a.len() as u64).to_le_bytes())?;
+            for it in a.iter() {
+                put_value(w, &it)?;
             }
         }
     }
@@ -195,7 +189,7 @@ impl<W: Write> GgufWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use adaptq_source::gguf::parse_header;
+    use adaptq_source::gguf::{parse_header, Array};
     use std::path::Path;
 
     #[test]
@@ -210,10 +204,7 @@ mod tests {
             ("x.bool".to_string(), Value::Bool(true)),
             (
                 "x.arr".to_string(),
-                Value::Array(
-                    8,
-                    vec![Value::String("a".into()), Value::String("bc".into())],
-                ),
+                Value::Array(Array::String(["a", "bc"].into_iter().collect())),
             ),
             ("x.i64".to_string(), Value::I64(-3)),
         ];

@@ -279,8 +279,8 @@ pub fn gguf_metadata_json(md: &adaptq_source::gguf::Metadata) -> Vec<u8> {
             Value::U64(x) => json!({"type": "u64", "value": x}),
             Value::I64(x) => json!({"type": "i64", "value": x}),
             Value::F64(x) => json!({"type": "f64", "value": x}),
-            Value::Array(t, items) => json!({"type": "array", "element_type": t,
-                "value": items.iter().map(|i| conv(i)["value"].clone()).collect::<Vec<_>>()}),
+            Value::Array(a) => json!({"type": "array", "element_type": a.element_type(),
+                "value": a.iter().map(|i| conv(&i)["value"].clone()).collect::<Vec<_>>()}),
         }
     }
     let entries: Vec<serde_json::Value> = md

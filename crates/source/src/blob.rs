@@ -30,9 +30,69 @@ pub struct MmapBlob {
     map: memmap2::Mmap,
 }
 
+/// Opens `path` for reading if it is a regular file (symlinks followed). A FIFO would block the
+/// open or the first read until some writer appears, and a device can be endless, so both are
+/// refused. On Unix the open itself is non-blocking, so a path swapped for a FIFO after any
+/// earlier check cannot hang it either; the type is then checked on the opened file.
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK);
+    }
+    let f = opts.open(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SourceError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => SourceError::io(path, e),
+    })?;
+    let meta = f.metadata().map_err(|e| SourceError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(SourceError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a folder, FIFO, socket or device cannot be read as a model)",
+            ),
+        ));
+    }
+    Ok(f)
+}
+
+/// Reads a small companion file (an index, `config.json`, a model card) whole, refusing one
+/// that is not a regular file or is larger than `limit` bytes rather than reading it all.
+pub fn read_small(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = open_regular(path)?;
+    let len = f.metadata().map_err(|e| SourceError::io(path, e))?.len();
+    let too_big = || {
+        SourceError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than the {limit} bytes such a file may have"),
+            ),
+        )
+    };
+    if len > limit {
+        return Err(too_big());
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    f.take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| SourceError::io(path, e))?;
+    if out.len() as u64 > limit {
+        return Err(too_big());
+    }
+    Ok(out)
+}
+
 impl MmapBlob {
+    /// Maps a regular file; anything else (FIFO, device, folder) is refused.
     pub fn open(path: &Path) -> Result<Self> {
-        let f = std::fs::File::open(path).map_err(|e| SourceError::io(path, e))?;
+        let f = open_regular(path)?;
         // SAFETY: the map is read-only; adaptq never writes to its inputs. A file truncated by
         // another process while mapped would fault, as with every mmap-based model loader.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| SourceError::io(path, e))?;

@@ -124,7 +124,7 @@ pub fn open(path: &Path) -> Result<Box<dyn TensorSource>> {
     let mut magic = [0u8; 4];
     {
         use std::io::Read;
-        let mut f = std::fs::File::open(path).map_err(|e| SourceError::io(path, e))?;
+        let mut f = blob::open_regular(path)?;
         let n = f.read(&mut magic).map_err(|e| SourceError::io(path, e))?;
         if n < 4 {
             return Err(SourceError::corrupt(
@@ -157,6 +157,74 @@ fn list_with_ext(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// `s` with control characters (ESC, CR, NUL, …) and bidirectional-override marks escaped as
+/// `\u{..}`. Names and strings read from a model are shown to users in errors and listings;
+/// printed raw they could drive the terminal or make text read differently than it is.
+pub fn sanitize(s: &str) -> Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Largest dimension a tensor without elements may have. A tensor's bytes bound the dimensions
+/// of any non-empty tensor, but not those of an empty one (`[2^60, 0]` is zero bytes), and code
+/// downstream sizes per-row buffers from the shape.
+pub(crate) const MAX_EMPTY_DIM: u64 = 1 << 16;
+
+/// The element count of `dims`, refused if it overflows or if an empty tensor has a dimension
+/// over [`MAX_EMPTY_DIM`]; the message says which.
+pub(crate) fn checked_numel(dims: &[u64]) -> std::result::Result<u64, String> {
+    let n = dims
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {dims:?} overflows"))?;
+    if n == 0 && dims.iter().any(|&d| d > MAX_EMPTY_DIM) {
+        return Err(format!(
+            "shape {dims:?} holds no elements but has a dimension over {MAX_EMPTY_DIM}"
+        ));
+    }
+    Ok(n)
+}
+
+/// Tensor positions sorted by name: lookups by name take O(log n) rather than a scan, so a file
+/// with a million tensors cannot make reading each of them quadratic.
+pub(crate) struct NameIndex(Vec<usize>);
+
+impl NameIndex {
+    /// Fails with the positions of two tensors that share a name.
+    pub(crate) fn build(infos: &[TensorInfo]) -> std::result::Result<Self, (usize, usize)> {
+        let mut order: Vec<usize> = (0..infos.len()).collect();
+        order.sort_by(|&a, &b| infos[a].name.cmp(&infos[b].name).then(a.cmp(&b)));
+        if let Some(w) = order
+            .windows(2)
+            .find(|w| infos[w[0]].name == infos[w[1]].name)
+        {
+            return Err((w[0], w[1]));
+        }
+        Ok(NameIndex(order))
+    }
+
+    pub(crate) fn find(&self, infos: &[TensorInfo], name: &str) -> Option<usize> {
+        self.0
+            .binary_search_by(|&i| infos[i].name.as_str().cmp(name))
+            .ok()
+            .map(|k| self.0[k])
+    }
 }
 
 /// Decodes little-endian f16/bf16/f32 bytes to f32.

@@ -1,6 +1,7 @@
 //! The model description shared by every source format: which architecture, its
 //! hyper-parameters, and what each tensor is for (so the quantizer knows what to touch).
 
+use crate::blob::read_small;
 use crate::gguf::Metadata;
 use crate::{Result, SourceError, TensorInfo};
 use std::path::Path;
@@ -155,7 +156,12 @@ impl ModelDesc {
             "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
             "qwen2" => (Family::Llama, RopeStyle::Halves),
             "bert" => (Family::Bert, RopeStyle::Halves),
-            _ => return Err(SourceError::UnsupportedArch { arch }),
+            _ => {
+                return Err(SourceError::UnsupportedArch {
+                    path: path.into(),
+                    arch,
+                })
+            }
         };
         let need = |k: &str| -> Result<usize> {
             md.get_u64(&format!("{arch}.{k}"))
@@ -172,7 +178,7 @@ impl ModelDesc {
             .map(|t| t.shape[0])
             .or_else(|| md.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))
             .unwrap_or(0);
-        Ok(ModelDesc {
+        ModelDesc {
             family,
             name: md.get_str("general.name").map(str::to_string),
             license: md.get_str("general.license").map(str::to_string),
@@ -200,18 +206,24 @@ impl ModelDesc {
                 md.get_str("tokenizer.ggml.model").unwrap_or("none")
             ),
             architecture: arch,
-        })
+        }
+        .checked(infos, path)
     }
 
     pub fn from_hf_config(config: &Path, infos: &[TensorInfo]) -> Result<Self> {
-        let text = std::fs::read_to_string(config).map_err(|e| SourceError::Config {
+        let text = read_small(config, MAX_CONFIG).map_err(|e| SourceError::Config {
             path: config.into(),
             why: format!(
-                "cannot read config.json next to the weights ({e}); it names the architecture"
+                "cannot read config.json next to the weights ({}); it names the architecture",
+                match e {
+                    SourceError::Io { source, .. } => source.to_string(),
+                    SourceError::NotFound { .. } => "no such file".to_string(),
+                    other => other.to_string(),
+                }
             ),
         })?;
         let c: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| SourceError::Config {
+            serde_json::from_slice(&text).map_err(|e| SourceError::Config {
                 path: config.into(),
                 why: format!("invalid JSON: {e}"),
             })?;
@@ -225,6 +237,7 @@ impl ModelDesc {
             "bert" => Family::Bert,
             _ => {
                 return Err(SourceError::UnsupportedArch {
+                    path: config.into(),
                     arch: if model_type.is_empty() {
                         architecture
                     } else {
@@ -242,7 +255,7 @@ impl ModelDesc {
         };
         let n_heads = need("num_attention_heads")?;
         let has_head = infos.iter().any(|t| t.name == "lm_head.weight");
-        Ok(ModelDesc {
+        ModelDesc {
             family,
             architecture,
             name: c["_name_or_path"].as_str().map(str::to_string),
@@ -263,13 +276,59 @@ impl ModelDesc {
             tied_embeddings: family == Family::Llama
                 && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
             tokenizer_id: "tokenizer.json".into(),
-        })
+        }
+        .checked(infos, config)
+    }
+
+    /// Refuses hyper-parameters no real model has: code downstream sizes buffers and loops from
+    /// them, so a header claiming 2^60 layers must fail here, naming the file, not abort later.
+    fn checked(self, infos: &[TensorInfo], path: &Path) -> Result<Self> {
+        let bad = |why: String| {
+            Err(SourceError::Config {
+                path: path.into(),
+                why,
+            })
+        };
+        for (what, v) in [
+            ("hidden size", self.hidden),
+            ("attention head count", self.n_heads),
+            ("key/value head count", self.n_kv_heads),
+            ("feed-forward size", self.ffn_dim),
+            ("vocabulary size", self.vocab_size),
+            ("context length", self.context_length),
+        ] {
+            if v > MAX_DIM {
+                return bad(format!("{what} {v} is over the limit of {MAX_DIM}"));
+            }
+        }
+        if self.n_layers > infos.len() {
+            return bad(format!(
+                "{} layers claimed but the file holds only {} tensors",
+                self.n_layers,
+                infos.len()
+            ));
+        }
+        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_kv_heads > self.n_heads {
+            return bad(format!(
+                "{} attention heads with {} key/value heads is not a valid layout",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        Ok(self)
     }
 }
 
+/// Largest hyper-parameter (hidden size, vocabulary, context length, …) accepted.
+const MAX_DIM: usize = 1 << 24;
+/// Largest `config.json` read.
+const MAX_CONFIG: u64 = 16 << 20;
+/// Largest model card read when looking for its license.
+const MAX_README: u64 = 4 << 20;
+
 /// The `license:` of a model card's YAML front matter (README.md next to config.json).
 fn readme_license(config: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(config.with_file_name("README.md")).ok()?;
+    let bytes = read_small(&config.with_file_name("README.md"), MAX_README).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
     let front = text.strip_prefix("---")?.split("\n---").next()?;
     front
         .lines()

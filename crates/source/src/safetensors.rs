@@ -4,9 +4,10 @@
 //! file as one slice and gives no ranged access across shards); each file is memory-mapped so
 //! only the tensor being read is paged in.
 
-use crate::blob::{Blob, MmapBlob};
+use crate::blob::{read_small, Blob, MmapBlob};
 use crate::model::ModelDesc;
-use crate::{decode_plain, Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use crate::{decode_plain, NameIndex, Result, SourceError, SrcDType, TensorInfo, TensorSource};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +23,7 @@ pub struct SafetensorsSource {
     root: PathBuf,
     shards: Vec<Shard>,
     infos: Vec<TensorInfo>,
+    by_name: NameIndex,
     /// (shard index, absolute start, absolute end), parallel to `infos`.
     loc: Vec<(usize, u64, u64)>,
     desc: ModelDesc,
@@ -65,15 +67,15 @@ impl SafetensorsSource {
         let mut infos = Vec::with_capacity(entries.len());
         let mut loc = Vec::with_capacity(entries.len());
         for (si, s, info, e) in entries {
-            if infos.iter().any(|t: &TensorInfo| t.name == info.name) {
-                return Err(SourceError::corrupt(
-                    &shards[si].path,
-                    format!("tensor '{}' appears twice", info.name),
-                ));
-            }
             infos.push(info);
             loc.push((si, s, e));
         }
+        let by_name = NameIndex::build(&infos).map_err(|(_, b)| {
+            SourceError::corrupt(
+                &shards[loc[b].0].path,
+                format!("tensor '{}' appears twice", infos[b].name),
+            )
+        })?;
         let config = dir.join("config.json");
         let desc = ModelDesc::from_hf_config(&config, &infos)?;
         for (si, shard) in shards.iter().enumerate() {
@@ -88,15 +90,15 @@ impl SafetensorsSource {
             root: dir,
             shards,
             infos,
+            by_name,
             loc,
             desc,
         })
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.infos
-            .iter()
-            .position(|t| t.name == name)
+        self.by_name
+            .find(&self.infos, name)
             .ok_or_else(|| SourceError::NoSuchTensor {
                 path: self.root.clone(),
                 tensor: name.into(),
@@ -104,8 +106,13 @@ impl SafetensorsSource {
     }
 }
 
+/// Largest `model.safetensors.index.json` read; real ones are well under 10 MiB.
+const MAX_INDEX: u64 = 64 << 20;
+/// Most dimensions a tensor may have.
+const MAX_RANK: usize = 8;
+
 fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read(idx).map_err(|e| SourceError::io(idx, e))?;
+    let text = read_small(idx, MAX_INDEX)?;
     let dir = idx.parent().unwrap_or(Path::new("."));
     let mut out = Vec::new();
     for f in index_shard_names(&text, idx)? {
@@ -118,32 +125,62 @@ fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The shard file names listed by a `model.safetensors.index.json`, sorted and checked to be
-/// plain file names (an index must not point outside its folder).
-pub fn index_shard_names(text: &[u8], idx: &Path) -> Result<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_slice(text)
-        .map_err(|e| SourceError::corrupt(idx, format!("invalid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| SourceError::corrupt(idx, "no \"weight_map\" object"))?;
-    let mut files: Vec<String> = map
-        .values()
-        .map(|f| {
-            f.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| SourceError::corrupt(idx, "weight_map values must be file names"))
-        })
-        .collect::<Result<_>>()?;
-    files.sort();
-    files.dedup();
-    for f in &files {
-        if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-            return Err(SourceError::corrupt(
-                idx,
-                format!("shard name '{f}' is not a plain file name"),
-            ));
+/// The `weight_map` of an index, reduced to its distinct shard names while it is parsed (so
+/// memory follows the names, not one JSON value per tensor); a tensor listed twice is refused.
+struct ShardNames(std::collections::BTreeSet<String>);
+
+impl<'de> Deserialize<'de> for ShardNames {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ShardNames;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object mapping tensor names to file names")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<ShardNames, A::Error> {
+                let mut tensors = std::collections::HashSet::new();
+                let mut files = std::collections::BTreeSet::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    let f: String = m.next_value()?;
+                    if !tensors.insert(k) {
+                        return Err(de::Error::custom("a tensor is listed twice in weight_map"));
+                    }
+                    files.insert(f);
+                }
+                Ok(ShardNames(files))
+            }
         }
+        d.deserialize_map(V)
+    }
+}
+
+/// The shard file names listed by a `model.safetensors.index.json`, sorted and checked to be
+/// plain file names: each is joined to the index's folder, so one like `../x` or `/etc/x`
+/// would read outside it.
+pub fn index_shard_names(text: &[u8], idx: &Path) -> Result<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: Option<ShardNames>,
+    }
+    let index: Index = serde_json::from_slice(text)
+        .map_err(|e| SourceError::corrupt(idx, format!("invalid index JSON: {e}")))?;
+    let files: Vec<String> = index
+        .weight_map
+        .ok_or_else(|| SourceError::corrupt(idx, "no \"weight_map\" object"))?
+        .0
+        .into_iter()
+        .collect();
+    if let Some(f) = files
+        .iter()
+        .find(|f| !adaptq_loader::names::is_plain_relative(f, false))
+    {
+        return Err(SourceError::corrupt(
+            idx,
+            format!("shard name '{f}' is not a plain file name inside the index's folder"),
+        ));
     }
     Ok(files)
 }
@@ -169,25 +206,106 @@ fn read_header(blob: &dyn Blob) -> Result<Vec<(TensorInfo, u64, u64)>> {
     parse_json(&json, 8 + n, total - 8 - n, path)
 }
 
-/// Parses a safetensors JSON header into (info, absolute start, absolute end).
+/// One tensor's entry as written; every field optional so a missing one gets a message that
+/// names the tensor. serde refuses a field given twice.
+#[derive(serde::Deserialize)]
+struct RawEntry {
+    dtype: Option<String>,
+    #[serde(default, deserialize_with = "shape")]
+    shape: Option<Vec<u64>>,
+    data_offsets: Option<(u64, u64)>,
+}
+
+/// A shape of at most [`MAX_RANK`] dimensions, refused before a longer list is collected.
+fn shape<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u64>>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Option<Vec<u64>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a list of at most {MAX_RANK} dimensions")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(
+            self,
+            mut s: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut dims = Vec::new();
+            while let Some(d) = s.next_element::<u64>()? {
+                if dims.len() == MAX_RANK {
+                    return Err(de::Error::invalid_length(MAX_RANK + 1, &self));
+                }
+                dims.push(d);
+            }
+            Ok(Some(dims))
+        }
+    }
+    d.deserialize_seq(V)
+}
+
+/// The header's top-level object in file order, `__metadata__` as `None`. Parsed with a
+/// visitor because a `serde_json::Map` keeps only the last of two equal keys, silently.
+struct Table(Vec<(String, Option<RawEntry>)>);
+
+impl<'de> Deserialize<'de> for Table {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Table;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of tensors")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Table, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = m.next_key::<String>()? {
+                    if k == "__metadata__" {
+                        m.next_value::<de::IgnoredAny>()?;
+                        out.push((k, None));
+                    } else {
+                        let e = m.next_value::<RawEntry>()?;
+                        out.push((k, Some(e)));
+                    }
+                }
+                Ok(Table(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Parses a safetensors JSON header into (info, absolute start, absolute end), in data order.
+/// As the format requires, the tensors must tile the data section exactly: no key twice, no
+/// overlap, no hole and nothing after the last tensor.
 fn parse_json(
     json: &[u8],
     data_start: u64,
     data_len: u64,
     path: &Path,
 ) -> Result<Vec<(TensorInfo, u64, u64)>> {
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
-        .map_err(|e| SourceError::corrupt(path, format!("header is not valid JSON: {e}")))?;
-    let mut out = Vec::new();
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
+    let Table(table) = serde_json::from_slice(json).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof => {
+                SourceError::corrupt(path, format!("header is not valid JSON: {e}"))
+            }
+            _ => SourceError::corrupt(path, format!("bad header: {e}")),
         }
+    })?;
+    let mut keys: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+        return Err(SourceError::corrupt(
+            path,
+            format!("key '{}' appears twice in the header", w[0]),
+        ));
+    }
+    drop(keys);
+    let mut out = Vec::with_capacity(table.len());
+    for (name, v) in table {
+        let Some(v) = v else { continue };
         let bad = |why: &str| SourceError::corrupt(path, format!("tensor '{name}': {why}"));
-        let dt = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| bad("no dtype"))?;
+        let dt = v.dtype.as_deref().ok_or_else(|| bad("no dtype"))?;
         let (dtype, esize) = match dt {
             "F32" => (SrcDType::F32, 4),
             "F16" => (SrcDType::F16, 2),
@@ -203,46 +321,79 @@ fn parse_json(
                 })
             }
         };
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .ok_or_else(|| bad("no shape"))?
-            .iter()
-            .map(|d| d.as_u64().map(|d| d as usize))
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("shape must be non-negative integers"))?;
-        let offs = v
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .filter(|a| a.len() == 2)
+        let dims = v.shape.as_deref().ok_or_else(|| bad("no shape"))?;
+        let (s, e) = v
+            .data_offsets
             .ok_or_else(|| bad("data_offsets must be [start, end]"))?;
-        let (s, e) = match (offs[0].as_u64(), offs[1].as_u64()) {
-            (Some(s), Some(e)) if s <= e && e <= data_len => (s, e),
-            _ => return Err(bad(&format!("data_offsets {offs:?} lie outside the {data_len}-byte data section (truncated file?)"))),
-        };
-        let numel = shape
-            .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| bad("shape overflows"))?;
-        if numel.checked_mul(esize) != Some((e - s) as usize) {
+        if s > e {
+            return Err(bad(&format!("data_offsets [{s}, {e}] run backwards")));
+        }
+        if e > data_len {
+            return Err(bad(&format!("data_offsets [{s}, {e}] lie outside the {data_len}-byte data section (truncated file?)")));
+        }
+        let numel = crate::checked_numel(dims).map_err(|why| bad(&why))?;
+        let need = numel.checked_mul(esize);
+        if need != Some(e - s) {
             return Err(bad(&format!(
-                "shape {shape:?} of {dt} needs {} bytes but data_offsets give {}",
-                numel.saturating_mul(esize),
+                "shape {dims:?} of {dt} needs {} bytes but data_offsets give {}",
+                need.map_or("too many".to_string(), |n| n.to_string()),
                 e - s
             )));
         }
+        let too_big = || bad("too large for this machine");
+        let shape = dims
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| too_big()))
+            .collect::<Result<_>>()?;
+        let byte_len = usize::try_from(e - s).map_err(|_| too_big())?;
         out.push((
             TensorInfo {
-                name: name.clone(),
+                name,
                 shape,
                 dtype,
-                byte_len: (e - s) as usize,
+                byte_len,
             },
-            data_start + s,
-            data_start + e,
+            s,
+            e,
         ));
     }
-    Ok(out)
+    out.sort_by_key(|&(_, s, e)| (s, e));
+    let mut at = 0u64;
+    for (i, (info, s, e)) in out.iter().enumerate() {
+        if *s > at {
+            return Err(SourceError::corrupt(
+                path,
+                format!(
+                    "bytes {at}..{s} of the data section, before tensor '{}', belong to no tensor",
+                    info.name
+                ),
+            ));
+        }
+        if *s < at {
+            return Err(SourceError::corrupt(
+                path,
+                format!(
+                    "tensor '{}' overlaps tensor '{}' in the data section",
+                    info.name,
+                    out[i - 1].0.name
+                ),
+            ));
+        }
+        at = *e;
+    }
+    if at != data_len {
+        return Err(SourceError::corrupt(
+            path,
+            format!(
+                "the {data_len}-byte data section has {} bytes after the last tensor",
+                data_len - at
+            ),
+        ));
+    }
+    Ok(out
+        .into_iter()
+        .map(|(i, s, e)| (i, data_start + s, data_start + e))
+        .collect())
 }
 
 impl TensorSource for SafetensorsSource {
@@ -277,6 +428,9 @@ impl TensorSource for SafetensorsSource {
     }
     fn companion_dir(&self) -> Option<&Path> {
         Some(&self.root)
+    }
+    fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.by_name.find(&self.infos, name).map(|i| &self.infos[i])
     }
 }
 
