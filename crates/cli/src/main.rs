@@ -604,7 +604,11 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote names and strings from files and servers: escape control characters
+            // so they cannot drive the terminal (line breaks of the message itself are kept).
+            let msg = format!("{e:#}");
+            let lines: Vec<_> = msg.split('\n').map(adaptq_source::sanitize).collect();
+            eprintln!("error: {}", lines.join("\n"));
             ExitCode::from(1)
         }
     }

@@ -282,3 +282,29 @@ fn a_rehashed_bundle_with_a_flat_embedding_is_refused_cleanly() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("token_embd.weight"), "{}", text(&o));
 }
+
+#[test]
+fn escape_codes_from_a_file_never_reach_the_terminal() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = std::fs::read(gguf()).unwrap();
+    let key = b"general.architecture";
+    let at = b.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // type 8 (string), length 5, "llama" -> "ESC[31m"
+    assert_eq!(&b[at + 12..at + 17], b"llama");
+    b[at + 12..at + 17].copy_from_slice(b"\x1b[31m");
+    let bad = t.path().join("evil.gguf");
+    std::fs::write(&bad, b).unwrap();
+    for args in [
+        vec!["info", s(&bad)],
+        vec!["quantize", s(&bad), "--out", s(&t.path().join("q"))],
+    ] {
+        let o = adaptq(&args);
+        let all = text(&o);
+        assert!(!o.status.success(), "{all}");
+        assert!(!all.contains('\u{1b}'), "raw escape code printed: {all:?}");
+        assert!(
+            all.contains("evil.gguf"),
+            "error does not name the file: {all}"
+        );
+    }
+}
