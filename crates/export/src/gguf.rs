@@ -5,10 +5,11 @@
 //! anything else is decoded and rounded onto the nearest GGML type, and the summary says so.
 //! Metadata (architecture, tokenizer) comes from the bundle's copy of the source GGUF's.
 
+use adaptq_bundle::output::{Kind as OutKind, Staged};
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::ggml::{self, BlockType};
 use adaptq_quant::Grid;
-use adaptq_source::gguf::Value;
+use adaptq_source::gguf::{Array, Value};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::BufWriter;
@@ -24,6 +25,8 @@ pub struct ExportOptions {
     /// Re-round every quantized tensor that is not already this type onto it (k-quants fall
     /// back where rows do not fit). `None`: keep each tensor's own type where it has one.
     pub force_type: Option<BlockType>,
+    /// Replace an existing output file (only a GGUF adaptq wrote).
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -204,8 +207,9 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
                 .iter()
                 .map(|x| scalar(ename, x))
                 .collect::<Option<Vec<_>>>()
+                .and_then(|items| Array::from_values(ety, items))
                 .with_context(|| format!("metadata array '{key}' of {ename} cannot be rebuilt"))?;
-            Value::Array(ety, items)
+            Value::Array(items)
         } else {
             scalar(ty, &it["value"]).with_context(|| format!("metadata '{key}' ({ty})"))?
         };
@@ -379,12 +383,18 @@ pub fn metadata_from_hf(
         ),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s(pre)),
-        ("tokenizer.ggml.tokens".into(), Value::Array(8, tokens)),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(Array::from_values(8, tokens).context("tokens")?),
+        ),
         (
             "tokenizer.ggml.token_type".into(),
-            Value::Array(5, types.into_iter().map(Value::I32).collect()),
+            Value::Array(Array::I32(types)),
         ),
-        ("tokenizer.ggml.merges".into(), Value::Array(8, merges)),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(Array::from_values(8, merges).context("merges")?),
+        ),
     ];
     for (k, key) in [
         ("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -429,6 +439,20 @@ fn set(md: &mut Vec<(String, Value)>, key: &str, v: Value) {
     }
 }
 
+/// Whether `path` is a GGUF file adaptq wrote (its `general.quantized_by` says so): the only
+/// kind of file a forced export replaces.
+pub fn is_adaptq_gguf(path: &Path) -> bool {
+    adaptq_source::blob::MmapBlob::open(path)
+        .and_then(|b| adaptq_source::gguf::read_header(&b))
+        .is_ok_and(|h| h.metadata.get_str("general.quantized_by") == Some("adaptq"))
+}
+
+fn ours() -> OutKind<'static> {
+    OutKind::File {
+        is_ours: &is_adaptq_gguf,
+    }
+}
+
 /// Writes `bundle` as a GGUF v3 file at `out` (via a temporary name, renamed when complete).
 pub fn export_gguf(
     bundle: &Bundle,
@@ -437,6 +461,8 @@ pub fn export_gguf(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportSummary> {
     crate::refuse_rotated(bundle)?;
+    // Refused before any work when the file is taken by something adaptq did not write.
+    let staged = Staged::new(out, opts.force, ours())?;
     // GGUF sources carry their metadata; Hugging Face llama checkpoints get it built from
     // config.json + tokenizer.json, their tensors renamed and Q/K rows permuted.
     let meta: serde_json::Value =
@@ -518,10 +544,7 @@ pub fn export_gguf(
         .collect();
     let tensor_bytes: u64 = plan.iter().map(|p| p.bytes).sum();
 
-    let file_name = out
-        .file_name()
-        .with_context(|| format!("{}: not a file path", out.display()))?;
-    let tmp = out.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+    let tmp = staged.path().to_path_buf();
     let result = (|| -> Result<Vec<ExportedTensor>> {
         let f =
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -563,14 +586,8 @@ pub fn export_gguf(
         f.sync_all()?;
         Ok(report)
     })();
-    let report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
+    let report = result?;
+    staged.commit(ours())?;
     let params: u64 = tensors.iter().map(|t| t.numel() as u64).sum();
     Ok(ExportSummary {
         file_bytes: std::fs::metadata(out)?.len(),
