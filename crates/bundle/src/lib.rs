@@ -23,8 +23,8 @@ pub use verify::{verify_bundle, VerifyReport};
 pub use writer::{BundleWriter, WriterOptions};
 
 /// Default and maximum shard size: 2 MiB.
-pub const MAX_SHARD_BYTES: u64 = 2 * 1024 * 1024;
-pub const SCHEMA_VERSION: u32 = 1;
+pub const MAX_SHARD_BYTES: u64 = adaptq_loader::MAX_SHARD_BYTES;
+pub const SCHEMA_VERSION: u32 = adaptq_loader::layout::SCHEMA_VERSION;
 pub const MANIFEST: &str = "manifest.json";
 pub const MODEL_META: &str = "model.meta";
 pub const VERIFICATION: &str = "verification.json";
@@ -50,6 +50,55 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> B
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Reads `path` whole if it is a regular file of at most `max` bytes. Symlinks, FIFOs, devices
+/// and folders are refused before they are opened (so a FIFO cannot block and /dev/zero
+/// cannot be read without end), and no more than `max + 1` bytes are ever read, so a file
+/// that grows while it is read is refused too.
+pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let before = std::fs::symlink_metadata(path)?;
+    if !before.file_type().is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "not a regular file (a link, FIFO, device or folder)",
+        ));
+    }
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() || !same_file(&before, &meta) {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            "replaced while it was being opened",
+        ));
+    }
+    if meta.len() > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("holds {} bytes, more than the {max} it may", meta.len()),
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len() as usize);
+    f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("grew past {max} bytes while it was read"),
+        ));
+    }
+    Ok(buf)
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    true
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -61,41 +61,42 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// (part name, byte length) that a tensor of `shape` must have in this encoding.
+    /// (part name, byte length) that a tensor of `shape` must have in this encoding: the
+    /// loader's [`adaptq_loader::expected_parts`], which `verify` and every reader check. Empty
+    /// when the encoding's parameters are out of range or a size overflows, so no parts match.
     pub fn expected_parts(&self, shape: &[usize]) -> Vec<(&'static str, usize)> {
-        let numel: usize = shape.iter().product();
+        adaptq_loader::expected_parts(&self.to_loader(), shape).unwrap_or_default()
+    }
+
+    /// The same encoding in the loader's schema.
+    pub fn to_loader(&self) -> adaptq_loader::Encoding {
+        use adaptq_loader::Encoding as L;
         match self {
             Encoding::Int {
                 bits,
                 group_size,
                 grid,
-            } => {
-                let cols = *shape.last().unwrap_or(&1);
-                let rows = numel / cols.max(1);
-                let (c, s, m) = adaptq_quant::QuantizedTensor::expected_lengths(
-                    rows,
-                    cols,
-                    *bits,
-                    *group_size,
-                    *grid,
-                );
-                let mut v = vec![("codes", c), ("scales", s)];
-                if m > 0 {
-                    v.push(("mins", m));
-                }
-                v
-            }
-            Encoding::Ggml { ggml_type } => {
-                vec![("blocks", ggml_type.bytes_for(numel))]
-            }
-            Encoding::Codebook { dim, stage_bits } => {
-                let cols = *shape.last().unwrap_or(&1);
-                let rows = numel / cols.max(1);
-                adaptq_loader::codebook::parts(rows, cols, *dim, stage_bits)
-            }
-            Encoding::F16 => vec![("data", numel * 2)],
-            Encoding::F32 => vec![("data", numel * 4)],
-            Encoding::Raw { byte_len, .. } => vec![("data", *byte_len)],
+            } => L::Int {
+                bits: *bits,
+                group_size: *group_size,
+                grid: match grid {
+                    Grid::Symmetric => adaptq_loader::Grid::Symmetric,
+                    Grid::Asymmetric => adaptq_loader::Grid::Asymmetric,
+                },
+            },
+            Encoding::Ggml { ggml_type } => L::Ggml {
+                ggml_type: ggml_type.name().to_string(),
+            },
+            Encoding::Codebook { dim, stage_bits } => L::Codebook {
+                dim: *dim,
+                stage_bits: stage_bits.clone(),
+            },
+            Encoding::F16 => L::F16,
+            Encoding::F32 => L::F32,
+            Encoding::Raw { dtype, byte_len } => L::Raw {
+                dtype: dtype.clone(),
+                byte_len: *byte_len,
+            },
         }
     }
 
@@ -143,25 +144,33 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// Bytes stored (saturating; exact for a manifest that passed the layout check).
     pub fn payload_len(&self) -> u64 {
-        self.parts.iter().map(|p| p.length).sum()
+        self.parts
+            .iter()
+            .fold(0u64, |a, p| a.saturating_add(p.length))
     }
+    /// Values (saturating; exact for a manifest that passed the layout check).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .unwrap_or(usize::MAX)
     }
 }
 
 impl Encoding {
     /// Width and count of the symbols of a code part (the lossless stage codes those).
     pub fn code_symbols(&self, part: &str, shape: &[usize]) -> Option<(u8, usize)> {
-        let numel: usize = shape.iter().product();
+        let numel = adaptq_loader::layout::numel(shape)?;
         match self {
             Encoding::Int { bits, .. } if part == "codes" => Some((*bits, numel)),
             Encoding::Codebook { dim, stage_bits } => {
                 let s: usize = part.strip_prefix("codes")?.parse().ok()?;
                 let cols = *shape.last().unwrap_or(&1);
                 let nv = adaptq_loader::codebook::vectors_per_row(cols, (*dim).max(1));
-                Some((*stage_bits.get(s)?, numel / cols.max(1) * nv))
+                let rows = numel.checked_div(cols).unwrap_or(0);
+                Some((*stage_bits.get(s)?, rows.checked_mul(nv)?))
             }
             _ => None,
         }
@@ -216,4 +225,28 @@ pub struct FileDigest {
 
 pub fn shard_name(i: usize) -> String {
     format!("shard-{i:05}.bin")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loaders_ggml_table_matches_the_block_types() {
+        for t in adaptq_quant::ggml::ALL {
+            let name = serde_json::to_value(t).unwrap();
+            assert_eq!(name, t.name(), "serialized name of {t:?}");
+            assert_eq!(
+                adaptq_loader::ggml_block(t.name()),
+                Some((t.block_len(), t.block_bytes())),
+                "{t:?}"
+            );
+            let enc = Encoding::Ggml { ggml_type: t };
+            assert_eq!(
+                enc.expected_parts(&[2, t.block_len() * 3]),
+                vec![("blocks", t.bytes_for(6 * t.block_len()))]
+            );
+        }
+        assert_eq!(adaptq_loader::ggml_block("Q4_K_M"), None);
+    }
 }

@@ -6,6 +6,7 @@ use adaptq_quant::novaq::{CodebookTensor, Stage};
 use adaptq_quant::QuantizedTensor;
 use half::f16;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 fn f16s(b: &[u8]) -> Vec<f16> {
     b.chunks_exact(2)
@@ -13,22 +14,32 @@ fn f16s(b: &[u8]) -> Vec<f16> {
         .collect()
 }
 
+/// A bundle opened for reading. Opening runs the same manifest check as `verify` (digests and
+/// layout); every shard and side file is checked against its recorded size and hashes when it
+/// is read, so no bytes that `verify` would refuse are ever used.
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The shard read last, verified: consecutive tensors mostly share one.
+    last_shard: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
 }
 
 impl Bundle {
-    /// Opens a bundle's manifest. Run [`crate::verify_bundle`] first to trust its contents.
+    /// Opens a bundle: reads `manifest.json` (a regular file, bounded) and refuses it unless
+    /// it passes [`adaptq_loader::check_manifest`].
     pub fn open(dir: &Path) -> Result<Self> {
         let p = dir.join(MANIFEST);
-        let text = std::fs::read_to_string(&p).map_err(io_err(&p))?;
-        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+        let bytes = crate::read_regular(&p, adaptq_loader::layout::MAX_MANIFEST_BYTES as u64)
+            .map_err(io_err(&p))?;
+        adaptq_loader::check_manifest(&bytes)
+            .map_err(|e| BundleError::Invalid(format!("{}: {e}", p.display())))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
             BundleError::Invalid(format!("{}: not a valid manifest: {e}", p.display()))
         })?;
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
+            last_shard: Mutex::new(None),
         })
     }
 
@@ -36,10 +47,59 @@ impl Bundle {
         self.manifest.tensors.iter().find(|t| t.name == name)
     }
 
-    /// A side file's bytes (model.meta, verification.json, LICENSE).
+    /// A side file's bytes (model.meta, verification.json, LICENSE): only a file the manifest
+    /// lists, read as a regular file and checked against its recorded size and SHA-256.
     pub fn read_file(&self, name: &str) -> Result<Vec<u8>> {
-        let p = self.dir.join(name);
-        std::fs::read(&p).map_err(io_err(&p))
+        let f = self
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.file == name)
+            .ok_or_else(|| {
+                BundleError::Invalid(format!(
+                    "{}: the bundle lists no file {name:?}",
+                    self.dir.display()
+                ))
+            })?;
+        let p = self.dir.join(&f.file);
+        let data = crate::read_regular(&p, f.bytes).map_err(io_err(&p))?;
+        if data.len() as u64 != f.bytes || crate::sha256_hex(&data) != f.sha256 {
+            return Err(BundleError::Invalid(format!(
+                "{}: does not match its recorded size and SHA-256 (run adaptq verify)",
+                p.display()
+            )));
+        }
+        Ok(data)
+    }
+
+    /// Shard `i`'s bytes, read whole and checked against its recorded size, SHA-256 and BLAKE3.
+    fn shard(&self, i: usize) -> Result<Arc<Vec<u8>>> {
+        let cached = |c: &Option<(usize, Arc<Vec<u8>>)>| {
+            c.as_ref().filter(|(j, _)| *j == i).map(|(_, d)| d.clone())
+        };
+        if let Some(d) = cached(&self.last_shard.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(d);
+        }
+        let sh = self
+            .manifest
+            .shards
+            .get(i)
+            .ok_or_else(|| BundleError::Invalid(format!("the bundle has no shard #{i}")))?;
+        let p = self.dir.join(&sh.file);
+        let data = crate::read_regular(&p, sh.bytes).map_err(io_err(&p))?;
+        if data.len() as u64 != sh.bytes
+            || crate::sha256_hex(&data) != sh.sha256
+            || crate::blake3_hex(&data) != sh.blake3
+        {
+            return Err(BundleError::Invalid(format!(
+                "{}: does not match its recorded size, SHA-256 and BLAKE3 (corrupt; run adaptq \
+                 verify)",
+                p.display()
+            )));
+        }
+        let data = Arc::new(data);
+        *self.last_shard.lock().unwrap_or_else(|e| e.into_inner()) = Some((i, data.clone()));
+        Ok(data)
     }
 
     /// The payload of a tensor (its parts concatenated, losslessly coded parts decoded).
@@ -48,16 +108,21 @@ impl Bundle {
         if t.parts.iter().all(|p| p.lossless.is_none()) {
             return Ok(stored);
         }
-        let mut out = Vec::with_capacity(t.parts.iter().map(|p| p.raw_length() as usize).sum());
+        let mut out = Vec::with_capacity(stored.len());
         let mut pos = 0usize;
         for p in &t.parts {
-            let end = (pos + p.length as usize).min(stored.len());
+            let len = usize::try_from(p.length).unwrap_or(usize::MAX);
+            let end = pos.saturating_add(len).min(stored.len());
             let bytes = &stored[pos..end];
             pos = end;
             match &p.lossless {
                 None => out.extend_from_slice(bytes),
                 Some(l) => out.extend(
-                    adaptq_loader::rans::decode(bytes, l.raw_length as usize).ok_or_else(|| {
+                    adaptq_loader::rans::decode(
+                        bytes,
+                        usize::try_from(l.raw_length).unwrap_or(usize::MAX),
+                    )
+                    .ok_or_else(|| {
                         BundleError::Invalid(format!(
                             "tensor '{}': part '{}' does not decode ({} stream)",
                             t.name, p.name, l.scheme
@@ -69,23 +134,24 @@ impl Bundle {
         Ok(out)
     }
 
-    /// The bytes a tensor occupies in its shards, as stored.
+    /// The bytes a tensor occupies in its shards, as stored, from verified shards.
     pub fn stored_payload(&self, t: &TensorEntry) -> Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut out = Vec::with_capacity(t.payload_len() as usize);
+        // Never more than the segments can hold, whatever entry the caller passes.
+        let most = (t.segments.len() as u64).saturating_mul(crate::MAX_SHARD_BYTES);
+        let mut out = Vec::with_capacity(t.payload_len().min(most) as usize);
         for s in &t.segments {
-            let sh = self.manifest.shards.get(s.shard).ok_or_else(|| {
-                BundleError::Invalid(format!(
-                    "tensor '{}' names missing shard #{}",
-                    t.name, s.shard
-                ))
-            })?;
-            let p = self.dir.join(&sh.file);
-            let mut f = std::fs::File::open(&p).map_err(io_err(&p))?;
-            f.seek(SeekFrom::Start(s.offset)).map_err(io_err(&p))?;
-            let start = out.len();
-            out.resize(start + s.length as usize, 0);
-            f.read_exact(&mut out[start..]).map_err(io_err(&p))?;
+            let data = self.shard(s.shard)?;
+            let bytes = usize::try_from(s.offset)
+                .ok()
+                .zip(usize::try_from(s.length).ok())
+                .and_then(|(o, l)| data.get(o..o.checked_add(l)?))
+                .ok_or_else(|| {
+                    BundleError::Invalid(format!(
+                        "tensor '{}' points outside shard #{}",
+                        t.name, s.shard
+                    ))
+                })?;
+            out.extend_from_slice(bytes);
         }
         Ok(out)
     }
@@ -95,7 +161,8 @@ impl Bundle {
         let mut out = Vec::new();
         let mut pos = 0usize;
         for p in &t.parts {
-            let end = (pos + p.raw_length() as usize).min(payload.len());
+            let len = usize::try_from(p.raw_length()).unwrap_or(usize::MAX);
+            let end = pos.saturating_add(len).min(payload.len());
             out.push((p.name.as_str(), &payload[pos..end]));
             pos = end;
         }
@@ -129,7 +196,13 @@ impl Bundle {
             rows: t.numel() / cols.max(1),
             cols,
             bits,
-            group_size,
+            // 0 (and anything past the row) means one group per row, which the quantizers
+            // record as `cols`.
+            group_size: if group_size == 0 || group_size >= cols {
+                cols
+            } else {
+                group_size
+            },
             grid,
             codes: get("codes").to_vec(),
             scales: f16s(get("scales")),

@@ -13,9 +13,14 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-/// Bytes needed for `n` codes of `bits` bits.
+/// Bytes needed for `n` codes of `bits` bits (saturating, as [`crate::pack::packed_len`]).
 pub fn packed_len(n: usize, bits: u8) -> usize {
-    (n * bits as usize).div_ceil(8)
+    crate::pack::packed_len(n, bits)
+}
+
+/// Bytes needed for `n` codes of `bits` bits; `None` when that does not fit a `usize`.
+pub fn checked_packed_len(n: usize, bits: u8) -> Option<usize> {
+    crate::pack::checked_packed_len(n, bits)
 }
 
 /// Packs codes (each `< 2^bits`, `bits` in 1..=16) into an LSB-first bit stream.
@@ -72,8 +77,9 @@ pub fn vectors_per_row(cols: usize, dim: usize) -> usize {
     cols.div_ceil(dim)
 }
 
-/// Decodes a codebook tensor to f32, row-major; `None` when a part has the wrong size or a
-/// code points past its codebook.
+/// Decodes a codebook tensor to f32, row-major; `None` when a part has the wrong size, a
+/// stage width is outside 1..=16 or a size overflows. The output is `rows * cols` values,
+/// which the caller bounds (the bundle's layout check ties it to the stored bytes).
 pub fn decode(
     rows: usize,
     cols: usize,
@@ -87,17 +93,24 @@ pub fn decode(
         return None;
     }
     let nv = vectors_per_row(cols, dim);
+    let nvec = rows.checked_mul(nv)?;
+    let numel = rows.checked_mul(cols)?;
     let codes: Vec<Vec<u16>> = stages
         .iter()
         .map(|s| {
+            if !(1..=16).contains(&s.bits) {
+                return None;
+            }
             let k = 1usize << s.bits;
-            (s.centroids.len() == k * dim)
-                .then(|| unpack(s.codes, s.bits, rows * nv))
+            (Some(s.centroids.len()) == k.checked_mul(dim))
+                .then(|| unpack(s.codes, s.bits, nvec))
                 .flatten()
         })
         .collect::<Option<_>>()?;
-    let mut out = vec![0f32; rows * cols];
-    let mut acc = vec![0f32; dim];
+    let mut out = vec![0f32; numel];
+    // Only the first `min(dim, cols)` sums of a vector are used; `dim` itself is unbounded
+    // when there are no stages.
+    let mut acc = vec![0f32; dim.min(cols)];
     for r in 0..rows {
         for v in 0..nv {
             acc.iter_mut().for_each(|a| *a = 0.0);
@@ -117,26 +130,36 @@ pub fn decode(
     Some(out)
 }
 
-/// Part names and lengths of a NOVAQ tensor, in stored order.
+/// Most residual stages a tensor may have.
+pub const MAX_STAGES: usize = 4;
+
+/// Part names and lengths of a NOVAQ tensor, in stored order; `None` when `dim` is 0, there
+/// are not 1..=[`MAX_STAGES`] stages of 1..=16 bits, or a length overflows.
 pub fn parts(
     rows: usize,
     cols: usize,
     dim: usize,
     stage_bits: &[u8],
-) -> Vec<(&'static str, usize)> {
-    const BOOK: [&str; 4] = ["codebook0", "codebook1", "codebook2", "codebook3"];
-    const CODES: [&str; 4] = ["codes0", "codes1", "codes2", "codes3"];
-    let nv = vectors_per_row(cols, dim.max(1));
-    let mut v = vec![
-        ("row_scale", rows * 2),
-        ("row_mean", rows * 2),
-        ("col_scale", cols * 2),
-    ];
-    for (s, &b) in stage_bits.iter().enumerate().take(4) {
-        v.push((BOOK[s], (1usize << b.min(16)) * dim * 2));
-        v.push((CODES[s], packed_len(rows * nv, b.min(16))));
+) -> Option<Vec<(&'static str, usize)>> {
+    const BOOK: [&str; MAX_STAGES] = ["codebook0", "codebook1", "codebook2", "codebook3"];
+    const CODES: [&str; MAX_STAGES] = ["codes0", "codes1", "codes2", "codes3"];
+    if dim == 0
+        || !(1..=MAX_STAGES).contains(&stage_bits.len())
+        || stage_bits.iter().any(|b| !(1..=16).contains(b))
+    {
+        return None;
     }
-    v
+    let nvec = rows.checked_mul(vectors_per_row(cols, dim))?;
+    let mut v = vec![
+        ("row_scale", rows.checked_mul(2)?),
+        ("row_mean", rows.checked_mul(2)?),
+        ("col_scale", cols.checked_mul(2)?),
+    ];
+    for (s, &b) in stage_bits.iter().enumerate() {
+        v.push((BOOK[s], (1usize << b).checked_mul(dim)?.checked_mul(2)?));
+        v.push((CODES[s], checked_packed_len(nvec, b)?));
+    }
+    Some(v)
 }
 
 #[cfg(test)]
@@ -154,6 +177,22 @@ mod tests {
             assert_eq!(unpack(&p, bits, codes.len()).unwrap(), codes);
         }
         assert!(unpack(&[0u8; 2], 12, 2).is_none());
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        assert!(parts(usize::MAX / 2, 4, 2, &[8]).is_none());
+        assert!(parts(4, 4, usize::MAX / 4, &[8]).is_none());
+        assert!(parts(4, 4, 0, &[8]).is_none());
+        assert!(parts(4, 4, 2, &[17]).is_none());
+        assert!(parts(4, 4, 2, &[1; 5]).is_none());
+        assert_eq!(parts(2, 3, 2, &[1]).unwrap().len(), 5);
+        let bad = StageRef {
+            bits: 200,
+            centroids: &[],
+            codes: &[],
+        };
+        assert!(decode(0, 0, 1, &[bad], &[], &[], &[]).is_none());
     }
 
     #[test]

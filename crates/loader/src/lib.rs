@@ -1,8 +1,9 @@
 //! Loads an adaptq bundle where there is no file system: a WebAssembly canister receives
 //! `manifest.json` and then the ≤ 2 MiB shards as messages, in any order and in pieces.
 //!
-//! `no_std` + `alloc`, no I/O. [`Loader::new`] checks the manifest against its own digest and
-//! the global digest against its shard list; [`Loader::feed`] appends bytes to a shard and, once
+//! `no_std` + `alloc`, no I/O. [`Loader::new`] checks the manifest against its own digest, the
+//! global digest against its shard list and its layout with [`check_manifest`], the check the
+//! host reader and `verify` run too; [`Loader::feed`] appends bytes to a shard and, once
 //! the shard is whole, checks its SHA-256 and BLAKE3 (a bad shard is dropped and reported, so it
 //! can be sent again); tensors are handed out only when every shard they touch is verified,
 //! dequantized to f32 ([`Loader::tensor_f32`]) or as their stored parts ([`Loader::tensor_packed`]).
@@ -15,15 +16,21 @@
 extern crate alloc;
 
 pub mod codebook;
+pub mod layout;
 pub mod names;
 pub mod pack;
 pub mod rans;
+
+pub use layout::{
+    check_layout, check_manifest, expected_parts, ggml_block, manifest_problems, Encoding, Grid,
+    Layout,
+};
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use serde::Deserialize;
+use layout::{groups_per_row, ShardInfo, TensorEntry};
 use sha2::Digest;
 
 /// The largest shard a bundle may hold.
@@ -53,93 +60,6 @@ impl core::fmt::Display for LoadError {
 }
 
 pub type Result<T> = core::result::Result<T, LoadError>;
-
-#[derive(Debug, Clone, Deserialize)]
-struct Manifest {
-    schema_version: u32,
-    shard_max_bytes: u64,
-    tensors: Vec<TensorEntry>,
-    shards: Vec<ShardInfo>,
-    global_digest: String,
-    manifest_digest: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct ShardInfo {
-    file: String,
-    bytes: u64,
-    sha256: String,
-    blake3: String,
-}
-
-/// How a tensor's payload encodes its values (the subset of the bundle's schemes this loader
-/// decodes; others are still handed out packed).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "scheme", rename_all = "kebab-case")]
-pub enum Encoding {
-    Int {
-        bits: u8,
-        group_size: usize,
-        grid: Grid,
-    },
-    Ggml {
-        ggml_type: String,
-    },
-    Codebook {
-        dim: usize,
-        stage_bits: Vec<u8>,
-    },
-    F16,
-    F32,
-    Raw {
-        dtype: String,
-        byte_len: usize,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Grid {
-    Symmetric,
-    Asymmetric,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct TensorEntry {
-    name: String,
-    shape: Vec<usize>,
-    encoding: Encoding,
-    parts: Vec<Part>,
-    segments: Vec<Segment>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Part {
-    name: String,
-    length: u64,
-    #[serde(default)]
-    lossless: Option<Lossless>,
-}
-
-/// A part coded by the bundle's lossless stage ([`rans`]).
-#[derive(Debug, Clone, Deserialize)]
-struct Lossless {
-    scheme: String,
-    raw_length: u64,
-}
-
-impl Part {
-    fn raw_length(&self) -> u64 {
-        self.lossless.as_ref().map_or(self.length, |l| l.raw_length)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Segment {
-    shard: usize,
-    offset: u64,
-    length: u64,
-}
 
 /// A tensor as stored: its encoding and named parts (codes, scales, mins, blocks or data).
 #[derive(Debug, Clone)]
@@ -209,158 +129,32 @@ pub fn manifest_digest(text: &str) -> Option<String> {
     Some(sha256_hex(blanked.as_bytes()))
 }
 
-fn groups_per_row(cols: usize, gs: usize) -> usize {
-    if gs == 0 || gs >= cols {
-        1
-    } else {
-        cols.div_ceil(gs)
-    }
-}
-
-/// (part, bytes) a tensor of `shape` must have in `enc`; `None` when this loader cannot tell.
-fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static str, u64)>> {
-    let numel: usize = shape.iter().product();
-    Some(match enc {
-        Encoding::Int {
-            bits,
-            group_size,
-            grid,
-        } => {
-            let cols = *shape.last().unwrap_or(&1);
-            let groups = (numel / cols.max(1)) * groups_per_row(cols, *group_size);
-            let mut v = vec![
-                ("codes", pack::packed_len(numel, *bits) as u64),
-                ("scales", 2 * groups as u64),
-            ];
-            if *grid == Grid::Asymmetric {
-                v.push(("mins", 2 * groups as u64));
-            }
-            v
-        }
-        Encoding::F16 => vec![("data", 2 * numel as u64)],
-        Encoding::F32 => vec![("data", 4 * numel as u64)],
-        Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],
-        Encoding::Codebook { dim, stage_bits } => {
-            let cols = *shape.last().unwrap_or(&1);
-            codebook::parts(numel / cols.max(1), cols, *dim, stage_bits)
-                .into_iter()
-                .map(|(n, l)| (n, l as u64))
-                .collect()
-        }
-        Encoding::Ggml { .. } => return None,
-    })
-}
-
 pub struct Loader {
-    m: Manifest,
+    layout: Layout,
     /// Bytes received per shard; `verified[i]` once its hashes matched.
     data: Vec<Vec<u8>>,
     verified: Vec<bool>,
 }
 
 impl Loader {
-    /// Parses and checks `manifest.json`: its own digest, the global digest over the shard list,
-    /// shard names and sizes, and that every tensor's parts and segments are consistent.
+    /// Parses and checks `manifest.json` with [`check_manifest`]: its own digest, the global
+    /// digest over the shard list, and the layout every reader checks.
     pub fn new(manifest_json: &[u8]) -> Result<Self> {
-        let text = core::str::from_utf8(manifest_json)
-            .map_err(|_| LoadError::Manifest("not UTF-8".into()))?;
-        let m: Manifest = serde_json::from_str(text)
-            .map_err(|e| LoadError::Manifest(format!("not a bundle manifest: {e}")))?;
-        if m.schema_version != 1 {
-            return Err(LoadError::Manifest(format!(
-                "schema version {} (this loader reads 1)",
-                m.schema_version
-            )));
-        }
-        match manifest_digest(text) {
-            Some(d) if d == m.manifest_digest => {}
-            _ => {
-                return Err(LoadError::Manifest(
-                    "manifest_digest does not match the manifest (edited)".into(),
-                ))
-            }
-        }
-        let g = global_digest(&m.shards);
-        if g != m.global_digest {
-            return Err(LoadError::Manifest(format!(
-                "global digest {} does not match the shard list ({g}): shards reordered or edited",
-                m.global_digest
-            )));
-        }
-        if m.shard_max_bytes > MAX_SHARD_BYTES {
-            return Err(LoadError::Manifest("shard limit above 2 MiB".into()));
-        }
-        for (i, s) in m.shards.iter().enumerate() {
-            if s.file != format!("shard-{i:05}.bin") {
-                return Err(LoadError::Manifest(format!(
-                    "shard #{i} is named '{}'",
-                    s.file
-                )));
-            }
-            if s.bytes > m.shard_max_bytes {
-                return Err(LoadError::Manifest(format!(
-                    "{} is over the shard limit",
-                    s.file
-                )));
-            }
-        }
-        for t in &m.tensors {
-            let total: u64 = t.parts.iter().map(|p| p.length).sum();
-            let seg: u64 = t.segments.iter().map(|s| s.length).sum();
-            if total != seg {
-                return Err(LoadError::Manifest(format!(
-                    "tensor '{}': parts hold {total} bytes, segments {seg}",
-                    t.name
-                )));
-            }
-            for s in &t.segments {
-                let ok = m.shards.get(s.shard).is_some_and(|sh| {
-                    s.offset
-                        .checked_add(s.length)
-                        .is_some_and(|e| e <= sh.bytes)
-                });
-                if !ok {
-                    return Err(LoadError::Manifest(format!(
-                        "tensor '{}' points outside its shard",
-                        t.name
-                    )));
-                }
-            }
-            if let Some(p) = t
-                .parts
-                .iter()
-                .find(|p| p.lossless.as_ref().is_some_and(|l| l.scheme != "rans"))
-            {
-                return Err(LoadError::Manifest(format!(
-                    "tensor '{}': part '{}' uses a lossless scheme this loader does not know",
-                    t.name, p.name
-                )));
-            }
-            if let Some(exp) = expected_parts(&t.encoding, &t.shape) {
-                let got: Vec<(&str, u64)> = t
-                    .parts
-                    .iter()
-                    .map(|p| (p.name.as_str(), p.raw_length()))
-                    .collect();
-                if got != exp {
-                    return Err(LoadError::Manifest(format!(
-                        "tensor '{}': parts {got:?} do not fit its shape and encoding",
-                        t.name
-                    )));
-                }
-            }
-        }
-        let n = m.shards.len();
+        let layout = check_manifest(manifest_json)?;
+        let n = layout.manifest().shards.len();
         Ok(Loader {
-            m,
+            layout,
             data: vec![Vec::new(); n],
             verified: vec![false; n],
         })
     }
 
+    fn shards(&self) -> &[ShardInfo] {
+        &self.layout.manifest().shards
+    }
+
     fn shard_index(&self, name: &str) -> Result<usize> {
-        self.m
-            .shards
+        self.shards()
             .iter()
             .position(|s| s.file == name)
             .ok_or_else(|| LoadError::Shard(format!("'{name}' is not a shard of this bundle")))
@@ -376,9 +170,9 @@ impl Loader {
                 "{name} was already received and verified"
             )));
         }
-        let want = self.m.shards[i].bytes;
+        let want = self.shards()[i].bytes;
         let have = self.data[i].len() as u64;
-        if have + piece.len() as u64 > want {
+        if (piece.len() as u64).saturating_add(have) > want {
             self.data[i].clear();
             return Err(LoadError::Shard(format!(
                 "{name} is longer than its recorded {want} bytes"
@@ -389,7 +183,7 @@ impl Loader {
         if have < want {
             return Ok(Fed::Partial(want - have));
         }
-        let s = &self.m.shards[i];
+        let s = &self.shards()[i];
         let sha = sha256_hex(&self.data[i]);
         let b3 = hex(blake3::hash(&self.data[i]).as_bytes());
         if sha != s.sha256 || b3 != s.blake3 {
@@ -404,8 +198,7 @@ impl Loader {
 
     /// Shards not yet received and verified, by file name.
     pub fn missing(&self) -> Vec<&str> {
-        self.m
-            .shards
+        self.shards()
             .iter()
             .zip(&self.verified)
             .filter(|(_, v)| !**v)
@@ -419,11 +212,17 @@ impl Loader {
 
     /// Tensor names in bundle order.
     pub fn tensor_names(&self) -> Vec<&str> {
-        self.m.tensors.iter().map(|t| t.name.as_str()).collect()
+        self.layout
+            .manifest()
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect()
     }
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.m
+        self.layout
+            .manifest()
             .tensors
             .iter()
             .find(|t| t.name == name)
@@ -438,7 +237,7 @@ impl Loader {
             if !self.verified[s.shard] {
                 return Err(LoadError::Missing(format!(
                     "tensor '{name}' needs {}, not yet verified",
-                    self.m.shards[s.shard].file
+                    self.shards()[s.shard].file
                 )));
             }
             let d = &self.data[s.shard];
@@ -556,8 +355,8 @@ impl Loader {
 impl core::fmt::Debug for Loader {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Loader")
-            .field("tensors", &self.m.tensors.len())
-            .field("shards", &self.m.shards.len())
+            .field("tensors", &self.layout.manifest().tensors.len())
+            .field("shards", &self.shards().len())
             .field("verified", &self.verified.iter().filter(|v| **v).count())
             .finish()
     }

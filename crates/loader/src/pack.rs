@@ -6,9 +6,15 @@
 use alloc::vec;
 use alloc::vec::Vec;
 
-/// Bytes needed to hold `n` codes of `bits` bits.
+/// Bytes needed to hold `n` codes of `bits` bits; `None` when that does not fit a `usize`.
+pub fn checked_packed_len(n: usize, bits: u8) -> Option<usize> {
+    Some(n.checked_mul(bits as usize)?.div_ceil(8))
+}
+
+/// Bytes needed to hold `n` codes of `bits` bits. Saturates at `usize::MAX` on overflow, so an
+/// untrusted count whose product wraps never matches the length of a real buffer.
 pub fn packed_len(n: usize, bits: u8) -> usize {
-    (n * bits as usize).div_ceil(8)
+    checked_packed_len(n, bits).unwrap_or(usize::MAX)
 }
 
 /// Packs codes (each `< 2^bits`) LSB-first. Higher bits of a code are ignored.
@@ -75,6 +81,14 @@ mod tests {
                 assert_eq!(unpack(&p, bits, n), codes, "bits={bits} n={n}");
             }
         }
+    }
+
+    #[test]
+    fn overflowing_counts_do_not_wrap() {
+        assert_eq!(checked_packed_len(1 << 61, 8), None);
+        assert_eq!(packed_len(1 << 61, 8), usize::MAX);
+        assert_eq!(packed_len((1 << 63) + 4, 2), usize::MAX);
+        assert_eq!(checked_packed_len(9, 3), Some(4));
     }
 
     #[test]

@@ -17,6 +17,15 @@ const M: u32 = 1 << SCALE_BITS;
 const L: u32 = 1 << 23;
 /// Widest symbols coded: the frequency table must fit the 2^16 scale with room to spare.
 pub const MAX_SYMBOL_BITS: u8 = 12;
+/// Most packed bytes a stream may decode to per stream byte. rANS can code a near-constant
+/// stream in almost no bytes, so without a cap a few stored bytes could make a reader allocate
+/// without bound; [`encode`] refuses denser streams (the part is then stored raw).
+pub const MAX_EXPANSION: usize = 64;
+
+/// The most packed bytes a stream of `stream_len` bytes may decode to.
+pub fn max_raw_len(stream_len: usize) -> usize {
+    stream_len.saturating_mul(MAX_EXPANSION)
+}
 
 fn put_var(out: &mut Vec<u8>, mut v: u32) {
     loop {
@@ -76,8 +85,8 @@ fn normalize(counts: &[u64], n: u64) -> Vec<u32> {
 }
 
 /// Codes the first `n` symbols of `packed` (LSB-first, `symbol_bits` wide). `None` when the
-/// width is out of range or the stream does not re-pack to exactly `packed` (nonzero padding),
-/// so coding is always lossless.
+/// width is out of range, the stream does not re-pack to exactly `packed` (nonzero padding),
+/// so coding is always lossless, or the code would expand more than [`MAX_EXPANSION`] times.
 pub fn encode(packed: &[u8], symbol_bits: u8, n: usize) -> Option<Vec<u8>> {
     if !(1..=MAX_SYMBOL_BITS).contains(&symbol_bits) {
         return None;
@@ -120,18 +129,23 @@ pub fn encode(packed: &[u8], symbol_bits: u8, n: usize) -> Option<Vec<u8>> {
     }
     rev.reverse();
     out.extend(rev);
-    Some(out)
+    (packed.len() <= max_raw_len(out.len())).then_some(out)
 }
 
 /// Decodes a stream from [`encode`] back to the packed bytes, which must be `raw_len` long
-/// (the part's recorded length); `None` when the stream is malformed.
+/// (the part's recorded length); `None` when the stream is malformed, its symbol count does
+/// not pack to exactly `raw_len` bytes, or `raw_len` exceeds [`max_raw_len`] of the stream.
+/// Nothing is allocated from the header's count before it has been tied to `raw_len`.
 pub fn decode(stream: &[u8], raw_len: usize) -> Option<Vec<u8>> {
+    if raw_len > max_raw_len(stream.len()) {
+        return None;
+    }
     let symbol_bits = *stream.first()?;
     if !(1..=MAX_SYMBOL_BITS).contains(&symbol_bits) {
         return None;
     }
-    let n = u64::from_le_bytes(stream.get(1..9)?.try_into().ok()?) as usize;
-    if codebook::packed_len(n, symbol_bits) != raw_len {
+    let n = usize::try_from(u64::from_le_bytes(stream.get(1..9)?.try_into().ok()?)).ok()?;
+    if codebook::checked_packed_len(n, symbol_bits)? != raw_len {
         return None;
     }
     if n == 0 {
@@ -156,7 +170,7 @@ pub fn decode(stream: &[u8], raw_len: usize) -> Option<Vec<u8>> {
         }
         c += fs;
     }
-    let mut x = u32::from_le_bytes(stream.get(pos..pos + 4)?.try_into().ok()?);
+    let mut x = u32::from_le_bytes(stream.get(pos..pos.checked_add(4)?)?.try_into().ok()?);
     pos += 4;
     let mut syms = Vec::with_capacity(n);
     for _ in 0..n {
@@ -245,5 +259,30 @@ mod tests {
         let enc = encode(&codebook::pack(&[1, 2, 3, 1], 2), 2, 4).unwrap();
         assert!(decode(&enc, 2).is_none(), "wrong recorded length");
         assert!(decode(&enc[..12], 1).is_none(), "truncated table");
+    }
+
+    #[test]
+    fn counts_that_wrap_or_outgrow_the_stream_are_refused() {
+        let packed = codebook::pack(&[1, 2, 3, 1, 0, 2, 2, 1], 2);
+        let enc = encode(&packed, 2, 8).unwrap();
+        // 2^63 + 8 two-bit symbols: the product wraps to the real length unless checked.
+        let mut wrapped = enc.clone();
+        wrapped[1..9].copy_from_slice(&((1u64 << 63) + 8).to_le_bytes());
+        assert!(decode(&wrapped, packed.len()).is_none());
+        // 2^61 eight-bit symbols pack to 2^61 bytes: far more than the stream can back.
+        let mut huge = encode(&[7u8; 4], 8, 4).unwrap();
+        huge[1..9].copy_from_slice(&(1u64 << 61).to_le_bytes());
+        assert!(decode(&huge, 1 << 61).is_none());
+        assert!(decode(&huge, 0).is_none());
+        assert!(decode(&enc, max_raw_len(enc.len()) + 1).is_none());
+    }
+
+    #[test]
+    fn streams_denser_than_the_cap_are_not_written() {
+        let zeros = vec![0u8; 64 * 1024];
+        assert!(encode(&zeros, 8, zeros.len()).is_none());
+        let few = vec![0u8; 256];
+        let enc = encode(&few, 8, few.len()).unwrap();
+        assert_eq!(decode(&enc, few.len()).unwrap(), few);
     }
 }

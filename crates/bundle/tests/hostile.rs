@@ -1,0 +1,488 @@
+//! Hostile bundles: manifests edited and re-hashed (so only the layout check can catch them),
+//! shards whose bytes were re-hashed after damage, and folders holding FIFOs, symlinks to
+//! /dev/zero and names that point outside. `verify`, the host reader and the wasm loader must
+//! each refuse them, without hanging, panicking or allocating more than the bytes justify.
+
+use adaptq_bundle::manifest::SourceRef;
+use adaptq_bundle::{blake3_hex, sha256_hex, verify_bundle, Bundle, BundleWriter, Encoding};
+use adaptq_bundle::{WriterOptions, MANIFEST};
+use adaptq_loader::Loader;
+use adaptq_quant::Grid;
+use serde_json::Value;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Refuses (aborts on) any single allocation above 1 GiB, so a reader that sizes a buffer
+/// from a hostile header fails this test instead of quietly over-committing memory.
+struct Capped;
+
+const ALLOC_LIMIT: usize = 1 << 30;
+
+unsafe impl GlobalAlloc for Capped {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        if l.size() > ALLOC_LIMIT {
+            return std::ptr::null_mut();
+        }
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        if new > ALLOC_LIMIT {
+            return std::ptr::null_mut();
+        }
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Capped = Capped;
+
+/// Mostly-middle codes (so the lossless stage codes them), LSB-first at `bits`.
+fn skewed_codes(n: usize, bits: u8) -> Vec<u8> {
+    let mut s = 7u64;
+    let codes: Vec<u8> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let r = (s >> 33) as u32;
+            if r.is_multiple_of(8) {
+                (r >> 8) as u8 & ((1u16 << bits) - 1) as u8
+            } else {
+                1 << (bits - 1)
+            }
+        })
+        .collect();
+    adaptq_loader::pack::pack(&codes, bits)
+}
+
+/// A bundle at `<tmp>/p/q` (so `../../x` is `<tmp>/x`) over 1 KiB shards: an 8-bit tensor
+/// whose codes are rANS-coded and start shard 0, a 4-bit grid, a NOVAQ codebook, f16 and f32,
+/// plus model.meta and LICENSE.
+fn fresh() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("p").join("q");
+    let mut w = BundleWriter::create(
+        &d,
+        WriterOptions {
+            shard_max_bytes: 1024,
+            force: false,
+            lossless: true,
+        },
+    )
+    .unwrap();
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    w.add_tensor(
+        "blk.0.ffn_up.weight",
+        &[32, 64],
+        "linear",
+        "rtn",
+        Encoding::Int {
+            bits: 8,
+            group_size: 64,
+            grid: Grid::Symmetric,
+        },
+        &[("codes", &skewed_codes(2048, 8)), ("scales", &data[..64])],
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.attn_q.weight",
+        &[10, 64],
+        "linear",
+        "rtn",
+        Encoding::Int {
+            bits: 4,
+            group_size: 32,
+            grid: Grid::Symmetric,
+        },
+        &[("codes", &data[..320]), ("scales", &data[320..360])],
+    )
+    .unwrap();
+    // 8 x 16 in vectors of 4, one 4-bit stage: 16 centroids x 4 values.
+    w.add_tensor(
+        "blk.0.attn_v.weight",
+        &[8, 16],
+        "linear",
+        "novaq",
+        Encoding::Codebook {
+            dim: 4,
+            stage_bits: vec![4],
+        },
+        &[
+            ("row_scale", &data[..16]),
+            ("row_mean", &data[16..32]),
+            ("col_scale", &data[32..64]),
+            ("codebook0", &data[64..192]),
+            ("codes0", &data[192..208]),
+        ],
+    )
+    .unwrap();
+    w.add_tensor(
+        "token_embd.weight",
+        &[20, 64],
+        "embedding",
+        "none",
+        Encoding::F16,
+        &[("data", &data[..2560])],
+    )
+    .unwrap();
+    w.add_tensor(
+        "output_norm.weight",
+        &[64],
+        "norm",
+        "none",
+        Encoding::F32,
+        &[("data", &data[..256])],
+    )
+    .unwrap();
+    w.add_file("model.meta", b"{\"family\": \"llama\"}\n")
+        .unwrap();
+    w.add_file("LICENSE", b"Apache-2.0\n").unwrap();
+    w.finish(
+        "hostile",
+        SourceRef {
+            locator: "file:test.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: 5,
+        },
+        serde_json::json!({"method": "rtn", "seed": 0}),
+    )
+    .unwrap();
+    let r = verify_bundle(&d, |_| {});
+    assert!(r.ok(), "fresh bundle must verify: {:?}", r.problems);
+    let m = manifest(&d);
+    assert!(
+        m["tensors"][0]["parts"][0]["lossless"].is_object(),
+        "the 8-bit codes are rANS-coded"
+    );
+    assert_eq!(m["tensors"][0]["segments"][0]["offset"], 0);
+    (t, d)
+}
+
+fn manifest(d: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(d.join(MANIFEST)).unwrap()).unwrap()
+}
+
+/// Applies `edit` to the manifest and re-hashes it as the writer would (global digest over the
+/// shard list, then manifest_digest), so no digest check can catch the edit.
+fn rehash(d: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v = manifest(d);
+    edit(&mut v);
+    let shards = v["shards"].as_array().unwrap().clone();
+    v["global_digest"] = Value::from(adaptq_loader::shard_list_digest(shards.iter().map(|s| {
+        (
+            s["file"].as_str().unwrap(),
+            s["bytes"].as_u64().unwrap(),
+            s["sha256"].as_str().unwrap(),
+            s["blake3"].as_str().unwrap(),
+        )
+    })));
+    v["manifest_digest"] = Value::from("0".repeat(64));
+    let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
+    v["manifest_digest"] = Value::from(adaptq_bundle::manifest_digest(&text).unwrap());
+    let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
+    std::fs::write(d.join(MANIFEST), text).unwrap();
+}
+
+/// Replaces shard `i`'s bytes and records their size and hashes, re-hashing the manifest.
+fn rewrite_shard(d: &Path, i: usize, bytes: &[u8]) {
+    let file = format!("shard-{i:05}.bin");
+    std::fs::write(d.join(&file), bytes).unwrap();
+    rehash(d, |v| {
+        let s = &mut v["shards"][i];
+        s["bytes"] = Value::from(bytes.len() as u64);
+        s["sha256"] = Value::from(sha256_hex(bytes));
+        s["blake3"] = Value::from(blake3_hex(bytes));
+    });
+}
+
+/// Runs `f` on its own thread and fails the test if it does not finish in 10 s (a reader
+/// blocked on a FIFO), instead of hanging the suite.
+fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} did not finish within 10 s (blocked?)"))
+}
+
+/// verify's problems, asserting it refused the bundle.
+fn refused_by_verify(d: &Path) -> String {
+    let d = d.to_path_buf();
+    let r = within("verify", move || verify_bundle(&d, |_| {}));
+    assert!(!r.ok(), "verify accepted a hostile bundle");
+    r.problems.join("\n")
+}
+
+/// Asserts the host reader and the loader both refuse the manifest itself.
+fn refused_on_open(d: &Path, why: &str) {
+    let err = Bundle::open(d).err().expect("host reader opened it");
+    assert!(err.to_string().contains(why), "reader: {err}");
+    let text = std::fs::read(d.join(MANIFEST)).unwrap();
+    let err = Loader::new(&text).expect_err("loader accepted it");
+    assert!(err.to_string().contains(why), "loader: {err}");
+    assert!(adaptq_loader::check_layout(&text).is_err());
+}
+
+/// Feeds the loader every shard (as sent; their hashes must hold) and reads `tensor`.
+fn loader_reads(d: &Path, tensor: &str) -> adaptq_loader::Result<Vec<f32>> {
+    let mut l = Loader::new(&std::fs::read(d.join(MANIFEST)).unwrap()).unwrap();
+    for s in manifest(d)["shards"].as_array().unwrap() {
+        let f = s["file"].as_str().unwrap();
+        l.feed(f, &std::fs::read(d.join(f)).unwrap()).unwrap();
+    }
+    l.tensor_f32(tensor)
+}
+
+/// A tensor stored (partly) in shard `i`.
+fn tensor_in_shard(d: &Path, i: u64) -> String {
+    let m = manifest(d);
+    m["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| {
+            t["segments"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["shard"] == i)
+        })
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .unwrap()
+}
+
+#[test]
+fn the_layout_check_ignores_digests_and_check_manifest_does_not() {
+    let (_t, d) = fresh();
+    let text = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
+    let layout = adaptq_loader::check_layout(text.as_bytes()).unwrap();
+    assert_eq!(layout.manifest().tensors.len(), 5);
+    let edited = text.replace("\"hostile\"", "\"other\"");
+    assert!(adaptq_loader::check_layout(edited.as_bytes()).is_ok());
+    let err = adaptq_loader::check_manifest(edited.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("was edited"), "{err}");
+    assert!(Bundle::open(&d).is_ok());
+}
+
+#[test]
+fn segment_whose_end_wraps_u64_is_refused() {
+    let (_t, d) = fresh();
+    rehash(&d, |v| {
+        v["tensors"][1]["segments"][0]["offset"] = Value::from(u64::MAX - 7);
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("points outside"), "{msg}");
+    refused_on_open(&d, "points outside");
+}
+
+#[test]
+fn segment_of_2_62_bytes_is_refused() {
+    let (_t, d) = fresh();
+    rehash(&d, |v| {
+        let t = &mut v["tensors"][3];
+        let old = t["segments"][0]["length"].as_u64().unwrap();
+        let part = t["parts"][0]["length"].as_u64().unwrap();
+        t["segments"][0]["length"] = Value::from(1u64 << 62);
+        // The parts claim the same total, so only the shard bounds can catch it.
+        t["parts"][0]["length"] = Value::from(part - old + (1u64 << 62));
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("points outside"), "{msg}");
+    refused_on_open(&d, "token_embd.weight");
+}
+
+#[test]
+fn lossless_part_claiming_2_61_decoded_bytes_is_refused() {
+    let (_t, d) = fresh();
+    rehash(&d, |v| {
+        v["tensors"][0]["parts"][0]["lossless"]["raw_length"] = Value::from(1u64 << 61);
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("do not fit shape [32, 64]"), "{msg}");
+    assert!(msg.contains("2305843009213693952 decoded bytes"), "{msg}");
+    refused_on_open(&d, "blk.0.ffn_up.weight");
+}
+
+#[test]
+fn rans_header_claiming_2_61_symbols_is_refused() {
+    let (_t, d) = fresh();
+    // The stream starts shard 0: width (u8) then the symbol count (u64 LE). 2^61 + 2048
+    // eight-bit symbols wrap an unchecked `n * 8` back to the recorded 2048 bytes.
+    let mut s = std::fs::read(d.join("shard-00000.bin")).unwrap();
+    assert_eq!(s[0], 8);
+    assert_eq!(u64::from_le_bytes(s[1..9].try_into().unwrap()), 2048);
+    s[1..9].copy_from_slice(&((1u64 << 61) + 2048).to_le_bytes());
+    rewrite_shard(&d, 0, &s);
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("part 'codes' does not decode"), "{msg}");
+    let b = Bundle::open(&d).unwrap();
+    let err = b.read_f32("blk.0.ffn_up.weight").unwrap_err();
+    assert!(err.to_string().contains("does not decode"), "{err}");
+    let err = loader_reads(&d, "blk.0.ffn_up.weight").unwrap_err();
+    assert!(err.to_string().contains("does not decode"), "{err}");
+}
+
+#[test]
+fn shard_names_outside_the_bundle_are_refused() {
+    for name in ["../../outside/x.bin", "/etc/hostname"] {
+        let (t, d) = fresh();
+        // A copy of the real shard where the name points, so only the name check stops it.
+        std::fs::create_dir_all(t.path().join("outside")).unwrap();
+        std::fs::copy(d.join("shard-00000.bin"), t.path().join("outside/x.bin")).unwrap();
+        rehash(&d, |v| v["shards"][0]["file"] = Value::from(name));
+        let msg = refused_by_verify(&d);
+        assert!(
+            msg.contains(&format!("shard #0 is named \"{name}\"")),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("SHA-256 mismatch"),
+            "the named file was read: {msg}"
+        );
+        refused_on_open(&d, "shard #0 is named");
+    }
+}
+
+#[test]
+fn code_widths_out_of_range_are_refused() {
+    let (_t, d) = fresh();
+    rehash(&d, |v| {
+        v["tensors"][1]["encoding"]["bits"] = Value::from(255)
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("255-bit codes"), "{msg}");
+    refused_on_open(&d, "255-bit codes");
+
+    let (_t, d) = fresh();
+    rehash(&d, |v| {
+        v["tensors"][2]["encoding"]["stage_bits"] = serde_json::json!([200]);
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("stage widths [200]"), "{msg}");
+    refused_on_open(&d, "stage widths [200]");
+}
+
+#[test]
+fn shapes_too_large_for_their_bytes_are_refused() {
+    let (_t, d) = fresh();
+    // 2^32 x 2^32 overflows every product of the shape.
+    rehash(&d, |v| {
+        v["tensors"][4]["shape"] = serde_json::json!([1u64 << 32, 1u64 << 32]);
+    });
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("holds too many values"), "{msg}");
+    refused_on_open(&d, "holds too many values");
+}
+
+#[test]
+fn side_file_names_outside_the_bundle_are_refused() {
+    let (t, d) = fresh();
+    let secret = b"the key\n";
+    std::fs::write(t.path().join("secret.txt"), secret).unwrap();
+    let b = Bundle::open(&d).unwrap();
+    assert!(b.read_file("../../secret.txt").is_err());
+    assert!(b.read_file("LICENSE").is_ok());
+    rehash(&d, |v| {
+        v["files"].as_array_mut().unwrap().push(serde_json::json!({
+            "file": "../../secret.txt",
+            "bytes": secret.len(),
+            "sha256": sha256_hex(secret),
+        }));
+    });
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains("side file \"../../secret.txt\" is not a plain file name"),
+        "{msg}"
+    );
+    refused_on_open(&d, "../../secret.txt");
+}
+
+#[cfg(unix)]
+#[test]
+fn fifos_are_refused_without_blocking() {
+    let (_t, d) = fresh();
+    let victim = tensor_in_shard(&d, 1);
+    for f in ["shard-00001.bin", "model.meta"] {
+        std::fs::remove_file(d.join(f)).unwrap();
+        let ok = std::process::Command::new("mkfifo")
+            .arg(d.join(f))
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfifo");
+    }
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains("shard shard-00001.bin is missing or unreadable: not a regular file"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("model.meta is missing or unreadable: not a regular file"),
+        "{msg}"
+    );
+    let dd = d.clone();
+    let (data, meta) = within("reader", move || {
+        let b = Bundle::open(&dd).unwrap();
+        (
+            b.read_f32(&victim).map(|_| ()).map_err(|e| e.to_string()),
+            b.read_file("model.meta")
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )
+    });
+    assert!(data.unwrap_err().contains("not a regular file"));
+    assert!(meta.unwrap_err().contains("not a regular file"));
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinks_to_dev_zero_are_refused_without_reading_them() {
+    let (_t, d) = fresh();
+    let victim = tensor_in_shard(&d, 1);
+    for f in ["shard-00001.bin", "LICENSE"] {
+        std::fs::remove_file(d.join(f)).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join(f)).unwrap();
+    }
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains("shard shard-00001.bin is missing or unreadable"),
+        "{msg}"
+    );
+    assert!(msg.contains("LICENSE is missing or unreadable"), "{msg}");
+    let dd = d.clone();
+    let (data, license) = within("reader", move || {
+        let b = Bundle::open(&dd).unwrap();
+        (
+            b.read_f32(&victim).map(|_| ()).map_err(|e| e.to_string()),
+            b.read_file("LICENSE")
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        )
+    });
+    assert!(data.unwrap_err().contains("not a regular file"));
+    assert!(license.unwrap_err().contains("not a regular file"));
+}
+
+#[test]
+fn readers_refuse_shard_bytes_that_verify_refuses() {
+    let (_t, d) = fresh();
+    let victim = tensor_in_shard(&d, 2);
+    let p = d.join("shard-00002.bin");
+    let mut s = std::fs::read(&p).unwrap();
+    s[10] ^= 0x40;
+    std::fs::write(&p, &s).unwrap();
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("shard-00002.bin SHA-256 mismatch"), "{msg}");
+    let b = Bundle::open(&d).unwrap();
+    let err = b.read_f32(&victim).unwrap_err();
+    assert!(
+        err.to_string().contains("does not match its recorded"),
+        "{err}"
+    );
+    assert!(b.read_f32(&tensor_in_shard(&d, 0)).is_ok());
+    // A side file edited after writing is refused by the reader too.
+    std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
+    assert!(b.read_file("model.meta").is_err());
+}
