@@ -13,6 +13,7 @@
 //! give byte-identical bundles.
 
 pub mod manifest;
+pub mod output;
 pub mod reader;
 pub mod verify;
 pub mod writer;
@@ -39,8 +40,15 @@ pub enum BundleError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("output folder {0} already exists (use --force to replace it)")]
+    /// The output path is taken and replacing it was not asked for.
+    #[error("{0} already exists; it is replaced only when forced")]
     Exists(std::path::PathBuf),
+    /// Replacing was asked for, but what is there is not something adaptq wrote.
+    #[error("{path} was not written by adaptq ({why}); refusing to replace it: choose another output path or move it away")]
+    NotOurs {
+        path: std::path::PathBuf,
+        why: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, BundleError>;
@@ -65,7 +73,16 @@ pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<
             "not a regular file (a link, FIFO, device or folder)",
         ));
     }
-    let f = std::fs::File::open(path)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true);
+    // Non-blocking and not following links, so a path swapped for a FIFO or a link between
+    // the check above and the open still cannot hang or redirect the read.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
+    }
+    let f = opts.open(path)?;
     let meta = f.metadata()?;
     if !meta.is_file() || !same_file(&before, &meta) {
         return Err(Error::new(
