@@ -245,8 +245,8 @@ fn companion_files(src: &dyn TensorSource) -> Result<Vec<(String, Vec<u8>)>> {
         for n in names {
             let p = dir.join(n);
             if p.is_file() {
-                let bytes =
-                    std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+                // Regular files of bounded size only: a model folder is a stranger's too.
+                let bytes = adaptq_source::blob::read_small(&p, COMPANION_LIMIT)?;
                 let name = if n.starts_with("LICENSE") {
                     "LICENSE"
                 } else {
@@ -413,6 +413,9 @@ pub struct Target<'a> {
 }
 
 /// Quantizes `src` into a bundle at `target.out`.
+/// Largest licence or tokenizer file copied from a source folder into a bundle.
+const COMPANION_LIMIT: u64 = 64 << 20;
+
 pub fn quantize_model(
     src: &dyn TensorSource,
     target: &Target,

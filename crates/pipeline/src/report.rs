@@ -91,15 +91,11 @@ fn histogram(rows: &[Row]) -> Vec<(f64, f64, usize)> {
 
 /// The report as JSON (the other formats render this).
 pub fn build(dir: &Path) -> Result<Value> {
-    let read = |f: &str| -> Result<Value> {
-        let p = dir.join(f);
-        serde_json::from_slice(
-            &std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
-        )
-        .with_context(|| format!("{} is not JSON", p.display()))
-    };
-    let m = read(adaptq_bundle::MANIFEST)?;
-    let v = read(adaptq_bundle::VERIFICATION)?;
+    // Through the bundle reader, so the report reads only what verify would accept.
+    let b = adaptq_bundle::Bundle::open(dir)?;
+    let m = serde_json::to_value(&b.manifest)?;
+    let v: Value = serde_json::from_slice(&b.read_file(adaptq_bundle::VERIFICATION)?)
+        .with_context(|| format!("{}: verification.json is not JSON", dir.display()))?;
     let rs = rows(&v);
     let mut by_bits = std::collections::BTreeMap::<u8, usize>::new();
     for r in &rs {
