@@ -236,9 +236,9 @@ impl Llama {
         if d == 0
             || desc.n_heads == 0
             || desc.n_kv_heads == 0
-            || d % desc.n_heads != 0
-            || desc.n_heads % desc.n_kv_heads != 0
-            || hd % 2 != 0
+            || !d.is_multiple_of(desc.n_heads)
+            || !desc.n_heads.is_multiple_of(desc.n_kv_heads)
+            || !hd.is_multiple_of(2)
         {
             bail!(
                 "model dimensions do not fit together: hidden {d}, {} heads, {} kv heads",
