@@ -1,16 +1,23 @@
 //! Remote sources end to end: `adaptq quantize hf://…`, `http(s)://…` and `ollama://…` against a
 //! local test server (127.0.0.1 only) must give the same bundle as the local file, survive
-//! faults, explain auth failures, and never leak the token.
+//! faults, explain auth failures, and never leak the token; and hostile hubs (listings naming
+//! paths outside the repository, unsafe revisions, dripping or endless bodies) must not make it
+//! write outside its cache, hold unbounded memory or wait forever.
 
-use adaptq_testutil::hub_server::{repo_from_dir, HubServer, ServerConfig};
+use adaptq_testutil::hub_server::{repo_from_dir, Hostile, HubServer, Repo, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 const SHA: &str = "1111111111111111111111111111111111111111";
 const TOKEN: &str = "hf_TESTtokenDoNotLeak42";
 
 fn adaptq(args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(args, env).output().expect("runs adaptq")
+}
+
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_adaptq"));
     c.args(args);
     for k in [
@@ -22,13 +29,14 @@ fn adaptq(args: &[&str], env: &[(&str, &str)]) -> Output {
         "ADAPTQ_OFFLINE",
         "HF_HUB_OFFLINE",
         "OLLAMA_MODELS",
+        "ADAPTQ_HTTP_TIMEOUT",
     ] {
         c.env_remove(k);
     }
     for (k, v) in env {
         c.env(k, v);
     }
-    c.output().expect("runs adaptq")
+    c
 }
 
 fn text(o: &Output) -> String {
@@ -394,4 +402,300 @@ fn sharded_safetensors_over_hub_match_the_local_folder() {
     let log = hub.stats.log.lock().unwrap();
     assert!(log.iter().any(|(p, _)| p.contains("model-00001-of-00002")));
     assert!(log.iter().any(|(p, _)| p.contains("model-00002-of-00002")));
+}
+
+/// A listing naming a path that climbs out of the snapshot, or an absolute one, is refused
+/// with the name shown, and nothing is written there; beside a real model it is ignored.
+#[test]
+fn hub_listing_cannot_write_outside_the_cache() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    // cache/models--test--rel/snapshots/{SHA}/ + four '..' = the temp folder itself.
+    let rel = "../../../../tmp/x/evil.gguf";
+    let rel_target = t.path().join("tmp/x");
+    let abs_target = t.path().join("abs");
+    let abs = abs_target.join("evil.gguf").to_str().unwrap().to_string();
+    for d in [&rel_target, &abs_target] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let repo = |id: &str, names: &[&str]| Repo {
+        id: id.into(),
+        sha: SHA.into(),
+        files: names
+            .iter()
+            .map(|n| (n.to_string(), gguf.clone()))
+            .collect(),
+    };
+    let server = HubServer::start(ServerConfig {
+        repos: vec![
+            repo("test/rel", &[rel]),
+            repo("test/abs", &[&abs]),
+            repo("test/mixed", &["model.gguf", rel, &abs]),
+        ],
+        ..Default::default()
+    });
+    let url = server.url();
+    let env = [
+        ("HF_ENDPOINT", url.as_str()),
+        ("ADAPTQ_CACHE_DIR", cache.to_str().unwrap()),
+    ];
+    for (loc, name) in [("hf://test/rel", rel), ("hf://test/abs", abs.as_str())] {
+        let o = adaptq(&["info", loc], &env);
+        assert!(!o.status.success(), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains(name) && err.contains("not a plain relative file name"),
+            "{err}"
+        );
+    }
+    let o = adaptq(&["info", "hf://test/mixed"], &env);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(cache
+        .join(format!("models--test--mixed/snapshots/{SHA}/model.gguf"))
+        .is_file());
+    for d in [&rel_target, &abs_target] {
+        let left: Vec<_> = std::fs::read_dir(d).unwrap().collect();
+        assert!(left.is_empty(), "{} holds {left:?}", d.display());
+    }
+    let log = server.stats.log.lock().unwrap();
+    assert!(log.iter().all(|(p, _)| !p.contains("evil")), "{log:?}");
+}
+
+/// A revision names a file under refs/ in the cache: `..` and `.` are refused before any
+/// request is made or any file written.
+#[test]
+fn unsafe_revision_is_refused_before_touching_the_cache() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let server = HubServer::start(ServerConfig {
+        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        any_revision: true,
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let url = server.url();
+    for loc in ["hf://test/smollm2@..", "hf://test/smollm2@."] {
+        let o = adaptq(
+            &["info", loc],
+            &[
+                ("HF_ENDPOINT", &url),
+                ("ADAPTQ_CACHE_DIR", cache.to_str().unwrap()),
+            ],
+        );
+        assert!(!o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("revision"), "{}", text(&o));
+    }
+    assert!(!cache.exists(), "the cache was written to");
+    assert_eq!(server.stats.requests.load(Ordering::Relaxed), 0);
+}
+
+/// config.json dripping a byte every 5 s fails within the body budget; one streamed without
+/// a length and without end is cut at the 64 MiB cap.
+#[test]
+fn hub_bodies_held_in_memory_are_capped_and_timed() {
+    let minilm = adaptq_testutil::minilm();
+    let serve = |h: Hostile| {
+        HubServer::start(ServerConfig {
+            repos: vec![repo_from_dir("test/minilm", SHA, &minilm)],
+            hostile: vec![("/config.json".into(), h)],
+            ..Default::default()
+        })
+    };
+    let drip = serve(Hostile::Drip {
+        every: Duration::from_secs(5),
+        len: 1000,
+    });
+    let url = drip.url();
+    let t0 = Instant::now();
+    let o = adaptq(
+        &["info", "hf://test/minilm"],
+        &[("HF_ENDPOINT", &url), ("ADAPTQ_HTTP_TIMEOUT", "2")],
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("config.json") && err.contains("did not arrive within 2 s"),
+        "{err}"
+    );
+    let huge = serve(Hostile::Chunked { len: 600 << 20 });
+    let url = huge.url();
+    let o = adaptq(&["info", "hf://test/minilm"], &[("HF_ENDPOINT", &url)]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("config.json") && err.contains("past the 64 MiB limit"),
+        "{err}"
+    );
+    let sent = huge.stats.bytes_sent.load(Ordering::Relaxed);
+    assert!(sent < 100 << 20, "the server sent {sent} bytes");
+}
+
+/// A file in a subfolder of the repository is cached at the same place in the snapshot and
+/// read from there offline.
+#[test]
+fn hub_file_in_a_subfolder_with_the_cache_then_offline() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let server = HubServer::start(ServerConfig {
+        repos: vec![Repo {
+            id: "test/sub".into(),
+            sha: SHA.into(),
+            files: vec![("q4/model.gguf".into(), gguf.clone())],
+        }],
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let url = server.url();
+    let online = adaptq(
+        &["info", "hf://test/sub/q4/model.gguf"],
+        &[("HF_ENDPOINT", &url), ("ADAPTQ_CACHE_DIR", c)],
+    );
+    assert!(online.status.success(), "{}", text(&online));
+    let cached = cache.join(format!("models--test--sub/snapshots/{SHA}/q4/model.gguf"));
+    assert_eq!(
+        std::fs::metadata(&cached).unwrap().len(),
+        std::fs::metadata(&gguf).unwrap().len()
+    );
+    let offline = adaptq(
+        &["info", "hf://test/sub/q4/model.gguf"],
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("ADAPTQ_CACHE_DIR", c),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert!(offline.status.success(), "{}", text(&offline));
+    assert_eq!(online.stdout, offline.stdout);
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn hub_temp_folders(tmp: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("adaptq-hub-")
+        })
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// A run killed mid-download leaves a partial, never a complete-looking file, and a run
+/// killed without a cache leaves its temp folder; the next run removes both.
+#[test]
+fn killed_runs_leave_nothing_the_next_run_keeps() {
+    let gguf = adaptq_testutil::smollm2_gguf();
+    let name = gguf.file_name().unwrap().to_str().unwrap();
+    let repos = vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())];
+    let slow = HubServer::start(ServerConfig {
+        repos: repos.clone(),
+        rate: Some(1 << 20),
+        ..Default::default()
+    });
+    let fast = HubServer::start(ServerConfig {
+        repos,
+        ..Default::default()
+    });
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let tmp = t.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp_s = tmp.to_str().unwrap();
+    let root = cache.join("models--test--smollm2");
+    let partials = root.join(".adaptq-partial");
+    let cached = root.join(format!("snapshots/{SHA}/{name}"));
+    let (slow_url, fast_url) = (slow.url(), fast.url());
+
+    let mut child = command(
+        &["info", "hf://test/smollm2"],
+        &[
+            ("HF_ENDPOINT", &slow_url),
+            ("ADAPTQ_CACHE_DIR", c),
+            ("TMPDIR", tmp_s),
+        ],
+    )
+    .spawn()
+    .unwrap();
+    wait_for("the partial download", || {
+        !files_under(&partials).is_empty()
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!cached.exists(), "a killed download looks complete");
+    assert_eq!(files_under(&partials).len(), 1);
+
+    let mut child = command(
+        &["info", "hf://test/smollm2"],
+        &[("HF_ENDPOINT", &slow_url), ("TMPDIR", tmp_s)],
+    )
+    .spawn()
+    .unwrap();
+    wait_for("the temp folder", || {
+        hub_temp_folders(&tmp)
+            .iter()
+            .any(|d| d.join(".adaptq-lock").is_file())
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(hub_temp_folders(&tmp).len(), 1);
+
+    let o = adaptq(
+        &["info", "hf://test/smollm2"],
+        &[
+            ("HF_ENDPOINT", &fast_url),
+            ("ADAPTQ_CACHE_DIR", c),
+            ("TMPDIR", tmp_s),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        std::fs::read(&gguf).unwrap()
+    );
+    assert!(
+        files_under(&partials).is_empty(),
+        "{:?}",
+        files_under(&partials)
+    );
+    let o = adaptq(
+        &["info", "hf://test/smollm2"],
+        &[("HF_ENDPOINT", &fast_url), ("TMPDIR", tmp_s)],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        hub_temp_folders(&tmp).is_empty(),
+        "{:?}",
+        hub_temp_folders(&tmp)
+    );
 }

@@ -8,9 +8,15 @@
 //! from there.
 
 use crate::http::{authority, Client, Flavor, Token};
-use crate::Opened;
+use crate::scratch::{sweep_partials, write_via_partial, TempFolder};
+use crate::{Opened, COMPANION_MAX};
+use adaptq_loader::names::is_plain_relative;
 use adaptq_source::{Result, SourceError};
 use std::path::{Path, PathBuf};
+
+/// Most bytes of the revision listing held in memory: a repository with tens of thousands of
+/// files lists them in a few MiB.
+pub const LISTING_MAX: u64 = 16 << 20;
 
 /// Where the hub is and how to talk to it; [`HubConfig::from_env`] reads the usual variables.
 #[derive(Clone, Debug)]
@@ -78,6 +84,7 @@ impl HubRef {
         };
         let ok = |s: &str| {
             !s.is_empty()
+                && s != "."
                 && s != ".."
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -87,9 +94,17 @@ impl HubRef {
                 "organisation and name may hold letters, digits, '-', '_' and '.'",
             ));
         }
+        // The revision names a file under refs/ in the cache and a path part of the API URL.
+        if !ok(&revision) {
+            return Err(bad(
+                "a revision may hold letters, digits, '-', '_' and '.', and must not be '.' or '..'",
+            ));
+        }
         if let Some(f) = &file {
-            if f.split('/').any(|c| c.is_empty() || c == "..") {
-                return Err(bad("file path must not contain empty or '..' parts"));
+            if !is_plain_relative(f, true) {
+                return Err(bad(
+                    "file path must be relative, with no empty, '.' or '..' parts",
+                ));
             }
         }
         Ok(HubRef {
@@ -132,36 +147,104 @@ impl Hub<'_> {
         }
     }
 
-    /// Commit hash and file list of the revision.
-    fn resolve(&self) -> Result<(String, Vec<String>)> {
+    /// Commit hash and file list of the revision. Listed names that are not plain relative
+    /// names inside the repository (`../x`, `/abs`, `a//b`, control characters) are set
+    /// apart in [`Listing::refused`]: they are never fetched or joined to a folder.
+    fn resolve(&self) -> Result<Listing> {
         let url = format!(
             "{}/api/models/{}/revision/{}",
             self.cfg.endpoint, self.r.repo, self.r.revision
         );
-        let body = self.client.get(&url, Path::new(&self.label))?;
+        let body = self.client.get(&url, Path::new(&self.label), LISTING_MAX)?;
         let v: serde_json::Value = serde_json::from_slice(&body)
             .map_err(|e| self.err(format!("hub answered with invalid JSON: {e}")))?;
         let sha = v
             .get("sha")
             .and_then(|s| s.as_str())
-            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()))
+            .filter(|s| is_commit(s))
             .ok_or_else(|| self.err("hub answer has no commit sha"))?
             .to_string();
-        let files = v
+        let names = v
             .get("siblings")
             .and_then(|s| s.as_array())
             .map(|a| {
                 a.iter()
-                    .filter_map(|f| {
-                        f.get("rfilename")
-                            .and_then(|n| n.as_str())
-                            .map(str::to_string)
-                    })
-                    .collect()
+                    .filter_map(|f| f.get("rfilename").and_then(|n| n.as_str()))
+                    .collect::<Vec<_>>()
             })
             .unwrap_or_default();
-        Ok((sha, files))
+        let (files, refused): (Vec<String>, Vec<String>) = names
+            .into_iter()
+            .map(str::to_string)
+            .partition(|n| is_plain_relative(n, true));
+        Ok(Listing {
+            sha,
+            files,
+            refused,
+        })
     }
+}
+
+struct Listing {
+    sha: String,
+    files: Vec<String>,
+    refused: Vec<String>,
+}
+
+/// A commit id as it may name a folder: 1 to 64 ASCII letters and digits.
+fn is_commit(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+/// [`choose`] on the plain names, saying which refused names there were when it finds
+/// nothing to read, so a listing that only offers an escaping name is reported as such.
+fn choose_listed(listing: &Listing, wanted: Option<&str>, label: &str) -> Result<Choice> {
+    choose(&listing.files, wanted, label).map_err(|e| {
+        if listing.refused.is_empty() {
+            return e;
+        }
+        let shown: Vec<String> = listing
+            .refused
+            .iter()
+            .take(3)
+            .map(|n| format!("{n:?}"))
+            .collect();
+        SourceError::Unrecognized {
+            path: label.into(),
+            why: format!(
+                "{}; the hub listing also names {}{}, which {} not a plain relative file name inside the repository and {} ignored",
+                match &e {
+                    SourceError::Unrecognized { why, .. } => why.clone(),
+                    other => other.to_string(),
+                },
+                shown.join(", "),
+                if listing.refused.len() > 3 { " and more" } else { "" },
+                if listing.refused.len() == 1 { "is" } else { "are" },
+                if listing.refused.len() == 1 { "was" } else { "were" },
+            ),
+        }
+    })
+}
+
+/// The repository paths of the shards an index names. Shard names are file names relative
+/// to the index's own folder, checked here before they are joined to any path.
+fn shard_paths(idx: &str, shards: Vec<String>, label: &str) -> Result<Vec<String>> {
+    let folder = idx.rsplit_once('/').map(|(d, _)| d);
+    shards
+        .into_iter()
+        .map(|s| {
+            if !is_plain_relative(&s, false) {
+                return Err(SourceError::corrupt(
+                    Path::new(&format!("{label}/{idx}")),
+                    format!("the index names shard {s:?}, which is not a plain file name"),
+                ));
+            }
+            Ok(match folder {
+                Some(d) => format!("{d}/{s}"),
+                None => s,
+            })
+        })
+        .collect()
 }
 
 /// Which weight files to read: a named file, a sharded index, one safetensors, or one GGUF.
@@ -236,42 +319,49 @@ pub fn open(loc: &str, cfg: &HubConfig) -> Result<Opened> {
     if cfg.offline {
         return open_offline(&hub, cache.as_deref());
     }
-    let (commit, files) = hub.resolve()?;
-    let choice = choose(&files, hub.r.file.as_deref(), &label)?;
-    // Companion files: in the cache snapshot when there is one, else in a private temp folder.
-    let (dir, keep) = match &cache {
+    let listing = hub.resolve()?;
+    let commit = listing.sha.clone();
+    let choice = choose_listed(&listing, hub.r.file.as_deref(), &label)?;
+    // Files go under `root` at `{prefix}{name}`: the cache's snapshot when there is one, else
+    // a private temp folder. Every name joined here is a checked plain relative name.
+    let (root, prefix, keep) = match &cache {
         Some(root) => {
-            let snap = root.join("snapshots").join(&commit);
-            std::fs::create_dir_all(&snap).map_err(|e| SourceError::io(&snap, e))?;
-            let refs = root.join("refs");
-            std::fs::create_dir_all(&refs).map_err(|e| SourceError::io(&refs, e))?;
-            write_atomic(&refs.join(&hub.r.revision), commit.as_bytes())?;
-            (snap, None)
+            std::fs::create_dir_all(root).map_err(|e| SourceError::io(root, e))?;
+            sweep_partials(root);
+            let rev = format!("refs/{}", hub.r.revision);
+            write_via_partial(root, &rev, false, |f| {
+                crate::write_all(f, commit.as_bytes(), &root.join(&rev))
+            })?;
+            (root.clone(), format!("snapshots/{commit}/"), None)
         }
         None => {
-            let t = tempfile::Builder::new()
-                .prefix("adaptq-hub-")
-                .tempdir()
-                .map_err(|e| SourceError::io(Path::new("temp folder"), e))?;
-            (t.path().to_path_buf(), Some(t))
+            let t = TempFolder::new("adaptq-hub-")?;
+            (t.path().to_path_buf(), String::new(), Some(t))
         }
     };
+    let dir = root.join(&prefix);
+    std::fs::create_dir_all(&dir).map_err(|e| SourceError::io(&dir, e))?;
+    let fetch_small = |f: &str| -> Result<Vec<u8>> {
+        let l = PathBuf::from(format!("{label}/{f}"));
+        let bytes = hub.client.get(&hub.url(&commit, f), &l, COMPANION_MAX)?;
+        write_via_partial(&root, &format!("{prefix}{f}"), false, |w| {
+            crate::write_all(w, &bytes, &l)
+        })?;
+        Ok(bytes)
+    };
     for f in COMPANIONS {
-        if files.iter().any(|x| x == f) && !dir.join(f).exists() {
-            let bytes = hub
-                .client
-                .get(&hub.url(&commit, f), Path::new(&format!("{label}/{f}")))?;
-            write_atomic(&dir.join(f), &bytes)?;
+        if listing.files.iter().any(|x| x == f) && !dir.join(f).exists() {
+            fetch_small(f)?;
         }
     }
     let weight_files = match &choice {
         Choice::Gguf(f) => vec![f.clone()],
         Choice::Safetensors(v) => v.clone(),
         Choice::Index(idx) => {
+            let bytes = fetch_small(idx)?;
             let ilabel = format!("{label}/{idx}");
-            let bytes = hub.client.get(&hub.url(&commit, idx), Path::new(&ilabel))?;
-            write_atomic(&dir.join(idx), &bytes)?;
-            adaptq_source::safetensors::index_shard_names(&bytes, Path::new(&ilabel))?
+            let shards = adaptq_source::safetensors::index_shard_names(&bytes, Path::new(&ilabel))?;
+            shard_paths(idx, shards, &label)?
         }
     };
     let locator = format!(
@@ -292,7 +382,15 @@ pub fn open(loc: &str, cfg: &HubConfig) -> Result<Opened> {
                     let l = PathBuf::from(format!("{label}/{f}"));
                     let url = hub.url(&commit, f);
                     let (len, ranges_ok) = hub.client.probe(&url, &l)?;
-                    crate::download_atomic(&hub.client, &url, len, ranges_ok, &dest, &l)?;
+                    crate::download_atomic(
+                        &hub.client,
+                        &url,
+                        len,
+                        ranges_ok,
+                        &root,
+                        &format!("{prefix}{f}"),
+                        &l,
+                    )?;
                 }
                 Ok(Box::new(adaptq_source::blob::MmapBlob::open(&dest)?)
                     as Box<dyn adaptq_source::Blob>)
@@ -328,40 +426,47 @@ fn open_offline(hub: &Hub, cache: Option<&Path>) -> Result<Opened> {
             root.display()
         ))
     })?;
-    let snap = root.join("snapshots").join(commit.trim());
-    let mut files: Vec<String> = Vec::new();
-    for e in std::fs::read_dir(&snap).map_err(|e| SourceError::io(&snap, e))? {
-        let e = e.map_err(|e| SourceError::io(&snap, e))?;
-        files.push(e.file_name().to_string_lossy().to_string());
+    let commit = commit.trim();
+    if !is_commit(commit) {
+        return Err(hub.err(format!(
+            "the cache's {} does not hold a commit id",
+            refp.display()
+        )));
     }
-    files.sort();
-    files.retain(|f| !f.starts_with('.'));
-    let choice = choose(&files, hub.r.file.as_deref(), &hub.label)?;
-    let path = match &choice {
-        Choice::Gguf(f) | Choice::Index(f) => snap.join(f),
-        Choice::Safetensors(v) => snap.join(&v[0]),
+    let snap = root.join("snapshots").join(commit);
+    let files: Vec<String> = match hub.r.file.as_deref() {
+        // A named file may sit in a subfolder; the name was checked by `HubRef::parse`.
+        Some(w) => [w.to_string()]
+            .into_iter()
+            .filter(|w| snap.join(w).is_file())
+            .collect(),
+        None => {
+            let mut files = Vec::new();
+            for e in std::fs::read_dir(&snap).map_err(|e| SourceError::io(&snap, e))? {
+                let e = e.map_err(|e| SourceError::io(&snap, e))?;
+                files.push(e.file_name().to_string_lossy().to_string());
+            }
+            files.sort();
+            files.retain(|f| !f.starts_with('.') && is_plain_relative(f, false));
+            files
+        }
     };
+    let choice = choose(&files, hub.r.file.as_deref(), &hub.label)?;
+    let name = match &choice {
+        Choice::Gguf(f) | Choice::Index(f) => f.clone(),
+        Choice::Safetensors(v) => v[0].clone(),
+    };
+    let path = snap.join(&name);
     let source = if matches!(choice, Choice::Index(_)) {
-        adaptq_source::open(&snap)?
+        adaptq_source::open(path.parent().unwrap_or(&snap))?
     } else {
         adaptq_source::open(&path)?
     };
     Ok(Opened {
         source,
-        locator: format!(
-            "hf://{}@{}/{}",
-            hub.r.repo,
-            commit.trim(),
-            path.file_name().unwrap_or_default().to_string_lossy()
-        ),
+        locator: format!("hf://{}@{commit}/{name}", hub.r.repo),
         _keep: None,
     })
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("adaptq-partial");
-    std::fs::write(&tmp, bytes).map_err(|e| SourceError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| SourceError::io(path, e))
 }
 
 #[cfg(test)]
@@ -383,8 +488,64 @@ mod tests {
             "hf://a/../x",
             "hf://a/b/../../etc",
             "s3://a/b",
+            "hf://a/b@..",
+            "hf://a/b@.",
+            "hf://a/b@../../x",
+            "hf://a/b@x?y",
+            "hf://a/b@x%2F..",
+            "hf://a/b/sub//x.gguf",
+            "hf://a/b/sub/./x.gguf",
+            "hf://a/b/x.gguf/",
+            "hf://a/b/c:x.gguf",
+            "hf://a/b/x\\y.gguf",
+            "hf://./b",
         ] {
             assert!(HubRef::parse(bad).is_err(), "{bad} accepted");
+        }
+        let r = HubRef::parse("hf://a/b@v1.0-rc_2/sub/dir/model.gguf").unwrap();
+        assert_eq!(r.file.as_deref(), Some("sub/dir/model.gguf"));
+    }
+
+    #[test]
+    fn listing_names_outside_the_repository_are_refused_and_named() {
+        let listing = Listing {
+            sha: "c".into(),
+            files: vec!["README.md".into()],
+            refused: vec!["../../../../tmp/x/evil.gguf".into()],
+        };
+        let e = choose_listed(&listing, None, "hf://o/n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("../../../../tmp/x/evil.gguf") && e.contains("not a plain relative"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shard_names_stay_in_the_index_folder() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            shard_paths("sub/m.safetensors.index.json", v(&["a.safetensors"]), "x").unwrap(),
+            v(&["sub/a.safetensors"])
+        );
+        assert_eq!(
+            shard_paths("m.safetensors.index.json", v(&["a.safetensors"]), "x").unwrap(),
+            v(&["a.safetensors"])
+        );
+        for bad in [
+            "../a.safetensors",
+            "/tmp/a.safetensors",
+            "d/a.safetensors",
+            "..",
+            "",
+        ] {
+            let e = shard_paths("m.json", v(&[bad]), "x")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
         }
     }
 

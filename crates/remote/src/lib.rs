@@ -8,14 +8,21 @@ pub mod blob;
 pub mod http;
 pub mod hub;
 pub mod ollama;
+pub mod scratch;
 
 pub use http::bytes_downloaded;
 pub use hub::HubConfig;
+pub use scratch::TempFolder;
 
 use adaptq_source::blob::MmapBlob;
 use adaptq_source::{Blob, Result, SourceError, TensorSource};
 use http::{Client, Flavor};
 use std::path::{Path, PathBuf};
+
+/// Most bytes of a companion file (config, tokenizer, index, licence) held in memory. The
+/// largest real tokenizer.json files are some 35 MB; anything past this is not a companion
+/// file but a way to exhaust memory.
+pub const COMPANION_MAX: u64 = 64 << 20;
 
 /// An opened model and what must live as long as it.
 pub struct Opened {
@@ -24,7 +31,7 @@ pub struct Opened {
     /// local file name. Never a token, never an absolute local path.
     pub locator: String,
     /// Temp folder of downloaded companion files (removed when dropped, after `source`).
-    pub _keep: Option<tempfile::TempDir>,
+    pub _keep: Option<TempFolder>,
 }
 
 /// True for locators that name a remote or store model rather than a local path.
@@ -87,10 +94,7 @@ fn open_url(url: &str) -> Result<Opened> {
     }
     let client = Client::new(None, Flavor::Plain);
     let (len, ranges_ok) = client.probe(url, &label)?;
-    let tmp = tempfile::Builder::new()
-        .prefix("adaptq-url-")
-        .tempdir()
-        .map_err(|e| SourceError::io(Path::new("temp folder"), e))?;
+    let tmp = TempFolder::new("adaptq-url-")?;
     if !is_gguf {
         // A safetensors link needs its config.json (and tokenizer) from the same folder.
         let base = &url[..url
@@ -107,9 +111,8 @@ fn open_url(url: &str) -> Result<Opened> {
             "LICENSE",
         ] {
             let l = PathBuf::from(format!("{}/{f}", public_url(base)));
-            if let Some(bytes) = client.get_optional(&format!("{base}/{f}"), &l)? {
-                std::fs::write(tmp.path().join(f), bytes)
-                    .map_err(|e| SourceError::io(tmp.path(), e))?;
+            if let Some(bytes) = client.get_optional(&format!("{base}/{f}"), &l, COMPANION_MAX)? {
+                scratch::write_via_partial(tmp.path(), f, false, |w| write_all(w, &bytes, &l))?;
             }
         }
     }
@@ -125,39 +128,46 @@ fn open_url(url: &str) -> Result<Opened> {
             "note: {shown} does not support range requests; downloading the whole file ({:.1} MB) before reading it",
             len as f64 / 1e6
         );
-        let dest = tmp.path().join(path_part);
-        download_atomic(&client, url, len, false, &dest, &label)?;
-        Box::new(MmapBlob::open(&dest)?)
+        if !adaptq_loader::names::is_plain_relative(path_part, false) {
+            return Err(SourceError::Unrecognized {
+                path: label,
+                why: "the URL's file name is not a plain file name".into(),
+            });
+        }
+        download_atomic(&client, url, len, false, tmp.path(), path_part, &label)?;
+        Box::new(MmapBlob::open(&tmp.path().join(path_part))?)
     };
     let dir = tmp.path().to_path_buf();
     assemble(vec![blob], is_gguf, dir, Some(tmp), shown)
 }
 
-/// Downloads a whole file to `dest` through a temp name, so a broken run never leaves a file
-/// that looks complete.
+/// Downloads a whole file to `root/rel` through its partial (see
+/// [`scratch::write_via_partial`]), so a broken run never leaves a file that looks complete.
 pub(crate) fn download_atomic(
     client: &Client,
     url: &str,
     len: u64,
     ranges_ok: bool,
-    dest: &Path,
+    root: &Path,
+    rel: &str,
     label: &Path,
 ) -> Result<()> {
-    let tmp = dest.with_extension("incomplete");
-    let f = std::fs::File::create(&tmp).map_err(|e| SourceError::io(&tmp, e))?;
-    let mut w = std::io::BufWriter::new(f);
-    client.download_to(url, len, ranges_ok, &mut w, label)?;
+    scratch::write_via_partial(root, rel, true, |f| {
+        client.download_to(url, len, ranges_ok, f, label)
+    })
+}
+
+/// `write_all` with the error told against `label`.
+pub(crate) fn write_all(f: &mut std::fs::File, bytes: &[u8], label: &Path) -> Result<()> {
     use std::io::Write;
-    w.flush().map_err(|e| SourceError::io(&tmp, e))?;
-    drop(w);
-    std::fs::rename(&tmp, dest).map_err(|e| SourceError::io(dest, e))
+    f.write_all(bytes).map_err(|e| SourceError::io(label, e))
 }
 
 pub(crate) fn assemble(
     mut blobs: Vec<Box<dyn Blob>>,
     is_gguf: bool,
     dir: PathBuf,
-    keep: Option<tempfile::TempDir>,
+    keep: Option<TempFolder>,
     locator: String,
 ) -> Result<Opened> {
     let source: Box<dyn TensorSource> = if is_gguf {
@@ -188,5 +198,44 @@ mod tests {
             public_url("http://h/x.safetensors"),
             "http://h/x.safetensors"
         );
+    }
+
+    /// A download that breaks leaves neither the file nor its partial behind.
+    #[test]
+    fn failed_download_leaves_nothing() {
+        use adaptq_testutil::hub_server::{Hostile, HubServer, ServerConfig};
+        let server = HubServer::start(ServerConfig {
+            hostile: vec![(
+                "/w.gguf".into(),
+                Hostile::Drip {
+                    every: std::time::Duration::from_secs(5),
+                    len: 1 << 20,
+                },
+            )],
+            ..Default::default()
+        });
+        let mut client = Client::new(None, Flavor::Plain);
+        client.stall_timeout = std::time::Duration::from_millis(200);
+        client.retries = 1;
+        client.backoff = std::time::Duration::from_millis(1);
+        let t = tempfile::tempdir().unwrap();
+        let url = format!("{}/w.gguf", server.url());
+        let (len, ranges) = client.probe(&url, Path::new("w")).unwrap();
+        let e = download_atomic(
+            &client,
+            &url,
+            len,
+            ranges,
+            t.path(),
+            "sub/w.gguf",
+            Path::new("w"),
+        );
+        assert!(e.is_err());
+        assert!(!t.path().join("sub/w.gguf").exists());
+        assert!(!t
+            .path()
+            .join(scratch::PARTIAL_DIR)
+            .join("sub/w.gguf")
+            .exists());
     }
 }

@@ -103,10 +103,7 @@ pub fn open(loc: &str, models: &Path) -> Result<Opened> {
             ));
         }
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("adaptq-ollama-")
-        .tempdir()
-        .map_err(|e| SourceError::io(Path::new("temp folder"), e))?;
+    let tmp = crate::TempFolder::new("adaptq-ollama-")?;
     if let Some(l) = find(LICENSE_LAYER) {
         let lp = blob_path(
             models,

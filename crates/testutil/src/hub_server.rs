@@ -3,8 +3,9 @@
 //!
 //! It implements the subset of the hub that adaptq uses (`/api/models/{repo}/revision/{rev}`
 //! and `/{repo}/resolve/{rev}/{file}`), byte ranges, bearer-token auth, a bandwidth limit and
-//! injected faults: 5xx answers, one connection dropped mid-body, a slow first byte. Hand-written
-//! on std's TcpListener because the test needs exact control of each byte sent.
+//! injected faults: 5xx answers, one connection dropped mid-body, a slow first byte, and hostile
+//! answers (listings naming paths outside the repository, bodies that drip or never end).
+//! Hand-written on std's TcpListener because the test needs exact control of each byte sent.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -40,6 +41,20 @@ pub struct ServerConfig {
     pub rate: Option<u64>,
     /// Ignore Range headers (answer 200 with the whole file).
     pub no_ranges: bool,
+    /// Serve a repository at any revision name, as a hub resolves branch names.
+    pub any_revision: bool,
+    /// Requests whose path (without the query) ends with the string get this answer instead.
+    pub hostile: Vec<(String, Hostile)>,
+}
+
+/// A body no honest server sends.
+#[derive(Clone, Debug)]
+pub enum Hostile {
+    /// `Content-Length: len` (206 with a Content-Range when a range is asked for), then one
+    /// byte every `every`.
+    Drip { every: Duration, len: u64 },
+    /// A chunked body (no Content-Length) of `len` bytes of spaces, made as it is sent.
+    Chunked { len: u64 },
 }
 
 /// What the server saw and did.
@@ -157,6 +172,9 @@ impl Shared {
             std::thread::sleep(self.cfg.delay);
         }
         let path = req.path.split('?').next().unwrap_or("").to_string();
+        if let Some((_, h)) = self.cfg.hostile.iter().find(|(k, _)| path.ends_with(k)) {
+            return self.send_hostile(&mut out, h, &req);
+        }
         if let Some(rest) = path.strip_prefix("/files/") {
             let Some(dir) = &self.cfg.static_dir else {
                 return respond(&mut out, 404, &[], b"no static files");
@@ -180,7 +198,7 @@ impl Shared {
                     let siblings: Vec<String> = repo
                         .files
                         .iter()
-                        .map(|(n, _)| format!("{{\"rfilename\":\"{n}\"}}"))
+                        .map(|(n, _)| format!("{{\"rfilename\":{}}}", json_str(n)))
                         .collect();
                     let body = format!(
                         "{{\"id\":\"{id}\",\"sha\":\"{}\",\"siblings\":[{}]}}",
@@ -209,7 +227,61 @@ impl Shared {
         self.cfg
             .repos
             .iter()
-            .find(|r| r.id == id && (rev == "main" || rev == r.sha))
+            .find(|r| r.id == id && (rev == "main" || rev == r.sha || self.cfg.any_revision))
+    }
+
+    fn send_hostile(&self, out: &mut TcpStream, h: &Hostile, req: &Request) -> std::io::Result<()> {
+        match *h {
+            Hostile::Drip { every, len } => {
+                let range = req
+                    .headers
+                    .get("range")
+                    .and_then(|r| r.strip_prefix("bytes="))
+                    .and_then(|r| r.split_once('-'))
+                    .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)))
+                    .filter(|&(a, b)| a <= b && b < len);
+                let n = match range {
+                    Some((a, b)) => {
+                        write_head(
+                            out,
+                            206,
+                            &[
+                                ("Content-Length", (b - a + 1).to_string()),
+                                ("Content-Range", format!("bytes {a}-{b}/{len}")),
+                            ],
+                        )?;
+                        b - a + 1
+                    }
+                    None => {
+                        write_head(out, 200, &[("Content-Length", len.to_string())])?;
+                        len
+                    }
+                };
+                out.flush()?;
+                for _ in 0..n {
+                    std::thread::sleep(every);
+                    out.write_all(b" ")?;
+                    out.flush()?;
+                    self.stats.bytes_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Hostile::Chunked { len } => {
+                write_head(out, 200, &[("Transfer-Encoding", "chunked".into())])?;
+                let block = vec![b' '; 64 << 10];
+                let mut left = len;
+                while left > 0 {
+                    let n = (block.len() as u64).min(left) as usize;
+                    out.write_all(format!("{n:x}\r\n").as_bytes())?;
+                    out.write_all(&block[..n])?;
+                    out.write_all(b"\r\n")?;
+                    self.stats.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+                    left -= n as u64;
+                }
+                out.write_all(b"0\r\n\r\n")?;
+                out.flush()
+            }
+        }
     }
 
     fn send_file(&self, out: &mut TcpStream, p: &PathBuf, req: &Request) -> std::io::Result<()> {
@@ -296,6 +368,21 @@ impl Shared {
         };
         std::thread::sleep(wait);
     }
+}
+
+/// `s` as a JSON string literal.
+fn json_str(s: &str) -> String {
+    let mut o = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
 }
 
 fn write_head(out: &mut TcpStream, status: u16, headers: &[(&str, String)]) -> std::io::Result<()> {
