@@ -11,7 +11,7 @@ pub mod hadamard;
 pub mod linalg;
 pub mod metrics;
 pub mod novaq;
-mod rng;
+pub mod rng;
 pub use adaptq_loader::pack;
 pub mod refit;
 pub mod rtn;

@@ -4,8 +4,11 @@
 //! `ADAPTQ_FIXTURES`); the Austen corpora sit beside the repository in `../shared/corpora/austen`
 //! (override with `ADAPTQ_CORPORA`). A missing fixture fails the test with the command to run,
 //! rather than skipping it silently.
+//!
+//! [`mutate`] is the seeded mutation engine of the readers' mutation tests.
 
 pub mod hub_server;
+pub mod mutate;
 
 use std::path::{Path, PathBuf};
 
