@@ -9,29 +9,18 @@ fn gguf() -> PathBuf {
     adaptq_testutil::smollm2_gguf()
 }
 
+use adaptq_testutil::cli::{ok, refused, text};
+
 fn adaptq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(args)
-        .output()
-        .expect("runs adaptq")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn ok(o: Output) -> Output {
-    assert!(o.status.success(), "{}", text(&o));
-    o
+    adaptq_testutil::cli::run(env!("CARGO_BIN_EXE_adaptq"), args)
 }
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// eval on one short window: enough to load the whole model.
+const ONE_WINDOW: &[&str] = &["--ctx", "64", "--chunks", "1"];
 
 const RTN8: &[&str] = &["--method", "rtn", "--bits", "8", "--group-size", "64"];
 
@@ -42,14 +31,14 @@ fn quantize(src: &Path, out: &Path, extra: &[&str]) -> Output {
     adaptq(&a)
 }
 
-fn dot_entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
+/// Asserts that `dir` holds no hidden entry (staging, scratch or moved-aside folders).
+fn no_staging_left(dir: &Path) {
+    let left: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
-    v.sort();
-    v
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
 
 #[test]
@@ -92,11 +81,7 @@ fn hf_gptq_export_never_deletes_a_folder_it_did_not_write() {
     assert!(!export(&out, false).status.success());
     ok(export(&out, true));
     assert!(out.join("config.json").exists());
-    assert!(
-        dot_entries(t.path()).is_empty(),
-        "{:?}",
-        dot_entries(t.path())
-    );
+    no_staging_left(t.path());
 }
 
 #[test]
@@ -107,24 +92,20 @@ fn forced_quantize_keeps_the_source_model_folder_and_foreign_gguf() {
     let src = models.join("model.gguf");
     std::fs::copy(gguf(), &src).unwrap();
     let before = std::fs::metadata(&src).unwrap().len();
-    let o = quantize(&src, &models, &["--force"]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    refused(
+        &quantize(&src, &models, &["--force"]),
+        "not written by adaptq",
+    );
     assert_eq!(std::fs::metadata(&src).unwrap().len(), before);
     // A GGUF adaptq did not write is refused as a --format gguf target, before any work.
     let o = quantize(&src, &src, &["--format", "gguf", "--force"]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    refused(&o, "not written by adaptq");
     assert_eq!(std::fs::metadata(&src).unwrap().len(), before);
     // Its own GGUF is replaced.
     let mine = t.path().join("mine.gguf");
     ok(quantize(&src, &mine, &["--format", "gguf"]));
     ok(quantize(&src, &mine, &["--format", "gguf", "--force"]));
-    assert!(
-        dot_entries(t.path()).is_empty(),
-        "{:?}",
-        dot_entries(t.path())
-    );
+    no_staging_left(t.path());
 }
 
 #[test]
@@ -157,11 +138,7 @@ fn killed_runs_leave_the_old_bundle_and_nothing_that_blocks_the_next() {
     }
     ok(quantize(&gguf(), &out, &["--force"]));
     ok(adaptq(&["verify", s(&out)]));
-    assert!(
-        dot_entries(t.path()).is_empty(),
-        "{:?}",
-        dot_entries(t.path())
-    );
+    no_staging_left(t.path());
 }
 
 #[test]
@@ -204,16 +181,7 @@ fn a_layer_count_the_file_does_not_back_is_an_error_not_an_abort() {
     )
     .unwrap();
     for args in [
-        vec![
-            "eval",
-            s(&bad),
-            "--text",
-            s(&corpus),
-            "--ctx",
-            "64",
-            "--chunks",
-            "1",
-        ],
+        [&["eval", s(&bad), "--text", s(&corpus)], ONE_WINDOW].concat(),
         vec![
             "quantize",
             s(&bad),
@@ -269,16 +237,7 @@ fn a_rehashed_bundle_with_a_flat_embedding_is_refused_cleanly() {
     std::fs::write(&mp, serde_json::to_string_pretty(&m).unwrap() + "\n").unwrap();
     let corpus = t.path().join("t.txt");
     std::fs::write(&corpus, "A short text to score. ".repeat(40)).unwrap();
-    let o = adaptq(&[
-        "eval",
-        s(&b),
-        "--text",
-        s(&corpus),
-        "--ctx",
-        "64",
-        "--chunks",
-        "1",
-    ]);
+    let o = adaptq(&[&["eval", s(&b), "--text", s(&corpus)], ONE_WINDOW].concat());
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("token_embd.weight"), "{}", text(&o));
 }

@@ -7,6 +7,7 @@
 //!
 //! [`mutate`] is the seeded mutation engine of the readers' mutation tests.
 
+pub mod cli;
 pub mod hub_server;
 pub mod mutate;
 
