@@ -1,20 +1,24 @@
 //! Where adaptq puts what it writes: every result is built under a temporary name beside its
 //! target and swapped in only when complete, and an existing target is replaced only when the
-//! caller forces it *and* adaptq wrote it (a bundle, a folder carrying [`MARKER`], or a file the
-//! caller's recogniser accepts). A user's folder handed over by mistake — the one holding the
-//! source model, say — is refused, never deleted.
+//! caller forces it *and* adaptq wrote everything in it (a bundle holding only the files its
+//! manifest lists, a folder whose [`MARKER`] lists its entries, or a file the caller's
+//! recogniser accepts). A user's folder handed over by mistake — the one holding the source
+//! model, say, or a bundle the user added notes to — is refused, never deleted.
 //!
 //! Staging names carry the process id (`.NAME.partial-PID`), so concurrent runs never share one,
-//! and the next run towards the same target removes those of processes that no longer run:
-//! a run killed at any point leaves nothing that blocks or confuses a later one. On Linux a
-//! folder is swapped in with `renameat2(RENAME_EXCHANGE)`, so the target holds the old or the
-//! new result at every instant; elsewhere the old folder is moved aside first.
+//! and each run holds an exclusive lock on its staging folder or file while it works. The next
+//! run towards the same target removes staging nobody holds a lock on: a run killed at any
+//! point leaves nothing that blocks or confuses a later one, and a live run's staging is never
+//! touched, whatever its PID namespace or host. On Linux a folder is swapped in with
+//! `renameat2(RENAME_EXCHANGE)`, so the target holds the old or the new result at every
+//! instant; elsewhere (and on file systems without it) the old folder is moved aside first, and
+//! a run killed in between has its old folder put back by the next run.
 
 use crate::{BundleError, Result, MANIFEST};
 use std::path::{Path, PathBuf};
 
-/// Written into folders adaptq creates that are not bundles (Hugging Face exports), so a later
-/// forced run knows it may replace them.
+/// Written into folders adaptq creates that are not bundles (Hugging Face exports), listing
+/// their entries one per line, so a later forced run knows it may replace them ([`Staged::mark`]).
 pub const MARKER: &str = ".adaptq-output";
 
 /// What a forced run may replace at the target path.
@@ -33,6 +37,8 @@ pub struct Staged {
     folder: bool,
     force: bool,
     committed: bool,
+    /// The open staging folder or file, exclusively locked while this run lives.
+    lock: Option<std::fs::File>,
 }
 
 /// Refuses `target` unless it is absent, or `force` is set and adaptq wrote what is there.
@@ -58,12 +64,9 @@ pub fn check_replaceable(target: &Path, force: bool, kind: Kind) -> Result<()> {
             if !ft.is_dir() {
                 return Err(not_ours("it is not a folder"));
             }
-            if is_adaptq_folder(target) {
-                Ok(())
-            } else {
-                Err(not_ours(
-                    "it is a folder that is neither empty, nor a bundle, nor one adaptq wrote",
-                ))
+            match foreign_folder(target) {
+                None => Ok(()),
+                Some(why) => Err(not_ours(&why)),
             }
         }
         Kind::File { is_ours } => {
@@ -79,32 +82,92 @@ pub fn check_replaceable(target: &Path, force: bool, kind: Kind) -> Result<()> {
     }
 }
 
-/// An empty folder, a bundle (its manifest names adaptq as generator) or a folder with [`MARKER`].
-fn is_adaptq_folder(dir: &Path) -> bool {
-    let Ok(mut entries) = std::fs::read_dir(dir) else {
-        return false;
+/// Why `dir` is not a folder adaptq may replace, or `None` when it is: empty, a bundle (its
+/// manifest names adaptq) holding only the files the manifest lists, or a folder whose
+/// [`MARKER`] lists every entry in it.
+fn foreign_folder(dir: &Path) -> Option<String> {
+    let entries = match list(dir) {
+        Ok(e) => e,
+        Err(e) => return Some(format!("it cannot be listed: {e}")),
     };
-    if entries.next().is_none() {
-        return true;
+    if entries.is_empty() {
+        return None;
     }
-    let regular = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
-    if regular(&dir.join(MARKER)) {
-        return true;
+    let listed = if entries.iter().any(|e| e == MANIFEST) {
+        bundle_listing(dir)
+    } else if entries.iter().any(|e| e == MARKER) {
+        read_small(&dir.join(MARKER)).map(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .map(str::to_string)
+                .chain([MARKER.to_string()])
+                .collect()
+        })
+    } else {
+        None
+    };
+    let Some(listed) = listed else {
+        return Some(
+            "it is a folder that is neither empty, nor a bundle, nor one adaptq wrote".into(),
+        );
+    };
+    let extra: Vec<&String> = entries.iter().filter(|e| !listed.contains(e)).collect();
+    if extra.is_empty() {
+        None
+    } else {
+        let shown: Vec<&str> = extra.iter().take(5).map(|e| e.as_str()).collect();
+        Some(format!(
+            "it also holds {} file(s) adaptq did not write there: {}{}",
+            extra.len(),
+            shown.join(", "),
+            if extra.len() > 5 { ", …" } else { "" }
+        ))
     }
-    let manifest = dir.join(MANIFEST);
-    if !regular(&manifest) {
-        return false;
+}
+
+/// The names a bundle's manifest accounts for (itself, its shards, its side files), if the
+/// manifest names adaptq as its generator.
+fn bundle_listing(dir: &Path) -> Option<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(&read_small(&dir.join(MANIFEST))?).ok()?;
+    if v.pointer("/generator/name").and_then(|n| n.as_str()) != Some("adaptq") {
+        return None;
     }
+    let names = |key: &str| -> Vec<String> {
+        v.get(key)
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.get("file").and_then(|f| f.as_str()))
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut all = names("shards");
+    all.extend(names("files"));
+    all.push(MANIFEST.to_string());
+    Some(all)
+}
+
+/// A small regular file's bytes (manifests and markers); `None` for anything else.
+fn read_small(p: &Path) -> Option<Vec<u8>> {
     // A manifest is small; anything past this bound is not one of ours.
-    const MAX_MANIFEST: u64 = 256 << 20;
-    if std::fs::metadata(&manifest).map_or(true, |m| m.len() > MAX_MANIFEST) {
-        return false;
+    const MAX: u64 = 256 << 20;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    if !m.is_file() || m.len() > MAX {
+        return None;
     }
-    let Ok(bytes) = std::fs::read(&manifest) else {
-        return false;
-    };
-    serde_json::from_slice::<serde_json::Value>(&bytes)
-        .is_ok_and(|v| v.pointer("/generator/name").and_then(|n| n.as_str()) == Some("adaptq"))
+    std::fs::read(p).ok()
+}
+
+/// Entry names of `dir`, sorted.
+fn list(dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        v.push(e?.file_name().to_string_lossy().into_owned());
+    }
+    v.sort();
+    Ok(v)
 }
 
 impl Staged {
@@ -112,18 +175,26 @@ impl Staged {
     /// work, not after), clears stale staging left by killed runs, and names the temporary
     /// path. For a folder the temporary folder is created; for a file only named.
     pub fn new(target: &Path, force: bool, kind: Kind) -> Result<Staged> {
-        check_replaceable(target, force, kind)?;
         let folder = matches!(kind, Kind::Folder);
-        Self::beside(target, force, folder, "")
+        Self::beside(target, force, folder, "", Some(kind))
     }
 
     /// A scratch folder beside `target` for intermediate results (`.NAME.partial-PID-work`),
     /// removed when dropped; it is never committed.
     pub fn scratch(target: &Path) -> Result<Staged> {
-        Self::beside(target, false, true, "-work")
+        Self::beside(target, false, true, "-work", None)
     }
 
-    fn beside(target: &Path, force: bool, folder: bool, suffix: &str) -> Result<Staged> {
+    /// Sweeps stale staging beside `target` (which may put an interrupted swap's old result
+    /// back), then checks the target against `kind` if given, then creates and locks the
+    /// staging entry.
+    fn beside(
+        target: &Path,
+        force: bool,
+        folder: bool,
+        suffix: &str,
+        kind: Option<Kind>,
+    ) -> Result<Staged> {
         let name = target
             .file_name()
             .filter(|n| !n.is_empty() && *n != "." && *n != "..")
@@ -136,18 +207,41 @@ impl Staged {
         };
         std::fs::create_dir_all(&parent).map_err(crate::io_err(&parent))?;
         sweep_stale(&parent, &name);
+        if let Some(kind) = kind {
+            check_replaceable(target, force, kind)?;
+        }
         let tmp = parent.join(format!(".{name}.partial-{}{suffix}", std::process::id()));
         remove_any(&tmp);
-        if folder {
+        let lock = if folder {
             std::fs::create_dir(&tmp).map_err(crate::io_err(&tmp))?;
-        }
+            std::fs::File::open(&tmp).map_err(crate::io_err(&tmp))?
+        } else {
+            // Created (empty) here so it can be locked; the caller's File::create truncates the
+            // same file, which keeps the lock.
+            std::fs::File::create(&tmp).map_err(crate::io_err(&tmp))?
+        };
+        lock.try_lock().map_err(|e| {
+            BundleError::Invalid(format!("{}: cannot lock the staging: {e}", tmp.display()))
+        })?;
         Ok(Staged {
             target: target.to_path_buf(),
             tmp,
             folder,
             force,
             committed: false,
+            lock: Some(lock),
         })
+    }
+
+    /// Writes [`MARKER`] listing the staging folder's entries, so a later forced run may replace
+    /// this folder (and only while it holds nothing else). For folders that are not bundles.
+    pub fn mark(&self) -> Result<()> {
+        let mut names = list(&self.tmp).map_err(crate::io_err(&self.tmp))?;
+        names.retain(|n| n != MARKER);
+        let mut text = names.join("\n");
+        text.push('\n');
+        let p = self.tmp.join(MARKER);
+        std::fs::write(&p, text).map_err(crate::io_err(&p))
     }
 
     /// Where to write the result.
@@ -173,6 +267,7 @@ impl Staged {
             remove_any(&self.tmp);
         }
         self.committed = true;
+        self.lock = None;
         Ok(())
     }
 }
@@ -237,7 +332,11 @@ fn swap_aside(new: &Path, target: &Path) -> Result<()> {
         let _ = std::fs::rename(&old, target);
         return Err(crate::io_err(target)(e));
     }
-    std::fs::rename(&old, new).map_err(crate::io_err(new))
+    match std::fs::rename(&old, new) {
+        // Another run's sweep already removed the old folder: nothing left to do.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r.map_err(crate::io_err(new)),
+    }
 }
 
 fn remove_any(p: &Path) {
@@ -252,41 +351,54 @@ fn remove_any(p: &Path) {
     }
 }
 
-/// Removes `.NAME.partial-PID` (and `-old`, `-work`) staging entries in `parent` whose process
-/// is gone.
-/// Only names of exactly that form are touched: adaptq is the only writer of them.
+/// Clears what runs that no longer hold their lock left beside `target` (named `name` in
+/// `parent`): `.NAME.partial-PID` and `-work` entries are removed; a `-old` folder (the previous
+/// result, moved aside by a swap that was cut short) is put back when the target is missing,
+/// and removed otherwise. Only names of exactly these forms are touched: adaptq is the only
+/// writer of them.
 fn sweep_stale(parent: &Path, name: &str) {
     let prefix = format!(".{name}.partial-");
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
     };
+    let mut olds = Vec::new();
     for e in entries.flatten() {
         let file = e.file_name();
         let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
             continue;
         };
-        let digits = ["-old", "-work"]
-            .iter()
-            .find_map(|s| rest.strip_suffix(s))
-            .unwrap_or(rest);
-        let Ok(pid) = digits.parse::<u32>() else {
-            continue;
+        let (digits, old) = match rest.strip_suffix("-old") {
+            Some(d) => (d, true),
+            None => (rest.strip_suffix("-work").unwrap_or(rest), false),
         };
-        if digits.starts_with('+') || pid == std::process::id() || process_alive(pid) {
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             continue;
         }
-        remove_any(&e.path());
+        if old {
+            olds.push((e.path(), parent.join(format!("{prefix}{digits}"))));
+        } else if let Some(_held) = unheld(&e.path()) {
+            remove_any(&e.path());
+        }
+    }
+    let target = parent.join(name);
+    for (old, staging) in olds {
+        // Its run is alive while it holds its staging; then the swap is still in progress.
+        if std::fs::symlink_metadata(&staging).is_ok() && unheld(&staging).is_none() {
+            continue;
+        }
+        if std::fs::symlink_metadata(&target).is_err() {
+            let _ = std::fs::rename(&old, &target);
+        } else {
+            remove_any(&old);
+        }
     }
 }
 
-/// Whether a process with this id exists. Where that cannot be told, assume it does, so
-/// nothing of a live run is ever removed.
-fn process_alive(pid: u32) -> bool {
-    if cfg!(target_os = "linux") {
-        Path::new("/proc").join(pid.to_string()).exists()
-    } else {
-        true
-    }
+/// The staging entry at `p`, locked by us, if no live run holds its lock.
+fn unheld(p: &Path) -> Option<std::fs::File> {
+    let f = std::fs::File::open(p).ok()?;
+    f.try_lock().ok()?;
+    Some(f)
 }
 
 #[cfg(test)]
@@ -299,7 +411,8 @@ mod tests {
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(
             dir.join(MANIFEST),
-            r#"{"generator": {"name": "adaptq", "version": "0"}}"#,
+            r#"{"generator": {"name": "adaptq", "version": "0"},
+                "shards": [{"file": "shard-00000.bin"}], "files": []}"#,
         )
         .unwrap();
     }
@@ -349,15 +462,15 @@ mod tests {
             let out = t.path().join(format!("o{i}"));
             if marked {
                 std::fs::create_dir(&out).unwrap();
-                std::fs::write(out.join(MARKER), b"").unwrap();
+                std::fs::write(out.join(MARKER), b"shard-00000.bin\n").unwrap();
             } else {
                 bundle_like(&out);
             }
-            std::fs::write(out.join("old.bin"), b"old").unwrap();
+            std::fs::write(out.join("shard-00000.bin"), b"old").unwrap();
             let s = Staged::new(&out, true, FOLDER).unwrap();
             std::fs::write(s.path().join("new.bin"), b"new").unwrap();
             s.commit(FOLDER).unwrap();
-            assert!(out.join("new.bin").exists() && !out.join("old.bin").exists());
+            assert!(out.join("new.bin").exists() && !out.join("shard-00000.bin").exists());
         }
         let names: Vec<String> = std::fs::read_dir(t.path())
             .unwrap()
@@ -389,23 +502,75 @@ mod tests {
     }
 
     #[test]
-    fn stale_staging_of_dead_runs_is_swept_and_live_or_foreign_names_kept() {
+    fn unlocked_staging_is_swept_and_locked_or_foreign_names_kept() {
         let t = tempfile::tempdir().unwrap();
-        // A pid far above Linux's pid_max is never alive.
         let dead = t.path().join(".b.partial-4294967295");
-        let dead_old = t.path().join(".b.partial-4294967294-old");
         let dead_work = t.path().join(".b.partial-4294967293-work");
-        let live = t.path().join(format!(".b.partial-{}", std::process::id()));
+        let held = t.path().join(".b.partial-4294967292");
         let foreign = t.path().join(".b.partial-notes");
         let other = t.path().join(".c.partial-4294967295");
-        for d in [&dead, &dead_old, &dead_work, &foreign, &other] {
+        for d in [&dead, &dead_work, &held, &foreign, &other] {
             bundle_like(d);
         }
+        // Another run (here: another open file description) holds its staging.
+        let lock = std::fs::File::open(&held).unwrap();
+        lock.try_lock().unwrap();
         let s = Staged::new(&t.path().join("b"), false, FOLDER).unwrap();
+        let live = t.path().join(format!(".b.partial-{}", std::process::id()));
         assert_eq!(s.path(), live.as_path());
-        assert!(!dead.exists() && !dead_old.exists() && !dead_work.exists());
-        assert!(foreign.exists() && other.exists());
+        assert!(!dead.exists() && !dead_work.exists());
+        assert!(held.exists() && foreign.exists() && other.exists());
+        // Our own staging is locked against other runs' sweeps.
+        assert!(unheld(&live).is_none());
         drop(s);
         assert!(!live.exists(), "dropped staging is removed");
+    }
+
+    #[test]
+    fn a_swap_cut_short_gets_its_old_folder_back() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("b");
+        let old = t.path().join(".b.partial-4294967295-old");
+        bundle_like(&old);
+        std::fs::write(old.join("shard-00000.bin"), b"old").unwrap();
+        let s = Staged::new(&out, true, FOLDER).unwrap();
+        assert!(out.join("shard-00000.bin").exists(), "old bundle put back");
+        assert!(!old.exists());
+        drop(s);
+        // With the target present, a stale moved-aside folder is just removed.
+        bundle_like(&old);
+        let _s = Staged::new(&out, true, FOLDER).unwrap();
+        assert!(!old.exists() && out.join("shard-00000.bin").exists());
+    }
+
+    #[test]
+    fn a_bundle_or_export_holding_user_files_is_not_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let b = t.path().join("b");
+        std::fs::create_dir(&b).unwrap();
+        std::fs::write(
+            b.join(MANIFEST),
+            r#"{"generator": {"name": "adaptq"}, "shards": [{"file": "shard-00000.bin"}],
+                "files": [{"file": "model.meta"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(b.join("shard-00000.bin"), b"x").unwrap();
+        std::fs::write(b.join("model.meta"), b"{}").unwrap();
+        assert!(check_replaceable(&b, true, FOLDER).is_ok());
+        std::fs::write(b.join("eval-notes.txt"), b"mine").unwrap();
+        let e = check_replaceable(&b, true, FOLDER)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("eval-notes.txt"), "{e}");
+
+        let out = t.path().join("hf");
+        let s = Staged::new(&out, false, FOLDER).unwrap();
+        std::fs::write(s.path().join("config.json"), b"{}").unwrap();
+        s.mark().unwrap();
+        s.commit(FOLDER).unwrap();
+        assert!(check_replaceable(&out, true, FOLDER).is_ok());
+        std::fs::write(out.join("README.md"), b"my notes").unwrap();
+        assert!(check_replaceable(&out, true, FOLDER).is_err());
     }
 }

@@ -340,8 +340,6 @@ pub fn export_hf_gptq(
     }
 
     let tmp = staged.path().to_path_buf();
-    // Marks the folder as adaptq's, so a later forced export may replace it.
-    std::fs::write(tmp.join(adaptq_bundle::output::MARKER), b"")?;
     let result = (|| -> Result<HfGptqSummary> {
         let mut w = ShardedWriter::create(&tmp, st, opts.max_shard_bytes)?;
         for (i, p) in plan.iter().enumerate() {
@@ -484,6 +482,8 @@ pub fn export_hf_gptq(
         })
     })();
     let summary = result?;
+    // Lists what was written, so a later forced export may replace exactly this folder.
+    staged.mark()?;
     staged.commit(OutKind::Folder)?;
     Ok(summary)
 }
