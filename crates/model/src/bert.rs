@@ -77,6 +77,13 @@ pub struct Bert {
 
 impl Bert {
     pub fn load(desc: &ModelDesc, w: &dyn Weights) -> Result<Self> {
+        // `encode` splits the hidden size evenly across heads; a description that came from a
+        // file (a re-hashed bundle's model.meta, say) is checked here too, so a zero head count
+        // is an error rather than a division by zero.
+        let (d, nh) = (desc.hidden, desc.n_heads);
+        if d == 0 || nh == 0 || !d.is_multiple_of(nh) {
+            bail!("model dimensions do not fit together: hidden {d}, {nh} heads");
+        }
         let table = |name: &str| -> Result<Tensor> {
             Ok(Tensor::from_vec(
                 w.read(name)?,

@@ -7,8 +7,14 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::json;
 use std::path::Path;
 
+/// Most bytes of a `tokenizer.json` read, as for any companion file (adaptq-remote's
+/// `COMPANION_MAX`): the largest real ones are some 35 MB.
+pub const TOKENIZER_MAX: u64 = 64 << 20;
+
+/// Reads a local `tokenizer.json`: a regular file of at most [`TOKENIZER_MAX`] bytes, so a link
+/// to `/dev/zero` or a FIFO in its place is an error, not an out-of-memory abort or a hang.
 pub fn from_file(path: &Path) -> Result<tokenizers::Tokenizer> {
-    let bytes = std::fs::read(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let bytes = adaptq_source::blob::read_small(path, TOKENIZER_MAX)?;
     from_bytes(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 

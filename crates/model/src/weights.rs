@@ -102,8 +102,11 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn Weights>> {
         let meta: serde_json::Value =
             serde_json::from_slice(&bundle.read_file(adaptq_bundle::MODEL_META)?)
                 .with_context(|| format!("{}: model.meta is not JSON", path.display()))?;
-        let desc = ModelDesc::from_meta_json(&meta)
-            .ok_or_else(|| anyhow!("{}: model.meta lacks fields adaptq needs", path.display()))?;
+        let desc = ModelDesc::from_meta_json(
+            &meta,
+            bundle.manifest.tensors.len(),
+            &path.join(adaptq_bundle::MODEL_META),
+        )?;
         return Ok(Box::new(BundleWeights { bundle, desc }));
     }
     Ok(from_source(adaptq_source::open(path)?))

@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 /// files lists them in a few MiB.
 pub const LISTING_MAX: u64 = 16 << 20;
 
+/// Most bytes of a cache `refs/{revision}` file read: it holds one 40-hex commit id.
+const REF_MAX: u64 = 1024;
+
 /// Where the hub is and how to talk to it; [`HubConfig::from_env`] reads the usual variables.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -115,6 +118,37 @@ impl HubRef {
     }
 }
 
+/// The URL of `file` at `commit`. The repository and commit were checked to hold only safe
+/// characters; the file name comes from the hub's listing and is percent-encoded.
+fn resolve_url(endpoint: &str, repo: &str, commit: &str, file: &str) -> String {
+    format!("{endpoint}/{repo}/resolve/{commit}/{}", encode_path(file))
+}
+
+/// Percent-encodes each `/`-separated part of a file name for a URL path: every byte outside
+/// RFC 3986's unreserved set (`A-Za-z0-9-._~`) becomes `%XX`. A listed name such as `%2e%2e`
+/// passes the plain-name check, but sent as is the server would decode it to `..`; encoded it
+/// is `%252e%252e`, the literal name. Hand-written because no URL crate is a dependency here
+/// (ureq uses one internally but does not export it).
+fn encode_path(name: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(name.len());
+    for (i, part) in name.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        for b in part.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push('%');
+                out.push(HEX[usize::from(b >> 4)] as char);
+                out.push(HEX[usize::from(b & 15)] as char);
+            }
+        }
+    }
+    out
+}
+
 /// Files a model folder may carry besides weights; copied so the bundle is self-contained.
 const COMPANIONS: &[&str] = &[
     "config.json",
@@ -135,10 +169,7 @@ struct Hub<'a> {
 
 impl Hub<'_> {
     fn url(&self, commit: &str, file: &str) -> String {
-        format!(
-            "{}/{}/resolve/{commit}/{file}",
-            self.cfg.endpoint, self.r.repo
-        )
+        resolve_url(&self.cfg.endpoint, &self.r.repo, commit, file)
     }
     fn err(&self, why: impl Into<String>) -> SourceError {
         SourceError::Fetch {
@@ -419,13 +450,17 @@ fn open_offline(hub: &Hub, cache: Option<&Path>) -> Result<Opened> {
         return Err(hub.err("offline mode needs a cache: set ADAPTQ_CACHE_DIR"));
     };
     let refp = root.join("refs").join(&hub.r.revision);
-    let commit = std::fs::read_to_string(&refp).map_err(|_| {
-        hub.err(format!(
+    // Bounded and regular-file-only: a FIFO or `/dev/zero` planted as the ref must not hang
+    // or exhaust memory.
+    let commit = adaptq_source::blob::read_small(&refp, REF_MAX).map_err(|e| match e {
+        SourceError::NotFound { .. } => hub.err(format!(
             "offline, and revision '{}' is not in the cache at {}",
             hub.r.revision,
             root.display()
-        ))
+        )),
+        e => e,
     })?;
+    let commit = String::from_utf8_lossy(&commit);
     let commit = commit.trim();
     if !is_commit(commit) {
         return Err(hub.err(format!(
@@ -472,6 +507,51 @@ fn open_offline(hub: &Hub, cache: Option<&Path>) -> Result<Opened> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn offline_ref_that_is_not_a_regular_file_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let refs = t.path().join("models--o--n/refs");
+        std::fs::create_dir_all(&refs).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", refs.join("zero")).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(refs.join("fifo"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        for rev in ["zero", "fifo"] {
+            let cfg = HubConfig {
+                endpoint: "http://127.0.0.1:9".into(),
+                token: None,
+                cache_dir: Some(t.path().to_path_buf()),
+                offline: true,
+            };
+            let (tx, rx) = std::sync::mpsc::channel();
+            // On a thread, so that a regression to a blocking read fails instead of hanging.
+            std::thread::spawn(move || {
+                let _ = tx.send(open(&format!("hf://o/n@{rev}"), &cfg).map(|_| ()));
+            });
+            let r = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("reading the ref hung");
+            let e = r.err().unwrap().to_string();
+            assert!(e.contains("not a regular file"), "{rev}: {e}");
+        }
+    }
+
+    #[test]
+    fn file_names_are_percent_encoded_in_urls() {
+        assert_eq!(
+            resolve_url("https://h.co", "o/n", "abc", "a b/%2e%2e/ü.gguf"),
+            "https://h.co/o/n/resolve/abc/a%20b/%252e%252e/%C3%BC.gguf"
+        );
+        assert_eq!(
+            resolve_url("https://h.co", "o/n", "abc", "sub/Model-1_v.2~x.gguf"),
+            "https://h.co/o/n/resolve/abc/sub/Model-1_v.2~x.gguf"
+        );
+        assert_eq!(encode_path("a?b#c&d+e"), "a%3Fb%23c%26d%2Be");
+    }
 
     #[test]
     fn parses_locators() {

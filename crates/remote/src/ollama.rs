@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 const MODEL_LAYER: &str = "application/vnd.ollama.image.model";
 const LICENSE_LAYER: &str = "application/vnd.ollama.image.license";
 
+/// Most bytes of a manifest read: real ones are a few hundred bytes of JSON listing layers.
+const MANIFEST_MAX: u64 = 4 << 20;
+
 /// `$OLLAMA_MODELS`, else `$HOME/.ollama/models`.
 pub fn models_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("OLLAMA_MODELS").filter(|d| !d.is_empty()) {
@@ -74,9 +77,9 @@ pub fn open(loc: &str, models: &Path) -> Result<Opened> {
         .join(&ns)
         .join(&model)
         .join(&tag);
-    let text = std::fs::read(&manifest).map_err(|_| SourceError::NotFound {
-        path: manifest.clone(),
-    })?;
+    // Bounded and regular-file-only, so a FIFO or a link to `/dev/zero` in the store is an
+    // error rather than a hang or an out-of-memory abort.
+    let text = adaptq_source::blob::read_small(&manifest, MANIFEST_MAX)?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| SourceError::corrupt(&manifest, format!("invalid JSON: {e}")))?;
     let layers = v
@@ -110,7 +113,7 @@ pub fn open(loc: &str, models: &Path) -> Result<Opened> {
             l.get("digest").and_then(|d| d.as_str()).unwrap_or(""),
             loc,
         )?;
-        if let Ok(bytes) = std::fs::read(&lp) {
+        if let Ok(bytes) = adaptq_source::blob::read_small(&lp, crate::COMPANION_MAX) {
             std::fs::write(tmp.path().join("LICENSE"), bytes)
                 .map_err(|e| SourceError::io(tmp.path(), e))?;
         }
@@ -142,5 +145,37 @@ mod tests {
         assert_eq!(p("ollama://host.io/ns/m:t").0, "host.io");
         assert!(parse("ollama://../x").is_err());
         assert!(parse("ollama://a/b/c/d").is_err());
+    }
+
+    /// Runs `open` on a thread, so that a regression to a blocking read fails the test
+    /// instead of hanging it.
+    fn open_within(models: &Path, loc: &'static str) -> Result<()> {
+        let models = models.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(open(loc, &models).map(|_| ()));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(20))
+            .expect("opening the model hung")
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn manifest_that_is_not_a_regular_file_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let lib = t.path().join("manifests/registry.ollama.ai/library");
+        for m in ["zero", "fifo"] {
+            std::fs::create_dir_all(lib.join(m)).unwrap();
+        }
+        std::os::unix::fs::symlink("/dev/zero", lib.join("zero/latest")).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(lib.join("fifo/latest"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        for loc in ["ollama://zero", "ollama://fifo"] {
+            let e = open_within(t.path(), loc).err().unwrap().to_string();
+            assert!(e.contains("not a regular file"), "{loc}: {e}");
+        }
     }
 }

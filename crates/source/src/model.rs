@@ -113,17 +113,29 @@ impl ModelDesc {
         })
     }
 
-    /// Reads back what [`ModelDesc::to_meta_json`] wrote.
-    pub fn from_meta_json(v: &serde_json::Value) -> Option<Self> {
-        let u = |k: &str| v[k].as_u64().map(|x| x as usize);
+    /// Reads back what [`ModelDesc::to_meta_json`] wrote, with the same limits as a GGUF or
+    /// `config.json` source: a bundle can be re-hashed after editing `model.meta`, so its
+    /// numbers are as untrusted as any header's. `n_tensors` is how many tensors the bundle
+    /// holds; `path` names the file in errors.
+    pub fn from_meta_json(v: &serde_json::Value, n_tensors: usize, path: &Path) -> Result<Self> {
+        let missing = |k: &str| SourceError::Config {
+            path: path.into(),
+            why: format!("model.meta has no valid \"{k}\""),
+        };
+        let u = |k: &str| {
+            v[k].as_u64()
+                .and_then(|x| usize::try_from(x).ok())
+                .ok_or_else(|| missing(k))
+        };
         let s = |k: &str| v[k].as_str().map(str::to_string);
-        Some(ModelDesc {
-            family: match v["family"].as_str()? {
-                "llama" => Family::Llama,
-                "bert" => Family::Bert,
-                _ => return None,
+        let f = |k: &str| v[k].as_f64().ok_or_else(|| missing(k));
+        ModelDesc {
+            family: match v["family"].as_str() {
+                Some("llama") => Family::Llama,
+                Some("bert") => Family::Bert,
+                _ => return Err(missing("family")),
             },
-            architecture: s("architecture")?,
+            architecture: s("architecture").ok_or_else(|| missing("architecture"))?,
             name: s("name"),
             license: s("license"),
             n_layers: u("n_layers")?,
@@ -133,15 +145,21 @@ impl ModelDesc {
             ffn_dim: u("ffn_dim")?,
             vocab_size: u("vocab_size")?,
             context_length: u("context_length")?,
-            rope_theta: v["rope_theta"].as_f64()? as f32,
-            norm_eps: v["norm_eps"].as_f64()? as f32,
-            rope_style: match v["rope_style"].as_str()? {
+            rope_theta: f("rope_theta")? as f32,
+            norm_eps: f("norm_eps")? as f32,
+            rope_style: match v["rope_style"]
+                .as_str()
+                .ok_or_else(|| missing("rope_style"))?
+            {
                 "adjacent-pairs" => RopeStyle::AdjacentPairs,
                 _ => RopeStyle::Halves,
             },
-            tied_embeddings: v["tied_embeddings"].as_bool()?,
-            tokenizer_id: s("tokenizer")?,
-        })
+            tied_embeddings: v["tied_embeddings"]
+                .as_bool()
+                .ok_or_else(|| missing("tied_embeddings"))?,
+            tokenizer_id: s("tokenizer").ok_or_else(|| missing("tokenizer"))?,
+        }
+        .checked(n_tensors, path)
     }
 
     pub fn from_gguf(md: &Metadata, infos: &[TensorInfo], path: &Path) -> Result<Self> {
@@ -207,7 +225,7 @@ impl ModelDesc {
             ),
             architecture: arch,
         }
-        .checked(infos, path)
+        .checked(infos.len(), path)
     }
 
     pub fn from_hf_config(config: &Path, infos: &[TensorInfo]) -> Result<Self> {
@@ -277,12 +295,12 @@ impl ModelDesc {
                 && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
             tokenizer_id: "tokenizer.json".into(),
         }
-        .checked(infos, config)
+        .checked(infos.len(), config)
     }
 
     /// Refuses hyper-parameters no real model has: code downstream sizes buffers and loops from
     /// them, so a header claiming 2^60 layers must fail here, naming the file, not abort later.
-    fn checked(self, infos: &[TensorInfo], path: &Path) -> Result<Self> {
+    fn checked(self, n_tensors: usize, path: &Path) -> Result<Self> {
         let bad = |why: String| {
             Err(SourceError::Config {
                 path: path.into(),
@@ -301,11 +319,10 @@ impl ModelDesc {
                 return bad(format!("{what} {v} is over the limit of {MAX_DIM}"));
             }
         }
-        if self.n_layers > infos.len() {
+        if self.n_layers > n_tensors {
             return bad(format!(
-                "{} layers claimed but the file holds only {} tensors",
-                self.n_layers,
-                infos.len()
+                "{} layers claimed but the file holds only {n_tensors} tensors",
+                self.n_layers
             ));
         }
         if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_kv_heads > self.n_heads {
@@ -370,4 +387,63 @@ pub fn layer_of(name: &str) -> Option<usize> {
             None
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> serde_json::Value {
+        ModelDesc {
+            family: Family::Bert,
+            architecture: "BertModel".into(),
+            name: None,
+            license: None,
+            n_layers: 2,
+            hidden: 8,
+            n_heads: 2,
+            n_kv_heads: 2,
+            ffn_dim: 16,
+            vocab_size: 10,
+            context_length: 4,
+            rope_theta: 10000.0,
+            norm_eps: 1e-12,
+            rope_style: RopeStyle::Halves,
+            tied_embeddings: false,
+            tokenizer_id: "tokenizer.json".into(),
+        }
+        .to_meta_json()
+    }
+
+    fn read(v: &serde_json::Value) -> Result<ModelDesc> {
+        ModelDesc::from_meta_json(v, 40, Path::new("b/model.meta"))
+    }
+
+    #[test]
+    fn meta_json_round_trips() {
+        let d = read(&meta()).unwrap();
+        assert_eq!((d.n_layers, d.hidden, d.n_heads), (2, 8, 2));
+    }
+
+    #[test]
+    fn meta_json_runs_the_source_limits() {
+        let mut v = meta();
+        v["n_heads"] = 0.into();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("attention heads"), "{e}");
+
+        let mut v = meta();
+        v["n_layers"] = (1u64 << 40).into();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("layers claimed"), "{e}");
+
+        let mut v = meta();
+        v["hidden"] = (1u64 << 40).into();
+        assert!(read(&v).is_err());
+
+        let mut v = meta();
+        v.as_object_mut().unwrap().remove("ffn_dim");
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("ffn_dim"), "{e}");
+    }
 }
