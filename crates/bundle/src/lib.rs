@@ -60,34 +60,34 @@ pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> B
     }
 }
 
-/// Reads `path` whole if it is a regular file of at most `max` bytes. Symlinks, FIFOs, devices
-/// and folders are refused before they are opened (so a FIFO cannot block and /dev/zero
-/// cannot be read without end), and no more than `max + 1` bytes are ever read, so a file
-/// that grows while it is read is refused too.
-pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind, Read};
-    let before = std::fs::symlink_metadata(path)?;
-    if !before.file_type().is_file() {
-        return Err(Error::new(
-            ErrorKind::InvalidData,
-            "not a regular file (a link, FIFO, device or folder)",
-        ));
-    }
+/// Bytes [`read_regular`] reserves before it reads: larger files grow the buffer as they
+/// are read, so no size the file system reports (a sparse 8 TiB file) is ever allocated up
+/// front.
+const READ_RESERVE: u64 = 4 << 20;
+
+/// Opens `path` for reading if it is a regular file of at most `max` bytes, and returns it with
+/// its size. Links are followed (a bundle in the Hugging Face cache or git-annex is links to
+/// blobs), but what they lead to must be a regular file: the open is non-blocking, so a FIFO
+/// cannot hang it, and the opened file itself is checked, so a FIFO, /dev/zero or a folder is
+/// refused before a byte is read.
+pub(crate) fn open_regular(
+    path: &std::path::Path,
+    max: u64,
+) -> std::io::Result<(std::fs::File, u64)> {
+    use std::io::{Error, ErrorKind};
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true);
-    // Non-blocking and not following links, so a path swapped for a FIFO or a link between
-    // the check above and the open still cannot hang or redirect the read.
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        opts.custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW);
+        opts.custom_flags(libc::O_NONBLOCK);
     }
     let f = opts.open(path)?;
     let meta = f.metadata()?;
-    if !meta.is_file() || !same_file(&before, &meta) {
+    if !meta.is_file() {
         return Err(Error::new(
             ErrorKind::InvalidData,
-            "replaced while it was being opened",
+            "not a regular file (a FIFO, device or folder)",
         ));
     }
     if meta.len() > max {
@@ -96,7 +96,16 @@ pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<
             format!("holds {} bytes, more than the {max} it may", meta.len()),
         ));
     }
-    let mut buf = Vec::with_capacity(meta.len() as usize);
+    Ok((f, meta.len()))
+}
+
+/// Reads `path` whole if it is a regular file of at most `max` bytes (see [`open_regular`]).
+/// No more than `max + 1` bytes are ever read, so a file that grows while it is read is
+/// refused too, and at most [`READ_RESERVE`] bytes are reserved before reading.
+pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let (f, len) = open_regular(path, max)?;
+    let mut buf = Vec::with_capacity(len.min(READ_RESERVE) as usize);
     f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
     if buf.len() as u64 > max {
         return Err(Error::new(
@@ -107,15 +116,33 @@ pub(crate) fn read_regular(path: &std::path::Path, max: u64) -> std::io::Result<
     Ok(buf)
 }
 
-#[cfg(unix)]
-fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    a.dev() == b.dev() && a.ino() == b.ino()
-}
-
-#[cfg(not(unix))]
-fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
-    true
+/// Size and SHA-256 of `path` if it is a regular file of at most `max` bytes, hashed as it is
+/// read (never held whole); reading stops past `max`, so a growing file is refused too.
+pub(crate) fn sha256_regular(path: &std::path::Path, max: u64) -> std::io::Result<(u64, String)> {
+    use sha2::Digest;
+    use std::io::{Error, ErrorKind, Read};
+    let (f, _) = open_regular(path, max)?;
+    let mut f = f.take(max.saturating_add(1));
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut n = 0u64;
+    loop {
+        let k = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(k) => k,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    if n > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("grew past {max} bytes while it was read"),
+        ));
+    }
+    Ok((n, hex::encode(h.finalize())))
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -64,8 +64,8 @@ impl Encoding {
     /// (part name, byte length) that a tensor of `shape` must have in this encoding: the
     /// loader's [`adaptq_loader::expected_parts`], which `verify` and every reader check. Empty
     /// when the encoding's parameters are out of range or a size overflows, so no parts match.
-    pub fn expected_parts(&self, shape: &[usize]) -> Vec<(&'static str, usize)> {
-        adaptq_loader::expected_parts(&self.to_loader(), shape).unwrap_or_default()
+    pub fn expected_parts(&self, shape: &[usize]) -> Vec<(&'static str, u64)> {
+        adaptq_loader::expected_parts(&self.to_loader(), &shape_u64(shape)).unwrap_or_default()
     }
 
     /// The same encoding in the loader's schema.
@@ -162,7 +162,7 @@ impl TensorEntry {
 impl Encoding {
     /// Width and count of the symbols of a code part (the lossless stage codes those).
     pub fn code_symbols(&self, part: &str, shape: &[usize]) -> Option<(u8, usize)> {
-        let numel = adaptq_loader::layout::numel(shape)?;
+        let numel = usize::try_from(adaptq_loader::layout::numel(&shape_u64(shape))?).ok()?;
         match self {
             Encoding::Int { bits, .. } if part == "codes" => Some((*bits, numel)),
             Encoding::Codebook { dim, stage_bits } => {
@@ -223,6 +223,11 @@ pub struct FileDigest {
     pub sha256: String,
 }
 
+/// A shape as the loader's layout check reads it (`u64` dimensions on every platform).
+pub fn shape_u64(shape: &[usize]) -> Vec<u64> {
+    shape.iter().map(|&d| d as u64).collect()
+}
+
 pub fn shard_name(i: usize) -> String {
     format!("shard-{i:05}.bin")
 }
@@ -244,7 +249,7 @@ mod tests {
             let enc = Encoding::Ggml { ggml_type: t };
             assert_eq!(
                 enc.expected_parts(&[2, t.block_len() * 3]),
-                vec![("blocks", t.bytes_for(6 * t.block_len()))]
+                vec![("blocks", t.bytes_for(6 * t.block_len()) as u64)]
             );
         }
         assert_eq!(adaptq_loader::ggml_block("Q4_K_M"), None);

@@ -5,6 +5,7 @@ use crate::{io_err, BundleError, Encoding, Result, TensorEntry, MANIFEST};
 use adaptq_quant::novaq::{CodebookTensor, Stage};
 use adaptq_quant::QuantizedTensor;
 use half::f16;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +21,9 @@ fn f16s(b: &[u8]) -> Vec<f16> {
 pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// Tensor name -> index in `manifest.tensors`, built once at open (names are unique: the
+    /// layout check refuses duplicates), so a lookup is O(1) however many tensors there are.
+    index: HashMap<String, usize>,
     /// The shard read last, verified: consecutive tensors mostly share one.
     last_shard: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
 }
@@ -36,15 +40,27 @@ impl Bundle {
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
             BundleError::Invalid(format!("{}: not a valid manifest: {e}", p.display()))
         })?;
+        let index = manifest
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
+            index,
             last_shard: Mutex::new(None),
         })
     }
 
     pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
-        self.manifest.tensors.iter().find(|t| t.name == name)
+        let i = *self.index.get(name)?;
+        match self.manifest.tensors.get(i) {
+            Some(t) if t.name == name => Some(t),
+            // `manifest` is public: should a caller have reordered its tensor list, search it.
+            _ => self.manifest.tensors.iter().find(|t| t.name == name),
+        }
     }
 
     /// A side file's bytes (model.meta, verification.json, LICENSE): only a file the manifest

@@ -2,10 +2,11 @@
 //!
 //! The manifest's digests and layout are checked by [`adaptq_loader::manifest_problems`], the
 //! check every reader runs when it opens a bundle, so `verify` and the readers refuse the same
-//! manifests. Files are read only when they are regular files, and never beyond their limit.
+//! manifests. Files are read only when they are regular files (links to regular files are
+//! followed), and never beyond their limit; side files are hashed as a stream.
 
 use crate::manifest::{shard_name, Manifest};
-use crate::{read_regular, Bundle, MANIFEST, MAX_SHARD_BYTES};
+use crate::{read_regular, sha256_regular, Bundle, MANIFEST, MAX_SHARD_BYTES};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -92,14 +93,18 @@ pub fn verify_bundle(dir: &Path, mut on_shard: impl FnMut(u64)) -> VerifyReport 
         on_shard(n);
     }
 
-    // Side files, only under plain names (others were reported by the layout check).
+    // Side files, only under plain names and within the size limit (others were reported by
+    // the layout check), hashed as they are read: whatever the manifest claims, no side file
+    // is held in memory, nor read past its recorded size.
     for f in &m.files {
-        if !adaptq_loader::names::is_plain_relative(&f.file, false) {
+        if !adaptq_loader::names::is_plain_relative(&f.file, false)
+            || f.bytes > adaptq_loader::layout::MAX_SIDE_FILE_BYTES
+        {
             continue;
         }
-        match read_regular(&dir.join(&f.file), f.bytes) {
-            Ok(d) => {
-                if d.len() as u64 != f.bytes || crate::sha256_hex(&d) != f.sha256 {
+        match sha256_regular(&dir.join(&f.file), f.bytes) {
+            Ok((n, sha)) => {
+                if n != f.bytes || sha != f.sha256 {
                     r.problems.push(format!(
                         "{} does not match its recorded SHA-256/size",
                         f.file

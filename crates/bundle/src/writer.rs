@@ -75,7 +75,7 @@ impl BundleWriter {
         parts: &[(&str, &[u8])],
     ) -> Result<()> {
         let expected = encoding.expected_parts(shape);
-        let got: Vec<(&str, usize)> = parts.iter().map(|(n, b)| (*n, b.len())).collect();
+        let got: Vec<(&str, u64)> = parts.iter().map(|(n, b)| (*n, b.len() as u64)).collect();
         if expected != got {
             return Err(BundleError::Invalid(format!(
                 "tensor '{name}': parts {got:?} do not match {} (expected {expected:?})",
@@ -83,7 +83,7 @@ impl BundleWriter {
             )));
         }
         // The lossless stage: code parts entropy-coded where that saves bytes.
-        let coded: Vec<Option<Vec<u8>>> = parts
+        let mut coded: Vec<Option<Vec<u8>>> = parts
             .iter()
             .map(|(n, b)| {
                 let (bits, count) = encoding
@@ -92,6 +92,24 @@ impl BundleWriter {
                 adaptq_loader::rans::encode(b, bits, count).filter(|c| c.len() < b.len())
             })
             .collect();
+        // ... but never so well that the tensor breaks a layout rule every reader checks: at
+        // most MAX_VALUES_PER_BYTE values a stored byte (a nearly constant NOVAQ layer codes
+        // below that). Coded parts are stored raw again, first to last, until the tensor fits;
+        // tensors that fit coded are untouched, so their bundles stay byte-identical.
+        let numel = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let stored_len = |coded: &[Option<Vec<u8>>]| {
+            parts
+                .iter()
+                .zip(coded)
+                .map(|((_, b), c)| c.as_ref().map_or(b.len(), |c| c.len()) as u64)
+                .fold(0u64, u64::saturating_add)
+        };
+        for i in 0..coded.len() {
+            if adaptq_loader::layout::values_fit_stored(numel, stored_len(&coded)) {
+                break;
+            }
+            coded[i] = None;
+        }
         let stored: Vec<&[u8]> = parts
             .iter()
             .zip(&coded)
@@ -163,9 +181,19 @@ impl BundleWriter {
 
     /// Adds a side file (model.meta, verification.json, LICENSE); its digest enters the manifest.
     pub fn add_file(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        if name == MANIFEST || name.starts_with("shard-") || name.contains('/') {
+        if name == MANIFEST
+            || name.starts_with("shard-")
+            || !adaptq_loader::names::is_plain_relative(name, false)
+        {
             return Err(BundleError::Invalid(format!(
                 "reserved or invalid file name '{name}'"
+            )));
+        }
+        if bytes.len() as u64 > adaptq_loader::layout::MAX_SIDE_FILE_BYTES {
+            return Err(BundleError::Invalid(format!(
+                "side file '{name}' holds {} bytes, over the {}-byte limit readers accept",
+                bytes.len(),
+                adaptq_loader::layout::MAX_SIDE_FILE_BYTES
             )));
         }
         write_file(&self.tmp.join(name), bytes)?;
@@ -212,6 +240,14 @@ impl BundleWriter {
         let text = serde_json::to_string_pretty(&m).expect("manifest serializes") + "\n";
         m.manifest_digest = crate::manifest_digest(&text).expect("digest field present");
         let text = serde_json::to_string_pretty(&m).expect("manifest serializes") + "\n";
+        // Publish only what every reader accepts: a manifest failing the shared check is a
+        // writer bug (or a caller's, such as a tensor name given twice), never a bundle.
+        adaptq_loader::check_manifest(text.as_bytes()).map_err(|e| {
+            BundleError::Invalid(format!(
+                "the bundle's manifest fails the check every reader runs, so it is not \
+                 written: {e}"
+            ))
+        })?;
         write_file(&self.tmp.join(MANIFEST), text.as_bytes())?;
         self.staged.commit(Kind::Folder)?;
         Ok(m)

@@ -486,3 +486,282 @@ fn readers_refuse_shard_bytes_that_verify_refuses() {
     std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
     assert!(b.read_file("model.meta").is_err());
 }
+
+/// A sparse file of `len` bytes at `p` (no disk used), or `None` where the file system
+/// cannot hold one that large.
+fn sparse(p: &Path, len: u64) -> Option<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(p)
+        .unwrap();
+    f.set_len(len).ok()
+}
+
+#[test]
+fn a_huge_side_file_is_refused_from_its_size_without_reading_it() {
+    // 8 TiB where the file system allows it; any size above the allocator's 1 GiB cap shows
+    // that nothing is reserved from the file's size.
+    let (_t, d) = fresh();
+    let lic = d.join("LICENSE");
+    let len = [8u64 << 40, 4 << 30]
+        .into_iter()
+        .find(|&l| sparse(&lic, l).is_some())
+        .expect("a sparse file");
+
+    // The manifest still records 11 bytes: the file is refused from its size, never read.
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains(&format!(
+            "LICENSE is missing or unreadable: holds {len} bytes"
+        )),
+        "{msg}"
+    );
+    let b = Bundle::open(&d).unwrap();
+    let err = b.read_file("LICENSE").unwrap_err().to_string();
+    assert!(err.contains(&format!("holds {len} bytes")), "{err}");
+
+    // The manifest edited to record it, digest left stale: verify reports both and reads
+    // nothing.
+    let text = std::fs::read_to_string(d.join(MANIFEST)).unwrap();
+    let edited = text.replacen("\"bytes\": 11,", &format!("\"bytes\": {len},"), 1);
+    assert_ne!(edited, text);
+    std::fs::write(d.join(MANIFEST), &edited).unwrap();
+    let msg = refused_by_verify(&d);
+    assert!(msg.contains("was edited"), "{msg}");
+    assert!(msg.contains("over the 268435456-byte limit"), "{msg}");
+
+    // And re-hashed, so only the size limit can catch it: every reader refuses the manifest.
+    rehash(&d, |v| {
+        for f in v["files"].as_array_mut().unwrap() {
+            if f["file"] == "LICENSE" {
+                f["bytes"] = Value::from(len);
+            }
+        }
+    });
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains(&format!(
+            "side file \"LICENSE\" records {len} bytes, over the 268435456-byte limit"
+        )),
+        "{msg}"
+    );
+    refused_on_open(&d, "over the 268435456-byte limit");
+}
+
+#[test]
+fn side_files_are_hashed_and_read_within_their_recorded_size() {
+    let (_t, d) = fresh();
+    // One byte more than recorded: refused by size, by verify and by the reader.
+    std::fs::write(d.join("LICENSE"), b"Apache-2.0\n\n").unwrap();
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains("LICENSE is missing or unreadable: holds 12 bytes"),
+        "{msg}"
+    );
+    assert!(Bundle::open(&d).unwrap().read_file("LICENSE").is_err());
+    // Same size, other bytes: refused by hash.
+    std::fs::write(d.join("LICENSE"), b"Apache-3.0\n").unwrap();
+    let msg = refused_by_verify(&d);
+    assert!(
+        msg.contains("LICENSE does not match its recorded SHA-256"),
+        "{msg}"
+    );
+    std::fs::write(d.join("LICENSE"), b"Apache-2.0\n").unwrap();
+    assert!(verify_bundle(&d, |_| {}).ok());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_bundle_of_symlinks_to_regular_files_verifies_and_reads() {
+    // As huggingface-cli or git-annex leave it: every file a link into a blob store.
+    let (t, d) = fresh();
+    // As bits: the test data holds NaNs.
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    let want: Vec<(String, Vec<u32>)> = {
+        let b = Bundle::open(&d).unwrap();
+        b.manifest
+            .tensors
+            .iter()
+            .map(|x| (x.name.clone(), bits(b.read_f32(&x.name).unwrap())))
+            .collect()
+    };
+    let blobs = t.path().join("blobs");
+    std::fs::create_dir(&blobs).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.len() >= 6, "{names:?}");
+    for (i, n) in names.iter().enumerate() {
+        let blob = blobs.join(format!("blob-{i}"));
+        std::fs::rename(d.join(n), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, d.join(n)).unwrap();
+    }
+    let r = verify_bundle(&d, |_| {});
+    assert!(r.ok(), "{:?}", r.problems);
+    let b = Bundle::open(&d).unwrap();
+    for (name, v) in &want {
+        assert_eq!(&bits(b.read_f32(name).unwrap()), v, "{name}");
+    }
+    assert_eq!(b.read_file("LICENSE").unwrap(), b"Apache-2.0\n");
+    assert_eq!(
+        bits(loader_reads(&d, "token_embd.weight").unwrap()),
+        want.iter().find(|w| w.0 == "token_embd.weight").unwrap().1
+    );
+}
+
+/// A nearly constant NOVAQ layer: 4096 x 4096 in vectors of 32, one 1-bit stage whose codes
+/// are 1 only every 20th vector.
+fn nearly_constant_codebook() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let codes: Vec<u16> = (0..4096 * 128).map(|i| (i % 20 == 0) as u16).collect();
+    let codes = adaptq_loader::codebook::pack(&codes, 1);
+    let scales = vec![0x3cu8; 8192];
+    let book = vec![0u8; 2 * 32 * 2];
+    (codes, scales, book)
+}
+
+#[test]
+fn the_writer_stores_codes_raw_when_coding_them_breaks_the_layout_rules() {
+    let (codes, scales, book) = nearly_constant_codebook();
+    // Coded, the tensor would hold more values per stored byte than any reader accepts.
+    let coded = adaptq_loader::rans::encode(&codes, 1, codes.len() * 8).unwrap();
+    assert!(coded.len() < codes.len() / 2);
+    let numel = 4096u64 * 4096;
+    assert!(!adaptq_loader::layout::values_fit_stored(
+        numel,
+        (coded.len() + 3 * scales.len() + book.len()) as u64
+    ));
+    assert!(adaptq_loader::layout::values_fit_stored(
+        numel,
+        (codes.len() + 3 * scales.len() + book.len()) as u64
+    ));
+
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("b");
+    let mut w = BundleWriter::create(
+        &d,
+        WriterOptions {
+            lossless: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    w.add_tensor(
+        "blk.0.ffn_up.weight",
+        &[4096, 4096],
+        "linear",
+        "novaq",
+        Encoding::Codebook {
+            dim: 32,
+            stage_bits: vec![1],
+        },
+        &[
+            ("row_scale", &scales),
+            ("row_mean", &scales),
+            ("col_scale", &scales),
+            ("codebook0", &book),
+            ("codes0", &codes),
+        ],
+    )
+    .unwrap();
+    w.finish(
+        "constant",
+        SourceRef {
+            locator: "file:test.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: 1,
+        },
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let r = verify_bundle(&d, |_| {});
+    assert!(r.ok(), "{:?}", r.problems);
+    let m = manifest(&d);
+    let part = &m["tensors"][0]["parts"][4];
+    assert_eq!(part["name"], "codes0");
+    assert!(part.get("lossless").is_none(), "{part}");
+    assert!(Loader::new(&std::fs::read(d.join(MANIFEST)).unwrap()).is_ok());
+}
+
+#[test]
+fn the_writer_publishes_no_manifest_that_readers_refuse() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("b");
+    let mut w = BundleWriter::create(&d, WriterOptions::default()).unwrap();
+    for _ in 0..2 {
+        w.add_tensor(
+            "output_norm.weight",
+            &[4],
+            "norm",
+            "none",
+            Encoding::F32,
+            &[("data", &[0u8; 16])],
+        )
+        .unwrap();
+    }
+    let err = w
+        .finish(
+            "twice",
+            SourceRef {
+                locator: "file:test.gguf".into(),
+                format: "gguf".into(),
+                tensor_count: 2,
+            },
+            serde_json::json!({}),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is listed twice"), "{err}");
+    assert!(!d.exists(), "a refused bundle was published");
+}
+
+#[test]
+fn side_file_names_the_readers_refuse_are_refused_by_the_writer() {
+    let t = tempfile::tempdir().unwrap();
+    let mut w = BundleWriter::create(&t.path().join("b"), WriterOptions::default()).unwrap();
+    for bad in [
+        "", ".", "..", "a\\b", "C:x", "x\ny", "sub/x", MANIFEST, "shard-x",
+    ] {
+        assert!(w.add_file(bad, b"x").is_err(), "{bad:?} accepted");
+    }
+    assert!(w.add_file("LICENSE", b"x").is_ok());
+}
+
+#[test]
+fn tensor_lookup_does_not_grow_with_the_tensor_count() {
+    // 100k zero-byte tensors: a linear search per lookup makes reading them all take ~5e9
+    // name comparisons; an index makes it 100k look-ups.
+    const N: usize = 100_000;
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("b");
+    let mut w = BundleWriter::create(&d, WriterOptions::default()).unwrap();
+    let names: Vec<String> = (0..N).map(|i| format!("t.{i:06}")).collect();
+    for n in &names {
+        w.add_tensor(n, &[0], "other", "none", Encoding::F32, &[("data", &[])])
+            .unwrap();
+    }
+    w.finish(
+        "many",
+        SourceRef {
+            locator: "file:test.gguf".into(),
+            format: "gguf".into(),
+            tensor_count: N,
+        },
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let text = std::fs::read(d.join(MANIFEST)).unwrap();
+    let (b, l) = within("open", move || {
+        (Bundle::open(&d).unwrap(), Loader::new(&text).unwrap())
+    });
+    let start = std::time::Instant::now();
+    for n in names.iter().rev() {
+        assert_eq!(&b.entry(n).unwrap().name, n);
+        assert!(l.tensor_f32(n).unwrap().is_empty());
+    }
+    assert!(b.entry("t.x").is_none());
+    assert!(l.tensor_f32("t.x").is_err());
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(5), "{N} look-ups took {took:?}");
+}

@@ -107,7 +107,10 @@ pub fn decode(
                 .flatten()
         })
         .collect::<Option<_>>()?;
-    let mut out = vec![0f32; numel];
+    // Sized from the shape, so asked for fallibly: a 32-bit reader may not have the room.
+    let mut out = Vec::new();
+    out.try_reserve_exact(numel).ok()?;
+    out.resize(numel, 0f32);
     // Only the first `min(dim, cols)` sums of a vector are used; `dim` itself is unbounded
     // when there are no stages.
     let mut acc = vec![0f32; dim.min(cols)];

@@ -6,11 +6,15 @@
 //! All arithmetic on manifest numbers is checked, and every size a reader allocates from the
 //! manifest is bounded by stored bytes that back it: segments tile the ≤ 2 MiB shards exactly,
 //! a losslessly coded part expands at most [`rans::MAX_EXPANSION`] times, and a tensor holds at
-//! most [`MAX_VALUES_PER_BYTE`] values per stored byte. File names are accepted only as plain
-//! names inside the bundle folder.
+//! most [`MAX_VALUES_PER_BYTE`] values per stored byte; side files hold at most
+//! [`MAX_SIDE_FILE_BYTES`]. File names are accepted only as plain names inside the bundle folder.
+//!
+//! The arithmetic is done in `u64` on every platform, so a 32-bit loader (wasm32) accepts
+//! exactly the manifests a 64-bit `verify` accepts; whether a tensor fits the address space is
+//! asked only when it is decoded ([`crate::Loader::tensor_f32`], [`crate::Loader::tensor_packed`]).
 
-use crate::{codebook, names, pack, rans, LoadError, Result, MAX_SHARD_BYTES};
-use alloc::collections::BTreeSet;
+use crate::{codebook, names, rans, LoadError, Result, MAX_SHARD_BYTES};
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
@@ -25,6 +29,16 @@ pub const MAX_MANIFEST_BYTES: usize = 256 << 20;
 /// Most values a tensor may hold per byte it stores (1/32 bit per value). Every encoding
 /// adaptq writes stays far below it; it caps what a reader allocates to decode a tensor.
 pub const MAX_VALUES_PER_BYTE: usize = 256;
+/// Most values one tensor may hold: 2^40 (a trillion), far above any real tensor (Qwen2-7B's
+/// embedding holds 2^29), and small enough that every part size derived from it (≤ 4 bytes a
+/// value, ≤ 2^16 centroids) stays far from `u64` overflow. Platform-independent on purpose:
+/// the address space of the reader is not the manifest's business.
+pub const MAX_NUMEL: u64 = 1 << 40;
+/// Largest side file (model.meta, verification.json, LICENSE) a manifest may list. They are
+/// small text files (a LICENSE is some KiB, verification.json some MiB for a 400B model), and
+/// readers hold one whole in memory, so the manifest may not make them read without bound:
+/// a sparse 8 TiB LICENSE must be refused from its recorded size, never read.
+pub const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
 /// Problems collected before the rest are only counted.
 const MAX_PROBLEMS: usize = 100;
 
@@ -109,7 +123,8 @@ pub enum Grid {
 #[derive(Debug, Clone, Deserialize)]
 pub struct TensorEntry {
     pub name: String,
-    pub shape: Vec<usize>,
+    /// `u64` on every platform: a 32-bit reader parses the same manifests a 64-bit one does.
+    pub shape: Vec<u64>,
     pub role: String,
     pub method: String,
     pub encoding: Encoding,
@@ -147,16 +162,24 @@ pub struct Segment {
     pub length: u64,
 }
 
-/// A manifest that passed [`check_layout`]: every size in it fits `usize`, every segment lies
-/// inside its shard and every part has the length its shape and encoding need.
+/// A manifest that passed [`check_layout`]: every tensor holds at most [`MAX_NUMEL`] values,
+/// every segment lies inside its shard and every part has the length its shape and encoding
+/// need. Tensor names are unique, so [`Layout::tensor_index`] finds each in O(log n).
 #[derive(Debug, Clone)]
 pub struct Layout {
     manifest: Manifest,
+    /// Tensor name -> index in `manifest.tensors`, built once.
+    index: BTreeMap<String, usize>,
 }
 
 impl Layout {
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The index of tensor `name` in the manifest's tensor list.
+    pub fn tensor_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
     }
 }
 
@@ -178,11 +201,11 @@ pub fn ggml_block(name: &str) -> Option<(usize, usize)> {
     })
 }
 
-/// Values of a tensor of `shape`; `None` when the product overflows or the values would not
-/// fit one allocation as f32.
-pub fn numel(shape: &[usize]) -> Option<usize> {
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
-    (n.checked_mul(4)? <= isize::MAX as usize).then_some(n)
+/// Values of a tensor of `shape`; `None` when the product overflows or exceeds [`MAX_NUMEL`]
+/// (the same answer on every platform).
+pub fn numel(shape: &[u64]) -> Option<u64> {
+    let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+    (n <= MAX_NUMEL).then_some(n)
 }
 
 pub(crate) fn groups_per_row(cols: usize, gs: usize) -> usize {
@@ -193,8 +216,49 @@ pub(crate) fn groups_per_row(cols: usize, gs: usize) -> usize {
     }
 }
 
+fn groups_per_row_u64(cols: u64, gs: usize) -> u64 {
+    let gs = gs as u64;
+    if gs == 0 || gs >= cols {
+        1
+    } else {
+        cols.div_ceil(gs)
+    }
+}
+
+/// Bytes holding `n` codes of `bits` bits, in `u64`.
+fn packed_len_u64(n: u64, bits: u8) -> Option<u64> {
+    Some(n.checked_mul(bits as u64)?.div_ceil(8))
+}
+
+/// Part names and lengths of a NOVAQ tensor ([`codebook::parts`]), in `u64`.
+fn codebook_parts(rows: u64, cols: u64, dim: usize, stage_bits: &[u8]) -> Option<PartSizes> {
+    const BOOK: [&str; codebook::MAX_STAGES] = ["codebook0", "codebook1", "codebook2", "codebook3"];
+    const CODES: [&str; codebook::MAX_STAGES] = ["codes0", "codes1", "codes2", "codes3"];
+    if dim == 0
+        || !(1..=codebook::MAX_STAGES).contains(&stage_bits.len())
+        || stage_bits.iter().any(|b| !(1..=16).contains(b))
+    {
+        return None;
+    }
+    let dim = dim as u64;
+    let nvec = rows.checked_mul(cols.div_ceil(dim))?;
+    let mut v = vec![
+        ("row_scale", rows.checked_mul(2)?),
+        ("row_mean", rows.checked_mul(2)?),
+        ("col_scale", cols.checked_mul(2)?),
+    ];
+    for (s, &b) in stage_bits.iter().enumerate() {
+        v.push((BOOK[s], (1u64 << b).checked_mul(dim)?.checked_mul(2)?));
+        v.push((CODES[s], packed_len_u64(nvec, b)?));
+    }
+    Some(v)
+}
+
+/// (part name, bytes) in stored order.
+pub type PartSizes = Vec<(&'static str, u64)>;
+
 /// Why `enc` cannot describe a tensor whose rows are `cols` values long, if it cannot.
-fn encoding_problem(enc: &Encoding, cols: usize) -> Option<String> {
+fn encoding_problem(enc: &Encoding, cols: u64) -> Option<String> {
     match enc {
         Encoding::Int { bits, .. } => {
             if !(2..=8).contains(bits) {
@@ -203,7 +267,7 @@ fn encoding_problem(enc: &Encoding, cols: usize) -> Option<String> {
         }
         Encoding::Ggml { ggml_type } => match ggml_block(ggml_type) {
             None => return Some(format!("unknown GGML type '{ggml_type}'")),
-            Some((bl, _)) if cols == 0 || !cols.is_multiple_of(bl) => {
+            Some((bl, _)) if cols == 0 || !cols.is_multiple_of(bl as u64) => {
                 return Some(format!(
                     "rows of {cols} values do not fit {ggml_type} blocks of {bl}"
                 ))
@@ -227,8 +291,9 @@ fn encoding_problem(enc: &Encoding, cols: usize) -> Option<String> {
 }
 
 /// (part, decoded bytes) a tensor of `shape` must have in `enc`, in stored order; `None` when
-/// the encoding's parameters are out of range or a size overflows.
-pub fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static str, usize)>> {
+/// the encoding's parameters are out of range, the shape holds more than [`MAX_NUMEL`] values
+/// or a size overflows. Computed in `u64`, the same on every platform.
+pub fn expected_parts(enc: &Encoding, shape: &[u64]) -> Option<PartSizes> {
     let numel = numel(shape)?;
     let cols = *shape.last().unwrap_or(&1);
     let rows = numel.checked_div(cols).unwrap_or(0);
@@ -241,9 +306,9 @@ pub fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static s
             group_size,
             grid,
         } => {
-            let groups = rows.checked_mul(groups_per_row(cols, *group_size))?;
+            let groups = rows.checked_mul(groups_per_row_u64(cols, *group_size))?;
             let mut v = vec![
-                ("codes", pack::checked_packed_len(numel, *bits)?),
+                ("codes", packed_len_u64(numel, *bits)?),
                 ("scales", groups.checked_mul(2)?),
             ];
             if *grid == Grid::Asymmetric {
@@ -253,12 +318,12 @@ pub fn expected_parts(enc: &Encoding, shape: &[usize]) -> Option<Vec<(&'static s
         }
         Encoding::Ggml { ggml_type } => {
             let (bl, bb) = ggml_block(ggml_type)?;
-            vec![("blocks", (numel / bl).checked_mul(bb)?)]
+            vec![("blocks", (numel / bl as u64).checked_mul(bb as u64)?)]
         }
-        Encoding::Codebook { dim, stage_bits } => codebook::parts(rows, cols, *dim, stage_bits)?,
+        Encoding::Codebook { dim, stage_bits } => codebook_parts(rows, cols, *dim, stage_bits)?,
         Encoding::F16 => vec![("data", numel.checked_mul(2)?)],
         Encoding::F32 => vec![("data", numel.checked_mul(4)?)],
-        Encoding::Raw { byte_len, .. } => vec![("data", *byte_len)],
+        Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],
     })
 }
 
@@ -385,6 +450,12 @@ fn layout_problems(m: &Manifest, p: &mut Problems) {
         if !seen.insert(f.file.as_str()) {
             p.push(format!("side file {:?} is listed twice", f.file));
         }
+        if f.bytes > MAX_SIDE_FILE_BYTES {
+            p.push(format!(
+                "side file {:?} records {} bytes, over the {MAX_SIDE_FILE_BYTES}-byte limit",
+                f.file, f.bytes
+            ));
+        }
         if !is_hex64(&f.sha256) {
             p.push(format!(
                 "side file {:?}: its SHA-256 is not 64 hex digits",
@@ -507,7 +578,7 @@ fn tensor_problems(t: &TensorEntry, p: &mut Problems) {
         && got
             .iter()
             .zip(&expected)
-            .all(|(g, e)| g.0 == e.0 && g.1 == e.1 as u64);
+            .all(|(g, e)| g.0 == e.0 && g.1 == e.1);
     if !fits {
         p.push(format!(
             "tensor '{}': parts {got:?} do not fit shape {:?} in {:?} (expected {expected:?})",
@@ -523,8 +594,8 @@ fn tensor_problems(t: &TensorEntry, p: &mut Problems) {
                 t.name, x.name, l.scheme
             ));
         }
-        let bound = usize::try_from(x.length).map_or(usize::MAX, rans::max_raw_len);
-        if l.raw_length > bound as u64 {
+        let bound = x.length.saturating_mul(rans::MAX_EXPANSION as u64);
+        if l.raw_length > bound {
             p.push(format!(
                 "tensor '{}': part '{}' claims {} decoded bytes from {} stored (at most {}x)",
                 t.name,
@@ -536,7 +607,7 @@ fn tensor_problems(t: &TensorEntry, p: &mut Problems) {
         }
     }
     let stored = t.parts.iter().fold(0u64, |a, x| a.saturating_add(x.length));
-    if n as u64 > stored.saturating_mul(MAX_VALUES_PER_BYTE as u64) {
+    if !values_fit_stored(n, stored) {
         p.push(format!(
             "tensor '{}': {n} values from {stored} stored bytes (at most {MAX_VALUES_PER_BYTE} \
              per byte)",
@@ -545,10 +616,25 @@ fn tensor_problems(t: &TensorEntry, p: &mut Problems) {
     }
 }
 
+/// Whether `numel` values may come from `stored` bytes (at most [`MAX_VALUES_PER_BYTE`] a
+/// byte); the writer asks this before it entropy-codes a tensor's parts.
+pub fn values_fit_stored(numel: u64, stored: u64) -> bool {
+    numel <= stored.saturating_mul(MAX_VALUES_PER_BYTE as u64)
+}
+
 fn first(p: Problems, m: Manifest) -> Result<Layout> {
     match p.into_vec().into_iter().next() {
         Some(e) => Err(e),
-        None => Ok(Layout { manifest: m }),
+        None => {
+            // Names are unique here (duplicates are a problem above).
+            let index = m
+                .tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.clone(), i))
+                .collect();
+            Ok(Layout { manifest: m, index })
+        }
     }
 }
 
@@ -584,5 +670,55 @@ pub fn manifest_problems(manifest_json: &[u8]) -> Vec<LoadError> {
             layout_problems(&m, &mut p);
             p.into_vec()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_platform_independent() {
+        // Qwen2-7B's embedding: 545M values, 2.2 GB as f32, past a 32-bit isize; the layout
+        // check accepts it on every platform, and only decoding it asks for the room.
+        let shape = [152064u64, 3584];
+        assert_eq!(numel(&shape), Some(152064 * 3584));
+        assert_eq!(
+            expected_parts(&Encoding::F32, &shape),
+            Some(vec![("data", 152064 * 3584 * 4)])
+        );
+        let int = Encoding::Int {
+            bits: 4,
+            group_size: 128,
+            grid: Grid::Asymmetric,
+        };
+        assert_eq!(
+            expected_parts(&int, &shape),
+            Some(vec![
+                ("codes", 152064 * 3584 / 2),
+                ("scales", 152064 * 28 * 2),
+                ("mins", 152064 * 28 * 2)
+            ])
+        );
+        let cb = Encoding::Codebook {
+            dim: 8,
+            stage_bits: alloc::vec![12, 4],
+        };
+        let parts = expected_parts(&cb, &shape).unwrap();
+        assert_eq!(parts[3], ("codebook0", 4096 * 8 * 2));
+        assert_eq!(parts[4], ("codes0", 152064 * 448 * 12 / 8));
+        // Past MAX_NUMEL, or overflowing u64: refused everywhere.
+        assert_eq!(numel(&[1 << 21, 1 << 20]), None);
+        assert_eq!(numel(&[1 << 20, 1 << 20]), Some(MAX_NUMEL));
+        assert_eq!(numel(&[u64::MAX, 2]), None);
+        assert_eq!(expected_parts(&Encoding::F16, &[1 << 41]), None);
+    }
+
+    #[test]
+    fn stored_bytes_bound_the_values() {
+        assert!(values_fit_stored(256, 1));
+        assert!(!values_fit_stored(257, 1));
+        assert!(values_fit_stored(0, 0));
+        assert!(values_fit_stored(MAX_NUMEL, u64::MAX));
     }
 }

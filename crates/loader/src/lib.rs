@@ -153,10 +153,13 @@ impl Loader {
         &self.layout.manifest().shards
     }
 
+    /// Shard `name`'s index. The layout check has tied every shard's name to its place
+    /// (`shard-{i:05}.bin`), so this is a parse, not a search.
     fn shard_index(&self, name: &str) -> Result<usize> {
-        self.shards()
-            .iter()
-            .position(|s| s.file == name)
+        name.strip_prefix("shard-")
+            .and_then(|r| r.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&i| self.shards().get(i).is_some_and(|s| s.file == name))
             .ok_or_else(|| LoadError::Shard(format!("'{name}' is not a shard of this bundle")))
     }
 
@@ -222,16 +225,30 @@ impl Loader {
 
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.layout
-            .manifest()
-            .tensors
-            .iter()
-            .find(|t| t.name == name)
+            .tensor_index(name)
+            .and_then(|i| self.layout.manifest().tensors.get(i))
             .ok_or_else(|| LoadError::Tensor(format!("no tensor '{name}'")))
     }
 
     /// A tensor's parts (losslessly coded ones decoded), once every shard it lies in is verified.
+    /// Refused with [`LoadError::Tensor`] when its shape or decoded parts do not fit this
+    /// platform's address space (the manifest's sizes are checked in `u64`).
     pub fn tensor_packed(&self, name: &str) -> Result<PackedTensor> {
         let t = self.entry(name)?;
+        let too_big =
+            || LoadError::Tensor(format!("'{name}' is too large to decode on this platform"));
+        let shape = t
+            .shape
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| too_big()))
+            .collect::<Result<Vec<usize>>>()?;
+        let raw_lens = t
+            .parts
+            .iter()
+            .map(|p| fits_alloc(p.raw_length(), 1).ok_or_else(too_big))
+            .collect::<Result<Vec<usize>>>()?;
+        // The stored bytes are all in memory already (the segments tile the shards), so their
+        // sum fits; the decoded ones may not, and are asked for fallibly.
         let mut payload = Vec::new();
         for s in &t.segments {
             if !self.verified[s.shard] {
@@ -245,21 +262,28 @@ impl Loader {
         }
         let mut parts = Vec::with_capacity(t.parts.len());
         let mut pos = 0usize;
-        for p in &t.parts {
+        for (p, &raw_len) in t.parts.iter().zip(&raw_lens) {
             let end = pos + p.length as usize;
             let bytes = &payload[pos..end];
             let raw = match &p.lossless {
                 None => bytes.to_vec(),
-                Some(l) => rans::decode(bytes, l.raw_length as usize).ok_or_else(|| {
-                    LoadError::Tensor(format!("'{name}': part '{}' does not decode", p.name))
-                })?,
+                Some(_) => {
+                    // Reserve first, so a decoded size the platform cannot hold is refused
+                    // rather than aborting inside the decoder.
+                    let mut probe: Vec<u8> = Vec::new();
+                    probe.try_reserve_exact(raw_len).map_err(|_| too_big())?;
+                    drop(probe);
+                    rans::decode(bytes, raw_len).ok_or_else(|| {
+                        LoadError::Tensor(format!("'{name}': part '{}' does not decode", p.name))
+                    })?
+                }
             };
             parts.push((p.name.clone(), raw));
             pos = end;
         }
         Ok(PackedTensor {
             name: t.name.clone(),
-            shape: t.shape.clone(),
+            shape,
             encoding: t.encoding.clone(),
             parts,
         })
@@ -280,13 +304,45 @@ impl Loader {
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect()
         };
-        let numel: usize = p.shape.iter().product();
+        // The f32 output is what is sized from the shape: it must fit one allocation.
+        let numel = || {
+            p.shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+                .and_then(|n| fits_alloc(n, 4))
+                .ok_or_else(|| {
+                    LoadError::Tensor(format!(
+                        "'{name}': {:?} f32 values do not fit this platform's address space",
+                        p.shape
+                    ))
+                })
+        };
+        let reserve = |n: usize| -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| {
+                LoadError::Tensor(format!("'{name}': no memory for {n} f32 values"))
+            })?;
+            Ok(v)
+        };
         match &p.encoding {
-            Encoding::F16 => Ok(f16s(part("data"))),
-            Encoding::F32 => Ok(part("data")
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()),
+            Encoding::F16 => {
+                let mut out = reserve(numel()?)?;
+                out.extend(
+                    part("data")
+                        .chunks_exact(2)
+                        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                );
+                Ok(out)
+            }
+            Encoding::F32 => {
+                let mut out = reserve(numel()?)?;
+                out.extend(
+                    part("data")
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+                Ok(out)
+            }
             Encoding::Int {
                 bits,
                 group_size,
@@ -299,11 +355,12 @@ impl Loader {
                     *group_size
                 };
                 let gpr = groups_per_row(cols, gs);
+                let numel = numel()?;
+                let mut out = reserve(numel)?;
                 let codes = pack::unpack(part("codes"), *bits, numel);
                 let scales = f16s(part("scales"));
                 let mins = f16s(part("mins"));
                 let half = (1u32 << (bits - 1)) as f32;
-                let mut out = Vec::with_capacity(numel);
                 for (i, &c) in codes.iter().enumerate() {
                     let g = (i / cols) * gpr + (i % cols) / gs;
                     out.push(match grid {
@@ -332,7 +389,7 @@ impl Loader {
                     })
                     .collect();
                 codebook::decode(
-                    numel / cols.max(1),
+                    numel()? / cols.max(1),
                     cols,
                     *dim,
                     &stages,
@@ -352,6 +409,14 @@ impl Loader {
     }
 }
 
+/// `n` items of `size` bytes as a `usize` count, when their bytes fit one allocation
+/// (at most `isize::MAX`) on this platform.
+fn fits_alloc(n: u64, size: u64) -> Option<usize> {
+    let bytes = n.checked_mul(size)?;
+    (bytes <= isize::MAX as u64).then_some(())?;
+    usize::try_from(n).ok()
+}
+
 impl core::fmt::Debug for Loader {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Loader")
@@ -359,5 +424,25 @@ impl core::fmt::Debug for Loader {
             .field("shards", &self.shards().len())
             .field("verified", &self.verified.iter().filter(|v| **v).count())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fits_alloc;
+
+    #[test]
+    fn allocation_bounds_are_asked_at_decode_time() {
+        assert_eq!(fits_alloc(10, 4), Some(10));
+        assert_eq!(fits_alloc(u64::MAX, 1), None);
+        assert_eq!(fits_alloc(u64::MAX / 2, 4), None);
+        assert_eq!(
+            fits_alloc(isize::MAX as u64 / 4, 4),
+            Some(isize::MAX as usize / 4)
+        );
+        assert_eq!(fits_alloc(isize::MAX as u64 / 4 + 1, 4), None);
+        // Qwen2-7B's embedding as f32: fits a 64-bit address space, not a 32-bit one.
+        let qwen = 152064u64 * 3584;
+        assert_eq!(fits_alloc(qwen, 4).is_some(), usize::BITS == 64);
     }
 }
