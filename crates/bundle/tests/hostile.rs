@@ -755,13 +755,14 @@ fn tensor_lookup_does_not_grow_with_the_tensor_count() {
     let (b, l) = within("open", move || {
         (Bundle::open(&d).unwrap(), Loader::new(&text).unwrap())
     });
-    let start = std::time::Instant::now();
-    for n in names.iter().rev() {
-        assert_eq!(&b.entry(n).unwrap().name, n);
-        assert!(l.tensor_f32(n).unwrap().is_empty());
-    }
-    assert!(b.entry("t.x").is_none());
-    assert!(l.tensor_f32("t.x").is_err());
-    let took = start.elapsed();
-    assert!(took < Duration::from_secs(5), "{N} look-ups took {took:?}");
+    // A hang guard, not a speed target: indexed, these take milliseconds; searched linearly,
+    // minutes.
+    within("100k look-ups", move || {
+        for n in names.iter().rev() {
+            assert_eq!(&b.entry(n).unwrap().name, n);
+            assert!(l.tensor_f32(n).unwrap().is_empty());
+        }
+        assert!(b.entry("t.x").is_none());
+        assert!(l.tensor_f32("t.x").is_err());
+    });
 }
