@@ -211,7 +211,17 @@ impl Staged {
             check_replaceable(target, force, kind)?;
         }
         let tmp = parent.join(format!(".{name}.partial-{}{suffix}", std::process::id()));
-        remove_any(&tmp);
+        // Left by a dead run of the same id, or held by a live one with the same id in another
+        // PID namespace: only the former may be removed.
+        if std::fs::symlink_metadata(&tmp).is_ok() {
+            if unheld(&tmp).is_none() {
+                return Err(BundleError::Invalid(format!(
+                    "{} is held by another running adaptq",
+                    tmp.display()
+                )));
+            }
+            remove_any(&tmp);
+        }
         let lock = if folder {
             std::fs::create_dir(&tmp).map_err(crate::io_err(&tmp))?;
             std::fs::File::open(&tmp).map_err(crate::io_err(&tmp))?

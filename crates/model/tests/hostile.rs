@@ -3,38 +3,12 @@
 //! panic, a hang or an out-of-memory abort.
 
 use adaptq_model::bert::Bert;
-use adaptq_model::Weights;
+mod common;
+
 use adaptq_source::model::{Family, ModelDesc, RopeStyle};
+use common::Mem;
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-struct Mem {
-    desc: ModelDesc,
-    t: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-}
-
-impl Weights for Mem {
-    fn desc(&self) -> &ModelDesc {
-        &self.desc
-    }
-    fn has(&self, name: &str) -> bool {
-        self.t.contains_key(name)
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.t.get(name).map(|x| x.0.clone())
-    }
-    fn read(&self, name: &str) -> anyhow::Result<Vec<f32>> {
-        Ok(self
-            .t
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("no {name}"))?
-            .1
-            .clone())
-    }
-    fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
-        anyhow::bail!("no tokenizer in a synthetic model")
-    }
-}
 
 /// A complete one-layer BERT of hidden size 4, so that loading gets past every tensor and only
 /// the head count can be at fault.

@@ -3,37 +3,11 @@
 //! same logits as a full pass; the calibration hook sees every linear input.
 
 use adaptq_model::llama::{KvCache, Llama};
-use adaptq_model::Weights;
+mod common;
+
 use adaptq_source::model::{Family, ModelDesc, RopeStyle};
+use common::Mem;
 use std::collections::BTreeMap;
-
-struct Mem {
-    desc: ModelDesc,
-    t: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-}
-
-impl Weights for Mem {
-    fn desc(&self) -> &ModelDesc {
-        &self.desc
-    }
-    fn has(&self, name: &str) -> bool {
-        self.t.contains_key(name)
-    }
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.t.get(name).map(|x| x.0.clone())
-    }
-    fn read(&self, name: &str) -> anyhow::Result<Vec<f32>> {
-        Ok(self
-            .t
-            .get(name)
-            .ok_or_else(|| anyhow::anyhow!("no {name}"))?
-            .1
-            .clone())
-    }
-    fn tokenizer(&self) -> anyhow::Result<tokenizers::Tokenizer> {
-        anyhow::bail!("no tokenizer in a synthetic model")
-    }
-}
 
 fn desc(style: RopeStyle) -> ModelDesc {
     ModelDesc {
