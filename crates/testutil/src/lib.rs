@@ -5,11 +5,22 @@
 //! (override with `ADAPTQ_CORPORA`). A missing fixture fails the test with the command to run,
 //! rather than skipping it silently.
 //!
-//! [`mutate`] is the seeded mutation engine of the readers' mutation tests.
+//! The test kit beside them: [`cli`] runs the binary and reads what it wrote; [`files`] looks
+//! at folders and special files; [`compare`] compares float vectors; [`rand`] makes seeded data; [`gguf`], [`safetensors`] and
+//! [`bundle`] build small inputs byte by byte or with the real writer; [`loading`] is the glue
+//! of the loader's hostile-input tests and fuzz targets; [`mutate`] is the seeded mutation
+//! engine of the readers' mutation tests; [`hub_server`] is a local model hub.
 
+pub mod bundle;
 pub mod cli;
+pub mod compare;
+pub mod files;
+pub mod gguf;
 pub mod hub_server;
+pub mod loading;
 pub mod mutate;
+pub mod rand;
+pub mod safetensors;
 
 use std::path::{Path, PathBuf};
 

@@ -30,17 +30,18 @@ thread_local! {
     static LAST: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-/// The system allocator, refusing single requests above [`ALLOC_LIMIT`]. A refusal aborts
-/// the process (that is what an out-of-memory does to a reader too), so it first names the
-/// case, formatted without allocating.
-pub struct Capped;
+/// The system allocator, refusing single requests above `LIMIT` bytes ([`ALLOC_LIMIT`]
+/// unless a test names a tighter bound). A refusal aborts the process (that is what an
+/// out-of-memory does to a reader too), so it first names the case, formatted without
+/// allocating.
+pub struct Capped<const LIMIT: usize = ALLOC_LIMIT>;
 
-fn refused(size: usize) {
+fn refused(size: usize, limit: usize) {
     let mut msg = Fixed([0; 256], 0);
     let (reader, seed) = CASE.try_with(Cell::get).unwrap_or(("?", 0));
     let _ = write!(
         msg,
-        "\nmutation test: refused an allocation of {size} bytes (limit {ALLOC_LIMIT}) in \
+        "\nmutation test: refused an allocation of {size} bytes (limit {limit}) in \
          reader '{reader}', seed {seed:#018x}; rerun with ADAPTQ_MUTATION_CASE={reader}:{seed:#x}\n"
     );
     let _ = std::io::stderr().write_all(&msg.0[..msg.1]);
@@ -56,17 +57,25 @@ impl std::fmt::Write for Fixed {
     }
 }
 
-unsafe impl GlobalAlloc for Capped {
+impl<const LIMIT: usize> Capped<LIMIT> {
+    /// Whether a request of `size` bytes must be refused (after naming the case).
+    fn refuses(size: usize) -> bool {
+        if size > LIMIT {
+            refused(size, LIMIT);
+        }
+        size > LIMIT
+    }
+}
+
+unsafe impl<const LIMIT: usize> GlobalAlloc for Capped<LIMIT> {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if l.size() > ALLOC_LIMIT {
-            refused(l.size());
+        if Self::refuses(l.size()) {
             return std::ptr::null_mut();
         }
         unsafe { System.alloc(l) }
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        if l.size() > ALLOC_LIMIT {
-            refused(l.size());
+        if Self::refuses(l.size()) {
             return std::ptr::null_mut();
         }
         unsafe { System.alloc_zeroed(l) }
@@ -75,8 +84,7 @@ unsafe impl GlobalAlloc for Capped {
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new > ALLOC_LIMIT {
-            refused(new);
+        if Self::refuses(new) {
             return std::ptr::null_mut();
         }
         unsafe { System.realloc(p, l, new) }
