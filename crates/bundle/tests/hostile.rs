@@ -3,56 +3,26 @@
 //! /dev/zero and names that point outside. `verify`, the host reader and the wasm loader must
 //! each refuse them, without hanging, panicking or allocating more than the bytes justify.
 
-use adaptq_bundle::manifest::SourceRef;
 use adaptq_bundle::{blake3_hex, sha256_hex, verify_bundle, Bundle, BundleWriter, Encoding};
 use adaptq_bundle::{WriterOptions, MANIFEST};
 use adaptq_loader::Loader;
 use adaptq_quant::Grid;
+use adaptq_testutil::bundle::{self as fixture, add_embedding, add_linear, add_plain, add_q4};
+use adaptq_testutil::bundle::{manifest, rehash};
+use adaptq_testutil::files::within;
 use serde_json::Value;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Refuses (aborts on) any single allocation above 1 GiB, so a reader that sizes a buffer
 /// from a hostile header fails this test instead of quietly over-committing memory.
-struct Capped;
-
-const ALLOC_LIMIT: usize = 1 << 30;
-
-unsafe impl GlobalAlloc for Capped {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        if l.size() > ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        if new > ALLOC_LIMIT {
-            return std::ptr::null_mut();
-        }
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
 #[global_allocator]
-static ALLOC: Capped = Capped;
+static ALLOC: adaptq_testutil::mutate::Capped<{ 1 << 30 }> = adaptq_testutil::mutate::Capped;
 
 /// Mostly-middle codes (so the lossless stage codes them), LSB-first at `bits`.
 fn skewed_codes(n: usize, bits: u8) -> Vec<u8> {
-    let mut s = 7u64;
-    let codes: Vec<u8> = (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let r = (s >> 33) as u32;
-            if r.is_multiple_of(8) {
-                (r >> 8) as u8 & ((1u16 << bits) - 1) as u8
-            } else {
-                1 << (bits - 1)
-            }
-        })
+    let codes: Vec<u8> = adaptq_testutil::rand::skewed(n, bits, 7)
+        .into_iter()
+        .map(|c| c as u8)
         .collect();
     adaptq_loader::pack::pack(&codes, bits)
 }
@@ -63,92 +33,34 @@ fn skewed_codes(n: usize, bits: u8) -> Vec<u8> {
 fn fresh() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("p").join("q");
-    let mut w = BundleWriter::create(
-        &d,
-        WriterOptions {
-            shard_max_bytes: 1024,
-            force: false,
-            lossless: true,
-        },
-    )
-    .unwrap();
-    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
-    w.add_tensor(
-        "blk.0.ffn_up.weight",
-        &[32, 64],
-        "linear",
-        "rtn",
-        Encoding::Int {
-            bits: 8,
-            group_size: 64,
-            grid: Grid::Symmetric,
-        },
-        &[("codes", &skewed_codes(2048, 8)), ("scales", &data[..64])],
-    )
-    .unwrap();
-    w.add_tensor(
-        "blk.0.attn_q.weight",
-        &[10, 64],
-        "linear",
-        "rtn",
-        Encoding::Int {
-            bits: 4,
-            group_size: 32,
-            grid: Grid::Symmetric,
-        },
-        &[("codes", &data[..320]), ("scales", &data[320..360])],
-    )
-    .unwrap();
+    let mut w = fixture::writer(&d, 1024, true);
+    let data = fixture::pattern();
+    let codes = skewed_codes(2048, 8);
+    let parts: [(&str, &[u8]); 2] = [("codes", &codes), ("scales", &data[..64])];
+    let int8 = fixture::int(8, 64, Grid::Symmetric);
+    add_linear(&mut w, "blk.0.ffn_up.weight", &[32, 64], int8, &parts);
+    add_q4(&mut w, &data);
     // 8 x 16 in vectors of 4, one 4-bit stage: 16 centroids x 4 values.
-    w.add_tensor(
-        "blk.0.attn_v.weight",
-        &[8, 16],
-        "linear",
-        "novaq",
-        Encoding::Codebook {
-            dim: 4,
-            stage_bits: vec![4],
-        },
-        &[
-            ("row_scale", &data[..16]),
-            ("row_mean", &data[16..32]),
-            ("col_scale", &data[32..64]),
-            ("codebook0", &data[64..192]),
-            ("codes0", &data[192..208]),
-        ],
-    )
-    .unwrap();
-    w.add_tensor(
-        "token_embd.weight",
-        &[20, 64],
-        "embedding",
-        "none",
-        Encoding::F16,
-        &[("data", &data[..2560])],
-    )
-    .unwrap();
-    w.add_tensor(
-        "output_norm.weight",
-        &[64],
-        "norm",
-        "none",
-        Encoding::F32,
-        &[("data", &data[..256])],
-    )
-    .unwrap();
+    let book = Encoding::Codebook {
+        dim: 4,
+        stage_bits: vec![4],
+    };
+    let parts: [(&str, &[u8]); 5] = [
+        ("row_scale", &data[..16]),
+        ("row_mean", &data[16..32]),
+        ("col_scale", &data[32..64]),
+        ("codebook0", &data[64..192]),
+        ("codes0", &data[192..208]),
+    ];
+    add_linear(&mut w, "blk.0.attn_v.weight", &[8, 16], book, &parts);
+    add_embedding(&mut w, &data);
+    let norm = &data[..256];
+    add_plain(&mut w, "output_norm.weight", &[64], Encoding::F32, norm);
     w.add_file("model.meta", b"{\"family\": \"llama\"}\n")
         .unwrap();
     w.add_file("LICENSE", b"Apache-2.0\n").unwrap();
-    w.finish(
-        "hostile",
-        SourceRef {
-            locator: "file:test.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 5,
-        },
-        serde_json::json!({"method": "rtn", "seed": 0}),
-    )
-    .unwrap();
+    let rtn = serde_json::json!({"method": "rtn", "seed": 0});
+    fixture::finish(w, "hostile", "file:test.gguf", 5, rtn);
     let r = verify_bundle(&d, |_| {});
     assert!(r.ok(), "fresh bundle must verify: {:?}", r.problems);
     let m = manifest(&d);
@@ -158,31 +70,6 @@ fn fresh() -> (tempfile::TempDir, PathBuf) {
     );
     assert_eq!(m["tensors"][0]["segments"][0]["offset"], 0);
     (t, d)
-}
-
-fn manifest(d: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(d.join(MANIFEST)).unwrap()).unwrap()
-}
-
-/// Applies `edit` to the manifest and re-hashes it as the writer would (global digest over the
-/// shard list, then manifest_digest), so no digest check can catch the edit.
-fn rehash(d: &Path, edit: impl FnOnce(&mut Value)) {
-    let mut v = manifest(d);
-    edit(&mut v);
-    let shards = v["shards"].as_array().unwrap().clone();
-    v["global_digest"] = Value::from(adaptq_loader::shard_list_digest(shards.iter().map(|s| {
-        (
-            s["file"].as_str().unwrap(),
-            s["bytes"].as_u64().unwrap(),
-            s["sha256"].as_str().unwrap(),
-            s["blake3"].as_str().unwrap(),
-        )
-    })));
-    v["manifest_digest"] = Value::from("0".repeat(64));
-    let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
-    v["manifest_digest"] = Value::from(adaptq_bundle::manifest_digest(&text).unwrap());
-    let text = serde_json::to_string_pretty(&v).unwrap() + "\n";
-    std::fs::write(d.join(MANIFEST), text).unwrap();
 }
 
 /// Replaces shard `i`'s bytes and records their size and hashes, re-hashing the manifest.
@@ -197,21 +84,10 @@ fn rewrite_shard(d: &Path, i: usize, bytes: &[u8]) {
     });
 }
 
-/// Runs `f` on its own thread and fails the test if it does not finish in 10 s (a reader
-/// blocked on a FIFO), instead of hanging the suite.
-fn within<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| panic!("{what} did not finish within 10 s (blocked?)"))
-}
-
 /// verify's problems, asserting it refused the bundle.
 fn refused_by_verify(d: &Path) -> String {
     let d = d.to_path_buf();
-    let r = within("verify", move || verify_bundle(&d, |_| {}));
+    let r = within("verify", 10, move || verify_bundle(&d, |_| {}));
     assert!(!r.ok(), "verify accepted a hostile bundle");
     r.problems.join("\n")
 }
@@ -228,12 +104,7 @@ fn refused_on_open(d: &Path, why: &str) {
 
 /// Feeds the loader every shard (as sent; their hashes must hold) and reads `tensor`.
 fn loader_reads(d: &Path, tensor: &str) -> adaptq_loader::Result<Vec<f32>> {
-    let mut l = Loader::new(&std::fs::read(d.join(MANIFEST)).unwrap()).unwrap();
-    for s in manifest(d)["shards"].as_array().unwrap() {
-        let f = s["file"].as_str().unwrap();
-        l.feed(f, &std::fs::read(d.join(f)).unwrap()).unwrap();
-    }
-    l.tensor_f32(tensor)
+    fixture::loaded(d).tensor_f32(tensor)
 }
 
 /// A tensor stored (partly) in shard `i`.
@@ -400,69 +271,53 @@ fn side_file_names_outside_the_bundle_are_refused() {
     refused_on_open(&d, "../../secret.txt");
 }
 
+/// What a read failed with, if it failed.
+#[cfg(unix)]
+fn err_of<T>(r: adaptq_bundle::Result<T>) -> Result<(), String> {
+    r.map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Replaces shard 1 and the side file `side` of a fresh bundle by what `make` puts at a path;
+/// verify must refuse both, saying `verify_says` after each name, and the host reader must
+/// refuse a tensor of that shard and the side file as not regular files, without blocking.
+#[cfg(unix)]
+fn special_files_are_refused(side: &'static str, verify_says: &str, make: impl Fn(&Path)) {
+    let (_t, d) = fresh();
+    let victim = tensor_in_shard(&d, 1);
+    for f in ["shard-00001.bin", side] {
+        std::fs::remove_file(d.join(f)).unwrap();
+        make(&d.join(f));
+    }
+    let msg = refused_by_verify(&d);
+    for name in ["shard shard-00001.bin", side] {
+        let want = format!("{name} is missing or unreadable{verify_says}");
+        assert!(msg.contains(&want), "{msg}");
+    }
+    let dd = d.clone();
+    let (data, file) = within("reader", 10, move || {
+        let b = Bundle::open(&dd).unwrap();
+        (err_of(b.read_f32(&victim)), err_of(b.read_file(side)))
+    });
+    assert!(data.unwrap_err().contains("not a regular file"));
+    assert!(file.unwrap_err().contains("not a regular file"));
+}
+
 #[cfg(unix)]
 #[test]
 fn fifos_are_refused_without_blocking() {
-    let (_t, d) = fresh();
-    let victim = tensor_in_shard(&d, 1);
-    for f in ["shard-00001.bin", "model.meta"] {
-        std::fs::remove_file(d.join(f)).unwrap();
-        let ok = std::process::Command::new("mkfifo")
-            .arg(d.join(f))
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mkfifo");
-    }
-    let msg = refused_by_verify(&d);
-    assert!(
-        msg.contains("shard shard-00001.bin is missing or unreadable: not a regular file"),
-        "{msg}"
+    special_files_are_refused(
+        "model.meta",
+        ": not a regular file",
+        adaptq_testutil::files::mkfifo,
     );
-    assert!(
-        msg.contains("model.meta is missing or unreadable: not a regular file"),
-        "{msg}"
-    );
-    let dd = d.clone();
-    let (data, meta) = within("reader", move || {
-        let b = Bundle::open(&dd).unwrap();
-        (
-            b.read_f32(&victim).map(|_| ()).map_err(|e| e.to_string()),
-            b.read_file("model.meta")
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        )
-    });
-    assert!(data.unwrap_err().contains("not a regular file"));
-    assert!(meta.unwrap_err().contains("not a regular file"));
 }
 
 #[cfg(unix)]
 #[test]
 fn symlinks_to_dev_zero_are_refused_without_reading_them() {
-    let (_t, d) = fresh();
-    let victim = tensor_in_shard(&d, 1);
-    for f in ["shard-00001.bin", "LICENSE"] {
-        std::fs::remove_file(d.join(f)).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", d.join(f)).unwrap();
-    }
-    let msg = refused_by_verify(&d);
-    assert!(
-        msg.contains("shard shard-00001.bin is missing or unreadable"),
-        "{msg}"
-    );
-    assert!(msg.contains("LICENSE is missing or unreadable"), "{msg}");
-    let dd = d.clone();
-    let (data, license) = within("reader", move || {
-        let b = Bundle::open(&dd).unwrap();
-        (
-            b.read_f32(&victim).map(|_| ()).map_err(|e| e.to_string()),
-            b.read_file("LICENSE")
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-        )
+    special_files_are_refused("LICENSE", "", |p| {
+        std::os::unix::fs::symlink("/dev/zero", p).unwrap()
     });
-    assert!(data.unwrap_err().contains("not a regular file"));
-    assert!(license.unwrap_err().contains("not a regular file"));
 }
 
 #[test]
@@ -623,58 +478,36 @@ fn nearly_constant_codebook() -> (Vec<u8>, Vec<u8>, Vec<u8>) {
 
 #[test]
 fn the_writer_stores_codes_raw_when_coding_them_breaks_the_layout_rules() {
-    let (codes, scales, book) = nearly_constant_codebook();
+    let (codes, scales, book_bytes) = nearly_constant_codebook();
     // Coded, the tensor would hold more values per stored byte than any reader accepts.
     let coded = adaptq_loader::rans::encode(&codes, 1, codes.len() * 8).unwrap();
     assert!(coded.len() < codes.len() / 2);
     let numel = 4096u64 * 4096;
     assert!(!adaptq_loader::layout::values_fit_stored(
         numel,
-        (coded.len() + 3 * scales.len() + book.len()) as u64
+        (coded.len() + 3 * scales.len() + book_bytes.len()) as u64
     ));
     assert!(adaptq_loader::layout::values_fit_stored(
         numel,
-        (codes.len() + 3 * scales.len() + book.len()) as u64
+        (codes.len() + 3 * scales.len() + book_bytes.len()) as u64
     ));
 
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("b");
-    let mut w = BundleWriter::create(
-        &d,
-        WriterOptions {
-            lossless: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    w.add_tensor(
-        "blk.0.ffn_up.weight",
-        &[4096, 4096],
-        "linear",
-        "novaq",
-        Encoding::Codebook {
-            dim: 32,
-            stage_bits: vec![1],
-        },
-        &[
-            ("row_scale", &scales),
-            ("row_mean", &scales),
-            ("col_scale", &scales),
-            ("codebook0", &book),
-            ("codes0", &codes),
-        ],
-    )
-    .unwrap();
-    w.finish(
-        "constant",
-        SourceRef {
-            locator: "file:test.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 1,
-        },
-        serde_json::json!({}),
-    )
-    .unwrap();
+    let mut w = fixture::writer(&d, WriterOptions::default().shard_max_bytes, true);
+    let book = Encoding::Codebook {
+        dim: 32,
+        stage_bits: vec![1],
+    };
+    let parts: [(&str, &[u8]); 5] = [
+        ("row_scale", &scales),
+        ("row_mean", &scales),
+        ("col_scale", &scales),
+        ("codebook0", &book_bytes),
+        ("codes0", &codes),
+    ];
+    add_linear(&mut w, "blk.0.ffn_up.weight", &[4096, 4096], book, &parts);
+    fixture::finish(w, "constant", "file:test.gguf", 1, serde_json::json!({}));
     let r = verify_bundle(&d, |_| {});
     assert!(r.ok(), "{:?}", r.problems);
     let m = manifest(&d);
@@ -690,24 +523,18 @@ fn the_writer_publishes_no_manifest_that_readers_refuse() {
     let d = t.path().join("b");
     let mut w = BundleWriter::create(&d, WriterOptions::default()).unwrap();
     for _ in 0..2 {
-        w.add_tensor(
+        add_plain(
+            &mut w,
             "output_norm.weight",
             &[4],
-            "norm",
-            "none",
             Encoding::F32,
-            &[("data", &[0u8; 16])],
-        )
-        .unwrap();
+            &[0u8; 16],
+        );
     }
     let err = w
         .finish(
             "twice",
-            SourceRef {
-                locator: "file:test.gguf".into(),
-                format: "gguf".into(),
-                tensor_count: 2,
-            },
+            fixture::source("file:test.gguf", 2),
             serde_json::json!({}),
         )
         .unwrap_err()
@@ -741,23 +568,14 @@ fn tensor_lookup_does_not_grow_with_the_tensor_count() {
         w.add_tensor(n, &[0], "other", "none", Encoding::F32, &[("data", &[])])
             .unwrap();
     }
-    w.finish(
-        "many",
-        SourceRef {
-            locator: "file:test.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: N,
-        },
-        serde_json::json!({}),
-    )
-    .unwrap();
+    fixture::finish(w, "many", "file:test.gguf", N, serde_json::json!({}));
     let text = std::fs::read(d.join(MANIFEST)).unwrap();
-    let (b, l) = within("open", move || {
+    let (b, l) = within("open", 10, move || {
         (Bundle::open(&d).unwrap(), Loader::new(&text).unwrap())
     });
     // A hang guard, not a speed target: indexed, these take milliseconds; searched linearly,
     // minutes.
-    within("100k look-ups", move || {
+    within("100k look-ups", 10, move || {
         for n in names.iter().rev() {
             assert_eq!(&b.entry(n).unwrap().name, n);
             assert!(l.tensor_f32(n).unwrap().is_empty());

@@ -1,66 +1,28 @@
 //! verify must fail, naming the problem, for every kind of damage to a bundle.
 
-use adaptq_bundle::manifest::SourceRef;
 use adaptq_bundle::{verify_bundle, BundleWriter, Encoding, WriterOptions};
 use adaptq_quant::Grid;
+use adaptq_testutil::bundle::{self as fixture, add_embedding, add_plain, add_q4, pattern};
 use std::path::Path;
 
-/// Writes a small bundle with shards of 1 KiB so tensors span several shards.
+/// Writes a small bundle with shards of 1 KiB so tensors span several shards: a 4-bit g32
+/// symmetric 10x64 tensor, an f16 embedding and an f32 norm.
 fn write_bundle(dir: &Path) {
-    let mut w = BundleWriter::create(
-        dir,
-        WriterOptions {
-            shard_max_bytes: 1024,
-            force: false,
-            lossless: false,
-        },
-    )
-    .unwrap();
-    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
-    // A 4-bit g32 symmetric 10x64 tensor: codes 320 bytes, scales 10*2*2 = 40 bytes.
-    w.add_tensor(
-        "blk.0.attn_q.weight",
-        &[10, 64],
-        "linear",
-        "rtn",
-        Encoding::Int {
-            bits: 4,
-            group_size: 32,
-            grid: Grid::Symmetric,
-        },
-        &[("codes", &data[..320]), ("scales", &data[320..360])],
-    )
-    .unwrap();
-    w.add_tensor(
-        "token_embd.weight",
-        &[20, 64],
-        "embedding",
-        "none",
-        Encoding::F16,
-        &[("data", &data[..2560])],
-    )
-    .unwrap();
-    w.add_tensor(
+    let mut w = fixture::writer(dir, 1024, false);
+    let data = pattern();
+    add_q4(&mut w, &data);
+    add_embedding(&mut w, &data);
+    add_plain(
+        &mut w,
         "blk.0.attn_norm.weight",
         &[64],
-        "norm",
-        "none",
         Encoding::F32,
-        &[("data", &data[..256])],
-    )
-    .unwrap();
+        &data[..256],
+    );
     w.add_file("model.meta", b"{\"family\": \"llama\"}\n")
         .unwrap();
-    w.finish(
-        "test-model",
-        SourceRef {
-            locator: "file:test.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 3,
-        },
-        serde_json::json!({"method": "rtn", "seed": 0}),
-    )
-    .unwrap();
+    let rtn = serde_json::json!({"method": "rtn", "seed": 0});
+    fixture::finish(w, "test-model", "file:test.gguf", 3, rtn);
 }
 
 fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
@@ -204,24 +166,8 @@ fn abandoned_write_leaves_nothing_behind() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("b");
     {
-        let mut w = BundleWriter::create(
-            &d,
-            WriterOptions {
-                shard_max_bytes: 16,
-                force: false,
-                lossless: false,
-            },
-        )
-        .unwrap();
-        w.add_tensor(
-            "x",
-            &[100],
-            "norm",
-            "none",
-            Encoding::F32,
-            &[("data", &[0u8; 400])],
-        )
-        .unwrap();
+        let mut w = fixture::writer(&d, 16, false);
+        add_plain(&mut w, "x", &[100], Encoding::F32, &[0u8; 400]);
         // Dropped without finish(), as on an I/O error (disk full) or a panic mid-way.
     }
     assert!(!d.exists());
@@ -236,19 +182,10 @@ fn abandoned_write_leaves_nothing_behind() {
 fn wrong_part_lengths_are_rejected_at_write_time() {
     let t = tempfile::tempdir().unwrap();
     let mut w = BundleWriter::create(&t.path().join("b"), WriterOptions::default()).unwrap();
+    let enc = fixture::int(3, 64, Grid::Asymmetric);
+    let parts: [(&str, &[u8]); 2] = [("codes", &[0u8; 96]), ("scales", &[0u8; 8])];
     let err = w
-        .add_tensor(
-            "x",
-            &[4, 64],
-            "linear",
-            "rtn",
-            Encoding::Int {
-                bits: 3,
-                group_size: 64,
-                grid: Grid::Asymmetric,
-            },
-            &[("codes", &[0u8; 96]), ("scales", &[0u8; 8])],
-        )
+        .add_tensor("x", &[4, 64], "linear", "rtn", enc, &parts)
         .unwrap_err();
     assert!(
         err.to_string().contains("do not match int3-g64-asym"),
@@ -262,19 +199,7 @@ fn same_input_gives_identical_bytes() {
     let (a, b) = (t.path().join("a"), t.path().join("b"));
     write_bundle(&a);
     write_bundle(&b);
-    let mut names: Vec<_> = std::fs::read_dir(&a)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort();
-    assert_eq!(names.len(), 6);
-    for n in names {
-        assert_eq!(
-            std::fs::read(a.join(&n)).unwrap(),
-            std::fs::read(b.join(&n)).unwrap(),
-            "{n:?}"
-        );
-    }
+    assert_eq!(adaptq_testutil::files::assert_same(&a, &b).len(), 6);
 }
 
 #[test]
