@@ -2,120 +2,64 @@
 //! host-side reader gives; a corrupt shard, an edited or reordered manifest and a missing
 //! shard are refused.
 
-use adaptq_bundle::manifest::SourceRef;
-use adaptq_bundle::{Bundle, BundleWriter, Encoding, WriterOptions};
+use adaptq_bundle::{Bundle, Encoding};
 use adaptq_loader::{Fed, LoadError, Loader};
 use adaptq_quant::{quantize_rtn, Grid, RtnConfig};
+use adaptq_testutil::bundle::{self as fixture, add_linear, add_plain, shards};
+use adaptq_testutil::loading::redigest;
+use half::f16;
 use std::path::{Path, PathBuf};
 
-fn weights(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 1000) as f32 / 1000.0
-                - 0.5
-        })
-        .collect()
+/// Seeded weights in [-0.5, 0.5).
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    adaptq_testutil::rand::uniform(n, seed, 1.0)
 }
 
 fn f16s(v: &[f16]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
-use half::f16;
 
 /// A bundle with 3-bit asymmetric, 4-bit symmetric, f16 and f32 tensors over 1 KiB shards.
 fn bundle() -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("b");
-    let mut w = BundleWriter::create(
-        &d,
-        WriterOptions {
-            shard_max_bytes: 1024,
-            force: false,
-            lossless: false,
-        },
-    )
-    .unwrap();
+    let mut w = fixture::writer(&d, 1024, false);
     for (name, bits, grid, rows, cols) in [
         ("blk.0.attn_q.weight", 4u8, Grid::Symmetric, 12, 96),
         ("blk.0.ffn_down.weight", 3, Grid::Asymmetric, 10, 100),
     ] {
-        let x = weights(rows * cols, bits as u32);
-        let q = quantize_rtn(
-            &x,
-            rows,
-            cols,
-            &RtnConfig {
-                bits,
-                group_size: 32,
-                grid,
-            },
-        )
-        .unwrap();
+        let x = weights(rows * cols, bits as u64);
+        let cfg = RtnConfig {
+            bits,
+            group_size: 32,
+            grid,
+        };
+        let q = quantize_rtn(&x, rows, cols, &cfg).unwrap();
         let (s, m) = (f16s(&q.scales), f16s(&q.mins));
         let mut parts: Vec<(&str, &[u8])> = vec![("codes", &q.codes), ("scales", &s)];
         if grid == Grid::Asymmetric {
             parts.push(("mins", &m));
         }
-        w.add_tensor(
+        add_linear(
+            &mut w,
             name,
             &[rows, cols],
-            "linear",
-            "rtn",
-            Encoding::Int {
-                bits,
-                group_size: 32,
-                grid,
-            },
+            fixture::int(bits, 32, grid),
             &parts,
-        )
-        .unwrap();
+        );
     }
     let e: Vec<u8> = weights(20 * 32, 9)
         .iter()
         .flat_map(|v| f16::from_f32(*v).to_le_bytes())
         .collect();
-    w.add_tensor(
-        "token_embd.weight",
-        &[20, 32],
-        "embedding",
-        "none",
-        Encoding::F16,
-        &[("data", &e)],
-    )
-    .unwrap();
+    add_plain(&mut w, "token_embd.weight", &[20, 32], Encoding::F16, &e);
     let n: Vec<u8> = weights(32, 5)
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect();
-    w.add_tensor(
-        "output_norm.weight",
-        &[32],
-        "norm",
-        "none",
-        Encoding::F32,
-        &[("data", &n)],
-    )
-    .unwrap();
-    w.finish(
-        "t",
-        SourceRef {
-            locator: "file:t.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 4,
-        },
-        serde_json::json!({"seed": 0}),
-    )
-    .unwrap();
+    add_plain(&mut w, "output_norm.weight", &[32], Encoding::F32, &n);
+    fixture::finish(w, "t", "file:t.gguf", 4, serde_json::json!({"seed": 0}));
     (t, d)
-}
-
-fn shards(d: &Path) -> Vec<(String, Vec<u8>)> {
-    let b = Bundle::open(d).unwrap();
-    b.manifest
-        .shards
-        .iter()
-        .map(|s| (s.file.clone(), std::fs::read(d.join(&s.file)).unwrap()))
-        .collect()
 }
 
 #[test]
@@ -189,17 +133,6 @@ fn a_missing_shard_withholds_the_tensors_that_need_it() {
     }
 }
 
-/// Re-computes manifest_digest the way the writer does, so only the check under test can fire.
-fn redigest(text: &str) -> String {
-    use sha2::Digest;
-    let key = "\"manifest_digest\": \"";
-    let start = text.find(key).unwrap() + key.len();
-    let end = start + text[start..].find('"').unwrap();
-    let blank = format!("{}{}{}", &text[..start], "0".repeat(64), &text[end..]);
-    let d = hex::encode(sha2::Sha256::digest(blank.as_bytes()));
-    format!("{}{}{}", &text[..start], d, &text[end..])
-}
-
 #[test]
 fn edited_or_reordered_manifests_are_refused() {
     let (_t, d) = bundle();
@@ -224,15 +157,7 @@ fn edited_or_reordered_manifests_are_refused() {
 
 /// Ternary (skewed 2-bit codes) and NOVAQ tensors, with or without the lossless stage.
 fn coded_bundle(dir: &Path, lossless: bool) {
-    let mut w = BundleWriter::create(
-        dir,
-        WriterOptions {
-            shard_max_bytes: 4096,
-            force: false,
-            lossless,
-        },
-    )
-    .unwrap();
+    let mut w = fixture::writer(dir, 4096, lossless);
     // Bell-shaped weights: most ternary codes are 0, most NOVAQ vectors near the centre.
     let bell: Vec<f32> = weights(64 * 96, 3)
         .chunks(3)
@@ -243,17 +168,15 @@ fn coded_bundle(dir: &Path, lossless: bool) {
         .collect();
     let q = adaptq_quant::ternary::quantize_ternary(&bell, 64, 96, 32).unwrap();
     let s = f16s(&q.scales);
+    let parts: [(&str, &[u8]); 2] = [("codes", &q.codes), ("scales", &s)];
+    let int2 = fixture::int(2, 32, Grid::Symmetric);
     w.add_tensor(
         "blk.0.attn_k.weight",
         &[64, 96],
         "linear",
         "ternary",
-        Encoding::Int {
-            bits: 2,
-            group_size: 32,
-            grid: Grid::Symmetric,
-        },
-        &[("codes", &q.codes), ("scales", &s)],
+        int2,
+        &parts,
     )
     .unwrap();
     let cfg = adaptq_quant::novaq::NovaqConfig {
@@ -274,28 +197,12 @@ fn coded_bundle(dir: &Path, lossless: bool) {
         parts.push((["codes0", "codes1"][i], st.codes.clone()));
     }
     let refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
-    w.add_tensor(
-        "blk.0.attn_v.weight",
-        &[64, 96],
-        "linear",
-        "novaq",
-        Encoding::Codebook {
-            dim: t.dim,
-            stage_bits: t.stages.iter().map(|s| s.bits).collect(),
-        },
-        &refs,
-    )
-    .unwrap();
-    w.finish(
-        "t",
-        SourceRef {
-            locator: "file:t.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 2,
-        },
-        serde_json::json!({"seed": 0}),
-    )
-    .unwrap();
+    let enc = Encoding::Codebook {
+        dim: t.dim,
+        stage_bits: t.stages.iter().map(|s| s.bits).collect(),
+    };
+    add_linear(&mut w, "blk.0.attn_v.weight", &[64, 96], enc, &refs);
+    fixture::finish(w, "t", "file:t.gguf", 2, serde_json::json!({"seed": 0}));
 }
 
 #[test]
@@ -312,11 +219,7 @@ fn losslessly_coded_codes_decode_to_the_same_tensors_in_both_readers() {
     let codes = k.parts.iter().find(|p| p.name == "codes").unwrap();
     assert!(codes.lossless.is_some(), "skewed ternary codes are coded");
     assert!(codes.length < codes.raw_length() * 9 / 10, "{codes:?}");
-    let manifest = std::fs::read(coded.join("manifest.json")).unwrap();
-    let mut l = Loader::new(&manifest).unwrap();
-    for (name, bytes) in shards(&coded) {
-        l.feed(&name, &bytes).unwrap();
-    }
+    let l = fixture::loaded(&coded);
     for name in ["blk.0.attn_k.weight", "blk.0.attn_v.weight"] {
         let want = bp.read_f32(name).unwrap();
         assert_eq!(bc.read_f32(name).unwrap(), want, "{name}: bundle reader");

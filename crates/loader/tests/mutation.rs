@@ -10,14 +10,15 @@
 //! (SplitMix64 from fixed seeds); `ADAPTQ_MUTATION_CASE=<reader>:<seed>` reruns one case
 //! uncaught. The libFuzzer targets in `fuzz/` search the same entry points open-endedly.
 
-use adaptq_bundle::manifest::SourceRef;
-use adaptq_bundle::{blake3_hex, sha256_hex, BundleWriter, Encoding, WriterOptions};
-use adaptq_loader::codebook::{self, StageRef};
-use adaptq_loader::{manifest_digest, rans, shard_list_digest, Loader};
+use adaptq_bundle::{blake3_hex, sha256_hex, Encoding};
+use adaptq_loader::{codebook, rans, Loader};
 use adaptq_quant::Grid;
+use adaptq_testutil::bundle::{self as fixture, add_linear, add_plain};
+use adaptq_testutil::loading::{exercise, rehash, stage_refs, Stage};
 use adaptq_testutil::mutate::{
     finish, fuzz_seed_writer, json_mutate, mutate_bytes, run, Capped, Rng, BOUNDARY,
 };
+use adaptq_testutil::rand::{f16_bytes as f16s, grid_values, skewed};
 use serde_json::Value;
 use std::sync::OnceLock;
 
@@ -31,25 +32,6 @@ struct Bundle {
     shards: Vec<(String, Vec<u8>)>,
 }
 
-/// Skewed codes (mostly the middle of the range), so the lossless stage codes them.
-fn skewed(n: usize, bits: u8, seed: u64) -> Vec<u16> {
-    let mut r = Rng(seed);
-    let k = 1u64 << bits;
-    (0..n)
-        .map(|_| {
-            let v = if r.below(4) == 0 { r.next() % k } else { k / 2 };
-            v as u16
-        })
-        .collect()
-}
-
-fn f16s(n: usize, seed: u64) -> Vec<u8> {
-    let mut r = Rng(seed);
-    (0..n)
-        .flat_map(|_| half::f16::from_f32((r.below(2000) as f32 - 1000.0) / 1000.0).to_le_bytes())
-        .collect()
-}
-
 /// Every encoding the loader knows (int grids symmetric and asymmetric, per group and per
 /// channel, a two-stage codebook, f16, f32, raw, GGML blocks) over 512-byte shards, with the
 /// lossless stage on; and a small plain one.
@@ -61,15 +43,7 @@ fn bundles() -> &'static [Bundle] {
 fn build(shard: u64, lossless: bool, all: bool) -> Bundle {
     let t = tempfile::tempdir().unwrap();
     let d = t.path().join("b");
-    let mut w = BundleWriter::create(
-        &d,
-        WriterOptions {
-            shard_max_bytes: shard,
-            force: false,
-            lossless,
-        },
-    )
-    .unwrap();
+    let mut w = fixture::writer(&d, shard, lossless);
     let mut int = |name: &str, bits: u8, gs: usize, grid: Grid, rows: usize, cols: usize| {
         let codes: Vec<u8> = skewed(rows * cols, bits, bits as u64)
             .into_iter()
@@ -88,13 +62,13 @@ fn build(shard: u64, lossless: bool, all: bool) -> Bundle {
         if grid == Grid::Asymmetric {
             parts.push(("mins", &mins));
         }
-        let enc = Encoding::Int {
-            bits,
-            group_size: gs,
-            grid,
-        };
-        w.add_tensor(name, &[rows, cols], "linear", "rtn", enc, &parts)
-            .unwrap();
+        add_linear(
+            &mut w,
+            name,
+            &[rows, cols],
+            fixture::int(bits, gs, grid),
+            &parts,
+        );
     };
     int("blk.0.attn_k.weight", 2, 32, Grid::Symmetric, 16, 64);
     if all {
@@ -121,15 +95,7 @@ fn build(shard: u64, lossless: bool, all: bool) -> Bundle {
             dim,
             stage_bits: bits.to_vec(),
         };
-        w.add_tensor(
-            "blk.0.attn_v.weight",
-            &[rows, cols],
-            "linear",
-            "novaq",
-            enc,
-            &refs,
-        )
-        .unwrap();
+        add_linear(&mut w, "blk.0.attn_v.weight", &[rows, cols], enc, &refs);
         let blocks: Vec<u8> = (0..2 * 34u32).map(|i| (i * 13 % 251) as u8).collect();
         let q8 = adaptq_quant::ggml::BlockType::Q8_0;
         w.add_tensor(
@@ -156,87 +122,22 @@ fn build(shard: u64, lossless: bool, all: bool) -> Bundle {
         )
         .unwrap();
     }
-    w.add_tensor(
+    add_plain(
+        &mut w,
         "token_embd.weight",
         &[8, 16],
-        "embedding",
-        "none",
         Encoding::F16,
-        &[("data", &f16s(128, 9))],
-    )
-    .unwrap();
+        &f16s(128, 9),
+    );
     let norm: Vec<u8> = (0..16)
         .flat_map(|i| (i as f32 / 16.0).to_le_bytes())
         .collect();
-    w.add_tensor(
-        "output_norm.weight",
-        &[16],
-        "norm",
-        "none",
-        Encoding::F32,
-        &[("data", &norm)],
-    )
-    .unwrap();
-    w.finish(
-        "t",
-        SourceRef {
-            locator: "file:t.gguf".into(),
-            format: "gguf".into(),
-            tensor_count: 8,
-        },
-        serde_json::json!({"seed": 0}),
-    )
-    .unwrap();
-    let manifest = std::fs::read_to_string(d.join("manifest.json")).unwrap();
-    let v: Value = serde_json::from_str(&manifest).unwrap();
-    let shards = v["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            let f = s["file"].as_str().unwrap().to_string();
-            let b = std::fs::read(d.join(&f)).unwrap();
-            (f, b)
-        })
-        .collect();
-    Bundle { manifest, shards }
-}
-
-/// Replaces the string value after `key` (`"name": "`) in place; `None` without the key.
-fn set_string(text: &str, key: &str, value: &str) -> Option<String> {
-    let start = text.find(key)? + key.len();
-    let end = start + text[start..].find('"')?;
-    Some(format!("{}{value}{}", &text[..start], &text[end..]))
-}
-
-/// Re-hashes a manifest the way the writer does: the global digest over whatever shard list
-/// it now holds, then its own digest, so only the checks after the digests can refuse it.
-fn rehash(text: &str) -> String {
-    let mut t = text.to_string();
-    let v: Option<Value> = serde_json::from_str(text).ok();
-    let list: Option<Vec<(&str, u64, &str, &str)>> = v
-        .as_ref()
-        .and_then(|v| v.get("shards")?.as_array())
-        .and_then(|sh| {
-            sh.iter()
-                .map(|s| {
-                    Some((
-                        s.get("file")?.as_str()?,
-                        s.get("bytes")?.as_u64()?,
-                        s.get("sha256")?.as_str()?,
-                        s.get("blake3")?.as_str()?,
-                    ))
-                })
-                .collect()
-        });
-    if let Some(list) = list {
-        let g = shard_list_digest(list);
-        t = set_string(&t, "\"global_digest\": \"", &g).unwrap_or(t);
+    add_plain(&mut w, "output_norm.weight", &[16], Encoding::F32, &norm);
+    fixture::finish(w, "t", "file:t.gguf", 8, serde_json::json!({"seed": 0}));
+    Bundle {
+        manifest: std::fs::read_to_string(d.join("manifest.json")).unwrap(),
+        shards: fixture::shards(&d),
     }
-    if let Some(d) = manifest_digest(&t) {
-        t = set_string(&t, "\"manifest_digest\": \"", &d).unwrap_or(t);
-    }
-    t
 }
 
 /// JSON pointers of every value in `v`, the root excluded.
@@ -345,20 +246,6 @@ fn value_mutate(v: &mut Value, rng: &mut Rng, log: &mut String) {
                         n.wrapping_sub(1)
                     });
                 }
-            }
-        }
-    }
-}
-
-/// Hands everything a verified bundle offers to the caller: each tensor packed and as f32.
-/// Contract: an f32 tensor has as many values as its shape.
-fn exercise(l: &Loader) {
-    for name in l.tensor_names() {
-        let shape = l.tensor_packed(name).ok().map(|p| p.shape);
-        if let Ok(v) = l.tensor_f32(name) {
-            let numel = shape.and_then(|s| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)));
-            if let Some(n) = numel {
-                assert_eq!(v.len(), n, "invariant: '{name}' decodes to its shape");
             }
         }
     }
@@ -619,16 +506,15 @@ struct Cb {
     rows: usize,
     cols: usize,
     dim: usize,
-    stages: Vec<(u8, Vec<f32>, Vec<u8>)>,
+    stages: Vec<Stage>,
     row_scale: Vec<f32>,
     row_mean: Vec<f32>,
     col_scale: Vec<f32>,
 }
 
+/// `n` values in [-2, 2) on a grid of 1/500.
 fn floats(n: usize, r: &mut Rng) -> Vec<f32> {
-    (0..n)
-        .map(|_| (r.below(2000) as f32 - 1000.0) / 500.0)
-        .collect()
+    grid_values(n, r).into_iter().map(|v| v * 2.0).collect()
 }
 
 /// A valid codebook tensor of random size, 1 to 4 stages of 1 to 8 bits (rarely 12 to 16).
@@ -742,15 +628,7 @@ fn codebook_decoder_survives_mutated_tensors() {
             c
         },
         |c| {
-            let stages: Vec<StageRef> = c
-                .stages
-                .iter()
-                .map(|(bits, centroids, codes)| StageRef {
-                    bits: *bits,
-                    centroids,
-                    codes,
-                })
-                .collect();
+            let stages = stage_refs(&c.stages);
             let out = codebook::decode(
                 c.rows,
                 c.cols,
