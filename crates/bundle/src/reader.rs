@@ -5,7 +5,7 @@ use crate::{io_err, BundleError, Encoding, Result, TensorEntry, MANIFEST};
 use adaptq_quant::novaq::{CodebookTensor, Stage};
 use adaptq_quant::QuantizedTensor;
 use half::f16;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -15,6 +15,11 @@ fn f16s(b: &[u8]) -> Vec<f16> {
         .collect()
 }
 
+/// The bytes of part `name` among `parts`.
+fn part<'p>(parts: &[(&str, &'p [u8])], name: &str) -> Option<&'p [u8]> {
+    parts.iter().find(|(k, _)| *k == name).map(|(_, b)| *b)
+}
+
 /// A bundle opened for reading. Opening runs the same manifest check as `verify` (digests and
 /// layout); every shard and side file is checked against its recorded size and hashes when it
 /// is read, so no bytes that `verify` would refuse are ever used.
@@ -22,8 +27,8 @@ pub struct Bundle {
     pub dir: PathBuf,
     pub manifest: Manifest,
     /// Tensor name -> index in `manifest.tensors`, built once at open (names are unique: the
-    /// layout check refuses duplicates), so a lookup is O(1) however many tensors there are.
-    index: HashMap<String, usize>,
+    /// layout check refuses duplicates), so a lookup is O(log n) however many tensors there are.
+    index: BTreeMap<String, usize>,
     /// The shard read last, verified: consecutive tensors mostly share one.
     last_shard: Mutex<Option<(usize, Arc<Vec<u8>>)>>,
 }
@@ -35,17 +40,9 @@ impl Bundle {
         let p = dir.join(MANIFEST);
         let bytes = crate::read_regular(&p, adaptq_loader::layout::MAX_MANIFEST_BYTES as u64)
             .map_err(io_err(&p))?;
-        adaptq_loader::check_manifest(&bytes)
-            .map_err(|e| BundleError::Invalid(format!("{}: {e}", p.display())))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| {
-            BundleError::Invalid(format!("{}: not a valid manifest: {e}", p.display()))
-        })?;
-        let index = manifest
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
+        let (manifest, index) = adaptq_loader::check_manifest(&bytes)
+            .map_err(|e| BundleError::Invalid(format!("{}: {e}", p.display())))?
+            .into_parts();
         Ok(Bundle {
             dir: dir.to_path_buf(),
             manifest,
@@ -200,14 +197,8 @@ impl Bundle {
         };
         let payload = self.payload(t)?;
         let parts = Self::parts(t, &payload);
-        let get = |n: &str| {
-            parts
-                .iter()
-                .find(|(k, _)| *k == n)
-                .map(|(_, b)| *b)
-                .unwrap_or(&[])
-        };
-        let cols = *t.shape.last().unwrap_or(&1);
+        let get = |n: &str| part(&parts, n).unwrap_or(&[]);
+        let cols = t.cols();
         Ok(QuantizedTensor {
             rows: t.numel() / cols.max(1),
             cols,
@@ -246,15 +237,11 @@ impl Bundle {
         let payload = self.payload(t)?;
         let parts = Self::parts(t, &payload);
         let get = |n: &str| {
-            parts
-                .iter()
-                .find(|(k, _)| *k == n)
-                .map(|(_, b)| *b)
-                .ok_or_else(|| {
-                    BundleError::Invalid(format!("tensor '{}' lacks its part '{n}'", t.name))
-                })
+            part(&parts, n).ok_or_else(|| {
+                BundleError::Invalid(format!("tensor '{}' lacks its part '{n}'", t.name))
+            })
         };
-        let cols = *t.shape.last().unwrap_or(&1);
+        let cols = t.cols();
         let stages = stage_bits
             .iter()
             .enumerate()

@@ -74,7 +74,10 @@ impl BundleWriter {
         encoding: Encoding,
         parts: &[(&str, &[u8])],
     ) -> Result<()> {
-        let expected = encoding.expected_parts(shape);
+        let shape = crate::manifest::shape_u64(shape);
+        // Empty when the encoding's parameters are out of range or a size overflows, so no
+        // parts match.
+        let expected = adaptq_loader::expected_parts(&encoding, &shape).unwrap_or_default();
         let got: Vec<(&str, u64)> = parts.iter().map(|(n, b)| (*n, b.len() as u64)).collect();
         if expected != got {
             return Err(BundleError::Invalid(format!(
@@ -87,8 +90,9 @@ impl BundleWriter {
             .iter()
             .map(|(n, b)| {
                 let (bits, count) = encoding
-                    .code_symbols(n, shape)
+                    .code_symbols(n, &shape)
                     .filter(|_| self.opts.lossless)?;
+                let count = usize::try_from(count).ok()?;
                 adaptq_loader::rans::encode(b, bits, count).filter(|c| c.len() < b.len())
             })
             .collect();
@@ -96,7 +100,7 @@ impl BundleWriter {
         // most MAX_VALUES_PER_BYTE values a stored byte (a nearly constant NOVAQ layer codes
         // below that). Coded parts are stored raw again, first to last, until the tensor fits;
         // tensors that fit coded are untouched, so their bundles stay byte-identical.
-        let numel = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+        let numel = shape.iter().fold(1u64, |a, &d| a.saturating_mul(d));
         let stored_len = |coded: &[Option<Vec<u8>>]| {
             parts
                 .iter()
@@ -142,7 +146,7 @@ impl BundleWriter {
         }
         self.tensors.push(TensorEntry {
             name: name.to_string(),
-            shape: shape.to_vec(),
+            shape,
             role: role.to_string(),
             method: method.to_string(),
             encoding,

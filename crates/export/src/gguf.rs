@@ -8,7 +8,6 @@
 use adaptq_bundle::output::{Kind as OutKind, Staged};
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::ggml::{self, BlockType};
-use adaptq_quant::Grid;
 use adaptq_source::gguf::{Array, Value};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -83,22 +82,8 @@ impl Route {
     }
 }
 
-/// The GGML type nearest an integer grid of `bits`.
-fn nearest(bits: u8, grid: Grid) -> BlockType {
-    match (bits, grid) {
-        (0..=2, _) => BlockType::Q2K,
-        (3, _) => BlockType::Q3K,
-        (4, Grid::Symmetric) => BlockType::Q4_0,
-        (4, Grid::Asymmetric) => BlockType::Q4_1,
-        (5, Grid::Symmetric) => BlockType::Q5_0,
-        (5, Grid::Asymmetric) => BlockType::Q5_1,
-        (6, _) => BlockType::Q6K,
-        _ => BlockType::Q8_0,
-    }
-}
-
 fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
-    let cols = *t.shape.last().unwrap_or(&1);
+    let cols = t.cols();
     let reround = |want: BlockType, why: String| -> Result<Route> {
         let (ty, fell) = ggml::pick(want, cols).with_context(|| format!("tensor '{}'", t.name))?;
         let why = if fell {
@@ -124,21 +109,13 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
             group_size,
             grid,
         } => {
-            let exact = match (bits, grid) {
-                (4, Grid::Symmetric) => Some(BlockType::Q4_0),
-                (4, Grid::Asymmetric) => Some(BlockType::Q4_1),
-                (5, Grid::Symmetric) => Some(BlockType::Q5_0),
-                (5, Grid::Asymmetric) => Some(BlockType::Q5_1),
-                (8, Grid::Symmetric) => Some(BlockType::Q8_0),
-                _ => None,
-            }
-            .filter(|_| *group_size == 32 && cols.is_multiple_of(32));
+            let exact = ggml::twin(*bits, *grid, *group_size, cols);
             match (exact, opts.force_type) {
                 (Some(e), None) => Route::Relay(e),
                 (Some(e), Some(f)) if f == e => Route::Relay(e),
                 (_, Some(f)) => reround(f, format!("{} re-rounded as asked", t.encoding.label()))?,
                 (None, None) => reround(
-                    nearest(*bits, *grid),
+                    ggml::nearest(*bits, *grid),
                     format!(
                         "{} has no GGML twin (those are group 32 at 4, 5 or 8 bits)",
                         t.encoding.label()
@@ -537,7 +514,7 @@ pub fn export_gguf(
         .zip(&names)
         .map(|((t, r), n)| TensorPlan {
             name: n.clone(),
-            shape: t.shape.clone(),
+            shape: t.dims(),
             ggml_type: r.ggml_id(),
             bytes: r.bytes(t.numel()) as u64,
         })
@@ -563,8 +540,9 @@ pub fn export_gguf(
             });
             if let Some(h) = heads {
                 // Every GGUF type stores rows contiguously: permuting whole rows is exact.
-                let rb = bytes.len() / t.shape[0];
-                let src = permute_rows(t.shape[0], h);
+                let rows = t.dims()[0];
+                let rb = bytes.len() / rows;
+                let src = permute_rows(rows, h);
                 bytes = src
                     .iter()
                     .flat_map(|&r| bytes[r * rb..(r + 1) * rb].to_vec())
@@ -599,7 +577,7 @@ pub fn export_gguf(
 }
 
 fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
-    let cols = *t.shape.last().unwrap_or(&1);
+    let cols = t.cols();
     Ok(match r {
         Route::Copy(_) => bundle.payload(t)?,
         Route::Relay(_) => {

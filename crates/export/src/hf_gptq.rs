@@ -223,8 +223,8 @@ fn hf_values(bundle: &Bundle, meta: &Meta, t: &TensorEntry) -> Result<Vec<f32>> 
     let v = bundle.read_f32(&t.name)?;
     Ok(match permuted_heads(meta, &t.name) {
         Some(h) => {
-            let cols = t.shape[1];
-            unpermute_rows(t.shape[0], h)
+            let (rows, cols) = (t.dims()[0], t.cols());
+            unpermute_rows(rows, h)
                 .iter()
                 .flat_map(|&r| v[r * cols..(r + 1) * cols].to_vec())
                 .collect()
@@ -307,7 +307,7 @@ pub fn export_hf_gptq(
     // Every output tensor with its size, in order, for the streaming writer.
     let mut st: Vec<StTensor> = Vec::new();
     for p in &plan {
-        let shape = &p.entry.shape;
+        let shape = p.entry.dims();
         match p.kind {
             Kind::Gptq => {
                 let (rows, cols) = (shape[0], shape[1]);
@@ -335,7 +335,7 @@ pub fn export_hf_gptq(
                     vec![cols],
                 ));
             }
-            Kind::Float(d) => st.push(StTensor::new(p.hf.clone(), d, shape.clone())),
+            Kind::Float(d) => st.push(StTensor::new(p.hf.clone(), d, shape)),
         }
     }
 

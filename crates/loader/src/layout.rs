@@ -13,14 +13,13 @@
 //! exactly the manifests a 64-bit `verify` accepts; whether a tensor fits the address space is
 //! asked only when it is decoded ([`crate::Loader::tensor_f32`], [`crate::Loader::tensor_packed`]).
 
+use crate::manifest::{Encoding, Grid, Manifest, TensorEntry};
 use crate::{codebook, names, rans, LoadError, Result, MAX_SHARD_BYTES};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use serde::de::IgnoredAny;
-use serde::Deserialize;
 
 /// The manifest schema this crate reads.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -42,126 +41,6 @@ pub const MAX_SIDE_FILE_BYTES: u64 = 256 << 20;
 /// Problems collected before the rest are only counted.
 const MAX_PROBLEMS: usize = 100;
 
-/// `manifest.json` as parsed, not yet checked. The fields the host reader requires are
-/// required here too, so both parsers refuse the same documents.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Manifest {
-    pub schema_version: u32,
-    pub model_id: String,
-    pub generator: Generator,
-    pub source: Source,
-    /// Free-form (the quantization config as run); required, its content is not read.
-    pub quantization: IgnoredAny,
-    pub shard_max_bytes: u64,
-    pub tensors: Vec<TensorEntry>,
-    pub shards: Vec<ShardInfo>,
-    pub files: Vec<FileInfo>,
-    pub global_digest: String,
-    pub manifest_digest: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Generator {
-    pub name: String,
-    pub version: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Source {
-    pub locator: String,
-    pub format: String,
-    pub tensor_count: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ShardInfo {
-    pub file: String,
-    pub bytes: u64,
-    pub sha256: String,
-    pub blake3: String,
-}
-
-/// A side file (model.meta, verification.json, LICENSE, …).
-#[derive(Debug, Clone, Deserialize)]
-pub struct FileInfo {
-    pub file: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-/// How a tensor's payload encodes its values.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(tag = "scheme", rename_all = "kebab-case")]
-pub enum Encoding {
-    Int {
-        bits: u8,
-        group_size: usize,
-        grid: Grid,
-    },
-    Ggml {
-        ggml_type: String,
-    },
-    Codebook {
-        dim: usize,
-        stage_bits: Vec<u8>,
-    },
-    F16,
-    F32,
-    Raw {
-        dtype: String,
-        byte_len: usize,
-    },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Grid {
-    Symmetric,
-    Asymmetric,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct TensorEntry {
-    pub name: String,
-    /// `u64` on every platform: a 32-bit reader parses the same manifests a 64-bit one does.
-    pub shape: Vec<u64>,
-    pub role: String,
-    pub method: String,
-    pub encoding: Encoding,
-    pub parts: Vec<Part>,
-    pub segments: Vec<Segment>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Part {
-    pub name: String,
-    /// Bytes stored.
-    pub length: u64,
-    #[serde(default)]
-    pub lossless: Option<Lossless>,
-}
-
-/// A part coded by the bundle's lossless stage ([`rans`]).
-#[derive(Debug, Clone, Deserialize)]
-pub struct Lossless {
-    pub scheme: String,
-    pub raw_length: u64,
-}
-
-impl Part {
-    /// The part's length once decoded.
-    pub fn raw_length(&self) -> u64 {
-        self.lossless.as_ref().map_or(self.length, |l| l.raw_length)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Segment {
-    pub shard: usize,
-    pub offset: u64,
-    pub length: u64,
-}
-
 /// A manifest that passed [`check_layout`]: every tensor holds at most [`MAX_NUMEL`] values,
 /// every segment lies inside its shard and every part has the length its shape and encoding
 /// need. Tensor names are unique, so [`Layout::tensor_index`] finds each in O(log n).
@@ -181,24 +60,11 @@ impl Layout {
     pub fn tensor_index(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
     }
-}
 
-/// Values per block and bytes per block of the GGML types a bundle may store, by the names the
-/// manifest uses.
-pub fn ggml_block(name: &str) -> Option<(usize, usize)> {
-    Some(match name {
-        "Q4_0" => (32, 18),
-        "Q4_1" => (32, 20),
-        "Q5_0" => (32, 22),
-        "Q5_1" => (32, 24),
-        "Q8_0" => (32, 34),
-        "Q2_K" => (256, 84),
-        "Q3_K" => (256, 110),
-        "Q4_K" => (256, 144),
-        "Q5_K" => (256, 176),
-        "Q6_K" => (256, 210),
-        _ => return None,
-    })
+    /// The manifest and its tensor index (name -> place in `manifest.tensors`).
+    pub fn into_parts(self) -> (Manifest, BTreeMap<String, usize>) {
+        (self.manifest, self.index)
+    }
 }
 
 /// Values of a tensor of `shape`; `None` when the product overflows or exceeds [`MAX_NUMEL`]
@@ -265,15 +131,14 @@ fn encoding_problem(enc: &Encoding, cols: u64) -> Option<String> {
                 return Some(format!("{bits}-bit codes (adaptq stores 2..=8)"));
             }
         }
-        Encoding::Ggml { ggml_type } => match ggml_block(ggml_type) {
-            None => return Some(format!("unknown GGML type '{ggml_type}'")),
-            Some((bl, _)) if cols == 0 || !cols.is_multiple_of(bl as u64) => {
+        Encoding::Ggml { ggml_type } => {
+            let bl = ggml_type.block_len() as u64;
+            if cols == 0 || !cols.is_multiple_of(bl) {
                 return Some(format!(
                     "rows of {cols} values do not fit {ggml_type} blocks of {bl}"
-                ))
+                ));
             }
-            Some(_) => {}
-        },
+        }
         Encoding::Codebook { dim, stage_bits } => {
             if *dim == 0
                 || !(1..=codebook::MAX_STAGES).contains(&stage_bits.len())
@@ -316,28 +181,12 @@ pub fn expected_parts(enc: &Encoding, shape: &[u64]) -> Option<PartSizes> {
             }
             v
         }
-        Encoding::Ggml { ggml_type } => {
-            let (bl, bb) = ggml_block(ggml_type)?;
-            vec![("blocks", (numel / bl as u64).checked_mul(bb as u64)?)]
-        }
+        Encoding::Ggml { ggml_type } => vec![("blocks", ggml_type.bytes_for_u64(numel)?)],
         Encoding::Codebook { dim, stage_bits } => codebook_parts(rows, cols, *dim, stage_bits)?,
         Encoding::F16 => vec![("data", numel.checked_mul(2)?)],
         Encoding::F32 => vec![("data", numel.checked_mul(4)?)],
         Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],
     })
-}
-
-/// Whether the lossless stage may code part `name` of `enc`: only code parts, as the writer
-/// codes them.
-fn codes_part(enc: &Encoding, name: &str) -> bool {
-    match enc {
-        Encoding::Int { .. } => name == "codes",
-        Encoding::Codebook { stage_bits, .. } => name
-            .strip_prefix("codes")
-            .and_then(|s| s.parse::<usize>().ok())
-            .is_some_and(|s| s < stage_bits.len()),
-        _ => false,
-    }
 }
 
 fn is_hex64(s: &str) -> bool {
@@ -587,7 +436,7 @@ fn tensor_problems(t: &TensorEntry, p: &mut Problems) {
     }
     for x in &t.parts {
         let Some(l) = &x.lossless else { continue };
-        if l.scheme != "rans" || !codes_part(&t.encoding, &x.name) {
+        if l.scheme != "rans" || t.encoding.code_bits(&x.name).is_none() {
             p.push(format!(
                 "tensor '{}': part '{}' claims lossless scheme '{}', which adaptq does not write \
                  there",

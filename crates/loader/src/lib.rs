@@ -8,29 +8,33 @@
 //! can be sent again); tensors are handed out only when every shard they touch is verified,
 //! dequantized to f32 ([`Loader::tensor_f32`]) or as their stored parts ([`Loader::tensor_packed`]).
 //!
-//! The bit-packing of codes lives here too ([`pack`]): this crate is the bundle format's
-//! dependency-free core, which the host-side crates re-use.
+//! This crate is the bundle format's one definition, which the host-side crates re-use: the
+//! manifest schema ([`manifest`]) and its checks ([`layout`]), the GGML type table ([`ggml`]),
+//! digests, the bit-packing of codes ([`pack`]), codebook ([`codebook`]) and rANS ([`rans`])
+//! decoding.
 
 #![no_std]
 
 extern crate alloc;
 
 pub mod codebook;
+pub mod ggml;
 pub mod layout;
+pub mod manifest;
 pub mod names;
 pub mod pack;
 pub mod rans;
 
-pub use layout::{
-    check_layout, check_manifest, expected_parts, ggml_block, manifest_problems, Encoding, Grid,
-    Layout,
-};
+pub use ggml::{BlockType, GgmlType};
+pub use layout::{check_layout, check_manifest, expected_parts, manifest_problems, Layout};
+pub use manifest::{Encoding, Grid, Manifest, TensorEntry};
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
-use layout::{groups_per_row, ShardInfo, TensorEntry};
+use layout::groups_per_row;
+use manifest::ShardInfo;
 use sha2::Digest;
 
 /// The largest shard a bundle may hold.

@@ -71,7 +71,7 @@ impl Weights for BundleWeights {
         self.bundle.entry(name).is_some()
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.bundle.entry(name).map(|t| t.shape.clone())
+        self.bundle.entry(name).map(|t| t.dims())
     }
     fn read(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.bundle.read_f32(name)?)

@@ -4,10 +4,14 @@
 //! types) or `A·q + B` (types with a min), where `A`, `B` come from the block's stored scale
 //! fields in the type's own encoding (f16 super-scales times 4/6/8-bit sub-scales). Seen that
 //! way, any quantizer that picks integer codes against fixed per-sub-block parameters can write
-//! straight onto a GGML grid: [`fit_block`] chooses the encoded parameters, [`code_for`] and
-//! [`value_of`] round and reconstruct with *exactly* the arithmetic llama.cpp's (and candle's)
-//! dequantizers use, and [`encode_block`] lays the bits out. GPTQ uses this to store optimized
-//! values rather than values re-rounded by `llama-quantize`.
+//! straight onto a GGML grid: [`fit_block`] chooses the encoded parameters, [`affine`] gives a
+//! sub-block's grid, whose [`Affine::code`] and [`Affine::value`] round and reconstruct with
+//! *exactly* the arithmetic llama.cpp's (and candle's) dequantizers use, and [`encode_block`]
+//! lays the bits out. GPTQ uses this to store optimized values rather than values re-rounded by
+//! `llama-quantize`.
+//!
+//! The type table itself (names, ids, block sizes, fallbacks) is the format crate's
+//! ([`adaptq_loader::ggml`]), re-exported here.
 //!
 //! Written here rather than taken from candle because candle's encoders only do
 //! round-to-nearest from f32 (no way to hand them chosen codes), which is what GPTQ/AWQ need.
@@ -19,25 +23,7 @@ use crate::QuantError;
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-/// The GGML block types adaptq writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum BlockType {
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    #[serde(rename = "Q2_K")]
-    Q2K,
-    #[serde(rename = "Q3_K")]
-    Q3K,
-    #[serde(rename = "Q4_K")]
-    Q4K,
-    #[serde(rename = "Q5_K")]
-    Q5K,
-    #[serde(rename = "Q6_K")]
-    Q6K,
-}
+pub use adaptq_loader::ggml::{nearest, twin, BlockType, ALL, QK_K};
 
 /// Which GGML types a model's tensors get.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -55,178 +41,15 @@ impl GgmlSpec {
     }
 }
 
-/// `want` if rows of `cols` fit it, else its fallback (then Q8_0); an error naming the type when
-/// nothing fits (rows not a multiple of 32).
+/// `want` if rows of `cols` fit it, else its fallback (then Q8_0), with whether that is a
+/// fallback; an error naming the type when nothing fits (rows not a multiple of 32).
 pub fn pick(want: BlockType, cols: usize) -> Result<(BlockType, bool), QuantError> {
-    for (t, fell) in [
-        (want, false),
-        (want.fallback(), true),
-        (BlockType::Q8_0, true),
-    ] {
-        if t.fits(cols) {
-            return Ok((t, fell && t != want));
-        }
-    }
-    Err(QuantError::Corrupt(format!(
-        "rows of {cols} values fit no GGML block type (they need a multiple of 32); {} asked",
-        want.name()
-    )))
-}
-
-pub const ALL: [BlockType; 10] = [
-    BlockType::Q4_0,
-    BlockType::Q4_1,
-    BlockType::Q5_0,
-    BlockType::Q5_1,
-    BlockType::Q8_0,
-    BlockType::Q2K,
-    BlockType::Q3K,
-    BlockType::Q4K,
-    BlockType::Q5K,
-    BlockType::Q6K,
-];
-
-/// Super-block length of the k-quants.
-pub const QK_K: usize = 256;
-
-impl BlockType {
-    /// llama.cpp's name (`Q4_0`, `Q4_K`, …).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Q4_0 => "Q4_0",
-            Self::Q4_1 => "Q4_1",
-            Self::Q5_0 => "Q5_0",
-            Self::Q5_1 => "Q5_1",
-            Self::Q8_0 => "Q8_0",
-            Self::Q2K => "Q2_K",
-            Self::Q3K => "Q3_K",
-            Self::Q4K => "Q4_K",
-            Self::Q5K => "Q5_K",
-            Self::Q6K => "Q6_K",
-        }
-    }
-
-    /// Parses `q4_0`, `Q4_K`, `q6k` and the like.
-    pub fn parse(s: &str) -> Option<Self> {
-        let norm: String = s
-            .chars()
-            .filter(|c| *c != '_')
-            .collect::<String>()
-            .to_ascii_uppercase();
-        ALL.into_iter().find(|t| t.name().replace('_', "") == norm)
-    }
-
-    /// ggml's type id (the number stored in a GGUF tensor info).
-    pub fn ggml_id(self) -> u32 {
-        match self {
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q5_0 => 6,
-            Self::Q5_1 => 7,
-            Self::Q8_0 => 8,
-            Self::Q2K => 10,
-            Self::Q3K => 11,
-            Self::Q4K => 12,
-            Self::Q5K => 13,
-            Self::Q6K => 14,
-        }
-    }
-
-    /// Values per block.
-    pub fn block_len(self) -> usize {
-        if self.is_k() {
-            QK_K
-        } else {
-            32
-        }
-    }
-
-    /// Bytes per block.
-    pub fn block_bytes(self) -> usize {
-        match self {
-            Self::Q4_0 => 18,
-            Self::Q4_1 => 20,
-            Self::Q5_0 => 22,
-            Self::Q5_1 => 24,
-            Self::Q8_0 => 34,
-            Self::Q2K => 84,
-            Self::Q3K => 110,
-            Self::Q4K => 144,
-            Self::Q5K => 176,
-            Self::Q6K => 210,
-        }
-    }
-
-    pub fn is_k(self) -> bool {
-        matches!(
-            self,
-            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K
-        )
-    }
-
-    /// Values sharing one (A, B) pair.
-    pub fn sub_len(self) -> usize {
-        match self {
-            Self::Q2K | Self::Q3K | Self::Q6K => 16,
-            _ => 32,
-        }
-    }
-
-    /// Code bits.
-    pub fn bits(self) -> u8 {
-        match self {
-            Self::Q2K => 2,
-            Self::Q3K => 3,
-            Self::Q4_0 | Self::Q4_1 | Self::Q4K => 4,
-            Self::Q5_0 | Self::Q5_1 | Self::Q5K => 5,
-            Self::Q6K => 6,
-            Self::Q8_0 => 8,
-        }
-    }
-
-    /// For symmetric types, the code that stands for zero; `None` for types with a min.
-    pub fn zero_code(self) -> Option<i32> {
-        match self {
-            Self::Q4_0 => Some(8),
-            Self::Q5_0 => Some(16),
-            Self::Q8_0 => Some(128),
-            Self::Q3K => Some(4),
-            Self::Q6K => Some(32),
-            _ => None,
-        }
-    }
-
-    /// Bits per weight, block overhead included.
-    pub fn bits_per_weight(self) -> f64 {
-        self.block_bytes() as f64 * 8.0 / self.block_len() as f64
-    }
-
-    /// Whether a row of `cols` values can be stored in this type.
-    pub fn fits(self, cols: usize) -> bool {
-        cols > 0 && cols.is_multiple_of(self.block_len())
-    }
-
-    /// The type used instead when rows do not fit a k-quant: llama.cpp's own choices for
-    /// Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0; Q2_K/Q3_K go to Q4_0 (llama.cpp picks IQ4_NL, which is
-    /// the same size and not written here).
-    pub fn fallback(self) -> BlockType {
-        match self {
-            Self::Q2K | Self::Q3K => Self::Q4_0,
-            Self::Q4K => Self::Q5_0,
-            Self::Q5K => Self::Q5_1,
-            Self::Q6K => Self::Q8_0,
-            t => t,
-        }
-    }
-
-    /// Bytes for `n` values (`n` a multiple of the block length).
-    pub fn bytes_for(self, n: usize) -> usize {
-        n / self.block_len() * self.block_bytes()
-    }
-
-    fn max_code(self) -> i32 {
-        (1 << self.bits()) - 1
-    }
+    want.for_rows(cols).ok_or_else(|| {
+        QuantError::Corrupt(format!(
+            "rows of {cols} values fit no GGML block type (they need a multiple of 32); {} asked",
+            want.name()
+        ))
+    })
 }
 
 /// A block's scale fields, in the type's encoding. For Q4_1/Q5_1 `dmin` holds the min `m`
@@ -698,18 +521,7 @@ pub fn quantize_rtn(
 /// The GGML type whose grid *is* this integer grid (group 32, widths 4/5/8 with llama.cpp's
 /// symmetric or min-offset layout), with the codes re-laid as its blocks: lossless.
 pub fn from_int(q: &crate::QuantizedTensor) -> Option<(BlockType, Vec<u8>)> {
-    use crate::Grid::{Asymmetric, Symmetric};
-    let ty = match (q.bits, q.grid) {
-        (4, Symmetric) => BlockType::Q4_0,
-        (4, Asymmetric) => BlockType::Q4_1,
-        (5, Symmetric) => BlockType::Q5_0,
-        (5, Asymmetric) => BlockType::Q5_1,
-        (8, Symmetric) => BlockType::Q8_0,
-        _ => return None,
-    };
-    if q.group_size != 32 || !q.cols.is_multiple_of(32) {
-        return None;
-    }
+    let ty = twin(q.bits, q.grid, q.group_size, q.cols)?;
     let codes = crate::pack::unpack(&q.codes, q.bits, q.rows * q.cols);
     let mut out = Vec::with_capacity(ty.bytes_for(codes.len()));
     for (g, c) in codes.chunks(32).enumerate() {
@@ -764,16 +576,6 @@ mod tests {
                 }
             })
             .collect()
-    }
-
-    #[test]
-    fn names_parse_back() {
-        for t in ALL {
-            assert_eq!(BlockType::parse(t.name()), Some(t));
-            assert_eq!(BlockType::parse(&t.name().to_lowercase()), Some(t));
-        }
-        assert_eq!(BlockType::parse("q4k"), Some(BlockType::Q4K));
-        assert_eq!(BlockType::parse("q7_0"), None);
     }
 
     #[test]

@@ -21,17 +21,9 @@ pub use metrics::LayerError;
 pub use rtn::{quantize_rtn, RtnConfig};
 
 use half::f16;
-use serde::{Deserialize, Serialize};
 
-/// How the codes of a [`QuantizedTensor`] map back to real values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Grid {
-    /// `w = scale * (q - 2^(bits-1))`: zero is exact, no per-group offset.
-    Symmetric,
-    /// `w = scale * q + min`: each group spans its own [min, max].
-    Asymmetric,
-}
+/// How the codes of a [`QuantizedTensor`] map back to real values (the bundle format's grid).
+pub use adaptq_loader::Grid;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuantError {

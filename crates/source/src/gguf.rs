@@ -11,111 +11,34 @@ use crate::{NameIndex, Result, SourceError, SrcDType, TensorInfo, TensorSource};
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-/// GGML tensor types that adaptq can read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q8_0,
-    Q2K,
-    Q3K,
-    Q4K,
-    Q5K,
-    Q6K,
+use adaptq_loader::ggml::BlockType;
+/// GGML tensor types that adaptq can read: the format crate's table.
+pub use adaptq_loader::ggml::GgmlType;
+
+/// candle's name for a block type (its kernels dequantize the blocks).
+fn candle_dtype(ty: BlockType) -> candle_core::quantized::GgmlDType {
+    use candle_core::quantized::GgmlDType as C;
+    match ty {
+        BlockType::Q4_0 => C::Q4_0,
+        BlockType::Q4_1 => C::Q4_1,
+        BlockType::Q5_0 => C::Q5_0,
+        BlockType::Q5_1 => C::Q5_1,
+        BlockType::Q8_0 => C::Q8_0,
+        BlockType::Q2K => C::Q2K,
+        BlockType::Q3K => C::Q3K,
+        BlockType::Q4K => C::Q4K,
+        BlockType::Q5K => C::Q5K,
+        BlockType::Q6K => C::Q6K,
+    }
 }
 
-impl GgmlType {
-    pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            6 => Self::Q5_0,
-            7 => Self::Q5_1,
-            8 => Self::Q8_0,
-            10 => Self::Q2K,
-            11 => Self::Q3K,
-            12 => Self::Q4K,
-            13 => Self::Q5K,
-            14 => Self::Q6K,
-            30 => Self::BF16,
-            _ => return None,
-        })
-    }
-    pub fn id(self) -> u32 {
-        match self {
-            Self::F32 => 0,
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q5_0 => 6,
-            Self::Q5_1 => 7,
-            Self::Q8_0 => 8,
-            Self::Q2K => 10,
-            Self::Q3K => 11,
-            Self::Q4K => 12,
-            Self::Q5K => 13,
-            Self::Q6K => 14,
-            Self::BF16 => 30,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "F32",
-            Self::F16 => "F16",
-            Self::BF16 => "BF16",
-            Self::Q4_0 => "Q4_0",
-            Self::Q4_1 => "Q4_1",
-            Self::Q5_0 => "Q5_0",
-            Self::Q5_1 => "Q5_1",
-            Self::Q8_0 => "Q8_0",
-            Self::Q2K => "Q2_K",
-            Self::Q3K => "Q3_K",
-            Self::Q4K => "Q4_K",
-            Self::Q5K => "Q5_K",
-            Self::Q6K => "Q6_K",
-        }
-    }
-    /// (elements per block, bytes per block), as in ggml.
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::BF16 => (1, 2),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-            Self::Q5_0 => (32, 22),
-            Self::Q5_1 => (32, 24),
-            Self::Q8_0 => (32, 34),
-            Self::Q2K => (256, 84),
-            Self::Q3K => (256, 110),
-            Self::Q4K => (256, 144),
-            Self::Q5K => (256, 176),
-            Self::Q6K => (256, 210),
-        }
-    }
-    fn candle(self) -> candle_core::quantized::GgmlDType {
-        use candle_core::quantized::GgmlDType as C;
-        match self {
-            Self::F32 => C::F32,
-            Self::F16 => C::F16,
-            Self::BF16 => C::BF16,
-            Self::Q4_0 => C::Q4_0,
-            Self::Q4_1 => C::Q4_1,
-            Self::Q5_0 => C::Q5_0,
-            Self::Q5_1 => C::Q5_1,
-            Self::Q8_0 => C::Q8_0,
-            Self::Q2K => C::Q2K,
-            Self::Q3K => C::Q3K,
-            Self::Q4K => C::Q4K,
-            Self::Q5K => C::Q5K,
-            Self::Q6K => C::Q6K,
-        }
+/// How a tensor of GGML type `ty` is described to the pipeline.
+fn src_dtype(ty: GgmlType) -> SrcDType {
+    match ty {
+        GgmlType::F32 => SrcDType::F32,
+        GgmlType::F16 => SrcDType::F16,
+        GgmlType::BF16 => SrcDType::BF16,
+        t => SrcDType::Ggml(t),
     }
 }
 
@@ -851,12 +774,7 @@ impl GgufSource {
                     .rev()
                     .map(|&d| usize::try_from(d).map_err(|_| too_big()))
                     .collect::<Result<_>>()?,
-                dtype: match *ty {
-                    GgmlType::F32 => SrcDType::F32,
-                    GgmlType::F16 => SrcDType::F16,
-                    GgmlType::BF16 => SrcDType::BF16,
-                    t => SrcDType::Ggml(t),
-                },
+                dtype: src_dtype(*ty),
                 byte_len: usize::try_from(e - s).map_err(|_| too_big())?,
             });
         }
@@ -914,15 +832,10 @@ pub fn dequantize(
     match ty {
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
             let mut out = Vec::with_capacity(numel);
-            let d = match ty {
-                GgmlType::F32 => SrcDType::F32,
-                GgmlType::F16 => SrcDType::F16,
-                _ => SrcDType::BF16,
-            };
-            crate::decode_plain(d, bytes, &mut out);
+            crate::decode_plain(src_dtype(ty), bytes, &mut out);
             Ok(out)
         }
-        _ => {
+        GgmlType::Block(b) => {
             // Every candle block type has an alignment of at most 8 (f16 and f32 fields).
             let copy: Vec<u64>;
             let bytes = if bytes.as_ptr().align_offset(8) == 0 {
@@ -936,7 +849,7 @@ pub fn dequantize(
             };
             let dev = candle_core::Device::Cpu;
             let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                ty.candle(),
+                candle_dtype(b),
                 bytes,
                 vec![numel],
                 &dev,
