@@ -11,7 +11,7 @@ pub mod llama;
 pub mod tokenizer;
 mod weights;
 
-pub use weights::{from_source, open_weights, Weights};
+pub use weights::{borrowed_source, from_source, open_weights, Weights};
 
 use adaptq_source::model::{Family, ModelDesc};
 use anyhow::{bail, Result};
@@ -69,7 +69,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 }
 
 /// Loads a model from weights already opened (e.g. a remote source); `label` names it in messages.
-pub fn load_weights(w: Box<dyn Weights>, label: String) -> Result<LoadedModel> {
+pub fn load_weights(w: Box<dyn Weights + '_>, label: String) -> Result<LoadedModel> {
     let desc = w.desc().clone();
     let tokenizer = w.tokenizer()?;
     let kind = match desc.family {

@@ -28,27 +28,44 @@ pub trait Weights {
     }
 }
 
-struct SourceWeights(Box<dyn TensorSource>);
+/// An opened source, owned (`Box`) or borrowed (`&dyn TensorSource`).
+struct SourceWeights<S>(S);
 
-impl Weights for SourceWeights {
+/// Either way of holding a source.
+trait HoldsSource {
+    fn get(&self) -> &dyn TensorSource;
+}
+impl HoldsSource for Box<dyn TensorSource> {
+    fn get(&self) -> &dyn TensorSource {
+        self.as_ref()
+    }
+}
+impl HoldsSource for &dyn TensorSource {
+    fn get(&self) -> &dyn TensorSource {
+        *self
+    }
+}
+
+impl<S: HoldsSource> Weights for SourceWeights<S> {
     fn desc(&self) -> &ModelDesc {
-        self.0.desc()
+        self.0.get().desc()
     }
     fn has(&self, name: &str) -> bool {
-        self.0.info(name).is_some()
+        self.0.get().info(name).is_some()
     }
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.0.info(name).map(|t| t.shape.clone())
+        self.0.get().info(name).map(|t| t.shape.clone())
     }
     fn read(&self, name: &str) -> Result<Vec<f32>> {
-        Ok(self.0.read_f32(name)?)
+        Ok(self.0.get().read_f32(name)?)
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
-        if let Some(md) = self.0.gguf_metadata() {
+        if let Some(md) = self.0.get().gguf_metadata() {
             return crate::tokenizer::from_gguf(&crate::tokenizer::GgufVocab::from_metadata(md)?);
         }
         let dir = self
             .0
+            .get()
             .companion_dir()
             .ok_or_else(|| anyhow!("no folder to look for tokenizer.json in"))?;
         crate::tokenizer::from_file(&dir.join("tokenizer.json"))
@@ -114,5 +131,10 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn Weights>> {
 
 /// Weights read from an already opened source (a remote one, say).
 pub fn from_source(src: Box<dyn TensorSource>) -> Box<dyn Weights> {
+    Box::new(SourceWeights(src))
+}
+
+/// Weights read from a source the caller keeps (it quantizes from the same source after).
+pub fn borrowed_source<'a>(src: &'a dyn TensorSource) -> Box<dyn Weights + 'a> {
     Box::new(SourceWeights(src))
 }

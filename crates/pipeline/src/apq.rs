@@ -351,7 +351,7 @@ fn bpw_of(
 /// chosen widths), then promote the worst layers until the held-out perplexity gate passes or
 /// the size budget / round limit is reached. `progress(stage, done, total)`.
 pub fn run(
-    src: Box<dyn adaptq_source::TensorSource>,
+    src: &dyn adaptq_source::TensorSource,
     calib: &std::path::Path,
     samples: usize,
     seq_len: usize,
@@ -361,7 +361,7 @@ pub fn run(
 ) -> Result<ApqOutcome> {
     use crate::calibrate::{fingerprint, sample_windows, CalibConfig, CalibInfo, Rounding};
     use crate::quantize::Gate;
-    let loaded = adaptq_model::load_weights(adaptq_model::from_source(src), "model".into())?;
+    let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
     let text = std::fs::read_to_string(calib)
         .map_err(|e| anyhow::anyhow!("reading calibration text {}: {e}", calib.display()))?;
     let tokens = adaptq_model::tokenizer::encode(&loaded.tokenizer, &text)?;

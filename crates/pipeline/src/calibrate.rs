@@ -625,7 +625,7 @@ pub fn calibrate_llama(
 
 /// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`.
 pub fn run(
-    src: Box<dyn adaptq_source::TensorSource>,
+    src: &dyn adaptq_source::TensorSource,
     calib: &Path,
     samples: usize,
     seq_len: usize,
@@ -633,16 +633,40 @@ pub fn run(
     spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
-    let loaded = adaptq_model::load_weights(adaptq_model::from_source(src), "model".into())?;
+    let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
     let (windows, info) = prepare(&loaded.tokenizer, calib, samples, seq_len, seed)?;
     let mut llama = match loaded.kind {
         adaptq_model::ModelKind::Llama(l) => l,
-        adaptq_model::ModelKind::Bert(_) => bail!(
-            "calibrated methods run on decoder (Llama-family) models; use --method rtn for BERT"
-        ),
+        adaptq_model::ModelKind::Bert(_) => {
+            bail!("calibrated methods run on decoder (Llama-family) models; quantize BERT with rtn")
+        }
     };
     let out = calibrate_llama(&mut llama, &windows, spec, progress)?;
     Ok((out, info))
+}
+
+/// The method-specific sections of `verification.json` a calibration produced: the AWQ
+/// search, and NOVAQ's per-layer layout.
+pub fn verification_sections(
+    cal: &Calibration,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut extra = serde_json::Map::new();
+    if !cal.awq.is_empty() {
+        extra.insert("awq".into(), serde_json::to_value(&cal.awq)?);
+    }
+    let novaq: Vec<serde_json::Value> = cal
+        .layers
+        .iter()
+        .filter_map(|(name, c)| {
+            let mut v = serde_json::to_value(c.novaq.as_ref()?).ok()?;
+            v["name"] = name.clone().into();
+            Some(v)
+        })
+        .collect();
+    if !novaq.is_empty() {
+        extra.insert("novaq".into(), novaq.into());
+    }
+    Ok(extra)
 }
 
 #[cfg(test)]

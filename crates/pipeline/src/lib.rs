@@ -1,15 +1,21 @@
-//! adaptq's stages wired together. The CLI is a thin layer over these functions, and a program
-//! can call them directly: [`quantize::quantize_model`], [`stats::bundle_stats`],
-//! [`info::describe_source`].
+//! adaptq's stages wired together. A quantize run is [`QuantizeOptions`] (from flags or a YAML
+//! file) validated into a [`Plan`], whose [`Plan::run`] opens the source, calibrates when the
+//! method needs it ([`calibrate`], [`apq`]), writes the bundle ([`quantize`]) and exports a GGUF
+//! when asked. The command line is a thin layer over these.
 
 pub mod apq;
 pub mod calibrate;
 pub mod info;
+pub mod options;
+pub mod plan;
 pub mod quantize;
 pub mod report;
 pub mod stats;
 
+pub use options::{
+    Bits, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset, QuantizeOptions,
+};
+pub use plan::{Outcome, Plan, PlanError, Progress};
 pub use quantize::{
-    quantize_model, EmbeddingMode, GptqSettings, Method, Precomputed, Progress, QuantizeConfig,
-    QuantizeSummary, Target,
+    quantize_model, GptqSettings, Precomputed, QuantizeConfig, QuantizeSummary, Target,
 };

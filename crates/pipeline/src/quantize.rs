@@ -10,32 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Rtn,
-    /// GPTQ: Hessian-aware rounding from calibration activations.
-    Gptq,
-    /// AWQ: activation-aware channel scaling folded into the norms, then rounding.
-    Awq,
-    /// APQ: per-layer widths chosen from measured sensitivity under a size budget.
-    Apq,
-    /// Ternary {−s, 0, +s} per group, s = mean|w| (BitNet b1.58's rule, post-training).
-    Ternary,
-    /// NOVAQ: normalized residual vector codebooks, calibration-aware, refined.
-    Novaq,
-}
-
-/// What to do with embedding tables and a separate output head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EmbeddingMode {
-    /// Keep as f16 (the default: embeddings are sensitive and, tied, double as the head).
-    F16,
-    F32,
-    /// Quantize with the same scheme as the linear layers.
-    Quant,
-}
+pub use crate::options::{EmbeddingMode, Method};
 
 /// Everything that decides the bytes of a bundle. Recorded whole in the manifest.
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +45,9 @@ pub struct QuantizeConfig {
     /// Lossless stage on code parts: `rans`, or none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lossless: Option<String>,
+    /// The settings as given ([`crate::QuantizeOptions::recorded`]), so a run can be repeated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub options: Option<serde_json::Value>,
 }
 
 /// The input rotations a bundle's weights carry; the model re-applies them online on load.
@@ -123,6 +101,7 @@ impl Default for QuantizeConfig {
             novaq: None,
             rotate: None,
             lossless: None,
+            options: None,
         }
     }
 }
@@ -303,12 +282,6 @@ struct Encoded {
     error: Option<LayerError>,
 }
 
-fn encode_rtn(x: &[f32], shape: &[usize], cfg: &RtnConfig) -> Result<Encoded> {
-    let cols = *shape.last().unwrap_or(&1);
-    let rows = x.len() / cols.max(1);
-    Ok(encode_q(x, &quantize_rtn(x, rows, cols, cfg)?, "rtn"))
-}
-
 /// Stores integer codes from any method; the error is measured against the source values.
 fn encode_q(x: &[f32], q: &adaptq_quant::QuantizedTensor, method: &'static str) -> Encoded {
     let deq = q.dequantize();
@@ -412,10 +385,199 @@ pub struct Target<'a> {
     pub force: bool,
 }
 
-/// Quantizes `src` into a bundle at `target.out`.
 /// Largest licence or tokenizer file copied from a source folder into a bundle.
 const COMPANION_LIMIT: u64 = 64 << 20;
 
+/// Whether a source tensor is quantized; embeddings and a separate head only when asked.
+fn is_quantized(info: &adaptq_source::TensorInfo, role: TensorRole, cfg: &QuantizeConfig) -> bool {
+    match role {
+        TensorRole::Linear => true,
+        TensorRole::Embedding | TensorRole::Output => {
+            info.shape.len() == 2
+                && match cfg.ggml {
+                    Some(g) => g.embedding.is_some(),
+                    None => cfg.embeddings == EmbeddingMode::Quant,
+                }
+        }
+        _ => false,
+    }
+}
+
+/// Codes for a tensor no calibration stage produced: each method's rounding on its own.
+fn direct_codes(
+    x: &[f32],
+    info: &adaptq_source::TensorInfo,
+    role: TensorRole,
+    cfg: &QuantizeConfig,
+) -> Result<(LayerCodes, &'static str)> {
+    let cols = *info.shape.last().unwrap_or(&1);
+    let rows = x.len() / cols.max(1);
+    let calibrated_only = match cfg.ggml {
+        Some(_) => cfg.method != Method::Rtn,
+        None => !matches!(cfg.method, Method::Rtn | Method::Ternary | Method::Novaq),
+    };
+    if calibrated_only && role == TensorRole::Linear {
+        bail!(
+            "method {:?} produced no codes for linear tensor '{}'",
+            cfg.method,
+            info.name
+        );
+    }
+    let named = |what: &str| format!("quantizing tensor '{}'{what}", info.name);
+    if let Some(g) = cfg.ggml {
+        let want = match role {
+            TensorRole::Linear => g.linear,
+            _ => g.embedding.expect("only quantized with an embedding type"),
+        };
+        let (ty, _) = adaptq_quant::ggml::pick(want, cols)
+            .with_context(|| format!("tensor '{}'", info.name))?;
+        let bytes = adaptq_quant::ggml::quantize_rtn(ty, x, rows, cols, None)
+            .with_context(|| named(&format!(" as {}", ty.name())))?;
+        return Ok((
+            LayerCodes::Ggml {
+                ty,
+                rows,
+                cols,
+                bytes,
+            },
+            "rtn",
+        ));
+    }
+    Ok(match cfg.method {
+        Method::Ternary => (
+            LayerCodes::Int(
+                adaptq_quant::ternary::quantize_ternary(x, rows, cols, cfg.group_size)
+                    .with_context(|| named(""))?,
+            ),
+            "ternary",
+        ),
+        Method::Novaq => {
+            // No calibration (an encoder, say): plain weighted k-means, no refinement.
+            let ncfg = cfg
+                .novaq
+                .as_ref()
+                .map(|n| n.config)
+                .context("method novaq needs its settings")?;
+            let ncfg = adaptq_quant::novaq::NovaqConfig {
+                seed: crate::calibrate::layer_seed(ncfg.seed, &info.name),
+                ..ncfg
+            };
+            let (t, _) = adaptq_quant::novaq::quantize_novaq(x, rows, cols, None, &ncfg)
+                .with_context(|| named(" with NOVAQ"))?;
+            (LayerCodes::Codebook(t), "novaq")
+        }
+        _ => {
+            let rtn = RtnConfig {
+                bits: cfg.bits,
+                group_size: cfg.group_size,
+                grid: cfg.grid,
+            };
+            (
+                LayerCodes::Int(quantize_rtn(x, rows, cols, &rtn).with_context(|| named(""))?),
+                "rtn",
+            )
+        }
+    })
+}
+
+/// Stores codes of any kind; the error is measured against `reference`, the values they
+/// stand for.
+fn encode_codes(reference: &[f32], codes: &LayerCodes, method: &'static str) -> Result<Encoded> {
+    Ok(match codes {
+        LayerCodes::Int(q) => encode_q(reference, q, method),
+        LayerCodes::Ggml { ty, bytes, .. } => encode_ggml(reference, *ty, bytes.clone(), method)?,
+        LayerCodes::Codebook(t) => encode_codebook(reference, t, method),
+    })
+}
+
+/// One source tensor as it is stored.
+fn encode_tensor(
+    src: &dyn TensorSource,
+    info: &adaptq_source::TensorInfo,
+    cfg: &QuantizeConfig,
+    pre: Option<&Precomputed>,
+) -> Result<Encoded> {
+    let role = role_of(info);
+    if !info.dtype.is_float() {
+        let raw = src.raw_bytes(&info.name)?.to_vec();
+        return Ok(Encoded {
+            encoding: Encoding::Raw {
+                dtype: info.dtype.name(),
+                byte_len: raw.len(),
+            },
+            method: "none",
+            parts: vec![("data", raw)],
+            error: None,
+        });
+    }
+    let x = match pre.and_then(|p| p.overrides.get(&info.name)) {
+        Some(v) if v.len() == info.numel() => v.clone(),
+        Some(_) => bail!("replacement for '{}' has the wrong size", info.name),
+        None => src.read_f32(&info.name)?,
+    };
+    if !is_quantized(info, role, cfg) {
+        let keep_f16 = matches!(role, TensorRole::Embedding | TensorRole::Output)
+            && cfg.embeddings == EmbeddingMode::F16;
+        return Ok(if keep_f16 {
+            encode_f16(&x)
+        } else {
+            Encoded {
+                encoding: Encoding::F32,
+                method: "none",
+                parts: vec![("data", f32_bytes(&x))],
+                error: None,
+            }
+        });
+    }
+    match pre.and_then(|p| p.layers.get(&info.name)) {
+        Some(c) => {
+            if c.q.rows() * c.q.cols() != x.len() {
+                bail!(
+                    "calibrated codes for '{}' do not match its shape {:?}",
+                    info.name,
+                    info.shape
+                );
+            }
+            encode_codes(&c.reference(&x, c.q.cols()), &c.q, c.method)
+        }
+        None => {
+            let (codes, method) = direct_codes(&x, info, role, cfg)?;
+            encode_codes(&x, &codes, method)
+        }
+    }
+}
+
+/// The `verification.json` line of a stored tensor.
+fn tensor_report(
+    info: &adaptq_source::TensorInfo,
+    enc: &Encoded,
+    bytes: u64,
+    pre: Option<&Precomputed>,
+) -> TensorReport {
+    let raw_bytes: u64 = enc.parts.iter().map(|(_, b)| b.len() as u64).sum();
+    let params = info.numel();
+    let cal = pre.and_then(|p| p.layers.get(&info.name));
+    TensorReport {
+        name: info.name.clone(),
+        role: role_of(info).name().into(),
+        layer: layer_of(&info.name),
+        encoding: enc.encoding.label(),
+        params,
+        bytes,
+        bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
+        lossless_ratio: (bytes != raw_bytes).then(|| raw_bytes as f64 / bytes.max(1) as f64),
+        raw_bytes,
+        error: enc.error,
+        output_rel_error: cal.map(|c| c.output_rel_error).filter(|v| v.is_finite()),
+        rtn_output_rel_error: cal
+            .map(|c| c.rtn_output_rel_error)
+            .filter(|v| v.is_finite()),
+        refit_error_reduction: cal.and_then(|c| c.refit_error_reduction),
+    }
+}
+
+/// Quantizes `src` into a bundle at `target.out`: every tensor in the source's order, through
+/// the codes `pre` holds for it or its method's own rounding.
 pub fn quantize_model(
     src: &dyn TensorSource,
     target: &Target,
@@ -423,21 +585,15 @@ pub fn quantize_model(
     pre: Option<Precomputed>,
     progress: Progress,
 ) -> Result<QuantizeSummary> {
-    let Target {
-        locator,
-        model_id,
-        out,
-        force,
-    } = *target;
     if !(2..=8).contains(&cfg.bits) {
-        bail!("--bits must be between 2 and 8, got {}", cfg.bits);
+        bail!("code widths must be between 2 and 8 bits, got {}", cfg.bits);
     }
     let desc = src.desc().clone();
     let mut w = BundleWriter::create(
-        out,
+        target.out,
         WriterOptions {
             shard_max_bytes: cfg.shard_max_bytes,
-            force,
+            force: target.force,
             lossless: match cfg.lossless.as_deref() {
                 None | Some("none") => false,
                 Some("rans") => true,
@@ -445,185 +601,28 @@ pub fn quantize_model(
             },
         },
     )?;
-    let rtn = RtnConfig {
-        bits: cfg.bits,
-        group_size: cfg.group_size,
-        grid: cfg.grid,
-    };
     let infos = src.tensors().to_vec();
     let total = infos.len();
     let mut reports = Vec::with_capacity(total);
     let mut read_bytes = 0u64;
     let mut all_finite = true;
     for (i, info) in infos.iter().enumerate() {
-        let role = role_of(info);
-        let layer = layer_of(&info.name);
-        let quantize = match role {
-            TensorRole::Linear => true,
-            TensorRole::Embedding | TensorRole::Output => {
-                info.shape.len() == 2
-                    && match cfg.ggml {
-                        Some(g) => g.embedding.is_some(),
-                        None => cfg.embeddings == EmbeddingMode::Quant,
-                    }
-            }
-            _ => false,
-        };
-        let Encoded {
-            encoding,
-            method,
-            parts,
-            error,
-        } = if !info.dtype.is_float() {
-            let raw = src.raw_bytes(&info.name)?.to_vec();
-            Encoded {
-                encoding: Encoding::Raw {
-                    dtype: info.dtype.name(),
-                    byte_len: raw.len(),
-                },
-                method: "none",
-                parts: vec![("data", raw)],
-                error: None,
-            }
-        } else {
-            let x = match pre.as_ref().and_then(|p| p.overrides.get(&info.name)) {
-                Some(v) if v.len() == info.numel() => v.clone(),
-                Some(_) => bail!("replacement for '{}' has the wrong size", info.name),
-                None => src.read_f32(&info.name)?,
-            };
-            let keep_f16 = matches!(role, TensorRole::Embedding | TensorRole::Output)
-                && cfg.embeddings == EmbeddingMode::F16;
-            let calibrated = pre.as_ref().and_then(|p| p.layers.get(&info.name));
-            let enc = if let (true, Some(c)) = (quantize, calibrated) {
-                if c.q.rows() * c.q.cols() != x.len() {
-                    bail!(
-                        "calibrated codes for '{}' do not match its shape {:?}",
-                        info.name,
-                        info.shape
-                    );
-                }
-                let reference = c.reference(&x, c.q.cols());
-                match &c.q {
-                    LayerCodes::Int(q) => encode_q(&reference, q, c.method),
-                    LayerCodes::Ggml { ty, bytes, .. } => {
-                        encode_ggml(&reference, *ty, bytes.clone(), c.method)?
-                    }
-                    LayerCodes::Codebook(t) => encode_codebook(&reference, t, c.method),
-                }
-            } else if let (true, Some(g)) = (quantize, cfg.ggml) {
-                if cfg.method != Method::Rtn && role == TensorRole::Linear {
-                    bail!(
-                        "method {:?} produced no codes for linear tensor '{}'",
-                        cfg.method,
-                        info.name
-                    );
-                }
-                let cols = *info.shape.last().unwrap_or(&1);
-                let want = match role {
-                    TensorRole::Linear => g.linear,
-                    _ => g.embedding.expect("checked above"),
-                };
-                let (ty, _) = adaptq_quant::ggml::pick(want, cols)
-                    .with_context(|| format!("tensor '{}'", info.name))?;
-                let bytes = adaptq_quant::ggml::quantize_rtn(ty, &x, x.len() / cols, cols, None)
-                    .with_context(|| {
-                        format!("quantizing tensor '{}' as {}", info.name, ty.name())
-                    })?;
-                encode_ggml(&x, ty, bytes, "rtn")?
-            } else if quantize {
-                if !matches!(cfg.method, Method::Rtn | Method::Ternary | Method::Novaq)
-                    && role == TensorRole::Linear
-                {
-                    bail!(
-                        "method {:?} produced no codes for linear tensor '{}'",
-                        cfg.method,
-                        info.name
-                    );
-                }
-                if cfg.method == Method::Ternary {
-                    let cols = *info.shape.last().unwrap_or(&1);
-                    let q = adaptq_quant::ternary::quantize_ternary(
-                        &x,
-                        x.len() / cols,
-                        cols,
-                        cfg.group_size,
-                    )
-                    .with_context(|| format!("quantizing tensor '{}'", info.name))?;
-                    encode_q(&x, &q, "ternary")
-                } else if cfg.method == Method::Novaq {
-                    // No calibration (an encoder, say): plain weighted k-means, no refinement.
-                    let cols = *info.shape.last().unwrap_or(&1);
-                    let ncfg = cfg
-                        .novaq
-                        .as_ref()
-                        .map(|n| n.config)
-                        .context("method novaq needs its settings")?;
-                    let ncfg = adaptq_quant::novaq::NovaqConfig {
-                        seed: crate::calibrate::layer_seed(ncfg.seed, &info.name),
-                        ..ncfg
-                    };
-                    let (t, _) =
-                        adaptq_quant::novaq::quantize_novaq(&x, x.len() / cols, cols, None, &ncfg)
-                            .with_context(|| {
-                                format!("quantizing tensor '{}' with NOVAQ", info.name)
-                            })?;
-                    encode_codebook(&x, &t, "novaq")
-                } else {
-                    encode_rtn(&x, &info.shape, &rtn)
-                        .with_context(|| format!("quantizing tensor '{}'", info.name))?
-                }
-            } else if keep_f16 {
-                encode_f16(&x)
-            } else {
-                Encoded {
-                    encoding: Encoding::F32,
-                    method: "none",
-                    parts: vec![("data", f32_bytes(&x))],
-                    error: None,
-                }
-            };
-            all_finite &= enc.error.is_none_or(|e| e.rel_mse.is_finite());
-            enc
-        };
-        let raw_bytes: u64 = parts.iter().map(|(_, b)| b.len() as u64).sum();
-        let part_refs: Vec<(&str, &[u8])> = parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        let enc = encode_tensor(src, info, cfg, pre.as_ref())?;
+        all_finite &= enc.error.is_none_or(|e| e.rel_mse.is_finite());
+        let part_refs: Vec<(&str, &[u8])> =
+            enc.parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
         w.add_tensor(
             &info.name,
             &info.shape,
-            role.name(),
-            method,
-            encoding.clone(),
+            role_of(info).name(),
+            enc.method,
+            enc.encoding.clone(),
             &part_refs,
         )
         .with_context(|| format!("writing tensor '{}'", info.name))?;
-        let bytes = w.tensors().last().map_or(raw_bytes, |t| t.payload_len());
-        let params = info.numel();
-        reports.push(TensorReport {
-            name: info.name.clone(),
-            role: role.name().into(),
-            layer,
-            encoding: encoding.label(),
-            params,
-            bytes,
-            bits_per_weight: bytes as f64 * 8.0 / params.max(1) as f64,
-            lossless_ratio: (bytes != raw_bytes).then(|| raw_bytes as f64 / bytes.max(1) as f64),
-            raw_bytes,
-            error,
-            output_rel_error: pre
-                .as_ref()
-                .and_then(|p| p.layers.get(&info.name))
-                .map(|c| c.output_rel_error)
-                .filter(|v| v.is_finite()),
-            rtn_output_rel_error: pre
-                .as_ref()
-                .and_then(|p| p.layers.get(&info.name))
-                .map(|c| c.rtn_output_rel_error)
-                .filter(|v| v.is_finite()),
-            refit_error_reduction: pre
-                .as_ref()
-                .and_then(|p| p.layers.get(&info.name))
-                .and_then(|c| c.refit_error_reduction),
-        });
+        let raw: u64 = enc.parts.iter().map(|(_, b)| b.len() as u64).sum();
+        let bytes = w.tensors().last().map_or(raw, |t| t.payload_len());
+        reports.push(tensor_report(info, &enc, bytes, pre.as_ref()));
         read_bytes += info.byte_len as u64;
         progress(i + 1, total, read_bytes);
     }
@@ -640,14 +639,15 @@ pub fn quantize_model(
     for (name, bytes) in companion_files(src)? {
         w.add_file(&name, &bytes)?;
     }
-    let model_id = model_id
+    let model_id = target
+        .model_id
         .map(str::to_string)
         .or_else(|| desc.name.clone())
-        .unwrap_or_else(|| locator_for(locator));
+        .unwrap_or_else(|| locator_for(target.locator));
     let manifest = w.finish(
         &model_id,
         SourceRef {
-            locator: locator_for(locator),
+            locator: locator_for(target.locator),
             format: src.format().into(),
             tensor_count: total,
         },

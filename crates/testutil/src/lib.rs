@@ -21,6 +21,7 @@ pub mod loading;
 pub mod mutate;
 pub mod rand;
 pub mod safetensors;
+pub mod tiny;
 
 use std::path::{Path, PathBuf};
 

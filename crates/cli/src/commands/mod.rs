@@ -1,0 +1,64 @@
+//! One file per command; each parses nothing itself (flags arrive typed from `args`) and
+//! calls the library, then prints what it did.
+
+pub mod bench;
+pub mod eval;
+pub mod export;
+pub mod generate;
+pub mod info;
+pub mod quantize;
+pub mod report;
+pub mod spot_check;
+pub mod stats;
+pub mod tensor_hashes;
+pub mod verify;
+
+use crate::args::Cmd;
+use anyhow::Result;
+use std::process::ExitCode;
+
+/// Runs the parsed command; `matches` tells which flags were given on the command line.
+pub fn run(cmd: &Cmd, matches: &clap::ArgMatches) -> Result<ExitCode> {
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
+    match cmd {
+        Cmd::Quantize(a) => {
+            let sub = matches
+                .subcommand_matches("quantize")
+                .expect("the quantize subcommand");
+            quantize::run(a, sub)
+        }
+        Cmd::Export(a) => export::run(a),
+        Cmd::TensorHashes { path, hf } => done(tensor_hashes::run(path, *hf)),
+        Cmd::Report { dir, format, out } => done(report::run(dir, *format, out.as_deref())),
+        Cmd::Verify { dir, json } => verify::run(dir, *json),
+        Cmd::Info { path, tensors } => done(info::run(path, *tensors)),
+        Cmd::Eval(a) => done(eval::run(a)),
+        Cmd::Generate {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            seed,
+        } => done(generate::run(
+            model,
+            prompt,
+            *max_tokens,
+            *temperature,
+            *seed,
+        )),
+        Cmd::SpotCheck {
+            model,
+            base,
+            prompts,
+            max_tokens,
+            json,
+        } => spot_check::run(model, base, prompts, *max_tokens, *json),
+        Cmd::Bench {
+            models,
+            pp,
+            tg,
+            reps,
+        } => done(bench::run(models, *pp, *tg, *reps)),
+        Cmd::Stats { dir, json } => done(stats::run(dir, *json)),
+    }
+}

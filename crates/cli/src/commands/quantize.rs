@@ -1,0 +1,67 @@
+//! `adaptq quantize`: flags (over an optional YAML config) into `QuantizeOptions`, then the
+//! library's `Plan` does the rest.
+
+use crate::args::QuantizeArgs;
+use adaptq_pipeline::{Plan, QuantizeOptions};
+use anyhow::Result;
+use clap::parser::ValueSource;
+use std::process::ExitCode;
+
+/// The effective options: the defaults, then the config file, then the flags given.
+pub fn options(args: &QuantizeArgs, matches: &clap::ArgMatches) -> Result<QuantizeOptions> {
+    let file = match &args.config {
+        Some(p) => QuantizeOptions::yaml_map(p)?,
+        None => serde_json::Value::Null,
+    };
+    let all = serde_json::to_value(args)?;
+    let given: serde_json::Map<String, serde_json::Value> = matches
+        .ids()
+        .map(|id| id.as_str())
+        .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+        .filter_map(|id| Some((id.to_string(), all.get(id)?.clone())))
+        .collect();
+    QuantizeOptions::merged(&file, &given.into())
+}
+
+pub fn run(args: &QuantizeArgs, matches: &clap::ArgMatches) -> Result<ExitCode> {
+    let options = options(args, matches)?;
+    if args.print_config {
+        print!("{}", options.to_yaml()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let plan = Plan::new(options)?;
+    let start = std::time::Instant::now();
+    let outcome = {
+        let mut bars = crate::progress::Bars::new(adaptq_remote::is_remote(plan.source()));
+        plan.run(&mut bars)?
+    };
+    let s = &outcome.summary;
+    let t = &s.verification.totals;
+    println!(
+        "wrote {} ({} tensors, {} shards) in {:.1}s",
+        outcome.out.display(),
+        s.manifest.tensors.len(),
+        s.manifest.shards.len(),
+        start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  {:.3} bits/weight overall, {:.3} on quantized tensors; {:.2}x smaller than f16",
+        t.bits_per_weight, t.bits_per_quantized_weight, t.compression_vs_f16
+    );
+    if let Some(r) = t.lossless_ratio {
+        println!("  lossless stage (rANS on codes): quantized payload {r:.3}x smaller than packed");
+    }
+    for g in &s.verification.gates {
+        println!("  gate {:<22} {}  {}", g.name, g.status, g.detail);
+    }
+    println!("  OVERALL_STATUS {}", s.verification.overall_status);
+    println!("  global digest {}", s.manifest.global_digest);
+    if let Some(g) = &outcome.gguf {
+        crate::commands::export::print_gguf(&outcome.out, g);
+    }
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -1,0 +1,450 @@
+//! Every quantize setting in one serde type, [`QuantizeOptions`]: the command line parses its
+//! flags into it, a YAML file (`--config`) holds the same keys (the long flag names with `_`
+//! for `-`), and [`crate::Plan::new`] validates it. Defaults live here only.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A setting with a fixed set of named values, so a front end can list and explain them.
+pub trait Choice: Sized + Copy + 'static {
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
+    /// One line on what the value does.
+    fn help(self) -> &'static str;
+    fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|v| v.name() == s)
+    }
+}
+
+/// Implements [`Choice`] from `(variant, name, help)` rows.
+macro_rules! choice {
+    ($t:ty { $($v:ident => $name:literal, $help:literal;)* }) => {
+        impl Choice for $t {
+            const ALL: &'static [Self] = &[$(<$t>::$v),*];
+            fn name(self) -> &'static str {
+                match self { $(<$t>::$v => $name),* }
+            }
+            fn help(self) -> &'static str {
+                match self { $(<$t>::$v => $help),* }
+            }
+        }
+    };
+}
+
+/// How the linear layers are rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Rtn,
+    Gptq,
+    Awq,
+    Apq,
+    Ternary,
+    Novaq,
+}
+
+choice!(Method {
+    Rtn => "rtn", "Round-to-nearest, per group.";
+    Gptq => "gptq", "GPTQ: Hessian-aware rounding from calibration text (calib).";
+    Awq => "awq", "AWQ: activation-aware channel scales folded into the norms, then round-to-nearest.";
+    Apq => "apq", "APQ: per-layer widths from measured sensitivity under target_bpw (embeddings and head included), GPTQ at those widths, then promotion of the worst layers until the held-out perplexity gate (max_ppl_delta) passes or the budget runs out.";
+    Ternary => "ternary", "Ternary: codes in {-1, 0, +1} times a per-group scale mean|w| (BitNet b1.58's rule, applied after training), stored at 2 bits plus the f16 scale. A model not trained ternary loses most of its quality; measure it with `eval --base`.";
+    Novaq => "novaq", "NOVAQ: rows normalized, cut into vectors coded by two residual k-means codebooks sized per layer to target_bits (every overhead counted). With calibration text: Hessian-weighted distances, GPTQ-style error feedback, codebooks refined against each layer's output. Without: plain weighted k-means.";
+});
+
+/// What to do with embedding tables and a separate output head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingMode {
+    F16,
+    F32,
+    Quant,
+}
+
+choice!(EmbeddingMode {
+    F16 => "f16", "Keep as f16 (embeddings are sensitive and, tied, double as the head).";
+    F32 => "f32", "Keep as f32.";
+    Quant => "quant", "Quantize with the linear layers' scheme.";
+});
+
+/// What the run writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    Bundle,
+    Gguf,
+}
+
+choice!(OutputFormat {
+    Bundle => "bundle", "adaptq's verified bundle folder.";
+    Gguf => "gguf", "One GGUF v3 file for llama.cpp / Ollama / LM Studio.";
+});
+
+/// Lossless stage on the packed codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lossless {
+    None,
+    Rans,
+}
+
+choice!(Lossless {
+    None => "none", "Codes stored as packed.";
+    Rans => "rans", "Entropy-code the packed codes with rANS (parts that would not shrink stay packed).";
+});
+
+/// NOVAQ's named budgets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    Balanced,
+    HighQuality,
+    Aggressive,
+}
+
+choice!(Preset {
+    Balanced => "balanced", "About 1.5 bits per weight on the linear layers.";
+    HighQuality => "high-quality", "About 2.5 bits per weight.";
+    Aggressive => "aggressive", "About 1.0 bit per weight (quality drops sharply; measure it).";
+});
+
+impl Preset {
+    pub fn target_bits(self) -> f64 {
+        match self {
+            Preset::Balanced => 1.5,
+            Preset::HighQuality => 2.5,
+            Preset::Aggressive => 1.0,
+        }
+    }
+}
+
+/// Code widths: one (`4`) or, for APQ, a range (`3-4`). Written as a number or a string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bits {
+    pub lo: u8,
+    pub hi: u8,
+}
+
+impl Bits {
+    pub const fn one(b: u8) -> Bits {
+        Bits { lo: b, hi: b }
+    }
+}
+
+impl std::fmt::Display for Bits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.lo == self.hi {
+            write!(f, "{}", self.hi)
+        } else {
+            write!(f, "{}-{}", self.lo, self.hi)
+        }
+    }
+}
+
+impl std::str::FromStr for Bits {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Bits> {
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let width = |x: &str| -> Result<u8> {
+            let v: u8 = x.trim().parse().with_context(|| {
+                format!("bits '{s}': expected a width like 4 or a range like 3-4")
+            })?;
+            if !(2..=8).contains(&v) {
+                bail!("bits '{s}': widths must be between 2 and 8");
+            }
+            Ok(v)
+        };
+        let (lo, hi) = (width(a)?, width(b)?);
+        if lo > hi {
+            bail!("bits '{s}': the range must run low-high");
+        }
+        Ok(Bits { lo, hi })
+    }
+}
+
+impl Serialize for Bits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        if self.lo == self.hi {
+            s.serialize_u8(self.hi)
+        } else {
+            s.serialize_str(&self.to_string())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Bits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Bits, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let s = match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string(),
+            Raw::S(s) => s,
+        };
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Every setting of a quantize run, with its default. Field names are the long flag names
+/// with `_` for `-`; a config file with any other key is refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuantizeOptions {
+    /// The model: a local file or folder, `hf://…`, `http(s)://…` or `ollama://…`.
+    pub src: Option<String>,
+    /// The bundle folder (or, with `format: gguf`, the .gguf file) to write.
+    pub out: Option<PathBuf>,
+    pub method: Method,
+    pub bits: Bits,
+    /// APQ: overall bits per weight to aim for, every tensor counted.
+    pub target_bpw: Option<f64>,
+    /// Search and fold AWQ scales before GPTQ/APQ rounding (implied by `method: awq`).
+    pub awq: bool,
+    /// Re-fit group scales (and mins) to each layer's output error, codes fixed.
+    pub refit: bool,
+    pub max_ppl_delta: f64,
+    pub promote_per_round: usize,
+    pub max_rounds: usize,
+    pub heldout_windows: usize,
+    /// One prompt per line; the built-in gold prompts when unset.
+    pub gold_prompts: Option<PathBuf>,
+    pub gold_tokens: usize,
+    /// Columns per scale group; 0 = one group per output channel.
+    pub group_size: usize,
+    pub sym: bool,
+    pub embeddings: EmbeddingMode,
+    pub seed: u64,
+    pub shard_size: u64,
+    pub min_cosine: f64,
+    pub max_bpw: Option<f64>,
+    pub model_id: Option<String>,
+    pub calib: Option<PathBuf>,
+    pub calib_samples: usize,
+    pub seq_len: usize,
+    pub damp: f64,
+    pub act_order: bool,
+    /// Replace `out` if adaptq wrote it.
+    pub force: bool,
+    pub format: OutputFormat,
+    /// A llama.cpp type name (Q4_0, Q4_K, …) for the linear layers.
+    pub ggml_type: Option<String>,
+    /// The embedding / output table's llama.cpp type, or f16/f32 to keep it as float.
+    pub ggml_embedding_type: String,
+    pub rotate: bool,
+    pub lossless: Lossless,
+    pub preset: Option<Preset>,
+    pub target_bits: Option<f64>,
+    pub level1_centroids: usize,
+    pub level2_centroids: usize,
+    pub min_subspace_dim: usize,
+    pub max_subspace_dim: usize,
+    pub max_iterations: usize,
+    pub tolerance: f64,
+    pub refine_iterations: usize,
+}
+
+impl Default for QuantizeOptions {
+    fn default() -> Self {
+        let novaq = adaptq_quant::novaq::NovaqConfig::default();
+        QuantizeOptions {
+            src: None,
+            out: None,
+            method: Method::Rtn,
+            bits: Bits::one(4),
+            target_bpw: None,
+            awq: false,
+            refit: false,
+            max_ppl_delta: 2.0,
+            promote_per_round: 4,
+            max_rounds: 6,
+            heldout_windows: 4,
+            gold_prompts: None,
+            gold_tokens: 16,
+            group_size: 128,
+            sym: false,
+            embeddings: EmbeddingMode::F16,
+            seed: 0,
+            shard_size: adaptq_bundle::MAX_SHARD_BYTES,
+            min_cosine: 0.9,
+            max_bpw: None,
+            model_id: None,
+            calib: None,
+            calib_samples: 32,
+            seq_len: 512,
+            damp: 0.05,
+            act_order: false,
+            force: false,
+            format: OutputFormat::Bundle,
+            ggml_type: None,
+            ggml_embedding_type: "q8_0".into(),
+            rotate: false,
+            lossless: Lossless::None,
+            preset: None,
+            target_bits: None,
+            level1_centroids: novaq.level1_centroids,
+            level2_centroids: novaq.level2_centroids,
+            min_subspace_dim: novaq.min_subspace_dim,
+            max_subspace_dim: novaq.max_subspace_dim,
+            max_iterations: novaq.max_iterations,
+            tolerance: novaq.tolerance,
+            refine_iterations: novaq.refine_iterations,
+        }
+    }
+}
+
+impl QuantizeOptions {
+    /// Reads a YAML config. Unknown keys are refused with their name; relative paths in the
+    /// file are taken from the file's own folder, so a config works from any directory.
+    pub fn from_yaml_file(path: &Path) -> Result<QuantizeOptions> {
+        Ok(serde_json::from_value(Self::yaml_map(path)?)?)
+    }
+
+    /// The keys a YAML config sets (checked against this type, paths resolved), as JSON, so
+    /// a front end can lay its own settings over them with [`QuantizeOptions::merged`].
+    pub fn yaml_map(path: &Path) -> Result<serde_json::Value> {
+        let text = adaptq_source::blob::read_small(path, CONFIG_LIMIT)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let text = String::from_utf8(text)
+            .map_err(|_| anyhow::anyhow!("config {} is not UTF-8 text", path.display()))?;
+        let mut v: serde_json::Value = serde_saphyr::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        if v.is_null() {
+            v = serde_json::Value::Object(Default::default());
+        }
+        let Some(map) = v.as_object_mut() else {
+            bail!("config {}: expected a mapping of settings", path.display());
+        };
+        let base = path.parent().unwrap_or(Path::new(""));
+        for key in ["calib", "gold_prompts", "out"] {
+            if let Some(serde_json::Value::String(p)) = map.get(key) {
+                let p = base.join(p).to_string_lossy().into_owned();
+                map.insert(key.into(), p.into());
+            }
+        }
+        // Checked here so the error names the file as well as the key.
+        QuantizeOptions::merged(&v, &serde_json::Value::Null)
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        Ok(v)
+    }
+
+    /// The defaults, overlaid by `file`'s keys, overlaid by `given`'s (each a JSON object of
+    /// option keys, or null).
+    pub fn merged(file: &serde_json::Value, given: &serde_json::Value) -> Result<QuantizeOptions> {
+        let mut v = serde_json::to_value(QuantizeOptions::default())?;
+        let all = v.as_object_mut().expect("options serialize as an object");
+        for layer in [file, given] {
+            for (k, x) in layer.as_object().into_iter().flatten() {
+                all.insert(k.clone(), x.clone());
+            }
+        }
+        Ok(serde_json::from_value(v)?)
+    }
+
+    /// The options as YAML, as `--print-config` shows them and a config file takes them.
+    pub fn to_yaml(&self) -> Result<String> {
+        Ok(serde_saphyr::to_string(self)?)
+    }
+
+    /// What the manifest records: every setting that decides the bundle's bytes, with paths
+    /// cut to file names (a bundle must not depend on where the user keeps files), and without
+    /// where it was written or whether that replaced anything.
+    pub fn recorded(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("options serialize");
+        let map = v.as_object_mut().expect("an object");
+        for key in ["src", "out", "force"] {
+            map.remove(key);
+        }
+        for key in ["calib", "gold_prompts"] {
+            if let Some(serde_json::Value::String(p)) = map.get(key) {
+                let name = Path::new(p)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                map.insert(key.into(), name.into());
+            }
+        }
+        v
+    }
+}
+
+/// Largest config file read.
+const CONFIG_LIMIT: u64 = 1 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("q.yaml");
+        std::fs::write(&p, text).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn yaml_keys_are_flag_names_and_unknown_keys_are_named() {
+        let (d, p) = yaml("method: gptq\nbits: 3-4\ngroup_size: 64\ncalib: emma.txt\nsym: true\n");
+        let o = QuantizeOptions::from_yaml_file(&p).unwrap();
+        assert_eq!(o.method, Method::Gptq);
+        assert_eq!(o.bits, Bits { lo: 3, hi: 4 });
+        assert_eq!(o.group_size, 64);
+        assert!(o.sym);
+        assert_eq!(
+            o.calib.as_deref(),
+            Some(d.path().join("emma.txt").as_path())
+        );
+        assert_eq!(o.seq_len, QuantizeOptions::default().seq_len);
+
+        let (_d, p) = yaml("method: rtn\ngroup-size: 64\n");
+        let e = QuantizeOptions::from_yaml_file(&p).unwrap_err().to_string();
+        assert!(e.contains("group-size") && e.contains("q.yaml"), "{e}");
+        let (_d, p) = yaml("bits: 9\n");
+        let e = format!("{:#}", QuantizeOptions::from_yaml_file(&p).unwrap_err());
+        assert!(e.contains("between 2 and 8"), "{e}");
+        let (_d, p) = yaml("- 1\n- 2\n");
+        assert!(QuantizeOptions::from_yaml_file(&p).is_err());
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let o = QuantizeOptions {
+            method: Method::Apq,
+            bits: Bits { lo: 2, hi: 8 },
+            preset: Some(Preset::HighQuality),
+            target_bpw: Some(3.25),
+            ..Default::default()
+        };
+        let (_d, p) = yaml(&o.to_yaml().unwrap());
+        assert_eq!(QuantizeOptions::from_yaml_file(&p).unwrap(), o);
+        let (_d, p) = yaml("");
+        assert_eq!(
+            QuantizeOptions::from_yaml_file(&p).unwrap(),
+            QuantizeOptions::default()
+        );
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = serde_json::json!({"bits": 3, "seed": 5});
+        let given = serde_json::json!({"bits": "4"});
+        let o = QuantizeOptions::merged(&file, &given).unwrap();
+        assert_eq!((o.bits, o.seed), (Bits::one(4), 5));
+    }
+
+    #[test]
+    fn recorded_options_hold_no_paths() {
+        let o = QuantizeOptions {
+            src: Some("/home/u/m.gguf".into()),
+            out: Some("/home/u/b".into()),
+            calib: Some("/home/u/emma.txt".into()),
+            ..Default::default()
+        };
+        let r = o.recorded();
+        assert!(r.get("src").is_none() && r.get("out").is_none());
+        assert_eq!(r["calib"], "emma.txt");
+    }
+}

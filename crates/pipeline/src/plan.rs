@@ -1,0 +1,553 @@
+//! [`Plan`]: quantize options validated once, in the library, into what the run will do.
+//! Every refusal of a combination lives in [`Plan::new`], so a program calling the library
+//! gets the same checks as the command line; [`Plan::run`] opens the source once and drives
+//! the one path: calibrate (when the method needs it), write the bundle, export a GGUF.
+
+use crate::apq::ApqSettings;
+use crate::calibrate::{CalibSpec, Rounding};
+use crate::options::{Choice, EmbeddingMode, Lossless, Method, OutputFormat, QuantizeOptions};
+use crate::quantize::{
+    quantize_model, GptqSettings, NovaqSettings, Precomputed, QuantizeConfig, QuantizeSummary,
+    RotateSettings, Target,
+};
+use adaptq_bundle::output::{check_replaceable, Kind, Staged};
+use adaptq_quant::ggml::{BlockType, GgmlSpec};
+use adaptq_quant::Grid;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+/// Reports how far a run is. Stages follow each other; each counts its own units.
+pub trait Progress {
+    /// A stage begins: `what` (gptq, profile, quantize, export…) over `total` `unit`s.
+    fn stage(&mut self, what: &str, unit: &'static str, total: usize);
+    /// `done` of `total` units of the current stage; `bytes`: source bytes read so far.
+    fn advance(&mut self, done: usize, total: usize, bytes: u64);
+}
+
+/// Runs without reporting.
+impl Progress for () {
+    fn stage(&mut self, _: &str, _: &'static str, _: usize) {}
+    fn advance(&mut self, _: usize, _: usize, _: u64) {}
+}
+
+/// Refusals a front end may want to explain in its own terms (which flag to add).
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The method calibrates, and no calibration text was given.
+    #[error("method {0} needs calibration text (e.g. ../shared/corpora/austen/emma.txt)")]
+    NeedsCalibration(&'static str),
+}
+
+/// What runs before the bundle is written.
+enum Stage {
+    /// Every tensor is rounded on its own (RTN, ternary, GGML RTN, NOVAQ without text).
+    Direct,
+    Calibrate {
+        calib: PathBuf,
+        spec: CalibSpec,
+    },
+    Apq {
+        calib: PathBuf,
+        settings: ApqSettings,
+    },
+}
+
+/// A validated quantize run.
+pub struct Plan {
+    options: QuantizeOptions,
+    src: String,
+    out: PathBuf,
+    stage: Stage,
+    config: QuantizeConfig,
+}
+
+/// What a run wrote.
+pub struct Outcome {
+    pub summary: QuantizeSummary,
+    /// The bundle folder, or the GGUF file with `format: gguf`.
+    pub out: PathBuf,
+    pub gguf: Option<adaptq_export::ExportSummary>,
+}
+
+impl Outcome {
+    /// Every gate passed.
+    pub fn passed(&self) -> bool {
+        self.summary.verification.overall_status == "PASS"
+    }
+}
+
+/// The GGML type nearest a width, with llama.cpp's symmetric / with-min layouts.
+fn nearest_ggml(bits: u8, grid: Grid) -> BlockType {
+    use BlockType as B;
+    match (bits, grid) {
+        (0..=2, _) => B::Q2K,
+        (3, _) => B::Q3K,
+        (4, Grid::Symmetric) => B::Q4_0,
+        (4, Grid::Asymmetric) => B::Q4_1,
+        (5, Grid::Symmetric) => B::Q5_0,
+        (5, Grid::Asymmetric) => B::Q5_1,
+        (6, _) => B::Q6K,
+        _ => B::Q8_0,
+    }
+}
+
+fn parse_ggml(s: &str) -> Result<BlockType> {
+    BlockType::parse(s).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown GGML type '{s}'; choose one of {}",
+            adaptq_quant::ggml::ALL.map(|t| t.name()).join(", ")
+        )
+    })
+}
+
+/// The GGML types of a run, refusing what cannot be written onto them.
+fn ggml_spec(o: &QuantizeOptions, grid: Grid) -> Result<Option<GgmlSpec>> {
+    let linear = match (&o.ggml_type, o.format) {
+        (Some(t), _) => parse_ggml(t)?,
+        (None, OutputFormat::Gguf) => nearest_ggml(o.bits.hi, grid),
+        (None, OutputFormat::Bundle) => return Ok(None),
+    };
+    match o.method {
+        Method::Apq => bail!("apq mixes adaptq widths; GGML types are not supported with it yet (quantize APQ to a bundle, then export it to GGUF)"),
+        Method::Novaq => bail!("NOVAQ codebooks are not GGML blocks; quantize to a bundle (a GGUF export re-rounds them)"),
+        _ if o.refit => bail!("refit re-fits adaptq group scales; it does not apply to GGML types"),
+        _ => {}
+    }
+    let embedding = match o.ggml_embedding_type.to_ascii_lowercase().as_str() {
+        "f16" | "f32" => None,
+        t => Some(parse_ggml(t)?),
+    };
+    Ok(Some(GgmlSpec { linear, embedding }))
+}
+
+/// Refuses rotation where it cannot work.
+fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
+    if !o.rotate {
+        return Ok(());
+    }
+    if matches!(o.method, Method::Apq | Method::Ternary) {
+        bail!(
+            "rotation works with method rtn, gptq or novaq, not {}",
+            o.method.name()
+        );
+    }
+    if ggml {
+        bail!("rotation needs an online rotation llama.cpp does not run; quantize to a bundle");
+    }
+    if o.calib.is_none() {
+        bail!("rotation needs calibration text: rotated layers are quantized through the calibrated pipeline");
+    }
+    if o.awq || o.method == Method::Awq {
+        bail!("rotation cannot be combined with AWQ: AWQ folds its scales into the norms and up's rows, before the online rotations");
+    }
+    Ok(())
+}
+
+/// NOVAQ's settings from the options; `None` for other methods.
+fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
+    if o.method != Method::Novaq {
+        if o.preset.is_some() || o.target_bits.is_some() {
+            bail!("preset and target_bits are NOVAQ settings; they need method novaq");
+        }
+        return Ok(None);
+    }
+    Ok(Some(NovaqSettings {
+        preset: o.preset.map(|p| p.name().to_string()),
+        config: adaptq_quant::novaq::NovaqConfig {
+            target_bits: o
+                .target_bits
+                .or(o.preset.map(|p| p.target_bits()))
+                .unwrap_or(2.5),
+            level1_centroids: o.level1_centroids,
+            level2_centroids: o.level2_centroids,
+            min_subspace_dim: o.min_subspace_dim,
+            max_subspace_dim: o.max_subspace_dim,
+            max_iterations: o.max_iterations,
+            tolerance: o.tolerance,
+            seed: o.seed,
+            refine_iterations: o.refine_iterations,
+            damp: o.damp,
+            ..Default::default()
+        },
+    }))
+}
+
+/// NOVAQ has no grid: its bundles name the RTN it is compared with per layer (the integer
+/// width below the budget, group 64, asymmetric).
+fn novaq_comparison(n: &NovaqSettings) -> (u8, usize) {
+    ((n.config.target_bits.floor() as u8).clamp(2, 8), 64)
+}
+
+/// The calibration stage of a method, or [`Stage::Direct`].
+fn stage(
+    o: &QuantizeOptions,
+    grid: Grid,
+    ggml: Option<GgmlSpec>,
+    novaq: Option<&NovaqSettings>,
+) -> Result<Stage> {
+    let calib = || {
+        o.calib
+            .clone()
+            .ok_or(PlanError::NeedsCalibration(o.method.name()))
+    };
+    let rotate = o.rotate.then_some(o.seed);
+    Ok(match o.method {
+        Method::Rtn | Method::Ternary if !o.rotate => Stage::Direct,
+        Method::Novaq if o.calib.is_none() => Stage::Direct,
+        Method::Apq => {
+            let overhead = match (o.group_size, o.sym) {
+                (0, _) => 0.0,
+                (g, true) => 16.0 / g as f64,
+                (g, false) => 32.0 / g as f64,
+            };
+            let (lo, hi) = (o.bits.lo, o.bits.hi);
+            Stage::Apq {
+                calib: calib()?,
+                settings: ApqSettings {
+                    target_bpw: o.target_bpw.unwrap_or((lo + hi) as f64 / 2.0 + overhead),
+                    widths: crate::apq::CANDIDATES
+                        .iter()
+                        .copied()
+                        .filter(|b| (lo..=hi).contains(b))
+                        .collect(),
+                    group_size: o.group_size,
+                    grid,
+                    awq: o.awq,
+                    refit: o.refit,
+                    damp: o.damp,
+                    act_order: o.act_order,
+                    max_ppl_delta: o.max_ppl_delta,
+                    max_bpw: o.max_bpw,
+                    promote_per_round: o.promote_per_round,
+                    max_rounds: o.max_rounds,
+                    heldout_windows: o.heldout_windows,
+                    gold_prompts: Vec::new(),
+                    gold_tokens: o.gold_tokens,
+                },
+            }
+        }
+        _ => {
+            let spec = match novaq {
+                Some(n) => CalibSpec {
+                    bits: novaq_comparison(n).0,
+                    group_size: novaq_comparison(n).1,
+                    grid: Grid::Asymmetric,
+                    rounding: Rounding::Novaq(n.config),
+                    awq: false,
+                    widths: Default::default(),
+                    keep_hessians: false,
+                    refit: false,
+                    ggml: None,
+                    rotate,
+                },
+                None => CalibSpec {
+                    bits: o.bits.hi,
+                    group_size: o.group_size,
+                    grid,
+                    rounding: match o.method {
+                        Method::Gptq => Rounding::Gptq {
+                            damp: o.damp,
+                            act_order: o.act_order,
+                        },
+                        _ => Rounding::Rtn,
+                    },
+                    awq: o.awq || o.method == Method::Awq,
+                    widths: Default::default(),
+                    keep_hessians: false,
+                    refit: o.refit,
+                    ggml,
+                    rotate,
+                },
+            };
+            Stage::Calibrate {
+                calib: calib()?,
+                spec,
+            }
+        }
+    })
+}
+
+impl Plan {
+    /// Validates `options`: every refusal of a setting or combination happens here.
+    pub fn new(options: QuantizeOptions) -> Result<Plan> {
+        let o = &options;
+        let Some(src) = o.src.clone() else {
+            bail!(
+                "no model to quantize: give a file, folder or hf://, https://, ollama:// locator"
+            );
+        };
+        let Some(out) = o.out.clone() else {
+            bail!("no output: name the bundle folder (or .gguf file) to write");
+        };
+        if o.bits.lo != o.bits.hi && o.method != Method::Apq {
+            bail!("bits {} is a range; only method apq mixes widths", o.bits);
+        }
+        let grid = if o.sym {
+            Grid::Symmetric
+        } else {
+            Grid::Asymmetric
+        };
+        let ggml = ggml_spec(o, grid)?;
+        check_rotation(o, ggml.is_some())?;
+        let novaq = novaq_settings(o)?;
+        let stage = stage(o, grid, ggml, novaq.as_ref())?;
+        let (bits, group_size) = match (o.method, &novaq) {
+            // Ternary codes live on the 2-bit symmetric grid; record what is stored.
+            (Method::Ternary, _) => (2, o.group_size),
+            (_, Some(n)) => novaq_comparison(n),
+            _ => (o.bits.hi, o.group_size),
+        };
+        let config = QuantizeConfig {
+            method: o.method,
+            bits,
+            group_size,
+            grid: if (o.sym && novaq.is_none()) || o.method == Method::Ternary {
+                Grid::Symmetric
+            } else {
+                Grid::Asymmetric
+            },
+            // Embeddings are part of APQ's mix: they take the width it chose.
+            embeddings: match o.method {
+                Method::Apq => EmbeddingMode::Quant,
+                _ => o.embeddings,
+            },
+            seed: o.seed,
+            shard_max_bytes: o.shard_size,
+            min_cosine: o.min_cosine,
+            max_bpw: o.max_bpw,
+            gptq: matches!(o.method, Method::Gptq | Method::Apq).then_some(GptqSettings {
+                damp: o.damp,
+                act_order: o.act_order,
+            }),
+            calibration: None,
+            ggml,
+            novaq,
+            rotate: o.rotate.then(|| RotateSettings {
+                kind: "hadamard".into(),
+                seed: o.seed,
+            }),
+            lossless: (o.lossless == Lossless::Rans).then(|| "rans".to_string()),
+            options: Some(o.recorded()),
+        };
+        Ok(Plan {
+            options,
+            src,
+            out,
+            stage,
+            config,
+        })
+    }
+
+    pub fn options(&self) -> &QuantizeOptions {
+        &self.options
+    }
+
+    /// The source as given (a path or a remote locator).
+    pub fn source(&self) -> &str {
+        &self.src
+    }
+
+    /// Checks the output, opens the source once, calibrates if the method needs it, writes
+    /// the bundle and, for `format: gguf`, exports it.
+    pub fn run(&self, progress: &mut dyn Progress) -> Result<Outcome> {
+        self.check_output()?;
+        let opened = adaptq_remote::open(&self.src).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.run_on(opened.source.as_ref(), &opened.locator, progress)
+    }
+
+    /// What is at the output, checked before any work.
+    fn check_output(&self) -> Result<()> {
+        let kind = match self.options.format {
+            OutputFormat::Gguf => gguf_kind(),
+            OutputFormat::Bundle => Kind::Folder,
+        };
+        Ok(check_replaceable(&self.out, self.options.force, kind)?)
+    }
+
+    /// [`Plan::run`] on a source already open (`locator` is what the manifest records).
+    pub fn run_on(
+        &self,
+        source: &dyn adaptq_source::TensorSource,
+        locator: &str,
+        progress: &mut dyn Progress,
+    ) -> Result<Outcome> {
+        let o = &self.options;
+        self.check_output()?;
+        // A GGUF is built from a bundle in a scratch folder beside the file, dropped after.
+        let scratch = match o.format {
+            OutputFormat::Gguf => Some(Staged::scratch(&self.out)?),
+            OutputFormat::Bundle => None,
+        };
+        let (bundle, force) = match &scratch {
+            Some(s) => (s.path().join("bundle"), false),
+            None => (self.out.clone(), o.force),
+        };
+        let pre = self.calibrate(source, progress)?;
+        let mut config = self.config.clone();
+        config.calibration = pre.as_ref().map(|p| p.info.config.clone());
+        progress.stage("quantize", "tensors", source.tensors().len());
+        let summary = quantize_model(
+            source,
+            &Target {
+                locator,
+                model_id: o.model_id.as_deref(),
+                out: &bundle,
+                force,
+            },
+            &config,
+            pre.as_ref().map(|p| p.borrow()),
+            &mut |d, t, b| progress.advance(d, t, b),
+        )?;
+        let gguf = match scratch {
+            Some(_) => Some(export_gguf(&bundle, &self.out, None, o.force, progress)?),
+            None => None,
+        };
+        Ok(Outcome {
+            summary,
+            out: self.out.clone(),
+            gguf,
+        })
+    }
+
+    /// The calibration stage's codes, or `None` when every tensor is rounded on its own.
+    fn calibrate(
+        &self,
+        source: &dyn adaptq_source::TensorSource,
+        progress: &mut dyn Progress,
+    ) -> Result<Option<Calibrated>> {
+        let o = &self.options;
+        let blocks = source.desc().n_layers;
+        Ok(match &self.stage {
+            Stage::Direct => None,
+            Stage::Calibrate { calib, spec } => {
+                progress.stage(o.method.name(), "blocks", blocks);
+                let (cal, info) = crate::calibrate::run(
+                    source,
+                    calib,
+                    o.calib_samples,
+                    o.seq_len,
+                    o.seed,
+                    spec,
+                    &mut |d, t| progress.advance(d, t, 0),
+                )?;
+                let extra = crate::calibrate::verification_sections(&cal)?;
+                Some(Calibrated {
+                    cal,
+                    info,
+                    extra,
+                    gates: Vec::new(),
+                })
+            }
+            Stage::Apq { calib, settings } => {
+                let settings = ApqSettings {
+                    gold_prompts: read_prompts(o.gold_prompts.as_deref())?,
+                    ..settings.clone()
+                };
+                let mut current = String::new();
+                let out = crate::apq::run(
+                    source,
+                    calib,
+                    o.calib_samples,
+                    o.seq_len,
+                    o.seed,
+                    &settings,
+                    &mut |stage, d, t| {
+                        if stage != current {
+                            current = stage.to_string();
+                            progress.stage(stage, "steps", t);
+                        }
+                        progress.advance(d, t, 0);
+                    },
+                )?;
+                Some(Calibrated {
+                    cal: out.cal,
+                    info: out.info,
+                    extra: out.extra,
+                    gates: out.gates,
+                })
+            }
+        })
+    }
+}
+
+/// What a calibrated stage hands to the bundle writer.
+struct Calibrated {
+    cal: crate::calibrate::Calibration,
+    info: crate::calibrate::CalibInfo,
+    extra: serde_json::Map<String, serde_json::Value>,
+    gates: Vec<crate::quantize::Gate>,
+}
+
+impl Calibrated {
+    fn borrow(&self) -> Precomputed<'_> {
+        Precomputed {
+            layers: &self.cal.layers,
+            info: &self.info,
+            overrides: &self.cal.overrides,
+            extra: self.extra.clone(),
+            gates: self.gates.clone(),
+        }
+    }
+}
+
+/// Gold prompts, one per line (blank lines skipped); the built-in set when no file is given.
+pub fn read_prompts(file: Option<&Path>) -> Result<Vec<String>> {
+    let text = match file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| anyhow::anyhow!("reading gold prompts {}: {e}", p.display()))?,
+        None => include_str!("../../../prompts/gold.txt").to_string(),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect())
+}
+
+/// What a forced run may replace at a GGUF output path: a GGUF adaptq wrote.
+pub fn gguf_kind() -> Kind<'static> {
+    Kind::File {
+        is_ours: &adaptq_export::is_adaptq_gguf,
+    }
+}
+
+/// Opens a bundle after checking every hash: exports never start from a bundle that fails.
+pub fn verified_bundle(dir: &Path) -> Result<adaptq_bundle::Bundle> {
+    if !dir.join(adaptq_bundle::MANIFEST).exists() {
+        bail!("{}: not a bundle (no manifest.json)", dir.display());
+    }
+    let rep = adaptq_bundle::verify_bundle(dir, |_| {});
+    if !rep.ok() {
+        bail!(
+            "{} does not verify; refusing to export it:\n{}",
+            dir.display(),
+            rep.problems.join("\n")
+        );
+    }
+    Ok(adaptq_bundle::Bundle::open(dir)?)
+}
+
+/// Verifies the bundle at `dir` and writes it as a GGUF file at `out`.
+pub fn export_gguf(
+    dir: &Path,
+    out: &Path,
+    force_type: Option<BlockType>,
+    force: bool,
+    progress: &mut dyn Progress,
+) -> Result<adaptq_export::ExportSummary> {
+    check_replaceable(out, force, gguf_kind())?;
+    let b = verified_bundle(dir)?;
+    progress.stage("export", "tensors", b.manifest.tensors.len());
+    adaptq_export::export_gguf(
+        &b,
+        out,
+        &adaptq_export::ExportOptions { force_type, force },
+        &mut |d, t| progress.advance(d, t, 0),
+    )
+}
+
+/// Parses a GGML type name, listing the known ones when it is not one.
+pub fn ggml_type(s: &str) -> Result<BlockType> {
+    parse_ggml(s)
+}

@@ -1,0 +1,300 @@
+//! Every method's path through `Plan`, on the tiny in-memory Llama: each run writes a bundle
+//! that verifies, with the tensors the method should have produced, in seconds. Refusals of
+//! impossible combinations come from `Plan::new`, before any work.
+
+use adaptq_pipeline::{
+    Bits, Choice, Lossless, Method, OutputFormat, Plan, PlanError, QuantizeOptions,
+};
+use adaptq_testutil::tiny::{text, TinyLlama};
+use std::path::{Path, PathBuf};
+
+/// A folder holding calibration text and the outputs of a test.
+struct Work {
+    dir: tempfile::TempDir,
+}
+
+impl Work {
+    fn new() -> Work {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("calib.txt"), text(1, 12_000)).unwrap();
+        Work { dir }
+    }
+    fn calib(&self) -> PathBuf {
+        self.dir.path().join("calib.txt")
+    }
+    fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// Options for a small calibrated run of `method` into `name`.
+    fn options(&self, name: &str, method: Method) -> QuantizeOptions {
+        QuantizeOptions {
+            src: Some("tiny".into()),
+            out: Some(self.out(name)),
+            method,
+            group_size: 32,
+            calib: Some(self.calib()),
+            calib_samples: 2,
+            seq_len: 32,
+            heldout_windows: 1,
+            gold_tokens: 2,
+            max_rounds: 1,
+            max_iterations: 3,
+            refine_iterations: 1,
+            min_cosine: 0.0,
+            ..Default::default()
+        }
+    }
+}
+
+/// Runs `options` on the tiny model; returns the manifest's encodings and methods by tensor.
+fn run(options: QuantizeOptions) -> (adaptq_pipeline::Outcome, Vec<(String, String, String)>) {
+    let plan = Plan::new(options).unwrap();
+    let model = TinyLlama::new(7);
+    let outcome = plan.run_on(&model, "file:tiny", &mut ()).unwrap();
+    let tensors = outcome
+        .summary
+        .manifest
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.encoding.label(), t.method.clone()))
+        .collect();
+    (outcome, tensors)
+}
+
+fn verifies(dir: &Path) {
+    let rep = adaptq_bundle::verify_bundle(dir, |_| {});
+    assert!(rep.ok(), "{:?}", rep.problems);
+}
+
+/// Encoding label and method of the first block's q projection.
+fn q_proj(tensors: &[(String, String, String)]) -> (&str, &str) {
+    let t = tensors
+        .iter()
+        .find(|t| t.0 == "model.layers.0.self_attn.q_proj.weight")
+        .expect("q_proj stored");
+    (t.1.as_str(), t.2.as_str())
+}
+
+#[test]
+fn rtn_ternary_and_uncalibrated_novaq_round_each_tensor_alone() {
+    let w = Work::new();
+    let cases = [
+        (Method::Rtn, "int4-g32-asym", "rtn"),
+        (Method::Ternary, "int2-g32-sym", "ternary"),
+        (Method::Novaq, "novaq", "novaq"),
+    ];
+    for (m, enc, method) in cases {
+        let o = QuantizeOptions {
+            calib: None,
+            ..w.options(m.name(), m)
+        };
+        let (out, t) = run(o);
+        verifies(&out.out);
+        let (e, me) = q_proj(&t);
+        assert!(e.starts_with(enc) && me == method, "{m:?}: {e} {me}");
+        assert!(out.summary.verification.calibration.is_none());
+        // Norms and the embedding stay float.
+        assert!(t.iter().any(|x| x.0 == "model.norm.weight" && x.1 == "f32"));
+        assert!(t
+            .iter()
+            .any(|x| x.0 == "model.embed_tokens.weight" && x.1 == "f16"));
+    }
+}
+
+#[test]
+fn calibrated_methods_record_their_calibration() {
+    let w = Work::new();
+    let cases = [
+        (Method::Gptq, false, "gptq"),
+        (Method::Awq, false, "awq+rtn"),
+        (Method::Gptq, true, "awq+gptq"),
+        (Method::Novaq, false, "novaq"),
+    ];
+    for (i, (m, awq, method)) in cases.into_iter().enumerate() {
+        let (out, t) = run(QuantizeOptions {
+            awq,
+            ..w.options(&format!("c{i}"), m)
+        });
+        verifies(&out.out);
+        assert_eq!(q_proj(&t).1, method);
+        let cal = out.summary.verification.calibration.as_ref().unwrap();
+        assert_eq!((cal.config.samples, cal.config.seq_len), (2, 32));
+        assert_eq!(cal.config.file, "calib.txt");
+    }
+}
+
+#[test]
+fn apq_mixes_widths_and_quantizes_the_embedding() {
+    let w = Work::new();
+    let (out, t) = run(QuantizeOptions {
+        bits: Bits { lo: 2, hi: 4 },
+        target_bpw: Some(3.5),
+        sym: true,
+        ..w.options("apq", Method::Apq)
+    });
+    verifies(&out.out);
+    let emb = t
+        .iter()
+        .find(|x| x.0 == "model.embed_tokens.weight")
+        .unwrap();
+    assert!(emb.1.starts_with("int"), "{emb:?}");
+    let gates: Vec<&str> = out
+        .summary
+        .verification
+        .gates
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
+    assert!(gates.contains(&"heldout_ppl_delta"), "{gates:?}");
+}
+
+#[test]
+fn rotation_ggml_gguf_and_rans_take_their_paths() {
+    let w = Work::new();
+    let (out, t) = run(QuantizeOptions {
+        rotate: true,
+        ..w.options("rot", Method::Rtn)
+    });
+    verifies(&out.out);
+    assert_eq!(q_proj(&t).1, "rtn");
+    assert!(out.summary.manifest.quantization["rotate"]["seed"].is_u64());
+
+    // 64-wide rows do not fit Q4_K's 256 blocks: llama.cpp's fallback, Q5_0.
+    let (out, t) = run(QuantizeOptions {
+        ggml_type: Some("q4_k".into()),
+        ..w.options("ggml", Method::Gptq)
+    });
+    verifies(&out.out);
+    assert_eq!(q_proj(&t), ("ggml-Q5_0", "gptq"));
+
+    let (out, _) = run(QuantizeOptions {
+        format: OutputFormat::Gguf,
+        calib: None,
+        ..w.options("m.gguf", Method::Rtn)
+    });
+    assert!(out.gguf.is_some() && out.out.is_file());
+    assert!(adaptq_export::is_adaptq_gguf(&out.out));
+
+    let (out, _) = run(QuantizeOptions {
+        lossless: Lossless::Rans,
+        calib: None,
+        bits: Bits::one(3),
+        ..w.options("rans", Method::Rtn)
+    });
+    verifies(&out.out);
+    assert!(out.summary.verification.totals.lossless_ratio.is_some());
+}
+
+#[test]
+fn the_same_options_give_the_same_bundle() {
+    let w = Work::new();
+    let digest = |name: &str| {
+        run(w.options(name, Method::Gptq))
+            .0
+            .summary
+            .manifest
+            .global_digest
+    };
+    assert_eq!(digest("a"), digest("b"));
+}
+
+#[test]
+fn impossible_combinations_are_refused_before_any_work() {
+    let w = Work::new();
+    let refused = |o: QuantizeOptions, what: &str| {
+        let e = format!("{:#}", Plan::new(o).err().expect("refused"));
+        assert!(e.contains(what), "'{what}' not in: {e}");
+    };
+    let o = |m| w.options("x", m);
+    refused(
+        QuantizeOptions {
+            rotate: true,
+            ..o(Method::Apq)
+        },
+        "rotation works with",
+    );
+    refused(
+        QuantizeOptions {
+            rotate: true,
+            awq: true,
+            ..o(Method::Gptq)
+        },
+        "AWQ",
+    );
+    refused(
+        QuantizeOptions {
+            rotate: true,
+            calib: None,
+            ..o(Method::Rtn)
+        },
+        "calibration text",
+    );
+    refused(
+        QuantizeOptions {
+            rotate: true,
+            format: OutputFormat::Gguf,
+            ..o(Method::Rtn)
+        },
+        "llama.cpp",
+    );
+    refused(
+        QuantizeOptions {
+            bits: Bits { lo: 3, hi: 4 },
+            ..o(Method::Gptq)
+        },
+        "is a range",
+    );
+    refused(
+        QuantizeOptions {
+            target_bits: Some(2.0),
+            ..o(Method::Rtn)
+        },
+        "NOVAQ settings",
+    );
+    refused(
+        QuantizeOptions {
+            ggml_type: Some("q4_0".into()),
+            ..o(Method::Apq)
+        },
+        "GGML types",
+    );
+    refused(
+        QuantizeOptions {
+            ggml_type: Some("q4_0".into()),
+            refit: true,
+            ..o(Method::Gptq)
+        },
+        "refit",
+    );
+    refused(
+        QuantizeOptions {
+            format: OutputFormat::Gguf,
+            ..o(Method::Novaq)
+        },
+        "codebooks",
+    );
+    refused(
+        QuantizeOptions {
+            ggml_type: Some("q9_9".into()),
+            ..o(Method::Rtn)
+        },
+        "unknown GGML type",
+    );
+    refused(
+        QuantizeOptions {
+            src: None,
+            ..o(Method::Rtn)
+        },
+        "no model",
+    );
+    let e = Plan::new(QuantizeOptions {
+        calib: None,
+        ..o(Method::Gptq)
+    })
+    .err()
+    .unwrap();
+    assert!(
+        matches!(e.downcast_ref(), Some(PlanError::NeedsCalibration("gptq"))),
+        "{e}"
+    );
+}
