@@ -55,92 +55,10 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
     (out, peak.max(0) as usize)
 }
 
-// ---------- a GGUF v3 builder for crafted inputs ----------
+// ---------- crafted inputs ----------
 
-fn put_str(out: &mut Vec<u8>, v: &[u8]) {
-    out.extend((v.len() as u64).to_le_bytes());
-    out.extend(v);
-}
-
-#[derive(Clone)]
-struct Gguf {
-    kv: Vec<u8>,
-    n_kv: u64,
-    infos: Vec<u8>,
-    n_tensors: u64,
-    align: usize,
-    data: Vec<u8>,
-}
-
-impl Gguf {
-    fn empty() -> Self {
-        Gguf {
-            kv: Vec::new(),
-            n_kv: 0,
-            infos: Vec::new(),
-            n_tensors: 0,
-            align: 32,
-            data: Vec::new(),
-        }
-    }
-    /// The metadata a llama model needs to open.
-    fn llama() -> Self {
-        Self::empty()
-            .kv_str("general.architecture", "llama")
-            .kv_u32("llama.block_count", 1)
-            .kv_u32("llama.embedding_length", 8)
-            .kv_u32("llama.attention.head_count", 2)
-            .kv_u32("llama.feed_forward_length", 16)
-            .kv_u32("llama.context_length", 64)
-    }
-    fn kv_raw(mut self, key: &str, ty: u32, value: &[u8]) -> Self {
-        put_str(&mut self.kv, key.as_bytes());
-        self.kv.extend(ty.to_le_bytes());
-        self.kv.extend(value);
-        self.n_kv += 1;
-        self
-    }
-    fn kv_u32(self, key: &str, v: u32) -> Self {
-        self.kv_raw(key, 4, &v.to_le_bytes())
-    }
-    fn kv_str(self, key: &str, v: &str) -> Self {
-        let mut b = Vec::new();
-        put_str(&mut b, v.as_bytes());
-        self.kv_raw(key, 8, &b)
-    }
-    fn alignment(mut self, a: u32) -> Self {
-        self.align = a as usize;
-        self.kv_u32("general.alignment", a)
-    }
-    fn tensor(mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
-        put_str(&mut self.infos, name.as_bytes());
-        self.infos.extend((dims.len() as u32).to_le_bytes());
-        for d in dims {
-            self.infos.extend(d.to_le_bytes());
-        }
-        self.infos.extend(ty.to_le_bytes());
-        self.infos.extend(offset.to_le_bytes());
-        self.n_tensors += 1;
-        self
-    }
-    fn data(mut self, d: &[u8]) -> Self {
-        self.data.extend(d);
-        self
-    }
-    fn build(&self) -> Vec<u8> {
-        let mut h = b"GGUF".to_vec();
-        h.extend(3u32.to_le_bytes());
-        h.extend(self.n_tensors.to_le_bytes());
-        h.extend(self.n_kv.to_le_bytes());
-        h.extend(&self.kv);
-        h.extend(&self.infos);
-        while !h.len().is_multiple_of(self.align) {
-            h.push(0);
-        }
-        h.extend(&self.data);
-        h
-    }
-}
+use adaptq_testutil::gguf::{Builder as Gguf, Writer};
+use adaptq_testutil::safetensors::{file as st, one_byte};
 
 fn mem(bytes: Vec<u8>) -> Box<dyn Blob> {
     Box::new(MemBlob {
@@ -201,11 +119,7 @@ fn claimed(bytes: Vec<u8>, len: u64) -> Claimed {
 
 #[test]
 fn huge_metadata_count_on_a_huge_claimed_file_is_refused_without_allocating() {
-    let mut h = b"GGUF".to_vec();
-    h.extend(3u32.to_le_bytes());
-    h.extend(0u64.to_le_bytes());
-    h.extend((1u64 << 57).to_le_bytes());
-    let blob = claimed(h, 1 << 62);
+    let blob = claimed(Writer::header(3, 0, 1 << 57).b, 1 << 62);
     let (r, peak) = peak_of(|| adaptq_source::gguf::read_header(&blob));
     let e = r.expect_err("2^57 metadata entries accepted").to_string();
     assert!(e.contains("metadata count"), "{e}");
@@ -218,18 +132,9 @@ fn huge_metadata_count_on_a_huge_claimed_file_is_refused_without_allocating() {
 fn header_counts_and_lengths_past_the_header_limit_are_refused() {
     // A tensor count over the absolute cap, a key length of 2^40, an array of 2^40 strings:
     // each fits a 2^62-byte claim but no header, and must fail before any fetch of that size.
-    let mut tensors = b"GGUF".to_vec();
-    tensors.extend(3u32.to_le_bytes());
-    tensors.extend((1u64 << 40).to_le_bytes());
-    tensors.extend(0u64.to_le_bytes());
-    let mut key = b"GGUF".to_vec();
-    key.extend(3u32.to_le_bytes());
-    key.extend(0u64.to_le_bytes());
-    key.extend(1u64.to_le_bytes());
-    key.extend((1u64 << 40).to_le_bytes());
-    let mut arr = Vec::new();
-    arr.extend(8u32.to_le_bytes());
-    arr.extend((1u64 << 40).to_le_bytes());
+    let tensors = Writer::header(3, 1 << 40, 0).b;
+    let key = Writer::header(3, 0, 1).u64(1 << 40).b.clone();
+    let arr = Writer::default().u32(8).u64(1 << 40).b.clone();
     let array = Gguf::empty().kv_raw("a", 9, &arr).build();
     for (bytes, want) in [
         (tensors, "tensor count"),
@@ -253,13 +158,12 @@ fn header_counts_and_lengths_past_the_header_limit_are_refused() {
 
 #[test]
 fn a_string_longer_than_any_header_is_refused_before_fetching_it() {
-    let mut h = b"GGUF".to_vec();
-    h.extend(3u32.to_le_bytes());
-    h.extend(0u64.to_le_bytes());
-    h.extend(1u64.to_le_bytes());
-    put_str(&mut h, b"k");
-    h.extend(8u32.to_le_bytes());
-    h.extend((300u64 << 20).to_le_bytes());
+    let h = Writer::header(3, 0, 1)
+        .str("k")
+        .u32(8)
+        .u64(300 << 20)
+        .b
+        .clone();
     let blob = claimed(h, 1 << 62);
     let e = adaptq_source::gguf::read_header(&blob)
         .expect_err("300 MiB string accepted")
@@ -368,19 +272,12 @@ fn worst_case_metadata_shapes_stay_within_a_small_multiple() {
 
 #[test]
 fn compact_arrays_keep_the_metadata_api() {
-    let mut toks = Vec::new();
-    for t in ["a", "", "bc"] {
-        put_str(&mut toks, t.as_bytes());
-    }
-    let mut arr = vec![];
-    arr.extend(8u32.to_le_bytes());
-    arr.extend(3u64.to_le_bytes());
-    arr.extend(&toks);
-    let mut types = vec![];
-    types.extend(5u32.to_le_bytes());
-    types.extend(2u64.to_le_bytes());
-    types.extend((-1i32).to_le_bytes());
-    types.extend(3i32.to_le_bytes());
+    let mut arr = Writer::default();
+    arr.u32(8).u64(3).str("a").str("").str("bc");
+    let arr = arr.b;
+    let mut types = Writer::default();
+    types.u32(5).u64(2).u32(-1i32 as u32).u32(3);
+    let types = types.b;
     let file = Gguf::empty()
         .kv_raw("t", 9, &arr)
         .kv_raw("y", 9, &types)
@@ -506,13 +403,6 @@ fn misaligned_block_data_decodes_through_an_aligned_copy() {
 
 // ---------- item 12: safetensors headers ----------
 
-fn st(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut b = (header.len() as u64).to_le_bytes().to_vec();
-    b.extend(header.as_bytes());
-    b.extend(data);
-    b
-}
-
 fn st_err(header: &str, data: &[u8]) -> String {
     let blob = Box::new(MemBlob {
         label: PathBuf::from("crafted.safetensors"),
@@ -610,10 +500,7 @@ fn duplicate_safetensors_keys_are_refused() {
     let shard = |name: &str| -> Box<dyn Blob> {
         Box::new(MemBlob {
             label: PathBuf::from(name),
-            bytes: st(
-                r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-                &[0],
-            ),
+            bytes: one_byte("x"),
         })
     };
     let e = SafetensorsSource::from_blobs(
@@ -655,14 +542,7 @@ fn escape_codes_in_an_architecture_string_are_not_printed_raw() {
     assert!(e.contains("\\u{1b}]0;owned"), "{e}");
     // A hugging-face config names its file too.
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(
-        d.path().join("model.safetensors"),
-        st(
-            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-            &[0],
-        ),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("model.safetensors"), one_byte("a")).unwrap();
     std::fs::write(
         d.path().join("config.json"),
         r#"{"model_type":"\u001b[31mgpt"}"#,
@@ -731,14 +611,7 @@ fn a_local_index_pointing_outside_its_folder_is_refused() {
     let t = tempfile::tempdir().unwrap();
     let inner = t.path().join("model");
     std::fs::create_dir(&inner).unwrap();
-    std::fs::write(
-        t.path().join("outside.safetensors"),
-        st(
-            r#"{"x":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-            &[0],
-        ),
-    )
-    .unwrap();
+    std::fs::write(t.path().join("outside.safetensors"), one_byte("x")).unwrap();
     std::fs::write(
         inner.join("model.safetensors.index.json"),
         br#"{"weight_map":{"x":"../outside.safetensors"}}"#,
@@ -754,23 +627,11 @@ fn a_local_index_pointing_outside_its_folder_is_refused() {
 /// Runs `f` on a thread and fails the test if it has not returned within 20 s (a FIFO used
 /// to block the open forever).
 fn within_time<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("reading a non-regular file hung")
+    adaptq_testutil::files::within("reading a non-regular file", 20, f)
 }
 
 #[cfg(unix)]
-fn mkfifo(p: &Path) {
-    let ok = std::process::Command::new("mkfifo")
-        .arg(p)
-        .status()
-        .expect("mkfifo runs")
-        .success();
-    assert!(ok, "mkfifo {}", p.display());
-}
+use adaptq_testutil::files::mkfifo;
 
 #[cfg(unix)]
 #[test]
@@ -799,14 +660,7 @@ fn fifos_and_devices_are_refused_not_waited_on() {
     assert!(e.contains("not a regular file"), "{e}");
 
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(
-        d.path().join("model.safetensors"),
-        st(
-            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-            &[0],
-        ),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("model.safetensors"), one_byte("a")).unwrap();
     mkfifo(&d.path().join("config.json"));
     let p = d.path().to_path_buf();
     let e = within_time(move || open(&p).err().map(|e| e.to_string())).expect("opened");

@@ -11,107 +11,31 @@ use adaptq_source::blob::MemBlob;
 use adaptq_source::gguf::{parse_header, GgufSource};
 use adaptq_source::safetensors::{header_of, index_shard_names, SafetensorsSource};
 use adaptq_source::TensorSource;
+use adaptq_testutil::gguf::Writer as Gguf;
 use adaptq_testutil::mutate::{
     finish, fuzz_seed_writer, json_mutate, mutate_bytes, run, Capped, Rng,
 };
+use adaptq_testutil::safetensors::{file as st_file, float_trio, LLAMA_CONFIG};
 use std::path::{Path, PathBuf};
 
 #[global_allocator]
 static ALLOC: Capped = Capped;
 
-/// A little-endian writer that records where its integer fields are, so mutations can aim
-/// boundary values at counts, lengths, types and offsets.
-#[derive(Default, Clone)]
-struct Gguf {
-    b: Vec<u8>,
-    fields: Vec<(usize, usize)>,
-}
-
-impl Gguf {
-    /// The magic, then `version` and the tensor and key-value counts.
-    fn header(version: u32, tensors: u64, kvs: u64) -> Self {
-        let mut g = Gguf::default();
-        g.b.extend(b"GGUF");
-        g.u32(version).u64(tensors).u64(kvs);
-        g
-    }
-    fn u32(&mut self, v: u32) -> &mut Self {
-        self.fields.push((self.b.len(), 4));
-        self.b.extend(v.to_le_bytes());
-        self
-    }
-    fn u64(&mut self, v: u64) -> &mut Self {
-        self.fields.push((self.b.len(), 8));
-        self.b.extend(v.to_le_bytes());
-        self
-    }
-    fn str(&mut self, s: &str) -> &mut Self {
-        self.u64(s.len() as u64);
-        self.b.extend(s.as_bytes());
-        self
-    }
-    fn kv_u32(&mut self, k: &str, v: u32) -> &mut Self {
-        self.str(k).u32(4).u32(v)
-    }
-    /// `general.architecture` = `arch`, then each `<arch>.<key>` = value (u32).
-    fn kv_model(&mut self, arch: &str, hparams: &[(&str, u32)]) -> &mut Self {
-        self.kv_str("general.architecture", arch);
-        for &(k, v) in hparams {
-            self.kv_u32(&format!("{arch}.{k}"), v);
-        }
-        self
-    }
-    fn kv_str(&mut self, k: &str, v: &str) -> &mut Self {
-        self.str(k).u32(8).str(v)
-    }
-    /// An array of `n` items of type `ty`, each written by `item`.
-    fn kv_arr(&mut self, k: &str, ty: u32, n: u64, item: impl Fn(&mut Self, u64)) -> &mut Self {
-        self.str(k).u32(9).u32(ty).u64(n);
-        for i in 0..n {
-            item(self, i);
-        }
-        self
-    }
-    fn tensor(&mut self, name: &str, ne: &[u64], ty: u32, off: u64) -> &mut Self {
-        self.str(name).u32(ne.len() as u32);
-        for &d in ne {
-            self.u64(d);
-        }
-        self.u32(ty).u64(off)
-    }
-    fn align(&mut self, a: usize) -> &mut Self {
-        while !self.b.len().is_multiple_of(a) {
-            self.b.push(0);
-        }
-        self
-    }
-    fn data(&mut self, n: usize, seed: u64) -> &mut Self {
-        let mut r = Rng(seed);
-        // Plausible f16 scales (so dequantized values are finite) over random quants.
-        self.b
-            .extend((0..n).map(|i| if i % 2 == 1 { 0x3c } else { r.next() as u8 }));
-        self
-    }
+/// Appends `n` bytes of tensor data: plausible f16 scales (so dequantized values are finite)
+/// over random quants.
+fn put_data(g: &mut Gguf, n: usize, seed: u64) -> &mut Gguf {
+    let mut r = Rng(seed);
+    g.raw(
+        &(0..n)
+            .map(|i| if i % 2 == 1 { 0x3c } else { r.next() as u8 })
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// The hand-made llama of `readers.rs`: one F32 norm [8] and one Q8_0 matrix [2 x 32].
 fn gguf_tiny() -> Gguf {
-    let mut g = Gguf::header(3, 2, 7);
-    g.kv_model(
-        "llama",
-        &[
-            ("block_count", 1),
-            ("embedding_length", 8),
-            ("attention.head_count", 2),
-            ("feed_forward_length", 16),
-            ("context_length", 64),
-        ],
-    )
-    .kv_str("general.name", "tiny");
-    g.tensor("blk.0.attn_norm.weight", &[8], 0, 0)
-        .tensor("blk.0.attn_q.weight", &[32, 2], 8, 32)
-        .align(32)
-        .data(32 + 2 * 34, 1);
+    let mut g = adaptq_testutil::gguf::tiny_llama();
+    put_data(&mut g, 32 + 2 * 34, 1);
     g
 }
 
@@ -138,11 +62,9 @@ fn gguf_rich() -> Gguf {
     g.str("general.file_type").u32(10).u64(2);
     g.str("general.quantized_by").u32(11).u64(-7i64 as u64);
     g.str("general.flag").u32(7);
-    g.b.push(1);
-    g.str("general.small").u32(0);
-    g.b.push(200);
-    g.str("general.u16").u32(2);
-    g.b.extend(7u16.to_le_bytes());
+    g.raw(&[1]);
+    g.str("general.small").u32(0).raw(&[200]);
+    g.str("general.u16").u32(2).raw(&7u16.to_le_bytes());
     g.kv_str("tokenizer.ggml.model", "gpt2")
         .kv_arr("tokenizer.ggml.tokens", 8, 6, |g, i| {
             g.str(["<s>", "</s>", "a", "b", "ab", "é"][i as usize]);
@@ -155,8 +77,9 @@ fn gguf_rich() -> Gguf {
     });
     // An array of arrays of u8.
     g.kv_arr("general.nested", 9, 2, |g, i| {
-        g.u32(0).u64(i + 1);
-        g.b.extend((0..=i).map(|x| x as u8));
+        g.u32(0)
+            .u64(i + 1)
+            .raw(&(0..=i).map(|x| x as u8).collect::<Vec<u8>>());
     });
     let mut off = 0u64;
     let mut data = Vec::new();
@@ -175,8 +98,7 @@ fn gguf_rich() -> Gguf {
     }
     g.align(64);
     for (i, n) in data.into_iter().enumerate() {
-        g.data(n, i as u64);
-        g.align(64);
+        put_data(&mut g, n, i as u64).align(64);
     }
     g
 }
@@ -195,8 +117,8 @@ fn gguf_bert() -> Gguf {
         ],
     );
     g.tensor("blk.0.attn_output_norm.weight", &[8], 0, 0)
-        .align(32)
-        .data(32, 7);
+        .align(32);
+    put_data(&mut g, 32, 7);
     g
 }
 
@@ -260,26 +182,9 @@ fn gguf_reader_survives_mutated_files() {
     finish(&[r]);
 }
 
-fn st_file(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut b = (header.len() as u64).to_le_bytes().to_vec();
-    b.extend(header.as_bytes());
-    b.extend(data);
-    b
-}
-
 /// (header, data) pairs: the float trio of `readers.rs`, and integer, empty and 3-d tensors.
 fn st_seeds() -> Vec<(String, Vec<u8>)> {
-    let mut data = Vec::new();
-    for v in [1.0f32, -2.0] {
-        data.extend(v.to_le_bytes());
-    }
-    for v in [0.5f32, 3.0] {
-        data.extend(half::f16::from_f32(v).to_le_bytes());
-    }
-    for v in [-1.5f32, 8.0] {
-        data.extend(half::bf16::from_f32(v).to_le_bytes());
-    }
-    let a = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[1,2],"data_offsets":[8,12]},"c":{"dtype":"BF16","shape":[2],"data_offsets":[12,16]}}"#;
+    let (a, data) = float_trio();
     let b = r#"{"ids":{"dtype":"I64","shape":[1,3],"data_offsets":[0,24]},"mask":{"dtype":"I32","shape":[2],"data_offsets":[24,32]},"u":{"dtype":"U8","shape":[4],"data_offsets":[32,36]},"none":{"dtype":"F32","shape":[0,5],"data_offsets":[36,36]},"w":{"dtype":"F32","shape":[1,2,2],"data_offsets":[36,52]},"__metadata__":{}}"#;
     let bdata: Vec<u8> = (0..52u8).map(|i| i.wrapping_mul(37)).collect();
     vec![(a.into(), data), (b.into(), bdata)]
@@ -308,11 +213,7 @@ fn check_st(dir: &Path, files: &[Vec<u8>]) -> bool {
 #[test]
 fn safetensors_header_survives_mutated_files() {
     let t = tempfile::tempdir().unwrap();
-    std::fs::write(
-        t.path().join("config.json"),
-        br#"{"model_type":"llama","architectures":["LlamaForCausalLM"],"num_attention_heads":2,"num_hidden_layers":1,"hidden_size":4,"intermediate_size":8,"vocab_size":3,"num_key_value_heads":1}"#,
-    )
-    .unwrap();
+    std::fs::write(t.path().join("config.json"), LLAMA_CONFIG).unwrap();
     let seeds = st_seeds();
     for (h, d) in &seeds {
         let blob = MemBlob {

@@ -1,57 +1,14 @@
 //! Reader tests: hand-made valid and corrupt files, and both real fixture models.
 
 use adaptq_source::model::{role_of, Family, RopeStyle};
-use adaptq_source::{open, SourceError, SrcDType, TensorRole};
-use std::path::{Path, PathBuf};
+use adaptq_source::{open, SourceError, SrcDType, TensorRole, TensorSource};
+use std::path::Path;
 
-// ---------- a minimal GGUF v3 writer for hand-made inputs ----------
-
-fn s(out: &mut Vec<u8>, v: &str) {
-    out.extend((v.len() as u64).to_le_bytes());
-    out.extend(v.as_bytes());
-}
-
-fn kv_u32(out: &mut Vec<u8>, k: &str, v: u32) {
-    s(out, k);
-    out.extend(4u32.to_le_bytes());
-    out.extend(v.to_le_bytes());
-}
-
-fn kv_str(out: &mut Vec<u8>, k: &str, v: &str) {
-    s(out, k);
-    out.extend(8u32.to_le_bytes());
-    s(out, v);
-}
+use adaptq_testutil::safetensors::{file as tiny_safetensors, write, BERT_CONFIG, LLAMA_CONFIG};
 
 /// A tiny llama GGUF: one F32 norm [8] and one Q8_0 matrix [2 rows x 32 cols].
 fn tiny_gguf() -> Vec<u8> {
-    let mut h = Vec::new();
-    h.extend(b"GGUF");
-    h.extend(3u32.to_le_bytes());
-    h.extend(2u64.to_le_bytes()); // tensors
-    h.extend(7u64.to_le_bytes()); // kv
-    kv_str(&mut h, "general.architecture", "llama");
-    kv_u32(&mut h, "llama.block_count", 1);
-    kv_u32(&mut h, "llama.embedding_length", 8);
-    kv_u32(&mut h, "llama.attention.head_count", 2);
-    kv_u32(&mut h, "llama.feed_forward_length", 16);
-    kv_u32(&mut h, "llama.context_length", 64);
-    kv_str(&mut h, "general.name", "tiny");
-    // tensor infos
-    s(&mut h, "blk.0.attn_norm.weight");
-    h.extend(1u32.to_le_bytes());
-    h.extend(8u64.to_le_bytes());
-    h.extend(0u32.to_le_bytes()); // F32
-    h.extend(0u64.to_le_bytes());
-    s(&mut h, "blk.0.attn_q.weight");
-    h.extend(2u32.to_le_bytes());
-    h.extend(32u64.to_le_bytes()); // ne0 = cols
-    h.extend(2u64.to_le_bytes()); // ne1 = rows
-    h.extend(8u32.to_le_bytes()); // Q8_0
-    h.extend(32u64.to_le_bytes()); // offset after the 32-byte norm
-    while h.len() % 32 != 0 {
-        h.push(0);
-    }
+    let mut h = adaptq_testutil::gguf::tiny_llama().b;
     for i in 0..8 {
         h.extend((i as f32 * 0.5).to_le_bytes());
     }
@@ -63,12 +20,6 @@ fn tiny_gguf() -> Vec<u8> {
         }
     }
     h
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, bytes).unwrap();
-    p
 }
 
 #[test]
@@ -167,13 +118,6 @@ fn missing_file_is_named() {
 
 // ---------- safetensors ----------
 
-fn tiny_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut b = (header.len() as u64).to_le_bytes().to_vec();
-    b.extend(header.as_bytes());
-    b.extend(data);
-    b
-}
-
 fn st_dir(header: &str, data: &[u8]) -> tempfile::TempDir {
     let t = tempfile::tempdir().unwrap();
     write(
@@ -181,27 +125,13 @@ fn st_dir(header: &str, data: &[u8]) -> tempfile::TempDir {
         "model.safetensors",
         &tiny_safetensors(header, data),
     );
-    write(
-        t.path(),
-        "config.json",
-        br#"{"model_type":"llama","architectures":["LlamaForCausalLM"],"num_attention_heads":2,"num_hidden_layers":1,"hidden_size":4,"intermediate_size":8,"vocab_size":3,"num_key_value_heads":1}"#,
-    );
+    write(t.path(), "config.json", LLAMA_CONFIG);
     t
 }
 
 #[test]
 fn handmade_safetensors_f32_f16_bf16() {
-    let mut data = Vec::new();
-    for v in [1.0f32, -2.0] {
-        data.extend(v.to_le_bytes());
-    }
-    for v in [0.5f32, 3.0] {
-        data.extend(half::f16::from_f32(v).to_le_bytes());
-    }
-    for v in [-1.5f32, 8.0] {
-        data.extend(half::bf16::from_f32(v).to_le_bytes());
-    }
-    let h = r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F16","shape":[1,2],"data_offsets":[8,12]},"c":{"dtype":"BF16","shape":[2],"data_offsets":[12,16]}}"#;
+    let (h, data) = adaptq_testutil::safetensors::float_trio();
     let t = st_dir(h, &data);
     let src = open(t.path()).unwrap();
     assert_eq!(src.read_f32("a").unwrap(), vec![1.0, -2.0]);
@@ -231,7 +161,7 @@ fn sharded_safetensors_with_index() {
         "model.safetensors.index.json",
         br#"{"weight_map":{"y":"model-00002-of-00002.safetensors","x":"model-00001-of-00002.safetensors"}}"#,
     );
-    write(t.path(), "config.json", br#"{"model_type":"bert","num_attention_heads":1,"num_hidden_layers":1,"hidden_size":1,"intermediate_size":1,"vocab_size":1}"#);
+    write(t.path(), "config.json", BERT_CONFIG);
     let src = open(t.path()).unwrap();
     let names: Vec<_> = src.tensors().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["x", "y"]);
@@ -268,7 +198,7 @@ fn corrupt_safetensors_give_named_errors() {
     for (bytes, want) in cases {
         let t = tempfile::tempdir().unwrap();
         let p = write(t.path(), "m.safetensors", &bytes);
-        write(t.path(), "config.json", br#"{"model_type":"bert","num_attention_heads":1,"num_hidden_layers":1,"hidden_size":1,"intermediate_size":1,"vocab_size":1}"#);
+        write(t.path(), "config.json", BERT_CONFIG);
         let e = open(&p)
             .err()
             .unwrap_or_else(|| panic!("accepted: {want}"))
@@ -300,12 +230,22 @@ fn safetensors_without_config_explains() {
 
 // ---------- real fixtures ----------
 
+/// Opens a real fixture model, asserting its family; with the count of its linear tensors.
+fn fixture(p: &Path, family: Family) -> (Box<dyn TensorSource>, usize) {
+    let src = open(p).unwrap();
+    assert_eq!(src.desc().family, family);
+    let linear = src
+        .tensors()
+        .iter()
+        .filter(|t| role_of(t) == TensorRole::Linear)
+        .count();
+    (src, linear)
+}
+
 #[test]
 fn smollm2_gguf_fixture() {
-    let p = adaptq_testutil::smollm2_gguf();
-    let src = open(&p).unwrap();
+    let (src, linear) = fixture(&adaptq_testutil::smollm2_gguf(), Family::Llama);
     let d = src.desc();
-    assert_eq!(d.family, Family::Llama);
     assert_eq!(
         (d.n_layers, d.hidden, d.n_heads, d.n_kv_heads, d.ffn_dim),
         (30, 576, 9, 3, 1536)
@@ -315,11 +255,6 @@ fn smollm2_gguf_fixture() {
     assert_eq!(src.tensors().len(), 272);
     let params: usize = src.tensors().iter().map(|t| t.numel()).sum();
     assert_eq!(params, 134_515_008); // the anchors' figure
-    let linear = src
-        .tensors()
-        .iter()
-        .filter(|t| role_of(t) == TensorRole::Linear)
-        .count();
     assert_eq!(linear, 30 * 7);
     // Independent Q4_1 decode of the first block of a Q4_1 tensor.
     let name = "blk.0.attn_q.weight";
@@ -349,10 +284,8 @@ fn smollm2_gguf_fixture() {
 
 #[test]
 fn minilm_safetensors_fixture() {
-    let p = adaptq_testutil::minilm();
-    let src = open(&p).unwrap();
+    let (src, linear) = fixture(&adaptq_testutil::minilm(), Family::Bert);
     let d = src.desc();
-    assert_eq!(d.family, Family::Bert);
     assert_eq!(
         (d.n_layers, d.hidden, d.n_heads, d.ffn_dim, d.vocab_size),
         (6, 384, 12, 1536, 30522)
@@ -371,11 +304,6 @@ fn minilm_safetensors_fixture() {
         .read_f32("encoder.layer.0.attention.self.query.weight")
         .unwrap();
     assert!(w.iter().all(|v| v.is_finite()) && w.iter().any(|&v| v != 0.0));
-    let linear = src
-        .tensors()
-        .iter()
-        .filter(|t| role_of(t) == TensorRole::Linear)
-        .count();
     assert_eq!(linear, 6 * 6 + 1); // q, k, v, attn out, intermediate, output per layer + pooler
 }
 
