@@ -1,6 +1,7 @@
 //! Tokenizers and forward passes on the real fixture models.
 
 use adaptq_model::tokenizer::{decode, encode, encode_special};
+use adaptq_testutil::compare::{cosine, max_abs_diff};
 
 fn smollm_tokenizer() -> tokenizers::Tokenizer {
     adaptq_model::open_weights(&adaptq_testutil::smollm2_gguf())
@@ -39,35 +40,19 @@ fn minilm_matches_independent_numpy_reference() {
         serde_json::from_str(include_str!("data/minilm_reference.json")).unwrap();
     for r in refs.as_array().unwrap() {
         let s = r["sentence"].as_str().unwrap();
-        let want_ids: Vec<u32> = r["ids"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as u32)
-            .collect();
+        let want_ids: Vec<u32> = numbers(&r["ids"], |v| v.as_u64().unwrap() as u32);
         let ids = encode_special(&m.tokenizer, s).unwrap();
         assert_eq!(ids, want_ids, "tokenization of '{s}'");
-        let want: Vec<f32> = r["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
+        let want: Vec<f32> = numbers(&r["embedding"], |v| v.as_f64().unwrap() as f32);
         let got = bert.embed(&ids).unwrap();
-        let cos = adaptq_eval_cosine(&got, &want);
+        let cos = cosine(&got, &want);
         assert!(cos >= 0.9999, "'{s}': cosine {cos}");
-        let max = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let max = max_abs_diff(&got, &want);
         assert!(max < 1e-3, "'{s}': max abs difference {max}");
     }
 }
 
-fn adaptq_eval_cosine(a: &[f32], b: &[f32]) -> f64 {
-    let d: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    d / (na * nb)
+/// The items of a JSON array, each converted by `f`.
+fn numbers<T>(v: &serde_json::Value, f: impl Fn(&serde_json::Value) -> T) -> Vec<T> {
+    v.as_array().unwrap().iter().map(f).collect()
 }

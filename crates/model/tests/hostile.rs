@@ -5,32 +5,18 @@
 use adaptq_model::bert::Bert;
 mod common;
 
-use adaptq_source::model::{Family, ModelDesc, RopeStyle};
+use adaptq_source::model::{Family, ModelDesc};
 use common::Mem;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 /// A complete one-layer BERT of hidden size 4, so that loading gets past every tensor and only
 /// the head count can be at fault.
 fn tiny_bert(n_heads: usize) -> Mem {
     let (h, f, v, p) = (4, 8, 10, 6);
     let desc = ModelDesc {
-        family: Family::Bert,
-        architecture: "BertModel".into(),
-        name: None,
-        license: None,
-        n_layers: 1,
-        hidden: h,
-        n_heads,
-        n_kv_heads: n_heads,
-        ffn_dim: f,
-        vocab_size: v,
-        context_length: p,
-        rope_theta: 10000.0,
         norm_eps: 1e-12,
-        rope_style: RopeStyle::Halves,
-        tied_embeddings: false,
         tokenizer_id: "tokenizer.json".into(),
+        ..common::desc(Family::Bert, "BertModel", [1, h, n_heads, n_heads, f, v, p])
     };
     let mut t = BTreeMap::new();
     let mut put = |name: String, shape: Vec<usize>| {
@@ -78,14 +64,12 @@ fn bert_refuses_heads_that_do_not_split_the_hidden_size() {
 /// Reads `path` as a tokenizer on a thread, so that a regression to a blocking read fails the
 /// test instead of hanging it.
 fn tokenizer_within(path: std::path::PathBuf) -> String {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let r = adaptq_model::tokenizer::from_file(&path).map(|_| ());
-        let _ = tx.send(r.map_err(|e| e.to_string()));
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("reading tokenizer.json hung")
-        .expect_err("a tokenizer.json that is not a regular file was read")
+    adaptq_testutil::files::within("reading tokenizer.json", 20, move || {
+        adaptq_model::tokenizer::from_file(&path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .expect_err("a tokenizer.json that is not a regular file was read")
 }
 
 #[cfg(unix)]
@@ -97,11 +81,7 @@ fn tokenizer_json_that_is_not_a_regular_file_is_refused() {
     std::os::unix::fs::symlink("/dev/zero", zero.join("tokenizer.json")).unwrap();
     let fifo = t.path().join("fifo");
     std::fs::create_dir(&fifo).unwrap();
-    let st = std::process::Command::new("mkfifo")
-        .arg(fifo.join("tokenizer.json"))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    adaptq_testutil::files::mkfifo(&fifo.join("tokenizer.json"));
     for dir in [zero, fifo] {
         let e = tokenizer_within(dir.join("tokenizer.json"));
         assert!(e.contains("not a regular file"), "{e}");

@@ -11,34 +11,16 @@ use std::collections::BTreeMap;
 
 fn desc(style: RopeStyle) -> ModelDesc {
     ModelDesc {
-        family: Family::Llama,
-        architecture: "llama".into(),
-        name: None,
-        license: None,
-        n_layers: 2,
-        hidden: 32,
-        n_heads: 4,
-        n_kv_heads: 2,
-        ffn_dim: 48,
-        vocab_size: 50,
-        context_length: 64,
-        rope_theta: 10000.0,
-        norm_eps: 1e-5,
         rope_style: style,
         tied_embeddings: true,
-        tokenizer_id: "none".into(),
+        ..common::desc(Family::Llama, "llama", [2, 32, 4, 2, 48, 50, 64])
     }
 }
 
+/// `n` seeded values uniform in `[-scale / 2, scale / 2)`, from the next seed after `seed`.
 fn rand(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            ((*seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
+    *seed += 1;
+    adaptq_testutil::rand::uniform(n, *seed, scale)
 }
 
 /// HF-named weights (halves RoPE).
@@ -142,10 +124,7 @@ fn gguf_weights(hf: &Mem) -> Mem {
 fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    adaptq_testutil::compare::max_abs_diff(&a, &b)
 }
 
 const TOKENS: [u32; 12] = [3, 17, 42, 8, 8, 0, 49, 23, 11, 5, 30, 2];

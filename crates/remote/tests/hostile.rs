@@ -18,6 +18,21 @@ fn hostile(path: &str, h: Hostile) -> HubServer {
     })
 }
 
+/// A server whose `path` announces `len` bytes and sends one every 5 s.
+fn dripping(path: &str, len: u64) -> HubServer {
+    let every = Duration::from_secs(5);
+    hostile(path, Hostile::Drip { every, len })
+}
+
+/// The error of an [`impatient`] GET of `name` from `server` (capped at 1 MiB), and how long
+/// it took to come.
+fn impatient_get(server: &HubServer, name: &str) -> (String, Duration) {
+    let t = Instant::now();
+    let url = format!("{}/{name}", server.url());
+    let e = impatient().get(&url, name.as_ref(), 1 << 20).unwrap_err();
+    (e.to_string(), t.elapsed())
+}
+
 fn impatient() -> Client {
     let mut c = Client::new(None, Flavor::Plain);
     c.body_timeout = Duration::from_secs(1);
@@ -50,50 +65,18 @@ fn chunked_body_without_length_is_cut_at_the_cap() {
 
 #[test]
 fn announced_length_over_the_cap_is_refused_before_reading() {
-    let server = hostile(
-        "/huge.json",
-        Hostile::Drip {
-            every: Duration::from_secs(5),
-            len: 1 << 30,
-        },
-    );
-    let t = Instant::now();
-    let e = impatient()
-        .get(
-            &format!("{}/huge.json", server.url()),
-            "huge.json".as_ref(),
-            1 << 20,
-        )
-        .unwrap_err()
-        .to_string();
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
+    let server = dripping("/huge.json", 1 << 30);
+    let (e, took) = impatient_get(&server, "huge.json");
+    assert!(took < Duration::from_millis(900), "{took:?}");
     assert!(e.contains("is 1073741824 bytes"), "{e}");
 }
 
 #[test]
 fn dripping_small_body_fails_within_its_budget() {
-    let server = hostile(
-        "/config.json",
-        Hostile::Drip {
-            every: Duration::from_secs(5),
-            len: 100,
-        },
-    );
-    let t = Instant::now();
-    let e = impatient()
-        .get(
-            &format!("{}/config.json", server.url()),
-            "config.json".as_ref(),
-            1 << 20,
-        )
-        .unwrap_err()
-        .to_string();
+    let server = dripping("/config.json", 100);
+    let (e, took) = impatient_get(&server, "config.json");
     // One budget, no retry of a server that already proved this slow.
-    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(took < Duration::from_secs(4), "{took:?}");
     assert!(
         e.contains("config.json") && e.contains("did not arrive within 1 s"),
         "{e}"
@@ -102,13 +85,7 @@ fn dripping_small_body_fails_within_its_budget() {
 
 #[test]
 fn dripping_ranged_body_uses_up_the_retries() {
-    let server = hostile(
-        "/w.bin",
-        Hostile::Drip {
-            every: Duration::from_secs(5),
-            len: 1000,
-        },
-    );
+    let server = dripping("/w.bin", 1000);
     let client = impatient();
     let url = format!("{}/w.bin", server.url());
     assert_eq!(client.probe(&url, "w".as_ref()).unwrap(), (1000, true));
