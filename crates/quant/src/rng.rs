@@ -26,8 +26,13 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, s: &'a [T]) -> &'a T {
         &s[self.below(s.len())]
     }
+    /// Uniform in the open interval (0, 1): midpoints of a 2^-53 grid, so `ln` never sees 0.
     pub fn unit(&mut self) -> f64 {
         ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    /// Uniform in [0, 1) on a 2^-53 grid (the text generator's sampling draw).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
     pub fn gauss(&mut self) -> f64 {
         let (u, v) = (self.unit(), self.unit());
