@@ -300,12 +300,7 @@ impl Client {
         label: &Path,
         cap: u64,
     ) -> Result<Option<Vec<u8>>, SourceError> {
-        let fail = |why: String| SourceError::Fetch {
-            path: label.to_path_buf(),
-            why,
-        };
-        let mut attempt = 0;
-        loop {
+        self.retrying(label, || {
             let mut buf = Vec::new();
             let outcome = self
                 .send(url, None, self.body_timeout, None)
@@ -331,29 +326,17 @@ impl Client {
                     404 => Ok(false),
                     s => Err(self.status_failure(s)),
                 });
-            match outcome {
-                Ok(true) => return Ok(Some(buf)),
-                Ok(false) => return Ok(None),
-                Err(Failure::Fatal(why)) => return Err(fail(why)),
-                Err(Failure::Slow(_)) => {
-                    return Err(fail(format!(
-                        "the file did not arrive within {} s ({} bytes received): the server is stalled or too slow (ADAPTQ_HTTP_TIMEOUT sets this limit in seconds)",
-                        self.body_timeout.as_secs_f64(),
-                        buf.len()
-                    )))
-                }
-                Err(Failure::Transient(why)) => {
-                    attempt += 1;
-                    if attempt > self.retries {
-                        return Err(fail(format!(
-                            "gave up after {} attempts: {why}",
-                            self.retries
-                        )));
-                    }
-                    self.wait(attempt);
-                }
-            }
-        }
+            // A small file that is too slow is not worth waiting for again.
+            Ok(match outcome {
+                Ok(found) => Ok(found.then_some(buf)),
+                Err(Failure::Slow(_)) => Err(Failure::Fatal(format!(
+                    "the file did not arrive within {} s ({} bytes received): the server is stalled or too slow (ADAPTQ_HTTP_TIMEOUT sets this limit in seconds)",
+                    self.body_timeout.as_secs_f64(),
+                    buf.len()
+                ))),
+                Err(e) => Err(e),
+            })
+        })
     }
 
     /// A whole file that must exist, held in memory (see [`Client::get_optional`]).
@@ -373,10 +356,9 @@ impl Client {
 
     /// Length of the file at `url` and whether the server honours range requests.
     pub fn probe(&self, url: &str, label: &Path) -> Result<(u64, bool), SourceError> {
-        let mut attempt = 0;
-        loop {
+        self.retrying(label, || {
             // The body (one byte, or a whole file from a server without ranges) is not read.
-            let outcome = self
+            Ok(self
                 .send(url, Some((0, 1)), self.body_timeout, None)
                 .and_then(|resp| {
                     let h = |k: &str| {
@@ -400,27 +382,8 @@ impl Client {
                             }),
                         s => Err(self.status_failure(s)),
                     }
-                });
-            match outcome {
-                Ok(v) => return Ok(v),
-                Err(Failure::Fatal(why)) => {
-                    return Err(SourceError::Fetch {
-                        path: label.to_path_buf(),
-                        why,
-                    })
-                }
-                Err(Failure::Transient(why) | Failure::Slow(why)) => {
-                    attempt += 1;
-                    if attempt > self.retries {
-                        return Err(SourceError::Fetch {
-                            path: label.to_path_buf(),
-                            why: format!("gave up after {} attempts: {why}", self.retries),
-                        });
-                    }
-                    self.wait(attempt);
-                }
-            }
-        }
+                }))
+        })
     }
 
     /// Streams a whole file of `len` bytes into `out` (for servers without range support and
@@ -435,10 +398,6 @@ impl Client {
         label: &Path,
     ) -> Result<(), SourceError> {
         const CHUNK: u64 = 16 << 20;
-        let fail = |why: String| SourceError::Fetch {
-            path: label.to_path_buf(),
-            why,
-        };
         if ranges_ok {
             let mut at = 0;
             while at < len {
@@ -450,8 +409,7 @@ impl Client {
             }
             return Ok(());
         }
-        let mut attempt = 0;
-        loop {
+        self.retrying(label, || {
             out.set_len(0)
                 .and_then(|()| out.rewind())
                 .map_err(|e| SourceError::io(label, e))?;
@@ -477,8 +435,26 @@ impl Client {
                     ))),
                 });
             drop(w);
-            match outcome {
-                Ok(()) => return Ok(()),
+            Ok(outcome)
+        })
+    }
+
+    /// Runs `once` until it succeeds: a fatal failure (or an error of `once` itself) ends it,
+    /// a transient or slow one is tried again after a backoff, at most `retries` times. The
+    /// whole-file fetches share this; [`Client::get_range`] resumes from its last byte instead.
+    fn retrying<T>(
+        &self,
+        label: &Path,
+        mut once: impl FnMut() -> Result<Result<T, Failure>, SourceError>,
+    ) -> Result<T, SourceError> {
+        let fail = |why: String| SourceError::Fetch {
+            path: label.to_path_buf(),
+            why,
+        };
+        let mut attempt = 0;
+        loop {
+            match once()? {
+                Ok(v) => return Ok(v),
                 Err(Failure::Fatal(why)) => return Err(fail(why)),
                 Err(Failure::Transient(why) | Failure::Slow(why)) => {
                     attempt += 1;

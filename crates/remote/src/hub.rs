@@ -514,12 +514,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let refs = t.path().join("models--o--n/refs");
         std::fs::create_dir_all(&refs).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", refs.join("zero")).unwrap();
-        let st = std::process::Command::new("mkfifo")
-            .arg(refs.join("fifo"))
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crate::link_zero_and_make_fifo(&refs.join("zero"), &refs.join("fifo"));
         for rev in ["zero", "fifo"] {
             let cfg = HubConfig {
                 endpoint: "http://127.0.0.1:9".into(),

@@ -167,12 +167,7 @@ mod tests {
         for m in ["zero", "fifo"] {
             std::fs::create_dir_all(lib.join(m)).unwrap();
         }
-        std::os::unix::fs::symlink("/dev/zero", lib.join("zero/latest")).unwrap();
-        let st = std::process::Command::new("mkfifo")
-            .arg(lib.join("fifo/latest"))
-            .status()
-            .unwrap();
-        assert!(st.success());
+        crate::link_zero_and_make_fifo(&lib.join("zero/latest"), &lib.join("fifo/latest"));
         for loc in ["ollama://zero", "ollama://fifo"] {
             let e = open_within(t.path(), loc).err().unwrap().to_string();
             assert!(e.contains("not a regular file"), "{loc}: {e}");
