@@ -3,22 +3,23 @@
 
 use adaptq_source::gguf::GgufSource;
 use adaptq_source::TensorSource;
+use adaptq_testutil::cli::{self, args, items, json, ok, refused_saying, s, verification};
 use adaptq_testutil::smollm2_gguf;
 use std::path::Path;
-use std::process::Command;
+use std::process::Output;
 
-fn adaptq(args: &[&str]) -> std::process::Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "adaptq {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
+
+/// `adaptq quantize MODEL --out BUNDLE EXTRA...`, which must succeed.
+fn quantize(model: &Path, bundle: &Path, extra: &[&str]) {
+    ok(cli::quantize(BIN, model, bundle, extra));
+}
+
+/// `adaptq export BUNDLE --to gguf --out GGUF EXTRA...`.
+fn export(bundle: &Path, gguf: &Path, extra: &[&str]) -> Output {
+    let mut a = vec!["export", s(bundle), "--to", "gguf", "--out", s(gguf)];
+    a.extend_from_slice(extra);
+    cli::run(BIN, &a)
 }
 
 /// Every tensor of `gguf` decodes to exactly the bundle's values.
@@ -29,7 +30,8 @@ fn same_values(bundle: &Path, gguf: &Path) -> Vec<String> {
     assert_eq!(g.tensors().len(), b.manifest.tensors.len());
     for (t, info) in b.manifest.tensors.iter().zip(g.tensors()) {
         assert_eq!(t.name, info.name, "tensor order kept");
-        assert_eq!(t.shape, info.shape, "{}", t.name);
+        let shape: Vec<u64> = info.shape.iter().map(|&d| d as u64).collect();
+        assert_eq!(t.shape, shape, "{}", t.name);
         let want = b.read_f32(&t.name).unwrap();
         let got = g.read_f32(&t.name).unwrap();
         let same = want
@@ -45,31 +47,16 @@ fn same_values(bundle: &Path, gguf: &Path) -> Vec<String> {
 #[test]
 fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
     let m = smollm2_gguf();
-    let m = m.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let src = GgufSource::open(Path::new(m)).unwrap();
+    let src = GgufSource::open(&m).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     // k-quants land on the 1536-wide down projections; 576-wide rows take the fallbacks,
     // which covers the 32-blocks types too.
     for ty in ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q4_1"] {
         let b = dir.path().join(format!("b-{ty}"));
         let g = dir.path().join(format!("{ty}.gguf"));
-        adaptq(&[
-            "quantize",
-            m,
-            "--out",
-            b.to_str().unwrap(),
-            "--ggml-type",
-            ty,
-        ]);
-        let o = adaptq(&[
-            "export",
-            b.to_str().unwrap(),
-            "--to",
-            "gguf",
-            "--out",
-            g.to_str().unwrap(),
-        ]);
+        quantize(&m, &b, &["--ggml-type", ty]);
+        let o = ok(export(&b, &g, &[]));
         let text = String::from_utf8_lossy(&o.stdout);
         assert!(text.contains("every tensor holds exactly"), "{text}");
         seen.extend(same_values(&b, &g));
@@ -99,43 +86,15 @@ fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
     // An adaptq integer grid that *is* a GGML grid converts losslessly; others are re-rounded
     // and listed.
     let b = dir.path().join("int4");
-    adaptq(&[
-        "quantize",
-        m,
-        "--out",
-        b.to_str().unwrap(),
-        "--bits",
-        "4",
-        "--group-size",
-        "32",
-        "--sym",
-    ]);
+    quantize(&m, &b, &args("--bits 4 --group-size 32 --sym"));
     let g = dir.path().join("int4.gguf");
-    adaptq(&[
-        "export",
-        b.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--out",
-        g.to_str().unwrap(),
-    ]);
+    ok(export(&b, &g, &[]));
     same_values(&b, &g);
     let b = dir.path().join("int3");
-    adaptq(&["quantize", m, "--out", b.to_str().unwrap(), "--bits", "3"]);
+    quantize(&m, &b, &["--bits", "3"]);
     let g = dir.path().join("int3.gguf");
-    let o = adaptq(&[
-        "export",
-        b.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--out",
-        g.to_str().unwrap(),
-        "--json",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let rer: Vec<&serde_json::Value> = v["tensors"]
-        .as_array()
-        .unwrap()
+    let v = json(&ok(export(&b, &g, &["--json"])));
+    let rer: Vec<&serde_json::Value> = items(&v, "tensors")
         .iter()
         .filter(|t| t["exact"] == false)
         .collect();
@@ -148,32 +107,13 @@ fn a_bundle_that_fails_verification_is_not_exported() {
     let m = smollm2_gguf();
     let dir = tempfile::tempdir().unwrap();
     let b = dir.path().join("b");
-    adaptq(&[
-        "quantize",
-        m.to_str().unwrap(),
-        "--out",
-        b.to_str().unwrap(),
-        "--ggml-type",
-        "q4_0",
-    ]);
+    quantize(&m, &b, &["--ggml-type", "q4_0"]);
     let shard = b.join("shard-00003.bin");
     let mut bytes = std::fs::read(&shard).unwrap();
     bytes[100] ^= 1;
     std::fs::write(&shard, bytes).unwrap();
     let g = dir.path().join("x.gguf");
-    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args([
-            "export",
-            b.to_str().unwrap(),
-            "--to",
-            "gguf",
-            "--out",
-            g.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("does not verify"));
+    refused_saying(&export(&b, &g, &[]), "does not verify");
     assert!(!g.exists());
     assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
         .unwrap()
@@ -188,27 +128,14 @@ fn gptq_writes_onto_ggml_grids_and_beats_their_rounding() {
     let emma = adaptq_testutil::corpus("emma.txt");
     let dir = tempfile::tempdir().unwrap();
     let b = dir.path().join("b");
-    adaptq(&[
-        "quantize",
-        m.to_str().unwrap(),
-        "--out",
-        b.to_str().unwrap(),
-        "--method",
-        "gptq",
-        "--ggml-type",
-        "q4_k",
-        "--calib",
-        emma.to_str().unwrap(),
-        "--calib-samples",
-        "2",
-        "--seq-len",
-        "64",
-    ]);
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(b.join("verification.json")).unwrap()).unwrap();
-    let lin: Vec<&serde_json::Value> = v["tensors"]
-        .as_array()
-        .unwrap()
+    let gptq = [
+        args("--method gptq --ggml-type q4_k"),
+        cli::calib(&emma, "2", "64"),
+    ]
+    .concat();
+    quantize(&m, &b, &gptq);
+    let v = verification(&b);
+    let lin: Vec<&serde_json::Value> = items(&v, "tensors")
         .iter()
         .filter(|t| t["role"] == "linear")
         .collect();
@@ -230,13 +157,6 @@ fn gptq_writes_onto_ggml_grids_and_beats_their_rounding() {
         "GPTQ beat RTN on only {better} of 210 layers"
     );
     let g = dir.path().join("g.gguf");
-    adaptq(&[
-        "export",
-        b.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--out",
-        g.to_str().unwrap(),
-    ]);
+    ok(export(&b, &g, &[]));
     same_values(&b, &g);
 }

@@ -1,69 +1,33 @@
 //! End-to-end CLI checks of the foundation slice on the real fixture models.
 
+use adaptq_testutil::cli::{self, named, ok, read_json, refused, s, text, verification, RTN4};
+use adaptq_testutil::files;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
 
 fn gguf() -> PathBuf {
     adaptq_testutil::smollm2_gguf()
 }
 
 fn adaptq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(args)
-        .output()
-        .expect("runs adaptq")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    cli::run(BIN, args)
 }
 
 fn quantize(out: &Path, extra: &[&str]) -> Output {
-    let g = gguf();
-    let mut args = vec![
-        "quantize",
-        g.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    adaptq(&args)
-}
-
-const RTN4: &[&str] = &[
-    "--method",
-    "rtn",
-    "--bits",
-    "4",
-    "--group-size",
-    "128",
-    "--sym",
-];
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    v.sort();
-    v
+    cli::quantize(BIN, &gguf(), out, extra)
 }
 
 #[test]
 fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
     let t = tempfile::tempdir().unwrap();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
-    let o = quantize(&a, RTN4);
-    assert!(o.status.success(), "{}", text(&o));
-    let o2 = quantize(&b, RTN4);
-    assert!(o2.status.success(), "{}", text(&o2));
+    let o = ok(quantize(&a, RTN4));
+    let o2 = ok(quantize(&b, RTN4));
 
     // Shards all <= 2 MiB; verify passes.
-    let names = files(&a);
+    let names = files::names(&a);
     let shards: Vec<&String> = names.iter().filter(|n| n.starts_with("shard-")).collect();
     assert!(shards.len() > 10);
     let mut shard_bytes = 0u64;
@@ -72,19 +36,11 @@ fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
         assert!(n <= 2 * 1024 * 1024, "{s} has {n} bytes");
         shard_bytes += n;
     }
-    let v = adaptq(&["verify", a.to_str().unwrap()]);
-    assert!(v.status.success(), "{}", text(&v));
+    let v = ok(adaptq(&["verify", s(&a)]));
     assert!(text(&v).contains("OK:"));
 
     // Second run: same digest, byte-identical files.
-    assert_eq!(names, files(&b));
-    for n in &names {
-        assert_eq!(
-            std::fs::read(a.join(n)).unwrap(),
-            std::fs::read(b.join(n)).unwrap(),
-            "{n} differs"
-        );
-    }
+    assert_eq!(names, files::assert_same(&a, &b));
     let digest = |o: &Output| {
         text(o)
             .lines()
@@ -102,9 +58,7 @@ fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
     let expect_bytes = 30 * block + 49152 * 576 * 2 + 61 * 576 * 4;
     assert_eq!(shard_bytes, expect_bytes);
     let params = 134_515_008u64;
-    let s = adaptq(&["stats", a.to_str().unwrap(), "--json"]);
-    assert!(s.status.success(), "{}", text(&s));
-    let j: serde_json::Value = serde_json::from_slice(&s.stdout).unwrap();
+    let j = cli::json(&ok(adaptq(&["stats", s(&a), "--json"])));
     assert_eq!(j["shard_bytes"].as_u64().unwrap(), expect_bytes);
     assert_eq!(j["params"].as_u64().unwrap(), params);
     let bpw = j["bits_per_weight"].as_f64().unwrap();
@@ -123,7 +77,7 @@ fn rtn4_bundle_is_verified_deterministic_and_sized_as_computed() {
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[12345] ^= 0x80;
     std::fs::write(&p, bytes).unwrap();
-    let v = adaptq(&["verify", a.to_str().unwrap()]);
+    let v = adaptq(&["verify", s(&a)]);
     assert_eq!(v.status.code(), Some(2));
     assert!(
         text(&v).contains("shard-00007.bin SHA-256 mismatch"),
@@ -139,74 +93,42 @@ fn existing_output_is_refused_and_force_replaces_only_a_bundle() {
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), b"user data").unwrap();
     let o = quantize(&out, &["--bits", "8"]);
-    assert!(!o.status.success());
-    assert!(
-        text(&o).contains("already exists") && text(&o).contains("--force"),
-        "{}",
-        text(&o)
-    );
+    refused(&o, "already exists");
+    assert!(text(&o).contains("--force"), "{}", text(&o));
     // --force replaces only what adaptq wrote: a folder of the user's survives it.
     let o = quantize(&out, &["--bits", "8", "--force"]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("not written by adaptq"), "{}", text(&o));
+    refused(&o, "not written by adaptq");
     assert_eq!(std::fs::read(out.join("keep.txt")).unwrap(), b"user data");
     let bundle = t.path().join("bundle");
-    let o = quantize(&bundle, &["--bits", "8"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let o = quantize(&bundle, &["--bits", "4", "--force"]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(adaptq(&["verify", bundle.to_str().unwrap()])
-        .status
-        .success());
-    let left: Vec<String> = files(t.path())
-        .into_iter()
-        .filter(|f| f.starts_with('.'))
-        .collect();
-    assert!(left.is_empty(), "staging left behind: {left:?}");
+    ok(quantize(&bundle, &["--bits", "8"]));
+    ok(quantize(&bundle, &["--bits", "4", "--force"]));
+    ok(adaptq(&["verify", s(&bundle)]));
+    files::assert_none_hidden(t.path());
 }
 
 #[test]
 fn bad_inputs_give_clear_errors() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("o");
-    let o = adaptq(&[
-        "quantize",
-        "/no/such/model.gguf",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o).contains("/no/such/model.gguf: no such file"),
-        "{}",
-        text(&o)
-    );
-
     let bad = t.path().join("broken.gguf");
     let head = std::fs::read(gguf()).unwrap()[..4096].to_vec();
     std::fs::write(&bad, head).unwrap();
-    let o = adaptq(&[
-        "quantize",
-        bad.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("broken.gguf: corrupt or truncated"),
-        "{}",
-        text(&o)
-    );
+    for (src, what) in [
+        (
+            Path::new("/no/such/model.gguf"),
+            "/no/such/model.gguf: no such file",
+        ),
+        (&bad, "broken.gguf: corrupt or truncated"),
+    ] {
+        let o = cli::quantize(BIN, src, &out, &[]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(text(&o).contains(what), "{}", text(&o));
+    }
     assert!(!out.exists());
 
-    let o = quantize(&out, &["--bits", "9"]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("between 2 and 8"), "{}", text(&o));
+    refused(&quantize(&out, &["--bits", "9"]), "between 2 and 8");
     assert!(!out.exists());
-
-    let o = adaptq(&["verify", t.path().to_str().unwrap()]);
-    assert!(!o.status.success());
-    assert!(text(&o).contains("not a bundle"), "{}", text(&o));
+    refused(&adaptq(&["verify", s(t.path())]), "not a bundle");
 }
 
 #[test]
@@ -223,17 +145,11 @@ fn gate_fails_when_budget_is_impossible() {
         s.contains("size_budget") && s.contains("FAIL") && s.contains("OVERALL_STATUS FAIL"),
         "{s}"
     );
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("verification.json")).unwrap()).unwrap();
+    let v = verification(&out);
     assert_eq!(v["OVERALL_STATUS"], "FAIL");
-    let gates = v["gates"].as_array().unwrap();
-    assert!(gates
-        .iter()
-        .any(|g| g["name"] == "size_budget" && g["status"] == "FAIL"));
+    assert_eq!(named(&v, "gates", "size_budget")["status"], "FAIL");
     // Per-channel 2-bit RTN destroys some layers; the weight-cosine gate catches that too.
-    assert!(gates
-        .iter()
-        .any(|g| g["name"] == "weight_cosine" && g["status"] == "FAIL"));
+    assert_eq!(named(&v, "gates", "weight_cosine")["status"], "FAIL");
 }
 
 #[test]
@@ -241,26 +157,20 @@ fn minilm_safetensors_quantizes_and_verifies() {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("m");
     let src = adaptq_testutil::minilm();
-    let o = adaptq(&[
-        "quantize",
-        src.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--bits",
-        "8",
-        "--group-size",
-        "64",
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    assert!(adaptq(&["verify", out.to_str().unwrap()]).status.success());
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("model.meta")).unwrap()).unwrap();
+    ok(cli::quantize(
+        BIN,
+        &src,
+        &out,
+        &["--bits", "8", "--group-size", "64"],
+    ));
+    ok(adaptq(&["verify", s(&out)]));
+    let meta = read_json(&out.join("model.meta"));
     assert_eq!(meta["family"], "bert");
     assert_eq!(meta["license"], "apache-2.0");
     for f in ["tokenizer.json", "config.json"] {
         assert!(out.join(f).exists(), "{f} must travel with the bundle");
     }
-    let info = adaptq(&["info", out.to_str().unwrap()]);
+    let info = adaptq(&["info", s(&out)]);
     assert!(
         text(&info).contains("\"locator\": \"file:minilm\""),
         "{}",

@@ -2,50 +2,31 @@
 //! same seed, the layout and refinement recorded per layer, rotated bundles that load with
 //! their rotation, and rotation alone leaving perplexity unchanged.
 
+use adaptq_testutil::cli::{
+    self, args, items, json, manifest, ok, refused_saying, s, verification,
+};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn corpus(name: &str) -> String {
-    adaptq_testutil::corpus(name).to_string_lossy().into_owned()
+const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
+
+fn adaptq(args: &[&str]) -> Output {
+    cli::run(BIN, args)
 }
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(args)
-        .output()
-        .expect("runs adaptq")
-}
-
-fn ok(args: &[&str]) -> Output {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "adaptq {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn json(p: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
-}
-
-fn eval(model: &str, extra: &[&str]) -> serde_json::Value {
-    let text = corpus("prideprejudice.txt");
-    let mut a = vec![
-        "eval", model, "--text", &text, "--ctx", "256", "--chunks", "2", "--json",
-    ];
+fn eval(model: &Path, extra: &[&str]) -> serde_json::Value {
+    let text = adaptq_testutil::corpus("prideprejudice.txt");
+    let mut a = vec!["eval", s(model), "--text", s(&text)];
+    a.extend(args("--ctx 256 --chunks 2 --json"));
     a.extend_from_slice(extra);
-    serde_json::from_slice(&ok(&a).stdout).unwrap()
+    json(&ok(adaptq(&a)))
 }
 
 #[test]
 fn rotation_alone_keeps_perplexity() {
     let g = adaptq_testutil::smollm2_gguf();
-    let g = g.to_str().unwrap();
-    let plain = eval(g, &[])["ppl"].as_f64().unwrap();
-    let rotated = eval(g, &["--rotate", "5"])["ppl"].as_f64().unwrap();
+    let plain = eval(&g, &[])["ppl"].as_f64().unwrap();
+    let rotated = eval(&g, &["--rotate", "5"])["ppl"].as_f64().unwrap();
     let rel = (rotated / plain - 1.0).abs();
     assert!(rel < 1e-3, "rotated PPL {rotated} vs {plain}");
 }
@@ -53,74 +34,34 @@ fn rotation_alone_keeps_perplexity() {
 #[test]
 fn novaq_rotated_is_deterministic_recorded_and_loads() {
     let g = adaptq_testutil::smollm2_gguf();
-    let g = g.to_str().unwrap();
-    let emma = corpus("emma.txt");
+    let emma = adaptq_testutil::corpus("emma.txt");
     let t = tempfile::tempdir().unwrap();
-    let out = |n: &str| t.path().join(n).to_string_lossy().into_owned();
     // Small codebooks and few iterations keep this test quick; the bench runs the real presets.
-    let novaq = |dir: &str| {
-        ok(&[
-            "quantize",
-            g,
-            "--out",
-            dir,
-            "--method",
-            "novaq",
-            "--target-bits",
-            "2.5",
-            "--level1-centroids",
-            "16",
-            "--level2-centroids",
-            "16",
-            "--max-iterations",
-            "4",
-            "--refine-iterations",
-            "3",
-            "--rotate",
-            "--calib",
-            &emma,
-            "--calib-samples",
-            "2",
-            "--seq-len",
-            "64",
-            "--seed",
-            "11",
-            "--min-cosine",
-            "0.5",
-        ])
+    let novaq = |dir: &Path| {
+        let a = [
+            args("--method novaq --target-bits 2.5 --level1-centroids 16 --level2-centroids 16"),
+            args("--max-iterations 4 --refine-iterations 3 --rotate"),
+            cli::calib(&emma, "2", "64"),
+            args("--seed 11 --min-cosine 0.5"),
+        ]
+        .concat();
+        ok(cli::quantize(BIN, &g, dir, &a));
     };
-    let (a, b) = (out("a"), out("b"));
-    novaq(&a);
-    novaq(&b);
-    let mut names: Vec<String> = std::fs::read_dir(&a)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    names.sort();
-    for n in &names {
-        assert_eq!(
-            std::fs::read(Path::new(&a).join(n)).unwrap(),
-            std::fs::read(Path::new(&b).join(n)).unwrap(),
-            "{n} differs between identical runs"
-        );
-    }
-    ok(&["verify", &a]);
+    let a = cli::built_twice(BIN, t.path(), novaq);
 
-    let m = json(&Path::new(&a).join("manifest.json"));
+    let m = manifest(&a);
     let q = &m["quantization"];
     assert_eq!(q["method"], "novaq");
     assert_eq!(q["novaq"]["target_bits"], 2.5);
     assert_eq!(q["novaq"]["seed"], 11);
     assert_eq!(q["rotate"]["seed"], 11);
-    let coded: Vec<&serde_json::Value> = m["tensors"]
-        .as_array()
-        .unwrap()
+    let coded: Vec<&serde_json::Value> = items(&m, "tensors")
         .iter()
         .filter(|t| t["encoding"]["scheme"] == "codebook")
         .collect();
     assert_eq!(coded.len(), 210);
 
-    let v = json(&Path::new(&a).join("verification.json"));
+    let v = verification(&a);
     let layers = v["novaq"].as_array().unwrap();
     assert_eq!(layers.len(), 210);
     let mut lowered = 0;
@@ -142,7 +83,7 @@ fn novaq_rotated_is_deterministic_recorded_and_loads() {
     assert!(tot["bits_per_quantized_weight"].as_f64().unwrap() <= 2.5);
 
     // The bundle loads with its rotation and predicts like a model, not noise.
-    let e = eval(&a, &["--base", g]);
+    let e = eval(&a, &["--base", s(&g)]);
     let (ppl, top1) = (
         e["ppl"].as_f64().unwrap(),
         e["top1_agreement"].as_f64().unwrap(),
@@ -151,42 +92,33 @@ fn novaq_rotated_is_deterministic_recorded_and_loads() {
     assert!(top1 > 0.3, "top-1 agreement {top1}");
 
     // GGUF cannot carry the online rotation.
-    let o = run(&[
+    let x = t.path().join("x.gguf");
+    let o = adaptq(&[
         "export",
-        &a,
+        s(&a),
         "--to",
         "gguf",
         "--out",
-        &out("x.gguf"),
+        s(&x),
         "--type",
         "q8_0",
     ]);
-    assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("rotated"));
+    refused_saying(&o, "rotated");
 }
 
 #[test]
 fn novaq_settings_are_checked() {
     let g = adaptq_testutil::smollm2_gguf();
-    let g = g.to_str().unwrap();
     let t = tempfile::tempdir().unwrap();
-    let o = t.path().join("o").to_string_lossy().into_owned();
-    let r = run(&["quantize", g, "--out", &o, "--preset", "balanced"]);
-    assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--method novaq"));
-    let r = run(&[
-        "quantize",
-        g,
-        "--out",
-        &o,
-        "--method",
-        "novaq",
-        "--target-bits",
-        "0.2",
-    ]);
-    assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("target-bits"));
-    let r = run(&["quantize", g, "--out", &o, "--method", "rtn", "--rotate"]);
-    assert!(!r.status.success());
-    assert!(String::from_utf8_lossy(&r.stderr).contains("--calib"));
+    let o = t.path().join("o");
+    for (args, what) in [
+        (&["--preset", "balanced"][..], "--method novaq"),
+        (
+            &["--method", "novaq", "--target-bits", "0.2"],
+            "target-bits",
+        ),
+        (&["--method", "rtn", "--rotate"], "--calib"),
+    ] {
+        refused_saying(&cli::quantize(BIN, &g, &o, args), what);
+    }
 }

@@ -4,6 +4,8 @@
 //! paths outside the repository, unsafe revisions, dripping or endless bodies) must not make it
 //! write outside its cache, hold unbounded memory or wait forever.
 
+use adaptq_testutil::cli::{manifest, ok, s, text};
+use adaptq_testutil::files;
 use adaptq_testutil::hub_server::{repo_from_dir, Hostile, HubServer, Repo, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,32 +41,27 @@ fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     c
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 fn quantize(src: &str, out: &Path, env: &[(&str, &str)]) -> Output {
-    adaptq(
-        &[
-            "quantize",
-            src,
-            "--out",
-            out.to_str().unwrap(),
-            "--bits",
-            "3",
-            "--group-size",
-            "64",
-        ],
-        env,
-    )
+    let a = [
+        "quantize",
+        src,
+        "--out",
+        s(out),
+        "--bits",
+        "3",
+        "--group-size",
+        "64",
+    ];
+    adaptq(&a, env)
 }
 
-fn manifest(dir: &Path) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap()
+/// The hub repository `test/smollm2` at [`SHA`], holding the SmolLM2 fixture's folder.
+fn smollm2_repo() -> Repo {
+    repo_from_dir(
+        "test/smollm2",
+        SHA,
+        adaptq_testutil::smollm2_gguf().parent().unwrap(),
+    )
 }
 
 /// Same shards (byte for byte) and the same global digest; only the locator may differ.
@@ -86,31 +83,15 @@ fn assert_same_bundle(a: &Path, b: &Path) {
 
 fn local_bundle(t: &Path, src: &Path) -> PathBuf {
     let out = t.join("local");
-    let o = quantize(src.to_str().unwrap(), &out, &[]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(quantize(s(src), &out, &[]));
     out
-}
-
-fn grep_dir(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    let mut hits = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            hits.extend(grep_dir(&p, needle));
-        } else if let Ok(b) = std::fs::read(&p) {
-            if b.windows(needle.len()).any(|w| w == needle.as_bytes()) {
-                hits.push(p);
-            }
-        }
-    }
-    hits
 }
 
 #[test]
 fn hub_stream_with_faults_matches_local_file_and_keeps_the_token_secret() {
     let gguf = adaptq_testutil::smollm2_gguf();
     let server = HubServer::start(ServerConfig {
-        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        repos: vec![smollm2_repo()],
         token: Some(TOKEN.into()),
         fail_first: 2,
         drop_after: Some(3 << 20),
@@ -145,16 +126,15 @@ fn hub_stream_with_faults_matches_local_file_and_keeps_the_token_secret() {
     );
     // The token is in no output and no file.
     assert!(!out.contains(TOKEN));
-    assert!(grep_dir(&remote, TOKEN).is_empty());
+    assert!(files::containing(&remote, TOKEN).is_empty());
     let v = adaptq(&["verify", remote.to_str().unwrap()], &[]);
-    assert!(v.status.success(), "{}", text(&v));
+    ok(v);
 }
 
 #[test]
 fn wrong_or_missing_token_is_explained_in_one_line() {
-    let gguf = adaptq_testutil::smollm2_gguf();
     let server = HubServer::start(ServerConfig {
-        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        repos: vec![smollm2_repo()],
         token: Some(TOKEN.into()),
         ..Default::default()
     });
@@ -207,7 +187,7 @@ fn safetensors_over_hub_plain_url_without_ranges_and_token_scope() {
     let url = hub.url();
     let via_hub = t.path().join("hub");
     let o = quantize("hf://test/minilm", &via_hub, &[("HF_ENDPOINT", &url)]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert_same_bundle(&local, &via_hub);
     // A plain server that ignores ranges: whole-file fallback, said out loud. The hub token
     // is set but must not be sent to this other host.
@@ -218,7 +198,7 @@ fn safetensors_over_hub_plain_url_without_ranges_and_token_scope() {
         &via_url,
         &[("HF_ENDPOINT", &url), ("HF_TOKEN", TOKEN)],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    let o = ok(o);
     assert!(
         text(&o).contains("does not support range requests"),
         "{}",
@@ -252,7 +232,7 @@ fn ollama_store_resolves_to_the_same_bundle() {
     std::fs::write(blobs.join(format!("sha256-{lic_hex}")), lic).unwrap();
     let mdir = store.join("manifests/registry.ollama.ai/library/smollm2");
     std::fs::create_dir_all(&mdir).unwrap();
-    let manifest = serde_json::json!({
+    let ollama = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": format!("sha256:{lic_hex}"), "size": lic.len()},
@@ -261,15 +241,15 @@ fn ollama_store_resolves_to_the_same_bundle() {
             {"mediaType": "application/vnd.ollama.image.license", "digest": format!("sha256:{lic_hex}"), "size": lic.len()}
         ]
     });
-    std::fs::write(mdir.join("135m"), manifest.to_string()).unwrap();
+    std::fs::write(mdir.join("135m"), ollama.to_string()).unwrap();
     let out = t.path().join("ollama");
     let o = quantize(
         "ollama://smollm2:135m",
         &out,
         &[("OLLAMA_MODELS", store.to_str().unwrap())],
     );
-    assert!(o.status.success(), "{}", text(&o));
-    let (ma, mb) = (manifest_of(&local), manifest_of(&out));
+    ok(o);
+    let (ma, mb) = (manifest(&local), manifest(&out));
     assert_eq!(ma["global_digest"], mb["global_digest"]);
     assert_eq!(mb["source"]["locator"], "ollama://smollm2:135m");
     assert_eq!(std::fs::read(out.join("LICENSE")).unwrap(), lic);
@@ -283,20 +263,15 @@ fn ollama_store_resolves_to_the_same_bundle() {
     );
 }
 
-fn manifest_of(d: &Path) -> serde_json::Value {
-    manifest(d)
-}
-
 #[test]
 fn cache_then_offline() {
-    let gguf = adaptq_testutil::smollm2_gguf();
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("cache");
     let c = cache.to_str().unwrap();
     let first = t.path().join("first");
     {
         let server = HubServer::start(ServerConfig {
-            repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+            repos: vec![smollm2_repo()],
             ..Default::default()
         });
         let url = server.url();
@@ -305,7 +280,7 @@ fn cache_then_offline() {
             &first,
             &[("HF_ENDPOINT", &url), ("ADAPTQ_CACHE_DIR", c)],
         );
-        assert!(o.status.success(), "{}", text(&o));
+        ok(o);
     }
     let snap = cache.join(format!("models--test--smollm2/snapshots/{SHA}"));
     assert!(snap.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file());
@@ -324,7 +299,7 @@ fn cache_then_offline() {
             ("HF_HUB_OFFLINE", "1"),
         ],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert_same_bundle(&first, &second);
     let o = quantize(
         "hf://test/other",
@@ -397,7 +372,7 @@ fn sharded_safetensors_over_hub_match_the_local_folder() {
     let url = hub.url();
     let remote = t.path().join("remote");
     let o = quantize("hf://test/sharded", &remote, &[("HF_ENDPOINT", &url)]);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert_same_bundle(&local, &remote);
     let log = hub.stats.log.lock().unwrap();
     assert!(log.iter().any(|(p, _)| p.contains("model-00001-of-00002")));
@@ -450,7 +425,7 @@ fn hub_listing_cannot_write_outside_the_cache() {
         );
     }
     let o = adaptq(&["info", "hf://test/mixed"], &env);
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert!(cache
         .join(format!("models--test--mixed/snapshots/{SHA}/model.gguf"))
         .is_file());
@@ -466,9 +441,8 @@ fn hub_listing_cannot_write_outside_the_cache() {
 /// request is made or any file written.
 #[test]
 fn unsafe_revision_is_refused_before_touching_the_cache() {
-    let gguf = adaptq_testutil::smollm2_gguf();
     let server = HubServer::start(ServerConfig {
-        repos: vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())],
+        repos: vec![smollm2_repo()],
         any_revision: true,
         ..Default::default()
     });
@@ -553,7 +527,7 @@ fn hub_file_in_a_subfolder_with_the_cache_then_offline() {
         &["info", "hf://test/sub/q4/model.gguf"],
         &[("HF_ENDPOINT", &url), ("ADAPTQ_CACHE_DIR", c)],
     );
-    assert!(online.status.success(), "{}", text(&online));
+    let online = ok(online);
     let cached = cache.join(format!("models--test--sub/snapshots/{SHA}/q4/model.gguf"));
     assert_eq!(
         std::fs::metadata(&cached).unwrap().len(),
@@ -567,7 +541,7 @@ fn hub_file_in_a_subfolder_with_the_cache_then_offline() {
             ("HF_HUB_OFFLINE", "1"),
         ],
     );
-    assert!(offline.status.success(), "{}", text(&offline));
+    let offline = ok(offline);
     assert_eq!(online.stdout, offline.stdout);
 }
 
@@ -595,28 +569,13 @@ fn hub_temp_folders(tmp: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                out.extend(files_under(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 /// A run killed mid-download leaves a partial, never a complete-looking file, and a run
 /// killed without a cache leaves its temp folder; the next run removes both.
 #[test]
 fn killed_runs_leave_nothing_the_next_run_keeps() {
     let gguf = adaptq_testutil::smollm2_gguf();
     let name = gguf.file_name().unwrap().to_str().unwrap();
-    let repos = vec![repo_from_dir("test/smollm2", SHA, gguf.parent().unwrap())];
+    let repos = vec![smollm2_repo()];
     let slow = HubServer::start(ServerConfig {
         repos: repos.clone(),
         rate: Some(1 << 20),
@@ -648,12 +607,12 @@ fn killed_runs_leave_nothing_the_next_run_keeps() {
     .spawn()
     .unwrap();
     wait_for("the partial download", || {
-        !files_under(&partials).is_empty()
+        !files::under(&partials).is_empty()
     });
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!cached.exists(), "a killed download looks complete");
-    assert_eq!(files_under(&partials).len(), 1);
+    assert_eq!(files::under(&partials).len(), 1);
 
     let mut child = command(
         &["info", "hf://test/smollm2"],
@@ -678,21 +637,21 @@ fn killed_runs_leave_nothing_the_next_run_keeps() {
             ("TMPDIR", tmp_s),
         ],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert_eq!(
         std::fs::read(&cached).unwrap(),
         std::fs::read(&gguf).unwrap()
     );
     assert!(
-        files_under(&partials).is_empty(),
+        files::under(&partials).is_empty(),
         "{:?}",
-        files_under(&partials)
+        files::under(&partials)
     );
     let o = adaptq(
         &["info", "hf://test/smollm2"],
         &[("HF_ENDPOINT", &fast_url), ("TMPDIR", tmp_s)],
     );
-    assert!(o.status.success(), "{}", text(&o));
+    ok(o);
     assert!(
         hub_temp_folders(&tmp).is_empty(),
         "{:?}",

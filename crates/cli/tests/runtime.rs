@@ -1,39 +1,22 @@
 //! End-to-end checks of the runtime on the real SmolLM2 and MiniLM fixtures: the forward pass
 //! against llama.cpp's figure, KL divergence, generation and spot checks.
 
-use std::process::{Command, Output};
+use adaptq_testutil::cli::{self, json, ok, s};
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
 
 fn corpus(name: &str) -> String {
-    adaptq_testutil::corpus(name).to_string_lossy().into_owned()
+    s(&adaptq_testutil::corpus(name)).to_string()
 }
 
 fn gguf() -> String {
-    adaptq_testutil::smollm2_gguf()
-        .to_string_lossy()
-        .into_owned()
+    s(&adaptq_testutil::smollm2_gguf()).to_string()
 }
 
+/// Runs adaptq and asserts that it succeeded.
 fn adaptq(args: &[&str]) -> Output {
-    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
-        .args(args)
-        .output()
-        .expect("runs adaptq");
-    assert!(
-        o.status.success(),
-        "adaptq {args:?} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {}",
-            String::from_utf8_lossy(&o.stdout)
-        )
-    })
+    ok(cli::run(BIN, args))
 }
 
 /// llama.cpp's `llama-perplexity -c 512` on the f32 model, first 40 windows of
@@ -80,20 +63,8 @@ fn kld_is_zero_against_itself_and_positive_for_rtn4() {
 
     let t = tempfile::tempdir().unwrap();
     let b = t.path().join("rtn4");
-    let bs = b.to_str().unwrap();
-    adaptq(&[
-        "quantize",
-        &g,
-        "--out",
-        bs,
-        "--method",
-        "rtn",
-        "--bits",
-        "4",
-        "--group-size",
-        "128",
-        "--sym",
-    ]);
+    let bs = s(&b);
+    ok(cli::quantize(BIN, g.as_ref(), &b, cli::RTN4));
     let o = adaptq(&[
         "eval", bs, "--text", &text, "--ctx", "128", "--chunks", "2", "--base", &g, "--json",
     ]);
@@ -187,16 +158,12 @@ fn minilm_bundle_embeddings_stay_close() {
     let t = tempfile::tempdir().unwrap();
     let b = t.path().join("m8");
     let bs = b.to_str().unwrap();
-    adaptq(&[
-        "quantize",
-        s,
-        "--out",
-        bs,
-        "--bits",
-        "8",
-        "--group-size",
-        "32",
-    ]);
+    ok(cli::quantize(
+        BIN,
+        &src,
+        &b,
+        &["--bits", "8", "--group-size", "32"],
+    ));
     let o = adaptq(&[
         "eval",
         bs,

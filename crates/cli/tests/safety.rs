@@ -5,18 +5,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use adaptq_testutil::cli::{self, args, ok, refused, s, text};
+use adaptq_testutil::files::assert_none_hidden;
+
+const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
+
 fn gguf() -> PathBuf {
     adaptq_testutil::smollm2_gguf()
 }
 
-use adaptq_testutil::cli::{ok, refused, text};
-
 fn adaptq(args: &[&str]) -> Output {
-    adaptq_testutil::cli::run(env!("CARGO_BIN_EXE_adaptq"), args)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    cli::run(BIN, args)
 }
 
 /// eval on one short window: enough to load the whole model.
@@ -25,38 +24,15 @@ const ONE_WINDOW: &[&str] = &["--ctx", "64", "--chunks", "1"];
 const RTN8: &[&str] = &["--method", "rtn", "--bits", "8", "--group-size", "64"];
 
 fn quantize(src: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut a = vec!["quantize", s(src), "--out", s(out)];
-    a.extend_from_slice(RTN8);
-    a.extend_from_slice(extra);
-    adaptq(&a)
-}
-
-/// Asserts that `dir` holds no hidden entry (staging, scratch or moved-aside folders).
-fn no_staging_left(dir: &Path) {
-    let left: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(left.is_empty(), "left behind: {left:?}");
+    cli::quantize(BIN, src, out, &[RTN8, extra].concat())
 }
 
 #[test]
 fn hf_gptq_export_never_deletes_a_folder_it_did_not_write() {
     let t = tempfile::tempdir().unwrap();
     let bundle = t.path().join("b");
-    let src = gguf();
-    let mut a = vec!["quantize", s(&src), "--out", s(&bundle)];
-    a.extend_from_slice(&[
-        "--method",
-        "rtn",
-        "--bits",
-        "4",
-        "--group-size",
-        "64",
-        "--sym",
-    ]);
-    ok(adaptq(&a));
+    let rtn4_g64 = args("--method rtn --bits 4 --group-size 64 --sym");
+    ok(cli::quantize(BIN, &gguf(), &bundle, &rtn4_g64));
     let user = t.path().join("photos");
     std::fs::create_dir(&user).unwrap();
     std::fs::write(user.join("holiday.jpg"), b"irreplaceable").unwrap();
@@ -81,7 +57,7 @@ fn hf_gptq_export_never_deletes_a_folder_it_did_not_write() {
     assert!(!export(&out, false).status.success());
     ok(export(&out, true));
     assert!(out.join("config.json").exists());
-    no_staging_left(t.path());
+    assert_none_hidden(t.path());
 }
 
 #[test]
@@ -105,7 +81,7 @@ fn forced_quantize_keeps_the_source_model_folder_and_foreign_gguf() {
     let mine = t.path().join("mine.gguf");
     ok(quantize(&src, &mine, &["--format", "gguf"]));
     ok(quantize(&src, &mine, &["--format", "gguf", "--force"]));
-    no_staging_left(t.path());
+    assert_none_hidden(t.path());
 }
 
 #[test]
@@ -114,7 +90,7 @@ fn killed_runs_leave_the_old_bundle_and_nothing_that_blocks_the_next() {
     let out = t.path().join("b");
     ok(quantize(&gguf(), &out, &[]));
     // SIGKILL while the replacement is being written: the old bundle stays whole.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+    let mut child = Command::new(BIN)
         .args(["quantize", s(&gguf()), "--out", s(&out), "--force"])
         .args(RTN8)
         .stdout(Stdio::null())
@@ -138,14 +114,14 @@ fn killed_runs_leave_the_old_bundle_and_nothing_that_blocks_the_next() {
     }
     ok(quantize(&gguf(), &out, &["--force"]));
     ok(adaptq(&["verify", s(&out)]));
-    no_staging_left(t.path());
+    assert_none_hidden(t.path());
 }
 
 #[test]
 fn closed_stdout_ends_quietly() {
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let o = Command::new(env!("CARGO_BIN_EXE_adaptq"))
+    let o = Command::new(BIN)
         .args(["info", s(&gguf())])
         .stdout(writer)
         .stderr(Stdio::piped())
@@ -203,38 +179,23 @@ fn a_layer_count_the_file_does_not_back_is_an_error_not_an_abort() {
 fn a_rehashed_bundle_with_a_flat_embedding_is_refused_cleanly() {
     let t = tempfile::tempdir().unwrap();
     let b = t.path().join("b");
-    let src = gguf();
-    ok(adaptq(&[
-        "quantize",
-        s(&src),
-        "--out",
-        s(&b),
-        "--method",
-        "rtn",
-        "--bits",
-        "8",
-        "--embeddings",
-        "f16",
-    ]));
-    let mp = b.join("manifest.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
-    let emb = m["tensors"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|t| t["name"] == "token_embd.weight")
-        .unwrap();
-    let numel: u64 = emb["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap())
-        .product();
-    emb["shape"] = serde_json::json!([numel]);
-    let json = serde_json::to_string_pretty(&m).unwrap() + "\n";
-    let digest = adaptq_bundle::manifest_digest(&json).unwrap();
-    m["manifest_digest"] = serde_json::json!(digest);
-    std::fs::write(&mp, serde_json::to_string_pretty(&m).unwrap() + "\n").unwrap();
+    let rtn8_f16 = args("--method rtn --bits 8 --embeddings f16");
+    ok(cli::quantize(BIN, &gguf(), &b, &rtn8_f16));
+    adaptq_testutil::bundle::rehash(&b, |m| {
+        let emb = m["tensors"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .find(|t| t["name"] == "token_embd.weight")
+            .unwrap();
+        let numel: u64 = emb["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap())
+            .product();
+        emb["shape"] = serde_json::json!([numel]);
+    });
     let corpus = t.path().join("t.txt");
     std::fs::write(&corpus, "A short text to score. ".repeat(40)).unwrap();
     let o = adaptq(&[&["eval", s(&b), "--text", s(&corpus)], ONE_WINDOW].concat());
