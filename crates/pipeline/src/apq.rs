@@ -280,22 +280,12 @@ mod tests {
 
 /// Perplexity of `m` on `windows`, every position scored (the held-out gate's measure).
 pub fn heldout_ppl(m: &Llama, windows: &[Vec<u32>]) -> Result<f64> {
-    let (mut nll, mut n) = (0.0f64, 0usize);
+    let mut s = adaptq_eval::Scorer::default();
     for w in windows {
         let logits = m.forward(w, None, None)?.to_vec2::<f32>()?;
-        for (row, &t) in logits.iter().zip(&w[1..]) {
-            let mx = row.iter().fold(f32::MIN, |a, &b| a.max(b));
-            let lse = row
-                .iter()
-                .map(|&v| ((v - mx) as f64).exp())
-                .sum::<f64>()
-                .ln()
-                + mx as f64;
-            nll += lse - row[t as usize] as f64;
-            n += 1;
-        }
+        s.add(&logits[..w.len() - 1], &w[1..]);
     }
-    Ok((nll / n.max(1) as f64).exp())
+    Ok(s.ppl().0)
 }
 
 /// APQ settings from the command line.
@@ -345,6 +335,184 @@ fn bpw_of(
         .map(|p| layer_bits(p, spec.width(&p.name), grid))
         .sum();
     (q + other_bits) as f64 / total as f64
+}
+
+/// The candidate widths among `asked`, in candidate order.
+fn allowed_widths(asked: &[u8]) -> Result<Vec<u8>> {
+    let w: Vec<u8> = CANDIDATES
+        .iter()
+        .copied()
+        .filter(|b| asked.contains(b))
+        .collect();
+    if w.is_empty() {
+        bail!("no APQ width in {asked:?} (candidates: {CANDIDATES:?})");
+    }
+    Ok(w)
+}
+
+/// Sizes that decide the overall bits per weight of an allocation.
+struct Size<'a> {
+    profiles: &'a [LayerProfile],
+    /// Bits of what APQ does not quantize (norms), and every parameter counted.
+    other_bits: u64,
+    total: u64,
+}
+
+fn pass(ok: bool) -> String {
+    if ok { "PASS" } else { "FAIL" }.to_string()
+}
+
+/// Promotes the worst layers a round at a time until the held-out perplexity is within the
+/// gate, every layer is at the widest width, the rounds run out, or the size budget would be
+/// passed (then the last round is undone). Returns the final perplexity, the rounds and why
+/// promotion stopped.
+#[allow(clippy::too_many_arguments)]
+fn promote_until_gate(
+    m: &mut Llama,
+    cal: &mut Calibration,
+    spec: &mut CalibSpec,
+    s: &ApqSettings,
+    size: &Size,
+    held: &[Vec<u32>],
+    base_ppl: f64,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<(f64, Vec<Promotion>, String)> {
+    let mut ppl = heldout_ppl(m, held)?;
+    let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
+    let mut rounds = Vec::new();
+    let mut stop_reason = "gate passed".to_string();
+    for round in 1..=s.max_rounds {
+        if delta(ppl) <= s.max_ppl_delta {
+            break;
+        }
+        if round == s.max_rounds {
+            stop_reason = format!("{} promotion rounds used", s.max_rounds);
+        }
+        let before = spec.clone();
+        let changed = promote(m, cal, spec, s.promote_per_round)?;
+        if changed.is_empty() {
+            stop_reason = "every layer is at the widest width".into();
+            break;
+        }
+        let bpw = bpw_of(size.profiles, spec, size.other_bits, size.total, s.grid);
+        if s.max_bpw.is_some_and(|mx| bpw > mx) {
+            // Undo: the size budget wins over the quality gate, and the gate reports FAIL.
+            undo(m, cal, &before, &changed)?;
+            *spec = before;
+            stop_reason = "size budget (max_bpw) exhausted".into();
+            break;
+        }
+        ppl = heldout_ppl(m, held)?;
+        progress("promote", round, s.max_rounds);
+        rounds.push(Promotion {
+            round,
+            promoted: changed,
+            heldout_ppl_delta_pct: delta(ppl),
+            bits_per_weight: bpw,
+        });
+    }
+    Ok((ppl, rounds, stop_reason))
+}
+
+/// Puts promoted layers back at their previous width, in the codes and in the model.
+fn undo(
+    m: &mut Llama,
+    cal: &mut Calibration,
+    before: &CalibSpec,
+    changed: &[(String, u8, u8)],
+) -> Result<()> {
+    for (name, from, _) in changed {
+        let h = &cal.hessians[name];
+        let c = cal.layers.get_mut(name).expect("promoted layer");
+        let w = c.scaled_weight.clone().expect("kept");
+        let (rows, cols) = (c.q.rows(), c.q.cols());
+        let q = before.round(&w, rows, cols, h, *from)?;
+        let deq = q.dequantize();
+        c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
+        c.q = adaptq_quant::LayerCodes::Int(q);
+        m.blocks
+            .iter_mut()
+            .flat_map(|b| b.linears_mut())
+            .find(|l| &l.name == name)
+            .expect("layer")
+            .set_weight(deq)?;
+    }
+    Ok(())
+}
+
+/// Layer-error outliers: log10 relative output error above Q3 + 3 IQR.
+fn outlier_gate(cal: &Calibration) -> crate::quantize::Gate {
+    let mut errs: Vec<(f64, &String)> = cal
+        .layers
+        .iter()
+        .filter(|(_, c)| c.output_rel_error.is_finite() && c.output_rel_error > 0.0)
+        .map(|(n, c)| (c.output_rel_error.log10(), n))
+        .collect();
+    errs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let q = |f: f64| errs[((errs.len() - 1) as f64 * f) as usize].0;
+    let fence = q(0.75) + 3.0 * (q(0.75) - q(0.25));
+    let outliers: Vec<String> = errs
+        .iter()
+        .filter(|(e, _)| *e > fence)
+        .map(|(e, n)| format!("{n} ({:.4})", 10f64.powf(*e)))
+        .collect();
+    crate::quantize::Gate {
+        name: "layer_error_outliers".into(),
+        status: pass(outliers.is_empty()),
+        detail: if outliers.is_empty() {
+            format!("no layer's output error above 10^{fence:.2} (Q3 + 3 IQR of log10 errors)")
+        } else {
+            format!("above 10^{fence:.2}: {}", outliers.join(", "))
+        },
+    }
+}
+
+/// Determinism: the first layer re-quantized from the same inputs gives the same codes.
+fn determinism_gate(cal: &Calibration, spec: &CalibSpec) -> Result<Option<crate::quantize::Gate>> {
+    let Some((name, c)) = cal
+        .layers
+        .iter()
+        .find(|(n, _)| cal.hessians.contains_key(*n))
+    else {
+        return Ok(None);
+    };
+    let w = c.scaled_weight.as_ref().expect("kept");
+    let again = spec.round(
+        w,
+        c.q.rows(),
+        c.q.cols(),
+        &cal.hessians[name],
+        spec.width(name),
+    )?;
+    let same = c.q.as_int() == Some(&again);
+    Ok(Some(crate::quantize::Gate {
+        name: "determinism".into(),
+        status: pass(same),
+        detail: format!(
+            "'{name}' re-quantized from the same inputs gives identical codes and scales: {same}"
+        ),
+    }))
+}
+
+/// The gold-prompt gate, when there are gold prompts.
+fn gold_gate(
+    gold: &[adaptq_model::generate::SpotCheck],
+    tokens: usize,
+) -> Option<crate::quantize::Gate> {
+    if gold.is_empty() {
+        return None;
+    }
+    let fails = gold.iter().filter(|c| c.status == "FAIL").count();
+    let agree = gold.iter().map(|c| c.token_agreement).sum::<f64>() / gold.len() as f64;
+    Some(crate::quantize::Gate {
+        name: "gold_prompts".into(),
+        status: pass(fails == 0),
+        detail: format!(
+            "{} gold prompts, {tokens} greedy tokens each: {:.1}% of the unquantized model's tokens reproduced; {fails} failed (looping or silent where the unquantized model is not)",
+            gold.len(),
+            agree * 100.0
+        ),
+    })
 }
 
 /// The whole APQ pipeline on a decoder model: profile, allocate, calibrate (AWQ/GPTQ at the
@@ -399,17 +567,7 @@ pub fn run(
         fingerprint: fingerprint(&windows),
     };
     let base_ppl = heldout_ppl(m, &held)?;
-    let widths: Vec<u8> = CANDIDATES
-        .iter()
-        .copied()
-        .filter(|b| s.widths.contains(b))
-        .collect();
-    if widths.is_empty() {
-        bail!(
-            "no APQ width in {:?} (candidates: {CANDIDATES:?})",
-            s.widths
-        );
-    }
+    let widths = allowed_widths(&s.widths)?;
     let n_prof = samples.min(16);
     let profiles = profile(
         m,
@@ -445,56 +603,14 @@ pub fn run(
     let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)
     })?;
-    let mut ppl = heldout_ppl(m, &held)?;
+    let size = Size {
+        profiles: &profiles,
+        other_bits,
+        total,
+    };
+    let (ppl, rounds, stop_reason) =
+        promote_until_gate(m, &mut cal, &mut spec, s, &size, &held, base_ppl, progress)?;
     let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
-    let mut rounds = Vec::new();
-    let mut stop_reason = "gate passed".to_string();
-    for round in 1..=s.max_rounds {
-        if delta(ppl) <= s.max_ppl_delta {
-            break;
-        }
-        if round == s.max_rounds {
-            stop_reason = format!("{} promotion rounds used", s.max_rounds);
-        }
-        let before = spec.clone();
-        let changed = promote(m, &mut cal, &mut spec, s.promote_per_round)?;
-        if changed.is_empty() {
-            stop_reason = "every layer is at the widest width".into();
-            break;
-        }
-        let bpw = bpw_of(&profiles, &spec, other_bits, total, s.grid);
-        if s.max_bpw.is_some_and(|mx| bpw > mx) {
-            // Undo: the size budget wins over the quality gate, and the gate reports FAIL.
-            for (name, from, _) in &changed {
-                let h = &cal.hessians[name];
-                let c = cal.layers.get_mut(name).expect("promoted layer");
-                let w = c.scaled_weight.clone().expect("kept");
-                let (rows, cols) = (c.q.rows(), c.q.cols());
-                let q = before.round(&w, rows, cols, h, *from)?;
-                let deq = q.dequantize();
-                c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
-                c.q = adaptq_quant::LayerCodes::Int(q);
-                m.blocks
-                    .iter_mut()
-                    .flat_map(|b| b.linears_mut())
-                    .find(|l| &l.name == name)
-                    .expect("layer")
-                    .set_weight(deq)?;
-            }
-            spec = before;
-            stop_reason = "size budget (--max-bpw) exhausted".into();
-            break;
-        }
-        ppl = heldout_ppl(m, &held)?;
-        progress("promote", round, s.max_rounds);
-        rounds.push(Promotion {
-            round,
-            promoted: changed,
-            heldout_ppl_delta_pct: delta(ppl),
-            bits_per_weight: bpw,
-        });
-    }
-    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" }.to_string();
     let mut gates = vec![Gate {
         name: "heldout_ppl_delta".into(),
         status: pass(delta(ppl) <= s.max_ppl_delta),
@@ -506,71 +622,15 @@ pub fn run(
             s.max_ppl_delta
         ),
     }];
-    // Layer-error outliers: log10 relative output error above Q3 + 3 IQR.
-    let mut errs: Vec<(f64, &String)> = cal
-        .layers
-        .iter()
-        .filter(|(_, c)| c.output_rel_error.is_finite() && c.output_rel_error > 0.0)
-        .map(|(n, c)| (c.output_rel_error.log10(), n))
-        .collect();
-    errs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let q = |f: f64| errs[((errs.len() - 1) as f64 * f) as usize].0;
-    let fence = q(0.75) + 3.0 * (q(0.75) - q(0.25));
-    let outliers: Vec<String> = errs
-        .iter()
-        .filter(|(e, _)| *e > fence)
-        .map(|(e, n)| format!("{n} ({:.4})", 10f64.powf(*e)))
-        .collect();
-    gates.push(Gate {
-        name: "layer_error_outliers".into(),
-        status: pass(outliers.is_empty()),
-        detail: if outliers.is_empty() {
-            format!("no layer's output error above 10^{fence:.2} (Q3 + 3 IQR of log10 errors)")
-        } else {
-            format!("above 10^{fence:.2}: {}", outliers.join(", "))
-        },
-    });
-    // Determinism: the first layer re-quantized from the same inputs gives the same codes.
-    if let Some((name, c)) = cal
-        .layers
-        .iter()
-        .find(|(n, _)| cal.hessians.contains_key(*n))
-    {
-        let w = c.scaled_weight.as_ref().expect("kept");
-        let again = spec.round(
-            w,
-            c.q.rows(),
-            c.q.cols(),
-            &cal.hessians[name],
-            spec.width(name),
-        )?;
-        let same = c.q.as_int() == Some(&again);
-        gates.push(Gate {
-            name: "determinism".into(),
-            status: pass(same),
-            detail: format!("'{name}' re-quantized from the same inputs gives identical codes and scales: {same}"),
-        });
-    }
+    gates.push(outlier_gate(&cal));
+    gates.extend(determinism_gate(&cal, &spec)?);
     // Gold prompts: the quantized model's greedy continuations against the unquantized ones.
     let mut gold = Vec::new();
     for (p, r) in s.gold_prompts.iter().zip(gold_ref) {
         let c = adaptq_model::generate::generate(&loaded, p, &gold_opts, &mut |_| {})?;
         gold.push(adaptq_model::generate::judge(p, r, c));
     }
-    if !gold.is_empty() {
-        let fails = gold.iter().filter(|c| c.status == "FAIL").count();
-        let agree = gold.iter().map(|c| c.token_agreement).sum::<f64>() / gold.len() as f64;
-        gates.push(Gate {
-            name: "gold_prompts".into(),
-            status: pass(fails == 0),
-            detail: format!(
-                "{} gold prompts, {} greedy tokens each: {:.1}% of the unquantized model's tokens reproduced; {fails} failed (looping or silent where the unquantized model is not)",
-                gold.len(),
-                s.gold_tokens,
-                agree * 100.0
-            ),
-        });
-    }
+    gates.extend(gold_gate(&gold, s.gold_tokens));
     let mut extra = serde_json::Map::new();
     extra.insert("gold_prompts".into(), serde_json::to_value(&gold)?);
     extra.insert(

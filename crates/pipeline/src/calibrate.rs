@@ -34,15 +34,6 @@ pub struct CalibInfo {
     pub fingerprint: String,
 }
 
-/// SplitMix64, so sampling is reproducible from the seed alone on every platform.
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Draws `n` windows of `len` tokens at seeded random offsets.
 pub fn sample_windows(tokens: &[u32], n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
     if len < 2 || tokens.len() < len {
@@ -51,11 +42,12 @@ pub fn sample_windows(tokens: &[u32], n: usize, len: usize, seed: u64) -> Result
             tokens.len()
         );
     }
-    let mut st = seed;
-    let span = (tokens.len() - len + 1) as u64;
+    // SplitMix64, so sampling is reproducible from the seed alone on every platform.
+    let mut rng = adaptq_quant::rng::Rng(seed);
+    let span = tokens.len() - len + 1;
     Ok((0..n)
         .map(|_| {
-            let o = (splitmix(&mut st) % span) as usize;
+            let o = rng.below(span);
             tokens[o..o + len].to_vec()
         })
         .collect())
@@ -450,117 +442,25 @@ pub fn calibrate_llama(
             .map(|l| Ok((l.name.clone(), l.weight_rows()?)))
             .collect::<Result<_>>()?;
         let orig_h = hs.clone();
-        let mut col: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-        let mut row: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+        let mut scales = Scales::default();
         if spec.awq {
-            let blk = &mut m.blocks[b];
-            let need = |name: &str| {
-                orig_h
-                    .get(name)
-                    .zip(act.get(name))
-                    .with_context(|| format!("no calibration inputs reached '{name}'"))
-            };
-            // attention input: q, k, v share it; fold 1/s into the attention norm.
-            let qn = blk.q.name.clone();
-            let (h, a) = need(&qn)?;
-            let (s, g) = awq_group(spec, &mut [&mut blk.q, &mut blk.k, &mut blk.v], h, a)?;
-            let folded = blk.div_attn_norm(&s)?;
-            out.overrides.insert(blk.attn_norm_name.clone(), folded);
-            for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
-                col.insert(l.clone(), s.clone());
-            }
-            out.awq.push(g);
-            let inv = inverse(&s);
-            for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
-                let scaled = hs[l].scaled(&inv);
-                hs.insert(l.clone(), scaled);
-            }
-            // MLP input: gate and up share it; fold into the MLP norm.
-            let gn = blk.gate.name.clone();
-            let (h, a) = need(&gn)?;
-            let (s, g) = awq_group(spec, &mut [&mut blk.gate, &mut blk.up], h, a)?;
-            let folded = blk.div_ffn_norm(&s)?;
-            out.overrides.insert(blk.ffn_norm_name.clone(), folded);
-            col.insert(blk.gate.name.clone(), s.clone());
-            col.insert(blk.up.name.clone(), s.clone());
-            out.awq.push(g);
-            let inv = inverse(&s);
-            for l in [&blk.gate.name, &blk.up.name] {
-                let scaled = hs[l].scaled(&inv);
-                hs.insert(l.clone(), scaled);
-            }
-            // down's input is silu(gate)·up: scaling up's output rows by 1/s divides it by s.
-            let dn = blk.down.name.clone();
-            let (h, a) = need(&dn)?;
-            let (s, g) = awq_group(spec, &mut [&mut blk.down], h, a)?;
-            let inv = inverse(&s);
-            let (mut uw, ur, uc) = blk.up.weight_rows()?;
-            for (r, k) in uw.chunks_mut(uc).zip(&inv) {
-                r.iter_mut().for_each(|v| *v *= k);
-            }
-            debug_assert_eq!(ur, inv.len());
-            blk.up.set_weight(uw)?;
-            row.insert(blk.up.name.clone(), inv.clone());
-            col.insert(dn.clone(), s);
-            out.awq.push(g);
-            let scaled = hs[&dn].scaled(&inv);
-            hs.insert(dn, scaled);
+            fold_awq(
+                spec,
+                &mut m.blocks[b],
+                &orig_h,
+                &act,
+                &mut hs,
+                &mut scales,
+                &mut out,
+            )?;
         }
         for lin in m.blocks[b].linears_mut() {
             let h = hs
                 .get(&lin.name)
                 .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
-            let bits = spec.width(&lin.name);
-            let (w, rows, cols) = lin.weight_rows()?;
             let (ow, _, _) = &originals[&lin.name];
-            let oh = &orig_h[&lin.name];
-            // What plain rounding of the original weight at this width gives, for comparison.
-            let rtn_same_width = || -> Result<Vec<f32>> {
-                let cfg = RtnConfig {
-                    bits,
-                    group_size: spec.group_size,
-                    grid: spec.grid,
-                };
-                Ok(quantize_rtn(ow, rows, cols, &cfg)?.dequantize())
-            };
-            let mut novaq = None;
-            let ((q, refit), rtn) = if let Rounding::Novaq(_) = spec.rounding {
-                let (q, rep) = spec
-                    .round_novaq(&lin.name, &w, rows, cols, h)
-                    .with_context(|| format!("quantizing '{}' with NOVAQ", lin.name))?;
-                novaq = Some(rep);
-                (
-                    (q, Some((rep.error_before_refine, rep.error_after_refine))),
-                    rtn_same_width()?,
-                )
-            } else if let Some(g) = &spec.ggml {
-                let (ty, _) = g.linear_for(cols)?;
-                let q = spec
-                    .round_ggml(&w, rows, cols, h, ty)
-                    .with_context(|| format!("quantizing '{}' as {}", lin.name, ty.name()))?;
-                let rtn = adaptq_quant::ggml::quantize_rtn(ty, ow, rows, cols, None)?;
-                let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, ow.len())?;
-                ((q, None), rtn)
-            } else {
-                let (q, refit) = spec
-                    .round_reporting(&w, rows, cols, h, bits)
-                    .with_context(|| format!("quantizing '{}'", lin.name))?;
-                ((LayerCodes::Int(q), refit), rtn_same_width()?)
-            };
-            let deq = q.dequantize();
-            let c = Calibrated {
-                output_rel_error: output_rel_error(&w, &deq, cols, h),
-                rtn_output_rel_error: output_rel_error(ow, &rtn, cols, oh),
-                method: spec.method(),
-                col_scale: col.remove(&lin.name),
-                row_scale: row.remove(&lin.name),
-                scaled_weight: spec.keep_hessians.then(|| w.clone()),
-                refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
-                novaq,
-                reference_weight: spec.rotate.is_some().then(|| w.clone()),
-                q,
-            };
-            lin.set_weight(deq)?;
+            let c = round_linear(spec, lin, ow, h, &orig_h[&lin.name], &mut scales)?;
+            lin.set_weight(c.q.dequantize())?;
             if spec.keep_hessians {
                 out.hessians.insert(lin.name.clone(), h.clone());
             }
@@ -573,54 +473,186 @@ pub fn calibrate_llama(
         progress(b + 1, n);
     }
     if let Some(&bits) = spec.widths.get(&m.embed_name) {
-        let (vocab, hidden) = m.embed_dims();
-        let e = m.embedding_rows()?;
-        // A tied table is also the output head: calibrate it as the head, on the final norm's
-        // outputs of the already-quantized network (the head decides every logit).
-        let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. })
-        {
-            let mut h = Hessian::new(hidden);
-            for x in &xs {
-                let y = m.final_normed(x)?;
-                let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
-                h.add_gram(&g, y.dims2()?.0);
-            }
-            let (q, refit) = spec
-                .round_reporting(&e, vocab, hidden, &h, bits)
-                .with_context(|| format!("quantizing '{}' as the output head", m.embed_name))?;
-            let err = output_rel_error(&e, &q.dequantize(), hidden, &h);
-            (q, "gptq", err, refit)
-        } else {
-            let q = quantize_rtn(
-                &e,
-                vocab,
-                hidden,
-                &RtnConfig {
-                    bits,
-                    group_size: spec.group_size,
-                    grid: spec.grid,
-                },
-            )?;
-            (q, "rtn", f64::NAN, None)
-        };
-        m.set_embedding(q.dequantize())?;
-        out.layers.insert(
-            m.embed_name.clone(),
-            Calibrated {
-                q: LayerCodes::Int(q),
-                method,
-                col_scale: None,
-                row_scale: None,
-                output_rel_error: err,
-                rtn_output_rel_error: f64::NAN,
-                scaled_weight: None,
-                refit_error_reduction: refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 }),
-                novaq: None,
-                reference_weight: None,
-            },
-        );
+        let c = calibrate_embedding(m, spec, &xs, bits)?;
+        m.set_embedding(c.q.dequantize())?;
+        out.layers.insert(m.embed_name.clone(), c);
     }
     Ok(out)
+}
+
+/// AWQ's column scales (inputs) and row scales (outputs) of a block's layers, by name.
+#[derive(Default)]
+struct Scales {
+    col: BTreeMap<String, Vec<f32>>,
+    row: BTreeMap<String, Vec<f32>>,
+}
+
+/// Searches AWQ scales for the block's three input groups and folds them exactly: 1/s into
+/// the attention and MLP norms, and for `down` into `up`'s output rows. The Hessians in `hs`
+/// become those of the scaled inputs.
+fn fold_awq(
+    spec: &CalibSpec,
+    blk: &mut adaptq_model::llama::Block,
+    orig_h: &BTreeMap<String, Hessian>,
+    act: &BTreeMap<String, Vec<f32>>,
+    hs: &mut BTreeMap<String, Hessian>,
+    scales: &mut Scales,
+    out: &mut Calibration,
+) -> Result<()> {
+    let need = |name: &str| {
+        orig_h
+            .get(name)
+            .zip(act.get(name))
+            .with_context(|| format!("no calibration inputs reached '{name}'"))
+    };
+    let mut rescale = |names: &[&String], inv: &[f32]| {
+        for l in names {
+            let scaled = hs[*l].scaled(inv);
+            hs.insert((*l).clone(), scaled);
+        }
+    };
+    // attention input: q, k, v share it; fold 1/s into the attention norm.
+    let (h, a) = need(&blk.q.name)?;
+    let (s, g) = awq_group(spec, &mut [&mut blk.q, &mut blk.k, &mut blk.v], h, a)?;
+    let folded = blk.div_attn_norm(&s)?;
+    out.overrides.insert(blk.attn_norm_name.clone(), folded);
+    for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
+        scales.col.insert(l.clone(), s.clone());
+    }
+    out.awq.push(g);
+    rescale(&[&blk.q.name, &blk.k.name, &blk.v.name], &inverse(&s));
+    // MLP input: gate and up share it; fold into the MLP norm.
+    let (h, a) = need(&blk.gate.name)?;
+    let (s, g) = awq_group(spec, &mut [&mut blk.gate, &mut blk.up], h, a)?;
+    let folded = blk.div_ffn_norm(&s)?;
+    out.overrides.insert(blk.ffn_norm_name.clone(), folded);
+    scales.col.insert(blk.gate.name.clone(), s.clone());
+    scales.col.insert(blk.up.name.clone(), s.clone());
+    out.awq.push(g);
+    rescale(&[&blk.gate.name, &blk.up.name], &inverse(&s));
+    // down's input is silu(gate)·up: scaling up's output rows by 1/s divides it by s.
+    let (h, a) = need(&blk.down.name)?;
+    let (s, g) = awq_group(spec, &mut [&mut blk.down], h, a)?;
+    let inv = inverse(&s);
+    let (mut uw, ur, uc) = blk.up.weight_rows()?;
+    for (r, k) in uw.chunks_mut(uc).zip(&inv) {
+        r.iter_mut().for_each(|v| *v *= k);
+    }
+    debug_assert_eq!(ur, inv.len());
+    blk.up.set_weight(uw)?;
+    scales.row.insert(blk.up.name.clone(), inv.clone());
+    scales.col.insert(blk.down.name.clone(), s);
+    out.awq.push(g);
+    rescale(&[&blk.down.name], &inv);
+    Ok(())
+}
+
+/// Rounds one linear layer as the spec says, measuring its output error on the calibration
+/// inputs against plain rounding of the original weight `ow` (inputs `oh`) at the same width.
+fn round_linear(
+    spec: &CalibSpec,
+    lin: &mut adaptq_model::llama::Linear,
+    ow: &[f32],
+    h: &Hessian,
+    oh: &Hessian,
+    scales: &mut Scales,
+) -> Result<Calibrated> {
+    let bits = spec.width(&lin.name);
+    let (w, rows, cols) = lin.weight_rows()?;
+    let rtn_same_width = || -> Result<Vec<f32>> {
+        let cfg = RtnConfig {
+            bits,
+            group_size: spec.group_size,
+            grid: spec.grid,
+        };
+        Ok(quantize_rtn(ow, rows, cols, &cfg)?.dequantize())
+    };
+    let mut novaq = None;
+    let ((q, refit), rtn) = if let Rounding::Novaq(_) = spec.rounding {
+        let (q, rep) = spec
+            .round_novaq(&lin.name, &w, rows, cols, h)
+            .with_context(|| format!("quantizing '{}' with NOVAQ", lin.name))?;
+        novaq = Some(rep);
+        (
+            (q, Some((rep.error_before_refine, rep.error_after_refine))),
+            rtn_same_width()?,
+        )
+    } else if let Some(g) = &spec.ggml {
+        let (ty, _) = g.linear_for(cols)?;
+        let q = spec
+            .round_ggml(&w, rows, cols, h, ty)
+            .with_context(|| format!("quantizing '{}' as {}", lin.name, ty.name()))?;
+        let rtn = adaptq_quant::ggml::quantize_rtn(ty, ow, rows, cols, None)?;
+        let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, ow.len())?;
+        ((q, None), rtn)
+    } else {
+        let (q, refit) = spec
+            .round_reporting(&w, rows, cols, h, bits)
+            .with_context(|| format!("quantizing '{}'", lin.name))?;
+        ((LayerCodes::Int(q), refit), rtn_same_width()?)
+    };
+    Ok(Calibrated {
+        output_rel_error: output_rel_error(&w, &q.dequantize(), cols, h),
+        rtn_output_rel_error: output_rel_error(ow, &rtn, cols, oh),
+        method: spec.method(),
+        col_scale: scales.col.remove(&lin.name),
+        row_scale: scales.row.remove(&lin.name),
+        scaled_weight: spec.keep_hessians.then(|| w.clone()),
+        refit_error_reduction: refit_reduction(refit),
+        novaq,
+        reference_weight: spec.rotate.is_some().then(|| w.clone()),
+        q,
+    })
+}
+
+/// The fraction of the error a re-fit removed, from (before, after).
+fn refit_reduction(refit: Option<(f64, f64)>) -> Option<f64> {
+    refit.map(|(b, a)| if b > 0.0 { 1.0 - a / b } else { 0.0 })
+}
+
+/// The embedding table at `bits`. A tied table is also the output head: with GPTQ it is
+/// calibrated as the head, on the final norm's outputs of the already-quantized network
+/// (the head decides every logit); otherwise it is rounded to nearest.
+fn calibrate_embedding(m: &Llama, spec: &CalibSpec, xs: &[Tensor], bits: u8) -> Result<Calibrated> {
+    let (vocab, hidden) = m.embed_dims();
+    let e = m.embedding_rows()?;
+    let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. }) {
+        let mut h = Hessian::new(hidden);
+        for x in xs {
+            let y = m.final_normed(x)?;
+            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
+            h.add_gram(&g, y.dims2()?.0);
+        }
+        let (q, refit) = spec
+            .round_reporting(&e, vocab, hidden, &h, bits)
+            .with_context(|| format!("quantizing '{}' as the output head", m.embed_name))?;
+        let err = output_rel_error(&e, &q.dequantize(), hidden, &h);
+        (q, "gptq", err, refit)
+    } else {
+        let cfg = RtnConfig {
+            bits,
+            group_size: spec.group_size,
+            grid: spec.grid,
+        };
+        (
+            quantize_rtn(&e, vocab, hidden, &cfg)?,
+            "rtn",
+            f64::NAN,
+            None,
+        )
+    };
+    Ok(Calibrated {
+        q: LayerCodes::Int(q),
+        method,
+        col_scale: None,
+        row_scale: None,
+        output_rel_error: err,
+        rtn_output_rel_error: f64::NAN,
+        scaled_weight: None,
+        refit_error_reduction: refit_reduction(refit),
+        novaq: None,
+        reference_weight: None,
+    })
 }
 
 /// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`.
