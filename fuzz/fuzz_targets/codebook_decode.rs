@@ -5,7 +5,8 @@
 //! decodes has rows x cols values.
 #![no_main]
 
-use adaptq_loader::codebook::{decode, vectors_per_row, StageRef};
+use adaptq_fuzz::{stage_refs, Stage};
+use adaptq_loader::codebook::{decode, vectors_per_row};
 use libfuzzer_sys::fuzz_target;
 
 /// `n` values from the pool, cycled; 0xff bytes are NaN.
@@ -52,7 +53,7 @@ fuzz_target!(|data: &[u8]| {
     let pool = &data[6 + ns..];
     let mut at = 0;
     let nv = vectors_per_row(cols, dim.max(1));
-    let books: Vec<(u8, Vec<f32>, Vec<u8>)> = bits
+    let books: Vec<Stage> = bits
         .iter()
         .enumerate()
         .map(|(s, &b)| {
@@ -66,14 +67,7 @@ fuzz_target!(|data: &[u8]| {
             (b, fill(pool, &mut at, c), codes)
         })
         .collect();
-    let stages: Vec<StageRef> = books
-        .iter()
-        .map(|(bits, centroids, codes)| StageRef {
-            bits: *bits,
-            centroids,
-            codes,
-        })
-        .collect();
+    let stages = stage_refs(&books);
     let row_scale = fill(pool, &mut at, tweak(rows, flags, 0));
     let row_mean = fill(pool, &mut at, tweak(rows, flags, 2));
     let col_scale = fill(pool, &mut at, tweak(cols, flags, 4));

@@ -6,8 +6,12 @@
 //! hostile bundle author can always make the hashes match, and what must hold is everything
 //! checked after them.
 
-use adaptq_loader::{manifest_digest, shard_list_digest, Loader};
 use serde_json::Value;
+
+/// The re-hashing and tensor-reading glue this crate shares with the loader's mutation test.
+#[path = "../../crates/testutil/src/loading.rs"]
+mod loading;
+pub use loading::{exercise, rehash, stage_refs, Stage};
 
 /// Lowercase hex of SHA-256.
 pub fn sha256_hex(b: &[u8]) -> String {
@@ -22,43 +26,6 @@ pub fn blake3_hex(b: &[u8]) -> String {
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Replaces the string value after `key` (`"name": "`); `None` without the key.
-fn set_string(text: &str, key: &str, value: &str) -> Option<String> {
-    let start = text.find(key)? + key.len();
-    let end = start + text[start..].find('"')?;
-    Some(format!("{}{value}{}", &text[..start], &text[end..]))
-}
-
-/// Re-hashes manifest text as the bundle writer does: the global digest over whatever shard
-/// list it holds, then its own `manifest_digest`. Text without those fields is returned as is.
-pub fn rehash(text: &str) -> String {
-    let mut t = text.to_string();
-    let v: Option<Value> = serde_json::from_str(text).ok();
-    let list: Option<Vec<(&str, u64, &str, &str)>> = v
-        .as_ref()
-        .and_then(|v| v.get("shards")?.as_array())
-        .and_then(|sh| {
-            sh.iter()
-                .map(|s| {
-                    Some((
-                        s.get("file")?.as_str()?,
-                        s.get("bytes")?.as_u64()?,
-                        s.get("sha256")?.as_str()?,
-                        s.get("blake3")?.as_str()?,
-                    ))
-                })
-                .collect()
-        });
-    if let Some(list) = list {
-        let g = shard_list_digest(list);
-        t = set_string(&t, "\"global_digest\": \"", &g).unwrap_or(t);
-    }
-    if let Some(d) = manifest_digest(&t) {
-        t = set_string(&t, "\"manifest_digest\": \"", &d).unwrap_or(t);
-    }
-    t
 }
 
 /// A whole bundle as the feed target receives it.
@@ -105,21 +72,3 @@ pub fn feed_input(data: &[u8]) -> Option<FeedInput<'_>> {
     })
 }
 
-/// Reads every tensor a loader offers, packed and as f32. Contract: an f32 tensor has as many
-/// values as its shape.
-pub fn exercise(l: &Loader) {
-    for name in l.tensor_names() {
-        let shape = l.tensor_packed(name).ok().map(|p| p.shape);
-        if let Ok(v) = l.tensor_f32(name) {
-            let numel = shape.and_then(|s| s.iter().try_fold(1usize, |a, &d| a.checked_mul(d)));
-            if let Some(n) = numel {
-                assert_eq!(
-                    v.len(),
-                    n,
-                    "'{name}' decodes to {} values, not its shape's {n}",
-                    v.len()
-                );
-            }
-        }
-    }
-}
