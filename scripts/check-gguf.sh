@@ -6,13 +6,7 @@
 # metadata unchanged. Run by scripts/test.sh (CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/fetch-fixtures.sh >/dev/null
-source scripts/python-env.sh
-cargo build --release -p adaptq 2>/dev/null
-bin=target/release/adaptq
-m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+source scripts/check-env.sh
 check() {
   local name=$1; shift
   "$bin" quantize "$m" --out "$tmp/$name.gguf" --format gguf "$@" >/dev/null

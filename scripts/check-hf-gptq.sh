@@ -7,14 +7,22 @@
 # Run by scripts/test.sh (CI); the numpy virtualenv is shared with check-gguf.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/fetch-fixtures.sh >/dev/null
-source scripts/python-env.sh
-cargo build --release -p adaptq 2>/dev/null
-bin=target/release/adaptq
-m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+source scripts/check-env.sh
 text=../shared/corpora/austen/prideprejudice.txt
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+# same_ppl WHAT A B: models A and B must give the same perplexity (relative 1e-5) on the
+# second halves of two 512-token windows; WHAT names them in the messages.
+same_ppl() {
+  local a b
+  a=$("$bin" eval "$2" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+  b=$("$bin" eval "$3" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
+  python3 - "$1" "$a" "$b" <<'PY'
+import json, sys
+what = sys.argv[1]
+a, b = (json.loads(x)["ppl"] for x in sys.argv[2:4])
+assert abs(a - b) / a < 1e-5, f"{what}: PPL {a} vs {b}"
+print(f"{what}: PPL {a:.6f} and {b:.6f}")
+PY
+}
 for cfg in "4 128" "8 32" "2 64"; do
   set -- $cfg
   "$bin" quantize "$m" --out "$tmp/b$1" --bits "$1" --group-size "$2" --sym --min-cosine 0 >/dev/null
@@ -25,14 +33,7 @@ for cfg in "4 128" "8 32" "2 64"; do
 done
 "$bin" export "$tmp/b4" --to hf-gptq --out "$tmp/hf4one" >/dev/null
 "$venv/bin/python" scripts/check_hf_gptq.py "$tmp/hf4one" "$tmp/h4.json" --write-float "$tmp/float"
-a=$("$bin" eval "$tmp/b4" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
-b=$("$bin" eval "$tmp/float" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
-python3 - "$a" "$b" <<'PY'
-import json, sys
-a, b = (json.loads(x)["ppl"] for x in sys.argv[1:3])
-assert abs(a - b) / a < 1e-5, f"bundle PPL {a} vs unpacked HF checkpoint {b}"
-print(f"forward pass: bundle PPL {a:.6f}, numpy-unpacked HF checkpoint {b:.6f}")
-PY
+same_ppl "forward pass: bundle, numpy-unpacked HF checkpoint" "$tmp/b4" "$tmp/float"
 # Safetensors (Hugging Face layout) → bundle → GGUF: metadata built from config.json and
 # tokenizer.json must match the original GGUF's tokenizer, and Q/K rows permuted back for
 # llama.cpp's RoPE must leave the perplexity unchanged.
@@ -40,12 +41,5 @@ PY
 "$bin" export "$tmp/fb" --to gguf --out "$tmp/f.gguf" >/dev/null
 "$bin" tensor-hashes "$tmp/f.gguf" >"$tmp/f.json"
 "$venv/bin/python" scripts/check_gguf.py "$m" "$tmp/f.gguf" "$tmp/f.json"
-c=$("$bin" eval "$tmp/fb" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
-d=$("$bin" eval "$tmp/f.gguf" --text "$text" --ctx 512 --score second-half --chunks 2 --json)
-python3 - "$c" "$d" <<'PY'
-import json, sys
-a, b = (json.loads(x)["ppl"] for x in sys.argv[1:3])
-assert abs(a - b) / a < 1e-5, f"safetensors bundle PPL {a} vs its GGUF export {b}"
-print(f"safetensors → GGUF: bundle PPL {a:.6f}, GGUF {b:.6f}")
-PY
+same_ppl "safetensors → GGUF: bundle, its GGUF export" "$tmp/fb" "$tmp/f.gguf"
 echo "Hugging Face GPTQ export verified"
