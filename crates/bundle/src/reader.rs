@@ -225,10 +225,7 @@ impl Bundle {
                 t.name
             )));
         };
-        if *dim == 0
-            || !(1..=4).contains(&stage_bits.len())
-            || stage_bits.iter().any(|b| !(1..=16).contains(b))
-        {
+        if !adaptq_loader::codebook::valid_layout(*dim, stage_bits) {
             return Err(BundleError::Invalid(format!(
                 "tensor '{}': codebook layout dim {dim}, stage widths {stage_bits:?} is not valid",
                 t.name

@@ -136,31 +136,38 @@ pub fn decode(
 /// Most residual stages a tensor may have.
 pub const MAX_STAGES: usize = 4;
 
-/// Part names and lengths of a NOVAQ tensor, in stored order; `None` when `dim` is 0, there
-/// are not 1..=[`MAX_STAGES`] stages of 1..=16 bits, or a length overflows.
+/// Whether `dim` and `stage_bits` describe a codebook layout adaptq stores: `dim` ≥ 1 and
+/// 1..=[`MAX_STAGES`] stages of 1..=16 bits. Every reader and the layout check ask this.
+pub fn valid_layout(dim: usize, stage_bits: &[u8]) -> bool {
+    dim > 0
+        && (1..=MAX_STAGES).contains(&stage_bits.len())
+        && stage_bits.iter().all(|b| (1..=16).contains(b))
+}
+
+/// Part names and lengths of a NOVAQ tensor of `rows × cols`, in stored order, in `u64` (the
+/// same on every platform); `None` when the layout is not [`valid_layout`] or a length
+/// overflows.
 pub fn parts(
-    rows: usize,
-    cols: usize,
+    rows: u64,
+    cols: u64,
     dim: usize,
     stage_bits: &[u8],
-) -> Option<Vec<(&'static str, usize)>> {
+) -> Option<Vec<(&'static str, u64)>> {
     const BOOK: [&str; MAX_STAGES] = ["codebook0", "codebook1", "codebook2", "codebook3"];
     const CODES: [&str; MAX_STAGES] = ["codes0", "codes1", "codes2", "codes3"];
-    if dim == 0
-        || !(1..=MAX_STAGES).contains(&stage_bits.len())
-        || stage_bits.iter().any(|b| !(1..=16).contains(b))
-    {
+    if !valid_layout(dim, stage_bits) {
         return None;
     }
-    let nvec = rows.checked_mul(vectors_per_row(cols, dim))?;
+    let dim = dim as u64;
+    let nvec = rows.checked_mul(cols.div_ceil(dim))?;
     let mut v = vec![
         ("row_scale", rows.checked_mul(2)?),
         ("row_mean", rows.checked_mul(2)?),
         ("col_scale", cols.checked_mul(2)?),
     ];
     for (s, &b) in stage_bits.iter().enumerate() {
-        v.push((BOOK[s], (1usize << b).checked_mul(dim)?.checked_mul(2)?));
-        v.push((CODES[s], checked_packed_len(nvec, b)?));
+        v.push((BOOK[s], (1u64 << b).checked_mul(dim)?.checked_mul(2)?));
+        v.push((CODES[s], nvec.checked_mul(b as u64)?.div_ceil(8)));
     }
     Some(v)
 }
@@ -184,7 +191,7 @@ mod tests {
 
     #[test]
     fn sizes_that_overflow_are_refused() {
-        assert!(parts(usize::MAX / 2, 4, 2, &[8]).is_none());
+        assert!(parts(u64::MAX / 2, 4, 2, &[8]).is_none());
         assert!(parts(4, 4, usize::MAX / 4, &[8]).is_none());
         assert!(parts(4, 4, 0, &[8]).is_none());
         assert!(parts(4, 4, 2, &[17]).is_none());

@@ -91,35 +91,6 @@ fn groups_per_row_u64(cols: u64, gs: usize) -> u64 {
     }
 }
 
-/// Bytes holding `n` codes of `bits` bits, in `u64`.
-fn packed_len_u64(n: u64, bits: u8) -> Option<u64> {
-    Some(n.checked_mul(bits as u64)?.div_ceil(8))
-}
-
-/// Part names and lengths of a NOVAQ tensor ([`codebook::parts`]), in `u64`.
-fn codebook_parts(rows: u64, cols: u64, dim: usize, stage_bits: &[u8]) -> Option<PartSizes> {
-    const BOOK: [&str; codebook::MAX_STAGES] = ["codebook0", "codebook1", "codebook2", "codebook3"];
-    const CODES: [&str; codebook::MAX_STAGES] = ["codes0", "codes1", "codes2", "codes3"];
-    if dim == 0
-        || !(1..=codebook::MAX_STAGES).contains(&stage_bits.len())
-        || stage_bits.iter().any(|b| !(1..=16).contains(b))
-    {
-        return None;
-    }
-    let dim = dim as u64;
-    let nvec = rows.checked_mul(cols.div_ceil(dim))?;
-    let mut v = vec![
-        ("row_scale", rows.checked_mul(2)?),
-        ("row_mean", rows.checked_mul(2)?),
-        ("col_scale", cols.checked_mul(2)?),
-    ];
-    for (s, &b) in stage_bits.iter().enumerate() {
-        v.push((BOOK[s], (1u64 << b).checked_mul(dim)?.checked_mul(2)?));
-        v.push((CODES[s], packed_len_u64(nvec, b)?));
-    }
-    Some(v)
-}
-
 /// (part name, bytes) in stored order.
 pub type PartSizes = Vec<(&'static str, u64)>;
 
@@ -140,10 +111,7 @@ fn encoding_problem(enc: &Encoding, cols: u64) -> Option<String> {
             }
         }
         Encoding::Codebook { dim, stage_bits } => {
-            if *dim == 0
-                || !(1..=codebook::MAX_STAGES).contains(&stage_bits.len())
-                || stage_bits.iter().any(|b| !(1..=16).contains(b))
-            {
+            if !codebook::valid_layout(*dim, stage_bits) {
                 return Some(format!(
                     "codebook dim {dim} with stage widths {stage_bits:?} (dim ≥ 1, 1..=4 stages \
                      of 1..=16 bits)"
@@ -173,7 +141,7 @@ pub fn expected_parts(enc: &Encoding, shape: &[u64]) -> Option<PartSizes> {
         } => {
             let groups = rows.checked_mul(groups_per_row_u64(cols, *group_size))?;
             let mut v = vec![
-                ("codes", packed_len_u64(numel, *bits)?),
+                ("codes", numel.checked_mul(*bits as u64)?.div_ceil(8)),
                 ("scales", groups.checked_mul(2)?),
             ];
             if *grid == Grid::Asymmetric {
@@ -182,7 +150,7 @@ pub fn expected_parts(enc: &Encoding, shape: &[u64]) -> Option<PartSizes> {
             v
         }
         Encoding::Ggml { ggml_type } => vec![("blocks", ggml_type.bytes_for_u64(numel)?)],
-        Encoding::Codebook { dim, stage_bits } => codebook_parts(rows, cols, *dim, stage_bits)?,
+        Encoding::Codebook { dim, stage_bits } => codebook::parts(rows, cols, *dim, stage_bits)?,
         Encoding::F16 => vec![("data", numel.checked_mul(2)?)],
         Encoding::F32 => vec![("data", numel.checked_mul(4)?)],
         Encoding::Raw { byte_len, .. } => vec![("data", *byte_len as u64)],

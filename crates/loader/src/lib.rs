@@ -377,7 +377,7 @@ impl Loader {
             Encoding::Codebook { dim, stage_bits } => {
                 let cols = *p.shape.last().unwrap_or(&1);
                 let bad = || LoadError::Tensor(format!("'{name}': codebook parts do not fit"));
-                if *dim == 0 || stage_bits.is_empty() || stage_bits.len() > 4 {
+                if !codebook::valid_layout(*dim, stage_bits) {
                     return Err(bad());
                 }
                 let books: Vec<Vec<f32>> = (0..stage_bits.len())
