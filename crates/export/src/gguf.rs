@@ -197,27 +197,14 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
 
 /// GGUF name of a Hugging Face llama tensor (the inverse of [`crate::hf_gptq::hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+    use crate::hf_gptq::{LAYER_PARTS, WHOLE_NAMES};
+    if let Some((g, _)) = WHOLE_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
     }
     let rest = hf.strip_prefix("model.layers.")?;
     let (n, rest) = rest.split_once('.')?;
     let (part, suffix) = rest.rsplit_once('.')?;
-    let g = match part {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
+    let (g, _) = LAYER_PARTS.iter().find(|(_, h)| *h == part)?;
     Some(format!("blk.{n}.{g}.{suffix}"))
 }
 

@@ -58,43 +58,44 @@ struct Meta {
     gguf_layout: bool,
 }
 
+/// Llama tensor names as (GGUF, Hugging Face): whole names, then the per-layer parts
+/// (`blk.{n}.{gguf}.{suffix}` ↔ `model.layers.{n}.{hf}.{suffix}`). Both directions read this.
+pub(crate) const WHOLE_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+pub(crate) const LAYER_PARTS: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// Hugging Face name of a GGUF llama tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((_, hf)) = WHOLE_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (n, rest) = rest.split_once('.')?;
     let (part, suffix) = rest.split_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_PARTS.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{n}.{hf}.{suffix}"))
 }
 
-/// For GGUF Q/K weights: the source row of each Hugging Face row. llama.cpp's converter moved
-/// HF row `h·hd + j·hd/2 + i` to `h·hd + 2i + j`; this undoes it.
+/// For GGUF Q/K weights: the source row of each Hugging Face row, the inverse of
+/// [`crate::gguf::permute_rows`] (llama.cpp's converter moved HF row `h·hd + j·hd/2 + i` to
+/// `h·hd + 2i + j`; this undoes it).
 pub fn unpermute_rows(rows: usize, heads: usize) -> Vec<usize> {
-    let hd = rows / heads;
     let mut src = vec![0; rows];
-    for h in 0..heads {
-        for j in 0..2 {
-            for i in 0..hd / 2 {
-                src[h * hd + j * (hd / 2) + i] = h * hd + 2 * i + j;
-            }
-        }
+    for (g, &hf) in crate::gguf::permute_rows(rows, heads).iter().enumerate() {
+        src[hf] = g;
     }
     src
 }
@@ -422,22 +423,22 @@ pub fn export_hf_gptq(
             config["bos_token_id"] = b.clone();
             config["eos_token_id"] = e.clone();
         }
-        std::fs::write(tmp.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-        std::fs::write(
-            tmp.join("quantize_config.json"),
-            serde_json::to_vec_pretty(&qcfg)?,
-        )?;
-        files.extend([
-            "config.json".to_string(),
-            "quantize_config.json".to_string(),
-        ]);
+        // Writes a side file into the staged folder and lists it.
+        let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
+            std::fs::write(tmp.join(name), bytes)?;
+            files.push(name.to_string());
+            Ok(())
+        };
+        put("config.json", &serde_json::to_vec_pretty(&config)?)?;
+        put("quantize_config.json", &serde_json::to_vec_pretty(&qcfg)?)?;
+        let mut has_tokenizer = false;
         for f in ["tokenizer.json", "tokenizer_config.json", "LICENSE"] {
             if let Ok(b) = bundle.read_file(f) {
-                std::fs::write(tmp.join(f), b)?;
-                files.push(f.into());
+                put(f, &b)?;
+                has_tokenizer |= f == "tokenizer.json";
             }
         }
-        if !files.iter().any(|f| f == "tokenizer.json") {
+        if !has_tokenizer {
             if let Ok(md) = bundle.read_file(crate::gguf::GGUF_METADATA) {
                 let v: serde_json::Value = serde_json::from_slice(&md)?;
                 let vocab = adaptq_model::tokenizer::GgufVocab::from_metadata_json(&v)?;
@@ -445,7 +446,7 @@ pub fn export_hf_gptq(
                 let text = tok
                     .to_string(true)
                     .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
-                std::fs::write(tmp.join("tokenizer.json"), text)?;
+                put("tokenizer.json", text.as_bytes())?;
                 let mut tc = json!({
                     "tokenizer_class": "PreTrainedTokenizerFast",
                     "model_max_length": meta.ctx,
@@ -462,14 +463,7 @@ pub fn export_hf_gptq(
                 if let Some(t) = gget("tokenizer.chat_template") {
                     tc["chat_template"] = t;
                 }
-                std::fs::write(
-                    tmp.join("tokenizer_config.json"),
-                    serde_json::to_vec_pretty(&tc)?,
-                )?;
-                files.extend([
-                    "tokenizer.json".to_string(),
-                    "tokenizer_config.json".to_string(),
-                ]);
+                put("tokenizer_config.json", &serde_json::to_vec_pretty(&tc)?)?;
             }
         }
         files.sort();

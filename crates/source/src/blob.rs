@@ -108,22 +108,30 @@ impl Blob for MmapBlob {
         self.map.len() as u64
     }
     fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
-        self.map
-            .get(start as usize..end as usize)
-            .map(Cow::Borrowed)
-            .ok_or_else(|| {
-                SourceError::corrupt(
-                    &self.path,
-                    format!(
-                        "bytes {start}..{end} lie past the end of the {}-byte file",
-                        self.map.len()
-                    ),
-                )
-            })
+        byte_range(&self.map, start, end, &self.path)
     }
     fn label(&self) -> &Path {
         &self.path
     }
+}
+
+/// Bytes `start..end` of a blob held whole (mapped or in memory); an error naming `label`
+/// when they lie past its end.
+fn byte_range<'a>(bytes: &'a [u8], start: u64, end: u64, label: &Path) -> Result<Cow<'a, [u8]>> {
+    usize::try_from(start)
+        .ok()
+        .zip(usize::try_from(end).ok())
+        .and_then(|(s, e)| bytes.get(s..e))
+        .map(Cow::Borrowed)
+        .ok_or_else(|| {
+            SourceError::corrupt(
+                label,
+                format!(
+                    "bytes {start}..{end} lie past the end of the {}-byte file",
+                    bytes.len()
+                ),
+            )
+        })
 }
 
 /// Bytes held in memory (tests, small downloaded files).
@@ -137,12 +145,7 @@ impl Blob for MemBlob {
         self.bytes.len() as u64
     }
     fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
-        self.bytes
-            .get(start as usize..end as usize)
-            .map(Cow::Borrowed)
-            .ok_or_else(|| {
-                SourceError::corrupt(&self.label, format!("bytes {start}..{end} out of range"))
-            })
+        byte_range(&self.bytes, start, end, &self.label)
     }
     fn label(&self) -> &Path {
         &self.label
