@@ -142,13 +142,7 @@ pub fn search_scales(
 mod tests {
     use super::*;
     use crate::gptq::Hessian;
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
+    use crate::test_lcg as lcg;
 
     #[test]
     fn scaling_salient_channels_lowers_output_error_and_never_loses() {

@@ -218,3 +218,12 @@ pub fn groups_per_row(cols: usize, group_size: usize) -> usize {
         cols.div_ceil(group_size)
     }
 }
+
+/// A seeded LCG draw uniform in [-0.5, 0.5), for the tests' weights and activations.
+#[cfg(test)]
+pub(crate) fn test_lcg(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+}

@@ -615,29 +615,22 @@ pub fn quantize_novaq(
     if let (Some(m), true) = (&hm, cfg.refine_iterations > 0) {
         let mut norm2 = norm.clone();
         let mut books2 = books.clone();
-        refine_books(
-            w,
-            rows,
-            cols,
-            &p,
-            &norm2,
-            &mut books2,
-            &codes,
-            m,
-            cfg.refine_iterations,
-        );
+        let refine = |norm: &Norm, books: &mut [Vec<f32>]| {
+            refine_books(
+                w,
+                rows,
+                cols,
+                &p,
+                norm,
+                books,
+                &codes,
+                m,
+                cfg.refine_iterations,
+            )
+        };
+        refine(&norm2, &mut books2);
         refit_rows(w, rows, cols, &p, &mut norm2, &books2, &codes, m);
-        refine_books(
-            w,
-            rows,
-            cols,
-            &p,
-            &norm2,
-            &mut books2,
-            &codes,
-            m,
-            cfg.refine_iterations,
-        );
+        refine(&norm2, &mut books2);
         let t2 = build(rows, cols, &p, &norm2, &books2, &codes);
         let e2 = err(&t2);
         // Refinement minimises the same objective in exact arithmetic; keep it only when the

@@ -143,13 +143,7 @@ mod tests {
     use super::*;
     use crate::gptq::Hessian;
     use crate::rtn::{quantize_rtn, RtnConfig};
-
-    fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-    }
+    use crate::test_lcg as lcg;
 
     #[test]
     fn refit_lowers_output_error_keeps_codes_and_reports_truthfully() {
