@@ -92,6 +92,16 @@ fn refused_by_verify(d: &Path) -> String {
     r.problems.join("\n")
 }
 
+/// verify's problems with a fresh bundle whose manifest `edit` changed and re-hashed, after
+/// asserting that the host reader and the loader refuse it, saying `why`.
+fn edit_refused(why: &str, edit: impl FnOnce(&mut Value)) -> String {
+    let (_t, d) = fresh();
+    rehash(&d, edit);
+    let msg = refused_by_verify(&d);
+    refused_on_open(&d, why);
+    msg
+}
+
 /// Asserts the host reader and the loader both refuse the manifest itself.
 fn refused_on_open(d: &Path, why: &str) {
     let err = Bundle::open(d).err().expect("host reader opened it");
@@ -140,19 +150,15 @@ fn the_layout_check_ignores_digests_and_check_manifest_does_not() {
 
 #[test]
 fn segment_whose_end_wraps_u64_is_refused() {
-    let (_t, d) = fresh();
-    rehash(&d, |v| {
+    let msg = edit_refused("points outside", |v| {
         v["tensors"][1]["segments"][0]["offset"] = Value::from(u64::MAX - 7);
     });
-    let msg = refused_by_verify(&d);
     assert!(msg.contains("points outside"), "{msg}");
-    refused_on_open(&d, "points outside");
 }
 
 #[test]
 fn segment_of_2_62_bytes_is_refused() {
-    let (_t, d) = fresh();
-    rehash(&d, |v| {
+    let msg = edit_refused("token_embd.weight", |v| {
         let t = &mut v["tensors"][3];
         let old = t["segments"][0]["length"].as_u64().unwrap();
         let part = t["parts"][0]["length"].as_u64().unwrap();
@@ -160,21 +166,16 @@ fn segment_of_2_62_bytes_is_refused() {
         // The parts claim the same total, so only the shard bounds can catch it.
         t["parts"][0]["length"] = Value::from(part - old + (1u64 << 62));
     });
-    let msg = refused_by_verify(&d);
     assert!(msg.contains("points outside"), "{msg}");
-    refused_on_open(&d, "token_embd.weight");
 }
 
 #[test]
 fn lossless_part_claiming_2_61_decoded_bytes_is_refused() {
-    let (_t, d) = fresh();
-    rehash(&d, |v| {
+    let msg = edit_refused("blk.0.ffn_up.weight", |v| {
         v["tensors"][0]["parts"][0]["lossless"]["raw_length"] = Value::from(1u64 << 61);
     });
-    let msg = refused_by_verify(&d);
     assert!(msg.contains("do not fit shape [32, 64]"), "{msg}");
     assert!(msg.contains("2305843009213693952 decoded bytes"), "{msg}");
-    refused_on_open(&d, "blk.0.ffn_up.weight");
 }
 
 #[test]
@@ -219,21 +220,15 @@ fn shard_names_outside_the_bundle_are_refused() {
 
 #[test]
 fn code_widths_out_of_range_are_refused() {
-    let (_t, d) = fresh();
-    rehash(&d, |v| {
+    let msg = edit_refused("255-bit codes", |v| {
         v["tensors"][1]["encoding"]["bits"] = Value::from(255)
     });
-    let msg = refused_by_verify(&d);
     assert!(msg.contains("255-bit codes"), "{msg}");
-    refused_on_open(&d, "255-bit codes");
 
-    let (_t, d) = fresh();
-    rehash(&d, |v| {
+    let msg = edit_refused("stage widths [200]", |v| {
         v["tensors"][2]["encoding"]["stage_bits"] = serde_json::json!([200]);
     });
-    let msg = refused_by_verify(&d);
     assert!(msg.contains("stage widths [200]"), "{msg}");
-    refused_on_open(&d, "stage widths [200]");
 }
 
 #[test]

@@ -34,6 +34,28 @@ fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
     (t, d)
 }
 
+/// Changes the bytes of `d/name` in place.
+fn edit(d: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) {
+    let p = d.join(name);
+    let mut b = std::fs::read(&p).unwrap();
+    f(&mut b);
+    std::fs::write(&p, b).unwrap();
+}
+
+/// Replaces the text of `d/name` by `f` of it.
+fn edit_text(d: &Path, name: &str, f: impl FnOnce(String) -> String) {
+    let p = d.join(name);
+    let text = std::fs::read_to_string(&p).unwrap();
+    std::fs::write(&p, f(text)).unwrap();
+}
+
+/// verify's problems with a fresh bundle after `damage`, asserting that it refused it.
+fn damaged(damage: impl FnOnce(&Path)) -> String {
+    let (_t, d) = fresh();
+    damage(&d);
+    problems(&d)
+}
+
 fn problems(d: &Path) -> String {
     let r = verify_bundle(d, |_| {});
     assert!(!r.ok(), "damaged bundle verified");
@@ -60,23 +82,18 @@ fn clean_bundle_verifies_and_spans_shards() {
 
 #[test]
 fn flipped_byte_fails() {
-    let (_t, d) = fresh();
-    let p = d.join("shard-00001.bin");
-    let mut b = std::fs::read(&p).unwrap();
-    b[100] ^= 0x01;
-    std::fs::write(&p, b).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        edit(d, "shard-00001.bin", |b| b[100] ^= 0x01);
+    });
     assert!(msg.contains("shard-00001.bin SHA-256 mismatch"), "{msg}");
     assert!(msg.contains("BLAKE3 mismatch"), "{msg}");
 }
 
 #[test]
 fn truncated_shard_fails() {
-    let (_t, d) = fresh();
-    let p = d.join("shard-00002.bin");
-    let b = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &b[..b.len() - 10]).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        edit(d, "shard-00002.bin", |b| b.truncate(b.len() - 10));
+    });
     assert!(
         msg.contains("shard-00002.bin has 1014 bytes, manifest says 1024"),
         "{msg}"
@@ -85,57 +102,56 @@ fn truncated_shard_fails() {
 
 #[test]
 fn missing_shard_fails() {
-    let (_t, d) = fresh();
-    std::fs::remove_file(d.join("shard-00000.bin")).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        std::fs::remove_file(d.join("shard-00000.bin")).unwrap();
+    });
     assert!(msg.contains("shard shard-00000.bin is missing"), "{msg}");
 }
 
 #[test]
 fn extra_shard_fails() {
-    let (_t, d) = fresh();
-    std::fs::write(d.join("shard-00004.bin"), b"extra").unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        std::fs::write(d.join("shard-00004.bin"), b"extra").unwrap();
+    });
     assert!(msg.contains("unexpected file 'shard-00004.bin'"), "{msg}");
 }
 
 #[test]
 fn edited_manifest_fails() {
-    let (_t, d) = fresh();
-    let p = d.join("manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap();
-    std::fs::write(&p, text.replace("test-model", "other-model")).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        edit_text(d, "manifest.json", |t| {
+            t.replace("test-model", "other-model")
+        });
+    });
     assert!(msg.contains("manifest.json was edited"), "{msg}");
 }
 
 #[test]
 fn edited_shape_breaks_coverage_too() {
-    let (_t, d) = fresh();
-    let p = d.join("manifest.json");
-    let text = std::fs::read_to_string(&p).unwrap();
-    let text = text.replacen("\"shape\": [\n        20,", "\"shape\": [\n        21,", 1);
-    std::fs::write(&p, text).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        edit_text(d, "manifest.json", |t| {
+            t.replacen("\"shape\": [\n        20,", "\"shape\": [\n        21,", 1)
+        });
+    });
     assert!(msg.contains("do not fit shape [21, 64]"), "{msg}");
 }
 
 #[test]
 fn edited_side_file_fails() {
-    let (_t, d) = fresh();
-    std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
+    });
     assert!(msg.contains("model.meta does not match"), "{msg}");
 }
 
 #[test]
 fn reordered_shards_fail() {
-    let (_t, d) = fresh();
-    let a = std::fs::read(d.join("shard-00000.bin")).unwrap();
-    let b = std::fs::read(d.join("shard-00001.bin")).unwrap();
-    std::fs::write(d.join("shard-00000.bin"), b).unwrap();
-    std::fs::write(d.join("shard-00001.bin"), a).unwrap();
-    let msg = problems(&d);
+    let msg = damaged(|d| {
+        let a = std::fs::read(d.join("shard-00000.bin")).unwrap();
+        let b = std::fs::read(d.join("shard-00001.bin")).unwrap();
+        std::fs::write(d.join("shard-00000.bin"), b).unwrap();
+        std::fs::write(d.join("shard-00001.bin"), a).unwrap();
+    });
     assert!(msg.contains("shard-00000.bin SHA-256 mismatch"), "{msg}");
 }
 

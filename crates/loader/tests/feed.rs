@@ -36,17 +36,8 @@ fn bundle() -> (tempfile::TempDir, PathBuf) {
         };
         let q = quantize_rtn(&x, rows, cols, &cfg).unwrap();
         let (s, m) = (f16s(&q.scales), f16s(&q.mins));
-        let mut parts: Vec<(&str, &[u8])> = vec![("codes", &q.codes), ("scales", &s)];
-        if grid == Grid::Asymmetric {
-            parts.push(("mins", &m));
-        }
-        add_linear(
-            &mut w,
-            name,
-            &[rows, cols],
-            fixture::int(bits, 32, grid),
-            &parts,
-        );
+        let enc = fixture::int(bits, 32, grid);
+        fixture::add_int(&mut w, name, &[rows, cols], enc, [&q.codes, &s, &m]);
     }
     let e: Vec<u8> = weights(20 * 32, 9)
         .iter()

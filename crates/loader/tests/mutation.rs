@@ -58,17 +58,8 @@ fn build(shard: u64, lossless: bool, all: bool) -> Bundle {
             };
         let scales = f16s(groups, 1);
         let mins = f16s(groups, 2);
-        let mut parts: Vec<(&str, &[u8])> = vec![("codes", &codes), ("scales", &scales)];
-        if grid == Grid::Asymmetric {
-            parts.push(("mins", &mins));
-        }
-        add_linear(
-            &mut w,
-            name,
-            &[rows, cols],
-            fixture::int(bits, gs, grid),
-            &parts,
-        );
+        let enc = fixture::int(bits, gs, grid);
+        fixture::add_int(&mut w, name, &[rows, cols], enc, [&codes, &scales, &mins]);
     };
     int("blk.0.attn_k.weight", 2, 32, Grid::Symmetric, 16, 64);
     if all {

@@ -78,6 +78,29 @@ pub fn add_linear(
         .unwrap_or_else(|e| panic!("{name}: {e}"));
 }
 
+/// Adds an integer-grid linear tensor from its packed codes, f16 scales and f16 mins (kept
+/// only on an asymmetric grid, which is the only one that stores them).
+pub fn add_int(
+    w: &mut BundleWriter,
+    name: &str,
+    shape: &[usize],
+    enc: Encoding,
+    bytes: [&[u8]; 3],
+) {
+    let [codes, scales, mins] = bytes;
+    let mut parts: Vec<(&str, &[u8])> = vec![("codes", codes), ("scales", scales)];
+    if matches!(
+        enc,
+        Encoding::Int {
+            grid: Grid::Asymmetric,
+            ..
+        }
+    ) {
+        parts.push(("mins", mins));
+    }
+    add_linear(w, name, shape, enc, &parts);
+}
+
 /// Adds the 4-bit, groups-of-32 symmetric `blk.0.attn_q.weight` [10, 64] of `data`: codes
 /// 320 bytes, scales 10 x 2 x 2 = 40 bytes.
 pub fn add_q4(w: &mut BundleWriter, data: &[u8]) {
