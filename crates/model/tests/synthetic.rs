@@ -89,31 +89,20 @@ fn permute(w: &[f32], rows: usize, cols: usize, heads: usize) -> Vec<f32> {
 /// The same model under GGUF names with permuted Q/K (adjacent-pair RoPE).
 fn gguf_weights(hf: &Mem) -> Mem {
     let mut t = BTreeMap::new();
-    let get = |n: &str| hf.t[n].clone();
-    t.insert("token_embd.weight".into(), get("model.embed_tokens.weight"));
-    t.insert("output_norm.weight".into(), get("model.norm.weight"));
-    for i in 0..2 {
-        let p = format!("model.layers.{i}");
-        let map = [
-            ("attn_q", "self_attn.q_proj"),
-            ("attn_k", "self_attn.k_proj"),
-            ("attn_v", "self_attn.v_proj"),
-            ("attn_output", "self_attn.o_proj"),
-            ("ffn_gate", "mlp.gate_proj"),
-            ("ffn_up", "mlp.up_proj"),
-            ("ffn_down", "mlp.down_proj"),
-            ("attn_norm", "input_layernorm"),
-            ("ffn_norm", "post_attention_layernorm"),
-        ];
-        for (g, h) in map {
-            let (shape, mut data) = get(&format!("{p}.{h}.weight"));
-            if g == "attn_q" {
-                data = permute(&data, shape[0], shape[1], 4);
-            } else if g == "attn_k" {
-                data = permute(&data, shape[0], shape[1], 2);
-            }
-            t.insert(format!("blk.{i}.{g}.weight"), (shape, data));
-        }
+    for (name, (shape, data)) in &hf.t {
+        let g = adaptq_export::gguf::gguf_name(name).unwrap_or_else(|| panic!("{name}"));
+        let heads = if g.contains(".attn_q.") {
+            Some(4)
+        } else if g.contains(".attn_k.") {
+            Some(2)
+        } else {
+            None
+        };
+        let data = match heads {
+            Some(h) => permute(data, shape[0], shape[1], h),
+            None => data.clone(),
+        };
+        t.insert(g, (shape.clone(), data));
     }
     Mem {
         desc: desc(RopeStyle::AdjacentPairs),
