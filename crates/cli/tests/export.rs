@@ -124,9 +124,8 @@ fn a_bundle_that_fails_verification_is_not_exported() {
 
 #[test]
 fn gptq_writes_onto_ggml_grids_and_beats_their_rounding() {
-    let m = smollm2_gguf();
+    let (m, dir) = (smollm2_gguf(), tempfile::tempdir().unwrap());
     let emma = adaptq_testutil::corpus("emma.txt");
-    let dir = tempfile::tempdir().unwrap();
     let b = dir.path().join("b");
     let gptq = [
         args("--method gptq --ggml-type q4_k"),

@@ -31,8 +31,8 @@ fn quantize(src: &Path, out: &Path, extra: &[&str]) -> Output {
 fn hf_gptq_export_never_deletes_a_folder_it_did_not_write() {
     let t = tempfile::tempdir().unwrap();
     let bundle = t.path().join("b");
-    let rtn4_g64 = args("--method rtn --bits 4 --group-size 64 --sym");
-    ok(cli::quantize(BIN, &gguf(), &bundle, &rtn4_g64));
+    let rtn4_g64 = "--method rtn --bits 4 --group-size 64 --sym";
+    ok(cli::quantize(BIN, &gguf(), &bundle, &args(rtn4_g64)));
     let user = t.path().join("photos");
     std::fs::create_dir(&user).unwrap();
     std::fs::write(user.join("holiday.jpg"), b"irreplaceable").unwrap();
@@ -178,9 +178,8 @@ fn a_layer_count_the_file_does_not_back_is_an_error_not_an_abort() {
 #[test]
 fn a_rehashed_bundle_with_a_flat_embedding_is_refused_cleanly() {
     let t = tempfile::tempdir().unwrap();
-    let b = t.path().join("b");
-    let rtn8_f16 = args("--method rtn --bits 8 --embeddings f16");
-    ok(cli::quantize(BIN, &gguf(), &b, &rtn8_f16));
+    let (b, rtn8_f16) = (t.path().join("b"), "--method rtn --bits 8 --embeddings f16");
+    ok(cli::quantize(BIN, &gguf(), &b, &args(rtn8_f16)));
     adaptq_testutil::bundle::rehash(&b, |m| {
         let emb = m["tensors"]
             .as_array_mut()
