@@ -527,12 +527,10 @@ pub fn run(
     s: &ApqSettings,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<ApqOutcome> {
-    use crate::calibrate::{fingerprint, sample_windows, CalibConfig, CalibInfo, Rounding};
+    use crate::calibrate::{sample_windows, CalibInfo, Rounding};
     use crate::quantize::Gate;
     let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
-    let text = std::fs::read_to_string(calib)
-        .map_err(|e| anyhow::anyhow!("reading calibration text {}: {e}", calib.display()))?;
-    let tokens = adaptq_model::tokenizer::encode(&loaded.tokenizer, &text)?;
+    let tokens = crate::calibrate::read_tokens(&loaded.tokenizer, calib)?;
     let mut loaded = loaded;
     // Gold prompts: the unquantized model's greedy continuations, to compare with at the end.
     let gold_opts = adaptq_model::generate::Options {
@@ -553,19 +551,7 @@ pub fn run(
     let cut = tokens.len() * 9 / 10;
     let windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
     let held = sample_windows(&tokens[cut..], s.heldout_windows, seq_len, seed ^ 0x5EED)?;
-    let info = CalibInfo {
-        config: CalibConfig {
-            file: calib
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            samples,
-            seq_len,
-            seed,
-        },
-        text_tokens: tokens.len(),
-        fingerprint: fingerprint(&windows),
-    };
+    let info = CalibInfo::new(calib, seq_len, seed, tokens.len(), &windows);
     let base_ppl = heldout_ppl(m, &held)?;
     let widths = allowed_widths(&s.widths)?;
     let n_prof = samples.min(16);

@@ -64,6 +64,38 @@ pub fn fingerprint(windows: &[Vec<u32>]) -> String {
     hex::encode(h.finalize())
 }
 
+/// The calibration file's tokens.
+pub fn read_tokens(tok: &tokenizers::Tokenizer, path: &Path) -> Result<Vec<u32>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading calibration text {}", path.display()))?;
+    adaptq_model::tokenizer::encode(tok, &text)
+}
+
+impl CalibInfo {
+    /// What is recorded of `windows`, sampled from the `text_tokens` tokens of `path`.
+    pub fn new(
+        path: &Path,
+        seq_len: usize,
+        seed: u64,
+        text_tokens: usize,
+        windows: &[Vec<u32>],
+    ) -> Self {
+        CalibInfo {
+            config: CalibConfig {
+                file: path
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                samples: windows.len(),
+                seq_len,
+                seed,
+            },
+            text_tokens,
+            fingerprint: fingerprint(windows),
+        }
+    }
+}
+
 /// Tokenizes the calibration file and samples its windows.
 pub fn prepare(
     tok: &tokenizers::Tokenizer,
@@ -72,29 +104,15 @@ pub fn prepare(
     seq_len: usize,
     seed: u64,
 ) -> Result<(Vec<Vec<u32>>, CalibInfo)> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading calibration text {}", path.display()))?;
-    let tokens = adaptq_model::tokenizer::encode(tok, &text)?;
+    let tokens = read_tokens(tok, path)?;
     let windows = sample_windows(&tokens, samples, seq_len, seed)
         .with_context(|| format!("calibration file {}", path.display()))?;
-    let info = CalibInfo {
-        config: CalibConfig {
-            file: path
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            samples,
-            seq_len,
-            seed,
-        },
-        text_tokens: tokens.len(),
-        fingerprint: fingerprint(&windows),
-    };
+    let info = CalibInfo::new(path, seq_len, seed, tokens.len(), &windows);
     Ok((windows, info))
 }
 
 /// One calibrated layer: its codes and the output error reached vs plain rounding.
-pub struct Calibrated {
+pub struct CalibratedLayer {
     pub q: LayerCodes,
     /// Which method produced the codes ("gptq", "awq+rtn", "awq+gptq", "rtn").
     pub method: &'static str,
@@ -117,7 +135,7 @@ pub struct Calibrated {
     pub reference_weight: Option<Vec<f32>>,
 }
 
-impl Calibrated {
+impl CalibratedLayer {
     /// The tensor the codes stand for, from the source weight `w` (row-major, `cols` wide).
     pub fn reference(&self, w: &[f32], cols: usize) -> Vec<f32> {
         if let Some(r) = &self.reference_weight {
@@ -323,7 +341,7 @@ pub struct AwqGroup {
 /// Everything calibration produced.
 #[derive(Default)]
 pub struct Calibration {
-    pub layers: BTreeMap<String, Calibrated>,
+    pub layers: BTreeMap<String, CalibratedLayer>,
     /// Norm weights changed by folding AWQ scales: stored instead of the source's.
     pub overrides: BTreeMap<String, Vec<f32>>,
     pub awq: Vec<AwqGroup>,
@@ -556,7 +574,7 @@ fn round_linear(
     h: &Hessian,
     oh: &Hessian,
     scales: &mut Scales,
-) -> Result<Calibrated> {
+) -> Result<CalibratedLayer> {
     let bits = spec.width(&lin.name);
     let (w, rows, cols) = lin.weight_rows()?;
     let rtn_same_width = || -> Result<Vec<f32>> {
@@ -591,7 +609,7 @@ fn round_linear(
             .with_context(|| format!("quantizing '{}'", lin.name))?;
         ((LayerCodes::Int(q), refit), rtn_same_width()?)
     };
-    Ok(Calibrated {
+    Ok(CalibratedLayer {
         output_rel_error: output_rel_error(&w, &q.dequantize(), cols, h),
         rtn_output_rel_error: output_rel_error(ow, &rtn, cols, oh),
         method: spec.method(),
@@ -613,7 +631,12 @@ fn refit_reduction(refit: Option<(f64, f64)>) -> Option<f64> {
 /// The embedding table at `bits`. A tied table is also the output head: with GPTQ it is
 /// calibrated as the head, on the final norm's outputs of the already-quantized network
 /// (the head decides every logit); otherwise it is rounded to nearest.
-fn calibrate_embedding(m: &Llama, spec: &CalibSpec, xs: &[Tensor], bits: u8) -> Result<Calibrated> {
+fn calibrate_embedding(
+    m: &Llama,
+    spec: &CalibSpec,
+    xs: &[Tensor],
+    bits: u8,
+) -> Result<CalibratedLayer> {
     let (vocab, hidden) = m.embed_dims();
     let e = m.embedding_rows()?;
     let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. }) {
@@ -641,7 +664,7 @@ fn calibrate_embedding(m: &Llama, spec: &CalibSpec, xs: &[Tensor], bits: u8) -> 
             None,
         )
     };
-    Ok(Calibrated {
+    Ok(CalibratedLayer {
         q: LayerCodes::Int(q),
         method,
         col_scale: None,

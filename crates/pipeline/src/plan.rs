@@ -414,7 +414,7 @@ impl Plan {
         &self,
         source: &dyn adaptq_source::TensorSource,
         progress: &mut dyn Progress,
-    ) -> Result<Option<Calibrated>> {
+    ) -> Result<Option<StageOutput>> {
         let o = &self.options;
         let blocks = source.desc().n_layers;
         Ok(match &self.stage {
@@ -431,7 +431,7 @@ impl Plan {
                     &mut |d, t| progress.advance(d, t, 0),
                 )?;
                 let extra = crate::calibrate::verification_sections(&cal)?;
-                Some(Calibrated {
+                Some(StageOutput {
                     cal,
                     info,
                     extra,
@@ -459,7 +459,7 @@ impl Plan {
                         progress.advance(d, t, 0);
                     },
                 )?;
-                Some(Calibrated {
+                Some(StageOutput {
                     cal: out.cal,
                     info: out.info,
                     extra: out.extra,
@@ -471,14 +471,14 @@ impl Plan {
 }
 
 /// What a calibrated stage hands to the bundle writer.
-struct Calibrated {
+struct StageOutput {
     cal: crate::calibrate::Calibration,
     info: crate::calibrate::CalibInfo,
     extra: serde_json::Map<String, serde_json::Value>,
     gates: Vec<crate::quantize::Gate>,
 }
 
-impl Calibrated {
+impl StageOutput {
     fn borrow(&self) -> Precomputed<'_> {
         Precomputed {
             layers: &self.cal.layers,

@@ -73,7 +73,7 @@ pub struct GptqSettings {
 
 /// Codes already computed by a calibrated method, with what calibration measured.
 pub struct Precomputed<'a> {
-    pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::Calibrated>,
+    pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::CalibratedLayer>,
     pub info: &'a crate::calibrate::CalibInfo,
     /// Tensors stored instead of the source's (norms with AWQ scales folded in).
     pub overrides: &'a std::collections::BTreeMap<String, Vec<f32>>,
