@@ -310,31 +310,33 @@ fn duplicate_gguf_tensor_names_are_refused() {
     assert!(gguf_err(&g).contains("'general.architecture' appears twice"));
 }
 
+/// A tensor-table entry: name, element count, data offset.
+type Placed = (&'static str, u64, u64);
+
 #[test]
 fn misaligned_or_overlapping_gguf_offsets_are_refused() {
-    let g = Gguf::llama().tensor("a", &[8], 0, 4).data(&[0; 64]);
-    let e = gguf_err(&g);
-    assert!(
-        e.contains("'a'") && e.contains("not a multiple of the file's alignment 32"),
-        "{e}"
-    );
-    let g = Gguf::llama()
-        .tensor("a", &[16], 0, 0)
-        .tensor("b", &[8], 0, 32)
-        .data(&[0; 96]);
-    let e = gguf_err(&g);
-    assert!(e.contains("'a' and 'b' overlap"), "{e}");
-    // Same start, and one range inside another, in either table order.
-    let g = Gguf::llama()
-        .tensor("b", &[8], 0, 0)
-        .tensor("a", &[8], 0, 0)
-        .data(&[0; 32]);
-    assert!(gguf_err(&g).contains("overlap"));
-    let g = Gguf::llama()
-        .tensor("in", &[8], 0, 32)
-        .tensor("out", &[32], 0, 0)
-        .data(&[0; 128]);
-    assert!(gguf_err(&g).contains("overlap"));
+    // (tensors as (name, elements, offset), data bytes, what the error must say)
+    let cases: [(&[Placed], usize, &[&str]); 4] = [
+        (
+            &[("a", 8, 4)],
+            64,
+            &["'a'", "not a multiple of the file's alignment 32"],
+        ),
+        (&[("a", 16, 0), ("b", 8, 32)], 96, &["'a' and 'b' overlap"]),
+        // Same start, and one range inside another, in either table order.
+        (&[("b", 8, 0), ("a", 8, 0)], 32, &["overlap"]),
+        (&[("in", 8, 32), ("out", 32, 0)], 128, &["overlap"]),
+    ];
+    for (tensors, n, want) in cases {
+        let mut g = Gguf::llama();
+        for &(name, elements, offset) in tensors {
+            g = g.tensor(name, &[elements], 0, offset);
+        }
+        let e = gguf_err(&g.data(&vec![0; n]));
+        for w in want {
+            assert!(e.contains(w), "want '{w}': {e}");
+        }
+    }
 }
 
 #[test]
@@ -633,6 +635,10 @@ fn within_time<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 #[cfg(unix)]
 use adaptq_testutil::files::mkfifo;
 
+/// A file to write: its name and bytes.
+#[cfg(unix)]
+type NamedBytes = (&'static str, Vec<u8>);
+
 #[cfg(unix)]
 #[test]
 fn fifos_and_devices_are_refused_not_waited_on() {
@@ -652,36 +658,32 @@ fn fifos_and_devices_are_refused_not_waited_on() {
         assert!(e.contains("not a regular file"), "{dev}: {e}");
     }
 
-    // Companion files: a FIFO as the index, as config.json, as a shard.
-    let d = tempfile::tempdir().unwrap();
-    mkfifo(&d.path().join("model.safetensors.index.json"));
-    let p = d.path().to_path_buf();
-    let e = within_time(move || open(&p).err().map(|e| e.to_string())).expect("opened");
-    assert!(e.contains("not a regular file"), "{e}");
-
-    let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("model.safetensors"), one_byte("a")).unwrap();
-    mkfifo(&d.path().join("config.json"));
-    let p = d.path().to_path_buf();
-    let e = within_time(move || open(&p).err().map(|e| e.to_string())).expect("opened");
-    assert!(
-        e.contains("config.json") && e.contains("not a regular file"),
-        "{e}"
-    );
-
-    let d = tempfile::tempdir().unwrap();
-    std::fs::write(
-        d.path().join("model.safetensors.index.json"),
-        br#"{"weight_map":{"x":"model-1.safetensors"}}"#,
-    )
-    .unwrap();
-    mkfifo(&d.path().join("model-1.safetensors"));
-    let p = d.path().to_path_buf();
-    let e = within_time(move || open(&p).err().map(|e| e.to_string())).expect("opened");
-    assert!(
-        e.contains("model-1.safetensors") && e.contains("not a regular file"),
-        "{e}"
-    );
+    // Companion files: a FIFO as the index, as config.json, as a shard: (regular files
+    // written first, the FIFO, what the error must name besides "not a regular file").
+    let index = br#"{"weight_map":{"x":"model-1.safetensors"}}"#.to_vec();
+    let companions: [(Vec<NamedBytes>, &str, &str); 3] = [
+        (vec![], "model.safetensors.index.json", ""),
+        (
+            vec![("model.safetensors", one_byte("a"))],
+            "config.json",
+            "config.json",
+        ),
+        (
+            vec![("model.safetensors.index.json", index)],
+            "model-1.safetensors",
+            "model-1.safetensors",
+        ),
+    ];
+    for (files, fifo, named) in companions {
+        let d = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            std::fs::write(d.path().join(name), bytes).unwrap();
+        }
+        mkfifo(&d.path().join(fifo));
+        let p = d.path().to_path_buf();
+        let e = within_time(move || open(&p).err().map(|e| e.to_string())).expect("opened");
+        assert!(e.contains(named) && e.contains("not a regular file"), "{e}");
+    }
 }
 
 // ---------- hyper-parameters from a header ----------
