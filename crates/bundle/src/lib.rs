@@ -11,15 +11,23 @@
 //! ```
 //! Nothing time- or path-dependent enters any of these files, so the same input and config
 //! give byte-identical bundles.
+//!
+//! The format itself (manifest schema, digests, layout check, GGML table) is `adaptq_loader`'s;
+//! this crate adds the file system: writing, reading, verifying and replacing bundles.
 
+pub mod codec;
 pub mod manifest;
 pub mod output;
 pub mod reader;
+pub mod report;
+pub mod stats;
 pub mod verify;
+pub mod verification;
 pub mod writer;
 
 pub use manifest::{Encoding, FileDigest, Manifest, Part, Segment, ShardInfo, TensorEntry};
 pub use reader::Bundle;
+pub use verification::{Gate, GateStatus, Verification};
 pub use verify::{verify_bundle, VerifyReport};
 pub use writer::{BundleWriter, WriterOptions};
 
@@ -145,26 +153,4 @@ pub(crate) fn sha256_regular(path: &std::path::Path, max: u64) -> std::io::Resul
     Ok((n, hex::encode(h.finalize())))
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
-}
-
-pub fn blake3_hex(data: &[u8]) -> String {
-    blake3::hash(data).to_hex().to_string()
-}
-
-/// The bundle's global digest: SHA-256 over the ordered list of shard names and hashes
-/// (shared with the wasm loader, which must compute it identically).
-pub fn global_digest(shards: &[ShardInfo]) -> String {
-    adaptq_loader::shard_list_digest(shards.iter().map(|s| {
-        (
-            s.file.as_str(),
-            s.bytes,
-            s.sha256.as_str(),
-            s.blake3.as_str(),
-        )
-    }))
-}
-
-pub use adaptq_loader::manifest_digest;
+pub use adaptq_loader::{blake3_hex, global_digest, manifest_digest, sha256_hex};

@@ -93,8 +93,14 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+/// SHA-256 of `data` as 64 lower-case hex digits, as the manifest records it.
+pub fn sha256_hex(data: &[u8]) -> String {
     hex(&sha2::Sha256::digest(data))
+}
+
+/// BLAKE3 of `data` as 64 lower-case hex digits, as the manifest records it.
+pub fn blake3_hex(data: &[u8]) -> String {
+    hex(blake3::hash(data).as_bytes())
 }
 
 /// The bundle's global digest: SHA-256 over the ordered shard list, one line per shard of
@@ -109,7 +115,8 @@ pub fn shard_list_digest<'a>(
     hex(&h.finalize())
 }
 
-fn global_digest(shards: &[ShardInfo]) -> String {
+/// [`shard_list_digest`] over a manifest's shard list: what its `global_digest` must be.
+pub fn global_digest(shards: &[ShardInfo]) -> String {
     shard_list_digest(shards.iter().map(|s| {
         (
             s.file.as_str(),
@@ -192,7 +199,7 @@ impl Loader {
         }
         let s = &self.shards()[i];
         let sha = sha256_hex(&self.data[i]);
-        let b3 = hex(blake3::hash(&self.data[i]).as_bytes());
+        let b3 = blake3_hex(&self.data[i]);
         if sha != s.sha256 || b3 != s.blake3 {
             self.data[i] = Vec::new();
             return Err(LoadError::Shard(format!(
