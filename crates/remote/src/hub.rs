@@ -31,7 +31,7 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
-    /// `HF_ENDPOINT` (default https://huggingface.co); the token from `HF_TOKEN`,
+    /// `HF_ENDPOINT` (default <https://huggingface.co>); the token from `HF_TOKEN`,
     /// `HUGGINGFACE_TOKEN` or `HUGGING_FACE_HUB_TOKEN`; `ADAPTQ_CACHE_DIR`; offline when
     /// `ADAPTQ_OFFLINE` or `HF_HUB_OFFLINE` is 1.
     pub fn from_env() -> Self {
