@@ -21,8 +21,8 @@ pub mod output;
 pub mod reader;
 pub mod report;
 pub mod stats;
-pub mod verify;
 pub mod verification;
+pub mod verify;
 pub mod writer;
 
 pub use manifest::{Encoding, FileDigest, Manifest, Part, Segment, ShardInfo, TensorEntry};

@@ -358,8 +358,8 @@ struct Size<'a> {
     total: u64,
 }
 
-fn pass(ok: bool) -> String {
-    if ok { "PASS" } else { "FAIL" }.to_string()
+fn pass(ok: bool) -> adaptq_bundle::GateStatus {
+    adaptq_bundle::GateStatus::of(ok)
 }
 
 /// Promotes the worst layers a round at a time until the held-out perplexity is within the
@@ -527,7 +527,7 @@ pub fn run(
     s: &ApqSettings,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<ApqOutcome> {
-    use crate::calibrate::{sample_windows, CalibInfo, Rounding};
+    use crate::calibrate::{sample_windows, Rounding};
     use crate::quantize::Gate;
     let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
     let tokens = crate::calibrate::read_tokens(&loaded.tokenizer, calib)?;
@@ -551,7 +551,7 @@ pub fn run(
     let cut = tokens.len() * 9 / 10;
     let windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
     let held = sample_windows(&tokens[cut..], s.heldout_windows, seq_len, seed ^ 0x5EED)?;
-    let info = CalibInfo::new(calib, seq_len, seed, tokens.len(), &windows);
+    let info = crate::calibrate::calib_info(calib, seq_len, seed, tokens.len(), &windows);
     let base_ppl = heldout_ppl(m, &held)?;
     let widths = allowed_widths(&s.widths)?;
     let n_prof = samples.min(16);

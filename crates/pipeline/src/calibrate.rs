@@ -15,24 +15,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// How calibration text is sampled; recorded in the manifest and verification.json.
-#[derive(Debug, Clone, Serialize)]
-pub struct CalibConfig {
-    /// File name only (no folder: bundles must not depend on where the user keeps files).
-    pub file: String,
-    pub samples: usize,
-    pub seq_len: usize,
-    pub seed: u64,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct CalibInfo {
-    #[serde(flatten)]
-    pub config: CalibConfig,
-    pub text_tokens: usize,
-    /// SHA-256 of the sampled token ids (little-endian u32, windows in order).
-    pub fingerprint: String,
-}
+pub use adaptq_bundle::verification::{CalibConfig, CalibInfo};
 
 /// Draws `n` windows of `len` tokens at seeded random offsets.
 pub fn sample_windows(tokens: &[u32], n: usize, len: usize, seed: u64) -> Result<Vec<Vec<u32>>> {
@@ -71,28 +54,26 @@ pub fn read_tokens(tok: &tokenizers::Tokenizer, path: &Path) -> Result<Vec<u32>>
     adaptq_model::tokenizer::encode(tok, &text)
 }
 
-impl CalibInfo {
-    /// What is recorded of `windows`, sampled from the `text_tokens` tokens of `path`.
-    pub fn new(
-        path: &Path,
-        seq_len: usize,
-        seed: u64,
-        text_tokens: usize,
-        windows: &[Vec<u32>],
-    ) -> Self {
-        CalibInfo {
-            config: CalibConfig {
-                file: path
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-                samples: windows.len(),
-                seq_len,
-                seed,
-            },
-            text_tokens,
-            fingerprint: fingerprint(windows),
-        }
+/// What is recorded of `windows`, sampled from the `text_tokens` tokens of `path`.
+pub fn calib_info(
+    path: &Path,
+    seq_len: usize,
+    seed: u64,
+    text_tokens: usize,
+    windows: &[Vec<u32>],
+) -> CalibInfo {
+    CalibInfo {
+        config: CalibConfig {
+            file: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            samples: windows.len(),
+            seq_len,
+            seed,
+        },
+        text_tokens,
+        fingerprint: fingerprint(windows),
     }
 }
 
@@ -107,7 +88,7 @@ pub fn prepare(
     let tokens = read_tokens(tok, path)?;
     let windows = sample_windows(&tokens, samples, seq_len, seed)
         .with_context(|| format!("calibration file {}", path.display()))?;
-    let info = CalibInfo::new(path, seq_len, seed, tokens.len(), &windows);
+    let info = calib_info(path, seq_len, seed, tokens.len(), &windows);
     Ok((windows, info))
 }
 

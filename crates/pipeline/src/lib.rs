@@ -5,12 +5,9 @@
 
 pub mod apq;
 pub mod calibrate;
-pub mod info;
 pub mod options;
 pub mod plan;
 pub mod quantize;
-pub mod report;
-pub mod stats;
 
 pub use options::{
     Bits, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset, QuantizeOptions,

@@ -72,7 +72,7 @@ pub struct Outcome {
 impl Outcome {
     /// Every gate passed.
     pub fn passed(&self) -> bool {
-        self.summary.verification.overall_status == "PASS"
+        self.summary.verification.overall_status.passed()
     }
 }
 
@@ -326,7 +326,7 @@ impl Plan {
                 kind: "hadamard".into(),
                 seed: o.seed,
             }),
-            lossless: (o.lossless == Lossless::Rans).then(|| "rans".to_string()),
+            lossless: (o.lossless == Lossless::Rans).then_some(Lossless::Rans),
             options: Some(o.recorded()),
         };
         Ok(Plan {

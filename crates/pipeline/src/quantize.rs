@@ -1,9 +1,11 @@
 //! `quantize`: stream a source tensor by tensor through a quantizer into a bundle.
 
+use adaptq_bundle::codec::{encode_codes, encode_f16, encode_f32, encode_raw, Encoded};
 use adaptq_bundle::manifest::SourceRef;
-use adaptq_bundle::{BundleWriter, Encoding, WriterOptions, MODEL_META, VERIFICATION};
-use adaptq_quant::ggml::{BlockType, GgmlSpec};
-use adaptq_quant::{metrics::layer_error, quantize_rtn, Grid, LayerCodes, LayerError, RtnConfig};
+use adaptq_bundle::verification::GateLimits;
+use adaptq_bundle::{BundleWriter, WriterOptions, MODEL_META, VERIFICATION};
+use adaptq_quant::ggml::GgmlSpec;
+use adaptq_quant::{quantize_rtn, Grid, LayerCodes, RtnConfig};
 use adaptq_source::model::{layer_of, role_of};
 use adaptq_source::{TensorRole, TensorSource};
 use anyhow::{bail, Context, Result};
@@ -42,9 +44,9 @@ pub struct QuantizeConfig {
     pub novaq: Option<NovaqSettings>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotate: Option<RotateSettings>,
-    /// Lossless stage on code parts: `rans`, or none.
+    /// Lossless stage on code parts (`rans`), when one runs.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lossless: Option<String>,
+    pub lossless: Option<crate::options::Lossless>,
     /// The settings as given ([`crate::QuantizeOptions::recorded`]), so a run can be repeated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Value>,
@@ -109,72 +111,7 @@ impl Default for QuantizeConfig {
 /// Progress after each tensor: (tensors done, tensors total, source bytes read so far).
 pub type Progress<'a> = &'a mut dyn FnMut(usize, usize, u64);
 
-/// Per-tensor line of `verification.json`.
-#[derive(Debug, Clone, Serialize)]
-pub struct TensorReport {
-    pub name: String,
-    pub role: String,
-    pub layer: Option<usize>,
-    pub encoding: String,
-    pub params: usize,
-    pub bytes: u64,
-    pub bits_per_weight: f64,
-    /// Bytes before the lossless stage (equal to `bytes` when it is off or did not help).
-    #[serde(skip)]
-    pub raw_bytes: u64,
-    /// `raw / stored` when the lossless stage coded this tensor's codes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lossless_ratio: Option<f64>,
-    #[serde(flatten)]
-    pub error: Option<LayerError>,
-    /// Hessian-weighted relative output error on the calibration inputs (calibrated methods).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_rel_error: Option<f64>,
-    /// The same for round-to-nearest at the same config: what calibration bought.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rtn_output_rel_error: Option<f64>,
-    /// Fraction of the output error removed by re-fitting scales with codes fixed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub refit_error_reduction: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Gate {
-    pub name: String,
-    pub status: String,
-    pub detail: String,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Totals {
-    pub params: u64,
-    pub quantized_params: u64,
-    pub payload_bytes: u64,
-    pub quantized_payload_bytes: u64,
-    pub bits_per_weight: f64,
-    pub bits_per_quantized_weight: f64,
-    pub source_f16_bytes: u64,
-    pub compression_vs_f16: f64,
-    pub shards: usize,
-    /// Quantized payload before the lossless stage / after it (present when it ran).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lossless_ratio: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Verification {
-    pub schema_version: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<crate::calibrate::CalibInfo>,
-    pub tensors: Vec<TensorReport>,
-    pub totals: Totals,
-    pub gates: Vec<Gate>,
-    /// Method-specific sections (AWQ search, APQ allocation, promotion rounds).
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-    #[serde(rename = "OVERALL_STATUS")]
-    pub overall_status: String,
-}
+pub use adaptq_bundle::verification::{Gate, GateStatus, TensorReport, Totals, Verification};
 
 pub struct QuantizeSummary {
     pub manifest: adaptq_bundle::Manifest,
@@ -194,20 +131,6 @@ pub fn locator_for(given: &str) -> String {
             .unwrap_or_else(|| given.to_string());
         format!("file:{name}")
     }
-}
-
-fn f16_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter()
-        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-        .collect()
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn f16_vec_bytes(v: &[half::f16]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Companion files copied into the bundle so it is self-contained for eval/export.
@@ -272,106 +195,6 @@ pub fn gguf_metadata_json(md: &adaptq_source::gguf::Metadata) -> Vec<u8> {
         })
         .collect();
     serde_json::to_vec(&entries).expect("metadata serializes")
-}
-
-/// One tensor as it will be stored, with its weight error against the source when lossy.
-struct Encoded {
-    encoding: Encoding,
-    method: &'static str,
-    parts: Vec<(&'static str, Vec<u8>)>,
-    error: Option<LayerError>,
-}
-
-/// Stores integer codes from any method; the error is measured against the source values.
-fn encode_q(x: &[f32], q: &adaptq_quant::QuantizedTensor, method: &'static str) -> Encoded {
-    let deq = q.dequantize();
-    let mut error = layer_error(x, &deq);
-    if deq.iter().any(|v| !v.is_finite()) {
-        error.rel_mse = f64::INFINITY;
-    }
-    let mut parts = vec![
-        ("codes", q.codes.clone()),
-        ("scales", f16_vec_bytes(&q.scales)),
-    ];
-    if q.grid == Grid::Asymmetric {
-        parts.push(("mins", f16_vec_bytes(&q.mins)));
-    }
-    Encoded {
-        encoding: Encoding::Int {
-            bits: q.bits,
-            group_size: q.group_size,
-            grid: q.grid,
-        },
-        method,
-        parts,
-        error: Some(error),
-    }
-}
-
-/// Stores NOVAQ codebooks; the error is measured against `x`, the values they stand for.
-fn encode_codebook(
-    x: &[f32],
-    t: &adaptq_quant::novaq::CodebookTensor,
-    method: &'static str,
-) -> Encoded {
-    let deq = t.dequantize();
-    let mut error = layer_error(x, &deq);
-    if deq.iter().any(|v| !v.is_finite()) {
-        error.rel_mse = f64::INFINITY;
-    }
-    const BOOK: [&str; 2] = ["codebook0", "codebook1"];
-    const CODES: [&str; 2] = ["codes0", "codes1"];
-    let mut parts = vec![
-        ("row_scale", f16_vec_bytes(&t.row_scale)),
-        ("row_mean", f16_vec_bytes(&t.row_mean)),
-        ("col_scale", f16_vec_bytes(&t.col_scale)),
-    ];
-    for (s, st) in t.stages.iter().enumerate() {
-        parts.push((BOOK[s], f16_vec_bytes(&st.centroids)));
-        parts.push((CODES[s], st.codes.clone()));
-    }
-    Encoded {
-        encoding: Encoding::Codebook {
-            dim: t.dim,
-            stage_bits: t.stages.iter().map(|s| s.bits).collect(),
-        },
-        method,
-        parts,
-        error: Some(error),
-    }
-}
-
-/// Stores GGML blocks; the error is measured against `x`, the values they stand for.
-fn encode_ggml(x: &[f32], ty: BlockType, bytes: Vec<u8>, method: &'static str) -> Result<Encoded> {
-    let deq = adaptq_quant::ggml::dequantize(ty, &bytes, x.len())?;
-    let mut error = layer_error(x, &deq);
-    if deq.iter().any(|v| !v.is_finite()) {
-        error.rel_mse = f64::INFINITY;
-    }
-    Ok(Encoded {
-        encoding: Encoding::Ggml { ggml_type: ty },
-        method,
-        parts: vec![("blocks", bytes)],
-        error: Some(error),
-    })
-}
-
-fn encode_f16(x: &[f32]) -> Encoded {
-    let b = f16_bytes(x);
-    let back: Vec<f32> = b
-        .chunks_exact(2)
-        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-        .collect();
-    let mut error = layer_error(x, &back);
-    if back.iter().any(|v| !v.is_finite()) {
-        error.rel_mse = f64::INFINITY;
-    }
-    Encoded {
-        encoding: Encoding::F16,
-        method: "none",
-        parts: vec![("data", b)],
-        error: Some(error),
-    }
 }
 
 /// Where a bundle goes and what it is called.
@@ -480,16 +303,6 @@ fn direct_codes(
     })
 }
 
-/// Stores codes of any kind; the error is measured against `reference`, the values they
-/// stand for.
-fn encode_codes(reference: &[f32], codes: &LayerCodes, method: &'static str) -> Result<Encoded> {
-    Ok(match codes {
-        LayerCodes::Int(q) => encode_q(reference, q, method),
-        LayerCodes::Ggml { ty, bytes, .. } => encode_ggml(reference, *ty, bytes.clone(), method)?,
-        LayerCodes::Codebook(t) => encode_codebook(reference, t, method),
-    })
-}
-
 /// One source tensor as it is stored.
 fn encode_tensor(
     src: &dyn TensorSource,
@@ -500,15 +313,7 @@ fn encode_tensor(
     let role = role_of(info);
     if !info.dtype.is_float() {
         let raw = src.raw_bytes(&info.name)?.to_vec();
-        return Ok(Encoded {
-            encoding: Encoding::Raw {
-                dtype: info.dtype.name(),
-                byte_len: raw.len(),
-            },
-            method: "none",
-            parts: vec![("data", raw)],
-            error: None,
-        });
+        return Ok(encode_raw(info.dtype.name(), raw));
     }
     let x = match pre.and_then(|p| p.overrides.get(&info.name)) {
         Some(v) if v.len() == info.numel() => v.clone(),
@@ -521,12 +326,7 @@ fn encode_tensor(
         return Ok(if keep_f16 {
             encode_f16(&x)
         } else {
-            Encoded {
-                encoding: Encoding::F32,
-                method: "none",
-                parts: vec![("data", f32_bytes(&x))],
-                error: None,
-            }
+            encode_f32(&x)
         });
     }
     match pre.and_then(|p| p.layers.get(&info.name)) {
@@ -538,11 +338,11 @@ fn encode_tensor(
                     info.shape
                 );
             }
-            encode_codes(&c.reference(&x, c.q.cols()), &c.q, c.method)
+            Ok(encode_codes(&c.reference(&x, c.q.cols()), &c.q, c.method)?)
         }
         None => {
             let (codes, method) = direct_codes(&x, info, role, cfg)?;
-            encode_codes(&x, &codes, method)
+            Ok(encode_codes(&x, &codes, method)?)
         }
     }
 }
@@ -594,11 +394,7 @@ pub fn quantize_model(
         WriterOptions {
             shard_max_bytes: cfg.shard_max_bytes,
             force: target.force,
-            lossless: match cfg.lossless.as_deref() {
-                None | Some("none") => false,
-                Some("rans") => true,
-                Some(o) => bail!("unknown lossless stage '{o}' (rans or none)"),
-            },
+            lossless: cfg.lossless == Some(crate::options::Lossless::Rans),
         },
     )?;
     let infos = src.tensors().to_vec();
@@ -628,7 +424,18 @@ pub fn quantize_model(
     }
 
     let extra_gates = pre.as_ref().map(|p| p.gates.clone()).unwrap_or_default();
-    let mut verification = build_verification(reports, cfg, all_finite, &w, extra_gates);
+    let shards = w
+        .tensors()
+        .iter()
+        .flat_map(|t| t.segments.iter().map(|s| s.shard))
+        .max()
+        .map_or(0, |m| m + 1);
+    let limits = GateLimits {
+        min_cosine: cfg.min_cosine,
+        max_bpw: cfg.max_bpw,
+        lossless: cfg.lossless.is_some(),
+    };
+    let mut verification = Verification::build(reports, shards, all_finite, limits, extra_gates);
     verification.calibration = pre.as_ref().map(|p| p.info.clone());
     if let Some(p) = &pre {
         verification.extra = p.extra.clone();
@@ -657,88 +464,4 @@ pub fn quantize_model(
         manifest,
         verification,
     })
-}
-
-fn build_verification(
-    tensors: Vec<TensorReport>,
-    cfg: &QuantizeConfig,
-    all_finite: bool,
-    w: &BundleWriter,
-    extra_gates: Vec<Gate>,
-) -> Verification {
-    let float = |t: &&TensorReport| !t.encoding.starts_with("raw");
-    let params: u64 = tensors.iter().filter(float).map(|t| t.params as u64).sum();
-    let payload: u64 = tensors.iter().filter(float).map(|t| t.bytes).sum();
-    let quant: Vec<&TensorReport> = tensors
-        .iter()
-        .filter(|t| {
-            ["int", "ggml", "novaq"]
-                .iter()
-                .any(|p| t.encoding.starts_with(p))
-        })
-        .collect();
-    let qparams: u64 = quant.iter().map(|t| t.params as u64).sum();
-    let qbytes: u64 = quant.iter().map(|t| t.bytes).sum();
-    let qraw: u64 = quant.iter().map(|t| t.raw_bytes).sum();
-    let bpw = payload as f64 * 8.0 / params.max(1) as f64;
-    let shards = w
-        .tensors()
-        .iter()
-        .flat_map(|t| t.segments.iter().map(|s| s.shard))
-        .max()
-        .map_or(0, |m| m + 1);
-    let totals = Totals {
-        params,
-        quantized_params: qparams,
-        payload_bytes: payload,
-        quantized_payload_bytes: qbytes,
-        bits_per_weight: bpw,
-        bits_per_quantized_weight: qbytes as f64 * 8.0 / qparams.max(1) as f64,
-        source_f16_bytes: params * 2,
-        compression_vs_f16: (params * 2) as f64 / payload.max(1) as f64,
-        shards,
-        lossless_ratio: cfg
-            .lossless
-            .as_ref()
-            .filter(|l| *l != "none")
-            .map(|_| qraw as f64 / qbytes.max(1) as f64),
-    };
-    let mut gates = Vec::new();
-    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" }.to_string();
-    gates.push(Gate {
-        name: "reconstruction_finite".into(),
-        status: pass(all_finite),
-        detail: "every stored tensor decodes to finite values".into(),
-    });
-    let worst = quant
-        .iter()
-        .filter_map(|t| t.error.map(|e| (e.cosine, t.name.as_str())))
-        .min_by(|a, b| a.0.total_cmp(&b.0));
-    let (wc, wn) = worst.unwrap_or((1.0, "-"));
-    gates.push(Gate {
-        name: "weight_cosine".into(),
-        status: pass(wc >= cfg.min_cosine),
-        detail: format!(
-            "lowest weight cosine {wc:.6} ({wn}); required >= {}",
-            cfg.min_cosine
-        ),
-    });
-    if let Some(max) = cfg.max_bpw {
-        gates.push(Gate {
-            name: "size_budget".into(),
-            status: pass(bpw <= max),
-            detail: format!("{bpw:.4} bits per weight overall; budget {max}"),
-        });
-    }
-    gates.extend(extra_gates);
-    let overall = pass(gates.iter().all(|g| g.status == "PASS"));
-    Verification {
-        schema_version: 1,
-        calibration: None,
-        tensors,
-        totals,
-        gates,
-        extra: serde_json::Map::new(),
-        overall_status: overall,
-    }
 }

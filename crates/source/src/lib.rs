@@ -8,6 +8,7 @@
 pub mod blob;
 mod error;
 pub mod gguf;
+pub mod info;
 pub mod model;
 pub mod safetensors;
 

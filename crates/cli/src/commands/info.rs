@@ -9,7 +9,7 @@ pub fn run(path: &Path, tensors: bool) -> Result<()> {
     }
     let opened =
         adaptq_remote::open(&path.to_string_lossy()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut v = adaptq_pipeline::info::describe_source(opened.source.as_ref());
+    let mut v = adaptq_source::info::describe_source(opened.source.as_ref());
     if !tensors {
         v.as_object_mut().expect("an object").remove("tensors");
     }

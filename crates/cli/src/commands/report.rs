@@ -5,11 +5,11 @@ use anyhow::{Context, Result};
 use std::path::Path;
 
 pub fn run(dir: &Path, format: ReportFormat, out: Option<&Path>) -> Result<()> {
-    let r = adaptq_pipeline::report::build(dir)?;
+    let r = adaptq_bundle::report::build(dir)?;
     let text = match format {
         ReportFormat::Json => serde_json::to_string_pretty(&r)? + "\n",
-        ReportFormat::Md => adaptq_pipeline::report::markdown(&r),
-        ReportFormat::Html => adaptq_pipeline::report::html(&r),
+        ReportFormat::Md => adaptq_bundle::report::markdown(&r),
+        ReportFormat::Html => adaptq_bundle::report::html(&r),
     };
     match out {
         Some(p) => std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?,

@@ -4,7 +4,7 @@ use anyhow::Result;
 use std::path::Path;
 
 pub fn run(dir: &Path, json: bool) -> Result<()> {
-    let s = adaptq_pipeline::stats::bundle_stats(dir)?;
+    let s = adaptq_bundle::stats::bundle_stats(dir)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());

@@ -2,7 +2,8 @@
 //! `manifest.json` and `verification.json`, as JSON, Markdown or a self-contained HTML page
 //! with SVG charts (per-layer error bars coloured by width, and a histogram of layer errors).
 
-use anyhow::{Context, Result};
+use crate::verification::{TensorReport, Verification};
+use crate::Result;
 use serde_json::{json, Value};
 use std::fmt::Write;
 use std::path::Path;
@@ -18,25 +19,16 @@ struct Row {
     error_kind: &'static str,
 }
 
-fn rows(v: &Value) -> Vec<Row> {
-    v["tensors"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
+fn rows(tensors: &[TensorReport]) -> Vec<Row> {
+    tensors
         .iter()
-        .filter(|t| {
-            t["encoding"]
-                .as_str()
-                .is_some_and(|e| ["int", "ggml", "novaq"].iter().any(|p| e.starts_with(p)))
-        })
+        .filter(|t| t.is_quantized())
         .map(|t| {
-            let enc = t["encoding"].as_str().unwrap_or("").to_string();
+            let enc = t.encoding.clone();
             let bits = match enc.strip_prefix("ggml-") {
                 Some(ty) => adaptq_quant::ggml::BlockType::parse(ty).map_or(0, |t| t.bits()),
                 // Codebooks have no code width per weight: their bits per weight say it.
-                None if enc.starts_with("novaq") => {
-                    t["bits_per_weight"].as_f64().unwrap_or(0.0).round() as u8
-                }
+                None if enc.starts_with("novaq") => t.bits_per_weight.round() as u8,
                 None => enc
                     .trim_start_matches("int")
                     .split('-')
@@ -44,15 +36,15 @@ fn rows(v: &Value) -> Vec<Row> {
                     .and_then(|b| b.parse().ok())
                     .unwrap_or(0),
             };
-            let (error, kind) = match t["output_rel_error"].as_f64() {
+            let (error, kind) = match t.output_rel_error {
                 Some(e) => (e, "output"),
-                None => (t["rel_mse"].as_f64().unwrap_or(f64::NAN), "weight"),
+                None => (t.error.map_or(f64::NAN, |e| e.rel_mse), "weight"),
             };
             Row {
-                name: t["name"].as_str().unwrap_or("").to_string(),
+                name: t.name.clone(),
                 encoding: enc,
                 bits,
-                bpw: t["bits_per_weight"].as_f64().unwrap_or(0.0),
+                bpw: t.bits_per_weight,
                 error,
                 error_kind: kind,
             }
@@ -92,11 +84,10 @@ fn histogram(rows: &[Row]) -> Vec<(f64, f64, usize)> {
 /// The report as JSON (the other formats render this).
 pub fn build(dir: &Path) -> Result<Value> {
     // Through the bundle reader, so the report reads only what verify would accept.
-    let b = adaptq_bundle::Bundle::open(dir)?;
-    let m = serde_json::to_value(&b.manifest)?;
-    let v: Value = serde_json::from_slice(&b.read_file(adaptq_bundle::VERIFICATION)?)
-        .with_context(|| format!("{}: verification.json is not JSON", dir.display()))?;
-    let rs = rows(&v);
+    let b = crate::Bundle::open(dir)?;
+    let m = serde_json::to_value(&b.manifest).expect("a manifest serializes");
+    let ver = Verification::read(&b)?;
+    let rs = rows(&ver.tensors);
     let mut by_bits = std::collections::BTreeMap::<u8, usize>::new();
     for r in &rs {
         *by_bits.entry(r.bits).or_default() += 1;
@@ -120,60 +111,64 @@ pub fn build(dir: &Path) -> Result<Value> {
              inputs online when it runs the bundle, and GGUF / GPTQ export is refused."
         ));
     }
-    if let Some(r) = v["totals"]["lossless_ratio"].as_f64() {
+    if let Some(r) = ver.totals.lossless_ratio {
         notes.push(format!(
             "Lossless stage (rANS on the packed codes): the quantized payload is {r:.3}x smaller \
              than the packed codes alone would be."
         ));
     }
-    let novaq = v["novaq"].as_array().map(|layers| {
-        let mut red: Vec<f64> = layers
-            .iter()
-            .filter_map(|l| {
-                let (b, a) = (
-                    l["error_before_refine"].as_f64()?,
-                    l["error_after_refine"].as_f64()?,
-                );
-                (b > 0.0).then(|| 1.0 - a / b)
-            })
-            .collect();
-        red.sort_by(f64::total_cmp);
-        let mut layouts = std::collections::BTreeMap::<String, usize>::new();
-        for l in layers {
-            let p = &l["plan"];
-            let bits: Vec<String> = p["stage_bits"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or(&[])
+    let novaq = ver
+        .extra
+        .get("novaq")
+        .and_then(Value::as_array)
+        .map(|layers| {
+            let mut red: Vec<f64> = layers
                 .iter()
-                .filter(|b| b.as_u64() != Some(0))
-                .map(|b| b.to_string())
+                .filter_map(|l| {
+                    let (b, a) = (
+                        l["error_before_refine"].as_f64()?,
+                        l["error_after_refine"].as_f64()?,
+                    );
+                    (b > 0.0).then(|| 1.0 - a / b)
+                })
                 .collect();
-            *layouts
-                .entry(format!("dim {} · stages {}", p["dim"], bits.join("+")))
-                .or_default() += 1;
-        }
-        json!({
-            "layers": layers.len(),
-            "layouts": layouts,
-            "refine_error_reduction_median": red.get(red.len() / 2),
-            "refine_error_reduction_min": red.first(),
-            "refine_error_reduction_max": red.last(),
-        })
-    });
+            red.sort_by(f64::total_cmp);
+            let mut layouts = std::collections::BTreeMap::<String, usize>::new();
+            for l in layers {
+                let p = &l["plan"];
+                let bits: Vec<String> = p["stage_bits"]
+                    .as_array()
+                    .map(|a| a.as_slice())
+                    .unwrap_or(&[])
+                    .iter()
+                    .filter(|b| b.as_u64() != Some(0))
+                    .map(|b| b.to_string())
+                    .collect();
+                *layouts
+                    .entry(format!("dim {} · stages {}", p["dim"], bits.join("+")))
+                    .or_default() += 1;
+            }
+            json!({
+                "layers": layers.len(),
+                "layouts": layouts,
+                "refine_error_reduction_median": red.get(red.len() / 2),
+                "refine_error_reduction_min": red.first(),
+                "refine_error_reduction_max": red.last(),
+            })
+        });
     Ok(json!({
         "model_id": m["model_id"],
         "source": m["source"],
         "quantization": m["quantization"],
-        "totals": v["totals"],
-        "gates": v["gates"],
-        "OVERALL_STATUS": v["OVERALL_STATUS"],
+        "totals": ver.totals,
+        "gates": ver.gates,
+        "OVERALL_STATUS": ver.overall_status,
         "layers_by_width": by_bits.iter().map(|(b, n)| (b.to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "worst_layers": worst.iter().take(10).map(|r| json!({"name": r.name, "encoding": r.encoding, "error": r.error, "error_kind": r.error_kind})).collect::<Vec<_>>(),
         "error_histogram_log10": histogram(&rs).iter().map(|(a, b, c)| json!({"from": a, "to": b, "count": c})).collect::<Vec<_>>(),
         "layers": rs.iter().map(|r| json!({"name": r.name, "encoding": r.encoding, "bits": r.bits, "bits_per_weight": r.bpw, "error": r.error, "error_kind": r.error_kind})).collect::<Vec<_>>(),
-        "promotion_rounds": v["apq"]["promotion_rounds"],
-        "heldout": v["apq"]["heldout"],
+        "promotion_rounds": ver.extra.get("apq").map(|a| a["promotion_rounds"].clone()),
+        "heldout": ver.extra.get("apq").map(|a| a["heldout"].clone()),
         "novaq": novaq,
         "notes": notes,
     }))

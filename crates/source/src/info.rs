@@ -1,7 +1,7 @@
 //! `info` on a source model: architecture and tensor table.
 
-use adaptq_source::model::role_of;
-use adaptq_source::TensorSource;
+use crate::model::role_of;
+use crate::TensorSource;
 
 /// A JSON description of a source model.
 pub fn describe_source(src: &dyn TensorSource) -> serde_json::Value {

@@ -1,8 +1,8 @@
 //! `stats` on a bundle: sizes, bits per weight (recomputed from the shard files), compression
 //! against f16, and a per-layer error summary.
 
-use adaptq_bundle::{Bundle, Encoding};
-use anyhow::{Context, Result};
+use crate::verification::{TensorReport, Verification};
+use crate::{Bundle, Encoding, Result};
 use serde::Serialize;
 use std::path::Path;
 
@@ -51,13 +51,14 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
     let mut shard_bytes = 0u64;
     for s in &m.shards {
         let p = dir.join(&s.file);
-        shard_bytes += std::fs::metadata(&p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .len();
+        shard_bytes += std::fs::metadata(&p).map_err(crate::io_err(&p))?.len();
     }
     let mut bundle_bytes = 0u64;
-    for e in std::fs::read_dir(dir)? {
-        bundle_bytes += e?.metadata()?.len();
+    for e in std::fs::read_dir(dir).map_err(crate::io_err(dir))? {
+        bundle_bytes += e
+            .and_then(|e| e.metadata())
+            .map_err(crate::io_err(dir))?
+            .len();
     }
     let mut params = 0u64;
     let mut qparams = 0u64;
@@ -92,11 +93,9 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
     }
     by.sort_by_key(|e| std::cmp::Reverse(e.bytes));
     let float_bytes = shard_bytes - raw_bytes;
-    let error_summary = b
-        .read_file(adaptq_bundle::VERIFICATION)
+    let error_summary = Verification::read(&b)
         .ok()
-        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-        .and_then(|v| summarize_errors(&v));
+        .and_then(|v| summarize_errors(&v.tensors));
     Ok(BundleStats {
         model_id: m.model_id.clone(),
         tensors: m.tensors.len(),
@@ -114,22 +113,11 @@ pub fn bundle_stats(dir: &Path) -> Result<BundleStats> {
     })
 }
 
-fn summarize_errors(v: &serde_json::Value) -> Option<ErrorSummary> {
-    let mut rows: Vec<(String, f64, f64)> = v["tensors"]
-        .as_array()?
+fn summarize_errors(tensors: &[TensorReport]) -> Option<ErrorSummary> {
+    let mut rows: Vec<(String, f64, f64)> = tensors
         .iter()
-        .filter(|t| {
-            t["encoding"]
-                .as_str()
-                .is_some_and(|e| ["int", "ggml", "novaq"].iter().any(|p| e.starts_with(p)))
-        })
-        .filter_map(|t| {
-            Some((
-                t["name"].as_str()?.to_string(),
-                t["rel_mse"].as_f64()?,
-                t["cosine"].as_f64()?,
-            ))
-        })
+        .filter(|t| t.is_quantized())
+        .filter_map(|t| Some((t.name.clone(), t.error?.rel_mse, t.error?.cosine)))
         .collect();
     if rows.is_empty() {
         return None;
