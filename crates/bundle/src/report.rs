@@ -62,13 +62,7 @@ fn histogram(rows: &[Row]) -> Vec<(f64, f64, usize)> {
     if logs.is_empty() {
         return Vec::new();
     }
-    let lo = logs.iter().cloned().fold(f64::MAX, f64::min).floor();
-    let hi = logs
-        .iter()
-        .cloned()
-        .fold(f64::MIN, f64::max)
-        .ceil()
-        .max(lo + 1.0);
+    let (lo, hi) = log_range(&logs);
     let bins = 12;
     let w = (hi - lo) / bins as f64;
     let mut h = vec![0usize; bins];
@@ -79,6 +73,18 @@ fn histogram(rows: &[Row]) -> Vec<(f64, f64, usize)> {
         .enumerate()
         .map(|(i, &c)| (lo + i as f64 * w, lo + (i + 1) as f64 * w, c))
         .collect()
+}
+
+/// Whole decades spanning `logs` (at least one).
+fn log_range(logs: &[f64]) -> (f64, f64) {
+    let lo = logs.iter().cloned().fold(f64::MAX, f64::min).floor();
+    let hi = logs.iter().cloned().fold(f64::MIN, f64::max).ceil();
+    (lo, hi.max(lo + 1.0))
+}
+
+/// The elements of a JSON array; none for anything else.
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], |a| a.as_slice())
 }
 
 /// The report as JSON (the other formats render this).
@@ -136,10 +142,7 @@ pub fn build(dir: &Path) -> Result<Value> {
             let mut layouts = std::collections::BTreeMap::<String, usize>::new();
             for l in layers {
                 let p = &l["plan"];
-                let bits: Vec<String> = p["stage_bits"]
-                    .as_array()
-                    .map(|a| a.as_slice())
-                    .unwrap_or(&[])
+                let bits: Vec<String> = items(&p["stage_bits"])
                     .iter()
                     .filter(|b| b.as_u64() != Some(0))
                     .map(|b| b.to_string())
@@ -175,7 +178,7 @@ pub fn build(dir: &Path) -> Result<Value> {
 }
 
 fn fmt_gates(r: &Value, out: &mut String) {
-    for g in r["gates"].as_array().map(|a| a.as_slice()).unwrap_or(&[]) {
+    for g in items(&r["gates"]) {
         let _ = writeln!(
             out,
             "| {} | {} | {} |",
@@ -240,11 +243,7 @@ pub fn markdown(r: &Value) -> String {
     s.push_str(
         "\n## Worst layers\n\n| layer | encoding | error | measured on |\n|---|---|---|---|\n",
     );
-    for w in r["worst_layers"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-    {
+    for w in items(&r["worst_layers"]) {
         let _ = writeln!(
             s,
             "| {} | {} | {:.5} | {} |",
@@ -255,11 +254,7 @@ pub fn markdown(r: &Value) -> String {
         );
     }
     s.push_str("\n## Layer-error histogram (log10)\n\n| from | to | layers |\n|---|---|---|\n");
-    for h in r["error_histogram_log10"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-    {
+    for h in items(&r["error_histogram_log10"]) {
         let _ = writeln!(
             s,
             "| {:.2} | {:.2} | {} |",
@@ -271,10 +266,7 @@ pub fn markdown(r: &Value) -> String {
     if let Some(rounds) = r["promotion_rounds"].as_array() {
         s.push_str("\n## Promotion rounds\n\n| round | promoted | held-out ΔPPL % | bpw |\n|---|---|---|---|\n");
         for p in rounds {
-            let names: Vec<String> = p["promoted"]
-                .as_array()
-                .map(|a| a.as_slice())
-                .unwrap_or(&[])
+            let names: Vec<String> = items(&p["promoted"])
                 .iter()
                 .map(|x| format!("{} {}→{}", x[0].as_str().unwrap_or(""), x[1], x[2]))
                 .collect();
@@ -327,13 +319,7 @@ pub fn html(r: &Value) -> String {
         .filter(|e| **e > 0.0 && e.is_finite())
         .map(|e| e.log10())
         .collect();
-    let lo = logs.iter().cloned().fold(f64::MAX, f64::min).floor();
-    let hi = logs
-        .iter()
-        .cloned()
-        .fold(f64::MIN, f64::max)
-        .ceil()
-        .max(lo + 1.0);
+    let (lo, hi) = log_range(&logs);
     let (w, h) = (900.0, 260.0);
     let bw = w / layers.len().max(1) as f64;
     let mut bars = String::new();

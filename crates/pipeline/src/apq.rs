@@ -227,7 +227,7 @@ pub fn promote(
         // Re-quantize the (scaled) weight the codes stand for, not the reconstruction.
         let (rows, cols) = (c.q.rows(), c.q.cols());
         let w = c.scaled_weight.clone().expect("kept with hessians");
-        let q = spec.round(&w, rows, cols, h, to)?;
+        let q = spec.round_reporting(&w, rows, cols, h, to)?.0;
         let deq = q.dequantize();
         c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
         c.q = adaptq_quant::LayerCodes::Int(q);
@@ -426,7 +426,7 @@ fn undo(
         let c = cal.layers.get_mut(name).expect("promoted layer");
         let w = c.scaled_weight.clone().expect("kept");
         let (rows, cols) = (c.q.rows(), c.q.cols());
-        let q = before.round(&w, rows, cols, h, *from)?;
+        let q = before.round_reporting(&w, rows, cols, h, *from)?.0;
         let deq = q.dequantize();
         c.output_rel_error = adaptq_quant::gptq::output_rel_error(&w, &deq, cols, h);
         c.q = adaptq_quant::LayerCodes::Int(q);
@@ -477,13 +477,10 @@ fn determinism_gate(cal: &Calibration, spec: &CalibSpec) -> Result<Option<crate:
         return Ok(None);
     };
     let w = c.scaled_weight.as_ref().expect("kept");
-    let again = spec.round(
-        w,
-        c.q.rows(),
-        c.q.cols(),
-        &cal.hessians[name],
-        spec.width(name),
-    )?;
+    let (rows, cols) = (c.q.rows(), c.q.cols());
+    let again = spec
+        .round_reporting(w, rows, cols, &cal.hessians[name], spec.width(name))?
+        .0;
     let same = c.q.as_int() == Some(&again);
     Ok(Some(crate::quantize::Gate {
         name: "determinism".into(),

@@ -184,20 +184,8 @@ impl CalibSpec {
     pub fn width(&self, name: &str) -> u8 {
         self.widths.get(name).copied().unwrap_or(self.bits)
     }
-    /// Rounds `w` at `bits` against `h` as the spec says.
-    pub fn round(
-        &self,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        h: &Hessian,
-        bits: u8,
-    ) -> Result<QuantizedTensor> {
-        Ok(self.round_reporting(w, rows, cols, h, bits)?.0)
-    }
-
-    /// Rounds, then (with `refit`) re-fits the group parameters; also returns the refit's
-    /// output error before and after.
+    /// Rounds `w` at `bits` against `h` as the spec says, then (with `refit`) re-fits the
+    /// group parameters; also returns the refit's output error before and after.
     pub fn round_reporting(
         &self,
         w: &[f32],
@@ -206,7 +194,32 @@ impl CalibSpec {
         h: &Hessian,
         bits: u8,
     ) -> Result<(QuantizedTensor, Option<(f64, f64)>)> {
-        let mut q = self.round_only(w, rows, cols, h, bits)?;
+        let mut q = match self.rounding {
+            Rounding::Rtn => quantize_rtn(
+                w,
+                rows,
+                cols,
+                &RtnConfig {
+                    bits,
+                    group_size: self.group_size,
+                    grid: self.grid,
+                },
+            )?,
+            Rounding::Gptq { damp, act_order } => quantize_gptq(
+                w,
+                rows,
+                cols,
+                h,
+                &GptqConfig {
+                    bits,
+                    group_size: self.group_size,
+                    grid: self.grid,
+                    damp,
+                    act_order,
+                },
+            )?,
+            Rounding::Novaq(_) => bail!("NOVAQ layers are coded by `round_novaq`"),
+        };
         let gain = self
             .refit
             .then(|| adaptq_quant::refit::refit_scales(&mut q, w, &h.matrix()));
@@ -239,42 +252,6 @@ impl CalibSpec {
             rows,
             cols,
             bytes,
-        })
-    }
-
-    fn round_only(
-        &self,
-        w: &[f32],
-        rows: usize,
-        cols: usize,
-        h: &Hessian,
-        bits: u8,
-    ) -> Result<QuantizedTensor> {
-        Ok(match self.rounding {
-            Rounding::Rtn => quantize_rtn(
-                w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: self.group_size,
-                    grid: self.grid,
-                },
-            )?,
-            Rounding::Gptq { damp, act_order } => quantize_gptq(
-                w,
-                rows,
-                cols,
-                h,
-                &GptqConfig {
-                    bits,
-                    group_size: self.group_size,
-                    grid: self.grid,
-                    damp,
-                    act_order,
-                },
-            )?,
-            Rounding::Novaq(_) => bail!("NOVAQ layers are coded by `round_novaq`"),
         })
     }
 
