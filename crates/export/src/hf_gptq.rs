@@ -510,17 +510,8 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
             .collect();
         for bits in [2u8, 4, 8] {
-            let q = quantize_rtn(
-                &w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: 32,
-                    grid: Grid::Symmetric,
-                },
-            )
-            .unwrap();
+            let q =
+                quantize_rtn(&w, rows, cols, &RtnConfig::new(bits, 32, Grid::Symmetric)).unwrap();
             let [qw, qz, sc, gi] = pack_gptq(&q, None).unwrap();
             let b = bits as usize;
             let pf = 32 / b;
@@ -547,17 +538,7 @@ mod tests {
                 }
             }
         }
-        let q = quantize_rtn(
-            &w,
-            rows,
-            cols,
-            &RtnConfig {
-                bits: 4,
-                group_size: 32,
-                grid: Grid::Asymmetric,
-            },
-        )
-        .unwrap();
+        let q = quantize_rtn(&w, rows, cols, &RtnConfig::new(4, 32, Grid::Asymmetric)).unwrap();
         assert!(pack_gptq(&q, None)
             .unwrap_err()
             .to_string()

@@ -693,17 +693,7 @@ mod tests {
             (5, Grid::Asymmetric, BlockType::Q5_1),
             (8, Grid::Symmetric, BlockType::Q8_0),
         ] {
-            let q = int_rtn(
-                &w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: 32,
-                    grid,
-                },
-            )
-            .unwrap();
+            let q = int_rtn(&w, rows, cols, &RtnConfig::new(bits, 32, grid)).unwrap();
             let (t, bytes) = from_int(&q).unwrap();
             assert_eq!(t, ty);
             let a = dequantize(t, &bytes, w.len()).unwrap();
@@ -714,29 +704,9 @@ mod tests {
                 t.name()
             );
         }
-        let q = int_rtn(
-            &w,
-            rows,
-            cols,
-            &RtnConfig {
-                bits: 4,
-                group_size: 64,
-                grid: Grid::Symmetric,
-            },
-        )
-        .unwrap();
+        let q = int_rtn(&w, rows, cols, &RtnConfig::new(4, 64, Grid::Symmetric)).unwrap();
         assert!(from_int(&q).is_none());
-        let q = int_rtn(
-            &w,
-            rows,
-            cols,
-            &RtnConfig {
-                bits: 3,
-                group_size: 32,
-                grid: Grid::Symmetric,
-            },
-        )
-        .unwrap();
+        let q = int_rtn(&w, rows, cols, &RtnConfig::new(3, 32, Grid::Symmetric)).unwrap();
         assert!(from_int(&q).is_none());
     }
 }

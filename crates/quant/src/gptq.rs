@@ -413,17 +413,7 @@ mod tests {
             (2, Grid::Asymmetric, true),
             (3, Grid::Symmetric, true),
         ] {
-            let rtn = quantize_rtn(
-                &w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: 32,
-                    grid,
-                },
-            )
-            .unwrap();
+            let rtn = quantize_rtn(&w, rows, cols, &RtnConfig::new(bits, 32, grid)).unwrap();
             let cfg = GptqConfig {
                 bits,
                 group_size: 32,

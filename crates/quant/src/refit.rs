@@ -157,17 +157,7 @@ mod tests {
             let mut h = Hessian::new(cols);
             h.add_rows(&x);
             let hm = h.matrix();
-            let mut q = quantize_rtn(
-                &w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits: 3,
-                    group_size: 16,
-                    grid,
-                },
-            )
-            .unwrap();
+            let mut q = quantize_rtn(&w, rows, cols, &RtnConfig::new(3, 16, grid)).unwrap();
             let codes = q.codes.clone();
             let (before, after) = refit_scales(&mut q, &w, &hm);
             assert!(after < 0.95 * before, "{grid:?}: {before} -> {after}");

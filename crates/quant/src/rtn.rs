@@ -13,6 +13,16 @@ pub struct RtnConfig {
     pub grid: Grid,
 }
 
+impl RtnConfig {
+    pub const fn new(bits: u8, group_size: usize, grid: Grid) -> Self {
+        RtnConfig {
+            bits,
+            group_size,
+            grid,
+        }
+    }
+}
+
 /// Rounds `x` to f16, saturating instead of overflowing to infinity.
 fn to_f16(x: f32) -> f16 {
     f16::from_f32(x.clamp(-65504.0, 65504.0))
@@ -210,17 +220,7 @@ mod tests {
     #[test]
     fn symmetric_keeps_zero_and_extreme_exact() {
         let w = vec![0.0, 0.3, -1.0, 0.5];
-        let q = quantize_rtn(
-            &w,
-            1,
-            4,
-            &RtnConfig {
-                bits: 4,
-                group_size: 0,
-                grid: Grid::Symmetric,
-            },
-        )
-        .unwrap();
+        let q = quantize_rtn(&w, 1, 4, &RtnConfig::new(4, 0, Grid::Symmetric)).unwrap();
         let d = q.dequantize();
         assert_eq!(d[0], 0.0);
         assert_eq!(d[2], -1.0);

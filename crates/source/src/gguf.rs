@@ -3,7 +3,8 @@
 //! The header parser is written here rather than taken from candle because candle's reader
 //! trusts the counts in the header (a corrupt file can ask for terabytes of allocation or
 //! panic), and adaptq must answer bad input with an error that names the file. Block
-//! dequantization is candle's: its GGML kernels are the well-tested part.
+//! dequantization is candle's: its GGML kernels are the well-tested part. Type ids, names and
+//! block sizes come from the format crate's table ([`adaptq_loader::ggml`]).
 
 use crate::blob::{Blob, MmapBlob};
 use crate::model::ModelDesc;
@@ -800,12 +801,7 @@ impl GgufSource {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.by_name
-            .find(&self.infos, name)
-            .ok_or_else(|| SourceError::NoSuchTensor {
-                path: self.path.clone(),
-                tensor: name.into(),
-            })
+        self.by_name.get(&self.infos, name, &self.path)
     }
 }
 

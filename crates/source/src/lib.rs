@@ -226,6 +226,16 @@ impl NameIndex {
             .ok()
             .map(|k| self.0[k])
     }
+
+    /// [`NameIndex::find`], or the error a source gives for a tensor it lacks (`path` names
+    /// the source).
+    pub(crate) fn get(&self, infos: &[TensorInfo], name: &str, path: &Path) -> Result<usize> {
+        self.find(infos, name)
+            .ok_or_else(|| SourceError::NoSuchTensor {
+                path: path.to_path_buf(),
+                tensor: name.into(),
+            })
+    }
 }
 
 /// Decodes little-endian f16/bf16/f32 bytes to f32.

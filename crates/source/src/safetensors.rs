@@ -97,12 +97,7 @@ impl SafetensorsSource {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.by_name
-            .find(&self.infos, name)
-            .ok_or_else(|| SourceError::NoSuchTensor {
-                path: self.root.clone(),
-                tensor: name.into(),
-            })
+        self.by_name.get(&self.infos, name, &self.root)
     }
 }
 
