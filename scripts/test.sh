@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh
+# Size limits of the code (main.rs, CLI files, functions).
+python3 scripts/check-size.py
 cargo test --workspace --release
 # GGUF exports checked by an independent reader (llama.cpp's gguf-py from PyPI).
 ./scripts/check-gguf.sh

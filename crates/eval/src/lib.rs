@@ -57,7 +57,7 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize, usize, usize),
 ) -> Result<EvalReport> {
     if ctx < 2 {
-        bail!("--ctx must be at least 2");
+        bail!("a window must hold at least 2 tokens, got {ctx}");
     }
     let mut n = tokens.len() / ctx;
     if let Some(c) = chunks {

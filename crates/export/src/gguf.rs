@@ -223,6 +223,59 @@ pub fn permute_rows(rows: usize, heads: usize) -> Vec<usize> {
     src
 }
 
+/// Most tokens a tokenizer.json may give ids to (the largest vocabularies in use are ~260k):
+/// ids come from the file, and the table is allocated from the largest.
+const MAX_VOCAB: u64 = 1 << 24;
+
+/// The token strings of a tokenizer.json by id, with GGUF token types (1 normal, 3 control,
+/// 4 user-defined, 5 unused for ids nothing names).
+fn hf_vocab(tokenizer: &serde_json::Value) -> Result<(Vec<Value>, Vec<i32>)> {
+    let vocab = tokenizer["model"]["vocab"]
+        .as_object()
+        .context("tokenizer.json has no vocab")?;
+    let added = tokenizer["added_tokens"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let n = vocab
+        .values()
+        .filter_map(|v| v.as_u64())
+        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
+        .max()
+        .map_or(0, |m| m.saturating_add(1));
+    if n > MAX_VOCAB {
+        bail!(
+            "tokenizer.json gives a token id {}, past the {MAX_VOCAB} this export accepts",
+            n - 1
+        );
+    }
+    let n = n as usize;
+    let mut tokens = vec![None; n];
+    let mut types = vec![1i32; n];
+    for (t, id) in vocab {
+        if let Some(i) = id.as_u64() {
+            tokens[i as usize] = Some(t.clone());
+        }
+    }
+    for a in &added {
+        if let (Some(i), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) {
+            tokens[i as usize] = Some(c.to_string());
+            types[i as usize] = if a["special"] == true { 3 } else { 4 };
+        }
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    Ok((tokens, types))
+}
+
 /// GGUF metadata for a Hugging Face llama checkpoint: architecture from `config.json`,
 /// vocabulary, token types and merges from `tokenizer.json` (byte-level BPE), special ids and
 /// chat template from `config.json` / `tokenizer_config.json`.
@@ -247,42 +300,7 @@ pub fn metadata_from_hf(
             model["type"]
         );
     }
-    let vocab = model["vocab"]
-        .as_object()
-        .context("tokenizer.json has no vocab")?;
-    let added = tokenizer["added_tokens"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let n = vocab
-        .values()
-        .filter_map(|v| v.as_u64())
-        .chain(added.iter().filter_map(|a| a["id"].as_u64()))
-        .max()
-        .map_or(0, |m| m as usize + 1);
-    let mut tokens = vec![None; n];
-    let mut types = vec![1i32; n];
-    for (t, id) in vocab {
-        if let Some(i) = id.as_u64() {
-            tokens[i as usize] = Some(t.clone());
-        }
-    }
-    for a in &added {
-        if let (Some(i), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) {
-            tokens[i as usize] = Some(c.to_string());
-            types[i as usize] = if a["special"] == true { 3 } else { 4 };
-        }
-    }
-    let tokens: Vec<Value> = tokens
-        .into_iter()
-        .enumerate()
-        .map(|(i, t)| {
-            Value::String(t.unwrap_or_else(|| {
-                types[i] = 5;
-                format!("[PAD{i}]")
-            }))
-        })
-        .collect();
+    let (tokens, types) = hf_vocab(tokenizer)?;
     let merges: Vec<Value> = model["merges"]
         .as_array()
         .context("tokenizer.json has no merges")?
@@ -340,7 +358,7 @@ pub fn metadata_from_hf(
             "llama.attention.layer_norm_rms_epsilon".into(),
             Value::F32(config["rms_norm_eps"].as_f64().unwrap_or(1e-5) as f32),
         ),
-        ("llama.vocab_size".into(), Value::U32(n as u32)),
+        ("llama.vocab_size".into(), Value::U32(tokens.len() as u32)),
         (
             "llama.rope.dimension_count".into(),
             Value::U32(hidden / heads),
@@ -594,4 +612,21 @@ fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
                 .collect(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tokenizer_id_past_the_limit_is_refused_before_allocating() {
+        let t = serde_json::json!({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1u64 << 40}}});
+        let e = hf_vocab(&t).unwrap_err().to_string();
+        assert!(e.contains("1099511627776"), "{e}");
+        let t = serde_json::json!({"model": {"vocab": {"a": 0, "b": 2}},
+            "added_tokens": [{"id": 1, "content": "<s>", "special": true}]});
+        let (tokens, types) = hf_vocab(&t).unwrap();
+        assert_eq!(tokens.len(), 3);
+        assert_eq!(types, vec![1, 3, 1]);
+    }
 }

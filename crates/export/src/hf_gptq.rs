@@ -116,7 +116,7 @@ fn permuted_heads(m: &Meta, gguf: &str) -> Option<usize> {
 /// GPTQ tensors of one layer: (qweight, qzeros, scales, g_idx) as little-endian bytes.
 pub fn pack_gptq(q: &QuantizedTensor, row_order: Option<&[usize]>) -> Result<[Vec<u8>; 4]> {
     if q.grid != Grid::Symmetric {
-        bail!("GPTQ zero points are integers; adaptq's asymmetric grid stores a float min (quantize with --sym)");
+        bail!("GPTQ zero points are integers; adaptq's asymmetric grid stores a float min (a symmetric grid is needed)");
     }
     if !matches!(q.bits, 2 | 4 | 8) {
         bail!(
@@ -246,18 +246,9 @@ enum Kind {
     Float(Dtype),
 }
 
-/// Writes `bundle` as a Hugging Face GPTQ checkpoint folder at `out` (built under a temporary
-/// name and renamed when complete).
-pub fn export_hf_gptq(
-    bundle: &Bundle,
-    out: &Path,
-    opts: &HfGptqOptions,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<HfGptqSummary> {
-    crate::refuse_rotated(bundle)?;
-    // Refused before any work when the folder is taken by something adaptq did not write.
-    let staged = Staged::new(out, opts.force, OutKind::Folder)?;
-    let meta = meta_of(bundle)?;
+/// Each tensor of the bundle with its Hugging Face name and how it is written; the one
+/// width and group size of its GPTQ layers.
+fn plan_tensors<'a>(bundle: &'a Bundle, meta: &Meta) -> Result<(Vec<Planned<'a>>, u8, usize)> {
     let mut cfg: Option<(u8, usize)> = None;
     let mut plan = Vec::new();
     for t in &bundle.manifest.tensors {
@@ -272,7 +263,7 @@ pub fn export_hf_gptq(
                 "linear",
             ) => {
                 if *grid != Grid::Symmetric {
-                    bail!("tensor '{}': GPTQ zero points are integers; adaptq's asymmetric grid stores a float min — quantize with --sym for a Hugging Face GPTQ export", t.name);
+                    bail!("tensor '{}': GPTQ zero points are integers; adaptq's asymmetric grid stores a float min; a Hugging Face GPTQ export needs a symmetric grid", t.name);
                 }
                 match cfg {
                     None => cfg = Some((*bits, *group_size)),
@@ -287,7 +278,7 @@ pub fn export_hf_gptq(
             (Encoding::Int { .. }, _) | (Encoding::Ggml { .. }, _) => {
                 if matches!(t.encoding, Encoding::Ggml { .. }) && t.role == "linear" {
                     bail!(
-                        "tensor '{}' holds GGML blocks; export those with --to gguf",
+                        "tensor '{}' holds GGML blocks; export those to GGUF",
                         t.name
                     );
                 }
@@ -303,11 +294,15 @@ pub fn export_hf_gptq(
         };
         plan.push(Planned { entry: t, hf, kind });
     }
-    let (bits, group_size) = cfg.context("no quantized linear layer to export")?;
 
-    // Every output tensor with its size, in order, for the streaming writer.
+    let (bits, group_size) = cfg.context("no quantized linear layer to export")?;
+    Ok((plan, bits, group_size))
+}
+
+/// Every output tensor with its size, in order, for the streaming writer.
+fn layout(plan: &[Planned], bits: u8, group_size: usize) -> Vec<StTensor> {
     let mut st: Vec<StTensor> = Vec::new();
-    for p in &plan {
+    for p in plan {
         let shape = p.entry.dims();
         match p.kind {
             Kind::Gptq => {
@@ -339,147 +334,185 @@ pub fn export_hf_gptq(
             Kind::Float(d) => st.push(StTensor::new(p.hf.clone(), d, shape)),
         }
     }
+    st
+}
 
+/// Streams every planned tensor into the writer: GPTQ layers packed, the rest as floats.
+fn write_tensors(
+    w: &mut ShardedWriter,
+    bundle: &Bundle,
+    meta: &Meta,
+    plan: &[Planned],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<()> {
+    for (i, p) in plan.iter().enumerate() {
+        let t = p.entry;
+        match p.kind {
+            Kind::Gptq => {
+                let q = bundle.quantized(t)?;
+                let order = permuted_heads(meta, &t.name).map(|h| unpermute_rows(q.rows, h));
+                let parts = pack_gptq(&q, order.as_deref())
+                    .with_context(|| format!("tensor '{}'", t.name))?;
+                for part in parts {
+                    w.write_next(&part)?;
+                }
+            }
+            Kind::Float(d) => {
+                let v = hf_values(bundle, meta, t)?;
+                let bytes: Vec<u8> = match d {
+                    Dtype::F16 => v
+                        .iter()
+                        .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                        .collect(),
+                    _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                };
+                w.write_next(&bytes)?;
+            }
+        }
+        progress(i + 1, plan.len());
+    }
+    Ok(())
+}
+
+/// config.json, quantize_config.json and the tokenizer files beside the shards in `dir`;
+/// their names are added to `files`.
+fn side_files(
+    bundle: &Bundle,
+    meta: &Meta,
+    bits: u8,
+    group_size: usize,
+    dir: &Path,
+    files: &mut Vec<String>,
+) -> Result<()> {
+    let qcfg = json!({
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": false,
+        "sym": true,
+        "static_groups": false,
+        "true_sequential": true,
+        "checkpoint_format": "gptq",
+        "damp_percent": 0.05,
+    });
+    // Special tokens and the chat template, from the source GGUF's metadata when there is one.
+    let gmd: Vec<serde_json::Value> = bundle
+        .read_file(crate::gguf::GGUF_METADATA)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default();
+    let gget = |k: &str| {
+        gmd.iter()
+            .find(|e| e["key"] == k)
+            .map(|e| e["value"].clone())
+    };
+    let token = |id: &Option<serde_json::Value>| {
+        let tokens = gget("tokenizer.ggml.tokens")?;
+        tokens.get(id.as_ref()?.as_u64()? as usize).cloned()
+    };
+    let (bos, eos) = (
+        gget("tokenizer.ggml.bos_token_id"),
+        gget("tokenizer.ggml.eos_token_id"),
+    );
+    let mut config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": meta.hidden,
+        "intermediate_size": meta.ffn_dim,
+        "num_attention_heads": meta.n_heads,
+        "num_key_value_heads": meta.n_kv_heads,
+        "num_hidden_layers": meta.n_layers,
+        "vocab_size": meta.vocab,
+        "max_position_embeddings": meta.ctx,
+        "rms_norm_eps": meta.eps,
+        "rope_theta": meta.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": meta.tied,
+        "torch_dtype": "float16",
+        "quantization_config": qcfg,
+    });
+    if let (Some(b), Some(e)) = (&bos, &eos) {
+        config["bos_token_id"] = b.clone();
+        config["eos_token_id"] = e.clone();
+    }
+    // Writes a side file into the staged folder and lists it.
+    let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
+        std::fs::write(dir.join(name), bytes)?;
+        files.push(name.to_string());
+        Ok(())
+    };
+    put("config.json", &serde_json::to_vec_pretty(&config)?)?;
+    put("quantize_config.json", &serde_json::to_vec_pretty(&qcfg)?)?;
+    let mut has_tokenizer = false;
+    for f in ["tokenizer.json", "tokenizer_config.json", "LICENSE"] {
+        if let Ok(b) = bundle.read_file(f) {
+            put(f, &b)?;
+            has_tokenizer |= f == "tokenizer.json";
+        }
+    }
+    if !has_tokenizer {
+        if let Ok(md) = bundle.read_file(crate::gguf::GGUF_METADATA) {
+            let v: serde_json::Value = serde_json::from_slice(&md)?;
+            let vocab = adaptq_model::tokenizer::GgufVocab::from_metadata_json(&v)?;
+            let tok = adaptq_model::tokenizer::from_gguf(&vocab)?;
+            let text = tok
+                .to_string(true)
+                .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
+            put("tokenizer.json", text.as_bytes())?;
+            let mut tc = json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": meta.ctx,
+            });
+            if let Some(t) = token(&bos) {
+                tc["bos_token"] = t;
+            }
+            if let Some(t) = token(&eos) {
+                tc["eos_token"] = t;
+            }
+            if let Some(b) = gget("tokenizer.ggml.add_bos_token") {
+                tc["add_bos_token"] = b;
+            }
+            if let Some(t) = gget("tokenizer.chat_template") {
+                tc["chat_template"] = t;
+            }
+            put("tokenizer_config.json", &serde_json::to_vec_pretty(&tc)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bundle` as a Hugging Face GPTQ checkpoint folder at `out` (built under a temporary
+/// name and renamed when complete).
+pub fn export_hf_gptq(
+    bundle: &Bundle,
+    out: &Path,
+    opts: &HfGptqOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<HfGptqSummary> {
+    crate::refuse_rotated(bundle)?;
+    // Refused before any work when the folder is taken by something adaptq did not write.
+    let staged = Staged::new(out, opts.force, OutKind::Folder)?;
+    let meta = meta_of(bundle)?;
+    let (plan, bits, group_size) = plan_tensors(bundle, &meta)?;
+    let st = layout(&plan, bits, group_size);
     let tmp = staged.path().to_path_buf();
-    let result = (|| -> Result<HfGptqSummary> {
-        let mut w = ShardedWriter::create(&tmp, st, opts.max_shard_bytes)?;
-        for (i, p) in plan.iter().enumerate() {
-            let t = p.entry;
-            match p.kind {
-                Kind::Gptq => {
-                    let q = bundle.quantized(t)?;
-                    let order = permuted_heads(&meta, &t.name).map(|h| unpermute_rows(q.rows, h));
-                    let parts = pack_gptq(&q, order.as_deref())
-                        .with_context(|| format!("tensor '{}'", t.name))?;
-                    for part in parts {
-                        w.write_next(&part)?;
-                    }
-                }
-                Kind::Float(d) => {
-                    let v = hf_values(bundle, &meta, t)?;
-                    let bytes: Vec<u8> = match d {
-                        Dtype::F16 => v
-                            .iter()
-                            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                            .collect(),
-                        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                    };
-                    w.write_next(&bytes)?;
-                }
-            }
-            progress(i + 1, plan.len());
-        }
-        let (shards, tensor_bytes) = w.finish()?;
-        let mut files = shards.clone();
-        let qcfg = json!({
-            "quant_method": "gptq",
-            "bits": bits,
-            "group_size": group_size,
-            "desc_act": false,
-            "sym": true,
-            "static_groups": false,
-            "true_sequential": true,
-            "checkpoint_format": "gptq",
-            "damp_percent": 0.05,
-        });
-        // Special tokens and the chat template, from the source GGUF's metadata when there is one.
-        let gmd: Vec<serde_json::Value> = bundle
-            .read_file(crate::gguf::GGUF_METADATA)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default();
-        let gget = |k: &str| {
-            gmd.iter()
-                .find(|e| e["key"] == k)
-                .map(|e| e["value"].clone())
-        };
-        let token = |id: &Option<serde_json::Value>| {
-            let tokens = gget("tokenizer.ggml.tokens")?;
-            tokens.get(id.as_ref()?.as_u64()? as usize).cloned()
-        };
-        let (bos, eos) = (
-            gget("tokenizer.ggml.bos_token_id"),
-            gget("tokenizer.ggml.eos_token_id"),
-        );
-        let mut config = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": meta.hidden,
-            "intermediate_size": meta.ffn_dim,
-            "num_attention_heads": meta.n_heads,
-            "num_key_value_heads": meta.n_kv_heads,
-            "num_hidden_layers": meta.n_layers,
-            "vocab_size": meta.vocab,
-            "max_position_embeddings": meta.ctx,
-            "rms_norm_eps": meta.eps,
-            "rope_theta": meta.rope_theta,
-            "hidden_act": "silu",
-            "tie_word_embeddings": meta.tied,
-            "torch_dtype": "float16",
-            "quantization_config": qcfg,
-        });
-        if let (Some(b), Some(e)) = (&bos, &eos) {
-            config["bos_token_id"] = b.clone();
-            config["eos_token_id"] = e.clone();
-        }
-        // Writes a side file into the staged folder and lists it.
-        let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
-            std::fs::write(tmp.join(name), bytes)?;
-            files.push(name.to_string());
-            Ok(())
-        };
-        put("config.json", &serde_json::to_vec_pretty(&config)?)?;
-        put("quantize_config.json", &serde_json::to_vec_pretty(&qcfg)?)?;
-        let mut has_tokenizer = false;
-        for f in ["tokenizer.json", "tokenizer_config.json", "LICENSE"] {
-            if let Ok(b) = bundle.read_file(f) {
-                put(f, &b)?;
-                has_tokenizer |= f == "tokenizer.json";
-            }
-        }
-        if !has_tokenizer {
-            if let Ok(md) = bundle.read_file(crate::gguf::GGUF_METADATA) {
-                let v: serde_json::Value = serde_json::from_slice(&md)?;
-                let vocab = adaptq_model::tokenizer::GgufVocab::from_metadata_json(&v)?;
-                let tok = adaptq_model::tokenizer::from_gguf(&vocab)?;
-                let text = tok
-                    .to_string(true)
-                    .map_err(|e| anyhow::anyhow!("tokenizer.json: {e}"))?;
-                put("tokenizer.json", text.as_bytes())?;
-                let mut tc = json!({
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    "model_max_length": meta.ctx,
-                });
-                if let Some(t) = token(&bos) {
-                    tc["bos_token"] = t;
-                }
-                if let Some(t) = token(&eos) {
-                    tc["eos_token"] = t;
-                }
-                if let Some(b) = gget("tokenizer.ggml.add_bos_token") {
-                    tc["add_bos_token"] = b;
-                }
-                if let Some(t) = gget("tokenizer.chat_template") {
-                    tc["chat_template"] = t;
-                }
-                put("tokenizer_config.json", &serde_json::to_vec_pretty(&tc)?)?;
-            }
-        }
-        files.sort();
-        Ok(HfGptqSummary {
-            bits,
-            group_size,
-            shards,
-            tensor_bytes,
-            files,
-        })
-    })();
-    let summary = result?;
+    let mut w = ShardedWriter::create(&tmp, st, opts.max_shard_bytes)?;
+    write_tensors(&mut w, bundle, &meta, &plan, progress)?;
+    let (shards, tensor_bytes) = w.finish()?;
+    let mut files = shards.clone();
+    side_files(bundle, &meta, bits, group_size, &tmp, &mut files)?;
+    files.sort();
     // Lists what was written, so a later forced export may replace exactly this folder.
     staged.mark()?;
     staged.commit(OutKind::Folder)?;
-    Ok(summary)
+    Ok(HfGptqSummary {
+        bits,
+        group_size,
+        shards,
+        tensor_bytes,
+        files,
+    })
 }
 
 #[cfg(test)]
@@ -542,7 +575,7 @@ mod tests {
         assert!(pack_gptq(&q, None)
             .unwrap_err()
             .to_string()
-            .contains("--sym"));
+            .contains("symmetric grid"));
     }
 
     #[test]

@@ -76,21 +76,6 @@ impl Outcome {
     }
 }
 
-/// The GGML type nearest a width, with llama.cpp's symmetric / with-min layouts.
-fn nearest_ggml(bits: u8, grid: Grid) -> BlockType {
-    use BlockType as B;
-    match (bits, grid) {
-        (0..=2, _) => B::Q2K,
-        (3, _) => B::Q3K,
-        (4, Grid::Symmetric) => B::Q4_0,
-        (4, Grid::Asymmetric) => B::Q4_1,
-        (5, Grid::Symmetric) => B::Q5_0,
-        (5, Grid::Asymmetric) => B::Q5_1,
-        (6, _) => B::Q6K,
-        _ => B::Q8_0,
-    }
-}
-
 fn parse_ggml(s: &str) -> Result<BlockType> {
     BlockType::parse(s).ok_or_else(|| {
         anyhow::anyhow!(
@@ -104,7 +89,7 @@ fn parse_ggml(s: &str) -> Result<BlockType> {
 fn ggml_spec(o: &QuantizeOptions, grid: Grid) -> Result<Option<GgmlSpec>> {
     let linear = match (&o.ggml_type, o.format) {
         (Some(t), _) => parse_ggml(t)?,
-        (None, OutputFormat::Gguf) => nearest_ggml(o.bits.hi, grid),
+        (None, OutputFormat::Gguf) => adaptq_quant::ggml::nearest(o.bits.hi, grid),
         (None, OutputFormat::Bundle) => return Ok(None),
     };
     match o.method {

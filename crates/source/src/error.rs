@@ -1,3 +1,6 @@
+//! The source readers' errors: each names the file (and the tensor, key or field) it is about,
+//! so a user sees what to fix without a backtrace.
+
 use crate::sanitize;
 use std::path::{Path, PathBuf};
 
