@@ -252,7 +252,7 @@ fn plan_tensors<'a>(bundle: &'a Bundle, meta: &Meta) -> Result<(Vec<Planned<'a>>
     let mut cfg: Option<(u8, usize)> = None;
     let mut plan = Vec::new();
     for t in &bundle.manifest.tensors {
-        let hf = hf_tensor_name(&meta, t)?;
+        let hf = hf_tensor_name(meta, t)?;
         let kind = match (&t.encoding, t.role.as_str()) {
             (
                 Encoding::Int {
