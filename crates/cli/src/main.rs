@@ -37,8 +37,18 @@ fn message(e: &anyhow::Error) -> String {
                 p.display()
             );
         }
-        if let Some(adaptq_pipeline::PlanError::NeedsCalibration(m)) = cause.downcast_ref() {
-            msg = format!("--method {m} needs calibration text: --calib FILE (e.g. ../shared/corpora/austen/emma.txt)");
+        use adaptq_pipeline::PlanError as P;
+        match cause.downcast_ref() {
+            Some(P::NeedsCalibration(m)) => {
+                msg = format!("--method {m} needs calibration text: --calib FILE (e.g. ../shared/corpora/austen/emma.txt)");
+            }
+            Some(P::RotationNeedsCalibration) => {
+                msg = "--rotate needs --calib: rotated layers are quantized through the calibrated pipeline".into();
+            }
+            Some(P::NovaqOnly) => {
+                msg = "--preset and --target-bits are NOVAQ settings; add --method novaq".into();
+            }
+            None => {}
         }
     }
     let lines: Vec<_> = msg.split('\n').map(adaptq_source::sanitize).collect();

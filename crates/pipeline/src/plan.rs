@@ -36,6 +36,12 @@ pub enum PlanError {
     /// The method calibrates, and no calibration text was given.
     #[error("method {0} needs calibration text (e.g. ../shared/corpora/austen/emma.txt)")]
     NeedsCalibration(&'static str),
+    /// Rotation was asked for without calibration text.
+    #[error("rotation needs calibration text: rotated layers are quantized through the calibrated pipeline")]
+    RotationNeedsCalibration,
+    /// A NOVAQ setting was given with another method.
+    #[error("preset and target_bits are NOVAQ settings; they need method novaq")]
+    NovaqOnly,
 }
 
 /// What runs before the bundle is written.
@@ -120,7 +126,7 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
         bail!("rotation needs an online rotation llama.cpp does not run; quantize to a bundle");
     }
     if o.calib.is_none() {
-        bail!("rotation needs calibration text: rotated layers are quantized through the calibrated pipeline");
+        return Err(PlanError::RotationNeedsCalibration.into());
     }
     if o.awq || o.method == Method::Awq {
         bail!("rotation cannot be combined with AWQ: AWQ folds its scales into the norms and up's rows, before the online rotations");
@@ -132,7 +138,7 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
 fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
     if o.method != Method::Novaq {
         if o.preset.is_some() || o.target_bits.is_some() {
-            bail!("preset and target_bits are NOVAQ settings; they need method novaq");
+            return Err(PlanError::NovaqOnly.into());
         }
         return Ok(None);
     }
