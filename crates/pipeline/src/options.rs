@@ -319,8 +319,12 @@ impl QuantizeOptions {
             bail!("config {}: expected a mapping of settings", path.display());
         };
         let base = path.parent().unwrap_or(Path::new(""));
-        for key in ["calib", "gold_prompts", "out"] {
+        for key in ["src", "calib", "gold_prompts", "out"] {
             if let Some(serde_json::Value::String(p)) = map.get(key) {
+                // A locator (hf://, https://, ollama://) is not a path.
+                if key == "src" && p.contains("://") {
+                    continue;
+                }
                 let p = base.join(p).to_string_lossy().into_owned();
                 map.insert(key.into(), p.into());
             }
@@ -387,7 +391,9 @@ mod tests {
 
     #[test]
     fn yaml_keys_are_flag_names_and_unknown_keys_are_named() {
-        let (d, p) = yaml("method: gptq\nbits: 3-4\ngroup_size: 64\ncalib: emma.txt\nsym: true\n");
+        let (d, p) = yaml(
+            "method: gptq\nbits: 3-4\ngroup_size: 64\ncalib: emma.txt\nsym: true\nsrc: m.gguf\n",
+        );
         let o = QuantizeOptions::from_yaml_file(&p).unwrap();
         assert_eq!(o.method, Method::Gptq);
         assert_eq!(o.bits, Bits { lo: 3, hi: 4 });
@@ -397,7 +403,14 @@ mod tests {
             o.calib.as_deref(),
             Some(d.path().join("emma.txt").as_path())
         );
+        assert_eq!(
+            o.src,
+            Some(d.path().join("m.gguf").to_string_lossy().into_owned())
+        );
         assert_eq!(o.seq_len, QuantizeOptions::default().seq_len);
+        let (_d, p) = yaml("src: hf://org/model\n");
+        let o = QuantizeOptions::from_yaml_file(&p).unwrap();
+        assert_eq!(o.src.as_deref(), Some("hf://org/model"));
 
         let (_d, p) = yaml("method: rtn\ngroup-size: 64\n");
         let e = QuantizeOptions::from_yaml_file(&p).unwrap_err().to_string();
