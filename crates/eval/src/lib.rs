@@ -59,6 +59,17 @@ pub fn evaluate(
     if ctx < 2 {
         bail!("a window must hold at least 2 tokens, got {ctx}");
     }
+    // llama-perplexity on a model that asks for a BOS token (Gemma) tokenizes the text after
+    // one and puts it first in every window; scores only compare with the same windows.
+    let bos = model.desc.decoder.bos;
+    let with_bos: Vec<u32>;
+    let tokens = match bos {
+        Some(b) if tokens.first() != Some(&b) => {
+            with_bos = std::iter::once(b).chain(tokens.iter().copied()).collect();
+            &with_bos[..]
+        }
+        _ => tokens,
+    };
     let mut n = tokens.len() / ctx;
     if let Some(c) = chunks {
         n = n.min(c);
@@ -84,7 +95,10 @@ pub fn evaluate(
     };
     let mut s = Scorer::default();
     for w in 0..n {
-        let win = &tokens[w * ctx..(w + 1) * ctx];
+        let mut win = tokens[w * ctx..(w + 1) * ctx].to_vec();
+        if let Some(b) = bos {
+            win[0] = b;
+        }
         let targets = &win[first + 1..];
         // The last token predicts nothing scored, so the window runs on ctx - 1 tokens.
         let logits = model.forward_from(&win[..ctx - 1], first)?;

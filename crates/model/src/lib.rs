@@ -1,4 +1,5 @@
-//! Forward passes on CPU: the Llama family (Llama, Mistral, Qwen2, SmolLM) and BERT encoders.
+//! Forward passes on CPU: the Llama family (Llama, Mistral, Qwen2, SmolLM, and Gemma 3 as a
+//! variant of its block) and BERT encoders.
 //!
 //! Models run from an unquantized source or from an adaptq bundle. Bundle weights are
 //! dequantized to f32 once, at load time, and the forward pass multiplies f32 matrices with
@@ -6,6 +7,7 @@
 //! perplexity and KL divergence must judge, at the cost of f32 memory (fine up to ~1B params).
 
 pub mod bert;
+pub mod gemma;
 pub mod generate;
 pub mod llama;
 pub mod tokenizer;

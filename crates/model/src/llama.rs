@@ -1,9 +1,11 @@
 //! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, rotary embeddings in either
-//! pairing convention, grouped-query attention, SwiGLU MLP, tied or separate output head.
+//! pairing convention, grouped-query attention, SwiGLU MLP, tied or separate output head. Gemma 3
+//! runs as the same blocks with the extras of [`crate::gemma`], so calibration walks it alike.
 //!
 //! The forward pass is exposed in pieces (`embed`, `block`, `head`) so calibration can run the
 //! network layer by layer, and every linear layer's input can be handed to a hook.
 
+use crate::gemma::{GemmaModel, GemmaNorms};
 use crate::Weights;
 use adaptq_source::model::{ModelDesc, RopeStyle};
 use anyhow::{bail, Context, Result};
@@ -92,6 +94,8 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// Gemma 3's q/k and post-attention/post-MLP norms; `None` for plain Llama.
+    pub gemma: Option<GemmaNorms>,
 }
 
 impl Block {
@@ -181,27 +185,52 @@ pub struct Llama {
     tied: bool,
     final_norm: Tensor,
     pub blocks: Vec<Block>,
-    /// Inverse frequencies θ_i = base^(-2i/head_dim).
+    /// Inverse frequencies θ_i = base^(-2i/head_dim) (of the global layers, for Gemma 3).
     inv_freq: Vec<f32>,
+    /// Gemma 3's model-wide settings.
+    gemma: Option<GemmaModel>,
     /// Rotations the blocks' weights carry (`--rotate`), applied online where they cannot be
     /// folded.
     rotation: Option<Box<Rotated>>,
 }
 
 /// A norm weight, which must have `len` values.
-fn vec_tensor(w: &dyn Weights, name: &str, len: usize) -> Result<Tensor> {
+pub(crate) fn vec_tensor(w: &dyn Weights, name: &str, len: usize) -> Result<Tensor> {
     let v = w.read(name).with_context(|| format!("reading '{name}'"))?;
     let n = v.len();
     if n != len {
-        bail!("tensor '{name}' holds {n} values, but the model's hidden size is {len}");
+        bail!("tensor '{name}' holds {n} values, but the model's dimensions need {len}");
     }
     Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+/// Inverse RoPE frequencies `scale · base^(-2i/hd)`; `scale` is linear position scaling.
+pub(crate) fn inv_freq(base: f32, hd: usize, scale: f32) -> Vec<f32> {
+    (0..hd / 2)
+        .map(|i| ((base as f64).powf(-2.0 * i as f64 / hd as f64) * scale as f64) as f32)
+        .collect()
+}
+
+/// RMSNorm over the last dimension, times `w`.
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     Ok(x.broadcast_div(&(ms + eps as f64)?.sqrt()?)?
         .broadcast_mul(w)?)
+}
+
+/// Additive mask `[T, S]` for `t` queries that follow `s - t` cached positions: a key is hidden
+/// when it comes after the query or, with a sliding `window`, is `window` or more positions
+/// behind it. `None` when nothing is hidden (one query, all keys within reach).
+fn attention_mask(t: usize, s: usize, window: Option<usize>) -> Result<Option<Tensor>> {
+    let past = s - t;
+    let hidden = |i: usize, j: usize| j > past + i || window.is_some_and(|w| past + i - j >= w);
+    if t == 1 && window.is_none_or(|w| s <= w) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (t, s), &Device::Cpu)?))
 }
 
 /// Softmax over the last dimension.
@@ -233,10 +262,15 @@ impl Llama {
         };
         let d = desc.hidden;
         let hd = desc.head_dim();
+        let gemma = desc.decoder.gemma3.as_ref();
+        if gemma.is_some() && !gguf {
+            bail!("Gemma 3 runs from GGUF files only (their norm weights already hold 1 + w)");
+        }
         if d == 0
+            || hd == 0
             || desc.n_heads == 0
             || desc.n_kv_heads == 0
-            || !d.is_multiple_of(desc.n_heads)
+            || (desc.decoder.head_dim.is_none() && !d.is_multiple_of(desc.n_heads))
             || !desc.n_heads.is_multiple_of(desc.n_kv_heads)
             || !hd.is_multiple_of(2)
         {
@@ -284,11 +318,10 @@ impl Llama {
                 gate: lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
                 up: lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
                 down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
+                gemma: gemma.map(|_| GemmaNorms::load(w, i, desc)).transpose()?,
             });
         }
-        let inv_freq = (0..hd / 2)
-            .map(|i| (desc.rope_theta as f64).powf(-2.0 * i as f64 / hd as f64) as f32)
-            .collect();
+        let scale = gemma.map_or(1.0, |g| g.rope_scale);
         let mut m = Llama {
             desc: desc.clone(),
             embed,
@@ -297,7 +330,8 @@ impl Llama {
             tied,
             final_norm: vec_tensor(w, norm_name, d)?,
             blocks,
-            inv_freq,
+            inv_freq: inv_freq(desc.rope_theta, hd, scale),
+            gemma: gemma.map(|g| GemmaModel::new(desc, g)),
             rotation: None,
         };
         if let Some(seed) = w.rotation_seed() {
@@ -363,16 +397,24 @@ impl Llama {
             bail!("token id {t} is outside the vocabulary of {v}");
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        Ok(self.embed.index_select(&ids, 0)?)
+        let x = self.embed.index_select(&ids, 0)?;
+        Ok(match &self.gemma {
+            Some(g) => (x * g.embed_scale as f64)?,
+            None => x,
+        })
     }
 
-    /// cos/sin tables for positions `pos0..pos0+t`, shaped for `x: [T, H, hd/2, 1|…]`.
-    fn rope_tables(&self, pos0: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
+    /// cos/sin tables of layer `i` for positions `pos0..pos0+t`, shaped for `x: [T, H, hd/2]`.
+    fn rope_tables(&self, i: usize, pos0: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let freqs = match &self.gemma {
+            Some(g) if g.cfg.sliding.get(i) == Some(&true) => &g.inv_freq_swa,
+            _ => &self.inv_freq,
+        };
+        let half = freqs.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for p in pos0..pos0 + t {
-            for &f in &self.inv_freq {
+            for &f in freqs {
                 let a = p as f32 * f;
                 cos.push(a.cos());
                 sin.push(a.sin());
@@ -419,19 +461,20 @@ impl Llama {
         let b = &self.blocks[i];
         let d = &self.desc;
         let (t, _) = x.dims2()?;
-        let hd = d.head_dim();
-        let (nh, nkv) = (d.n_heads, d.n_kv_heads);
-
-        let h = rms_norm(x, &b.attn_norm, d.norm_eps)?;
-        let rot = self.rotation.as_ref();
-        let h = match rot {
+        let (hd, eps) = (d.head_dim(), d.norm_eps);
+        let h = rms_norm(x, &b.attn_norm, eps)?;
+        let h = match self.rotation.as_ref() {
             Some(r) => rot_rows(&h, &r.hidden)?,
             None => h,
         };
-        let q = b.q.forward(&h, hook)?.reshape((t, nh, hd))?;
-        let k = b.k.forward(&h, hook)?.reshape((t, nkv, hd))?;
-        let v = b.v.forward(&h, hook)?.reshape((t, nkv, hd))?;
-        let (cos, sin) = self.rope_tables(pos0, t)?;
+        let q = b.q.forward(&h, hook)?.reshape((t, d.n_heads, hd))?;
+        let k = b.k.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
+        let v = b.v.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
+        let (q, k) = match &b.gemma {
+            Some(g) => g.qk(&q, &k, eps)?,
+            None => (q, k),
+        };
+        let (cos, sin) = self.rope_tables(i, pos0, t)?;
         let q = self.rope(&q, &cos, &sin)?;
         let mut k = self.rope(&k, &cos, &sin)?;
         let mut v = v;
@@ -442,7 +485,32 @@ impl Llama {
             }
             *c = Some((k.clone(), v.clone()));
         }
-        let s = k.dims()[0];
+        let a = self.attend(i, &q, &k, &v, hook)?;
+        let a = match &b.gemma {
+            Some(g) => g.after_attn(&a, eps)?,
+            None => a,
+        };
+        let x = (x + a)?;
+        let m = self.mlp(b, &rms_norm(&x, &b.ffn_norm, eps)?, hook)?;
+        let m = match &b.gemma {
+            Some(g) => g.after_ffn(&m, eps)?,
+            None => m,
+        };
+        Ok((x + m)?)
+    }
+
+    /// Block `i`'s attention of roped queries `q: [T, H, hd]` over keys and values
+    /// `[S, KV, hd]` (cached positions first), through the output projection.
+    fn attend(
+        &self,
+        i: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        hook: &mut Option<Hook>,
+    ) -> Result<Tensor> {
+        let (t, nh, hd) = q.dims3()?;
+        let (s, nkv, _) = k.dims3()?;
         let rep = nh / nkv;
         // [H, T, hd] queries; keys/values repeated across each KV group: [H, S, hd].
         let q = q.transpose(0, 1)?.contiguous()?;
@@ -453,48 +521,55 @@ impl Llama {
                 .reshape((nh, s, hd))?
                 .contiguous()?)
         };
-        let k = expand(&k)?;
-        let v = expand(&v)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = if t > 1 {
-            let past = s - t;
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            scores.broadcast_add(&Tensor::from_vec(mask, (t, s), &Device::Cpu)?)?
-        } else {
-            scores
+        let k = expand(k)?;
+        let v = expand(v)?;
+        let scale = match &self.gemma {
+            Some(g) => g.cfg.query_scale as f64,
+            None => 1.0 / (hd as f64).sqrt(),
+        };
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let window = self.gemma.as_ref().and_then(|g| g.window(i));
+        let scores = match attention_mask(t, s, window)? {
+            Some(m) => scores.broadcast_add(&m)?,
+            None => scores,
         };
         let probs = softmax_last(&scores)?;
         let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
-        let attn = match rot {
+        let attn = match self.rotation.as_ref() {
             Some(r) => rot_rows(&attn, &r.attn)?,
             None => attn,
         };
-        let x = (x + b.o.forward(&attn, hook)?)?;
+        self.blocks[i].o.forward(&attn, hook)
+    }
 
-        let h = rms_norm(&x, &b.ffn_norm, d.norm_eps)?;
+    /// Block `b`'s MLP on its normalized input: SwiGLU, or GeGLU (tanh GELU) for Gemma 3.
+    fn mlp(&self, b: &Block, h: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
+        let rot = self.rotation.as_ref();
         let h = match rot {
-            Some(r) => rot_rows(&h, &r.hidden)?,
-            None => h,
+            Some(r) => rot_rows(h, &r.hidden)?,
+            None => h.clone(),
         };
-        let g = b.gate.forward(&h, hook)?.silu()?;
+        let g = b.gate.forward(&h, hook)?;
+        let g = match b.gemma {
+            Some(_) => g.gelu()?,
+            None => g.silu()?,
+        };
         let u = b.up.forward(&h, hook)?;
         let mid = (g * u)?;
         let mid = match rot {
             Some(r) => rot_rows(&mid, &r.ffn)?,
             None => mid,
         };
-        let m = b.down.forward(&mid, hook)?;
-        Ok((x + m)?)
+        b.down.forward(&mid, hook)
     }
 
     /// Final norm and output head: logits `[T, vocab]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.final_normed(x)?;
-        Ok(h.matmul(&self.head_t)?)
+        let logits = self.final_normed(x)?.matmul(&self.head_t)?;
+        match &self.gemma {
+            Some(g) => g.softcap(logits),
+            None => Ok(logits),
+        }
     }
 
     /// The final norm's output: the output head's input.

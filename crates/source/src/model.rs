@@ -2,14 +2,15 @@
 //! hyper-parameters, and what each tensor is for (so the quantizer knows what to touch).
 
 use crate::blob::read_small;
-use crate::gguf::Metadata;
+use crate::gguf::{Metadata, Value};
 use crate::{Result, SourceError, TensorInfo};
 use std::path::Path;
 
 /// Model families adaptq runs forward passes for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// Llama, Mistral, Qwen2, SmolLM: decoder-only, RMSNorm, RoPE, SwiGLU.
+    /// Llama, Mistral, Qwen2, SmolLM: decoder-only, RMSNorm, RoPE, SwiGLU; Gemma 3 too, with
+    /// its extra norms and sliding layers in [`DecoderTraits`].
     Llama,
     /// BERT encoders (MiniLM): LayerNorm, absolute positions, GELU.
     Bert,
@@ -81,16 +82,51 @@ pub struct ModelDesc {
     pub tied_embeddings: bool,
     /// Where the tokenizer comes from: `gguf:<model>` or `tokenizer.json`.
     pub tokenizer_id: String,
+    /// What the decoder does beyond the plain Llama block; the default for Llama-family files.
+    pub decoder: DecoderTraits,
+}
+
+/// Decoder settings that plain Llama files leave at their defaults. Kept apart from the
+/// `ModelDesc` fields every source fills, so a new family adds here, not to each constructor.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DecoderTraits {
+    /// Width of one attention head when it is not hidden / heads (Gemma 3 270M: 256, with a
+    /// hidden size of 640 and 4 heads), from GGUF `attention.key_length`.
+    pub head_dim: Option<usize>,
+    /// Token llama.cpp puts first in every perplexity window (`tokenizer.ggml.add_bos_token`):
+    /// scores are only comparable with it in the same place.
+    pub bos: Option<u32>,
+    pub gemma3: Option<Gemma3>,
+}
+
+/// What Gemma 3 adds to the Llama block, with the values llama.cpp derives for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3 {
+    /// Sliding layers mask keys this many positions or more behind the query; `None` makes
+    /// every layer global.
+    pub sliding_window: Option<usize>,
+    /// Per layer: does it attend only within the window (and use the local RoPE base)?
+    pub sliding: Vec<bool>,
+    /// RoPE base of the sliding layers (`rope.freq_base_swa`, llama.cpp's default 10000).
+    pub rope_theta_swa: f32,
+    /// Factor on positions in the global layers' RoPE: 1 / `rope.scaling.factor` (linear).
+    pub rope_scale: f32,
+    /// Factor on the queries before `q·k` (llama.cpp's `f_attention_scale`).
+    pub query_scale: f32,
+    /// `c·tanh(logits/c)` on the output when set (`final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
 }
 
 impl ModelDesc {
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.n_heads.max(1)
+        self.decoder
+            .head_dim
+            .unwrap_or(self.hidden / self.n_heads.max(1))
     }
 
     /// The JSON written as a bundle's `model.meta`.
     pub fn to_meta_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "family": self.family.name(),
             "architecture": self.architecture,
             "name": self.name,
@@ -110,7 +146,26 @@ impl ModelDesc {
             },
             "tied_embeddings": self.tied_embeddings,
             "license": self.license,
-        })
+        });
+        // Written only when set, so a Llama bundle's model.meta (and its digest) is unchanged.
+        let t = &self.decoder;
+        if let Some(h) = t.head_dim {
+            v["head_dim"] = h.into();
+        }
+        if let Some(b) = t.bos {
+            v["bos"] = b.into();
+        }
+        if let Some(g) = &t.gemma3 {
+            v["gemma3"] = serde_json::json!({
+                "sliding_window": g.sliding_window,
+                "sliding": g.sliding,
+                "rope_theta_swa": g.rope_theta_swa,
+                "rope_scale": g.rope_scale,
+                "query_scale": g.query_scale,
+                "final_softcap": g.final_softcap,
+            });
+        }
+        v
     }
 
     /// Reads back what [`ModelDesc::to_meta_json`] wrote, with the same limits as a GGUF or
@@ -158,6 +213,7 @@ impl ModelDesc {
                 .as_bool()
                 .ok_or_else(|| missing("tied_embeddings"))?,
             tokenizer_id: s("tokenizer").ok_or_else(|| missing("tokenizer"))?,
+            decoder: traits_from_meta(v).map_err(missing)?,
         }
         .checked(n_tensors, path)
     }
@@ -172,7 +228,7 @@ impl ModelDesc {
             .to_string();
         let (family, rope_style) = match arch.as_str() {
             "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
-            "qwen2" => (Family::Llama, RopeStyle::Halves),
+            "qwen2" | "gemma3" => (Family::Llama, RopeStyle::Halves),
             "bert" => (Family::Bert, RopeStyle::Halves),
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -196,7 +252,7 @@ impl ModelDesc {
             .map(|t| t.shape[0])
             .or_else(|| md.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()))
             .unwrap_or(0);
-        ModelDesc {
+        let mut desc = ModelDesc {
             family,
             name: md.get_str("general.name").map(str::to_string),
             license: md.get_str("general.license").map(str::to_string),
@@ -223,9 +279,29 @@ impl ModelDesc {
                 "gguf:{}",
                 md.get_str("tokenizer.ggml.model").unwrap_or("none")
             ),
+            decoder: DecoderTraits {
+                head_dim: md
+                    .get_u64(&format!("{arch}.attention.key_length"))
+                    .map(|v| v as usize),
+                bos: match md
+                    .get("tokenizer.ggml.add_bos_token")
+                    .and_then(|v| v.as_bool())
+                {
+                    Some(true) => md
+                        .get_u64("tokenizer.ggml.bos_token_id")
+                        .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
+                    _ => None,
+                },
+                gemma3: None,
+            },
             architecture: arch,
         }
-        .checked(infos.len(), path)
+        .checked(infos.len(), path)?;
+        if desc.architecture == "gemma3" {
+            desc.decoder.gemma3 = Some(gemma3_from_gguf(md, &desc, path)?);
+            desc = desc.checked(infos.len(), path)?;
+        }
+        Ok(desc)
     }
 
     pub fn from_hf_config(config: &Path, infos: &[TensorInfo]) -> Result<Self> {
@@ -294,6 +370,7 @@ impl ModelDesc {
             tied_embeddings: family == Family::Llama
                 && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
             tokenizer_id: "tokenizer.json".into(),
+            decoder: DecoderTraits::default(),
         }
         .checked(infos.len(), config)
     }
@@ -314,6 +391,7 @@ impl ModelDesc {
             ("feed-forward size", self.ffn_dim),
             ("vocabulary size", self.vocab_size),
             ("context length", self.context_length),
+            ("head width", self.decoder.head_dim.unwrap_or(0)),
         ] {
             if v > MAX_DIM {
                 return bad(format!("{what} {v} is over the limit of {MAX_DIM}"));
@@ -331,8 +409,129 @@ impl ModelDesc {
                 self.n_heads, self.n_kv_heads
             ));
         }
+        if let Some(b) = self.decoder.bos.filter(|&b| b as usize >= self.vocab_size) {
+            return bad(format!(
+                "beginning-of-text token {b} is outside the vocabulary of {}",
+                self.vocab_size
+            ));
+        }
+        if let Some(g) = &self.decoder.gemma3 {
+            if g.sliding.len() != self.n_layers {
+                return bad(format!(
+                    "{} sliding-window flags for {} layers",
+                    g.sliding.len(),
+                    self.n_layers
+                ));
+            }
+        }
         Ok(self)
     }
+}
+
+/// Gemma 3's settings as llama.cpp's `llama_model_gemma3::load_arch_hparams` derives them: a
+/// sliding window only when `attention.sliding_window` is positive, its layer pattern from
+/// `attention.sliding_window_pattern` (a flag per layer, or a period whose last layer is global;
+/// default 6), the local RoPE base 10000 unless given, and the 27B's query scale from
+/// hidden / heads where every other size uses the head width. `desc` has been checked, so its
+/// layer count is backed by the file.
+fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemma3> {
+    let arch = &desc.architecture;
+    let key = |k: &str| format!("{arch}.{k}");
+    let bad = |why: String| SourceError::Config {
+        path: path.into(),
+        why,
+    };
+    let window = md
+        .get_u64(&key("attention.sliding_window"))
+        .filter(|&w| w > 0)
+        .map(|w| usize::try_from(w).unwrap_or(usize::MAX));
+    let n = desc.n_layers;
+    let pattern_key = key("attention.sliding_window_pattern");
+    let sliding = match (window, md.get(&pattern_key)) {
+        (None, _) => vec![false; n],
+        (Some(_), Some(Value::Array(a))) => a
+            .iter()
+            .map(|x| x.as_bool())
+            .collect::<Option<Vec<bool>>>()
+            .ok_or_else(|| bad(format!("{pattern_key} is not a list of flags")))?,
+        (Some(_), v) => {
+            let p = v.map_or(Some(6), |v| v.as_u64()).ok_or_else(|| {
+                bad(format!(
+                    "{pattern_key} is neither a period nor a list of flags"
+                ))
+            })?;
+            (0..n as u64).map(|i| p == 0 || i % p < p - 1).collect()
+        }
+    };
+    let head_width = if n == 62 {
+        desc.hidden / desc.n_heads
+    } else {
+        desc.head_dim()
+    };
+    let scaling = md.get_str(&key("rope.scaling.type")).unwrap_or("linear");
+    let factor = md
+        .get_f64(&key("rope.scaling.factor"))
+        .or_else(|| md.get_f64(&key("rope.scale_linear")))
+        .filter(|&f| f != 0.0 && f != 1.0);
+    if let (Some(f), false) = (factor, matches!(scaling, "linear" | "none")) {
+        return Err(bad(format!(
+            "RoPE scaling '{scaling}' (factor {f}) is not supported"
+        )));
+    }
+    let g = Gemma3 {
+        sliding_window: window,
+        sliding,
+        rope_theta_swa: md.get_f64(&key("rope.freq_base_swa")).unwrap_or(10000.0) as f32,
+        rope_scale: factor.map_or(1.0, |f| (1.0 / f) as f32),
+        query_scale: 1.0 / (head_width as f32).sqrt(),
+        final_softcap: md
+            .get_f64(&key("final_logit_softcapping"))
+            .filter(|&c| c > 0.0)
+            .map(|c| c as f32),
+    };
+    Ok(g)
+}
+
+/// The decoder traits of a bundle's `model.meta`; `Err` names the key that is present but
+/// malformed. Absent keys are the Llama defaults.
+fn traits_from_meta(v: &serde_json::Value) -> std::result::Result<DecoderTraits, &'static str> {
+    let opt_u = |k: &'static str| match &v[k] {
+        serde_json::Value::Null => Ok(None),
+        x => x.as_u64().map(Some).ok_or(k),
+    };
+    let gemma3 = match &v["gemma3"] {
+        serde_json::Value::Null => None,
+        g => {
+            let f = |k: &str| g[k].as_f64().map(|x| x as f32);
+            Some(Gemma3 {
+                sliding_window: match &g["sliding_window"] {
+                    serde_json::Value::Null => None,
+                    w => Some(
+                        w.as_u64()
+                            .and_then(|w| usize::try_from(w).ok())
+                            .ok_or("gemma3")?,
+                    ),
+                },
+                sliding: g["sliding"]
+                    .as_array()
+                    .and_then(|a| a.iter().map(|b| b.as_bool()).collect())
+                    .ok_or("gemma3")?,
+                rope_theta_swa: f("rope_theta_swa").ok_or("gemma3")?,
+                rope_scale: f("rope_scale").ok_or("gemma3")?,
+                query_scale: f("query_scale").ok_or("gemma3")?,
+                final_softcap: f("final_softcap"),
+            })
+        }
+    };
+    Ok(DecoderTraits {
+        head_dim: opt_u("head_dim")?
+            .map(|h| usize::try_from(h).map_err(|_| "head_dim"))
+            .transpose()?,
+        bos: opt_u("bos")?
+            .map(|b| u32::try_from(b).map_err(|_| "bos"))
+            .transpose()?,
+        gemma3,
+    })
 }
 
 /// Largest hyper-parameter (hidden size, vocabulary, context length, …) accepted.
@@ -411,6 +610,7 @@ mod tests {
             rope_style: RopeStyle::Halves,
             tied_embeddings: false,
             tokenizer_id: "tokenizer.json".into(),
+            decoder: DecoderTraits::default(),
         }
         .to_meta_json()
     }
@@ -423,6 +623,40 @@ mod tests {
     fn meta_json_round_trips() {
         let d = read(&meta()).unwrap();
         assert_eq!((d.n_layers, d.hidden, d.n_heads), (2, 8, 2));
+    }
+
+    /// Gemma 3's traits survive a bundle's model.meta, and a Llama's meta has no trace of them.
+    #[test]
+    fn decoder_traits_round_trip_and_are_checked() {
+        assert!(meta().get("gemma3").is_none() && meta().get("bos").is_none());
+        let mut d = read(&meta()).unwrap();
+        d.decoder = DecoderTraits {
+            head_dim: Some(6),
+            bos: Some(2),
+            gemma3: Some(Gemma3 {
+                sliding_window: Some(512),
+                sliding: vec![true, false],
+                rope_theta_swa: 10000.0,
+                rope_scale: 0.125,
+                query_scale: 0.0625,
+                final_softcap: None,
+            }),
+        };
+        let back = read(&d.to_meta_json()).unwrap();
+        assert_eq!(back.decoder, d.decoder);
+        assert_eq!(back.head_dim(), 6);
+
+        let mut v = d.to_meta_json();
+        v["bos"] = 10.into();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary"), "{e}");
+        let mut v = d.to_meta_json();
+        v["gemma3"]["sliding"] = serde_json::json!([true]);
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("1 sliding-window flags for 2 layers"), "{e}");
+        let mut v = d.to_meta_json();
+        v["gemma3"]["query_scale"] = "x".into();
+        assert!(read(&v).is_err());
     }
 
     #[test]

@@ -96,6 +96,7 @@ impl TinyLlama {
                 rope_style: RopeStyle::Halves,
                 tied_embeddings: false,
                 tokenizer_id: "tokenizer.json".into(),
+                decoder: Default::default(),
             },
             infos,
             values,

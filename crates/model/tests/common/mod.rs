@@ -26,6 +26,7 @@ pub fn desc(family: Family, architecture: &str, sizes: [usize; 7]) -> ModelDesc 
         rope_style: RopeStyle::Halves,
         tied_embeddings: false,
         tokenizer_id: "none".into(),
+        decoder: Default::default(),
     }
 }
 
