@@ -197,15 +197,7 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
 
 /// GGUF name of a Hugging Face llama tensor (the inverse of [`crate::hf_gptq::hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    use crate::hf_gptq::{LAYER_PARTS, WHOLE_NAMES};
-    if let Some((g, _)) = WHOLE_NAMES.iter().find(|(_, h)| *h == hf) {
-        return Some(g.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let (g, _) = LAYER_PARTS.iter().find(|(_, h)| *h == part)?;
-    Some(format!("blk.{n}.{g}.{suffix}"))
+    crate::hf_gptq::rename(hf, false)
 }
 
 /// llama.cpp's converter order for Q/K rows: GGUF row `h·hd + 2i + j` holds Hugging Face row

@@ -118,21 +118,6 @@ pub struct QuantizeSummary {
     pub verification: Verification,
 }
 
-/// The locator recorded in the manifest: never an absolute path (it would break determinism
-/// across machines and leak the user's folder layout), so local files are named by file name.
-pub fn locator_for(given: &str) -> String {
-    if given.contains("://") || given.starts_with("file:") {
-        given.to_string()
-    } else {
-        let p = Path::new(given);
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| given.to_string());
-        format!("file:{name}")
-    }
-}
-
 /// Companion files copied into the bundle so it is self-contained for eval/export.
 fn companion_files(src: &dyn TensorSource) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
@@ -450,11 +435,11 @@ pub fn quantize_model(
         .model_id
         .map(str::to_string)
         .or_else(|| desc.name.clone())
-        .unwrap_or_else(|| locator_for(target.locator));
+        .unwrap_or_else(|| adaptq_remote::locator_for(target.locator));
     let manifest = w.finish(
         &model_id,
         SourceRef {
-            locator: locator_for(target.locator),
+            locator: adaptq_remote::locator_for(target.locator),
             format: src.format().into(),
             tensor_count: total,
         },

@@ -85,13 +85,7 @@ impl HubRef {
             Some(_) => return Err(bad("empty revision after '@'")),
             None => (name, "main".to_string()),
         };
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s != "."
-                && s != ".."
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
+        let ok = crate::plain_name_part;
         if !ok(org) || !ok(name) {
             return Err(bad(
                 "organisation and name may hold letters, digits, '-', '_' and '.'",

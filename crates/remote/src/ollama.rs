@@ -36,13 +36,7 @@ pub fn parse(loc: &str) -> Result<(String, String, String, String)> {
         _ => (rest, "latest"),
     };
     let parts: Vec<&str> = path.split('/').collect();
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s != ".."
-            && s != "."
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    };
+    let ok = crate::plain_name_part;
     if !ok(tag) || parts.iter().any(|p| !ok(p)) {
         return Err(bad("names and tags hold letters, digits, '-', '_' and '.'"));
     }
