@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
-pub use crate::options::{EmbeddingMode, Method};
+pub use crate::options::{EmbeddingMode, GptqSettings, Method};
 
 /// Everything that decides the bytes of a bundle. Recorded whole in the manifest.
 #[derive(Debug, Clone, Serialize)]
@@ -65,12 +65,6 @@ pub struct NovaqSettings {
     pub preset: Option<String>,
     #[serde(flatten)]
     pub config: adaptq_quant::novaq::NovaqConfig,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct GptqSettings {
-    pub damp: f64,
-    pub act_order: bool,
 }
 
 /// Codes already computed by a calibrated method, with what calibration measured.
