@@ -9,7 +9,7 @@
 //! back to Hugging Face's rotate-half layout (whole rows move, so values stay exact).
 
 use crate::safetensors::{Dtype, ShardedWriter, StTensor};
-use adaptq_bundle::output::{Kind as OutKind, Staged};
+use adaptq_bundle::output::Kind as OutKind;
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::{pack, Grid, QuantizedTensor};
 use adaptq_source::model::{Family, ModelDesc as Meta, RopeStyle};
@@ -478,9 +478,7 @@ pub fn export_hf_gptq(
     opts: &HfGptqOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HfGptqSummary> {
-    crate::refuse_rotated(bundle)?;
-    // Refused before any work when the folder is taken by something adaptq did not write.
-    let staged = Staged::new(out, opts.force, OutKind::Folder)?;
+    let staged = crate::staged_for(bundle, out, opts.force, OutKind::Folder)?;
     let meta = meta_of(bundle)?;
     let (plan, bits, group_size) = plan_tensors(bundle, &meta)?;
     let st = layout(&plan, bits, group_size);
