@@ -566,18 +566,20 @@ mod tests {
 
     #[test]
     fn names_follow_transformers() {
-        assert_eq!(
-            hf_name("blk.7.ffn_down.weight").unwrap(),
-            "model.layers.7.mlp.down_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_norm.weight").unwrap(),
-            "model.layers.0.input_layernorm.weight"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
+        for (gguf, hf) in [
+            (
+                "blk.7.ffn_down.weight",
+                "model.layers.7.mlp.down_proj.weight",
+            ),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+        ] {
+            assert_eq!(hf_name(gguf).as_deref(), Some(hf));
+            assert_eq!(crate::gguf::gguf_name(hf).as_deref(), Some(gguf));
+        }
         assert!(hf_name("blk.0.mystery.weight").is_none());
     }
 }

@@ -204,17 +204,6 @@ pub(crate) fn assemble(
     })
 }
 
-/// Files that are no regular file, for the tests that open them.
-#[cfg(all(test, unix))]
-pub(crate) fn link_zero_and_make_fifo(zero: &std::path::Path, fifo: &std::path::Path) {
-    std::os::unix::fs::symlink("/dev/zero", zero).unwrap();
-    let st = std::process::Command::new("mkfifo")
-        .arg(fifo)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
