@@ -342,10 +342,9 @@ pub fn html(r: &Value) -> String {
             e
         );
     }
-    let hist = r["error_histogram_log10"]
+    let hist: &[serde_json::Value] = r["error_histogram_log10"]
         .as_array()
-        .cloned()
-        .unwrap_or_default();
+        .map_or(&[], Vec::as_slice);
     let maxc = hist
         .iter()
         .filter_map(|x| x["count"].as_u64())

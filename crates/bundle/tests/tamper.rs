@@ -80,79 +80,71 @@ fn clean_bundle_verifies_and_spans_shards() {
     }
 }
 
+/// Each damage to a clean bundle, and what verification must say of it.
 #[test]
-fn flipped_byte_fails() {
-    let msg = damaged(|d| {
-        edit(d, "shard-00001.bin", |b| b[100] ^= 0x01);
-    });
-    assert!(msg.contains("shard-00001.bin SHA-256 mismatch"), "{msg}");
-    assert!(msg.contains("BLAKE3 mismatch"), "{msg}");
-}
-
-#[test]
-fn truncated_shard_fails() {
-    let msg = damaged(|d| {
-        edit(d, "shard-00002.bin", |b| b.truncate(b.len() - 10));
-    });
-    assert!(
-        msg.contains("shard-00002.bin has 1014 bytes, manifest says 1024"),
-        "{msg}"
-    );
-}
-
-#[test]
-fn missing_shard_fails() {
-    let msg = damaged(|d| {
-        std::fs::remove_file(d.join("shard-00000.bin")).unwrap();
-    });
-    assert!(msg.contains("shard shard-00000.bin is missing"), "{msg}");
-}
-
-#[test]
-fn extra_shard_fails() {
-    let msg = damaged(|d| {
-        std::fs::write(d.join("shard-00004.bin"), b"extra").unwrap();
-    });
-    assert!(msg.contains("unexpected file 'shard-00004.bin'"), "{msg}");
-}
-
-#[test]
-fn edited_manifest_fails() {
-    let msg = damaged(|d| {
-        edit_text(d, "manifest.json", |t| {
-            t.replace("test-model", "other-model")
-        });
-    });
-    assert!(msg.contains("manifest.json was edited"), "{msg}");
-}
-
-#[test]
-fn edited_shape_breaks_coverage_too() {
-    let msg = damaged(|d| {
-        edit_text(d, "manifest.json", |t| {
-            t.replacen("\"shape\": [\n        20,", "\"shape\": [\n        21,", 1)
-        });
-    });
-    assert!(msg.contains("do not fit shape [21, 64]"), "{msg}");
-}
-
-#[test]
-fn edited_side_file_fails() {
-    let msg = damaged(|d| {
-        std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap();
-    });
-    assert!(msg.contains("model.meta does not match"), "{msg}");
-}
-
-#[test]
-fn reordered_shards_fail() {
-    let msg = damaged(|d| {
-        let a = std::fs::read(d.join("shard-00000.bin")).unwrap();
-        let b = std::fs::read(d.join("shard-00001.bin")).unwrap();
-        std::fs::write(d.join("shard-00000.bin"), b).unwrap();
-        std::fs::write(d.join("shard-00001.bin"), a).unwrap();
-    });
-    assert!(msg.contains("shard-00000.bin SHA-256 mismatch"), "{msg}");
+fn every_damage_is_found_and_named() {
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage, &[&str]); 8] = [
+        (
+            "flipped byte",
+            |d| edit(d, "shard-00001.bin", |b| b[100] ^= 0x01),
+            &["shard-00001.bin SHA-256 mismatch", "BLAKE3 mismatch"],
+        ),
+        (
+            "truncated shard",
+            |d| edit(d, "shard-00002.bin", |b| b.truncate(b.len() - 10)),
+            &["shard-00002.bin has 1014 bytes, manifest says 1024"],
+        ),
+        (
+            "missing shard",
+            |d| std::fs::remove_file(d.join("shard-00000.bin")).unwrap(),
+            &["shard shard-00000.bin is missing"],
+        ),
+        (
+            "extra shard",
+            |d| std::fs::write(d.join("shard-00004.bin"), b"extra").unwrap(),
+            &["unexpected file 'shard-00004.bin'"],
+        ),
+        (
+            "edited manifest",
+            |d| {
+                edit_text(d, "manifest.json", |t| {
+                    t.replace("test-model", "other-model")
+                })
+            },
+            &["manifest.json was edited"],
+        ),
+        (
+            "edited shape",
+            |d| {
+                edit_text(d, "manifest.json", |t| {
+                    t.replacen("\"shape\": [\n        20,", "\"shape\": [\n        21,", 1)
+                })
+            },
+            &["do not fit shape [21, 64]"],
+        ),
+        (
+            "edited side file",
+            |d| std::fs::write(d.join("model.meta"), b"{\"family\": \"bert\"}\n").unwrap(),
+            &["model.meta does not match"],
+        ),
+        (
+            "reordered shards",
+            |d| {
+                let a = std::fs::read(d.join("shard-00000.bin")).unwrap();
+                let b = std::fs::read(d.join("shard-00001.bin")).unwrap();
+                std::fs::write(d.join("shard-00000.bin"), b).unwrap();
+                std::fs::write(d.join("shard-00001.bin"), a).unwrap();
+            },
+            &["shard-00000.bin SHA-256 mismatch"],
+        ),
+    ];
+    for (what, damage, says) in cases {
+        let msg = damaged(damage);
+        for s in says {
+            assert!(msg.contains(s), "{what}: no '{s}' in {msg}");
+        }
+    }
 }
 
 #[test]

@@ -1,10 +1,8 @@
 //! The command line's flags (clap definitions), parsed before anything runs. Quantize's many
-//! flags live in [`quantize`]; they map one to one onto `adaptq_pipeline::QuantizeOptions`.
+//! flags live in [`quantize`], one table mapping onto `adaptq_pipeline::QuantizeOptions`.
 
 pub mod quantize;
 
-use adaptq_pipeline::Choice;
-use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
@@ -26,16 +24,6 @@ downloads), ADAPTQ_OFFLINE=1, HF_TOKEN, HF_ENDPOINT, OLLAMA_MODELS, ADAPTQ_HTTP_
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
-}
-
-/// A value parser listing a library setting's names, with each one's explanation in `--help`.
-pub fn choice<T: Choice + Clone + Send + Sync>() -> impl TypedValueParser<Value = T> {
-    PossibleValuesParser::new(
-        T::ALL
-            .iter()
-            .map(|v| PossibleValue::new(v.name()).help(v.help())),
-    )
-    .map(|s| T::from_name(&s).expect("clap accepts only listed names"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]

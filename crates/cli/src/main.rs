@@ -6,7 +6,7 @@ mod args;
 mod commands;
 mod progress;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::Parser;
 use std::process::ExitCode;
 
 /// Worker threads from `ADAPTQ_NUM_THREADS` (default: every core), for rayon and for candle,
@@ -64,12 +64,8 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let matches = args::Cli::command().get_matches();
-    let cli = match args::Cli::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
-    match set_threads().and_then(|()| commands::run(&cli.cmd, &matches)) {
+    let cli = args::Cli::parse();
+    match set_threads().and_then(|()| commands::run(&cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", message(&e));

@@ -29,19 +29,21 @@ pub struct EvalReport {
     pub windows: usize,
     pub ctx: usize,
     pub score: ScoreMode,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub base_ppl: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub base_ppl_stderr: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub delta_ppl_pct: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kld_mean: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kld_p99: Option<f64>,
+    /// Against the base model, when one was given (its keys sit beside the others in JSON).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub vs_base: Option<VsBase>,
+}
+
+/// The model judged against a base model on the same positions.
+#[derive(Debug, Clone, Serialize)]
+pub struct VsBase {
+    pub base_ppl: f64,
+    pub base_ppl_stderr: f64,
+    pub delta_ppl_pct: f64,
+    pub kld_mean: f64,
+    pub kld_p99: f64,
     /// Fraction (0–1) of scored positions where both models' most likely token agree.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub top1_agreement: Option<f64>,
+    pub top1_agreement: f64,
 }
 
 /// Scores `tokens` in consecutive non-overlapping windows of `ctx` tokens (at most `chunks`),
@@ -113,28 +115,25 @@ pub fn evaluate(
         progress(w + 1, n, (w + 1) * ctx);
     }
     let (ppl, se) = s.ppl();
-    let mut r = EvalReport {
+    let vs_base = base.map(|_| {
+        let (base_ppl, base_ppl_stderr) = s.base_ppl();
+        VsBase {
+            base_ppl,
+            base_ppl_stderr,
+            delta_ppl_pct: (ppl / base_ppl - 1.0) * 100.0,
+            kld_mean: s.kld_mean(),
+            kld_p99: s.kld_quantile(0.99),
+            top1_agreement: s.top1_agreement(),
+        }
+    });
+    let r = EvalReport {
         ppl,
         ppl_stderr: se,
         tokens_scored: s.count(),
         windows: n,
         ctx,
         score: mode,
-        base_ppl: None,
-        base_ppl_stderr: None,
-        delta_ppl_pct: None,
-        kld_mean: None,
-        kld_p99: None,
-        top1_agreement: None,
+        vs_base,
     };
-    if base.is_some() {
-        let (bp, bse) = s.base_ppl();
-        r.base_ppl = Some(bp);
-        r.base_ppl_stderr = Some(bse);
-        r.delta_ppl_pct = Some((ppl / bp - 1.0) * 100.0);
-        r.kld_mean = Some(s.kld_mean());
-        r.kld_p99 = Some(s.kld_quantile(0.99));
-        r.top1_agreement = Some(s.top1_agreement());
-    }
     Ok(r)
 }

@@ -5,7 +5,7 @@
 //! anything else is decoded and rounded onto the nearest GGML type, and the summary says so.
 //! Metadata (architecture, tokenizer) comes from the bundle's copy of the source GGUF's.
 
-use adaptq_bundle::output::{Kind as OutKind, Staged};
+use adaptq_bundle::output::Kind as OutKind;
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::ggml::{self, BlockType};
 use adaptq_source::gguf::{Array, Value};
@@ -197,15 +197,7 @@ pub fn metadata_from_json(bytes: &[u8]) -> Result<Vec<(String, Value)>> {
 
 /// GGUF name of a Hugging Face llama tensor (the inverse of [`crate::hf_gptq::hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    use crate::hf_gptq::{LAYER_PARTS, WHOLE_NAMES};
-    if let Some((g, _)) = WHOLE_NAMES.iter().find(|(_, h)| *h == hf) {
-        return Some(g.to_string());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let (g, _) = LAYER_PARTS.iter().find(|(_, h)| *h == part)?;
-    Some(format!("blk.{n}.{g}.{suffix}"))
+    crate::hf_gptq::rename(hf, false)
 }
 
 /// llama.cpp's converter order for Q/K rows: GGUF row `h·hd + 2i + j` holds Hugging Face row
@@ -233,10 +225,9 @@ fn hf_vocab(tokenizer: &serde_json::Value) -> Result<(Vec<Value>, Vec<i32>)> {
     let vocab = tokenizer["model"]["vocab"]
         .as_object()
         .context("tokenizer.json has no vocab")?;
-    let added = tokenizer["added_tokens"]
+    let added: &[serde_json::Value] = tokenizer["added_tokens"]
         .as_array()
-        .cloned()
-        .unwrap_or_default();
+        .map_or(&[], Vec::as_slice);
     let n = vocab
         .values()
         .filter_map(|v| v.as_u64())
@@ -257,7 +248,7 @@ fn hf_vocab(tokenizer: &serde_json::Value) -> Result<(Vec<Value>, Vec<i32>)> {
             tokens[i as usize] = Some(t.clone());
         }
     }
-    for a in &added {
+    for a in added {
         if let (Some(i), Some(c)) = (a["id"].as_u64(), a["content"].as_str()) {
             tokens[i as usize] = Some(c.to_string());
             types[i as usize] = if a["special"] == true { 3 } else { 4 };
@@ -442,9 +433,7 @@ pub fn export_gguf(
     opts: &ExportOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ExportSummary> {
-    crate::refuse_rotated(bundle)?;
-    // Refused before any work when the file is taken by something adaptq did not write.
-    let staged = Staged::new(out, opts.force, ours())?;
+    let staged = crate::staged_for(bundle, out, opts.force, ours())?;
     // GGUF sources carry their metadata; Hugging Face llama checkpoints get it built from
     // config.json + tokenizer.json, their tensors renamed and Q/K rows permuted.
     let meta: serde_json::Value =

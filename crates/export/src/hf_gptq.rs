@@ -9,9 +9,10 @@
 //! back to Hugging Face's rotate-half layout (whole rows move, so values stay exact).
 
 use crate::safetensors::{Dtype, ShardedWriter, StTensor};
-use adaptq_bundle::output::{Kind as OutKind, Staged};
+use adaptq_bundle::output::Kind as OutKind;
 use adaptq_bundle::{Bundle, Encoding, TensorEntry};
 use adaptq_quant::{pack, Grid, QuantizedTensor};
+use adaptq_source::model::{Family, ModelDesc as Meta, RopeStyle};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use serde_json::json;
@@ -43,21 +44,6 @@ pub struct HfGptqSummary {
     pub files: Vec<String>,
 }
 
-/// Model facts needed for config.json (from the bundle's model.meta).
-struct Meta {
-    hidden: usize,
-    n_heads: usize,
-    n_kv_heads: usize,
-    n_layers: usize,
-    ffn_dim: usize,
-    vocab: usize,
-    ctx: usize,
-    rope_theta: f64,
-    eps: f64,
-    tied: bool,
-    gguf_layout: bool,
-}
-
 /// Llama tensor names as (GGUF, Hugging Face): whole names, then the per-layer parts
 /// (`blk.{n}.{gguf}.{suffix}` ↔ `model.layers.{n}.{hf}.{suffix}`). Both directions read this.
 pub(crate) const WHOLE_NAMES: [(&str, &str); 3] = [
@@ -79,14 +65,21 @@ pub(crate) const LAYER_PARTS: [(&str, &str); 9] = [
 
 /// Hugging Face name of a GGUF llama tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {
-    if let Some((_, hf)) = WHOLE_NAMES.iter().find(|(g, _)| *g == gguf) {
-        return Some(hf.to_string());
+    rename(gguf, true)
+}
+
+/// One name table read both ways: GGUF → Hugging Face when `to_hf`, else back.
+pub(crate) fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let orient = |&(g, h): &(&'static str, &'static str)| if to_hf { (g, h) } else { (h, g) };
+    let (from_prefix, to_prefix) = orient(&("blk.", "model.layers."));
+    if let Some((_, to)) = WHOLE_NAMES.iter().map(orient).find(|(f, _)| *f == name) {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let (part, suffix) = rest.split_once('.')?;
-    let (_, hf) = LAYER_PARTS.iter().find(|(g, _)| *g == part)?;
-    Some(format!("model.layers.{n}.{hf}.{suffix}"))
+    let (n, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
+    LAYER_PARTS.iter().map(orient).find_map(|(from, to)| {
+        let suffix = rest.strip_prefix(from)?.strip_prefix('.')?;
+        (!suffix.contains('.')).then(|| format!("{to_prefix}{n}.{to}.{suffix}"))
+    })
 }
 
 /// For GGUF Q/K weights: the source row of each Hugging Face row, the inverse of
@@ -101,7 +94,7 @@ pub fn unpermute_rows(rows: usize, heads: usize) -> Vec<usize> {
 }
 
 fn permuted_heads(m: &Meta, gguf: &str) -> Option<usize> {
-    if !m.gguf_layout {
+    if m.rope_style != RopeStyle::AdjacentPairs {
         return None;
     }
     if gguf.ends_with(".attn_q.weight") {
@@ -169,34 +162,29 @@ pub fn pack_gptq(q: &QuantizedTensor, row_order: Option<&[usize]>) -> Result<[Ve
     Ok([qweight, qzeros, scales, g_idx])
 }
 
+/// An f32 as the f64 of its shortest decimal form (`1e-5`, not `9.999999747378752e-6`), so
+/// config.json carries the value model.meta was written with.
+fn shortest(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+/// The bundle's own model description; the checkpoint is written for Llama-family decoders only.
 fn meta_of(bundle: &Bundle) -> Result<Meta> {
     let v: serde_json::Value =
         serde_json::from_slice(&bundle.read_file(adaptq_bundle::MODEL_META)?)
             .context("model.meta")?;
-    if v["family"] != "llama" {
+    let meta = Meta::from_meta_json(
+        &v,
+        bundle.manifest.tensors.len(),
+        Path::new(adaptq_bundle::MODEL_META),
+    )?;
+    if meta.family != Family::Llama {
         bail!(
-            "Hugging Face GPTQ export covers Llama-family decoders; this bundle is {}",
-            v["family"]
+            "Hugging Face GPTQ export covers Llama-family decoders; this bundle is {:?}",
+            meta.family
         );
     }
-    let u = |k: &str| {
-        v[k].as_u64()
-            .map(|x| x as usize)
-            .with_context(|| format!("model.meta lacks {k}"))
-    };
-    Ok(Meta {
-        hidden: u("hidden")?,
-        n_heads: u("n_heads")?,
-        n_kv_heads: u("n_kv_heads")?,
-        n_layers: u("n_layers")?,
-        ffn_dim: u("ffn_dim")?,
-        vocab: u("vocab_size")?,
-        ctx: u("context_length")?,
-        rope_theta: v["rope_theta"].as_f64().unwrap_or(10000.0),
-        eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
-        tied: v["tied_embeddings"].as_bool().unwrap_or(false),
-        gguf_layout: v["rope_style"] == "adjacent-pairs",
-    })
+    Ok(meta)
 }
 
 /// Calls `f` with each tensor of `bundle` as the Hugging Face checkpoint means it: its HF name
@@ -212,7 +200,7 @@ pub fn for_each_hf_tensor(bundle: &Bundle, f: &mut dyn FnMut(&str, &[f32])) -> R
 
 /// The Hugging Face name of a bundle tensor (GGUF-sourced bundles are renamed).
 fn hf_tensor_name(meta: &Meta, t: &TensorEntry) -> Result<String> {
-    if meta.gguf_layout {
+    if meta.rope_style == RopeStyle::AdjacentPairs {
         hf_name(&t.name).with_context(|| format!("tensor '{}' has no Hugging Face name", t.name))
     } else {
         Ok(t.name.clone())
@@ -423,12 +411,12 @@ fn side_files(
         "num_attention_heads": meta.n_heads,
         "num_key_value_heads": meta.n_kv_heads,
         "num_hidden_layers": meta.n_layers,
-        "vocab_size": meta.vocab,
-        "max_position_embeddings": meta.ctx,
-        "rms_norm_eps": meta.eps,
-        "rope_theta": meta.rope_theta,
+        "vocab_size": meta.vocab_size,
+        "max_position_embeddings": meta.context_length,
+        "rms_norm_eps": shortest(meta.norm_eps),
+        "rope_theta": shortest(meta.rope_theta),
         "hidden_act": "silu",
-        "tie_word_embeddings": meta.tied,
+        "tie_word_embeddings": meta.tied_embeddings,
         "torch_dtype": "float16",
         "quantization_config": qcfg,
     });
@@ -462,7 +450,7 @@ fn side_files(
             put("tokenizer.json", text.as_bytes())?;
             let mut tc = json!({
                 "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": meta.ctx,
+                "model_max_length": meta.context_length,
             });
             if let Some(t) = token(&bos) {
                 tc["bos_token"] = t;
@@ -490,9 +478,7 @@ pub fn export_hf_gptq(
     opts: &HfGptqOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HfGptqSummary> {
-    crate::refuse_rotated(bundle)?;
-    // Refused before any work when the folder is taken by something adaptq did not write.
-    let staged = Staged::new(out, opts.force, OutKind::Folder)?;
+    let staged = crate::staged_for(bundle, out, opts.force, OutKind::Folder)?;
     let meta = meta_of(bundle)?;
     let (plan, bits, group_size) = plan_tensors(bundle, &meta)?;
     let st = layout(&plan, bits, group_size);
@@ -580,18 +566,20 @@ mod tests {
 
     #[test]
     fn names_follow_transformers() {
-        assert_eq!(
-            hf_name("blk.7.ffn_down.weight").unwrap(),
-            "model.layers.7.mlp.down_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_norm.weight").unwrap(),
-            "model.layers.0.input_layernorm.weight"
-        );
-        assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
-            "model.embed_tokens.weight"
-        );
+        for (gguf, hf) in [
+            (
+                "blk.7.ffn_down.weight",
+                "model.layers.7.mlp.down_proj.weight",
+            ),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            ("token_embd.weight", "model.embed_tokens.weight"),
+        ] {
+            assert_eq!(hf_name(gguf).as_deref(), Some(hf));
+            assert_eq!(crate::gguf::gguf_name(hf).as_deref(), Some(gguf));
+        }
         assert!(hf_name("blk.0.mystery.weight").is_none());
     }
 }

@@ -23,3 +23,15 @@ pub fn refuse_rotated(bundle: &adaptq_bundle::Bundle) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The staged output of an export of `bundle` to `out`: a rotated bundle is refused, and so is
+/// an `out` taken by something adaptq did not write, both before any work.
+pub(crate) fn staged_for(
+    bundle: &adaptq_bundle::Bundle,
+    out: &std::path::Path,
+    force: bool,
+    kind: adaptq_bundle::output::Kind,
+) -> anyhow::Result<adaptq_bundle::output::Staged> {
+    refuse_rotated(bundle)?;
+    Ok(adaptq_bundle::output::Staged::new(out, force, kind)?)
+}

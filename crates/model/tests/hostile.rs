@@ -76,12 +76,11 @@ fn tokenizer_within(path: std::path::PathBuf) -> String {
 #[test]
 fn tokenizer_json_that_is_not_a_regular_file_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    let zero = t.path().join("zero");
-    std::fs::create_dir(&zero).unwrap();
-    std::os::unix::fs::symlink("/dev/zero", zero.join("tokenizer.json")).unwrap();
-    let fifo = t.path().join("fifo");
-    std::fs::create_dir(&fifo).unwrap();
-    adaptq_testutil::files::mkfifo(&fifo.join("tokenizer.json"));
+    let (zero, fifo) = (t.path().join("zero"), t.path().join("fifo"));
+    adaptq_testutil::files::zero_and_fifo(
+        &zero.join("tokenizer.json"),
+        &fifo.join("tokenizer.json"),
+    );
     for dir in [zero, fifo] {
         let e = tokenizer_within(dir.join("tokenizer.json"));
         assert!(e.contains("not a regular file"), "{e}");

@@ -288,7 +288,7 @@ pub fn heldout_ppl(m: &Llama, windows: &[Vec<u32>]) -> Result<f64> {
     Ok(s.ppl().0)
 }
 
-/// APQ settings from the command line.
+/// APQ's settings, resolved from the options.
 #[derive(Debug, Clone, Serialize)]
 pub struct ApqSettings {
     /// Overall bits per weight, every tensor (embeddings, head, norms) counted.
@@ -297,18 +297,14 @@ pub struct ApqSettings {
     pub widths: Vec<u8>,
     pub group_size: usize,
     pub grid: Grid,
-    pub awq: bool,
-    /// Re-fit group scales after rounding (progressive pass).
-    pub refit: bool,
-    pub damp: f64,
-    pub act_order: bool,
-    /// Gate: held-out perplexity may rise at most this many percent over the unquantized model.
-    pub max_ppl_delta: f64,
+    #[serde(flatten)]
+    pub transforms: crate::options::TransformOptions,
+    #[serde(flatten)]
+    pub gptq: crate::options::GptqSettings,
     /// Promotion stops before overall bits per weight would pass this.
     pub max_bpw: Option<f64>,
-    pub promote_per_round: usize,
-    pub max_rounds: usize,
-    pub heldout_windows: usize,
+    #[serde(flatten)]
+    pub promotion: crate::options::Promotion,
     /// Gold prompts for the spot-check gate (greedy continuations vs the unquantized model).
     pub gold_prompts: Vec<String>,
     pub gold_tokens: usize,
@@ -381,15 +377,15 @@ fn promote_until_gate(
     let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
     let mut rounds = Vec::new();
     let mut stop_reason = "gate passed".to_string();
-    for round in 1..=s.max_rounds {
-        if delta(ppl) <= s.max_ppl_delta {
+    for round in 1..=s.promotion.max_rounds {
+        if delta(ppl) <= s.promotion.max_ppl_delta {
             break;
         }
-        if round == s.max_rounds {
-            stop_reason = format!("{} promotion rounds used", s.max_rounds);
+        if round == s.promotion.max_rounds {
+            stop_reason = format!("{} promotion rounds used", s.promotion.max_rounds);
         }
         let before = spec.clone();
-        let changed = promote(m, cal, spec, s.promote_per_round)?;
+        let changed = promote(m, cal, spec, s.promotion.promote_per_round)?;
         if changed.is_empty() {
             stop_reason = "every layer is at the widest width".into();
             break;
@@ -403,7 +399,7 @@ fn promote_until_gate(
             break;
         }
         ppl = heldout_ppl(m, held)?;
-        progress("promote", round, s.max_rounds);
+        progress("promote", round, s.promotion.max_rounds);
         rounds.push(Promotion {
             round,
             promoted: changed,
@@ -547,7 +543,12 @@ pub fn run(
     // The last tenth of the text is held out: the gate never sees calibration tokens.
     let cut = tokens.len() * 9 / 10;
     let windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
-    let held = sample_windows(&tokens[cut..], s.heldout_windows, seq_len, seed ^ 0x5EED)?;
+    let held = sample_windows(
+        &tokens[cut..],
+        s.promotion.heldout_windows,
+        seq_len,
+        seed ^ 0x5EED,
+    )?;
     let info = crate::calibrate::calib_info(calib, seq_len, seed, tokens.len(), &windows);
     let base_ppl = heldout_ppl(m, &held)?;
     let widths = allowed_widths(&s.widths)?;
@@ -573,13 +574,13 @@ pub fn run(
         group_size: s.group_size,
         grid: s.grid,
         rounding: Rounding::Gptq {
-            damp: s.damp,
-            act_order: s.act_order,
+            damp: s.gptq.damp,
+            act_order: s.gptq.act_order,
         },
-        awq: s.awq,
+        awq: s.transforms.awq,
         widths: alloc.clone(),
         keep_hessians: true,
-        refit: s.refit,
+        refit: s.transforms.refit,
         ggml: None,
         rotate: None,
     };
@@ -596,13 +597,13 @@ pub fn run(
     let delta = |p: f64| (p / base_ppl - 1.0) * 100.0;
     let mut gates = vec![Gate {
         name: "heldout_ppl_delta".into(),
-        status: pass(delta(ppl) <= s.max_ppl_delta),
+        status: pass(delta(ppl) <= s.promotion.max_ppl_delta),
         detail: format!(
             "held-out perplexity {ppl:.4} vs {base_ppl:.4} unquantized ({:+.2}%) on {} windows of {seq_len} tokens from the last tenth of {}; limit {:+.2}%; promotion stopped: {stop_reason}",
             delta(ppl),
             held.len(),
             info.config.file,
-            s.max_ppl_delta
+            s.promotion.max_ppl_delta
         ),
     }];
     gates.push(outlier_gate(&cal));

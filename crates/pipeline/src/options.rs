@@ -189,10 +189,11 @@ impl<'de> Deserialize<'de> for Bits {
     }
 }
 
-/// Every setting of a quantize run, with its default. Field names are the long flag names
-/// with `_` for `-`; a config file with any other key is refused.
+/// Every setting of a quantize run, with its default, in groups by stage. Each group is
+/// flattened, so a config file (and the manifest) holds one flat mapping whose keys are the
+/// long flag names with `_` for `-`; a key that names no setting is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct QuantizeOptions {
     /// The model: a local file or folder, `hf://…`, `http(s)://…` or `ollama://…`.
     pub src: Option<String>,
@@ -200,98 +201,286 @@ pub struct QuantizeOptions {
     pub out: Option<PathBuf>,
     pub method: Method,
     pub bits: Bits,
-    /// APQ: overall bits per weight to aim for, every tensor counted.
-    pub target_bpw: Option<f64>,
-    /// Search and fold AWQ scales before GPTQ/APQ rounding (implied by `method: awq`).
-    pub awq: bool,
-    /// Re-fit group scales (and mins) to each layer's output error, codes fixed.
-    pub refit: bool,
-    pub max_ppl_delta: f64,
-    pub promote_per_round: usize,
-    pub max_rounds: usize,
-    pub heldout_windows: usize,
-    /// One prompt per line; the built-in gold prompts when unset.
-    pub gold_prompts: Option<PathBuf>,
-    pub gold_tokens: usize,
+    #[serde(flatten)]
+    pub grid: GridOptions,
+    #[serde(flatten)]
+    pub transforms: TransformOptions,
+    #[serde(flatten)]
+    pub calibration: CalibOptions,
+    #[serde(flatten)]
+    pub apq: ApqOptions,
+    #[serde(flatten)]
+    pub novaq: NovaqOptions,
+    #[serde(flatten)]
+    pub output: OutputOptions,
+    #[serde(flatten)]
+    pub gates: GateOptions,
+    /// Seed for every random choice; recorded in the manifest.
+    pub seed: u64,
+    pub model_id: Option<String>,
+    /// Replace `out` if adaptq wrote it.
+    pub force: bool,
+}
+
+/// The integer grid every method but NOVAQ rounds onto.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GridOptions {
     /// Columns per scale group; 0 = one group per output channel.
     pub group_size: usize,
     pub sym: bool,
     pub embeddings: EmbeddingMode,
-    pub seed: u64,
-    pub shard_size: u64,
-    pub min_cosine: f64,
-    pub max_bpw: Option<f64>,
-    pub model_id: Option<String>,
+}
+
+/// Changes to the weights around rounding.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TransformOptions {
+    /// Search and fold AWQ scales before GPTQ/APQ rounding (implied by `method: awq`).
+    pub awq: bool,
+    /// Re-fit group scales (and mins) to each layer's output error, codes fixed.
+    pub refit: bool,
+    /// Seeded Hadamard rotation of every linear layer's input.
+    pub rotate: bool,
+}
+
+/// The calibration text and how it is sampled (calibrated methods).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CalibOptions {
     pub calib: Option<PathBuf>,
     pub calib_samples: usize,
     pub seq_len: usize,
+    #[serde(flatten)]
+    pub gptq: GptqSettings,
+}
+
+/// GPTQ's own settings; the manifest records them as given.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GptqSettings {
+    /// Hessian dampening, a fraction of the mean diagonal.
     pub damp: f64,
     pub act_order: bool,
-    /// Replace `out` if adaptq wrote it.
-    pub force: bool,
-    pub format: OutputFormat,
-    /// A llama.cpp type name (Q4_0, Q4_K, …) for the linear layers.
-    pub ggml_type: Option<String>,
-    /// The embedding / output table's llama.cpp type, or f16/f32 to keep it as float.
-    pub ggml_embedding_type: String,
-    pub rotate: bool,
-    pub lossless: Lossless,
+}
+
+/// APQ's budget and the gates its promotion loop answers to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ApqOptions {
+    /// Overall bits per weight to aim for, every tensor counted.
+    pub target_bpw: Option<f64>,
+    #[serde(flatten)]
+    pub promotion: Promotion,
+    #[serde(flatten)]
+    pub gold: GoldOptions,
+}
+
+/// When APQ promotes layers to wider codes, and when it stops.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Promotion {
+    /// Gate: held-out perplexity may rise at most this many percent over the unquantized model.
+    pub max_ppl_delta: f64,
+    pub promote_per_round: usize,
+    pub max_rounds: usize,
+    /// Held-out windows (from the end of the calibration text) the gate is measured on.
+    pub heldout_windows: usize,
+}
+
+/// APQ's gold-prompt gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GoldOptions {
+    /// One prompt per line; the built-in gold prompts when unset.
+    pub gold_prompts: Option<PathBuf>,
+    pub gold_tokens: usize,
+}
+
+/// NOVAQ's budget and codebook search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NovaqOptions {
     pub preset: Option<Preset>,
+    /// Bits per weight of each linear layer (the preset's, or 2.5, when unset).
     pub target_bits: Option<f64>,
+    #[serde(flatten)]
+    pub codebooks: CodebookOptions,
+    #[serde(flatten)]
+    pub search: SearchOptions,
+}
+
+/// NOVAQ codebook sizes and vector dimensions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CodebookOptions {
     pub level1_centroids: usize,
     pub level2_centroids: usize,
     pub min_subspace_dim: usize,
     pub max_subspace_dim: usize,
+}
+
+/// NOVAQ's k-means and refinement effort.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SearchOptions {
     pub max_iterations: usize,
     pub tolerance: f64,
     pub refine_iterations: usize,
 }
 
+/// What is written, and how its bytes are laid out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OutputOptions {
+    pub format: OutputFormat,
+    /// A llama.cpp type name (Q4_0, Q4_K, …) for the linear layers.
+    pub ggml_type: Option<String>,
+    /// The embedding / output table's llama.cpp type, or f16/f32 to keep it as float.
+    pub ggml_embedding_type: String,
+    pub lossless: Lossless,
+    pub shard_size: u64,
+}
+
+/// Limits the verification report checks the bundle against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GateOptions {
+    pub min_cosine: f64,
+    pub max_bpw: Option<f64>,
+}
+
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        let novaq = adaptq_quant::novaq::NovaqConfig::default();
         QuantizeOptions {
             src: None,
             out: None,
             method: Method::Rtn,
             bits: Bits::one(4),
+            grid: GridOptions::default(),
+            transforms: TransformOptions::default(),
+            calibration: CalibOptions::default(),
+            apq: ApqOptions::default(),
+            novaq: NovaqOptions::default(),
+            output: OutputOptions::default(),
+            gates: GateOptions::default(),
+            seed: 0,
+            model_id: None,
+            force: false,
+        }
+    }
+}
+
+impl Default for GridOptions {
+    fn default() -> Self {
+        GridOptions {
+            group_size: 128,
+            sym: false,
+            embeddings: EmbeddingMode::F16,
+        }
+    }
+}
+
+impl Default for CalibOptions {
+    fn default() -> Self {
+        CalibOptions {
+            calib: None,
+            calib_samples: 32,
+            seq_len: 512,
+            gptq: GptqSettings::default(),
+        }
+    }
+}
+
+impl Default for GptqSettings {
+    fn default() -> Self {
+        GptqSettings {
+            damp: 0.05,
+            act_order: false,
+        }
+    }
+}
+
+impl Default for ApqOptions {
+    fn default() -> Self {
+        ApqOptions {
             target_bpw: None,
-            awq: false,
-            refit: false,
+            promotion: Promotion::default(),
+            gold: GoldOptions::default(),
+        }
+    }
+}
+
+impl Default for Promotion {
+    fn default() -> Self {
+        Promotion {
             max_ppl_delta: 2.0,
             promote_per_round: 4,
             max_rounds: 6,
             heldout_windows: 4,
+        }
+    }
+}
+
+impl Default for GoldOptions {
+    fn default() -> Self {
+        GoldOptions {
             gold_prompts: None,
             gold_tokens: 16,
-            group_size: 128,
-            sym: false,
-            embeddings: EmbeddingMode::F16,
-            seed: 0,
-            shard_size: adaptq_bundle::MAX_SHARD_BYTES,
-            min_cosine: 0.9,
-            max_bpw: None,
-            model_id: None,
-            calib: None,
-            calib_samples: 32,
-            seq_len: 512,
-            damp: 0.05,
-            act_order: false,
-            force: false,
+        }
+    }
+}
+
+impl Default for NovaqOptions {
+    fn default() -> Self {
+        let novaq = adaptq_quant::novaq::NovaqConfig::default();
+        NovaqOptions {
+            preset: None,
+            target_bits: None,
+            codebooks: CodebookOptions {
+                level1_centroids: novaq.level1_centroids,
+                level2_centroids: novaq.level2_centroids,
+                min_subspace_dim: novaq.min_subspace_dim,
+                max_subspace_dim: novaq.max_subspace_dim,
+            },
+            search: SearchOptions {
+                max_iterations: novaq.max_iterations,
+                tolerance: novaq.tolerance,
+                refine_iterations: novaq.refine_iterations,
+            },
+        }
+    }
+}
+
+impl Default for CodebookOptions {
+    fn default() -> Self {
+        NovaqOptions::default().codebooks
+    }
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        NovaqOptions::default().search
+    }
+}
+
+impl Default for OutputOptions {
+    fn default() -> Self {
+        OutputOptions {
             format: OutputFormat::Bundle,
             ggml_type: None,
             ggml_embedding_type: "q8_0".into(),
-            rotate: false,
             lossless: Lossless::None,
-            preset: None,
-            target_bits: None,
-            level1_centroids: novaq.level1_centroids,
-            level2_centroids: novaq.level2_centroids,
-            min_subspace_dim: novaq.min_subspace_dim,
-            max_subspace_dim: novaq.max_subspace_dim,
-            max_iterations: novaq.max_iterations,
-            tolerance: novaq.tolerance,
-            refine_iterations: novaq.refine_iterations,
+            shard_size: adaptq_bundle::MAX_SHARD_BYTES,
+        }
+    }
+}
+
+impl Default for GateOptions {
+    fn default() -> Self {
+        GateOptions {
+            min_cosine: 0.9,
+            max_bpw: None,
         }
     }
 }
@@ -300,7 +489,7 @@ impl QuantizeOptions {
     /// Reads a YAML config. Unknown keys are refused with their name; relative paths in the
     /// file are taken from the file's own folder, so a config works from any directory.
     pub fn from_yaml_file(path: &Path) -> Result<QuantizeOptions> {
-        Ok(serde_json::from_value(Self::yaml_map(path)?)?)
+        Self::merged(&Self::yaml_map(path)?, &serde_json::Value::Null)
     }
 
     /// The keys a YAML config sets (checked against this type, paths resolved), as JSON, so
@@ -342,7 +531,14 @@ impl QuantizeOptions {
         let all = v.as_object_mut().expect("options serialize as an object");
         for layer in [file, given] {
             for (k, x) in layer.as_object().into_iter().flatten() {
-                all.insert(k.clone(), x.clone());
+                // Every key is present in the defaults (an unset one as null), so one missing
+                // there names no setting: serde's own check does not see through `flatten`.
+                let Some(slot) = all.get_mut(k) else {
+                    bail!(
+                        "unknown field `{k}` (the keys are the long flag names with `_` for `-`)"
+                    );
+                };
+                *slot = x.clone();
             }
         }
         Ok(serde_json::from_value(v)?)
@@ -397,17 +593,20 @@ mod tests {
         let o = QuantizeOptions::from_yaml_file(&p).unwrap();
         assert_eq!(o.method, Method::Gptq);
         assert_eq!(o.bits, Bits { lo: 3, hi: 4 });
-        assert_eq!(o.group_size, 64);
-        assert!(o.sym);
+        assert_eq!(o.grid.group_size, 64);
+        assert!(o.grid.sym);
         assert_eq!(
-            o.calib.as_deref(),
+            o.calibration.calib.as_deref(),
             Some(d.path().join("emma.txt").as_path())
         );
         assert_eq!(
             o.src,
             Some(d.path().join("m.gguf").to_string_lossy().into_owned())
         );
-        assert_eq!(o.seq_len, QuantizeOptions::default().seq_len);
+        assert_eq!(
+            o.calibration.seq_len,
+            QuantizeOptions::default().calibration.seq_len
+        );
         let (_d, p) = yaml("src: hf://org/model\n");
         let o = QuantizeOptions::from_yaml_file(&p).unwrap();
         assert_eq!(o.src.as_deref(), Some("hf://org/model"));
@@ -424,13 +623,14 @@ mod tests {
 
     #[test]
     fn printed_config_reads_back_the_same() {
-        let o = QuantizeOptions {
+        let mut o = QuantizeOptions {
             method: Method::Apq,
             bits: Bits { lo: 2, hi: 8 },
-            preset: Some(Preset::HighQuality),
-            target_bpw: Some(3.25),
             ..Default::default()
         };
+        o.novaq.preset = Some(Preset::HighQuality);
+        o.apq.target_bpw = Some(3.25);
+        o.calibration.gptq.damp = 0.125;
         let (_d, p) = yaml(&o.to_yaml().unwrap());
         assert_eq!(QuantizeOptions::from_yaml_file(&p).unwrap(), o);
         let (_d, p) = yaml("");
@@ -450,12 +650,12 @@ mod tests {
 
     #[test]
     fn recorded_options_hold_no_paths() {
-        let o = QuantizeOptions {
+        let mut o = QuantizeOptions {
             src: Some("/home/u/m.gguf".into()),
             out: Some("/home/u/b".into()),
-            calib: Some("/home/u/emma.txt".into()),
             ..Default::default()
         };
+        o.calibration.calib = Some("/home/u/emma.txt".into());
         let r = o.recorded();
         assert!(r.get("src").is_none() && r.get("out").is_none());
         assert_eq!(r["calib"], "emma.txt");

@@ -93,7 +93,7 @@ fn parse_ggml(s: &str) -> Result<BlockType> {
 
 /// The GGML types of a run, refusing what cannot be written onto them.
 fn ggml_spec(o: &QuantizeOptions, grid: Grid) -> Result<Option<GgmlSpec>> {
-    let linear = match (&o.ggml_type, o.format) {
+    let linear = match (&o.output.ggml_type, o.output.format) {
         (Some(t), _) => parse_ggml(t)?,
         (None, OutputFormat::Gguf) => adaptq_quant::ggml::nearest(o.bits.hi, grid),
         (None, OutputFormat::Bundle) => return Ok(None),
@@ -101,10 +101,10 @@ fn ggml_spec(o: &QuantizeOptions, grid: Grid) -> Result<Option<GgmlSpec>> {
     match o.method {
         Method::Apq => bail!("apq mixes adaptq widths; GGML types are not supported with it yet (quantize APQ to a bundle, then export it to GGUF)"),
         Method::Novaq => bail!("NOVAQ codebooks are not GGML blocks; quantize to a bundle (a GGUF export re-rounds them)"),
-        _ if o.refit => bail!("refit re-fits adaptq group scales; it does not apply to GGML types"),
+        _ if o.transforms.refit => bail!("refit re-fits adaptq group scales; it does not apply to GGML types"),
         _ => {}
     }
-    let embedding = match o.ggml_embedding_type.to_ascii_lowercase().as_str() {
+    let embedding = match o.output.ggml_embedding_type.to_ascii_lowercase().as_str() {
         "f16" | "f32" => None,
         t => Some(parse_ggml(t)?),
     };
@@ -113,7 +113,7 @@ fn ggml_spec(o: &QuantizeOptions, grid: Grid) -> Result<Option<GgmlSpec>> {
 
 /// Refuses rotation where it cannot work.
 fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
-    if !o.rotate {
+    if !o.transforms.rotate {
         return Ok(());
     }
     if matches!(o.method, Method::Apq | Method::Ternary) {
@@ -125,10 +125,10 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
     if ggml {
         bail!("rotation needs an online rotation llama.cpp does not run; quantize to a bundle");
     }
-    if o.calib.is_none() {
+    if o.calibration.calib.is_none() {
         return Err(PlanError::RotationNeedsCalibration.into());
     }
-    if o.awq || o.method == Method::Awq {
+    if o.transforms.awq || o.method == Method::Awq {
         bail!("rotation cannot be combined with AWQ: AWQ folds its scales into the norms and up's rows, before the online rotations");
     }
     Ok(())
@@ -137,27 +137,28 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
 /// NOVAQ's settings from the options; `None` for other methods.
 fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
     if o.method != Method::Novaq {
-        if o.preset.is_some() || o.target_bits.is_some() {
+        if o.novaq.preset.is_some() || o.novaq.target_bits.is_some() {
             return Err(PlanError::NovaqOnly.into());
         }
         return Ok(None);
     }
     Ok(Some(NovaqSettings {
-        preset: o.preset.map(|p| p.name().to_string()),
+        preset: o.novaq.preset.map(|p| p.name().to_string()),
         config: adaptq_quant::novaq::NovaqConfig {
             target_bits: o
+                .novaq
                 .target_bits
-                .or(o.preset.map(|p| p.target_bits()))
+                .or(o.novaq.preset.map(|p| p.target_bits()))
                 .unwrap_or(2.5),
-            level1_centroids: o.level1_centroids,
-            level2_centroids: o.level2_centroids,
-            min_subspace_dim: o.min_subspace_dim,
-            max_subspace_dim: o.max_subspace_dim,
-            max_iterations: o.max_iterations,
-            tolerance: o.tolerance,
+            level1_centroids: o.novaq.codebooks.level1_centroids,
+            level2_centroids: o.novaq.codebooks.level2_centroids,
+            min_subspace_dim: o.novaq.codebooks.min_subspace_dim,
+            max_subspace_dim: o.novaq.codebooks.max_subspace_dim,
+            max_iterations: o.novaq.search.max_iterations,
+            tolerance: o.novaq.search.tolerance,
             seed: o.seed,
-            refine_iterations: o.refine_iterations,
-            damp: o.damp,
+            refine_iterations: o.novaq.search.refine_iterations,
+            damp: o.calibration.gptq.damp,
             ..Default::default()
         },
     }))
@@ -177,16 +178,17 @@ fn stage(
     novaq: Option<&NovaqSettings>,
 ) -> Result<Stage> {
     let calib = || {
-        o.calib
+        o.calibration
+            .calib
             .clone()
             .ok_or(PlanError::NeedsCalibration(o.method.name()))
     };
-    let rotate = o.rotate.then_some(o.seed);
+    let rotate = o.transforms.rotate.then_some(o.seed);
     Ok(match o.method {
-        Method::Rtn | Method::Ternary if !o.rotate => Stage::Direct,
-        Method::Novaq if o.calib.is_none() => Stage::Direct,
+        Method::Rtn | Method::Ternary if !o.transforms.rotate => Stage::Direct,
+        Method::Novaq if o.calibration.calib.is_none() => Stage::Direct,
         Method::Apq => {
-            let overhead = match (o.group_size, o.sym) {
+            let overhead = match (o.grid.group_size, o.grid.sym) {
                 (0, _) => 0.0,
                 (g, true) => 16.0 / g as f64,
                 (g, false) => 32.0 / g as f64,
@@ -195,25 +197,23 @@ fn stage(
             Stage::Apq {
                 calib: calib()?,
                 settings: ApqSettings {
-                    target_bpw: o.target_bpw.unwrap_or((lo + hi) as f64 / 2.0 + overhead),
+                    target_bpw: o
+                        .apq
+                        .target_bpw
+                        .unwrap_or((lo + hi) as f64 / 2.0 + overhead),
                     widths: crate::apq::CANDIDATES
                         .iter()
                         .copied()
                         .filter(|b| (lo..=hi).contains(b))
                         .collect(),
-                    group_size: o.group_size,
+                    group_size: o.grid.group_size,
                     grid,
-                    awq: o.awq,
-                    refit: o.refit,
-                    damp: o.damp,
-                    act_order: o.act_order,
-                    max_ppl_delta: o.max_ppl_delta,
-                    max_bpw: o.max_bpw,
-                    promote_per_round: o.promote_per_round,
-                    max_rounds: o.max_rounds,
-                    heldout_windows: o.heldout_windows,
+                    transforms: o.transforms.clone(),
+                    gptq: o.calibration.gptq,
+                    max_bpw: o.gates.max_bpw,
+                    promotion: o.apq.promotion,
                     gold_prompts: Vec::new(),
-                    gold_tokens: o.gold_tokens,
+                    gold_tokens: o.apq.gold.gold_tokens,
                 },
             }
         }
@@ -233,19 +233,19 @@ fn stage(
                 },
                 None => CalibSpec {
                     bits: o.bits.hi,
-                    group_size: o.group_size,
+                    group_size: o.grid.group_size,
                     grid,
                     rounding: match o.method {
                         Method::Gptq => Rounding::Gptq {
-                            damp: o.damp,
-                            act_order: o.act_order,
+                            damp: o.calibration.gptq.damp,
+                            act_order: o.calibration.gptq.act_order,
                         },
                         _ => Rounding::Rtn,
                     },
-                    awq: o.awq || o.method == Method::Awq,
+                    awq: o.transforms.awq || o.method == Method::Awq,
                     widths: Default::default(),
                     keep_hessians: false,
-                    refit: o.refit,
+                    refit: o.transforms.refit,
                     ggml,
                     rotate,
                 },
@@ -273,7 +273,7 @@ impl Plan {
         if o.bits.lo != o.bits.hi && o.method != Method::Apq {
             bail!("bits {} is a range; only method apq mixes widths", o.bits);
         }
-        let grid = if o.sym {
+        let grid = if o.grid.sym {
             Grid::Symmetric
         } else {
             Grid::Asymmetric
@@ -284,15 +284,15 @@ impl Plan {
         let stage = stage(o, grid, ggml, novaq.as_ref())?;
         let (bits, group_size) = match (o.method, &novaq) {
             // Ternary codes live on the 2-bit symmetric grid; record what is stored.
-            (Method::Ternary, _) => (2, o.group_size),
+            (Method::Ternary, _) => (2, o.grid.group_size),
             (_, Some(n)) => novaq_comparison(n),
-            _ => (o.bits.hi, o.group_size),
+            _ => (o.bits.hi, o.grid.group_size),
         };
         let config = QuantizeConfig {
             method: o.method,
             bits,
             group_size,
-            grid: if (o.sym && novaq.is_none()) || o.method == Method::Ternary {
+            grid: if (o.grid.sym && novaq.is_none()) || o.method == Method::Ternary {
                 Grid::Symmetric
             } else {
                 Grid::Asymmetric
@@ -300,24 +300,24 @@ impl Plan {
             // Embeddings are part of APQ's mix: they take the width it chose.
             embeddings: match o.method {
                 Method::Apq => EmbeddingMode::Quant,
-                _ => o.embeddings,
+                _ => o.grid.embeddings,
             },
             seed: o.seed,
-            shard_max_bytes: o.shard_size,
-            min_cosine: o.min_cosine,
-            max_bpw: o.max_bpw,
+            shard_max_bytes: o.output.shard_size,
+            min_cosine: o.gates.min_cosine,
+            max_bpw: o.gates.max_bpw,
             gptq: matches!(o.method, Method::Gptq | Method::Apq).then_some(GptqSettings {
-                damp: o.damp,
-                act_order: o.act_order,
+                damp: o.calibration.gptq.damp,
+                act_order: o.calibration.gptq.act_order,
             }),
             calibration: None,
             ggml,
             novaq,
-            rotate: o.rotate.then(|| RotateSettings {
+            rotate: o.transforms.rotate.then(|| RotateSettings {
                 kind: "hadamard".into(),
                 seed: o.seed,
             }),
-            lossless: (o.lossless == Lossless::Rans).then_some(Lossless::Rans),
+            lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
             options: Some(o.recorded()),
         };
         Ok(Plan {
@@ -348,7 +348,7 @@ impl Plan {
 
     /// What is at the output, checked before any work.
     fn check_output(&self) -> Result<()> {
-        let kind = match self.options.format {
+        let kind = match self.options.output.format {
             OutputFormat::Gguf => gguf_kind(),
             OutputFormat::Bundle => Kind::Folder,
         };
@@ -365,7 +365,7 @@ impl Plan {
         let o = &self.options;
         self.check_output()?;
         // A GGUF is built from a bundle in a scratch folder beside the file, dropped after.
-        let scratch = match o.format {
+        let scratch = match o.output.format {
             OutputFormat::Gguf => Some(Staged::scratch(&self.out)?),
             OutputFormat::Bundle => None,
         };
@@ -415,8 +415,8 @@ impl Plan {
                 let (cal, info) = crate::calibrate::run(
                     source,
                     calib,
-                    o.calib_samples,
-                    o.seq_len,
+                    o.calibration.calib_samples,
+                    o.calibration.seq_len,
                     o.seed,
                     spec,
                     &mut |d, t| progress.advance(d, t, 0),
@@ -431,15 +431,15 @@ impl Plan {
             }
             Stage::Apq { calib, settings } => {
                 let settings = ApqSettings {
-                    gold_prompts: read_prompts(o.gold_prompts.as_deref())?,
+                    gold_prompts: read_prompts(o.apq.gold.gold_prompts.as_deref())?,
                     ..settings.clone()
                 };
                 let mut current = String::new();
                 let out = crate::apq::run(
                     source,
                     calib,
-                    o.calib_samples,
-                    o.seq_len,
+                    o.calibration.calib_samples,
+                    o.calibration.seq_len,
                     o.seed,
                     &settings,
                     &mut |stage, d, t| {

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
 
-pub use crate::options::{EmbeddingMode, Method};
+pub use crate::options::{EmbeddingMode, GptqSettings, Method};
 
 /// Everything that decides the bytes of a bundle. Recorded whole in the manifest.
 #[derive(Debug, Clone, Serialize)]
@@ -67,12 +67,6 @@ pub struct NovaqSettings {
     pub config: adaptq_quant::novaq::NovaqConfig,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct GptqSettings {
-    pub damp: f64,
-    pub act_order: bool,
-}
-
 /// Codes already computed by a calibrated method, with what calibration measured.
 pub struct Precomputed<'a> {
     pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::CalibratedLayer>,
@@ -116,21 +110,6 @@ pub use adaptq_bundle::verification::{Gate, GateStatus, TensorReport, Totals, Ve
 pub struct QuantizeSummary {
     pub manifest: adaptq_bundle::Manifest,
     pub verification: Verification,
-}
-
-/// The locator recorded in the manifest: never an absolute path (it would break determinism
-/// across machines and leak the user's folder layout), so local files are named by file name.
-pub fn locator_for(given: &str) -> String {
-    if given.contains("://") || given.starts_with("file:") {
-        given.to_string()
-    } else {
-        let p = Path::new(given);
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| given.to_string());
-        format!("file:{name}")
-    }
 }
 
 /// Companion files copied into the bundle so it is self-contained for eval/export.
@@ -450,11 +429,11 @@ pub fn quantize_model(
         .model_id
         .map(str::to_string)
         .or_else(|| desc.name.clone())
-        .unwrap_or_else(|| locator_for(target.locator));
+        .unwrap_or_else(|| adaptq_remote::locator_for(target.locator));
     let manifest = w.finish(
         &model_id,
         SourceRef {
-            locator: locator_for(target.locator),
+            locator: adaptq_remote::locator_for(target.locator),
             format: src.format().into(),
             tensor_count: total,
         },

@@ -2,10 +2,9 @@
 //! that verifies, with the tensors the method should have produced, in seconds. Refusals of
 //! impossible combinations come from `Plan::new`, before any work.
 
-use adaptq_pipeline::{
-    Bits, Choice, Lossless, Method, OutputFormat, Plan, PlanError, QuantizeOptions,
-};
+use adaptq_pipeline::{Choice, Method, Plan, PlanError, QuantizeOptions};
 use adaptq_testutil::tiny::{text, TinyLlama};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// A folder holding calibration text and the outputs of a test.
@@ -25,24 +24,16 @@ impl Work {
     fn out(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-    /// Options for a small calibrated run of `method` into `name`.
-    fn options(&self, name: &str, method: Method) -> QuantizeOptions {
-        QuantizeOptions {
-            src: Some("tiny".into()),
-            out: Some(self.out(name)),
-            method,
-            group_size: 32,
-            calib: Some(self.calib()),
-            calib_samples: 2,
-            seq_len: 32,
-            heldout_windows: 1,
-            gold_tokens: 2,
-            max_rounds: 1,
-            max_iterations: 3,
-            refine_iterations: 1,
-            min_cosine: 0.0,
-            ..Default::default()
-        }
+    /// Options for a small calibrated run of `method` into `name`, with `changes` (option
+    /// keys, as in a config file) laid over them.
+    fn options(&self, name: &str, method: Method, changes: Value) -> QuantizeOptions {
+        let base = json!({
+            "src": "tiny", "out": self.out(name), "method": method.name(), "group_size": 32,
+            "calib": self.calib(), "calib_samples": 2, "seq_len": 32, "heldout_windows": 1,
+            "gold_tokens": 2, "max_rounds": 1, "max_iterations": 3, "refine_iterations": 1,
+            "min_cosine": 0.0,
+        });
+        QuantizeOptions::merged(&base, &changes).unwrap()
     }
 }
 
@@ -84,11 +75,7 @@ fn rtn_ternary_and_uncalibrated_novaq_round_each_tensor_alone() {
         (Method::Novaq, "novaq", "novaq"),
     ];
     for (m, enc, method) in cases {
-        let o = QuantizeOptions {
-            calib: None,
-            ..w.options(m.name(), m)
-        };
-        let (out, t) = run(o);
+        let (out, t) = run(w.options(m.name(), m, json!({"calib": null})));
         verifies(&out.out);
         let (e, me) = q_proj(&t);
         assert!(e.starts_with(enc) && me == method, "{m:?}: {e} {me}");
@@ -111,10 +98,7 @@ fn calibrated_methods_record_their_calibration() {
         (Method::Novaq, false, "novaq"),
     ];
     for (i, (m, awq, method)) in cases.into_iter().enumerate() {
-        let (out, t) = run(QuantizeOptions {
-            awq,
-            ..w.options(&format!("c{i}"), m)
-        });
+        let (out, t) = run(w.options(&format!("c{i}"), m, json!({ "awq": awq })));
         verifies(&out.out);
         assert_eq!(q_proj(&t).1, method);
         let cal = out.summary.verification.calibration.as_ref().unwrap();
@@ -126,12 +110,8 @@ fn calibrated_methods_record_their_calibration() {
 #[test]
 fn apq_mixes_widths_and_quantizes_the_embedding() {
     let w = Work::new();
-    let (out, t) = run(QuantizeOptions {
-        bits: Bits { lo: 2, hi: 4 },
-        target_bpw: Some(3.5),
-        sym: true,
-        ..w.options("apq", Method::Apq)
-    });
+    let changes = json!({"bits": "2-4", "target_bpw": 3.5, "sym": true});
+    let (out, t) = run(w.options("apq", Method::Apq, changes));
     verifies(&out.out);
     let emb = t
         .iter()
@@ -151,36 +131,23 @@ fn apq_mixes_widths_and_quantizes_the_embedding() {
 #[test]
 fn rotation_ggml_gguf_and_rans_take_their_paths() {
     let w = Work::new();
-    let (out, t) = run(QuantizeOptions {
-        rotate: true,
-        ..w.options("rot", Method::Rtn)
-    });
+    let (out, t) = run(w.options("rot", Method::Rtn, json!({"rotate": true})));
     verifies(&out.out);
     assert_eq!(q_proj(&t).1, "rtn");
     assert!(out.summary.manifest.quantization["rotate"]["seed"].is_u64());
 
     // 64-wide rows do not fit Q4_K's 256 blocks: llama.cpp's fallback, Q5_0.
-    let (out, t) = run(QuantizeOptions {
-        ggml_type: Some("q4_k".into()),
-        ..w.options("ggml", Method::Gptq)
-    });
+    let (out, t) = run(w.options("ggml", Method::Gptq, json!({"ggml_type": "q4_k"})));
     verifies(&out.out);
     assert_eq!(q_proj(&t), ("ggml-Q5_0", "gptq"));
 
-    let (out, _) = run(QuantizeOptions {
-        format: OutputFormat::Gguf,
-        calib: None,
-        ..w.options("m.gguf", Method::Rtn)
-    });
+    let changes = json!({"format": "gguf", "calib": null});
+    let (out, _) = run(w.options("m.gguf", Method::Rtn, changes));
     assert!(out.gguf.is_some() && out.out.is_file());
     assert!(adaptq_export::is_adaptq_gguf(&out.out));
 
-    let (out, _) = run(QuantizeOptions {
-        lossless: Lossless::Rans,
-        calib: None,
-        bits: Bits::one(3),
-        ..w.options("rans", Method::Rtn)
-    });
+    let changes = json!({"lossless": "rans", "calib": null, "bits": 3});
+    let (out, _) = run(w.options("rans", Method::Rtn, changes));
     verifies(&out.out);
     assert!(out.summary.verification.totals.lossless_ratio.is_some());
 }
@@ -189,7 +156,7 @@ fn rotation_ggml_gguf_and_rans_take_their_paths() {
 fn the_same_options_give_the_same_bundle() {
     let w = Work::new();
     let digest = |name: &str| {
-        run(w.options(name, Method::Gptq))
+        run(w.options(name, Method::Gptq, Value::Null))
             .0
             .summary
             .manifest
@@ -201,98 +168,43 @@ fn the_same_options_give_the_same_bundle() {
 #[test]
 fn impossible_combinations_are_refused_before_any_work() {
     let w = Work::new();
-    let refused = |o: QuantizeOptions, what: &str| {
+    let cases = [
+        (Method::Apq, json!({"rotate": true}), "rotation works with"),
+        (Method::Gptq, json!({"rotate": true, "awq": true}), "AWQ"),
+        (
+            Method::Rtn,
+            json!({"rotate": true, "calib": null}),
+            "calibration text",
+        ),
+        (
+            Method::Rtn,
+            json!({"rotate": true, "format": "gguf"}),
+            "llama.cpp",
+        ),
+        (Method::Gptq, json!({"bits": "3-4"}), "is a range"),
+        (Method::Rtn, json!({"target_bits": 2.0}), "NOVAQ settings"),
+        (Method::Apq, json!({"ggml_type": "q4_0"}), "GGML types"),
+        (
+            Method::Gptq,
+            json!({"ggml_type": "q4_0", "refit": true}),
+            "refit",
+        ),
+        (Method::Novaq, json!({"format": "gguf"}), "codebooks"),
+        (
+            Method::Rtn,
+            json!({"ggml_type": "q9_9"}),
+            "unknown GGML type",
+        ),
+        (Method::Rtn, json!({"src": null}), "no model"),
+    ];
+    for (method, changes, what) in cases {
+        let o = w.options("x", method, changes);
         let e = format!("{:#}", Plan::new(o).err().expect("refused"));
         assert!(e.contains(what), "'{what}' not in: {e}");
-    };
-    let o = |m| w.options("x", m);
-    refused(
-        QuantizeOptions {
-            rotate: true,
-            ..o(Method::Apq)
-        },
-        "rotation works with",
-    );
-    refused(
-        QuantizeOptions {
-            rotate: true,
-            awq: true,
-            ..o(Method::Gptq)
-        },
-        "AWQ",
-    );
-    refused(
-        QuantizeOptions {
-            rotate: true,
-            calib: None,
-            ..o(Method::Rtn)
-        },
-        "calibration text",
-    );
-    refused(
-        QuantizeOptions {
-            rotate: true,
-            format: OutputFormat::Gguf,
-            ..o(Method::Rtn)
-        },
-        "llama.cpp",
-    );
-    refused(
-        QuantizeOptions {
-            bits: Bits { lo: 3, hi: 4 },
-            ..o(Method::Gptq)
-        },
-        "is a range",
-    );
-    refused(
-        QuantizeOptions {
-            target_bits: Some(2.0),
-            ..o(Method::Rtn)
-        },
-        "NOVAQ settings",
-    );
-    refused(
-        QuantizeOptions {
-            ggml_type: Some("q4_0".into()),
-            ..o(Method::Apq)
-        },
-        "GGML types",
-    );
-    refused(
-        QuantizeOptions {
-            ggml_type: Some("q4_0".into()),
-            refit: true,
-            ..o(Method::Gptq)
-        },
-        "refit",
-    );
-    refused(
-        QuantizeOptions {
-            format: OutputFormat::Gguf,
-            ..o(Method::Novaq)
-        },
-        "codebooks",
-    );
-    refused(
-        QuantizeOptions {
-            ggml_type: Some("q9_9".into()),
-            ..o(Method::Rtn)
-        },
-        "unknown GGML type",
-    );
-    refused(
-        QuantizeOptions {
-            src: None,
-            ..o(Method::Rtn)
-        },
-        "no model",
-    );
-    let e = Plan::new(QuantizeOptions {
-        calib: None,
-        ..o(Method::Gptq)
-    })
-    .err()
-    .unwrap();
+    }
+    let e = Plan::new(w.options("x", Method::Gptq, json!({"calib": null})))
+        .err()
+        .unwrap();
     assert!(
         matches!(e.downcast_ref(), Some(PlanError::NeedsCalibration("gptq"))),
         "{e}"

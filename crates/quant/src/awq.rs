@@ -141,20 +141,13 @@ pub fn search_scales(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gptq::Hessian;
     use crate::test_lcg as lcg;
 
     #[test]
     fn scaling_salient_channels_lowers_output_error_and_never_loses() {
         let (rows, cols, n) = (32, 64, 256);
-        let mut seed = 7;
-        let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-        // A few input channels carry 30x larger activations, as in real LLMs.
-        let x: Vec<f32> = (0..n * cols)
-            .map(|i| lcg(&mut seed) * if i % cols < 4 { 30.0 } else { 1.0 })
-            .collect();
-        let mut h = Hessian::new(cols);
-        h.add_rows(&x);
+        // A few input channels carry 30x larger activations.
+        let (w, x, h) = crate::test_layer((rows, cols, n), 7, (4, 30.0));
         let act: Vec<f32> = (0..cols)
             .map(|j| (0..n).map(|r| x[r * cols + j].abs()).sum::<f32>() / n as f32)
             .collect();

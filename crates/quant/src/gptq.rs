@@ -8,8 +8,8 @@
 //! inverse come from faer.
 
 use crate::ggml::{self, BlockHead, BlockType};
-use crate::rtn::{code_of, quantize_group, value_of};
-use crate::{groups_per_row, pack, Grid, QuantError, QuantizedTensor};
+use crate::rtn::{code_of, quantize_group, value_of, RtnConfig};
+use crate::{groups_per_row, Grid, QuantError, QuantizedTensor};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
 use half::f16;
@@ -350,26 +350,15 @@ pub fn quantize_gptq(
     for (c, s, m) in results {
         all_codes.extend(c);
         scales.extend(s);
-        if cfg.grid == Grid::Asymmetric {
-            mins.extend(m);
-        }
+        mins.extend(m);
     }
-    Ok(QuantizedTensor {
-        rows,
-        cols,
-        bits: cfg.bits,
-        group_size: gs,
-        grid: cfg.grid,
-        codes: pack::pack(&all_codes, cfg.bits),
-        scales,
-        mins,
-    })
+    Ok(RtnConfig::new(cfg.bits, gs, cfg.grid).packed(rows, cols, &all_codes, scales, mins))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rtn::{quantize_rtn, RtnConfig};
+    use crate::rtn::quantize_rtn;
 
     struct Rng(u64);
     impl Rng {

@@ -227,3 +227,21 @@ pub(crate) fn test_lcg(seed: &mut u64) -> f32 {
         .wrapping_add(1442695040888963407);
     ((*seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
 }
+
+/// A seeded test layer: `rows × cols` weights, `n` activation rows whose first `salient`
+/// channels are `gain` times larger (as in real LLMs), and their Hessian.
+#[cfg(test)]
+pub(crate) fn test_layer(
+    (rows, cols, n): (usize, usize, usize),
+    seed: u64,
+    (salient, gain): (usize, f32),
+) -> (Vec<f32>, Vec<f32>, gptq::Hessian) {
+    let mut seed = seed;
+    let w: Vec<f32> = (0..rows * cols).map(|_| test_lcg(&mut seed)).collect();
+    let x: Vec<f32> = (0..n * cols)
+        .map(|i| test_lcg(&mut seed) * if i % cols < salient { gain } else { 1.0 })
+        .collect();
+    let mut h = gptq::Hessian::new(cols);
+    h.add_rows(&x);
+    (w, x, h)
+}

@@ -141,21 +141,13 @@ pub fn refit_scales(q: &mut QuantizedTensor, w: &[f32], h: &[f64]) -> (f64, f64)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gptq::Hessian;
     use crate::rtn::{quantize_rtn, RtnConfig};
-    use crate::test_lcg as lcg;
 
     #[test]
     fn refit_lowers_output_error_keeps_codes_and_reports_truthfully() {
         for grid in [Grid::Symmetric, Grid::Asymmetric] {
             let (rows, cols, n) = (16, 48, 200);
-            let mut seed = 11;
-            let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut seed)).collect();
-            let x: Vec<f32> = (0..n * cols)
-                .map(|i| lcg(&mut seed) * if i % cols < 3 { 8.0 } else { 1.0 })
-                .collect();
-            let mut h = Hessian::new(cols);
-            h.add_rows(&x);
+            let (w, _, h) = crate::test_layer((rows, cols, n), 11, (3, 8.0));
             let hm = h.matrix();
             let mut q = quantize_rtn(&w, rows, cols, &RtnConfig::new(3, 16, grid)).unwrap();
             let codes = q.codes.clone();

@@ -14,6 +14,32 @@ pub struct RtnConfig {
 }
 
 impl RtnConfig {
+    /// The tensor of unpacked `codes` with this (resolved) group size; `mins` are dropped on the
+    /// symmetric grid, which stores none.
+    pub(crate) fn packed(
+        &self,
+        rows: usize,
+        cols: usize,
+        codes: &[u8],
+        scales: Vec<f16>,
+        mins: Vec<f16>,
+    ) -> QuantizedTensor {
+        QuantizedTensor {
+            rows,
+            cols,
+            bits: self.bits,
+            group_size: self.group_size,
+            grid: self.grid,
+            codes: pack::pack(codes, self.bits),
+            scales,
+            mins: if self.grid == Grid::Asymmetric {
+                mins
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
     pub const fn new(bits: u8, group_size: usize, grid: Grid) -> Self {
         RtnConfig {
             bits,
@@ -108,21 +134,10 @@ pub fn quantize_rtn(
             let c1 = r * cols + ((g + 1) * gs).min(cols);
             let (s, m) = quantize_group(&w[c0..c1], cfg.bits, cfg.grid, &mut codes[c0..c1]);
             scales.push(s);
-            if cfg.grid == Grid::Asymmetric {
-                mins.push(m);
-            }
+            mins.push(m);
         }
     }
-    Ok(QuantizedTensor {
-        rows,
-        cols,
-        bits: cfg.bits,
-        group_size: gs,
-        grid: cfg.grid,
-        codes: pack::pack(&codes, cfg.bits),
-        scales,
-        mins,
-    })
+    Ok(RtnConfig::new(cfg.bits, gs, cfg.grid).packed(rows, cols, &codes, scales, mins))
 }
 
 #[cfg(test)]

@@ -85,13 +85,7 @@ impl HubRef {
             Some(_) => return Err(bad("empty revision after '@'")),
             None => (name, "main".to_string()),
         };
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s != "."
-                && s != ".."
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        };
+        let ok = crate::plain_name_part;
         if !ok(org) || !ok(name) {
             return Err(bad(
                 "organisation and name may hold letters, digits, '-', '_' and '.'",
@@ -513,8 +507,7 @@ mod tests {
     fn offline_ref_that_is_not_a_regular_file_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let refs = t.path().join("models--o--n/refs");
-        std::fs::create_dir_all(&refs).unwrap();
-        crate::link_zero_and_make_fifo(&refs.join("zero"), &refs.join("fifo"));
+        adaptq_testutil::files::zero_and_fifo(&refs.join("zero"), &refs.join("fifo"));
         for rev in ["zero", "fifo"] {
             let cfg = HubConfig {
                 endpoint: "http://127.0.0.1:9".into(),
@@ -522,14 +515,9 @@ mod tests {
                 cache_dir: Some(t.path().to_path_buf()),
                 offline: true,
             };
-            let (tx, rx) = std::sync::mpsc::channel();
-            // On a thread, so that a regression to a blocking read fails instead of hanging.
-            std::thread::spawn(move || {
-                let _ = tx.send(open(&format!("hf://o/n@{rev}"), &cfg).map(|_| ()));
+            let r = adaptq_testutil::files::within("reading the ref", 20, move || {
+                open(&format!("hf://o/n@{rev}"), &cfg).map(|_| ())
             });
-            let r = rx
-                .recv_timeout(std::time::Duration::from_secs(20))
-                .expect("reading the ref hung");
             let e = r.err().unwrap().to_string();
             assert!(e.contains("not a regular file"), "{rev}: {e}");
         }
@@ -588,10 +576,7 @@ mod tests {
             files: vec!["README.md".into()],
             refused: vec!["../../../../tmp/x/evil.gguf".into()],
         };
-        let e = choose_listed(&listing, None, "hf://o/n")
-            .err()
-            .unwrap()
-            .to_string();
+        let e = adaptq_testutil::err_text(choose_listed(&listing, None, "hf://o/n"));
         assert!(
             e.contains("../../../../tmp/x/evil.gguf") && e.contains("not a plain relative"),
             "{e}"

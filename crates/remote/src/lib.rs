@@ -55,17 +55,36 @@ pub fn open_with(loc: &str, hub_cfg: &HubConfig) -> Result<Opened> {
     } else if loc.starts_with("ollama://") {
         ollama::open(loc, &ollama::models_dir())
     } else {
-        let p = Path::new(loc);
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| loc.to_string());
         Ok(Opened {
-            source: adaptq_source::open(p)?,
-            locator: format!("file:{name}"),
+            source: adaptq_source::open(Path::new(loc))?,
+            locator: locator_for(loc),
             _keep: None,
         })
     }
+}
+
+/// The locator recorded in a manifest: never an absolute path (it would break determinism
+/// across machines and leak the user's folder layout), so a local file is named by file name;
+/// remote locators (and ones already `file:`) are kept as given.
+pub fn locator_for(given: &str) -> String {
+    if given.contains("://") || given.starts_with("file:") {
+        return given.to_string();
+    }
+    let name = Path::new(given)
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| given.to_string());
+    format!("file:{name}")
+}
+
+/// A plain name part of a hub or Ollama locator: letters, digits, `-`, `_` and `.`, never `.`
+/// or `..` alone, so it can name a cache folder and a URL path part without escaping either.
+pub(crate) fn plain_name_part(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// The URL as it may be recorded: no user info, no query (signed links carry secrets there).
@@ -183,17 +202,6 @@ pub(crate) fn assemble(
         locator,
         _keep: keep,
     })
-}
-
-/// Files that are no regular file, for the tests that open them.
-#[cfg(all(test, unix))]
-pub(crate) fn link_zero_and_make_fifo(zero: &std::path::Path, fifo: &std::path::Path) {
-    std::os::unix::fs::symlink("/dev/zero", zero).unwrap();
-    let st = std::process::Command::new("mkfifo")
-        .arg(fifo)
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 #[cfg(test)]

@@ -36,13 +36,7 @@ pub fn parse(loc: &str) -> Result<(String, String, String, String)> {
         _ => (rest, "latest"),
     };
     let parts: Vec<&str> = path.split('/').collect();
-    let ok = |s: &str| {
-        !s.is_empty()
-            && s != ".."
-            && s != "."
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    };
+    let ok = crate::plain_name_part;
     if !ok(tag) || parts.iter().any(|p| !ok(p)) {
         return Err(bad("names and tags hold letters, digits, '-', '_' and '.'"));
     }
@@ -147,29 +141,18 @@ mod tests {
         assert!(parse("ollama://a/b/c/d").is_err());
     }
 
-    /// Runs `open` on a thread, so that a regression to a blocking read fails the test
-    /// instead of hanging it.
-    fn open_within(models: &Path, loc: &'static str) -> Result<()> {
-        let models = models.to_path_buf();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(open(loc, &models).map(|_| ()));
-        });
-        rx.recv_timeout(std::time::Duration::from_secs(20))
-            .expect("opening the model hung")
-    }
-
     #[cfg(unix)]
     #[test]
     fn manifest_that_is_not_a_regular_file_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let lib = t.path().join("manifests/registry.ollama.ai/library");
-        for m in ["zero", "fifo"] {
-            std::fs::create_dir_all(lib.join(m)).unwrap();
-        }
-        crate::link_zero_and_make_fifo(&lib.join("zero/latest"), &lib.join("fifo/latest"));
+        adaptq_testutil::files::zero_and_fifo(&lib.join("zero/latest"), &lib.join("fifo/latest"));
         for loc in ["ollama://zero", "ollama://fifo"] {
-            let e = open_within(t.path(), loc).err().unwrap().to_string();
+            let models = t.path().to_path_buf();
+            let r = adaptq_testutil::files::within("opening the model", 20, move || {
+                open(loc, &models).map(|_| ())
+            });
+            let e = r.err().unwrap().to_string();
             assert!(e.contains("not a regular file"), "{loc}: {e}");
         }
     }

@@ -223,17 +223,17 @@ mod tests {
 
     #[test]
     fn partial_is_renamed_on_success_and_removed_on_error() {
-        let t = tempfile::tempdir().unwrap();
         use std::io::Write;
-        write_via_partial(t.path(), "sub/dir/a.bin", true, |f| {
-            f.write_all(b"abc")
-                .map_err(|e| SourceError::io(t.path(), e))
-        })
-        .unwrap();
-        assert_eq!(
-            std::fs::read(t.path().join("sub/dir/a.bin")).unwrap(),
-            b"abc"
-        );
+        let t = tempfile::tempdir().unwrap();
+        // Writes `bytes` to `name` through a partial; returns what `name` then holds.
+        let put = |name: &str, keep: bool, bytes: &[u8]| {
+            write_via_partial(t.path(), name, keep, |f| {
+                f.write_all(bytes).map_err(|e| SourceError::io(t.path(), e))
+            })
+            .unwrap();
+            std::fs::read(t.path().join(name)).unwrap()
+        };
+        assert_eq!(put("sub/dir/a.bin", true, b"abc"), b"abc");
         let part = t.path().join(PARTIAL_DIR).join("sub/dir/b.bin");
         let e = write_via_partial(t.path(), "sub/dir/b.bin", true, |f| {
             f.write_all(b"half").unwrap();
@@ -246,25 +246,9 @@ mod tests {
         assert!(!part.exists() && !t.path().join("sub/dir/b.bin").exists());
         // A partial left by a killed run (unlocked, stale bytes) is rewritten, not appended to.
         std::fs::write(&part, b"stale stale stale").unwrap();
-        write_via_partial(t.path(), "sub/dir/b.bin", true, |f| {
-            f.write_all(b"new")
-                .map_err(|e| SourceError::io(t.path(), e))
-        })
-        .unwrap();
-        assert_eq!(
-            std::fs::read(t.path().join("sub/dir/b.bin")).unwrap(),
-            b"new"
-        );
+        assert_eq!(put("sub/dir/b.bin", true, b"new"), b"new");
         // `keep_existing == false` replaces (a ref that moved).
-        write_via_partial(t.path(), "sub/dir/b.bin", false, |f| {
-            f.write_all(b"newer")
-                .map_err(|e| SourceError::io(t.path(), e))
-        })
-        .unwrap();
-        assert_eq!(
-            std::fs::read(t.path().join("sub/dir/b.bin")).unwrap(),
-            b"newer"
-        );
+        assert_eq!(put("sub/dir/b.bin", false, b"newer"), b"newer");
     }
 
     #[cfg(unix)]

@@ -24,11 +24,17 @@ pub trait Blob: Send + Sync {
     fn plan(&self, _ranges: &[(u64, u64)]) {}
 }
 
-/// A local file, memory-mapped: reading a tensor touches only its own pages.
-pub struct MmapBlob {
-    path: PathBuf,
-    map: memmap2::Mmap,
+/// Bytes held whole, mapped or in memory, named `label` in errors.
+pub struct WholeBlob<B> {
+    pub label: PathBuf,
+    pub bytes: B,
 }
+
+/// A local file, memory-mapped: reading a tensor touches only its own pages.
+pub type MmapBlob = WholeBlob<memmap2::Mmap>;
+
+/// Bytes held in memory (tests, small downloaded files).
+pub type MemBlob = WholeBlob<Vec<u8>>;
 
 /// Opens `path` for reading if it is a regular file (symlinks followed). A FIFO would block the
 /// open or the first read until some writer appears, and a device can be endless, so both are
@@ -96,22 +102,22 @@ impl MmapBlob {
         // SAFETY: the map is read-only; adaptq never writes to its inputs. A file truncated by
         // another process while mapped would fault, as with every mmap-based model loader.
         let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| SourceError::io(path, e))?;
-        Ok(MmapBlob {
-            path: path.to_path_buf(),
-            map,
+        Ok(WholeBlob {
+            label: path.to_path_buf(),
+            bytes: map,
         })
     }
 }
 
-impl Blob for MmapBlob {
+impl<B: AsRef<[u8]> + Send + Sync> Blob for WholeBlob<B> {
     fn len(&self) -> u64 {
-        self.map.len() as u64
+        self.bytes.as_ref().len() as u64
     }
     fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
-        byte_range(&self.map, start, end, &self.path)
+        byte_range(self.bytes.as_ref(), start, end, &self.label)
     }
     fn label(&self) -> &Path {
-        &self.path
+        &self.label
     }
 }
 
@@ -132,22 +138,4 @@ fn byte_range<'a>(bytes: &'a [u8], start: u64, end: u64, label: &Path) -> Result
                 ),
             )
         })
-}
-
-/// Bytes held in memory (tests, small downloaded files).
-pub struct MemBlob {
-    pub label: PathBuf,
-    pub bytes: Vec<u8>,
-}
-
-impl Blob for MemBlob {
-    fn len(&self) -> u64 {
-        self.bytes.len() as u64
-    }
-    fn read(&self, start: u64, end: u64) -> Result<Cow<'_, [u8]>> {
-        byte_range(&self.bytes, start, end, &self.label)
-    }
-    fn label(&self) -> &Path {
-        &self.label
-    }
 }

@@ -120,35 +120,54 @@ fn index_files(idx: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// The `weight_map` of an index, reduced to its distinct shard names while it is parsed (so
-/// memory follows the names, not one JSON value per tensor); a tensor listed twice is refused.
-struct ShardNames(std::collections::BTreeSet<String>);
+/// A JSON object's entries in file order, equal keys kept: a `serde_json::Map` keeps only the
+/// last of two equal keys, silently, and a header or index with one must be refused.
+struct Ordered<T>(Vec<(String, T)>);
 
-impl<'de> Deserialize<'de> for ShardNames {
+/// How an [`Ordered`] object reads the value under one key.
+trait EntryValue: Sized {
+    fn read<'de, A: MapAccess<'de>>(key: &str, m: &mut A) -> std::result::Result<Self, A::Error>;
+}
+
+impl EntryValue for String {
+    fn read<'de, A: MapAccess<'de>>(_: &str, m: &mut A) -> std::result::Result<Self, A::Error> {
+        m.next_value()
+    }
+}
+
+/// A safetensors header entry: a tensor, or `None` for `__metadata__` (whatever it holds).
+impl EntryValue for Option<RawEntry> {
+    fn read<'de, A: MapAccess<'de>>(key: &str, m: &mut A) -> std::result::Result<Self, A::Error> {
+        if key == "__metadata__" {
+            m.next_value::<de::IgnoredAny>()?;
+            Ok(None)
+        } else {
+            m.next_value().map(Some)
+        }
+    }
+}
+
+impl<'de, T: EntryValue> Deserialize<'de> for Ordered<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = ShardNames;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: EntryValue> Visitor<'de> for V<T> {
+            type Value = Ordered<T>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object mapping tensor names to file names")
+                f.write_str("an object")
             }
             fn visit_map<A: MapAccess<'de>>(
                 self,
                 mut m: A,
-            ) -> std::result::Result<ShardNames, A::Error> {
-                let mut tensors = std::collections::HashSet::new();
-                let mut files = std::collections::BTreeSet::new();
+            ) -> std::result::Result<Ordered<T>, A::Error> {
+                let mut out = Vec::new();
                 while let Some(k) = m.next_key::<String>()? {
-                    let f: String = m.next_value()?;
-                    if !tensors.insert(k) {
-                        return Err(de::Error::custom("a tensor is listed twice in weight_map"));
-                    }
-                    files.insert(f);
+                    let v = T::read(&k, &mut m)?;
+                    out.push((k, v));
                 }
-                Ok(ShardNames(files))
+                Ok(Ordered(out))
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
@@ -158,14 +177,25 @@ impl<'de> Deserialize<'de> for ShardNames {
 pub fn index_shard_names(text: &[u8], idx: &Path) -> Result<Vec<String>> {
     #[derive(serde::Deserialize)]
     struct Index {
-        weight_map: Option<ShardNames>,
+        weight_map: Option<Ordered<String>>,
     }
     let index: Index = serde_json::from_slice(text)
         .map_err(|e| SourceError::corrupt(idx, format!("invalid index JSON: {e}")))?;
-    let files: Vec<String> = index
+    let map = index
         .weight_map
         .ok_or_else(|| SourceError::corrupt(idx, "no \"weight_map\" object"))?
-        .0
+        .0;
+    let mut tensors = std::collections::HashSet::new();
+    if let Some((t, _)) = map.iter().find(|(t, _)| !tensors.insert(t.as_str())) {
+        return Err(SourceError::corrupt(
+            idx,
+            format!("tensor '{t}' is listed twice in weight_map"),
+        ));
+    }
+    let files: Vec<String> = map
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
     if let Some(f) = files
@@ -236,39 +266,6 @@ fn shape<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Option<Vec<u64>
     d.deserialize_seq(V)
 }
 
-/// The header's top-level object in file order, `__metadata__` as `None`. Parsed with a
-/// visitor because a `serde_json::Map` keeps only the last of two equal keys, silently.
-struct Table(Vec<(String, Option<RawEntry>)>);
-
-impl<'de> Deserialize<'de> for Table {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Table;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of tensors")
-            }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> std::result::Result<Table, A::Error> {
-                let mut out = Vec::new();
-                while let Some(k) = m.next_key::<String>()? {
-                    if k == "__metadata__" {
-                        m.next_value::<de::IgnoredAny>()?;
-                        out.push((k, None));
-                    } else {
-                        let e = m.next_value::<RawEntry>()?;
-                        out.push((k, Some(e)));
-                    }
-                }
-                Ok(Table(out))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
 /// Parses a safetensors JSON header into (info, absolute start, absolute end), in data order.
 /// As the format requires, the tensors must tile the data section exactly: no key twice, no
 /// overlap, no hole and nothing after the last tensor.
@@ -278,7 +275,7 @@ fn parse_json(
     data_len: u64,
     path: &Path,
 ) -> Result<Vec<(TensorInfo, u64, u64)>> {
-    let Table(table) = serde_json::from_slice(json).map_err(|e| {
+    let Ordered::<Option<RawEntry>>(table) = serde_json::from_slice(json).map_err(|e| {
         use serde_json::error::Category;
         match e.classify() {
             Category::Syntax | Category::Eof => {

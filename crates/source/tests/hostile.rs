@@ -505,13 +505,11 @@ fn duplicate_safetensors_keys_are_refused() {
             bytes: one_byte("x"),
         })
     };
-    let e = SafetensorsSource::from_blobs(
+    let shards = vec![shard("one.safetensors"), shard("two.safetensors")];
+    let e = adaptq_testutil::err_text(SafetensorsSource::from_blobs(
         PathBuf::from("/nonexistent"),
-        vec![shard("one.safetensors"), shard("two.safetensors")],
-    )
-    .err()
-    .unwrap()
-    .to_string();
+        shards,
+    ));
     assert!(
         e.contains("two.safetensors") && e.contains("'x' appears twice"),
         "{e}"

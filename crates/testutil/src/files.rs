@@ -75,6 +75,19 @@ pub fn mkfifo(p: &Path) {
     assert!(ok, "mkfifo {}", p.display());
 }
 
+/// Two files that are not regular files, their folders made: `zero` a link to `/dev/zero`
+/// (endless bytes), `fifo` a FIFO (a read that blocks); for tests that readers refuse both.
+#[cfg(unix)]
+pub fn zero_and_fifo(zero: &Path, fifo: &Path) {
+    for p in [zero, fifo] {
+        if let Some(d) = p.parent() {
+            std::fs::create_dir_all(d).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink("/dev/zero", zero).unwrap();
+    mkfifo(fifo);
+}
+
 /// Runs `f` on its own thread and fails the test if it has not returned within `secs`
 /// seconds (a reader blocked on a FIFO), instead of hanging the suite.
 pub fn within<T: Send + 'static>(

@@ -29,6 +29,14 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The message of an error a test expects; a success fails the test.
+pub fn err_text<T, E: std::fmt::Display>(r: Result<T, E>) -> String {
+    match r {
+        Ok(_) => panic!("succeeded where an error was expected"),
+        Err(e) => e.to_string(),
+    }
+}
+
 pub fn fixtures() -> PathBuf {
     let p = std::env::var_os("ADAPTQ_FIXTURES")
         .map(PathBuf::from)

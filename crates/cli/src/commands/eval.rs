@@ -68,16 +68,16 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         }
     );
     println!("PPL = {:.4} +/- {:.4}", r.ppl, r.ppl_stderr);
-    if let (Some(bp), Some(bse)) = (r.base_ppl, r.base_ppl_stderr) {
+    if let Some(b) = &r.vs_base {
         println!(
-            "base PPL = {bp:.4} +/- {bse:.4}   ΔPPL = {:+.2}%",
-            r.delta_ppl_pct.unwrap_or(f64::NAN)
+            "base PPL = {:.4} +/- {:.4}   ΔPPL = {:+.2}%",
+            b.base_ppl, b.base_ppl_stderr, b.delta_ppl_pct
         );
         println!(
             "KLD mean = {:.6}   KLD p99 = {:.6}   top-1 agreement = {:.2}%",
-            r.kld_mean.unwrap_or(f64::NAN),
-            r.kld_p99.unwrap_or(f64::NAN),
-            100.0 * r.top1_agreement.unwrap_or(f64::NAN)
+            b.kld_mean,
+            b.kld_p99,
+            100.0 * b.top1_agreement
         );
     }
     eprintln!("[{:.1} s]", start.elapsed().as_secs_f64());

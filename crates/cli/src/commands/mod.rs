@@ -17,16 +17,11 @@ use crate::args::Cmd;
 use anyhow::Result;
 use std::process::ExitCode;
 
-/// Runs the parsed command; `matches` tells which flags were given on the command line.
-pub fn run(cmd: &Cmd, matches: &clap::ArgMatches) -> Result<ExitCode> {
+/// Runs the parsed command.
+pub fn run(cmd: &Cmd) -> Result<ExitCode> {
     let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cmd {
-        Cmd::Quantize(a) => {
-            let sub = matches
-                .subcommand_matches("quantize")
-                .expect("the quantize subcommand");
-            quantize::run(a, sub)
-        }
+        Cmd::Quantize(a) => quantize::run(a),
         Cmd::Export(a) => export::run(a),
         Cmd::TensorHashes { path, hf } => done(tensor_hashes::run(path, *hf)),
         Cmd::Report { dir, format, out } => done(report::run(dir, *format, out.as_deref())),

@@ -4,27 +4,19 @@
 use crate::args::QuantizeArgs;
 use adaptq_pipeline::{Plan, QuantizeOptions};
 use anyhow::Result;
-use clap::parser::ValueSource;
 use std::process::ExitCode;
 
 /// The effective options: the defaults, then the config file, then the flags given.
-pub fn options(args: &QuantizeArgs, matches: &clap::ArgMatches) -> Result<QuantizeOptions> {
+pub fn options(args: &QuantizeArgs) -> Result<QuantizeOptions> {
     let file = match &args.config {
         Some(p) => QuantizeOptions::yaml_map(p)?,
         None => serde_json::Value::Null,
     };
-    let all = serde_json::to_value(args)?;
-    let given: serde_json::Map<String, serde_json::Value> = matches
-        .ids()
-        .map(|id| id.as_str())
-        .filter(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
-        .filter_map(|id| Some((id.to_string(), all.get(id)?.clone())))
-        .collect();
-    QuantizeOptions::merged(&file, &given.into())
+    QuantizeOptions::merged(&file, &args.given.clone().into())
 }
 
-pub fn run(args: &QuantizeArgs, matches: &clap::ArgMatches) -> Result<ExitCode> {
-    let options = options(args, matches)?;
+pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
+    let options = options(args)?;
     if args.print_config {
         print!("{}", options.to_yaml()?);
         return Ok(ExitCode::SUCCESS);
