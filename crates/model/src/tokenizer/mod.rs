@@ -94,8 +94,7 @@ pub fn from_gguf(v: &GgufVocab) -> Result<tokenizers::Tokenizer> {
         "decoder": parts.decoder,
         "model": model,
     });
-    serde_json::to_string(&def)?
-        .parse::<tokenizers::Tokenizer>()
+    serde_json::from_value::<tokenizers::Tokenizer>(def)
         .map_err(|e| anyhow!("building the tokenizer from GGUF vocabulary: {e}"))
 }
 
