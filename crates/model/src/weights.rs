@@ -61,7 +61,11 @@ impl<S: HoldsSource> Weights for SourceWeights<S> {
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Some(md) = self.0.get().gguf_metadata() {
-            return crate::tokenizer::from_gguf(&crate::tokenizer::GgufVocab::from_metadata(md)?);
+            // A vocabulary type adaptq cannot rebuild falls back to a tokenizer.json beside it.
+            return crate::tokenizer::from_gguf_or_companion(
+                &crate::tokenizer::GgufVocab::from_metadata(md)?,
+                self.0.get().companion_dir(),
+            );
         }
         let dir = self
             .0
