@@ -2,6 +2,7 @@
 //! flags live in [`quantize`], one table mapping onto `adaptq_pipeline::QuantizeOptions`.
 
 pub mod quantize;
+mod quantize_flags;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;

@@ -265,7 +265,7 @@ pub struct GptqSettings {
 }
 
 /// APQ's budget and the gates its promotion loop answers to.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ApqOptions {
     /// Overall bits per weight to aim for, every tensor counted.
@@ -397,16 +397,6 @@ impl Default for GptqSettings {
         GptqSettings {
             damp: 0.05,
             act_order: false,
-        }
-    }
-}
-
-impl Default for ApqOptions {
-    fn default() -> Self {
-        ApqOptions {
-            target_bpw: None,
-            promotion: Promotion::default(),
-            gold: GoldOptions::default(),
         }
     }
 }
