@@ -55,9 +55,13 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Output> {
     let lm = m.llama()?;
-    let ids = encode(&m.tokenizer, prompt)?;
+    let mut ids = encode(&m.tokenizer, prompt)?;
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
+    }
+    // A model whose GGUF asks for BOS (Gemma) is only in distribution after it, as in llama.cpp.
+    if let Some(b) = m.desc.decoder.bos.filter(|&b| ids.first() != Some(&b)) {
+        ids.insert(0, b);
     }
     let eos = m
         .tokenizer

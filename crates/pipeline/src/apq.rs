@@ -542,13 +542,15 @@ pub fn run(
     };
     // The last tenth of the text is held out: the gate never sees calibration tokens.
     let cut = tokens.len() * 9 / 10;
-    let windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
-    let held = sample_windows(
+    let mut windows = sample_windows(&tokens[..cut], samples, seq_len, seed)?;
+    let mut held = sample_windows(
         &tokens[cut..],
         s.promotion.heldout_windows,
         seq_len,
         seed ^ 0x5EED,
     )?;
+    crate::calibrate::bos_first(&mut windows, m.desc.decoder.bos);
+    crate::calibrate::bos_first(&mut held, m.desc.decoder.bos);
     let info = crate::calibrate::calib_info(calib, seq_len, seed, tokens.len(), &windows);
     let base_ppl = heldout_ppl(m, &held)?;
     let widths = allowed_widths(&s.widths)?;

@@ -77,17 +77,31 @@ pub fn calib_info(
     }
 }
 
-/// Tokenizes the calibration file and samples its windows.
+/// Puts `bos` first in every window, as llama.cpp's imatrix and perplexity do for a model that
+/// asks for one (Gemma): without it such a model's first position is far off what it was
+/// trained on, and so are the activations calibration collects.
+pub fn bos_first(windows: &mut [Vec<u32>], bos: Option<u32>) {
+    if let Some(b) = bos {
+        for t in windows.iter_mut().filter_map(|w| w.first_mut()) {
+            *t = b;
+        }
+    }
+}
+
+/// Tokenizes the calibration file and samples its windows, `bos` first in each (see
+/// [`bos_first`]).
 pub fn prepare(
     tok: &tokenizers::Tokenizer,
+    bos: Option<u32>,
     path: &Path,
     samples: usize,
     seq_len: usize,
     seed: u64,
 ) -> Result<(Vec<Vec<u32>>, CalibInfo)> {
     let tokens = read_tokens(tok, path)?;
-    let windows = sample_windows(&tokens, samples, seq_len, seed)
+    let mut windows = sample_windows(&tokens, samples, seq_len, seed)
         .with_context(|| format!("calibration file {}", path.display()))?;
+    bos_first(&mut windows, bos);
     let info = calib_info(path, seq_len, seed, tokens.len(), &windows);
     Ok((windows, info))
 }
@@ -647,7 +661,8 @@ pub fn run(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
     let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
-    let (windows, info) = prepare(&loaded.tokenizer, calib, samples, seq_len, seed)?;
+    let bos = loaded.desc.decoder.bos;
+    let (windows, info) = prepare(&loaded.tokenizer, bos, calib, samples, seq_len, seed)?;
     let mut llama = match loaded.kind {
         adaptq_model::ModelKind::Llama(l) => l,
         adaptq_model::ModelKind::Bert(_) => {
