@@ -178,9 +178,11 @@ fn meta_of(bundle: &Bundle) -> Result<Meta> {
         bundle.manifest.tensors.len(),
         Path::new(adaptq_bundle::MODEL_META),
     )?;
-    if meta.family != Family::Llama {
+    if meta.family != Family::Llama || meta.decoder.gemma3.is_some() {
+        // Gemma's norms, GeGLU and layer pattern need a Gemma config.json, not a Llama one.
         bail!(
-            "Hugging Face GPTQ export covers Llama-family decoders; this bundle is {:?}",
+            "Hugging Face GPTQ export writes Llama checkpoints; this bundle is {} ({:?} family)",
+            meta.architecture,
             meta.family
         );
     }
