@@ -463,6 +463,12 @@ fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemm
             (0..n as u64).map(|i| p == 0 || i % p < p - 1).collect()
         }
     };
+    if sliding.len() != n {
+        return Err(bad(format!(
+            "{pattern_key} lists {} layers, the model has {n}",
+            sliding.len()
+        )));
+    }
     let head_width = if n == 62 {
         desc.hidden / desc.n_heads
     } else {
