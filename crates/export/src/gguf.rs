@@ -306,19 +306,14 @@ pub fn metadata_from_hf(
             _ => bail!("tokenizer.json has a merge that is neither \"a b\" nor [a, b]"),
         })
         .collect::<Result<_>>()?;
-    // llama.cpp names the pre-tokenizer; these are the two byte-level shapes adaptq recognises.
-    let pt = &tokenizer["pre_tokenizer"];
-    let pre = if pt["type"] == "ByteLevel" {
-        "gpt2"
-    } else if pt["type"] == "Sequence"
-        && pt["pretokenizers"][0]["type"] == "Digits"
-        && pt["pretokenizers"][0]["individual_digits"] == true
-        && pt["pretokenizers"][1]["type"] == "ByteLevel"
-    {
-        "smollm"
-    } else {
-        "default"
-    };
+    // llama.cpp names the pre-tokenizer; the name is the one whose splits are this file's.
+    let ignore_merges = tokenizer["model"]["ignore_merges"] == true;
+    let pre =
+        adaptq_model::tokenizer::llama_cpp_pre_name(&tokenizer["pre_tokenizer"], ignore_merges)
+            .context(
+                "tokenizer.json's pre-tokenizer splits text unlike every llama.cpp pre-tokenizer \
+             adaptq knows, so there is no tokenizer.ggml.pre to write",
+            )?;
     let s = |v: &str| Value::String(v.to_string());
     let mut md = vec![
         ("general.architecture".to_string(), s("llama")),

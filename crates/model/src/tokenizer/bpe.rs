@@ -277,7 +277,43 @@ pub(crate) fn pre_tokenizer(name: &str) -> Result<&'static PreTokenizer> {
         .ok_or_else(|| unsupported(format!("GGUF pre-tokenizer '{name}'")))
 }
 
-pub(super) fn parts(merges: &[String], ids: &HashMap<&str, u32>, pre: &PreTokenizer) -> Parts {
+/// Text that tells llama.cpp's pre-tokenizers apart: contractions in both cases, digit runs of
+/// every length, runs of spaces, tabs and newlines, punctuation runs, accented, CJK, kana,
+/// Devanagari and emoji text, and code.
+const PROBE: &str = "Hello world! I'm HERE, we'LL see; they've 'd... 'Tis don'tcha y'all'd've gap  42 tab\t7 \n\n  \t\tTabs\r\n  lines \
+    3 33 333 3333 33333 3.14159 1,000,000 2024-12-01 x=42+7*3^2 $5 <a|b>~`q`\n\
+    ¿Qué tal? Ça va très bien… naïve café 東京は日本の首都です。カタカナ ひらがな 你好，世界！\
+    नमस्ते दुनिया। مرحبا بالعالم، 🦙🚀✨ 👨‍👩‍👧 ---=== !!!??? ((())) [[x]] {y}\n\
+    def f(x):\n    return x + 1  # comment\n\n\n   \u{a0}nbsp\u{3000}ideo   trailing   ";
+
+/// The pieces a pre-tokenizer definition (tokenizer.json's `pre_tokenizer`) cuts [`PROBE`] into,
+/// or `None` when the `tokenizers` crate cannot run it.
+fn probe_pieces(def: &Value) -> Option<Vec<String>> {
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
+    let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(def.clone()).ok()?;
+    let mut s = PreTokenizedString::from(PROBE);
+    pre.pre_tokenize(&mut s).ok()?;
+    let splits = s.get_splits(OffsetReferential::Original, OffsetType::Byte);
+    Some(splits.into_iter().map(|(p, ..)| p.to_string()).collect())
+}
+
+/// The `tokenizer.ggml.pre` name for a Hugging Face byte-level BPE tokenizer: the first name
+/// whose splits are the tokenizer.json pre-tokenizer's own on a probe text, preferring one that
+/// also agrees on `ignore_merges`. llama.cpp's converter names it by hashing the token ids of
+/// models it knows; comparing splits also names a model it has never seen, provided its regex
+/// is one llama.cpp has. `None` when no name splits the probe the same way.
+pub fn llama_cpp_pre_name(pre_tokenizer: &Value, ignore_merges: bool) -> Option<&'static str> {
+    let want = probe_pieces(pre_tokenizer)?;
+    let same: Vec<&PreTokenizer> = PRE_TOKENIZERS
+        .iter()
+        .filter(|p| probe_pieces(&pre_tokenizer_def(p)).as_ref() == Some(&want))
+        .collect();
+    let best = same.iter().find(|p| p.ignore_merges == ignore_merges);
+    best.or(same.first()).map(|p| p.names[0])
+}
+
+/// The pre-tokenizer definition of a llama.cpp name: its regex splits, then byte encoding.
+fn pre_tokenizer_def(pre: &PreTokenizer) -> Value {
     let splits = pre.splits.iter().map(|r| {
         let r = ["Lu", "Ll", "Lt", "Lm", "Lo"]
             .iter()
@@ -287,14 +323,17 @@ pub(super) fn parts(merges: &[String], ids: &HashMap<&str, u32>, pre: &PreTokeni
         json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false})
     });
     let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false});
+    json!({"type": "Sequence", "pretokenizers": splits.chain([byte_level]).collect::<Vec<_>>()})
+}
+
+pub(super) fn parts(merges: &[String], ids: &HashMap<&str, u32>, pre: &PreTokenizer) -> Parts {
     Parts {
         model: json!({"type": "BPE", "dropout": null, "unk_token": null,
             "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": false,
             "byte_fallback": false, "ignore_merges": pre.ignore_merges,
             "merges": merge_pairs(merges, ids)}),
         normalizer: Value::Null,
-        pre_tokenizer: json!({"type": "Sequence",
-            "pretokenizers": splits.chain([byte_level]).collect::<Vec<_>>()}),
+        pre_tokenizer: pre_tokenizer_def(pre),
         decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
             "use_regex": true}),
     }
@@ -333,5 +372,62 @@ mod tests {
                 }
             }
         }
+    }
+    /// Every name's own splits lead back to a name with the same regexes, so the probe text
+    /// tells apart regexes that split differently. The one pair of different regexes that
+    /// splits alike: bailingmoe's `\s*[\r\n]` ends at the last newline of a whitespace run,
+    /// as qwen2's `\s*[\r\n]+` does.
+    #[test]
+    fn each_name_is_found_from_its_own_splits() {
+        let alike = [("bailingmoe", "qwen2")];
+        let mut wrong = Vec::new();
+        for p in super::PRE_TOKENIZERS {
+            let def = super::pre_tokenizer_def(p);
+            let name = super::llama_cpp_pre_name(&def, p.ignore_merges)
+                .unwrap_or_else(|| panic!("{:?} not found", p.names));
+            let found = super::pre_tokenizer(name).unwrap();
+            let same = (found.splits, found.ignore_merges) == (p.splits, p.ignore_merges);
+            if !same && !alike.contains(&(p.names[0], name)) {
+                wrong.push(format!("{} named {name}", p.names[0]));
+            }
+        }
+        assert!(wrong.is_empty(), "{wrong:?}");
+    }
+
+    /// The shapes Hugging Face tokenizer.json files have (SmolLM2's, GPT-2's, Llama 3's and
+    /// Qwen2's regexes as published) get a name that splits as they do.
+    #[test]
+    fn hugging_face_pre_tokenizers_are_named() {
+        use serde_json::json;
+        let byte_level = |regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": regex});
+        let split = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+        let seq = |v: Vec<serde_json::Value>| json!({"type": "Sequence", "pretokenizers": v});
+        let llama3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        let qwen2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+        let cases = [
+            (byte_level(true), false, "gpt-2"),
+            (
+                seq(vec![
+                    json!({"type": "Digits", "individual_digits": true}),
+                    byte_level(true),
+                ]),
+                false,
+                "smollm",
+            ),
+            (
+                seq(vec![split(llama3), byte_level(false)]),
+                true,
+                "llama-bpe",
+            ),
+            (seq(vec![split(qwen2), byte_level(false)]), false, "qwen2"),
+        ];
+        for (def, ignore_merges, member) in cases {
+            let name = super::llama_cpp_pre_name(&def, ignore_merges)
+                .unwrap_or_else(|| panic!("{member}: no name"));
+            let found = super::pre_tokenizer(name).unwrap();
+            assert!(found.names.contains(&member), "{member}: named {name}");
+        }
+        let none = json!({"type": "Whitespace"});
+        assert_eq!(super::llama_cpp_pre_name(&none, false), None);
     }
 }

@@ -14,6 +14,7 @@ mod bpe;
 mod spm;
 mod vocab;
 
+pub use bpe::llama_cpp_pre_name;
 pub use vocab::GgufVocab;
 
 use anyhow::{anyhow, bail, Result};

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Writes a small, seeded, random-weight F32 GGUF model for one architecture, loadable by
+llama.cpp (0.3.36 vendored tree), so that a forward pass can be compared against llama.cpp's.
+
+usage: random_gguf.py ARCH OUT.gguf [--seed N] [--vocab-from SMOLLM.gguf] [--set KEY=VALUE ...]
+
+ARCH: llama3 mistral qwen2 qwen3 gemma2 gemma3 phi3  (see ARCHS below for the exact layouts)
+
+Vocabulary: every tokenizer.ggml.* key is copied from --vocab-from (default: the SmolLM2-135M
+fixture, 49152-token byte-level BPE, pre "smollm"); all values copied verbatim (strings as bytes).
+
+Weights: numpy default_rng seeded per tensor from (seed, tensor name), so a tensor's values do
+not depend on which other tensors a variant writes or drops.  All tensors are F32.  To keep the
+model far from uniform, residual channel 1 is a "frequency prior" channel: token t's embedding
+(and its output row) carries q_t = a Zipf-like score from the token id (low id = frequent merge
+in byte-level BPE; control tokens get the lowest score).  Rows 1 of attn_output / ffn_down are
+zero so no layer writes into that channel; all other weights are plain Gaussians, so the
+logits = prior (through the final norm) + context-dependent random part.
+
+Feature switches for A/B checks (--set, repeatable; the defaults are the "feature on" file):
+  llama3 : rope_freqs=llama3|ones|none      (per-frequency factor tensor rope_freqs.weight)
+  mistral: sliding_window=0|N               (writes llama.attention.sliding_window = N if N>0;
+                                             llama.cpp's llama arch never reads it)
+  qwen2  : qkv_bias=1|0                     (0: no attn_{q,k,v}.bias tensors)
+  qwen3  : qk_norm=random|ones              (attn_{q,k}_norm.weight values)
+  gemma2 : attn_softcap=F final_softcap=F window=N
+  gemma3 : window=N freq_base_swa=F freq_base=F
+  phi3   : rope_factors=1|0 short_ones=0|1 attn_factor=F sliding_window=N
+Any other field of the arch's config (n_layer, n_embd, ...) can be overridden the same way.
+
+Reading gguf: the llama.cpp cache's gguf-py is put first on sys.path if present
+($LLAMACPP_GGUF_PY, else ~/.cache/adaptq-peers/llama.cpp-0.3.36/gguf-py), so the writer matches
+the reference build; otherwise the installed gguf package is used.
+"""
+import argparse
+import math
+import os
+import re
+import sys
+import zlib
+
+_GGUF_PY = os.environ.get(
+    "LLAMACPP_GGUF_PY",
+    os.path.expanduser("~/.cache/adaptq-peers/llama.cpp-0.3.36/gguf-py"))
+if os.path.isdir(_GGUF_PY):
+    sys.path.insert(0, _GGUF_PY)
+
+import numpy as np  # noqa: E402
+import gguf  # noqa: E402
+from gguf import GGUFValueType as T  # noqa: E402
+
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+DEFAULT_VOCAB = os.path.join(REPO, ".cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, ctx, eps, rope base, tied output.
+# sq/sk: std of q/k entries (sets attention sharpness), so/sd: attn_output/ffn_down gain,
+# tau: std of the random logit part (untied), prior: logit span of the frequency prior.
+COMMON = dict(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
+              ctx=4096, eps=1e-5, freq_base=10000.0, tied=0,
+              sq=1.7, sk=1.7, so=1.0, sd=1.5, tau=0.5, prior_span=15.0, prior_b=3.0,
+              prior_c=2.0, emb_std=1.0)
+ARCHS = {
+    # Llama 3.1: rope_freqs from rope_scaling {rope_type: llama3, factor 8, low 1, high 4,
+    # original_max_position_embeddings 256 (8192 in the real model; reduced so that the
+    # factors change angles inside a 128-token window)}, GQA 2:1, untied output.
+    "llama3": dict(arch="llama", freq_base=500000.0, ctx=8192,
+                   rope_freqs="llama3", l3_factor=8.0, l3_low=1.0, l3_high=4.0, l3_orig=256),
+    # Mistral 7B layout: GQA 4:1 (8 q heads, 2 kv heads), head_dim = n_embd / n_head, theta 1e6.
+    "mistral": dict(arch="llama", n_embd=256, n_head=8, n_head_kv=2, head_dim=32, n_ff=512,
+                    freq_base=1000000.0, ctx=32768, sliding_window=0),
+    # Qwen2(.5): q/k/v biases, n_head*head_dim == n_embd (llama.cpp requires it), tied output.
+    "qwen2": dict(arch="qwen2", eps=1e-6, freq_base=1000000.0, ctx=32768, tied=1, qkv_bias=1,
+                  bias_std=1.0, emb_std=0.05),
+    # Qwen3: per-head RMSNorm on q and k (before RoPE), head_dim 64 != n_embd/n_head.
+    "qwen3": dict(arch="qwen3", head_dim=64, eps=1e-6, freq_base=1000000.0, ctx=40960,
+                  qk_norm="random", sq=1.0, sk=1.0),
+    # Gemma 2: embeddings * sqrt(n_embd), pre+post norms, GeGLU(tanh), attn + final softcap,
+    # SWA on even layers (pattern 2) with a small window, head_dim 64 != n_embd/n_head, tied.
+    "gemma2": dict(arch="gemma2", n_layer=4, head_dim=64, n_ff=256, eps=1e-6, ctx=8192, tied=1,
+                   attn_softcap=20.0, final_softcap=30.0, window=32, sq=2.5, sk=2.5,
+                   prior_b=0.5, emb_std=0.5, prior_span=80.0),
+    # Gemma 3: q/k norms, SWA pattern 6 (layers 0-4 local, 5 global), local rope base 10000,
+    # global 1e6, small window, tied. No attention softcap in Gemma 3.
+    "gemma3": dict(arch="gemma3", n_layer=6, head_dim=64, n_ff=256, eps=1e-6, ctx=32768, tied=1,
+                   freq_base=1000000.0, freq_base_swa=10000.0, window=32, sq=1.0, sk=1.0,
+                   emb_std=0.5, prior_span=30.0),
+    # Phi-3: fused attn_qkv and fused gate|up (gate first) in ffn_up, NEOX rope, LongRoPE
+    # factors (short used while n_ctx_seq <= original_context_length), rope attn_factor.
+    "phi3": dict(arch="phi3", n_ff=256, ctx=2048, rope_factors=1, short_ones=0, orig_ctx=512,
+                 attn_factor=-1.0, sliding_window=2047),
+}
+
+
+def cfg_for(arch, sets):
+    cfg = dict(COMMON)
+    cfg.update(ARCHS[arch])
+    for kv in sets:
+        k, v = kv.split("=", 1)
+        if k not in cfg:
+            raise SystemExit(f"unknown --set key {k!r} for {arch}; known: {sorted(cfg)}")
+        old = cfg[k]
+        cfg[k] = type(old)(float(v)) if isinstance(old, int) and not isinstance(old, bool) \
+            else (float(v) if isinstance(old, float) else v)
+    return cfg
+
+
+class Rng:
+    def __init__(self, seed):
+        self.seed = seed
+
+    def __call__(self, name):
+        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+
+    def normal(self, name, shape, std):
+        return (self(name).standard_normal(shape) * std).astype(np.float32)
+
+    def uniform(self, name, shape, lo, hi):
+        return self(name).uniform(lo, hi, shape).astype(np.float32)
+
+
+def field_value(field):
+    """(value, sub_type) of a GGUFReader field as GGUFWriter.add_key_value takes it."""
+    kind = field.types[0]
+    if kind == T.ARRAY:
+        sub = field.types[-1]
+        if sub == T.STRING:
+            return [bytes(field.parts[i]) for i in field.data], sub
+        return [field.parts[i].tolist()[0] for i in field.data], sub
+    if kind == T.STRING:
+        return bytes(field.parts[field.data[0]]), None
+    return field.parts[field.data[0]].tolist()[0], None
+
+
+def read_vocab(path):
+    r = gguf.GGUFReader(path)
+    kvs = []
+    for key, field in r.fields.items():
+        if key.startswith("tokenizer.ggml."):
+            val, sub = field_value(field)
+            kvs.append((key, val, field.types[0], sub))
+    types = np.array(field_value(r.fields["tokenizer.ggml.token_type"])[0])
+    tokens = [t.decode("utf-8", "replace") for t in field_value(r.fields["tokenizer.ggml.tokens"])[0]]
+    return kvs, tokens, types
+
+
+_WORD = re.compile("\u0120?[A-Za-z]+")
+_SPACE_LOWER = re.compile("\u0120[a-z]+")
+_PUNCT = re.compile("\u0120?[,.;:!?'\"\\-]+|\u010a+")
+
+
+def prior_score(tokens, types, k=200.0):
+    """A fixed unigram-like prior from the vocabulary alone (no corpus statistics): Zipf in the
+    token id (byte-level BPE ids follow merge order, i.e. frequency), plus bonuses for plain
+    words / space-prefixed lower-case words / common punctuation and newlines, minus a penalty
+    for everything else (digits, code symbols, non-ASCII).  Returned in [0, 1] for normal
+    tokens (1 = most likely); control tokens get -1/3."""
+    n = len(types)
+    normal = types == 1
+    rank = np.cumsum(normal) - 1
+    z = (math.log(n + k) - np.log(rank + k)) / (math.log(n + k) - math.log(k))
+    word = np.array([bool(_WORD.fullmatch(t)) for t in tokens])
+    lower = np.array([bool(_SPACE_LOWER.fullmatch(t)) for t in tokens])
+    punct = np.array([bool(_PUNCT.fullmatch(t)) for t in tokens])
+    raw = 8.0 * z + word + lower + 4.0 * punct - 3.0 * ~(word | punct)
+    lo, hi = raw[normal].min(), raw[normal].max()
+    s = (raw - lo) / (hi - lo)
+    return np.where(normal, s, -1.0 / 3.0).astype(np.float32), float(hi - lo)
+
+
+def llama3_rope_factors(base, dim, factor, low, high, orig):
+    # same arithmetic as convert_hf_to_gguf (conversion/llama.py, generate_extra_tensors)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_wl, high_wl = orig / low, orig / high
+    out = []
+    for f in freqs:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (orig / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def build(arch_name, cfg, seed, vocab_path, out):
+    arch = cfg["arch"]
+    D, L, H, HKV, HD, FF = (int(cfg[k]) for k in
+                            ("n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"))
+    vocab_kvs, tokens, types = read_vocab(vocab_path)
+    V = len(types)
+    rng = Rng(seed)
+    gemma = arch in ("gemma2", "gemma3")
+    tensors = {}
+
+    def add(name, arr):
+        tensors[name] = np.ascontiguousarray(arr, dtype=np.float32)
+
+    def norm_w(name, n, lo=0.8, hi=1.2):
+        add(name, rng.uniform(name, (n,), lo, hi))
+
+    # ---- embeddings / output (numpy shapes are (ne1, ne0) = (rows, row length)) ----
+    q, _ = prior_score(tokens, types)
+    escale = math.sqrt(D) if gemma else 1.0   # llama.cpp scales looked-up Gemma rows by sqrt(n_embd)
+    # input-space embedding: channel 1 = prior_c * (prior_b + q_t), others N(0, emb_std)
+    emb = rng.normal("token_embd.weight", (V, D), cfg["emb_std"] / escale)
+    emb[:, 1] = cfg["prior_c"] * (cfg["prior_b"] + q) / escale
+    add("token_embd.weight", emb)
+    # the final-normed channel 1 is ~ H1_EST; scale so the prior spans ~prior_span nats
+    H1_EST = 3.8
+    onorm = rng.uniform("output_norm.weight", (D,), 0.8, 1.2)
+    if cfg["tied"]:
+        onorm[1] = cfg["prior_span"] / (H1_EST * cfg["prior_c"] / escale)
+    else:
+        outw = rng.normal("output.weight", (V, D), cfg["tau"] / math.sqrt(D))
+        outw[:, 1] = cfg["prior_span"] / H1_EST * q
+        add("output.weight", outw)
+    add("output_norm.weight", onorm)
+
+    nq, nk = H * HD, HKV * HD
+    for i in range(L):
+        p = f"blk.{i}."
+        norm_w(p + "attn_norm.weight", D)
+        wq = rng.normal(p + "attn_q.weight", (nq, D), cfg["sq"] / math.sqrt(D))
+        wk = rng.normal(p + "attn_k.weight", (nk, D), cfg["sk"] / math.sqrt(D))
+        wv = rng.normal(p + "attn_v.weight", (nk, D), 1.0 / math.sqrt(D))
+        wo = rng.normal(p + "attn_output.weight", (D, nq), cfg["so"] / math.sqrt(nq))
+        wo[1, :] = 0.0
+        if arch == "phi3":
+            # fused: rows [0, nq) = Q, [nq, nq+nk) = K, [nq+nk, nq+2nk) = V
+            add(p + "attn_qkv.weight", np.concatenate([wq, wk, wv], axis=0))
+        else:
+            add(p + "attn_q.weight", wq)
+            add(p + "attn_k.weight", wk)
+            add(p + "attn_v.weight", wv)
+        if arch == "qwen2" and int(cfg["qkv_bias"]):
+            for t, n in (("q", nq), ("k", nk), ("v", nk)):
+                add(p + f"attn_{t}.bias", rng.normal(p + f"attn_{t}.bias", (n,), cfg["bias_std"]))
+        if arch in ("qwen3", "gemma3"):
+            for t in ("q", "k"):
+                name = p + f"attn_{t}_norm.weight"
+                w = rng.uniform(name, (HD,), 0.5, 2.5) if arch == "qwen3" \
+                    else rng.uniform(name, (HD,), 1.0, 2.5)
+                if arch == "qwen3" and cfg["qk_norm"] == "ones":
+                    w = np.ones(HD, np.float32)
+                add(name, w)
+        add(p + "attn_output.weight", wo)
+        if gemma:
+            norm_w(p + "post_attention_norm.weight", D)
+        norm_w(p + "ffn_norm.weight", D)
+        wg = rng.normal(p + "ffn_gate.weight", (FF, D), 1.0 / math.sqrt(D))
+        wu = rng.normal(p + "ffn_up.weight", (FF, D), 1.0 / math.sqrt(D))
+        wd = rng.normal(p + "ffn_down.weight", (D, FF), cfg["sd"] / math.sqrt(FF))
+        wd[1, :] = 0.0
+        if arch == "phi3":
+            # fused: rows [0, FF) = gate (SiLU'd), rows [FF, 2FF) = up
+            add(p + "ffn_up.weight", np.concatenate([wg, wu], axis=0))
+        else:
+            add(p + "ffn_gate.weight", wg)
+            add(p + "ffn_up.weight", wu)
+        add(p + "ffn_down.weight", wd)
+        if gemma:
+            norm_w(p + "post_ffw_norm.weight", D)
+
+    if arch == "llama" and "rope_freqs" in cfg and cfg["rope_freqs"] != "none":
+        f = llama3_rope_factors(cfg["freq_base"], HD, cfg["l3_factor"], cfg["l3_low"],
+                                cfg["l3_high"], cfg["l3_orig"])
+        if cfg["rope_freqs"] == "ones":
+            f = np.ones_like(f)
+        add("rope_freqs.weight", f)
+    if arch == "phi3" and int(cfg["rope_factors"]):
+        add("rope_factors_long.weight", rng.uniform("rope_factors_long.weight", (HD // 2,), 1.0, 8.0))
+        short = rng.uniform("rope_factors_short.weight", (HD // 2,), 1.0, 3.0)
+        if int(cfg["short_ones"]):
+            short = np.ones_like(short)
+        add("rope_factors_short.weight", short)
+
+    # ---- metadata ----
+    tmp = out + ".tmp"
+    w = gguf.GGUFWriter(tmp, arch)
+    # neutral name: llama-vocab.cpp keys per-token attributes off general.name (e.g. "phi3")
+    w.add_name(f"adaptq random seed {seed}")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_context_length(int(cfg["ctx"]))
+    w.add_embedding_length(D)
+    w.add_block_count(L)
+    w.add_feed_forward_length(FF)
+    w.add_head_count(H)
+    w.add_head_count_kv(HKV)
+    w.add_layer_norm_rms_eps(float(cfg["eps"]))
+    w.add_rope_freq_base(float(cfg["freq_base"]))
+    w.add_vocab_size(V)
+    if HD != D // H or gemma:
+        w.add_key_length(HD)
+        w.add_value_length(HD)
+    if arch in ("llama", "phi3"):
+        w.add_rope_dimension_count(HD)
+    if arch_name == "mistral" and int(cfg["sliding_window"]) > 0:
+        w.add_sliding_window(int(cfg["sliding_window"]))
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(cfg["attn_softcap"]))
+        w.add_final_logit_softcapping(float(cfg["final_softcap"]))
+        w.add_sliding_window(int(cfg["window"]))
+    if arch == "gemma3":
+        w.add_sliding_window(int(cfg["window"]))
+        w.add_rope_freq_base_swa(float(cfg["freq_base_swa"]))
+    if arch == "phi3":
+        w.add_rope_scaling_orig_ctx_len(int(cfg["orig_ctx"]))
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        af = cfg["attn_factor"]
+        if af < 0:  # convert_hf_to_gguf's LongRoPE value: sqrt(1 + ln(scale)/ln(orig))
+            scale = cfg["ctx"] / cfg["orig_ctx"]
+            af = math.sqrt(1 + math.log(scale) / math.log(cfg["orig_ctx"])) if scale > 1 else 1.0
+        if int(cfg["rope_factors"]) and af != 1.0:
+            w.add_rope_scaling_attn_factors(float(af))
+    for key, val, kind, sub in vocab_kvs:
+        w.add_key_value(key, val, kind, sub)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("arch", choices=sorted(ARCHS))
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-from", default=DEFAULT_VOCAB)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field / feature switch (see module doc)")
+    a = ap.parse_args()
+    build(a.arch, cfg_for(a.arch, a.set), a.seed, a.vocab_from, a.out)
+
+
+if __name__ == "__main__":
+    main()
