@@ -9,13 +9,14 @@ ARCH: llama3 mistral qwen2 qwen3 gemma2 gemma3 phi3  (see ARCHS below for the ex
 Vocabulary: every tokenizer.ggml.* key is copied from --vocab-from (default: the SmolLM2-135M
 fixture, 49152-token byte-level BPE, pre "smollm"); all values copied verbatim (strings as bytes).
 
-Weights: numpy default_rng seeded per tensor from (seed, tensor name), so a tensor's values do
-not depend on which other tensors a variant writes or drops.  All tensors are F32.  To keep the
-model far from uniform, residual channel 1 is a "frequency prior" channel: token t's embedding
-(and its output row) carries q_t = a Zipf-like score from the token id (low id = frequent merge
-in byte-level BPE; control tokens get the lowest score).  Rows 1 of attn_output / ffn_down are
-zero so no layer writes into that channel; all other weights are plain Gaussians, so the
-logits = prior (through the final norm) + context-dependent random part.
+Weights: numpy default_rng seeded per tensor from (seed, crc32(tensor name)), so a tensor's
+values do not depend on which other tensors a variant writes or drops (same file bytes for the
+same arguments).  All tensors are F32.  To keep the model far from uniform, residual channel 1
+is a "prior" channel: token t's embedding and output row carry q_t, a fixed unigram-like score
+computed from the vocabulary alone (see prior_score); rows 1 of attn_output / ffn_down are zero
+so no layer writes into that channel (for tied outputs output_norm.weight[1] is set large to
+give the prior its logit range).  Everything else is plain Gaussian / uniform, so
+logits = prior (through the final norm) + a context-dependent random part.
 
 Feature switches for A/B checks (--set, repeatable; the defaults are the "feature on" file):
   llama3 : rope_freqs=llama3|ones|none      (per-frequency factor tensor rope_freqs.weight)
@@ -24,7 +25,7 @@ Feature switches for A/B checks (--set, repeatable; the defaults are the "featur
   qwen2  : qkv_bias=1|0                     (0: no attn_{q,k,v}.bias tensors)
   qwen3  : qk_norm=random|ones              (attn_{q,k}_norm.weight values)
   gemma2 : attn_softcap=F final_softcap=F window=N
-  gemma3 : window=N freq_base_swa=F freq_base=F
+  gemma3 : window=N freq_base_swa=F freq_base=F qk_norm=random|ones
   phi3   : rope_factors=1|0 short_ones=0|1 attn_factor=F sliding_window=N
 Any other field of the arch's config (n_layer, n_embd, ...) can be overridden the same way.
 
@@ -54,17 +55,18 @@ DEFAULT_VOCAB = os.path.join(REPO, ".cache/fixtures/smollm2/SmolLM2-135M-Instruc
 
 # n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, ctx, eps, rope base, tied output.
 # sq/sk: std of q/k entries (sets attention sharpness), so/sd: attn_output/ffn_down gain,
-# tau: std of the random logit part (untied), prior: logit span of the frequency prior.
+# tau: std of the random logit part (untied), prior_span: ~logit range of the prior (nats),
+# prior_c/prior_b: channel-1 input value prior_c*(prior_b+q_t), emb_std: std of other channels.
 COMMON = dict(n_layer=2, n_embd=128, n_head=4, n_head_kv=2, head_dim=32, n_ff=384,
               ctx=4096, eps=1e-5, freq_base=10000.0, tied=0,
               sq=1.7, sk=1.7, so=1.0, sd=1.5, tau=0.5, prior_span=15.0, prior_b=3.0,
               prior_c=2.0, emb_std=1.0)
 ARCHS = {
     # Llama 3.1: rope_freqs from rope_scaling {rope_type: llama3, factor 8, low 1, high 4,
-    # original_max_position_embeddings 256 (8192 in the real model; reduced so that the
+    # original_max_position_embeddings 64 (8192 in the real model; reduced so that the
     # factors change angles inside a 128-token window)}, GQA 2:1, untied output.
     "llama3": dict(arch="llama", freq_base=500000.0, ctx=8192,
-                   rope_freqs="llama3", l3_factor=8.0, l3_low=1.0, l3_high=4.0, l3_orig=256),
+                   rope_freqs="llama3", l3_factor=8.0, l3_low=1.0, l3_high=4.0, l3_orig=64),
     # Mistral 7B layout: GQA 4:1 (8 q heads, 2 kv heads), head_dim = n_embd / n_head, theta 1e6.
     "mistral": dict(arch="llama", n_embd=256, n_head=8, n_head_kv=2, head_dim=32, n_ff=512,
                     freq_base=1000000.0, ctx=32768, sliding_window=0),
@@ -83,7 +85,7 @@ ARCHS = {
     # global 1e6, small window, tied. No attention softcap in Gemma 3.
     "gemma3": dict(arch="gemma3", n_layer=6, head_dim=64, n_ff=256, eps=1e-6, ctx=32768, tied=1,
                    freq_base=1000000.0, freq_base_swa=10000.0, window=32, sq=1.0, sk=1.0,
-                   emb_std=0.5, prior_span=30.0),
+                   emb_std=0.5, prior_span=30.0, qk_norm="random"),
     # Phi-3: fused attn_qkv and fused gate|up (gate first) in ffn_up, NEOX rope, LongRoPE
     # factors (short used while n_ctx_seq <= original_context_length), rope attn_factor.
     "phi3": dict(arch="phi3", n_ff=256, ctx=2048, rope_factors=1, short_ones=0, orig_ctx=512,
@@ -242,7 +244,7 @@ def build(arch_name, cfg, seed, vocab_path, out):
                 name = p + f"attn_{t}_norm.weight"
                 w = rng.uniform(name, (HD,), 0.5, 2.5) if arch == "qwen3" \
                     else rng.uniform(name, (HD,), 1.0, 2.5)
-                if arch == "qwen3" and cfg["qk_norm"] == "ones":
+                if cfg["qk_norm"] == "ones":
                     w = np.ones(HD, np.float32)
                 add(name, w)
         add(p + "attn_output.weight", wo)

@@ -11,9 +11,8 @@
 
 use adaptq_eval::ScoreMode;
 use adaptq_model::llama::Llama;
-use adaptq_testutil::cli::text;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use adaptq_testutil::llamacpp::{bin_dir as llamacpp_bin, final_ppl, parse_ids, run as llamacpp};
+use std::path::PathBuf;
 
 const CTX: usize = 512;
 /// Windows compared: 8, or `ADAPTQ_GEMMA_CHUNKS`.
@@ -32,51 +31,6 @@ fn gemma3_gguf() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// The folder of llama.cpp's tools, built once by the shared script (minutes the first time).
-fn llamacpp_bin() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/tools/llamacpp.sh");
-    let o = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(o.status.success(), "{}: {}", script.display(), text(&o));
-    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
-}
-
-/// Runs one of llama.cpp's tools and returns stdout followed by stderr.
-fn llamacpp(bin: &Path, tool: &str, args: &[&str]) -> String {
-    let o = Command::new(bin.join(tool))
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    assert!(o.status.success(), "{tool}: {}", text(&o));
-    text(&o)
-}
-
-/// `[2, 7719, …]` as `llama-tokenize --ids` prints it.
-fn parse_ids(out: &str) -> Vec<u32> {
-    let list = out
-        .lines()
-        .find(|l| l.starts_with('['))
-        .unwrap_or_else(|| panic!("no id list in llama-tokenize output: {out}"));
-    list.trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .map(|x| x.trim().parse().expect("token id"))
-        .collect()
-}
-
-/// The figure of `Final estimate: PPL = 23.4601 +/- 0.65522`.
-fn final_ppl(out: &str) -> f64 {
-    let rest = out
-        .split("Final estimate: PPL = ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no final estimate in llama-perplexity output: {out}"));
-    rest.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .expect("PPL value")
 }
 
 #[test]

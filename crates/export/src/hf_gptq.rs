@@ -178,12 +178,29 @@ fn meta_of(bundle: &Bundle) -> Result<Meta> {
         bundle.manifest.tensors.len(),
         Path::new(adaptq_bundle::MODEL_META),
     )?;
-    if meta.family != Family::Llama || meta.decoder.gemma3.is_some() {
-        // Gemma's norms, GeGLU and layer pattern need a Gemma config.json, not a Llama one.
+    let rope_freqs = bundle
+        .manifest
+        .tensors
+        .iter()
+        .any(|t| t.name == "rope_freqs.weight");
+    // Gemma's norms, GeGLU and layer pattern, Qwen3's q/k norms and Llama 3's RoPE scaling
+    // each need their own config.json, not the plain Llama one written here.
+    let unlike = if meta.family != Family::Llama {
+        Some("it is not a Llama-family decoder")
+    } else if meta.decoder.gemma.is_some() {
+        Some("Gemma's extra norms and sliding layers")
+    } else if meta.decoder.qk_norm {
+        Some("its q/k norms")
+    } else if rope_freqs {
+        Some("its RoPE frequency factors (rope_freqs.weight)")
+    } else {
+        None
+    };
+    if let Some(why) = unlike {
         bail!(
-            "Hugging Face GPTQ export writes Llama checkpoints; this bundle is {} ({:?} family)",
-            meta.architecture,
-            meta.family
+            "Hugging Face GPTQ export writes plain Llama checkpoints; this bundle ({}) cannot \
+             be one: {why}",
+            meta.architecture
         );
     }
     Ok(meta)

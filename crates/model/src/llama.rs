@@ -1,11 +1,13 @@
-//! Llama-family decoder (Llama, Mistral, Qwen2, SmolLM): RMSNorm, rotary embeddings in either
-//! pairing convention, grouped-query attention, SwiGLU MLP, tied or separate output head. Gemma 3
-//! runs as the same blocks with the extras of [`crate::gemma`], so calibration walks it alike.
+//! Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM): RMSNorm, rotary embeddings in
+//! either pairing convention (with Llama 3's per-frequency factors when the file has them),
+//! grouped-query attention, optional q/k norms, SwiGLU MLP, tied or separate output head.
+//! Gemma 2 and 3 run as the same blocks with the extras of [`crate::gemma`], so calibration walks
+//! them alike.
 //!
 //! The forward pass is exposed in pieces (`embed`, `block`, `head`) so calibration can run the
 //! network layer by layer, and every linear layer's input can be handed to a hook.
 
-use crate::gemma::{GemmaModel, GemmaNorms};
+use crate::gemma::{GemmaModel, PostNorms};
 use crate::Weights;
 use adaptq_source::model::{ModelDesc, RopeStyle};
 use anyhow::{bail, Context, Result};
@@ -94,8 +96,23 @@ pub struct Block {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
-    /// Gemma 3's q/k and post-attention/post-MLP norms; `None` for plain Llama.
-    pub gemma: Option<GemmaNorms>,
+    /// RMSNorm of each query and key head (Qwen3, Gemma 3).
+    pub qk_norm: Option<QkNorm>,
+    /// Gemma's norms after attention and the MLP.
+    pub post_norms: Option<PostNorms>,
+}
+
+/// Per-head RMSNorm of queries and keys before RoPE, `[head_dim]` weights.
+pub struct QkNorm {
+    q: Tensor,
+    k: Tensor,
+}
+
+impl QkNorm {
+    /// Normalizes `q: [T, H, hd]` and `k: [T, KV, hd]` head by head.
+    fn apply(&self, q: &Tensor, k: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        Ok((rms_norm(q, &self.q, eps)?, rms_norm(k, &self.k, eps)?))
+    }
 }
 
 impl Block {
@@ -194,6 +211,9 @@ pub struct Llama {
     rotation: Option<Box<Rotated>>,
 }
 
+/// Per-frequency RoPE divisors of Llama 3.1-style GGUF files, `[head_dim / 2]`.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 /// A norm weight, which must have `len` values.
 pub(crate) fn vec_tensor(w: &dyn Weights, name: &str, len: usize) -> Result<Tensor> {
     let v = w.read(name).with_context(|| format!("reading '{name}'"))?;
@@ -262,9 +282,9 @@ impl Llama {
         };
         let d = desc.hidden;
         let hd = desc.head_dim();
-        let gemma = desc.decoder.gemma3.as_ref();
+        let gemma = desc.decoder.gemma.as_ref();
         if gemma.is_some() && !gguf {
-            bail!("Gemma 3 runs from GGUF files only (their norm weights already hold 1 + w)");
+            bail!("Gemma runs from GGUF files only (their norm weights already hold 1 + w)");
         }
         if d == 0
             || hd == 0
@@ -318,10 +338,34 @@ impl Llama {
                 gate: lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
                 up: lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
                 down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
-                gemma: gemma.map(|_| GemmaNorms::load(w, i, desc)).transpose()?,
+                qk_norm: match desc.decoder.qk_norm {
+                    true => Some(QkNorm {
+                        q: vec_tensor(
+                            w,
+                            &n(i, "attn_q_norm.weight", "self_attn.q_norm.weight"),
+                            hd,
+                        )?,
+                        k: vec_tensor(
+                            w,
+                            &n(i, "attn_k_norm.weight", "self_attn.k_norm.weight"),
+                            hd,
+                        )?,
+                    }),
+                    false => None,
+                },
+                post_norms: gemma.map(|_| PostNorms::load(w, i, desc)).transpose()?,
             });
         }
         let scale = gemma.map_or(1.0, |g| g.rope_scale);
+        let mut inv_freq = inv_freq(desc.rope_theta, hd, scale);
+        // Llama 3.1's long-context RoPE: each frequency divided by its factor, as
+        // `ggml_rope_ext` does with `freq_factors`.
+        if gguf && w.has(ROPE_FREQS) {
+            let f = vec_tensor(w, ROPE_FREQS, hd / 2)?.to_vec1::<f32>()?;
+            for (x, f) in inv_freq.iter_mut().zip(f) {
+                *x /= f;
+            }
+        }
         let mut m = Llama {
             desc: desc.clone(),
             embed,
@@ -330,7 +374,7 @@ impl Llama {
             tied,
             final_norm: vec_tensor(w, norm_name, d)?,
             blocks,
-            inv_freq: inv_freq(desc.rope_theta, hd, scale),
+            inv_freq,
             gemma: gemma.map(|g| GemmaModel::new(desc, g)),
             rotation: None,
         };
@@ -470,8 +514,8 @@ impl Llama {
         let q = b.q.forward(&h, hook)?.reshape((t, d.n_heads, hd))?;
         let k = b.k.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
         let v = b.v.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
-        let (q, k) = match &b.gemma {
-            Some(g) => g.qk(&q, &k, eps)?,
+        let (q, k) = match &b.qk_norm {
+            Some(n) => n.apply(&q, &k, eps)?,
             None => (q, k),
         };
         let (cos, sin) = self.rope_tables(i, pos0, t)?;
@@ -486,13 +530,13 @@ impl Llama {
             *c = Some((k.clone(), v.clone()));
         }
         let a = self.attend(i, &q, &k, &v, hook)?;
-        let a = match &b.gemma {
+        let a = match &b.post_norms {
             Some(g) => g.after_attn(&a, eps)?,
             None => a,
         };
         let x = (x + a)?;
         let m = self.mlp(b, &rms_norm(&x, &b.ffn_norm, eps)?, hook)?;
-        let m = match &b.gemma {
+        let m = match &b.post_norms {
             Some(g) => g.after_ffn(&m, eps)?,
             None => m,
         };
@@ -528,6 +572,10 @@ impl Llama {
             None => 1.0 / (hd as f64).sqrt(),
         };
         let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match &self.gemma {
+            Some(g) => g.cap_scores(scores)?,
+            None => scores,
+        };
         let window = self.gemma.as_ref().and_then(|g| g.window(i));
         let scores = match attention_mask(t, s, window)? {
             Some(m) => scores.broadcast_add(&m)?,
@@ -542,7 +590,7 @@ impl Llama {
         self.blocks[i].o.forward(&attn, hook)
     }
 
-    /// Block `b`'s MLP on its normalized input: SwiGLU, or GeGLU (tanh GELU) for Gemma 3.
+    /// Block `b`'s MLP on its normalized input: SwiGLU, or GeGLU (tanh GELU) for Gemma.
     fn mlp(&self, b: &Block, h: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
         let rot = self.rotation.as_ref();
         let h = match rot {
@@ -550,7 +598,7 @@ impl Llama {
             None => h.clone(),
         };
         let g = b.gate.forward(&h, hook)?;
-        let g = match b.gemma {
+        let g = match self.gemma {
             Some(_) => g.gelu()?,
             None => g.silu()?,
         };
@@ -567,7 +615,7 @@ impl Llama {
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
         let logits = self.final_normed(x)?.matmul(&self.head_t)?;
         match &self.gemma {
-            Some(g) => g.softcap(logits),
+            Some(g) => g.cap_logits(logits),
             None => Ok(logits),
         }
     }

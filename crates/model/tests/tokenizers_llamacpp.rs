@@ -102,13 +102,7 @@ fn repo() -> PathBuf {
 
 /// `llama-tokenize`, built on first use by the shared script.
 fn llama_tokenize() -> PathBuf {
-    let script = repo().join("../shared/tools/llamacpp.sh");
-    let out = Command::new(&script)
-        .current_dir(repo())
-        .output()
-        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
-    assert!(out.status.success(), "{} failed", script.display());
-    let bin = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).join("llama-tokenize");
+    let bin = adaptq_testutil::llamacpp::bin_dir().join("llama-tokenize");
     assert!(bin.is_file(), "{} missing", bin.display());
     bin
 }

@@ -88,32 +88,46 @@ pub struct ModelDesc {
 
 /// Decoder settings that plain Llama files leave at their defaults. Kept apart from the
 /// `ModelDesc` fields every source fills, so a new family adds here, not to each constructor.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Written into a bundle's `model.meta` beside those fields, each only when set, so a Llama
+/// bundle's model.meta (and its digest) carries none of them.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DecoderTraits {
     /// Width of one attention head when it is not hidden / heads (Gemma 3 270M: 256, with a
     /// hidden size of 640 and 4 heads), from GGUF `attention.key_length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Token llama.cpp puts first in every perplexity window (`tokenizer.ggml.add_bos_token`):
     /// scores are only comparable with it in the same place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos: Option<u32>,
-    pub gemma3: Option<Gemma3>,
+    /// RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gemma: Option<Gemma>,
 }
 
-/// What Gemma 3 adds to the Llama block, with the values llama.cpp derives for it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Gemma3 {
+/// What Gemma 2 and 3 add to the Llama block beyond q/k norms, with the values llama.cpp
+/// derives for them: the embedding scaled by √hidden, norms after attention and the MLP,
+/// GeGLU, sliding-window layers, a query scale, soft-capped scores and logits.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Gemma {
     /// Sliding layers mask keys this many positions or more behind the query; `None` makes
     /// every layer global.
     pub sliding_window: Option<usize>,
     /// Per layer: does it attend only within the window (and use the local RoPE base)?
     pub sliding: Vec<bool>,
-    /// RoPE base of the sliding layers (`rope.freq_base_swa`, llama.cpp's default 10000).
+    /// RoPE base of the sliding layers (Gemma 3's `rope.freq_base_swa`; Gemma 2 has one base).
     pub rope_theta_swa: f32,
     /// Factor on positions in the global layers' RoPE: 1 / `rope.scaling.factor` (linear).
     pub rope_scale: f32,
     /// Factor on the queries before `q·k` (llama.cpp's `f_attention_scale`).
     pub query_scale: f32,
+    /// `c·tanh(s/c)` on the attention scores when set (Gemma 2's `attn_logit_softcapping`).
+    #[serde(default)]
+    pub attn_softcap: Option<f32>,
     /// `c·tanh(logits/c)` on the output when set (`final_logit_softcapping`).
+    #[serde(default)]
     pub final_softcap: Option<f32>,
 }
 
@@ -147,23 +161,8 @@ impl ModelDesc {
             "tied_embeddings": self.tied_embeddings,
             "license": self.license,
         });
-        // Written only when set, so a Llama bundle's model.meta (and its digest) is unchanged.
-        let t = &self.decoder;
-        if let Some(h) = t.head_dim {
-            v["head_dim"] = h.into();
-        }
-        if let Some(b) = t.bos {
-            v["bos"] = b.into();
-        }
-        if let Some(g) = &t.gemma3 {
-            v["gemma3"] = serde_json::json!({
-                "sliding_window": g.sliding_window,
-                "sliding": g.sliding,
-                "rope_theta_swa": g.rope_theta_swa,
-                "rope_scale": g.rope_scale,
-                "query_scale": g.query_scale,
-                "final_softcap": g.final_softcap,
-            });
+        if let Ok(serde_json::Value::Object(t)) = serde_json::to_value(&self.decoder) {
+            v.as_object_mut().expect("an object").extend(t);
         }
         v
     }
@@ -213,7 +212,10 @@ impl ModelDesc {
                 .as_bool()
                 .ok_or_else(|| missing("tied_embeddings"))?,
             tokenizer_id: s("tokenizer").ok_or_else(|| missing("tokenizer"))?,
-            decoder: traits_from_meta(v).map_err(missing)?,
+            decoder: serde_json::from_value(v.clone()).map_err(|e| SourceError::Config {
+                path: path.into(),
+                why: format!("model.meta: {e}"),
+            })?,
         }
         .checked(n_tensors, path)
     }
@@ -228,7 +230,7 @@ impl ModelDesc {
             .to_string();
         let (family, rope_style) = match arch.as_str() {
             "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
-            "qwen2" | "gemma3" => (Family::Llama, RopeStyle::Halves),
+            "qwen2" | "qwen3" | "gemma2" | "gemma3" => (Family::Llama, RopeStyle::Halves),
             "bert" => (Family::Bert, RopeStyle::Halves),
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -292,13 +294,14 @@ impl ModelDesc {
                         .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
                     _ => None,
                 },
-                gemma3: None,
+                qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+                gemma: None,
             },
             architecture: arch,
         }
         .checked(infos.len(), path)?;
-        if desc.architecture == "gemma3" {
-            desc.decoder.gemma3 = Some(gemma3_from_gguf(md, &desc, path)?);
+        if matches!(desc.architecture.as_str(), "gemma2" | "gemma3") {
+            desc.decoder.gemma = Some(gemma_from_gguf(md, &desc, path)?);
             desc = desc.checked(infos.len(), path)?;
         }
         Ok(desc)
@@ -327,7 +330,7 @@ impl ModelDesc {
             .unwrap_or(&model_type)
             .to_string();
         let family = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "smollm" => Family::Llama,
+            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" => Family::Llama,
             "bert" => Family::Bert,
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -370,7 +373,13 @@ impl ModelDesc {
             tied_embeddings: family == Family::Llama
                 && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
             tokenizer_id: "tokenizer.json".into(),
-            decoder: DecoderTraits::default(),
+            decoder: DecoderTraits {
+                // Only when it is not hidden / heads, as GGUF's `attention.key_length`.
+                head_dim: u("head_dim")
+                    .filter(|&h| Some(h) != u("hidden_size").map(|d| d / n_heads.max(1))),
+                qk_norm: model_type == "qwen3",
+                ..DecoderTraits::default()
+            },
         }
         .checked(infos.len(), config)
     }
@@ -415,7 +424,7 @@ impl ModelDesc {
                 self.vocab_size
             ));
         }
-        if let Some(g) = &self.decoder.gemma3 {
+        if let Some(g) = &self.decoder.gemma {
             if g.sliding.len() != self.n_layers {
                 return bad(format!(
                     "{} sliding-window flags for {} layers",
@@ -428,14 +437,17 @@ impl ModelDesc {
     }
 }
 
-/// Gemma 3's settings as llama.cpp's `llama_model_gemma3::load_arch_hparams` derives them: a
-/// sliding window only when `attention.sliding_window` is positive, its layer pattern from
-/// `attention.sliding_window_pattern` (a flag per layer, or a period whose last layer is global;
-/// default 6), the local RoPE base 10000 unless given, and the 27B's query scale from
-/// hidden / heads where every other size uses the head width. `desc` has been checked, so its
-/// layer count is backed by the file.
-fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemma3> {
+/// Gemma 2's and 3's settings as llama.cpp's `load_arch_hparams` derives them. Gemma 3 has a
+/// sliding window only when `attention.sliding_window` is positive, and a local RoPE base of
+/// 10000 unless given; Gemma 2 always slides (window 4096 unless given) with one RoPE base, and
+/// always soft-caps scores (50) and logits (30) unless other caps are given. The layer pattern
+/// comes from `attention.sliding_window_pattern` (a flag per layer, or a period whose last layer
+/// is global; default 2 for Gemma 2, 6 for Gemma 3). The 27B's query scale comes from hidden /
+/// heads where every other size uses the head width. `desc` has been checked, so its layer
+/// count is backed by the file.
+fn gemma_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemma> {
     let arch = &desc.architecture;
+    let gemma2 = arch == "gemma2";
     let key = |k: &str| format!("{arch}.{k}");
     let bad = |why: String| SourceError::Config {
         path: path.into(),
@@ -443,6 +455,7 @@ fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemm
     };
     let window = md
         .get_u64(&key("attention.sliding_window"))
+        .or(gemma2.then_some(4096))
         .filter(|&w| w > 0)
         .map(|w| usize::try_from(w).unwrap_or(usize::MAX));
     let n = desc.n_layers;
@@ -455,7 +468,8 @@ fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemm
             .collect::<Option<Vec<bool>>>()
             .ok_or_else(|| bad(format!("{pattern_key} is not a list of flags")))?,
         (Some(_), v) => {
-            let p = v.map_or(Some(6), |v| v.as_u64()).ok_or_else(|| {
+            let default = if gemma2 { 2 } else { 6 };
+            let p = v.map_or(Some(default), |v| v.as_u64()).ok_or_else(|| {
                 bad(format!(
                     "{pattern_key} is neither a period nor a list of flags"
                 ))
@@ -469,7 +483,8 @@ fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemm
             sliding.len()
         )));
     }
-    let head_width = if n == 62 {
+    let is_27b = n == if gemma2 { 46 } else { 62 };
+    let head_width = if is_27b {
         desc.hidden / desc.n_heads
     } else {
         desc.head_dim()
@@ -484,59 +499,31 @@ fn gemma3_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemm
             "RoPE scaling '{scaling}' (factor {f}) is not supported"
         )));
     }
-    let g = Gemma3 {
+    let cap = |k: &str, default: f64| {
+        md.get_f64(&key(k))
+            .or(gemma2.then_some(default))
+            .filter(|&c| c > 0.0)
+            .map(|c| c as f32)
+    };
+    let swa_default = if gemma2 {
+        desc.rope_theta as f64
+    } else {
+        10000.0
+    };
+    Ok(Gemma {
         sliding_window: window,
         sliding,
-        rope_theta_swa: md.get_f64(&key("rope.freq_base_swa")).unwrap_or(10000.0) as f32,
+        rope_theta_swa: md
+            .get_f64(&key("rope.freq_base_swa"))
+            .unwrap_or(swa_default) as f32,
         rope_scale: factor.map_or(1.0, |f| (1.0 / f) as f32),
         query_scale: 1.0 / (head_width as f32).sqrt(),
-        final_softcap: md
-            .get_f64(&key("final_logit_softcapping"))
-            .filter(|&c| c > 0.0)
-            .map(|c| c as f32),
-    };
-    Ok(g)
-}
-
-/// The decoder traits of a bundle's `model.meta`; `Err` names the key that is present but
-/// malformed. Absent keys are the Llama defaults.
-fn traits_from_meta(v: &serde_json::Value) -> std::result::Result<DecoderTraits, &'static str> {
-    let opt_u = |k: &'static str| match &v[k] {
-        serde_json::Value::Null => Ok(None),
-        x => x.as_u64().map(Some).ok_or(k),
-    };
-    let gemma3 = match &v["gemma3"] {
-        serde_json::Value::Null => None,
-        g => {
-            let f = |k: &str| g[k].as_f64().map(|x| x as f32);
-            Some(Gemma3 {
-                sliding_window: match &g["sliding_window"] {
-                    serde_json::Value::Null => None,
-                    w => Some(
-                        w.as_u64()
-                            .and_then(|w| usize::try_from(w).ok())
-                            .ok_or("gemma3")?,
-                    ),
-                },
-                sliding: g["sliding"]
-                    .as_array()
-                    .and_then(|a| a.iter().map(|b| b.as_bool()).collect())
-                    .ok_or("gemma3")?,
-                rope_theta_swa: f("rope_theta_swa").ok_or("gemma3")?,
-                rope_scale: f("rope_scale").ok_or("gemma3")?,
-                query_scale: f("query_scale").ok_or("gemma3")?,
-                final_softcap: f("final_softcap"),
-            })
-        }
-    };
-    Ok(DecoderTraits {
-        head_dim: opt_u("head_dim")?
-            .map(|h| usize::try_from(h).map_err(|_| "head_dim"))
-            .transpose()?,
-        bos: opt_u("bos")?
-            .map(|b| u32::try_from(b).map_err(|_| "bos"))
-            .transpose()?,
-        gemma3,
+        attn_softcap: if gemma2 {
+            cap("attn_logit_softcapping", 50.0)
+        } else {
+            None
+        },
+        final_softcap: cap("final_logit_softcapping", 30.0),
     })
 }
 
@@ -631,20 +618,25 @@ mod tests {
         assert_eq!((d.n_layers, d.hidden, d.n_heads), (2, 8, 2));
     }
 
-    /// Gemma 3's traits survive a bundle's model.meta, and a Llama's meta has no trace of them.
+    /// Gemma's traits survive a bundle's model.meta, and a Llama's meta has no trace of them.
     #[test]
     fn decoder_traits_round_trip_and_are_checked() {
-        assert!(meta().get("gemma3").is_none() && meta().get("bos").is_none());
+        let plain = meta();
+        assert!(["gemma", "bos", "qk_norm", "head_dim"]
+            .iter()
+            .all(|k| plain.get(k).is_none()));
         let mut d = read(&meta()).unwrap();
         d.decoder = DecoderTraits {
             head_dim: Some(6),
             bos: Some(2),
-            gemma3: Some(Gemma3 {
+            qk_norm: true,
+            gemma: Some(Gemma {
                 sliding_window: Some(512),
                 sliding: vec![true, false],
                 rope_theta_swa: 10000.0,
                 rope_scale: 0.125,
                 query_scale: 0.0625,
+                attn_softcap: Some(50.0),
                 final_softcap: None,
             }),
         };
@@ -657,11 +649,11 @@ mod tests {
         let e = read(&v).unwrap_err().to_string();
         assert!(e.contains("outside the vocabulary"), "{e}");
         let mut v = d.to_meta_json();
-        v["gemma3"]["sliding"] = serde_json::json!([true]);
+        v["gemma"]["sliding"] = serde_json::json!([true]);
         let e = read(&v).unwrap_err().to_string();
         assert!(e.contains("1 sliding-window flags for 2 layers"), "{e}");
         let mut v = d.to_meta_json();
-        v["gemma3"]["query_scale"] = "x".into();
+        v["gemma"]["query_scale"] = "x".into();
         assert!(read(&v).is_err());
     }
 

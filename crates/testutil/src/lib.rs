@@ -9,7 +9,8 @@
 //! at folders and special files; [`compare`] compares float vectors; [`rand`] makes seeded data; [`gguf`], [`safetensors`] and
 //! [`bundle`] build small inputs byte by byte or with the real writer; [`loading`] is the glue
 //! of the loader's hostile-input tests and fuzz targets; [`mutate`] is the seeded mutation
-//! engine of the readers' mutation tests; [`hub_server`] is a local model hub.
+//! engine of the readers' mutation tests; [`hub_server`] is a local model hub; [`llamacpp`] runs
+//! llama.cpp's tools as the reference.
 
 pub mod bundle;
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod compare;
 pub mod files;
 pub mod gguf;
 pub mod hub_server;
+pub mod llamacpp;
 pub mod loading;
 pub mod mutate;
 pub mod rand;
@@ -25,7 +27,7 @@ pub mod tiny;
 
 use std::path::{Path, PathBuf};
 
-fn repo_root() -> PathBuf {
+pub(crate) fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 

@@ -1,0 +1,54 @@
+//! llama.cpp's own tools as the reference: built once per machine by the shared
+//! `../shared/tools/llamacpp.sh` (about 12 minutes the first time, cached outside the
+//! repository), run here, and their printed figures read back.
+
+use crate::cli::text;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The folder of llama.cpp's tools, built on first use by the shared script.
+pub fn bin_dir() -> PathBuf {
+    let script = crate::repo_root().join("../shared/tools/llamacpp.sh");
+    let o = Command::new("bash")
+        .arg(&script)
+        .current_dir(crate::repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(o.status.success(), "{}: {}", script.display(), text(&o));
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+/// Runs one of llama.cpp's tools (`llama-perplexity`, `llama-tokenize`, …) from `bin` and
+/// returns its stdout followed by its stderr; a failure fails the test with that output.
+pub fn run(bin: &Path, tool: &str, args: &[&str]) -> String {
+    let o = Command::new(bin.join(tool))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    assert!(o.status.success(), "{tool}: {}", text(&o));
+    text(&o)
+}
+
+/// `[2, 7719, …]` as `llama-tokenize --ids` prints it.
+pub fn parse_ids(out: &str) -> Vec<u32> {
+    let list = out
+        .lines()
+        .find(|l| l.starts_with('['))
+        .unwrap_or_else(|| panic!("no id list in llama-tokenize output: {out}"));
+    list.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .map(|x| x.trim().parse().expect("token id"))
+        .collect()
+}
+
+/// The figure of `Final estimate: PPL = 23.4601 +/- 0.65522`.
+pub fn final_ppl(out: &str) -> f64 {
+    let rest = out
+        .split("Final estimate: PPL = ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no final estimate in llama-perplexity output: {out}"));
+    rest.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("PPL value")
+}
