@@ -101,6 +101,7 @@ const CASES: &[(&str, &[&str])] = &[
     ("qwen3", &["qk_norm=ones"]),
     ("gemma2", &["attn_softcap=1e6"]),
     ("gemma3", &["window=1000000"]),
+    ("phi3", &["short_ones=1"]),
 ];
 
 #[test]

@@ -64,6 +64,11 @@ impl Linear {
         })
     }
 
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.wt.dims()[1]
+    }
+
     /// The current weight, row-major `[out, in]`.
     pub fn weight_rows(&self) -> Result<(Vec<f32>, usize, usize)> {
         let (i, o) = self.wt.dims2()?;
@@ -87,14 +92,15 @@ impl Linear {
 pub struct Block {
     pub attn_norm_name: String,
     attn_norm: Tensor,
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// The projections of the attention input: q, k and v, or Phi-3's one `attn_qkv` whose
+    /// output rows are Q | K | V. Kept fused, as the file has it: every quantizer rounds rows
+    /// on their own against the shared input, so the parts come out as if rounded apart.
+    pub qkv: Vec<Linear>,
     pub o: Linear,
     pub ffn_norm_name: String,
     ffn_norm: Tensor,
-    pub gate: Linear,
-    pub up: Linear,
+    /// gate and up, or Phi-3's one `ffn_up` whose rows are gate | up.
+    pub gate_up: Vec<Linear>,
     pub down: Linear,
     /// RMSNorm of each query and key head (Qwen3, Gemma 3).
     pub qk_norm: Option<QkNorm>,
@@ -127,17 +133,54 @@ impl Block {
         Ok(self.ffn_norm.to_vec1()?)
     }
 
-    pub fn linears_mut(&mut self) -> [&mut Linear; 7] {
-        [
-            &mut self.q,
-            &mut self.k,
-            &mut self.v,
-            &mut self.o,
-            &mut self.gate,
-            &mut self.up,
-            &mut self.down,
-        ]
+    /// Every linear layer, in the order the block runs them.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v: Vec<&Linear> = self.qkv.iter().collect();
+        v.push(&self.o);
+        v.extend(&self.gate_up);
+        v.push(&self.down);
+        v
     }
+
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut v: Vec<&mut Linear> = self.qkv.iter_mut().collect();
+        v.push(&mut self.o);
+        v.extend(&mut self.gate_up);
+        v.push(&mut self.down);
+        v
+    }
+
+    /// The layer whose output rows are the MLP's up projection, and the first of those rows
+    /// (the second half of a fused gate | up).
+    pub fn up_rows(&mut self) -> (&mut Linear, usize) {
+        let fused = self.gate_up.len() == 1;
+        let l = self.gate_up.last_mut().expect("gate and up");
+        let first = if fused { l.rows() / 2 } else { 0 };
+        (l, first)
+    }
+}
+
+/// The outputs of `ls` on `x` cut into parts of the `widths` given: one output per layer, or
+/// one fused layer's output cut in columns.
+fn project(
+    ls: &[Linear],
+    x: &Tensor,
+    widths: &[usize],
+    hook: &mut Option<Hook>,
+) -> Result<Vec<Tensor>> {
+    if ls.len() == widths.len() {
+        return ls.iter().map(|l| l.forward(x, hook)).collect();
+    }
+    let y = ls[0].forward(x, hook)?;
+    let mut at = 0;
+    widths
+        .iter()
+        .map(|&w| {
+            let part = y.narrow(1, at, w)?;
+            at += w;
+            Ok(part)
+        })
+        .collect()
 }
 
 fn div_vec(t: &Tensor, s: &[f32]) -> Result<Tensor> {
@@ -204,6 +247,10 @@ pub struct Llama {
     pub blocks: Vec<Block>,
     /// Inverse frequencies θ_i = base^(-2i/head_dim) (of the global layers, for Gemma 3).
     inv_freq: Vec<f32>,
+    /// Phi-3's other frequency set (the long one, unless [`Llama::set_context`] swapped them).
+    inv_freq_other: Option<Vec<f32>>,
+    /// Whether `inv_freq` holds the long factors.
+    long_rope: bool,
     /// Gemma 3's model-wide settings.
     gemma: Option<GemmaModel>,
     /// Rotations the blocks' weights carry (`--rotate`), applied online where they cannot be
@@ -313,8 +360,12 @@ impl Llama {
         } else {
             Linear::load(w, head_name, None, (vocab, d))?.wt
         };
-        crate::check_layer_count(w, desc.n_layers, |i| {
-            n(i, "attn_q.weight", "self_attn.q_proj.weight")
+        // Phi-3 stores q/k/v as one `attn_qkv` and gate/up as one `ffn_up` of twice the width.
+        let fused_qkv = w.has(&n(0, "attn_qkv.weight", "self_attn.qkv_proj.weight"));
+        let fused_gate_up = !w.has(&n(0, "ffn_gate.weight", "mlp.gate_proj.weight"));
+        crate::check_layer_count(w, desc.n_layers, |i| match fused_qkv {
+            true => n(i, "attn_qkv.weight", "self_attn.qkv_proj.weight"),
+            false => n(i, "attn_q.weight", "self_attn.q_proj.weight"),
         })?;
         let (q_out, kv_out, ffn) = (desc.n_heads * hd, desc.n_kv_heads * hd, desc.ffn_dim);
         let mut blocks = Vec::new();
@@ -329,14 +380,29 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: vec_tensor(w, &attn_norm_name, d)?,
                 attn_norm_name,
-                q: lin("attn_q", "self_attn.q_proj", true, (q_out, d))?,
-                k: lin("attn_k", "self_attn.k_proj", true, (kv_out, d))?,
-                v: lin("attn_v", "self_attn.v_proj", true, (kv_out, d))?,
+                qkv: match fused_qkv {
+                    true => vec![lin(
+                        "attn_qkv",
+                        "self_attn.qkv_proj",
+                        true,
+                        (q_out + 2 * kv_out, d),
+                    )?],
+                    false => vec![
+                        lin("attn_q", "self_attn.q_proj", true, (q_out, d))?,
+                        lin("attn_k", "self_attn.k_proj", true, (kv_out, d))?,
+                        lin("attn_v", "self_attn.v_proj", true, (kv_out, d))?,
+                    ],
+                },
                 o: lin("attn_output", "self_attn.o_proj", false, (d, q_out))?,
                 ffn_norm: vec_tensor(w, &ffn_norm_name, d)?,
                 ffn_norm_name,
-                gate: lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
-                up: lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
+                gate_up: match fused_gate_up {
+                    true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
+                    false => vec![
+                        lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
+                        lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
+                    ],
+                },
                 down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
                 qk_norm: match desc.decoder.qk_norm {
                     true => Some(QkNorm {
@@ -357,15 +423,21 @@ impl Llama {
             });
         }
         let scale = gemma.map_or(1.0, |g| g.rope_scale);
-        let mut inv_freq = inv_freq(desc.rope_theta, hd, scale);
-        // Llama 3.1's long-context RoPE: each frequency divided by its factor, as
-        // `ggml_rope_ext` does with `freq_factors`.
-        if gguf && w.has(ROPE_FREQS) {
-            let f = vec_tensor(w, ROPE_FREQS, hd / 2)?.to_vec1::<f32>()?;
-            for (x, f) in inv_freq.iter_mut().zip(f) {
-                *x /= f;
+        let base = inv_freq(desc.rope_theta, hd, scale);
+        // Per-frequency divisors, as `ggml_rope_ext` applies `freq_factors`: Llama 3.1's
+        // `rope_freqs`, or Phi-3's short factors (its long ones past the trained context).
+        let factored = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !(gguf && w.has(name)) {
+                return Ok(None);
             }
-        }
+            let f = vec_tensor(w, name, hd / 2)?.to_vec1::<f32>()?;
+            Ok(Some(base.iter().zip(f).map(|(x, f)| x / f).collect()))
+        };
+        let inv_freq = match factored(ROPE_FREQS)? {
+            Some(f) => f,
+            None => factored("rope_factors_short.weight")?.unwrap_or_else(|| base.clone()),
+        };
+        let inv_freq_long = factored("rope_factors_long.weight")?;
         let mut m = Llama {
             desc: desc.clone(),
             embed,
@@ -375,6 +447,8 @@ impl Llama {
             final_norm: vec_tensor(w, norm_name, d)?,
             blocks,
             inv_freq,
+            inv_freq_other: inv_freq_long,
+            long_rope: false,
             gemma: gemma.map(|g| GemmaModel::new(desc, g)),
             rotation: None,
         };
@@ -395,6 +469,22 @@ impl Llama {
         }
     }
 
+    /// Tells the model the context it will run at. Phi-3 files with long and short RoPE factors
+    /// take the long ones past the trained context (`rope.scaling.original_context_length`),
+    /// as llama.cpp chooses by its context size; the short ones are the default.
+    pub fn set_context(&mut self, n_ctx: usize) {
+        let trained = self
+            .desc
+            .decoder
+            .rope_original_context
+            .unwrap_or(self.desc.context_length);
+        let long = n_ctx > trained;
+        if let (Some(other), true) = (self.inv_freq_other.as_mut(), long != self.long_rope) {
+            std::mem::swap(&mut self.inv_freq, other);
+            self.long_rope = long;
+        }
+    }
+
     /// The seed of the rotation in effect, if any.
     pub fn rotation_seed(&self) -> Option<u64> {
         self.rotation.as_ref().map(|r| r.seed)
@@ -412,15 +502,11 @@ impl Llama {
         }
         let r = self.rotations(seed);
         for b in &mut self.blocks {
-            for (l, rot) in [
-                (&mut b.q, &r.hidden),
-                (&mut b.k, &r.hidden),
-                (&mut b.v, &r.hidden),
-                (&mut b.gate, &r.hidden),
-                (&mut b.up, &r.hidden),
-                (&mut b.o, &r.attn),
-                (&mut b.down, &r.ffn),
-            ] {
+            let reads_hidden = b.qkv.iter_mut().chain(&mut b.gate_up);
+            let pairs = reads_hidden
+                .map(|l| (l, &r.hidden))
+                .chain([(&mut b.o, &r.attn), (&mut b.down, &r.ffn)]);
+            for (l, rot) in pairs {
                 let (mut w, _, _) = l.weight_rows()?;
                 rot.apply_rows(&mut w);
                 l.set_weight(w)?;
@@ -457,11 +543,12 @@ impl Llama {
         let half = freqs.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
+        let m = self.desc.decoder.rope_attn_factor.unwrap_or(1.0);
         for p in pos0..pos0 + t {
             for &f in freqs {
                 let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
+                cos.push(a.cos() * m);
+                sin.push(a.sin() * m);
             }
         }
         Ok((
@@ -511,9 +598,13 @@ impl Llama {
             Some(r) => rot_rows(&h, &r.hidden)?,
             None => h,
         };
-        let q = b.q.forward(&h, hook)?.reshape((t, d.n_heads, hd))?;
-        let k = b.k.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
-        let v = b.v.forward(&h, hook)?.reshape((t, d.n_kv_heads, hd))?;
+        let (qw, kvw) = (d.n_heads * hd, d.n_kv_heads * hd);
+        let [q, k, v]: [Tensor; 3] = project(&b.qkv, &h, &[qw, kvw, kvw], hook)?
+            .try_into()
+            .expect("three parts");
+        let q = q.reshape((t, d.n_heads, hd))?;
+        let k = k.reshape((t, d.n_kv_heads, hd))?;
+        let v = v.reshape((t, d.n_kv_heads, hd))?;
         let (q, k) = match &b.qk_norm {
             Some(n) => n.apply(&q, &k, eps)?,
             None => (q, k),
@@ -597,12 +688,14 @@ impl Llama {
             Some(r) => rot_rows(h, &r.hidden)?,
             None => h.clone(),
         };
-        let g = b.gate.forward(&h, hook)?;
+        let ffn = self.desc.ffn_dim;
+        let [g, u]: [Tensor; 2] = project(&b.gate_up, &h, &[ffn, ffn], hook)?
+            .try_into()
+            .expect("two parts");
         let g = match self.gemma {
             Some(_) => g.gelu()?,
             None => g.silu()?,
         };
-        let u = b.up.forward(&h, hook)?;
         let mid = (g * u)?;
         let mid = match rot {
             Some(r) => rot_rows(&mid, &r.ffn)?,

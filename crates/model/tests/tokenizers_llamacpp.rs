@@ -96,10 +96,6 @@ fn sample_text() -> String {
     s
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// `llama-tokenize`, built on first use by the shared script.
 fn llama_tokenize() -> PathBuf {
     let bin = adaptq_testutil::llamacpp::bin_dir().join("llama-tokenize");

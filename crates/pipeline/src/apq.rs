@@ -76,9 +76,7 @@ pub fn profile(
     for b in 0..n {
         let (hs, _) = collect_stats(m, b, &xs)?;
         let blk = &m.blocks[b];
-        for lin in [
-            &blk.q, &blk.k, &blk.v, &blk.o, &blk.gate, &blk.up, &blk.down,
-        ] {
+        for lin in blk.linears() {
             let (w, rows, cols) = lin.weight_rows()?;
             out.push(LayerProfile {
                 name: lin.name.clone(),

@@ -501,36 +501,45 @@ fn fold_awq(
             hs.insert((*l).clone(), scaled);
         }
     };
-    // attention input: q, k, v share it; fold 1/s into the attention norm.
-    let (h, a) = need(&blk.q.name)?;
-    let (s, g) = awq_group(spec, &mut [&mut blk.q, &mut blk.k, &mut blk.v], h, a)?;
+    // attention input: q, k, v (or a fused qkv) share it; fold 1/s into the attention norm.
+    let names = |ls: &[adaptq_model::llama::Linear]| -> Vec<String> {
+        ls.iter().map(|l| l.name.clone()).collect()
+    };
+    let qkv = names(&blk.qkv);
+    let (h, a) = need(&qkv[0])?;
+    let (s, g) = awq_group(spec, &mut blk.qkv.iter_mut().collect::<Vec<_>>(), h, a)?;
     let folded = blk.div_attn_norm(&s)?;
     out.overrides.insert(blk.attn_norm_name.clone(), folded);
-    for l in [&blk.q.name, &blk.k.name, &blk.v.name] {
+    for l in &qkv {
         scales.col.insert(l.clone(), s.clone());
     }
     out.awq.push(g);
-    rescale(&[&blk.q.name, &blk.k.name, &blk.v.name], &inverse(&s));
-    // MLP input: gate and up share it; fold into the MLP norm.
-    let (h, a) = need(&blk.gate.name)?;
-    let (s, g) = awq_group(spec, &mut [&mut blk.gate, &mut blk.up], h, a)?;
+    rescale(&qkv.iter().collect::<Vec<_>>(), &inverse(&s));
+    // MLP input: gate and up (or a fused gate | up) share it; fold into the MLP norm.
+    let gate_up = names(&blk.gate_up);
+    let (h, a) = need(&gate_up[0])?;
+    let (s, g) = awq_group(spec, &mut blk.gate_up.iter_mut().collect::<Vec<_>>(), h, a)?;
     let folded = blk.div_ffn_norm(&s)?;
     out.overrides.insert(blk.ffn_norm_name.clone(), folded);
-    scales.col.insert(blk.gate.name.clone(), s.clone());
-    scales.col.insert(blk.up.name.clone(), s.clone());
+    for l in &gate_up {
+        scales.col.insert(l.clone(), s.clone());
+    }
     out.awq.push(g);
-    rescale(&[&blk.gate.name, &blk.up.name], &inverse(&s));
-    // down's input is silu(gate)·up: scaling up's output rows by 1/s divides it by s.
+    rescale(&gate_up.iter().collect::<Vec<_>>(), &inverse(&s));
+    // down's input is act(gate)·up: scaling up's output rows by 1/s divides it by s.
     let (h, a) = need(&blk.down.name)?;
     let (s, g) = awq_group(spec, &mut [&mut blk.down], h, a)?;
     let inv = inverse(&s);
-    let (mut uw, ur, uc) = blk.up.weight_rows()?;
-    for (r, k) in uw.chunks_mut(uc).zip(&inv) {
+    let (up, first) = blk.up_rows();
+    let (mut uw, ur, uc) = up.weight_rows()?;
+    // Row factors of the whole layer: 1 on a fused gate half.
+    let mut row = vec![1.0; ur];
+    row[first..].copy_from_slice(&inv);
+    for (r, k) in uw.chunks_mut(uc).zip(&row) {
         r.iter_mut().for_each(|v| *v *= k);
     }
-    debug_assert_eq!(ur, inv.len());
-    blk.up.set_weight(uw)?;
-    scales.row.insert(blk.up.name.clone(), inv.clone());
+    up.set_weight(uw)?;
+    scales.row.insert(up.name.clone(), row);
     scales.col.insert(blk.down.name.clone(), s);
     out.awq.push(g);
     rescale(&[&blk.down.name], &inv);

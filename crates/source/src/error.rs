@@ -28,7 +28,7 @@ pub enum SourceError {
         tensor: String,
         dtype: String,
     },
-    #[error("{}: unsupported architecture '{}' (supported: llama, mistral, qwen2, qwen3, smollm, gemma2, gemma3, bert)", shown(.path), sanitize(.arch))]
+    #[error("{}: unsupported architecture '{}' (supported: llama, mistral, qwen2, qwen3, smollm, gemma2, gemma3, phi3, bert)", shown(.path), sanitize(.arch))]
     UnsupportedArch { path: PathBuf, arch: String },
     #[error("{}: no tensor named '{}'", shown(.path), sanitize(.tensor))]
     NoSuchTensor { path: PathBuf, tensor: String },

@@ -103,6 +103,13 @@ pub struct DecoderTraits {
     /// RMSNorm over each query and key head before RoPE (Qwen3, Gemma 3).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub qk_norm: bool,
+    /// Factor on RoPE's cos and sin (`rope.scaling.attn_factor`; Phi-3's long-context files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_attn_factor: Option<f32>,
+    /// Context the model was trained at (`rope.scaling.original_context_length`): a longer one
+    /// takes Phi-3's `rope_factors_long`, as in llama.cpp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_original_context: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemma: Option<Gemma>,
 }
@@ -230,7 +237,7 @@ impl ModelDesc {
             .to_string();
         let (family, rope_style) = match arch.as_str() {
             "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
-            "qwen2" | "qwen3" | "gemma2" | "gemma3" => (Family::Llama, RopeStyle::Halves),
+            "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3" => (Family::Llama, RopeStyle::Halves),
             "bert" => (Family::Bert, RopeStyle::Halves),
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -295,11 +302,30 @@ impl ModelDesc {
                     _ => None,
                 },
                 qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+                rope_attn_factor: md
+                    .get_f64(&format!("{arch}.rope.scaling.attn_factor"))
+                    .filter(|&f| f != 1.0)
+                    .map(|f| f as f32),
+                rope_original_context: md
+                    .get_u64(&format!("{arch}.rope.scaling.original_context_length"))
+                    .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
                 gemma: None,
             },
             architecture: arch,
         }
         .checked(infos.len(), path)?;
+        if let Some(r) = md.get_u64(&format!("{}.rope.dimension_count", desc.architecture)) {
+            if r != desc.head_dim() as u64 {
+                return Err(SourceError::Config {
+                    path: path.into(),
+                    why: format!(
+                        "RoPE turns {r} of each head's {} dimensions; partial rotary \
+                         embeddings are not supported",
+                        desc.head_dim()
+                    ),
+                });
+            }
+        }
         if matches!(desc.architecture.as_str(), "gemma2" | "gemma3") {
             desc.decoder.gemma = Some(gemma_from_gguf(md, &desc, path)?);
             desc = desc.checked(infos.len(), path)?;
@@ -630,6 +656,8 @@ mod tests {
             head_dim: Some(6),
             bos: Some(2),
             qk_norm: true,
+            rope_attn_factor: Some(1.25),
+            rope_original_context: Some(4096),
             gemma: Some(Gemma {
                 sliding_window: Some(512),
                 sliding: vec![true, false],

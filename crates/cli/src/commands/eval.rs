@@ -16,11 +16,17 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         }
         return embeddings(&m, bert, &body, a.chunks, a.base.as_deref(), a.json);
     }
-    if let (Some(seed), adaptq_model::ModelKind::Llama(l)) = (a.rotate, &mut m.kind) {
-        l.rotate(seed)?;
+    if let adaptq_model::ModelKind::Llama(l) = &mut m.kind {
+        l.set_context(a.ctx);
+        if let Some(seed) = a.rotate {
+            l.rotate(seed)?;
+        }
     }
     let lm = m.llama()?;
-    let b = a.base.as_deref().map(adaptq_model::load).transpose()?;
+    let mut b = a.base.as_deref().map(adaptq_model::load).transpose()?;
+    if let Some(adaptq_model::ModelKind::Llama(l)) = b.as_mut().map(|b| &mut b.kind) {
+        l.set_context(a.ctx);
+    }
     let bl = b.as_ref().map(|b| b.llama()).transpose()?;
     let tokens = adaptq_model::tokenizer::encode(&m.tokenizer, &body)?;
     if let Some(b) = &b {
