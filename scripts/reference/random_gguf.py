@@ -48,7 +48,9 @@ if os.path.isdir(_GGUF_PY):
 
 import numpy as np  # noqa: E402
 import gguf  # noqa: E402
-from gguf import GGUFValueType as T  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from relabel_vocab import value as field_value  # noqa: E402
 
 REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 DEFAULT_VOCAB = os.path.join(REPO, ".cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -118,19 +120,6 @@ class Rng:
 
     def uniform(self, name, shape, lo, hi):
         return self(name).uniform(lo, hi, shape).astype(np.float32)
-
-
-def field_value(field):
-    """(value, sub_type) of a GGUFReader field as GGUFWriter.add_key_value takes it."""
-    kind = field.types[0]
-    if kind == T.ARRAY:
-        sub = field.types[-1]
-        if sub == T.STRING:
-            return [bytes(field.parts[i]) for i in field.data], sub
-        return [field.parts[i].tolist()[0] for i in field.data], sub
-    if kind == T.STRING:
-        return bytes(field.parts[field.data[0]]), None
-    return field.parts[field.data[0]].tolist()[0], None
 
 
 def read_vocab(path):
