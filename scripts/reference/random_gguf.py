@@ -3,6 +3,7 @@
 llama.cpp (0.3.36 vendored tree), so that a forward pass can be compared against llama.cpp's.
 
 usage: random_gguf.py ARCH OUT.gguf [--seed N] [--vocab-from SMOLLM.gguf] [--set KEY=VALUE ...]
+                      [--hf-twin DIR]
 
 ARCH: llama3 mistral qwen2 qwen3 gemma2 gemma3 phi3  (see ARCHS below for the exact layouts)
 
@@ -29,14 +30,25 @@ Feature switches for A/B checks (--set, repeatable; the defaults are the "featur
   phi3   : rope_factors=1|0 short_ones=0|1 attn_factor=F sliding_window=N
 Any other field of the arch's config (n_layer, n_embd, ...) can be overridden the same way.
 
+--hf-twin DIR also writes the same model in Hugging Face (transformers) layout:
+DIR/model.safetensors (F32, written by hand) and DIR/config.json, such that a correct transformers
+implementation of the architecture computes what llama.cpp computes on the GGUF.  It applies the
+inverse of llama.cpp's convert_hf_to_gguf.py: HF tensor names, llama q_proj/k_proj rows
+un-permuted (the converter permutes rotate-half rows to interleaved pairs), Gemma "*norm.weight"
+values minus 1 (the converter adds 1), and rope_freqs / rope_factors_{short,long} moved into
+config.json's rope_scaling (llama3 / longrope).  Qwen2 with qkv_bias=0 gets zero biases (HF's
+Qwen2 always has them).  The GGUF bytes do not depend on the option.
+
 Reading gguf: the llama.cpp cache's gguf-py is put first on sys.path if present
 ($LLAMACPP_GGUF_PY, else ~/.cache/adaptq-peers/llama.cpp-0.3.36/gguf-py), so the writer matches
 the reference build; otherwise the installed gguf package is used.
 """
 import argparse
+import json
 import math
 import os
 import re
+import struct
 import sys
 import zlib
 
@@ -175,7 +187,178 @@ def llama3_rope_factors(base, dim, factor, low, high, orig):
     return np.array(out, dtype=np.float32)
 
 
-def build(arch_name, cfg, seed, vocab_path, out):
+def longrope_attn_factor(ctx, orig):
+    # convert_hf_to_gguf's LongRoPE value (= transformers' default attention_factor):
+    # sqrt(1 + ln(scale)/ln(orig)) with scale = ctx / orig
+    scale = ctx / orig
+    return math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0
+
+
+def llama_permute(w, n_head):
+    # convert_hf_to_gguf LlamaModel.permute: HF rotate-half q/k rows -> llama.cpp interleaved
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def llama_unpermute(w, n_head):
+    return (w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+_HF_TOP = {"token_embd.weight": "model.embed_tokens.weight",
+           "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_HF_BLK = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+           "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+           "attn_output": "self_attn.o_proj", "attn_qkv": "self_attn.qkv_proj",
+           "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+           "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+           "ffn_norm": "post_attention_layernorm"}
+_HF_BLK_GEMMA = dict(_HF_BLK, post_attention_norm="post_attention_layernorm",
+                     ffn_norm="pre_feedforward_layernorm",
+                     post_ffw_norm="post_feedforward_layernorm")
+_HF_ROPE = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
+
+
+def hf_name(name, arch):
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    table = _HF_BLK_GEMMA if arch in ("gemma2", "gemma3") else _HF_BLK
+    mod = "mlp.gate_up_proj" if arch == "phi3" and m.group(2) == "ffn_up" else table[m.group(2)]
+    return f"model.layers.{m.group(1)}.{mod}.{m.group(3)}"
+
+
+def write_safetensors(path, tensors):
+    """F32 safetensors by hand: u64 LE header length, JSON header (space-padded so the data
+    starts 8-aligned), raw LE f32 data in sorted name order."""
+    names = sorted(tensors)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for n in names:
+        nb = tensors[n].nbytes
+        header[n] = {"dtype": "F32", "shape": list(tensors[n].shape),
+                     "data_offsets": [off, off + nb]}
+        off += nb
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-(8 + len(h)) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for n in names:
+            f.write(np.ascontiguousarray(tensors[n], dtype="<f4").tobytes())
+    os.replace(tmp, path)
+
+
+def write_hf_twin(arch_name, cfg, tensors, vocab_kvs, out_dir):
+    """The transformers-layout twin of the GGUF tensors: inverse of convert_hf_to_gguf."""
+    arch = cfg["arch"]
+    D, L, H, HKV, HD, FF = (int(cfg[k]) for k in
+                            ("n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"))
+    V = tensors["token_embd.weight"].shape[0]
+    gemma = arch in ("gemma2", "gemma3")
+    hf = {}
+    for name, arr in tensors.items():
+        if name in _HF_ROPE:
+            continue
+        n = hf_name(name, arch)
+        w = arr
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            nh = H if name.endswith("attn_q.weight") else HKV
+            w = llama_unpermute(arr, nh)
+            assert np.array_equal(llama_permute(w, nh), arr), name
+        if gemma and n.endswith("norm.weight"):
+            w = arr - np.float32(1.0)
+            assert np.array_equal(w + np.float32(1.0), arr), name
+        hf[n] = np.ascontiguousarray(w, dtype=np.float32)
+    if arch == "qwen2" and not int(cfg["qkv_bias"]):
+        # transformers' Qwen2Attention always has q/k/v biases: zeros = llama.cpp without them
+        for i in range(L):
+            for t, n in (("q", H * HD), ("k", HKV * HD), ("v", HKV * HD)):
+                hf[f"model.layers.{i}.self_attn.{t}_proj.bias"] = np.zeros(n, np.float32)
+
+    vkv = {k: v for k, v, _, _ in vocab_kvs}
+    c = dict(model_type=None, architectures=None, hidden_size=D, num_hidden_layers=L,
+             num_attention_heads=H, num_key_value_heads=HKV, head_dim=HD, intermediate_size=FF,
+             vocab_size=V, max_position_embeddings=int(cfg["ctx"]),
+             rope_theta=float(cfg["freq_base"]), rms_norm_eps=float(cfg["eps"]),
+             tie_word_embeddings=bool(int(cfg["tied"])))
+    for k in ("bos", "eos"):
+        if f"tokenizer.ggml.{k}_token_id" in vkv:
+            c[f"{k}_token_id"] = int(vkv[f"tokenizer.ggml.{k}_token_id"])
+    c.update(torch_dtype="float32", hidden_act="silu", rope_scaling=None)
+    if arch_name == "llama3":
+        c.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        if cfg["rope_freqs"] == "llama3":
+            c["rope_scaling"] = {"rope_type": "llama3", "factor": float(cfg["l3_factor"]),
+                                 "low_freq_factor": float(cfg["l3_low"]),
+                                 "high_freq_factor": float(cfg["l3_high"]),
+                                 "original_max_position_embeddings": int(cfg["l3_orig"])}
+            assert np.array_equal(llama3_rope_factors(
+                cfg["freq_base"], HD, cfg["l3_factor"], cfg["l3_low"], cfg["l3_high"],
+                cfg["l3_orig"]), tensors["rope_freqs.weight"])
+        elif cfg["rope_freqs"] == "ones":
+            c["rope_scaling"] = {"rope_type": "llama3", "factor": 1.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": int(cfg["l3_orig"])}
+            assert np.array_equal(llama3_rope_factors(cfg["freq_base"], HD, 1.0, 1.0, 4.0,
+                                                      cfg["l3_orig"]),
+                                  tensors["rope_freqs.weight"])
+    elif arch_name == "mistral":
+        c.update(model_type="mistral", architectures=["MistralForCausalLM"],
+                 sliding_window=int(cfg["sliding_window"]) or None)
+    elif arch == "qwen2":
+        c.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                 use_sliding_window=False, sliding_window=None)
+    elif arch == "qwen3":
+        c.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"], attention_bias=False)
+    elif arch == "gemma2":
+        cap = lambda x: float(x) if x > 0 else None  # noqa: E731
+        c.update(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
+                 hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                 query_pre_attn_scalar=HD, sliding_window=int(cfg["window"]),
+                 attn_logit_softcapping=cap(cfg["attn_softcap"]),
+                 final_logit_softcapping=cap(cfg["final_softcap"]),
+                 # llama.cpp gemma2: swa pattern 2, even layers local
+                 layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                              for i in range(L)])
+    elif arch == "gemma3":
+        # llama.cpp gemma3 (no pattern key in the GGUF): swa pattern 6, layer il local iff
+        # il % 6 < 5
+        c.update(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"],
+                 hidden_act="gelu_pytorch_tanh", hidden_activation="gelu_pytorch_tanh",
+                 query_pre_attn_scalar=HD, sliding_window=int(cfg["window"]),
+                 sliding_window_pattern=6,
+                 layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                              for i in range(L)],
+                 rope_local_base_freq=float(cfg["freq_base_swa"]),
+                 attn_logit_softcapping=None, final_logit_softcapping=None)
+        assert all((lt == "sliding_attention") == (i % 6 < 5)
+                   for i, lt in enumerate(c["layer_types"]))
+    elif arch == "phi3":
+        c.update(model_type="phi3", architectures=["Phi3ForCausalLM"],
+                 original_max_position_embeddings=int(cfg["orig_ctx"]),
+                 sliding_window=int(cfg["sliding_window"]), partial_rotary_factor=1.0)
+        if int(cfg["rope_factors"]):
+            rs = {"type": "longrope",
+                  "short_factor": [float(x) for x in tensors["rope_factors_short.weight"]],
+                  "long_factor": [float(x) for x in tensors["rope_factors_long.weight"]]}
+            af = cfg["attn_factor"]
+            if af >= 0 and af != longrope_attn_factor(cfg["ctx"], cfg["orig_ctx"]):
+                rs["attention_factor"] = float(af)
+            c["rope_scaling"] = rs
+    else:
+        raise SystemExit(f"--hf-twin: no HF layout for {arch_name}")
+
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), hf)
+    path = os.path.join(out_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(c, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def build(arch_name, cfg, seed, vocab_path, out, hf_twin=None):
     arch = cfg["arch"]
     D, L, H, HKV, HD, FF = (int(cfg[k]) for k in
                             ("n_embd", "n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"))
@@ -301,8 +484,7 @@ def build(arch_name, cfg, seed, vocab_path, out):
         w.add_sliding_window(int(cfg["sliding_window"]))
         af = cfg["attn_factor"]
         if af < 0:  # convert_hf_to_gguf's LongRoPE value: sqrt(1 + ln(scale)/ln(orig))
-            scale = cfg["ctx"] / cfg["orig_ctx"]
-            af = math.sqrt(1 + math.log(scale) / math.log(cfg["orig_ctx"])) if scale > 1 else 1.0
+            af = longrope_attn_factor(cfg["ctx"], cfg["orig_ctx"])
         if int(cfg["rope_factors"]) and af != 1.0:
             w.add_rope_scaling_attn_factors(float(af))
     for key, val, kind, sub in vocab_kvs:
@@ -314,6 +496,8 @@ def build(arch_name, cfg, seed, vocab_path, out):
     w.write_tensors_to_file()
     w.close()
     os.replace(tmp, out)
+    if hf_twin:
+        write_hf_twin(arch_name, cfg, tensors, vocab_kvs, hf_twin)
 
 
 def main():
@@ -324,8 +508,10 @@ def main():
     ap.add_argument("--vocab-from", default=DEFAULT_VOCAB)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field / feature switch (see module doc)")
+    ap.add_argument("--hf-twin", metavar="DIR",
+                    help="also write the HF layout twin DIR/model.safetensors + DIR/config.json")
     a = ap.parse_args()
-    build(a.arch, cfg_for(a.arch, a.set), a.seed, a.vocab_from, a.out)
+    build(a.arch, cfg_for(a.arch, a.set), a.seed, a.vocab_from, a.out, a.hf_twin)
 
 
 if __name__ == "__main__":

@@ -12,39 +12,11 @@
 
 use adaptq_testutil::cli::{args, json, ok, quantize, run, s};
 use adaptq_testutil::llamacpp;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
 /// Context and windows of the comparison.
 const RUN: (&str, &str) = ("128", "4");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Writes `arch`'s random model (seed 1) with the `--set` switches given.
-fn write_model(arch: &str, out: &Path, sets: &[&str]) {
-    let mut cmd = Command::new("bash");
-    cmd.current_dir(repo()).args([
-        "-c",
-        r#"source scripts/python-env.sh && exec "$venv/bin/python" scripts/reference/random_gguf.py "$@""#,
-        "random_gguf",
-        arch,
-        s(out),
-        "--seed",
-        "1",
-    ]);
-    for set in sets {
-        cmd.args(["--set", set]);
-    }
-    let o = cmd.output().expect("running random_gguf.py");
-    assert!(
-        o.status.success(),
-        "random_gguf.py {arch}: {}",
-        adaptq_testutil::cli::text(&o)
-    );
-}
 
 fn ours(model: &Path, text: &Path, (ctx, chunks): (&str, &str)) -> f64 {
     let o = ok(run(
@@ -116,7 +88,7 @@ fn perplexity_matches_llama_cpp_on_random_models_of_each_architecture() {
             dir.path().join(format!("{arch}.gguf")),
             dir.path().join(format!("{arch}-variant.gguf")),
         );
-        write_model(arch, &model, &[]);
+        llamacpp::random_gguf(&bin, arch, &model, &[], None);
         let (a, t) = (ours(&model, &text, RUN), theirs(&bin, &model, &text, RUN));
         let rel = a / t - 1.0;
         let mut line = format!(
@@ -125,7 +97,7 @@ fn perplexity_matches_llama_cpp_on_random_models_of_each_architecture() {
         );
         let mut moved = f64::INFINITY;
         if !variant.is_empty() {
-            write_model(arch, &changed, variant);
+            llamacpp::random_gguf(&bin, arch, &changed, variant, None);
             let v = ours(&changed, &text, RUN);
             moved = v / t - 1.0;
             line += &format!(
@@ -152,8 +124,8 @@ fn phi3_takes_its_long_rope_factors_past_the_trained_context() {
     let bin = llamacpp::bin_dir();
     let dir = tempfile::tempdir().unwrap();
     let (model, changed) = (dir.path().join("phi3.gguf"), dir.path().join("short.gguf"));
-    write_model("phi3", &model, &[]);
-    write_model("phi3", &changed, &["short_ones=1"]);
+    llamacpp::random_gguf(&bin, "phi3", &model, &[], None);
+    llamacpp::random_gguf(&bin, "phi3", &changed, &["short_ones=1"], None);
     let long = ("1024", "1");
     let (a, t, v) = (
         ours(&model, &text, long),
@@ -180,7 +152,7 @@ fn quantizers_and_gguf_export_run_on_each_architecture() {
     let mut wrong = Vec::new();
     for (arch, _) in CASES {
         let model = dir.path().join(format!("{arch}.gguf"));
-        write_model(arch, &model, &[]);
+        llamacpp::random_gguf(&bin, arch, &model, &[], None);
         let (b, e) = (
             dir.path().join(format!("{arch}-gptq")),
             dir.path().join(format!("{arch}-gptq.gguf")),

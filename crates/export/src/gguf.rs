@@ -215,6 +215,39 @@ pub fn permute_rows(rows: usize, heads: usize) -> Vec<usize> {
     src
 }
 
+/// Refuses Hugging Face bundles whose decoder the `llama` metadata written for them cannot
+/// describe (head widths, q/k norms, Gemma's settings, RoPE factors, other architectures):
+/// dropping those silently would give a file that runs and computes something else.
+fn check_hf_exportable(meta: &serde_json::Value) -> Result<()> {
+    if meta["family"] != "llama" {
+        bail!(
+            "GGUF export from safetensors covers Llama-family models; this bundle is {}",
+            meta["family"]
+        );
+    }
+    let arch = meta["architecture"].as_str().unwrap_or("?");
+    let extra = HF_UNEXPORTED.iter().find(|k| meta.get(**k).is_some());
+    if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") || extra.is_some() {
+        bail!(
+            "GGUF export from a Hugging Face checkpoint covers plain Llama and Mistral layouts; \
+             this bundle is {arch}{}. Convert the checkpoint with llama.cpp's \
+             convert_hf_to_gguf.py and quantize that GGUF instead",
+            extra.map_or(String::new(), |k| format!(" with {k}"))
+        );
+    }
+    Ok(())
+}
+
+/// `model.meta` keys of decoder settings the Hugging Face → GGUF path does not write.
+const HF_UNEXPORTED: &[&str] = &[
+    "head_dim",
+    "qk_norm",
+    "gemma",
+    "rope_factors",
+    "rope_factors_long",
+    "rope_attn_factor",
+];
+
 /// Most tokens a tokenizer.json may give ids to (the largest vocabularies in use are ~260k):
 /// ids come from the file, and the table is allocated from the largest.
 const MAX_VOCAB: u64 = 1 << 24;
@@ -446,12 +479,7 @@ pub fn export_gguf(
                 })?;
                 serde_json::from_slice(&b).with_context(|| f.to_string())
             };
-            if meta["family"] != "llama" {
-                bail!(
-                    "GGUF export from safetensors covers Llama-family models; this bundle is {}",
-                    meta["family"]
-                );
-            }
+            check_hf_exportable(&meta)?;
             let tc = json("tokenizer_config.json").ok();
             let md = metadata_from_hf(
                 &bundle.manifest.model_id,
@@ -612,5 +640,20 @@ mod tests {
         let (tokens, types) = hf_vocab(&t).unwrap();
         assert_eq!(tokens.len(), 3);
         assert_eq!(types, vec![1, 3, 1]);
+    }
+
+    /// Only what the `llama` metadata can describe leaves a Hugging Face bundle as GGUF.
+    #[test]
+    fn hf_bundles_the_llama_metadata_cannot_describe_are_refused() {
+        let plain = serde_json::json!({"family": "llama", "architecture": "LlamaForCausalLM"});
+        check_hf_exportable(&plain).unwrap();
+        let mut qwen = plain.clone();
+        qwen["architecture"] = "Qwen2ForCausalLM".into();
+        let e = check_hf_exportable(&qwen).unwrap_err().to_string();
+        assert!(e.contains("Qwen2ForCausalLM") && e.contains("convert_hf_to_gguf"), "{e}");
+        let mut llama3 = plain.clone();
+        llama3["rope_factors"] = serde_json::json!([1.0, 8.0]);
+        let e = check_hf_exportable(&llama3).unwrap_err().to_string();
+        assert!(e.contains("with rope_factors"), "{e}");
     }
 }

@@ -178,21 +178,31 @@ fn meta_of(bundle: &Bundle) -> Result<Meta> {
         bundle.manifest.tensors.len(),
         Path::new(adaptq_bundle::MODEL_META),
     )?;
-    let rope_freqs = bundle
-        .manifest
-        .tensors
-        .iter()
-        .any(|t| t.name == "rope_freqs.weight");
-    // Gemma's norms, GeGLU and layer pattern, Qwen3's q/k norms and Llama 3's RoPE scaling
-    // each need their own config.json, not the plain Llama one written here.
+    let has = |part: &str| {
+        bundle
+            .manifest
+            .tensors
+            .iter()
+            .any(|t| t.name.contains(part))
+    };
+    let rope_freqs = has("rope_freqs.weight") || has("rope_factors_");
+    // Gemma's norms, GeGLU and layer pattern, Qwen3's q/k norms, Llama 3's RoPE scaling, Phi-3's
+    // fused projections and Qwen2's biases each need their own config.json, not the plain Llama
+    // one written here.
     let unlike = if meta.family != Family::Llama {
         Some("it is not a Llama-family decoder")
     } else if meta.decoder.gemma.is_some() {
         Some("Gemma's extra norms and sliding layers")
     } else if meta.decoder.qk_norm {
         Some("its q/k norms")
-    } else if rope_freqs {
-        Some("its RoPE frequency factors (rope_freqs.weight)")
+    } else if rope_freqs || meta.decoder.rope_factors.is_some() {
+        Some("its RoPE frequency factors")
+    } else if meta.decoder.head_dim.is_some() {
+        Some("its head width differs from hidden size / heads")
+    } else if has(".attn_qkv.") || has(".qkv_proj.") || has("gate_up") {
+        Some("its fused projections (Phi-3)")
+    } else if has(".bias") {
+        Some("its attention biases (Qwen2)")
     } else {
         None
     };

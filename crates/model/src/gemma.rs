@@ -5,31 +5,21 @@
 //! attention scores (Gemma 2) and logits. Gemma 3's q/k norms are the shared
 //! [`crate::llama::QkNorm`].
 //!
-//! The GGUF converter already added Gemma's `1 + w` to every norm weight, so the norms are the
-//! plain RMSNorm of [`crate::llama`]. Only GGUF names are read: a Hugging Face checkpoint stores
-//! `w` and names the norms differently, and no Gemma `config.json` is accepted by the source.
+//! Gemma's norms multiply by `1 + w`: GGUF files store the sum, and [`crate::llama`] adds the 1
+//! to a Hugging Face checkpoint's weights as it loads them, so the norms are plain RMSNorm.
 
-use crate::llama::{rms_norm, vec_tensor};
-use crate::Weights;
+use crate::llama::rms_norm;
 use adaptq_source::model::{Gemma, ModelDesc};
 use anyhow::Result;
 use candle_core::Tensor;
 
 /// The norms a Gemma block applies to the attention and MLP outputs before each residual add.
 pub struct PostNorms {
-    attn: Tensor,
-    ffn: Tensor,
+    pub(crate) attn: Tensor,
+    pub(crate) ffn: Tensor,
 }
 
 impl PostNorms {
-    pub(crate) fn load(w: &dyn Weights, i: usize, desc: &ModelDesc) -> Result<Self> {
-        let t = |n: &str| vec_tensor(w, &format!("blk.{i}.{n}.weight"), desc.hidden);
-        Ok(PostNorms {
-            attn: t("post_attention_norm")?,
-            ffn: t("post_ffw_norm")?,
-        })
-    }
-
     pub(crate) fn after_attn(&self, x: &Tensor, eps: f32) -> Result<Tensor> {
         rms_norm(x, &self.attn, eps)
     }

@@ -99,6 +99,8 @@ pub struct Block {
     pub o: Linear,
     pub ffn_norm_name: String,
     ffn_norm: Tensor,
+    /// What the norm weights were stored without (1 for Hugging Face Gemma, else 0).
+    norm_offset: f32,
     /// gate and up, or Phi-3's one `ffn_up` whose rows are gate | up.
     pub gate_up: Vec<Linear>,
     pub down: Linear,
@@ -125,12 +127,21 @@ impl Block {
     /// Divides the attention norm's weight by `s` per channel (AWQ folds input scales here).
     pub fn div_attn_norm(&mut self, s: &[f32]) -> Result<Vec<f32>> {
         self.attn_norm = div_vec(&self.attn_norm, s)?;
-        Ok(self.attn_norm.to_vec1()?)
+        self.stored(&self.attn_norm)
     }
     /// Divides the MLP norm's weight by `s` per channel.
     pub fn div_ffn_norm(&mut self, s: &[f32]) -> Result<Vec<f32>> {
         self.ffn_norm = div_vec(&self.ffn_norm, s)?;
-        Ok(self.ffn_norm.to_vec1()?)
+        self.stored(&self.ffn_norm)
+    }
+
+    /// A norm's weight as its file stores it (Hugging Face Gemma: less the 1 added at load).
+    fn stored(&self, norm: &Tensor) -> Result<Vec<f32>> {
+        Ok(norm
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|x| x - self.norm_offset)
+            .collect())
     }
 
     /// Every linear layer, in the order the block runs them.
@@ -260,8 +271,54 @@ pub struct Llama {
 
 /// Per-frequency RoPE divisors of Llama 3.1-style GGUF files, `[head_dim / 2]`.
 const ROPE_FREQS: &str = "rope_freqs.weight";
+/// Hugging Face names of Gemma's norms after attention and the MLP.
+const POST_ATTN_HF: &str = "post_attention_layernorm.weight";
+const POST_FFN_HF: &str = "post_feedforward_layernorm.weight";
 
-/// A norm weight, which must have `len` values.
+/// Inverse RoPE frequencies of the model, and Phi-3's long ones. Per-frequency divisors apply
+/// as `ggml_rope_ext` applies `freq_factors`: Llama 3.1's `rope_freqs`, or Phi-3's short
+/// factors (its long ones past the trained context). GGUF files hold them as tensors,
+/// `config.json` in `rope_scaling`.
+fn rope_inv_freqs(
+    desc: &ModelDesc,
+    w: &dyn Weights,
+    gguf: bool,
+) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let hd = desc.head_dim();
+    let scale = desc.decoder.gemma.as_ref().map_or(1.0, |g| g.rope_scale);
+    let base = inv_freq(desc.rope_theta, hd, scale);
+    let factored = |names: &[&str], cfg: &Option<Vec<f32>>| -> Result<Option<Vec<f32>>> {
+        let f = match names.iter().find(|n| gguf && w.has(n)) {
+            Some(name) => vec_tensor(w, name, hd / 2)?.to_vec1::<f32>()?,
+            None if gguf => return Ok(None),
+            None => match cfg {
+                Some(f) if f.len() == hd / 2 => f.clone(),
+                Some(f) => bail!("{} RoPE factors for {} frequencies", f.len(), hd / 2),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(base.iter().zip(f).map(|(x, f)| x / f).collect()))
+    };
+    let traits = &desc.decoder;
+    let short = factored(
+        &[ROPE_FREQS, "rope_factors_short.weight"],
+        &traits.rope_factors,
+    )?;
+    let long = factored(&["rope_factors_long.weight"], &traits.rope_factors_long)?;
+    Ok((short.unwrap_or(base), long))
+}
+
+/// A norm's weight plus `offset`, which must have `len` values.
+fn norm_tensor(w: &dyn Weights, name: &str, len: usize, offset: f32) -> Result<Tensor> {
+    let t = vec_tensor(w, name, len)?;
+    Ok(if offset == 0.0 {
+        t
+    } else {
+        (t + offset as f64)?
+    })
+}
+
+/// A vector tensor, which must have `len` values.
 pub(crate) fn vec_tensor(w: &dyn Weights, name: &str, len: usize) -> Result<Tensor> {
     let v = w.read(name).with_context(|| format!("reading '{name}'"))?;
     let n = v.len();
@@ -330,9 +387,10 @@ impl Llama {
         let d = desc.hidden;
         let hd = desc.head_dim();
         let gemma = desc.decoder.gemma.as_ref();
-        if gemma.is_some() && !gguf {
-            bail!("Gemma runs from GGUF files only (their norm weights already hold 1 + w)");
-        }
+        // Gemma's norms multiply by `1 + w`; llama.cpp's converter stores the sum in GGUF files,
+        // Hugging Face checkpoints store `w`.
+        let norm_offset = if gemma.is_some() && !gguf { 1.0 } else { 0.0 };
+        let norm = |name: &str, len: usize| norm_tensor(w, name, len, norm_offset);
         if d == 0
             || hd == 0
             || desc.n_heads == 0
@@ -376,9 +434,12 @@ impl Llama {
                 Linear::load(w, &name, bias.then_some(b.as_str()), expect)
             };
             let attn_norm_name = n(i, "attn_norm.weight", "input_layernorm.weight");
-            let ffn_norm_name = n(i, "ffn_norm.weight", "post_attention_layernorm.weight");
+            let ffn_norm_name = match gemma {
+                Some(_) => n(i, "ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+                None => n(i, "ffn_norm.weight", "post_attention_layernorm.weight"),
+            };
             blocks.push(Block {
-                attn_norm: vec_tensor(w, &attn_norm_name, d)?,
+                attn_norm: norm(&attn_norm_name, d)?,
                 attn_norm_name,
                 qkv: match fused_qkv {
                     true => vec![lin(
@@ -394,8 +455,9 @@ impl Llama {
                     ],
                 },
                 o: lin("attn_output", "self_attn.o_proj", false, (d, q_out))?,
-                ffn_norm: vec_tensor(w, &ffn_norm_name, d)?,
+                ffn_norm: norm(&ffn_norm_name, d)?,
                 ffn_norm_name,
+                norm_offset,
                 gate_up: match fused_gate_up {
                     true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
                     false => vec![
@@ -406,45 +468,28 @@ impl Llama {
                 down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
                 qk_norm: match desc.decoder.qk_norm {
                     true => Some(QkNorm {
-                        q: vec_tensor(
-                            w,
-                            &n(i, "attn_q_norm.weight", "self_attn.q_norm.weight"),
-                            hd,
-                        )?,
-                        k: vec_tensor(
-                            w,
-                            &n(i, "attn_k_norm.weight", "self_attn.k_norm.weight"),
-                            hd,
-                        )?,
+                        q: norm(&n(i, "attn_q_norm.weight", "self_attn.q_norm.weight"), hd)?,
+                        k: norm(&n(i, "attn_k_norm.weight", "self_attn.k_norm.weight"), hd)?,
                     }),
                     false => None,
                 },
-                post_norms: gemma.map(|_| PostNorms::load(w, i, desc)).transpose()?,
+                post_norms: match gemma {
+                    Some(_) => Some(PostNorms {
+                        attn: norm(&n(i, "post_attention_norm.weight", POST_ATTN_HF), d)?,
+                        ffn: norm(&n(i, "post_ffw_norm.weight", POST_FFN_HF), d)?,
+                    }),
+                    None => None,
+                },
             });
         }
-        let scale = gemma.map_or(1.0, |g| g.rope_scale);
-        let base = inv_freq(desc.rope_theta, hd, scale);
-        // Per-frequency divisors, as `ggml_rope_ext` applies `freq_factors`: Llama 3.1's
-        // `rope_freqs`, or Phi-3's short factors (its long ones past the trained context).
-        let factored = |name: &str| -> Result<Option<Vec<f32>>> {
-            if !(gguf && w.has(name)) {
-                return Ok(None);
-            }
-            let f = vec_tensor(w, name, hd / 2)?.to_vec1::<f32>()?;
-            Ok(Some(base.iter().zip(f).map(|(x, f)| x / f).collect()))
-        };
-        let inv_freq = match factored(ROPE_FREQS)? {
-            Some(f) => f,
-            None => factored("rope_factors_short.weight")?.unwrap_or_else(|| base.clone()),
-        };
-        let inv_freq_long = factored("rope_factors_long.weight")?;
+        let (inv_freq, inv_freq_long) = rope_inv_freqs(desc, w, gguf)?;
         let mut m = Llama {
             desc: desc.clone(),
             embed,
             embed_name: embed_name.to_string(),
             head_t,
             tied,
-            final_norm: vec_tensor(w, norm_name, d)?,
+            final_norm: norm(norm_name, d)?,
             blocks,
             inv_freq,
             inv_freq_other: inv_freq_long,

@@ -8,6 +8,7 @@
 pub mod blob;
 mod error;
 pub mod gguf;
+mod hf_config;
 pub mod info;
 pub mod model;
 pub mod safetensors;

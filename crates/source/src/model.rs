@@ -110,6 +110,14 @@ pub struct DecoderTraits {
     /// takes Phi-3's `rope_factors_long`, as in llama.cpp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_original_context: Option<usize>,
+    /// Per-frequency RoPE divisors a `config.json` defines: Llama 3's `rope_scaling`, or
+    /// Phi-3's LongRoPE short factors. GGUF files hold them as tensors (`rope_freqs`,
+    /// `rope_factors_short`) instead, so these stay unset for GGUF sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_factors: Option<Vec<f32>>,
+    /// Phi-3's LongRoPE long factors from `config.json` (GGUF: `rope_factors_long`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_factors_long: Option<Vec<f32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemma: Option<Gemma>,
 }
@@ -309,7 +317,7 @@ impl ModelDesc {
                 rope_original_context: md
                     .get_u64(&format!("{arch}.rope.scaling.original_context_length"))
                     .map(|v| usize::try_from(v).unwrap_or(usize::MAX)),
-                gemma: None,
+                ..DecoderTraits::default()
             },
             architecture: arch,
         }
@@ -333,86 +341,9 @@ impl ModelDesc {
         Ok(desc)
     }
 
-    pub fn from_hf_config(config: &Path, infos: &[TensorInfo]) -> Result<Self> {
-        let text = read_small(config, MAX_CONFIG).map_err(|e| SourceError::Config {
-            path: config.into(),
-            why: format!(
-                "cannot read config.json next to the weights ({}); it names the architecture",
-                match e {
-                    SourceError::Io { source, .. } => source.to_string(),
-                    SourceError::NotFound { .. } => "no such file".to_string(),
-                    other => other.to_string(),
-                }
-            ),
-        })?;
-        let c: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| SourceError::Config {
-                path: config.into(),
-                why: format!("invalid JSON: {e}"),
-            })?;
-        let model_type = c["model_type"].as_str().unwrap_or("").to_string();
-        let architecture = c["architectures"][0]
-            .as_str()
-            .unwrap_or(&model_type)
-            .to_string();
-        let family = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" => Family::Llama,
-            "bert" => Family::Bert,
-            _ => {
-                return Err(SourceError::UnsupportedArch {
-                    path: config.into(),
-                    arch: if model_type.is_empty() {
-                        architecture
-                    } else {
-                        model_type
-                    },
-                })
-            }
-        };
-        let u = |k: &str| c[k].as_u64().map(|v| v as usize);
-        let need = |k: &str| {
-            u(k).ok_or_else(|| SourceError::Config {
-                path: config.into(),
-                why: format!("config.json lacks \"{k}\""),
-            })
-        };
-        let n_heads = need("num_attention_heads")?;
-        let has_head = infos.iter().any(|t| t.name == "lm_head.weight");
-        ModelDesc {
-            family,
-            architecture,
-            name: c["_name_or_path"].as_str().map(str::to_string),
-            license: readme_license(config),
-            n_layers: need("num_hidden_layers")?,
-            hidden: need("hidden_size")?,
-            n_heads,
-            n_kv_heads: u("num_key_value_heads").unwrap_or(n_heads),
-            ffn_dim: need("intermediate_size")?,
-            vocab_size: need("vocab_size")?,
-            context_length: u("max_position_embeddings").unwrap_or(2048),
-            rope_theta: c["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
-            norm_eps: c["rms_norm_eps"]
-                .as_f64()
-                .or(c["layer_norm_eps"].as_f64())
-                .unwrap_or(1e-5) as f32,
-            rope_style: RopeStyle::Halves,
-            tied_embeddings: family == Family::Llama
-                && (c["tie_word_embeddings"].as_bool().unwrap_or(false) || !has_head),
-            tokenizer_id: "tokenizer.json".into(),
-            decoder: DecoderTraits {
-                // Only when it is not hidden / heads, as GGUF's `attention.key_length`.
-                head_dim: u("head_dim")
-                    .filter(|&h| Some(h) != u("hidden_size").map(|d| d / n_heads.max(1))),
-                qk_norm: model_type == "qwen3",
-                ..DecoderTraits::default()
-            },
-        }
-        .checked(infos.len(), config)
-    }
-
     /// Refuses hyper-parameters no real model has: code downstream sizes buffers and loops from
     /// them, so a header claiming 2^60 layers must fail here, naming the file, not abort later.
-    fn checked(self, n_tensors: usize, path: &Path) -> Result<Self> {
+    pub(crate) fn checked(self, n_tensors: usize, path: &Path) -> Result<Self> {
         let bad = |why: String| {
             Err(SourceError::Config {
                 path: path.into(),
@@ -449,6 +380,18 @@ impl ModelDesc {
                 "beginning-of-text token {b} is outside the vocabulary of {}",
                 self.vocab_size
             ));
+        }
+        let half = self.head_dim() / 2;
+        for f in [&self.decoder.rope_factors, &self.decoder.rope_factors_long]
+            .into_iter()
+            .flatten()
+        {
+            if f.len() != half || f.iter().any(|x| !(x.is_finite() && *x > 0.0)) {
+                return bad(format!(
+                    "{} RoPE factors for {half} frequencies, or one not positive",
+                    f.len()
+                ));
+            }
         }
         if let Some(g) = &self.decoder.gemma {
             if g.sliding.len() != self.n_layers {
@@ -556,12 +499,12 @@ fn gemma_from_gguf(md: &Metadata, desc: &ModelDesc, path: &Path) -> Result<Gemma
 /// Largest hyper-parameter (hidden size, vocabulary, context length, …) accepted.
 const MAX_DIM: usize = 1 << 24;
 /// Largest `config.json` read.
-const MAX_CONFIG: u64 = 16 << 20;
+pub(crate) const MAX_CONFIG: u64 = 16 << 20;
 /// Largest model card read when looking for its license.
 const MAX_README: u64 = 4 << 20;
 
 /// The `license:` of a model card's YAML front matter (README.md next to config.json).
-fn readme_license(config: &Path) -> Option<String> {
+pub(crate) fn readme_license(config: &Path) -> Option<String> {
     let bytes = read_small(&config.with_file_name("README.md"), MAX_README).ok()?;
     let text = String::from_utf8(bytes).ok()?;
     let front = text.strip_prefix("---")?.split("\n---").next()?;
@@ -658,6 +601,8 @@ mod tests {
             qk_norm: true,
             rope_attn_factor: Some(1.25),
             rope_original_context: Some(4096),
+            rope_factors: Some(vec![1.0, 2.0, 4.0]),
+            rope_factors_long: Some(vec![1.5, 3.0, 6.0]),
             gemma: Some(Gemma {
                 sliding_window: Some(512),
                 sliding: vec![true, false],
@@ -682,6 +627,12 @@ mod tests {
         assert!(e.contains("1 sliding-window flags for 2 layers"), "{e}");
         let mut v = d.to_meta_json();
         v["gemma"]["query_scale"] = "x".into();
+        assert!(read(&v).is_err());
+        let mut v = d.to_meta_json();
+        v["rope_factors"] = serde_json::json!([1.0, 2.0]);
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("2 RoPE factors for 3 frequencies"), "{e}");
+        v["rope_factors"] = serde_json::json!([1.0, 0.0, 2.0]);
         assert!(read(&v).is_err());
     }
 

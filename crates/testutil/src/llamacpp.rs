@@ -52,3 +52,28 @@ pub fn final_ppl(out: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .expect("PPL value")
 }
+
+/// Writes `arch`'s seeded random-weight GGUF (seed 1) with `scripts/reference/random_gguf.py`,
+/// with the `--set` switches given, and its Hugging Face twin into `hf_twin` when asked; the
+/// gguf-py is the one of the llama.cpp build in `bin` (see [`bin_dir`]).
+pub fn random_gguf(bin: &Path, arch: &str, out: &Path, sets: &[&str], hf_twin: Option<&Path>) {
+    let mut cmd = Command::new("bash");
+    cmd.current_dir(crate::repo_root())
+        .env("LLAMACPP_GGUF_PY", bin.join("../gguf-py"))
+        .args([
+            "-c",
+            r#"source scripts/python-env.sh && exec "$venv/bin/python" scripts/reference/random_gguf.py "$@""#,
+            "random_gguf",
+            arch,
+        ])
+        .arg(out)
+        .args(["--seed", "1"]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    if let Some(dir) = hf_twin {
+        cmd.arg("--hf-twin").arg(dir);
+    }
+    let o = cmd.output().expect("running random_gguf.py");
+    assert!(o.status.success(), "random_gguf.py {arch}: {}", text(&o));
+}

@@ -1,0 +1,92 @@
+//! Each decoder architecture read from its Hugging Face layout (safetensors + `config.json`)
+//! against its GGUF twin. `scripts/reference/random_gguf.py --hf-twin` writes both from the
+//! same seeded random weights, the checkpoint undoing what llama.cpp's converter does (Llama's
+//! Q/K row permutation, Gemma's `1 + w` norms, RoPE factors as tensors vs `rope_scaling`), so
+//! the two must give the same logits: within 1e-4 of the largest logit, over 80 tokens that
+//! run past Gemma's 32-token window, and for Phi-3 with its long factors too.
+//!
+//! So that agreement depends on reading each `config.json` setting, a control per
+//! architecture edits one (RoPE scaling, soft cap, layer types, q/k norms) in a copy of the
+//! checkpoint: its logits must then differ by more than 100 times that tolerance.
+
+use adaptq_model::llama::Llama;
+use adaptq_model::open_weights;
+use adaptq_testutil::compare::max_abs_diff;
+use adaptq_testutil::llamacpp;
+use std::path::Path;
+
+/// Architectures, the random model's switches, and a `config.json` key whose edit must show.
+const TWINS: &[(&str, &[&str], (&str, &str))] = &[
+    ("llama3", &[], ("rope_scaling", "null")),
+    (
+        "mistral",
+        &["sliding_window=4096"],
+        ("rope_theta", "10000.0"),
+    ),
+    ("qwen2", &[], ("rms_norm_eps", "0.5")),
+    ("qwen3", &[], ("model_type", "\"qwen2\"")),
+    ("gemma2", &[], ("attn_logit_softcapping", "null")),
+    ("gemma3", &[], ("sliding_window", "null")),
+    ("phi3", &[], ("rope_scaling", "null")),
+];
+const TOLERANCE: f32 = 1e-4;
+
+/// Logits `[T · vocab]` of the model at `path` on `tokens`, run at context `n_ctx`.
+fn logits(path: &Path, tokens: &[u32], n_ctx: usize) -> Vec<f32> {
+    let w = open_weights(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    let mut m =
+        Llama::load(w.desc(), w.as_ref()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    m.set_context(n_ctx);
+    let l = m.forward(tokens, None, None).expect("forward pass");
+    l.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn scale(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, v| m.max(v.abs()))
+}
+
+#[test]
+fn safetensors_twins_give_the_gguf_logits() {
+    let bin = llamacpp::bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (0..80u32).map(|i| (i * 7919 + 13) % 49152).collect();
+    let mut report = Vec::new();
+    let mut wrong = Vec::new();
+    for &(arch, sets, (key, edit)) in TWINS {
+        let gguf = dir.path().join(format!("{arch}.gguf"));
+        let hf = dir.path().join(arch);
+        llamacpp::random_gguf(&bin, arch, &gguf, sets, Some(&hf));
+        // Phi-3 past its trained 512 tokens takes the long factors, both ways.
+        let contexts: &[usize] = if arch == "phi3" { &[128, 1024] } else { &[128] };
+        for &n_ctx in contexts {
+            let g = logits(&gguf, &tokens, n_ctx);
+            let h = logits(&hf, &tokens, n_ctx);
+            let d = max_abs_diff(&g, &h) / scale(&g);
+            report.push(format!(
+                "{arch} ctx {n_ctx}: max |Δ| / max |logit| = {d:.2e}"
+            ));
+            if d.is_nan() || d > TOLERANCE {
+                wrong.push(format!("{arch} ctx {n_ctx}"));
+            }
+        }
+        let edited = dir.path().join(format!("{arch}-edited"));
+        std::fs::create_dir(&edited).unwrap();
+        std::fs::copy(
+            hf.join("model.safetensors"),
+            edited.join("model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+        cfg[key] = serde_json::from_str(edit).unwrap();
+        std::fs::write(edited.join("config.json"), cfg.to_string()).unwrap();
+        let g = logits(&gguf, &tokens, 128);
+        let d = max_abs_diff(&g, &logits(&edited, &tokens, 128)) / scale(&g);
+        report.push(format!("{arch} with {key} = {edit}: {d:.2e}"));
+        if d.is_nan() || d <= 100.0 * TOLERANCE {
+            wrong.push(format!("{arch}: editing {key} changed nothing"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(wrong.is_empty(), "{wrong:?}\n{}", report.join("\n"));
+}
