@@ -6,20 +6,27 @@
 # llama.cpp anchors for the same model and text are in ../shared/anchors/.
 #
 # Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 64), ONLY (a regex over the
-# row names, e.g. ONLY='rtn|gptq4'). A full run takes about 6 hours on 2 cores. Rows with
-# --ggml-type are exported to GGUF and the GGUF file itself is evaluated.
+# row names, e.g. ONLY='rtn|gptq4'), MODEL (default the SmolLM2 fixture), TEXTS (evaluation
+# texts, space-separated; default prideprejudice.txt; each row is evaluated on each), KEEP (a
+# folder to keep the bundles and GGUF files in). A full run takes about 6 hours on 2 cores. Rows
+# with --ggml-type are exported to GGUF and the GGUF file itself is evaluated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh >/dev/null
 cargo build --release -p adaptq 2>/dev/null
-m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+m=${MODEL:-.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 calib=../shared/corpora/austen/emma.txt
-text=../shared/corpora/austen/prideprejudice.txt
+read -r -a texts <<<"${TEXTS:-../shared/corpora/austen/prideprejudice.txt}"
+for t in "${texts[@]}"; do
+  [ "$(basename "$t")" != emma.txt ] || { echo "emma.txt is the calibration text: evaluate on another" >&2; exit 2; }
+done
 chunks=${CHUNKS:-40}
 samples=${SAMPLES:-64}
 only=${ONLY:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+keep=${KEEP:-$tmp}
+mkdir -p "$keep"
 # A private copy, so rebuilding the workspace during a long run cannot change the binary mid-table.
 cp target/release/adaptq "$tmp/adaptq"
 bin=$tmp/adaptq
@@ -60,22 +67,24 @@ rows=(
   "gguf-q4_k-rtn|--ggml-type q4_k"
   "gguf-q4_k-gptq|--method gptq --ggml-type q4_k $C"
 )
-echo "| config | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | lossless × | gates |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| config | text | total bytes | bpw | PPL | ΔPPL % | mean KLD | top-1 % | quantize s | peak RSS MiB | lossless × | gates |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
 for row in "${rows[@]}"; do
   name=${row%%|*}; args=${row#*|}
   [[ $name =~ $only ]] || continue
-  out="$tmp/$name"
+  out="$keep/$name"
   if [[ $args == EVAL* ]]; then
     # The unquantized model itself, transformed as the flags say (e.g. rotated).
-    # shellcheck disable=SC2086
-    "$bin" eval "$m" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json ${args#EVAL} >"$tmp/$name.json"
-    python3 - "$name" "$tmp/$name.json" <<'PY'
+    for text in "${texts[@]}"; do
+      # shellcheck disable=SC2086
+      "$bin" eval "$m" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json ${args#EVAL} >"$tmp/$name.json"
+      python3 - "$name" "$tmp/$name.json" "$(basename "$text")" <<'PY'
 import json, sys
-name, ev = sys.argv[1:]
+name, ev, text = sys.argv[1:]
 e = json.load(open(ev))
-print(f"| {name} | - | 32.000 | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.6f} | {100*e['top1_agreement']:.2f} | - | - | - | - |")
+print(f"| {name} | {text} | - | 32.000 | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.3f} | {e['kld_mean']:.6f} | {100*e['top1_agreement']:.2f} | - | - | - | - |")
 PY
+    done
     continue
   fi
   # shellcheck disable=SC2086
@@ -86,10 +95,11 @@ PY
     "$bin" export "$out" --to gguf --out "$out.gguf" >/dev/null
     model=$out.gguf
   fi
-  "$bin" eval "$model" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name.json"
-  python3 - "$name" "$out" "$tmp/$name.json" "$tmp/$name.time" <<'PY'
+  for text in "${texts[@]}"; do
+    "$bin" eval "$model" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name.json"
+    python3 - "$name" "$out" "$tmp/$name.json" "$tmp/$name.time" "$(basename "$text")" <<'PY'
 import json, sys, re
-name, out, ev, tm = sys.argv[1:]
+name, out, ev, tm, text = sys.argv[1:]
 v = json.load(open(f"{out}/verification.json")); e = json.load(open(ev)); t = open(tm).read()
 wall = re.search(r"Elapsed \(wall clock\) time.*: (.*)", t).group(1).split(":")
 secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
@@ -97,7 +107,8 @@ rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", t).group(1))
 tot = v["totals"]
 failed = [g["name"] for g in v["gates"] if g["status"] != "PASS"]
 lossless = f"{tot['lossless_ratio']:.3f}" if tot.get("lossless_ratio") else "-"
-print(f"| {name} | {tot['payload_bytes']} | {tot['bits_per_weight']:.3f} | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.1f} | "
+print(f"| {name} | {text} | {tot['payload_bytes']} | {tot['bits_per_weight']:.3f} | {e['ppl']:.4f} | {e['delta_ppl_pct']:+.1f} | "
       f"{e['kld_mean']:.4f} | {100*e['top1_agreement']:.2f} | {secs:.1f} | {rss:.0f} | {lossless} | {v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
 PY
+  done
 done

@@ -650,7 +650,10 @@ mod tests {
         let mut qwen = plain.clone();
         qwen["architecture"] = "Qwen2ForCausalLM".into();
         let e = check_hf_exportable(&qwen).unwrap_err().to_string();
-        assert!(e.contains("Qwen2ForCausalLM") && e.contains("convert_hf_to_gguf"), "{e}");
+        assert!(
+            e.contains("Qwen2ForCausalLM") && e.contains("convert_hf_to_gguf"),
+            "{e}"
+        );
         let mut llama3 = plain.clone();
         llama3["rope_factors"] = serde_json::json!([1.0, 8.0]);
         let e = check_hf_exportable(&llama3).unwrap_err().to_string();

@@ -13,6 +13,21 @@ pub struct Options {
     pub seed: u64,
 }
 
+/// Tokens that end a reply in the vocabularies adaptq reads: ChatML and GPT-2 (`<|im_end|>`,
+/// `<|endoftext|>`), SentencePiece (`</s>`), Gemma (`<eos>`, `<end_of_turn>`), Llama 3
+/// (`<|eot_id|>`, `<|end_of_text|>`) and Phi-3 (`<|end|>`). Matched by name, as each is a
+/// special token that ordinary text never tokenizes to.
+const END_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "</s>",
+    "<eos>",
+    "<end_of_turn>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+];
+
 pub struct Output {
     pub prompt_tokens: usize,
     pub tokens: Vec<u32>,
@@ -63,12 +78,10 @@ pub fn generate(
     if let Some(b) = m.desc.decoder.bos.filter(|&b| ids.first() != Some(&b)) {
         ids.insert(0, b);
     }
-    let eos = m
-        .tokenizer
-        .token_to_id("<|im_end|>")
-        .into_iter()
-        .chain(m.tokenizer.token_to_id("<|endoftext|>"));
-    let eos: Vec<u32> = eos.collect();
+    let eos: Vec<u32> = END_TOKENS
+        .iter()
+        .filter_map(|t| m.tokenizer.token_to_id(t))
+        .collect();
     let mut rng = Rng(opts.seed);
     let mut cache = crate::llama::KvCache::default();
     let start = std::time::Instant::now();

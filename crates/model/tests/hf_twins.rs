@@ -89,4 +89,31 @@ fn safetensors_twins_give_the_gguf_logits() {
     }
     eprintln!("{}", report.join("\n"));
     assert!(wrong.is_empty(), "{wrong:?}\n{}", report.join("\n"));
+    awq_folds_store_what_each_layout_means(
+        &dir.path().join("gemma2.gguf"),
+        &dir.path().join("gemma2"),
+    );
+}
+
+/// AWQ divides a norm by its scales and stores the result under the norm's name: a Gemma
+/// checkpoint must get `(1 + w) / s − 1`, the GGUF file `(1 + w) / s`.
+fn awq_folds_store_what_each_layout_means(gguf: &Path, hf: &Path) {
+    let load = |p: &Path| {
+        let w = open_weights(p).unwrap();
+        Llama::load(w.desc(), w.as_ref()).unwrap()
+    };
+    let (mut g, mut h) = (load(gguf), load(hf));
+    let s: Vec<f32> = (0..g.desc.hidden)
+        .map(|i| 0.5 + (i % 7) as f32 / 4.0)
+        .collect();
+    let ga = g.blocks[0].div_attn_norm(&s).unwrap();
+    let ha = h.blocks[0].div_attn_norm(&s).unwrap();
+    let gf = g.blocks[1].div_ffn_norm(&s).unwrap();
+    let hf_ = h.blocks[1].div_ffn_norm(&s).unwrap();
+    for (a, b) in ga.iter().zip(&ha).chain(gf.iter().zip(&hf_)) {
+        assert!(
+            (a - (b + 1.0)).abs() <= 1e-6 * a.abs().max(1.0),
+            "{a} vs {b} + 1"
+        );
+    }
 }
