@@ -137,7 +137,8 @@ fn phi3_takes_its_long_rope_factors_past_the_trained_context() {
 }
 
 /// What follows the reading on every architecture: GPTQ with AWQ scales (calibrated on
-/// emma.txt) writes a bundle that verifies; its GGUF export loads in llama-perplexity and
+/// emma.txt, onto a 4-bit grid that is Q4_0 or onto IQ4_NL) writes a bundle that verifies; its
+/// GGUF export loads in llama-perplexity and
 /// scores as adaptq scores the bundle (within 0.5 %: llama.cpp multiplies 4-bit blocks with
 /// 8-bit activations); APQ, NOVAQ and rotated RTN complete on the two most unusual layouts
 /// (Phi-3's fused projections, Gemma 2's capped sliding layers).
@@ -157,17 +158,19 @@ fn quantizers_and_gguf_export_run_on_each_architecture() {
             dir.path().join(format!("{arch}-gptq")),
             dir.path().join(format!("{arch}-gptq.gguf")),
         );
-        let gptq = [
-            args("--method gptq --awq --bits 4 --group-size 32 --sym --min-cosine 0"),
-            calib.clone(),
-        ]
-        .concat();
+        // Half the files go onto IQ4_NL's non-linear grid, half onto a 4-bit grid that is Q4_0.
+        let grid = match *arch {
+            "qwen3" | "gemma3" | "phi3" => "--ggml-type iq4_nl",
+            _ => "--bits 4 --group-size 32 --sym",
+        };
+        let line = format!("--method gptq --awq {grid} --min-cosine 0");
+        let gptq = [args(&line), calib.clone()].concat();
         ok(quantize(BIN, &model, &b, &gptq));
         ok(run(BIN, &["export", s(&b), "--to", "gguf", "--out", s(&e)]));
         let (a, t) = (ours(&b, &text, RUN), theirs(&bin, &e, &text, RUN));
         let rel = a / t - 1.0;
         report.push(format!(
-            "{arch}: GPTQ+AWQ bundle {a:.4}, its GGUF in llama.cpp {t:.4} ({:+.3} %)",
+            "{arch} ({grid}): GPTQ+AWQ bundle {a:.4}, its GGUF in llama.cpp {t:.4} ({:+.3} %)",
             100.0 * rel
         ));
         if rel.abs() >= 5e-3 {

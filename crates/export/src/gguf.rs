@@ -430,6 +430,7 @@ fn file_type(t: Option<BlockType>) -> u32 {
         Some(BlockType::Q4K) => 14,
         Some(BlockType::Q5K) => 16,
         Some(BlockType::Q6K) => 18,
+        Some(BlockType::IQ4NL) => 25,
     }
 }
 

@@ -27,10 +27,20 @@ pub enum BlockType {
     Q5K,
     #[serde(rename = "Q6_K")]
     Q6K,
+    /// 4-bit codes into a fixed non-linear table of 16 levels ([`IQ4NL_VALUES`]) times one f16
+    /// scale per 32 values: Q4_0's size and layout, a better-spread grid, and 32-value blocks
+    /// that fit rows k-quants cannot.
+    #[serde(rename = "IQ4_NL")]
+    IQ4NL,
 }
 
+/// The 16 levels of IQ4_NL (ggml-common.h's `kvalues_iq4nl`), in code order.
+pub const IQ4NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// Every block type, in [`BlockType`] order.
-pub const ALL: [BlockType; 10] = [
+pub const ALL: [BlockType; 11] = [
     BlockType::Q4_0,
     BlockType::Q4_1,
     BlockType::Q5_0,
@@ -41,6 +51,7 @@ pub const ALL: [BlockType; 10] = [
     BlockType::Q4K,
     BlockType::Q5K,
     BlockType::Q6K,
+    BlockType::IQ4NL,
 ];
 
 /// Super-block length of the k-quants.
@@ -62,6 +73,7 @@ impl BlockType {
             Self::Q4K => (12, "Q4_K", QK_K, 144),
             Self::Q5K => (13, "Q5_K", QK_K, 176),
             Self::Q6K => (14, "Q6_K", QK_K, 210),
+            Self::IQ4NL => (20, "IQ4_NL", 32, 18),
         }
     }
 
@@ -113,7 +125,7 @@ impl BlockType {
         match self {
             Self::Q2K => 2,
             Self::Q3K => 3,
-            Self::Q4_0 | Self::Q4_1 | Self::Q4K => 4,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::IQ4NL => 4,
             Self::Q5_0 | Self::Q5_1 | Self::Q5K => 5,
             Self::Q6K => 6,
             Self::Q8_0 => 8,
@@ -125,7 +137,8 @@ impl BlockType {
         (1 << self.bits()) - 1
     }
 
-    /// For symmetric types, the code that stands for zero; `None` for types with a min.
+    /// For symmetric types, the code that stands for zero; `None` for types with a min and for
+    /// IQ4_NL, whose table has no zero.
     pub fn zero_code(self) -> Option<i32> {
         match self {
             Self::Q4_0 => Some(8),
@@ -237,6 +250,7 @@ impl GgmlType {
     pub const Q4K: Self = Self::Block(BlockType::Q4K);
     pub const Q5K: Self = Self::Block(BlockType::Q5K);
     pub const Q6K: Self = Self::Block(BlockType::Q6K);
+    pub const IQ4NL: Self = Self::Block(BlockType::IQ4NL);
 
     const fn row(self) -> Row {
         match self {
@@ -294,6 +308,7 @@ mod tests {
             assert_eq!(t.bytes_for(3 * t.block_len()), 3 * t.block_bytes());
         }
         assert_eq!(BlockType::parse("q4k"), Some(BlockType::Q4K));
+        assert_eq!(BlockType::parse("iq4_nl"), Some(BlockType::IQ4NL));
         assert_eq!(BlockType::parse("q4_k_m"), None);
         assert_eq!(BlockType::parse("q7_0"), None);
         assert_eq!(GgmlType::from_id(30), Some(GgmlType::BF16));

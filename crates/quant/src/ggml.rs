@@ -1,7 +1,7 @@
-//! llama.cpp's block formats (Q4_0 … Q8_0, Q2_K … Q6_K) as quantization *grids*.
+//! llama.cpp's block formats (Q4_0 … Q8_0, Q2_K … Q6_K, IQ4_NL) as quantization *grids*.
 //!
 //! Every GGML type dequantizes a code `q` of a sub-block to either `A·(q − off)` (symmetric
-//! types) or `A·q + B` (types with a min), where `A`, `B` come from the block's stored scale
+//! types), `A·q + B` (types with a min) or `A·table[q]` (IQ4_NL), where `A`, `B` come from the block's stored scale
 //! fields in the type's own encoding (f16 super-scales times 4/6/8-bit sub-scales). Seen that
 //! way, any quantizer that picks integer codes against fixed per-sub-block parameters can write
 //! straight onto a GGML grid: [`fit_block`] chooses the encoded parameters, [`affine`] gives a
@@ -23,7 +23,7 @@ use crate::QuantError;
 use half::f16;
 use serde::{Deserialize, Serialize};
 
-pub use adaptq_loader::ggml::{nearest, twin, BlockType, ALL, QK_K};
+pub use adaptq_loader::ggml::{nearest, twin, BlockType, ALL, IQ4NL_VALUES, QK_K};
 
 /// Which GGML types a model's tensors get.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -74,19 +74,24 @@ impl BlockHead {
     }
 }
 
-/// The affine map of one sub-block: value = `a·(q − off)` or `a·q + b`.
+/// The map of one sub-block: value = `a·(q − off)`, `a·q + b`, or `a·table[q]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Affine {
     pub a: f32,
     pub b: f32,
     pub off: Option<i32>,
     pub max_code: i32,
+    /// Levels of a non-linear grid (IQ4_NL), ascending, indexed by code.
+    pub table: Option<&'static [i8; 16]>,
 }
 
 impl Affine {
     /// The value code `q` decodes to, with the dequantizers' operation order.
     #[inline]
     pub fn value(&self, q: u8) -> f32 {
+        if let Some(t) = self.table {
+            return self.a * t[q as usize & 15] as f32;
+        }
         match self.off {
             Some(o) => self.a * (q as i32 - o) as f32,
             None => self.a * q as f32 + self.b,
@@ -96,6 +101,9 @@ impl Affine {
     /// The nearest code to `x` on this grid.
     #[inline]
     pub fn code(&self, x: f32) -> u8 {
+        if let Some(t) = self.table {
+            return nearest_level(t, self.a, x);
+        }
         if self.a == 0.0 {
             return self.off.unwrap_or(0) as u8;
         }
@@ -120,12 +128,25 @@ impl Affine {
     }
 }
 
+/// The code of `table`'s level nearest `x` once scaled by `a` (a table level is ascending, so
+/// a negative `a` reverses it; `a = 0` maps everything to 0 and any code is as good).
+fn nearest_level(table: &[i8; 16], a: f32, x: f32) -> u8 {
+    let mut best = (f32::INFINITY, 0u8);
+    for (q, &l) in table.iter().enumerate() {
+        let e = (a * l as f32 - x).abs();
+        if e < best.0 {
+            best = (e, q as u8);
+        }
+    }
+    best.1
+}
+
 /// The grid of sub-block `s` of a block.
 pub fn affine(ty: BlockType, h: &BlockHead, s: usize) -> Affine {
     let d = h.d.to_f32();
     let max_code = ty.max_code();
     let (a, b) = match ty {
-        BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => (d, 0.0),
+        BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::IQ4NL => (d, 0.0),
         BlockType::Q4_1 | BlockType::Q5_1 => (d, h.dmin.to_f32()),
         BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
             (d * h.sc[s] as f32, -(h.dmin.to_f32() * h.mn[s] as f32))
@@ -138,6 +159,7 @@ pub fn affine(ty: BlockType, h: &BlockHead, s: usize) -> Affine {
         b,
         off: ty.zero_code(),
         max_code,
+        table: (ty == BlockType::IQ4NL).then_some(&IQ4NL_VALUES),
     }
 }
 
@@ -174,6 +196,7 @@ pub fn fit_block(ty: BlockType, x: &[f32], w: Option<&[f32]>) -> BlockHead {
             let (lo, hi) = min_max(x);
             BlockHead::new(to_f16((hi - lo) / maxq), to_f16(lo))
         }
+        BlockType::IQ4NL => fit_iq4nl(x, w),
         BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
             // Per sub-block: scale (max−min)/maxq and a min ≤ 0 (the format stores −min ≥ 0).
             let levels = if ty == BlockType::Q2K { 15.0 } else { 63.0 };
@@ -260,6 +283,42 @@ pub fn fit_block(ty: BlockType, x: &[f32], w: Option<&[f32]>) -> BlockHead {
     }
 }
 
+/// IQ4_NL's scale for one block, as llama.cpp's `quantize_row_iq4_nl_impl` searches it: the
+/// scale that maps the largest-magnitude value onto the table's far end (−127), then the inverse
+/// scales that map it 1…7 table units either side, each with its codes' weighted least-squares
+/// scale; the candidate of least weighted error once stored in f16 wins.
+fn fit_iq4nl(x: &[f32], w: Option<&[f32]>) -> BlockHead {
+    let max = signed_extreme(x);
+    if max == 0.0 {
+        return BlockHead::new(f16::ZERO, f16::ZERO);
+    }
+    let t0 = IQ4NL_VALUES[0] as f32;
+    let mut best = (f64::INFINITY, f16::ZERO);
+    for step in -7..=7 {
+        let id = (step as f32 + t0) / max;
+        let (mut qx, mut qq) = (0f64, 0f64);
+        for (i, &v) in x.iter().enumerate() {
+            let q = nearest_level(&IQ4NL_VALUES, 1.0, id * v) as usize;
+            let l = IQ4NL_VALUES[q] as f64;
+            let wi = w.map_or(1.0, |w| w[i] as f64);
+            qx += wi * l * v as f64;
+            qq += wi * l * l;
+        }
+        let mut cands = [to_f16(1.0 / id), f16::ZERO];
+        if qq > 0.0 {
+            cands[1] = to_f16((qx / qq) as f32);
+        }
+        for d in cands {
+            let h = BlockHead::new(d, f16::ZERO);
+            let e = sub_error(&affine(BlockType::IQ4NL, &h, 0), x, w);
+            if e < best.0 {
+                best = (e, d);
+            }
+        }
+    }
+    BlockHead::new(best.1, f16::ZERO)
+}
+
 fn signed_extreme(x: &[f32]) -> f32 {
     x.iter()
         .copied()
@@ -281,7 +340,11 @@ pub fn encode_block(ty: BlockType, h: &BlockHead, codes: &[u8], out: &mut Vec<u8
     out.resize(start + ty.block_bytes(), 0);
     let b = &mut out[start..];
     match ty {
-        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+        BlockType::Q4_0
+        | BlockType::Q4_1
+        | BlockType::Q5_0
+        | BlockType::Q5_1
+        | BlockType::IQ4NL => {
             let has_m = matches!(ty, BlockType::Q4_1 | BlockType::Q5_1);
             b[0..2].copy_from_slice(&h.d.to_le_bytes());
             let mut p = 2;
@@ -384,7 +447,11 @@ pub fn encode_block(ty: BlockType, h: &BlockHead, codes: &[u8], out: &mut Vec<u8
 pub fn decode_block(ty: BlockType, b: &[u8], codes: &mut [u8]) -> BlockHead {
     let rd = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
     match ty {
-        BlockType::Q4_0 | BlockType::Q4_1 | BlockType::Q5_0 | BlockType::Q5_1 => {
+        BlockType::Q4_0
+        | BlockType::Q4_1
+        | BlockType::Q5_0
+        | BlockType::Q5_1
+        | BlockType::IQ4NL => {
             let has_m = matches!(ty, BlockType::Q4_1 | BlockType::Q5_1);
             let h = BlockHead::new(rd(0), if has_m { rd(2) } else { f16::ZERO });
             let mut p = if has_m { 4 } else { 2 };
@@ -611,6 +678,8 @@ mod tests {
         assert!(rel(BlockType::Q5K) > rel(BlockType::Q6K));
         assert!(rel(BlockType::Q4_0) > rel(BlockType::Q5_0));
         assert!(rel(BlockType::Q5_0) > rel(BlockType::Q8_0));
+        // The non-linear levels fit bell-shaped weights better than Q4_0's even steps.
+        assert!(rel(BlockType::IQ4NL) < rel(BlockType::Q4_0), "{errs:?}");
         assert!(rel(BlockType::Q8_0) < 1e-4, "{errs:?}");
         assert!(rel(BlockType::Q2K) < 0.5, "{errs:?}");
     }
@@ -622,7 +691,24 @@ mod tests {
         let (rows, cols) = (3, 768);
         let w = weights(rows * cols, 11);
         for t in ALL {
+            let bytes = quantize_rtn(t, &w, rows, cols, None).unwrap();
+            let ours = dequantize(t, &bytes, w.len()).unwrap();
             let dt = match t {
+                BlockType::IQ4NL => {
+                    // candle has no IQ4_NL: ggml's `dequantize_row_iq4_nl`, written out.
+                    for (i, a) in ours.iter().enumerate() {
+                        let b = &bytes[i / 32 * 18..];
+                        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        let nib = if i % 32 < 16 {
+                            b[2 + i % 16] & 15
+                        } else {
+                            b[2 + i % 16] >> 4
+                        };
+                        let want = d * IQ4NL_VALUES[nib as usize] as f32;
+                        assert_eq!(a.to_bits(), want.to_bits(), "IQ4_NL value {i}");
+                    }
+                    continue;
+                }
                 BlockType::Q4_0 => GgmlDType::Q4_0,
                 BlockType::Q4_1 => GgmlDType::Q4_1,
                 BlockType::Q5_0 => GgmlDType::Q5_0,
@@ -634,8 +720,6 @@ mod tests {
                 BlockType::Q5K => GgmlDType::Q5K,
                 BlockType::Q6K => GgmlDType::Q6K,
             };
-            let bytes = quantize_rtn(t, &w, rows, cols, None).unwrap();
-            let ours = dequantize(t, &bytes, w.len()).unwrap();
             let dev = candle_core::Device::Cpu;
             let q = qtensor_from_ggml(dt, &bytes, vec![w.len()], &dev).unwrap();
             let theirs: Vec<f32> = q.dequantize(&dev).unwrap().to_vec1().unwrap();

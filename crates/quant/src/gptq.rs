@@ -503,6 +503,7 @@ mod tests {
             (BlockType::Q4K, true),
             (BlockType::Q6K, false),
             (BlockType::Q2K, false),
+            (BlockType::IQ4NL, true),
         ] {
             let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None).unwrap();
             let g = quantize_gptq_ggml(&w, rows, cols, &h, ty, 0.01, act_order).unwrap();

@@ -16,10 +16,11 @@ use adaptq_loader::ggml::BlockType;
 /// GGML tensor types that adaptq can read: the format crate's table.
 pub use adaptq_loader::ggml::GgmlType;
 
-/// candle's name for a block type (its kernels dequantize the blocks).
-fn candle_dtype(ty: BlockType) -> candle_core::quantized::GgmlDType {
+/// candle's name for a block type (its kernels dequantize the blocks); `None` for the types
+/// candle lacks (IQ4_NL), which adaptq's own decoder reads.
+fn candle_dtype(ty: BlockType) -> Option<candle_core::quantized::GgmlDType> {
     use candle_core::quantized::GgmlDType as C;
-    match ty {
+    Some(match ty {
         BlockType::Q4_0 => C::Q4_0,
         BlockType::Q4_1 => C::Q4_1,
         BlockType::Q5_0 => C::Q5_0,
@@ -30,7 +31,8 @@ fn candle_dtype(ty: BlockType) -> candle_core::quantized::GgmlDType {
         BlockType::Q4K => C::Q4K,
         BlockType::Q5K => C::Q5K,
         BlockType::Q6K => C::Q6K,
-    }
+        BlockType::IQ4NL => return None,
+    })
 }
 
 /// How a tensor of GGML type `ty` is described to the pipeline.
@@ -832,6 +834,9 @@ pub fn dequantize(
             Ok(out)
         }
         GgmlType::Block(b) => {
+            let Some(cty) = candle_dtype(b) else {
+                return adaptq_quant::ggml::dequantize(b, bytes, numel).map_err(|e| e.to_string());
+            };
             // Every candle block type has an alignment of at most 8 (f16 and f32 fields).
             let copy: Vec<u64>;
             let bytes = if bytes.as_ptr().align_offset(8) == 0 {
@@ -844,13 +849,9 @@ pub fn dequantize(
                 &bytemuck::cast_slice::<u64, u8>(&copy)[..bytes.len()]
             };
             let dev = candle_core::Device::Cpu;
-            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                candle_dtype(b),
-                bytes,
-                vec![numel],
-                &dev,
-            )
-            .map_err(|e| e.to_string())?;
+            let q =
+                candle_core::quantized::ggml_file::qtensor_from_ggml(cty, bytes, vec![numel], &dev)
+                    .map_err(|e| e.to_string())?;
             q.dequantize(&dev)
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| e.to_string())
