@@ -160,12 +160,11 @@ impl BlockType {
         cols > 0 && cols.is_multiple_of(self.block_len())
     }
 
-    /// The type used instead when rows do not fit a k-quant: llama.cpp's own choices for
-    /// Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0; Q2_K/Q3_K go to Q4_0 (llama.cpp picks IQ4_NL, which is
-    /// the same size and not written here).
+    /// The type used instead when rows do not fit a k-quant: llama.cpp's own choices,
+    /// Q2_K/Q3_K→IQ4_NL, Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0.
     pub fn fallback(self) -> BlockType {
         match self {
-            Self::Q2K | Self::Q3K => Self::Q4_0,
+            Self::Q2K | Self::Q3K => Self::IQ4NL,
             Self::Q4K => Self::Q5_0,
             Self::Q5K => Self::Q5_1,
             Self::Q6K => Self::Q8_0,

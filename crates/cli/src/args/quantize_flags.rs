@@ -243,7 +243,7 @@ pub const SECTIONS: &[Section] = &[
                 "Store linear layers as this llama.cpp type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, \
                  Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL) instead of adaptq's own groups; rows that do not fit a \
                  k-quant (576 is not a multiple of 256) fall back as llama.cpp does \
-                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→Q4_0). Default with --format gguf: \
+                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→IQ4_NL). Default with --format gguf: \
                  the type nearest --bits.",
             ),
             (
