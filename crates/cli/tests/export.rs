@@ -75,7 +75,7 @@ fn gguf_export_holds_the_bundles_exact_values_for_every_type() {
         assert_eq!(out.header().version, 3);
     }
     for t in [
-        "Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "Q5_0", "Q5_1", "Q8_0", "Q4_1", "IQ4_NL",
+        "Q2K", "Q3K", "Q4K", "Q5K", "Q6K", "Q5_0", "Q5_1", "Q8_0", "Q4_1", "IQ4NL",
     ] {
         assert!(
             seen.iter().any(|s| s.contains(t)),
