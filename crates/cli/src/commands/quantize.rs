@@ -25,7 +25,14 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     let start = std::time::Instant::now();
     let outcome = {
         let mut bars = crate::progress::Bars::new(adaptq_remote::is_remote(plan.source()));
-        plan.run(&mut bars)?
+        plan.run(&mut bars).map_err(|e| {
+            // The quantizers speak of budgets; here the user learns which flags set them.
+            if format!("{e:#}").contains("no NOVAQ layout") {
+                e.context("raise --target-bits or --max-subspace-dim")
+            } else {
+                e
+            }
+        })?
     };
     let s = &outcome.summary;
     let t = &s.verification.totals;
