@@ -225,9 +225,14 @@ fn check_hf_exportable(meta: &serde_json::Value) -> Result<()> {
             meta["family"]
         );
     }
+    // The class name, or the model type where config.json names no class.
     let arch = meta["architecture"].as_str().unwrap_or("?");
     let extra = HF_UNEXPORTED.iter().find(|k| meta.get(**k).is_some());
-    if !matches!(arch, "LlamaForCausalLM" | "MistralForCausalLM") || extra.is_some() {
+    if !matches!(
+        arch,
+        "LlamaForCausalLM" | "MistralForCausalLM" | "llama" | "mistral"
+    ) || extra.is_some()
+    {
         bail!(
             "GGUF export from a Hugging Face checkpoint covers plain Llama and Mistral layouts; \
              this bundle is {arch}{}. Convert the checkpoint with llama.cpp's \
