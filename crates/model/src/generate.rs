@@ -15,8 +15,8 @@ pub struct Options {
 
 /// Tokens that end a reply in the vocabularies adaptq reads: ChatML and GPT-2 (`<|im_end|>`,
 /// `<|endoftext|>`), SentencePiece (`</s>`), Gemma (`<eos>`, `<end_of_turn>`), Llama 3
-/// (`<|eot_id|>`, `<|end_of_text|>`) and Phi-3 (`<|end|>`). Matched by name, as each is a
-/// special token that ordinary text never tokenizes to.
+/// (`<|eot_id|>`, `<|end_of_text|>`) and Phi-3 (`<|end|>`). A name counts only where the
+/// vocabulary marks it special: in some vocabularies `</s>` is an ordinary piece of text.
 const END_TOKENS: &[&str] = &[
     "<|im_end|>",
     "<|endoftext|>",
@@ -78,9 +78,11 @@ pub fn generate(
     if let Some(b) = m.desc.decoder.bos.filter(|&b| ids.first() != Some(&b)) {
         ids.insert(0, b);
     }
+    let added = m.tokenizer.get_added_tokens_decoder();
     let eos: Vec<u32> = END_TOKENS
         .iter()
         .filter_map(|t| m.tokenizer.token_to_id(t))
+        .filter(|id| added.get(id).is_some_and(|t| t.special))
         .collect();
     let mut rng = Rng(opts.seed);
     let mut cache = crate::llama::KvCache::default();

@@ -39,6 +39,13 @@ pub enum QuantError {
     NonFinite(usize),
     #[error("{0}")]
     Corrupt(String),
+    /// No NOVAQ layout of the tensor fits the bit budget: codebooks and row scales alone need
+    /// more.
+    #[error(
+        "no NOVAQ layout of a {rows}x{cols} tensor fits {bits} bits per weight (codebooks and \
+         row scales alone need more); a larger bit budget or sub-space width fits"
+    )]
+    NoLayout { rows: usize, cols: usize, bits: f64 },
 }
 
 /// A quantized matrix: bit-packed codes plus f16 per-group scales (and mins when asymmetric).

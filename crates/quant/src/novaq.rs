@@ -169,12 +169,10 @@ pub fn plan(rows: usize, cols: usize, cfg: &NovaqConfig) -> Result<Plan, QuantEr
             }
         }
     }
-    best.map(|(_, p)| p).ok_or_else(|| {
-        QuantError::Corrupt(format!(
-            "no NOVAQ layout of a {rows}x{cols} tensor fits {} bits per weight (codebooks and \
-             row scales alone need more); a larger bit budget or sub-space width fits",
-            cfg.target_bits
-        ))
+    best.map(|(_, p)| p).ok_or(QuantError::NoLayout {
+        rows,
+        cols,
+        bits: cfg.target_bits,
     })
 }
 

@@ -150,6 +150,11 @@ fn rope_scaling(
                 .as_u64()
                 .or(rs["original_max_position_embeddings"].as_u64())
                 .ok_or("LongRoPE scaling without \"original_max_position_embeddings\"")?;
+            if orig < 2 {
+                return Err(format!(
+                    "LongRoPE scaling from a trained context of {orig} tokens"
+                ));
+            }
             let orig = usize::try_from(orig).unwrap_or(usize::MAX);
             desc.decoder.rope_original_context = Some(orig);
             let scale = desc.context_length as f64 / orig as f64;

@@ -27,7 +27,13 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
         let mut bars = crate::progress::Bars::new(adaptq_remote::is_remote(plan.source()));
         plan.run(&mut bars).map_err(|e| {
             // The quantizers speak of budgets; here the user learns which flags set them.
-            if format!("{e:#}").contains("no NOVAQ layout") {
+            let no_layout = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<adaptq_quant::QuantError>(),
+                    Some(adaptq_quant::QuantError::NoLayout { .. })
+                )
+            });
+            if no_layout {
                 e.context("raise --target-bits or --max-subspace-dim")
             } else {
                 e
