@@ -61,6 +61,14 @@ rows=(
   "gptq3-asym-rot|--method gptq --bits 3 --group-size 128 --rotate $C"
   "gptq4-sym-rot|--method gptq --bits 4 --group-size 128 --sym --rotate $C"
   "novaq-2.5-rot|--preset high-quality --rotate $N"
+  # Range search (Hessian-weighted clipping of each group's range) against the min/max fit.
+  "rtn2-asym-g64-rs|--bits 2 --group-size 64 --range-search"
+  "gptq2-asym-g64-rs|--method gptq --bits 2 --group-size 64 --range-search $C"
+  "rtn3-asym-rs|--bits 3 --group-size 128 --range-search"
+  "gptq3-asym-rs|--method gptq --bits 3 --group-size 128 --range-search $C"
+  "rtn4-sym-rs|--bits 4 --group-size 128 --sym --range-search"
+  "gptq4-sym-rs|--method gptq --bits 4 --group-size 128 --sym --range-search $C"
+  "gguf-q4_k-gptq-rs|--method gptq --ggml-type q4_k --range-search $C"
   # llama.cpp block types (embedding Q8_0 as llama-quantize does), evaluated on the exported GGUF.
   "gguf-q4_0-rtn|--ggml-type q4_0"
   "gguf-q4_0-gptq|--method gptq --ggml-type q4_0 $C"

@@ -210,3 +210,66 @@ fn quantizers_and_gguf_export_run_on_each_architecture() {
     eprintln!("{}", report.join("\n"));
     assert!(wrong.is_empty(), "{wrong:?}:\n{}", report.join("\n"));
 }
+
+/// `--target-bpw` with GGUF output picks a GGML type per tensor under the budget, every tensor
+/// counted as llama.cpp counts a file, and llama.cpp runs the mixed file as adaptq does.
+#[test]
+fn gguf_type_mix_keeps_its_budget_and_runs_in_llama_cpp() {
+    let text = adaptq_testutil::corpus("prideprejudice.txt");
+    let emma = adaptq_testutil::corpus("emma.txt");
+    let bin = llamacpp::bin_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("mistral.gguf");
+    llamacpp::random_gguf(&bin, "mistral", &model, &[], None);
+    let calib = adaptq_testutil::cli::calib(&emma, "2", "64");
+    let target = 4.0;
+    let line = format!("--method gptq --format gguf --target-bpw {target} --min-cosine 0");
+    let file = dir.path().join("mix.gguf");
+    let o = ok(quantize(
+        BIN,
+        &model,
+        &file,
+        &[args(&line), calib.clone()].concat(),
+    ));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    // "... (GGUF v3, B bytes, X bits/weight over P parameters): T ×n, ..."
+    let line = out
+        .lines()
+        .find(|l| l.contains("GGUF v3"))
+        .unwrap_or_else(|| panic!("no GGUF line in:\n{out}"));
+    let bpw: f64 = line
+        .split(" bits/weight")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no bits/weight in {line}"));
+    let planned: f64 = out
+        .lines()
+        .find_map(|l| l.split("(planned ").nth(1))
+        .and_then(|r| r.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no planned figure in:\n{out}"));
+    assert!(
+        bpw <= target,
+        "file is {bpw} bits per weight, budget {target}"
+    );
+    assert!(
+        bpw > target - 0.25,
+        "budget left unspent: {bpw} of {target}"
+    );
+    assert!(
+        (bpw - planned).abs() < 1e-3,
+        "planned {planned}, file {bpw}"
+    );
+    let types: Vec<&str> = line
+        .rsplit("): ")
+        .next()
+        .unwrap()
+        .split(", ")
+        .filter(|t| !t.starts_with("F32"))
+        .collect();
+    assert!(types.len() >= 2, "one type is no mix: {line}");
+    let (a, t) = (ours(&file, &text, RUN), theirs(&bin, &file, &text, RUN));
+    eprintln!("mix {line}\n  adaptq {a:.4}, llama.cpp {t:.4}");
+    assert!((a / t - 1.0).abs() < 1e-3, "adaptq {a} vs llama.cpp {t}");
+}

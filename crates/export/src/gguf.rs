@@ -611,7 +611,7 @@ fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {
         }
         Route::Reround(ty, _) => {
             let x = bundle.read_f32(&t.name)?;
-            ggml::quantize_rtn(*ty, &x, x.len() / cols, cols, None)?
+            ggml::quantize_rtn(*ty, &x, x.len() / cols, cols, None, false)?
         }
         Route::F16 => match t.encoding {
             Encoding::F16 => bundle.payload(t)?,

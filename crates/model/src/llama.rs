@@ -252,6 +252,8 @@ pub struct Llama {
     embed: Tensor,
     /// Source name of the embedding table.
     pub embed_name: String,
+    /// Source name of the output head (unused when tied).
+    pub head_name: String,
     head_t: Tensor,
     tied: bool,
     final_norm: Tensor,
@@ -487,6 +489,7 @@ impl Llama {
             desc: desc.clone(),
             embed,
             embed_name: embed_name.to_string(),
+            head_name: head_name.to_string(),
             head_t,
             tied,
             final_norm: norm(norm_name, d)?,
@@ -772,6 +775,11 @@ impl Llama {
     /// True when the output head is the embedding table (tied weights).
     pub fn tied(&self) -> bool {
         self.tied
+    }
+
+    /// The output head, row-major `[vocab, hidden]` (the embedding table when tied).
+    pub fn head_rows(&self) -> Result<Vec<f32>> {
+        Ok(self.head_t.t()?.contiguous()?.flatten_all()?.to_vec1()?)
     }
 
     /// The embedding table, row-major `[vocab, hidden]`.

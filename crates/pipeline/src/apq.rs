@@ -60,6 +60,70 @@ fn rel_errors(
     Ok(out)
 }
 
+/// What [`walk_layers`] calls per tensor: `(name, weight, rows, cols, input Hessian, weight of
+/// its error)`.
+pub type Visit<'a> = dyn FnMut(&str, &[f32], usize, usize, &Hessian, f64) -> Result<()> + 'a;
+
+/// Visits every linear layer (and a tied embedding, on the head's inputs) of the unquantized
+/// model with its weight and input Hessian, block by block: `visit(name, w, rows, cols, h,
+/// weight)`, `weight` being how much the tensor's relative error counts. With `untied_ends` an
+/// untied model's head (on its inputs) and embedding table (plain squared error: a lookup has
+/// no input statistics) are visited too. APQ's widths and the GGUF type mix profile through it.
+pub fn walk_layers(
+    m: &Llama,
+    windows: &[Vec<u32>],
+    untied_ends: bool,
+    progress: &mut dyn FnMut(usize, usize),
+    visit: &mut Visit,
+) -> Result<()> {
+    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
+    let n = m.blocks.len();
+    for b in 0..n {
+        let (hs, _) = collect_stats(m, b, &xs)?;
+        for lin in m.blocks[b].linears() {
+            let (w, rows, cols) = lin.weight_rows()?;
+            visit(&lin.name, &w, rows, cols, &hs[&lin.name], 1.0)?;
+        }
+        xs = xs
+            .iter()
+            .map(|x| m.block(b, x, 0, None, &mut None))
+            .collect::<Result<_>>()?;
+        progress(b + 1, n + 1);
+    }
+    if m.tied() || untied_ends {
+        let (rows, cols) = m.embed_dims();
+        let mut h = Hessian::new(cols);
+        for x in &xs {
+            let y = m.final_normed(x)?;
+            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
+            h.add_gram(&g, y.dims2()?.0);
+        }
+        // The head makes every logit (and a tied table is every token's input too): its error
+        // reaches the output undamped, where a block's is one of n in the residual stream.
+        // Weighting it as much as all blocks together is a heuristic, recorded here.
+        if m.tied() {
+            visit(
+                &m.embed_name,
+                &m.embedding_rows()?,
+                rows,
+                cols,
+                &h,
+                n as f64,
+            )?;
+        } else {
+            visit(&m.head_name, &m.head_rows()?, rows, cols, &h, n as f64)?;
+            let mut id = Hessian::new(cols);
+            let eye: Vec<f32> = (0..cols * cols)
+                .map(|k| if k / cols == k % cols { 1.0 } else { 0.0 })
+                .collect();
+            id.add_gram(&eye, 1);
+            visit(&m.embed_name, &m.embedding_rows()?, rows, cols, &id, 1.0)?;
+        }
+    }
+    progress(n + 1, n + 1);
+    Ok(())
+}
+
 /// Measures every layer's sensitivity on the unquantized model.
 pub fn profile(
     m: &Llama,
@@ -69,52 +133,26 @@ pub fn profile(
     grid: Grid,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<LayerProfile>> {
-    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
-    let n = m.blocks.len();
-    let mut out = Vec::new();
     let gpr = |cols: usize| adaptq_quant::groups_per_row(cols, group_size);
-    for b in 0..n {
-        let (hs, _) = collect_stats(m, b, &xs)?;
-        let blk = &m.blocks[b];
-        for lin in blk.linears() {
-            let (w, rows, cols) = lin.weight_rows()?;
+    let mut out = Vec::new();
+    walk_layers(
+        m,
+        windows,
+        false,
+        progress,
+        &mut |name, w, rows, cols, h, weight| {
             out.push(LayerProfile {
-                name: lin.name.clone(),
+                name: name.to_string(),
                 params: rows * cols,
                 groups: rows * gpr(cols),
-                errors: rel_errors(&w, rows, cols, &hs[&lin.name], widths, group_size, grid)?,
+                errors: rel_errors(w, rows, cols, h, widths, group_size, grid)?
+                    .into_iter()
+                    .map(|(b, e)| (b, e * weight))
+                    .collect(),
             });
-        }
-        xs = xs
-            .iter()
-            .map(|x| m.block(b, x, 0, None, &mut None))
-            .collect::<Result<_>>()?;
-        progress(b + 1, n + 1);
-    }
-    if m.tied() {
-        let mut h = Hessian::new(m.embed_dims().1);
-        for x in &xs {
-            let y = m.final_normed(x)?;
-            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
-            h.add_gram(&g, y.dims2()?.0);
-        }
-        let (rows, cols) = m.embed_dims();
-        let e = m.embedding_rows()?;
-        // The tied table is the input of every token and the head that makes every logit:
-        // its error reaches the output undamped, where a block's is one of n in the residual
-        // stream. Weighting it as much as all blocks together is a heuristic, recorded here.
-        let weight = n as f64;
-        out.push(LayerProfile {
-            name: m.embed_name.clone(),
-            params: rows * cols,
-            groups: rows * gpr(cols),
-            errors: rel_errors(&e, rows, cols, &h, widths, group_size, grid)?
-                .into_iter()
-                .map(|(b, e)| (b, e * weight))
-                .collect(),
-        });
-    }
-    progress(n + 1, n + 1);
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -124,6 +162,45 @@ pub fn layer_bits(p: &LayerProfile, b: u8, grid: Grid) -> u64 {
     p.params as u64 * b as u64 + p.groups as u64 * per_group
 }
 
+/// Chooses one option per item so the summed cost stays within `budget`, minimising the summed
+/// error: every item starts at its first option, then the step to an item's next option that
+/// removes the most error per extra bit is taken until none fits or none gains (ties: earlier
+/// item). `options[i]` is item i's `(bits, error)` list in order of increasing bits. Returns
+/// the chosen index per item and the bits used, or `None` when even the first options overrun.
+pub fn allocate_options(options: &[Vec<(u64, f64)>], budget: u64) -> Option<(Vec<usize>, u64)> {
+    let mut pick = vec![0usize; options.len()];
+    let mut used: u64 = options.iter().map(|o| o[0].0).sum();
+    if used > budget {
+        return None;
+    }
+    loop {
+        let mut best: Option<(f64, usize, u64)> = None;
+        for (i, o) in options.iter().enumerate() {
+            let Some(&(next_bits, next_err)) = o.get(pick[i] + 1) else {
+                continue;
+            };
+            let (cur_bits, cur_err) = o[pick[i]];
+            let extra = next_bits - cur_bits;
+            if used + extra > budget {
+                continue;
+            }
+            let gain = (cur_err - next_err) / extra.max(1) as f64;
+            if best.is_none_or(|(g, ..)| gain > g) {
+                best = Some((gain, i, extra));
+            }
+        }
+        let Some((gain, i, extra)) = best else {
+            break;
+        };
+        if gain <= 0.0 {
+            break;
+        }
+        pick[i] += 1;
+        used += extra;
+    }
+    Some((pick, used))
+}
+
 /// Chooses a width per layer so the total stays within `budget_bits`, minimising the summed
 /// predicted error. Starts every layer at the narrowest width; fails if even that does not fit.
 pub fn allocate(
@@ -131,53 +208,33 @@ pub fn allocate(
     budget_bits: u64,
     grid: Grid,
 ) -> Result<BTreeMap<String, u8>> {
-    let mut width: Vec<u8> = profiles
+    let options: Vec<Vec<(u64, f64)>> = profiles
         .iter()
-        .map(|p| *p.errors.keys().next().expect("at least one width"))
+        .map(|p| {
+            p.errors
+                .iter()
+                .map(|(&b, &e)| (layer_bits(p, b, grid), e))
+                .collect()
+        })
         .collect();
-    let mut used: u64 = profiles
-        .iter()
-        .zip(&width)
-        .map(|(p, &b)| layer_bits(p, b, grid))
-        .sum();
-    if used > budget_bits {
+    let params = profiles.iter().map(|p| p.params).sum::<usize>() as f64;
+    let Some((pick, _)) = allocate_options(&options, budget_bits) else {
+        let narrowest = profiles
+            .iter()
+            .filter_map(|p| p.errors.keys().next())
+            .min()
+            .unwrap_or(&0);
+        let need: u64 = options.iter().map(|o| o[0].0).sum();
         bail!(
-            "the budget of {:.3} bits per weight cannot hold even {}-bit codes everywhere ({:.3} needed)",
-            budget_bits as f64 / profiles.iter().map(|p| p.params).sum::<usize>() as f64,
-            width.iter().min().unwrap_or(&0),
-            used as f64 / profiles.iter().map(|p| p.params).sum::<usize>() as f64
+            "the budget of {:.3} bits per weight cannot hold even {narrowest}-bit codes everywhere ({:.3} needed)",
+            budget_bits as f64 / params,
+            need as f64 / params
         );
-    }
-    loop {
-        // Best upgrade by error removed per extra bit; ties broken by layer order.
-        let mut best: Option<(f64, usize, u8, u64)> = None;
-        for (i, p) in profiles.iter().enumerate() {
-            let cur = width[i];
-            let Some((&next, &e_next)) = p.errors.range(cur + 1..).next() else {
-                continue;
-            };
-            let extra = layer_bits(p, next, grid) - layer_bits(p, cur, grid);
-            if used + extra > budget_bits {
-                continue;
-            }
-            let gain = (p.errors[&cur] - e_next) / extra as f64;
-            if best.is_none_or(|(g, ..)| gain > g) {
-                best = Some((gain, i, next, extra));
-            }
-        }
-        let Some((gain, i, next, extra)) = best else {
-            break;
-        };
-        if gain <= 0.0 {
-            break;
-        }
-        width[i] = next;
-        used += extra;
-    }
+    };
     Ok(profiles
         .iter()
-        .zip(width)
-        .map(|(p, b)| (p.name.clone(), b))
+        .zip(pick)
+        .map(|(p, i)| (p.name.clone(), *p.errors.keys().nth(i).expect("an option")))
         .collect())
 }
 
@@ -295,6 +352,8 @@ pub struct ApqSettings {
     pub widths: Vec<u8>,
     pub group_size: usize,
     pub grid: Grid,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub range_search: bool,
     #[serde(flatten)]
     pub transforms: crate::options::TransformOptions,
     #[serde(flatten)]
@@ -583,6 +642,9 @@ pub fn run(
         refit: s.transforms.refit,
         ggml: None,
         rotate: None,
+        range_search: s.range_search,
+        ggml_types: Default::default(),
+        mix: None,
     };
     let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
         progress("calibrate", d, t)

@@ -5,8 +5,9 @@ use adaptq_model::llama::Llama;
 use adaptq_quant::awq::{search_scales, AwqConfig};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
 use adaptq_quant::gptq::{
-    output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian,
+    output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian, Sweep,
 };
+use adaptq_quant::rtn::{quantize_rtn_fit, Fit};
 use adaptq_quant::LayerCodes;
 use adaptq_quant::{quantize_rtn, Grid, QuantizedTensor, RtnConfig};
 use anyhow::{bail, Context, Result};
@@ -182,6 +183,12 @@ pub struct CalibSpec {
     pub ggml: Option<GgmlSpec>,
     /// Rotate every linear layer's input by seeded Hadamard rotations first (`--rotate`).
     pub rotate: Option<u64>,
+    /// Fit group ranges by the Hessian-weighted clipping search (`--range-search`).
+    pub range_search: bool,
+    /// GGML type per tensor (a type mix); others take `ggml`'s type.
+    pub ggml_types: BTreeMap<String, BlockType>,
+    /// Choose `ggml_types` by profiling first, under this budget.
+    pub mix: Option<crate::mix::MixTarget>,
 }
 
 impl CalibSpec {
@@ -208,17 +215,17 @@ impl CalibSpec {
         h: &Hessian,
         bits: u8,
     ) -> Result<(QuantizedTensor, Option<(f64, f64)>)> {
+        let rtn = RtnConfig {
+            bits,
+            group_size: self.group_size,
+            grid: self.grid,
+        };
         let mut q = match self.rounding {
-            Rounding::Rtn => quantize_rtn(
-                w,
-                rows,
-                cols,
-                &RtnConfig {
-                    bits,
-                    group_size: self.group_size,
-                    grid: self.grid,
-                },
-            )?,
+            Rounding::Rtn if self.range_search => {
+                let imp = hessian_diagonal(h);
+                quantize_rtn_fit(w, rows, cols, &rtn, Fit::Search(Some(&imp)))?
+            }
+            Rounding::Rtn => quantize_rtn(w, rows, cols, &rtn)?,
             Rounding::Gptq { damp, act_order } => quantize_gptq(
                 w,
                 rows,
@@ -228,8 +235,11 @@ impl CalibSpec {
                     bits,
                     group_size: self.group_size,
                     grid: self.grid,
-                    damp,
-                    act_order,
+                    sweep: Sweep {
+                        damp,
+                        act_order,
+                        range_search: self.range_search,
+                    },
                 },
             )?,
             Rounding::Novaq(_) => bail!("NOVAQ layers are coded by `round_novaq`"),
@@ -252,12 +262,16 @@ impl CalibSpec {
     ) -> Result<LayerCodes> {
         let bytes = match self.rounding {
             Rounding::Rtn => {
-                let hm = h.matrix();
-                let imp: Vec<f32> = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
-                adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, Some(&imp))?
+                let imp = hessian_diagonal(h);
+                adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, Some(&imp), self.range_search)?
             }
             Rounding::Gptq { damp, act_order } => {
-                quantize_gptq_ggml(w, rows, cols, h, ty, damp, act_order)?
+                let sweep = Sweep {
+                    damp,
+                    act_order,
+                    range_search: self.range_search,
+                };
+                quantize_gptq_ggml(w, rows, cols, h, ty, sweep)?
             }
             Rounding::Novaq(_) => bail!("NOVAQ codebooks cannot be stored as GGML blocks"),
         };
@@ -291,6 +305,12 @@ impl CalibSpec {
     }
 }
 
+/// The input Hessian's diagonal: each column's importance to the layer's output.
+fn hessian_diagonal(h: &Hessian) -> Vec<f32> {
+    let (hm, n) = (h.matrix(), h.dim);
+    (0..n).map(|i| hm[i * n + i] as f32).collect()
+}
+
 /// A per-layer seed: FNV-1a of the name mixed into the run's seed (stable on every platform).
 pub fn layer_seed(seed: u64, name: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
@@ -319,6 +339,8 @@ pub struct Calibration {
     pub awq: Vec<AwqGroup>,
     /// Input Hessians by layer (when `keep_hessians`), in the scaled space of the codes.
     pub hessians: BTreeMap<String, Hessian>,
+    /// The GGUF type mix chosen before calibrating, when one was asked for.
+    pub mix: Option<crate::mix::MixPlan>,
 }
 
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
@@ -577,11 +599,14 @@ fn round_linear(
             rtn_same_width()?,
         )
     } else if let Some(g) = &spec.ggml {
-        let (ty, _) = g.linear_for(cols)?;
+        let ty = match spec.ggml_types.get(&lin.name) {
+            Some(&t) => t,
+            None => g.linear_for(cols)?.0,
+        };
         let q = spec
             .round_ggml(&w, rows, cols, h, ty)
             .with_context(|| format!("quantizing '{}' as {}", lin.name, ty.name()))?;
-        let rtn = adaptq_quant::ggml::quantize_rtn(ty, ow, rows, cols, None)?;
+        let rtn = adaptq_quant::ggml::quantize_rtn(ty, ow, rows, cols, None, false)?;
         let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, ow.len())?;
         ((q, None), rtn)
     } else {
@@ -678,7 +703,44 @@ pub fn run(
             bail!("calibrated methods run on decoder (Llama-family) models; quantize BERT with rtn")
         }
     };
-    let out = calibrate_llama(&mut llama, &windows, spec, progress)?;
+    let Some(target) = spec.mix else {
+        return Ok((calibrate_llama(&mut llama, &windows, spec, progress)?, info));
+    };
+    let embedding = spec.ggml.and_then(|g| g.embedding);
+    let names: std::collections::BTreeSet<String> = llama
+        .blocks
+        .iter()
+        .flat_map(|b| b.linears().into_iter().map(|l| l.name.clone()))
+        .chain([llama.embed_name.clone()])
+        .chain((!llama.tied()).then(|| llama.head_name.clone()))
+        .collect();
+    let (params, fixed) =
+        crate::mix::outside_bits(src, &|n| names.contains(n), embedding, target.embeddings)?;
+    // Profiling runs on a subset of the windows, as APQ's does: it ranks tensors, it does not
+    // fit them.
+    let n_prof = windows.len().min(16);
+    let mut done = 0;
+    let mix = crate::mix::choose(
+        &llama,
+        &windows[..n_prof],
+        target.target_bpw,
+        params,
+        fixed,
+        spec.range_search,
+        &mut |d, t| {
+            done = d;
+            progress(d, t + llama.blocks.len())
+        },
+    )?;
+    let spec = CalibSpec {
+        ggml_types: mix.types.clone(),
+        ..spec.clone()
+    };
+    let offset = done;
+    let mut out = calibrate_llama(&mut llama, &windows, &spec, &mut |d, t| {
+        progress(offset + d, offset + t)
+    })?;
+    out.mix = Some(mix);
     Ok((out, info))
 }
 
@@ -702,6 +764,29 @@ pub fn verification_sections(
         .collect();
     if !novaq.is_empty() {
         extra.insert("novaq".into(), novaq.into());
+    }
+    if let Some(mix) = &cal.mix {
+        let measured: BTreeMap<&String, f64> = mix
+            .types
+            .keys()
+            .filter_map(|n| Some((n, cal.layers.get(n)?.output_rel_error)))
+            .collect();
+        extra.insert(
+            "gguf_mix".into(),
+            serde_json::json!({
+                "target_bpw": mix.target_bpw,
+                "planned_bpw": mix.planned_bpw,
+                "total_params": mix.total_params,
+                "fixed_bits": mix.fixed_bits,
+                "types": mix.types,
+                "histogram": mix.histogram().iter().map(|(t, n, p)| {
+                    serde_json::json!({"type": t.name(), "tensors": n, "params": p})
+                }).collect::<Vec<_>>(),
+                "predicted_rel_error": mix.predicted,
+                "measured_rel_error": measured,
+                "profile": mix.profile,
+            }),
+        );
     }
     Ok(extra)
 }

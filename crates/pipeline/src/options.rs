@@ -230,6 +230,8 @@ pub struct GridOptions {
     pub group_size: usize,
     pub sym: bool,
     pub embeddings: EmbeddingMode,
+    /// Fit each group's range by an (importance-weighted) MSE clipping search, not min/max.
+    pub range_search: bool,
 }
 
 /// Changes to the weights around rounding.
@@ -377,6 +379,7 @@ impl Default for GridOptions {
             group_size: 128,
             sym: false,
             embeddings: EmbeddingMode::F16,
+            range_search: false,
         }
     }
 }
@@ -547,6 +550,13 @@ impl QuantizeOptions {
         let map = v.as_object_mut().expect("an object");
         for key in ["src", "out", "force"] {
             map.remove(key);
+        }
+        // Switches added after bundles were first recorded appear only when on, so a bundle
+        // made without them keeps its digest.
+        for key in ["range_search"] {
+            if map.get(key) == Some(&serde_json::Value::Bool(false)) {
+                map.remove(key);
+            }
         }
         for key in ["calib", "gold_prompts"] {
             if let Some(serde_json::Value::String(p)) = map.get(key) {

@@ -170,6 +170,40 @@ fn novaq_comparison(n: &NovaqSettings) -> (u8, usize) {
     ((n.config.target_bits.floor() as u8).clamp(2, 8), 64)
 }
 
+/// A GGUF type mix, asked for by a bit budget on a run that writes GGML types (APQ's budget is
+/// its own).
+fn mix_target(o: &QuantizeOptions, ggml: bool) -> Option<crate::mix::MixTarget> {
+    let target_bpw = o.apq.target_bpw?;
+    (ggml && o.method != Method::Apq).then_some(crate::mix::MixTarget {
+        target_bpw,
+        embeddings: o.grid.embeddings,
+    })
+}
+
+/// Refuses a bit budget the run cannot spend.
+fn check_budget(o: &QuantizeOptions, ggml: bool) -> Result<()> {
+    if o.apq.target_bpw.is_none() || o.method == Method::Apq {
+        return Ok(());
+    }
+    if !ggml {
+        bail!(
+            "target_bpw is a budget for method apq, or for a GGUF type mix (format gguf or a \
+             ggml_type); method {} writing a bundle has no budget to spend",
+            o.method.name()
+        );
+    }
+    if !matches!(o.method, Method::Rtn | Method::Gptq | Method::Awq) {
+        bail!(
+            "a GGUF type mix rounds with rtn, gptq or awq, not {}",
+            o.method.name()
+        );
+    }
+    if o.calibration.calib.is_none() {
+        bail!("a GGUF type mix is chosen by measured sensitivity: give calibration text (calib)");
+    }
+    Ok(())
+}
+
 /// The calibration stage of a method, or [`Stage::Direct`].
 fn stage(
     o: &QuantizeOptions,
@@ -185,7 +219,11 @@ fn stage(
     };
     let rotate = o.transforms.rotate.then_some(o.seed);
     Ok(match o.method {
-        Method::Rtn | Method::Ternary if !o.transforms.rotate => Stage::Direct,
+        Method::Rtn | Method::Ternary
+            if !o.transforms.rotate && mix_target(o, ggml.is_some()).is_none() =>
+        {
+            Stage::Direct
+        }
         Method::Novaq if o.calibration.calib.is_none() => Stage::Direct,
         Method::Apq => {
             let overhead = match (o.grid.group_size, o.grid.sym) {
@@ -208,6 +246,7 @@ fn stage(
                         .collect(),
                     group_size: o.grid.group_size,
                     grid,
+                    range_search: o.grid.range_search,
                     transforms: o.transforms.clone(),
                     gptq: o.calibration.gptq,
                     max_bpw: o.gates.max_bpw,
@@ -230,6 +269,9 @@ fn stage(
                     refit: false,
                     ggml: None,
                     rotate,
+                    range_search: false,
+                    ggml_types: Default::default(),
+                    mix: None,
                 },
                 None => CalibSpec {
                     bits: o.bits.hi,
@@ -248,6 +290,9 @@ fn stage(
                     refit: o.transforms.refit,
                     ggml,
                     rotate,
+                    range_search: o.grid.range_search,
+                    ggml_types: Default::default(),
+                    mix: mix_target(o, ggml.is_some()),
                 },
             };
             Stage::Calibrate {
@@ -280,6 +325,7 @@ impl Plan {
         };
         let ggml = ggml_spec(o, grid)?;
         check_rotation(o, ggml.is_some())?;
+        check_budget(o, ggml.is_some())?;
         let novaq = novaq_settings(o)?;
         let stage = stage(o, grid, ggml, novaq.as_ref())?;
         let (bits, group_size) = match (o.method, &novaq) {
@@ -318,6 +364,8 @@ impl Plan {
                 seed: o.seed,
             }),
             lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
+            range_search: o.grid.range_search,
+            ggml_types: Default::default(),
             options: Some(o.recorded()),
         };
         Ok(Plan {
@@ -376,6 +424,9 @@ impl Plan {
         let pre = self.calibrate(source, progress)?;
         let mut config = self.config.clone();
         config.calibration = pre.as_ref().map(|p| p.info.config.clone());
+        if let Some(mix) = pre.as_ref().and_then(|p| p.cal.mix.as_ref()) {
+            config.ggml_types = mix.types.clone();
+        }
         progress.stage("quantize", "tensors", source.tensors().len());
         let summary = quantize_model(
             source,

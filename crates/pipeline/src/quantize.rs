@@ -5,11 +5,13 @@ use adaptq_bundle::manifest::SourceRef;
 use adaptq_bundle::verification::GateLimits;
 use adaptq_bundle::{BundleWriter, WriterOptions, MODEL_META, VERIFICATION};
 use adaptq_quant::ggml::GgmlSpec;
-use adaptq_quant::{quantize_rtn, Grid, LayerCodes, RtnConfig};
+use adaptq_quant::rtn::{quantize_rtn_fit, Fit};
+use adaptq_quant::{Grid, LayerCodes, RtnConfig};
 use adaptq_source::model::{layer_of, role_of};
 use adaptq_source::{TensorRole, TensorSource};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use crate::options::{EmbeddingMode, GptqSettings, Method};
@@ -47,6 +49,12 @@ pub struct QuantizeConfig {
     /// Lossless stage on code parts (`rans`), when one runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lossless: Option<crate::options::Lossless>,
+    /// Group ranges fitted by clipping search instead of min/max.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub range_search: bool,
+    /// GGML type per tensor of a type mix; a listed tensor takes this over `ggml`'s types.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ggml_types: BTreeMap<String, adaptq_quant::ggml::BlockType>,
     /// The settings as given ([`crate::QuantizeOptions::recorded`]), so a run can be repeated.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Value>,
@@ -97,6 +105,8 @@ impl Default for QuantizeConfig {
             novaq: None,
             rotate: None,
             lossless: None,
+            range_search: false,
+            ggml_types: BTreeMap::new(),
             options: None,
         }
     }
@@ -197,7 +207,7 @@ fn is_quantized(info: &adaptq_source::TensorInfo, role: TensorRole, cfg: &Quanti
         TensorRole::Embedding | TensorRole::Output => {
             info.shape.len() == 2
                 && match cfg.ggml {
-                    Some(g) => g.embedding.is_some(),
+                    Some(g) => g.embedding.is_some() || cfg.ggml_types.contains_key(&info.name),
                     None => cfg.embeddings == EmbeddingMode::Quant,
                 }
         }
@@ -227,13 +237,14 @@ fn direct_codes(
     }
     let named = |what: &str| format!("quantizing tensor '{}'{what}", info.name);
     if let Some(g) = cfg.ggml {
-        let want = match role {
-            TensorRole::Linear => g.linear,
-            _ => g.embedding.expect("only quantized with an embedding type"),
+        let ty = match (cfg.ggml_types.get(&info.name), role) {
+            (Some(&t), _) => t,
+            (None, TensorRole::Linear) => g.linear,
+            (None, _) => g.embedding.expect("only quantized with an embedding type"),
         };
-        let (ty, _) = adaptq_quant::ggml::pick(want, cols)
+        let (ty, _) = adaptq_quant::ggml::pick(ty, cols)
             .with_context(|| format!("tensor '{}'", info.name))?;
-        let bytes = adaptq_quant::ggml::quantize_rtn(ty, x, rows, cols, None)
+        let bytes = adaptq_quant::ggml::quantize_rtn(ty, x, rows, cols, None, cfg.range_search)
             .with_context(|| named(&format!(" as {}", ty.name())))?;
         return Ok((
             LayerCodes::Ggml {
@@ -274,8 +285,15 @@ fn direct_codes(
                 group_size: cfg.group_size,
                 grid: cfg.grid,
             };
+            let fit = if cfg.range_search {
+                Fit::Search(None)
+            } else {
+                Fit::MinMax
+            };
             (
-                LayerCodes::Int(quantize_rtn(x, rows, cols, &rtn).with_context(|| named(""))?),
+                LayerCodes::Int(
+                    quantize_rtn_fit(x, rows, cols, &rtn, fit).with_context(|| named(""))?,
+                ),
                 "rtn",
             )
         }

@@ -208,6 +208,17 @@ fn impossible_combinations_are_refused_before_any_work() {
             "unknown GGML type",
         ),
         (Method::Rtn, json!({"src": null}), "no model"),
+        (Method::Gptq, json!({"target_bpw": 4.0}), "no budget to spend"),
+        (
+            Method::Ternary,
+            json!({"target_bpw": 4.0, "format": "gguf"}),
+            "rtn, gptq or awq",
+        ),
+        (
+            Method::Rtn,
+            json!({"target_bpw": 4.0, "format": "gguf", "calib": null}),
+            "measured sensitivity",
+        ),
     ];
     for (method, changes, what) in cases {
         let o = w.options("x", method, changes);

@@ -8,7 +8,7 @@
 //! inverse come from faer.
 
 use crate::ggml::{self, BlockHead, BlockType};
-use crate::rtn::{code_of, quantize_group, value_of, RtnConfig};
+use crate::rtn::{code_of, value_of, Fit, RtnConfig};
 use crate::{groups_per_row, Grid, QuantError, QuantizedTensor};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
@@ -22,11 +22,22 @@ pub struct GptqConfig {
     /// Columns per group; 0 = per output channel.
     pub group_size: usize,
     pub grid: Grid,
+    #[serde(flatten)]
+    pub sweep: Sweep,
+}
+
+/// How the column sweep runs, on any grid.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sweep {
     /// Dampening added to the Hessian diagonal, as a fraction of its mean (GPTQ uses 0.01).
     pub damp: f64,
     /// Quantize columns in order of decreasing Hessian diagonal. Group parameters are then
     /// fixed from the original weights ("static groups") so the stored layout is unchanged.
     pub act_order: bool,
+    /// Fit each group's range by [`crate::range`]'s search, weighted by the Hessian diagonal,
+    /// instead of its min/max.
+    #[serde(default)]
+    pub range_search: bool,
 }
 
 /// Running sum of `xᵀx` over calibration rows for one layer input.
@@ -216,9 +227,13 @@ pub fn quantize_gptq_ggml(
     cols: usize,
     h: &Hessian,
     ty: BlockType,
-    damp: f64,
-    act_order: bool,
+    sweep: Sweep,
 ) -> Result<Vec<u8>, QuantError> {
+    let Sweep {
+        damp,
+        act_order,
+        range_search,
+    } = sweep;
     if h.dim != cols {
         return Err(QuantError::Shape {
             rows,
@@ -256,7 +271,12 @@ pub fn quantize_gptq_ggml(
             if act_order {
                 for (b, hd) in heads.iter_mut().enumerate() {
                     let r = b * n..(b + 1) * n;
-                    *hd = Some(ggml::fit_block(ty, &orig[r.clone()], Some(&imp[r])));
+                    *hd = Some(ggml::fit_block(
+                        ty,
+                        &orig[r.clone()],
+                        Some(&imp[r]),
+                        range_search,
+                    ));
                 }
             }
             let mut codes = vec![0u8; cols];
@@ -266,7 +286,12 @@ pub fn quantize_gptq_ggml(
                 if heads[b].is_none() {
                     // Natural order: the block's columns are all still ahead, at x[c..c + n].
                     let cur: Vec<f32> = x[c..c + n].iter().map(|&v| v as f32).collect();
-                    heads[b] = Some(ggml::fit_block(ty, &cur, Some(&imp[c..c + n])));
+                    heads[b] = Some(ggml::fit_block(
+                        ty,
+                        &cur,
+                        Some(&imp[c..c + n]),
+                        range_search,
+                    ));
                 }
                 let g = ggml::affine(ty, heads[b].as_ref().unwrap(), (c % n) / sl);
                 let code = g.code(x[i] as f32);
@@ -306,7 +331,20 @@ pub fn quantize_gptq(
     }
     let gs = crate::check_input(w, rows, cols, cfg.bits, cfg.group_size)?;
     let gpr = groups_per_row(cols, gs);
-    let Prepared { dead, perm, u } = prepare(h, cols, cfg.damp, cfg.act_order)?;
+    let Sweep {
+        damp,
+        act_order,
+        range_search,
+    } = cfg.sweep;
+    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order)?;
+    let imp: Vec<f32>;
+    let fit = if range_search {
+        let hm = h.matrix();
+        imp = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
+        Fit::Search(Some(&imp))
+    } else {
+        Fit::MinMax
+    };
 
     let results: Vec<(Vec<u8>, Vec<f16>, Vec<f16>)> = w
         .par_chunks(cols)
@@ -316,11 +354,16 @@ pub fn quantize_gptq(
             let mut mins = vec![f16::ZERO; gpr];
             let mut codes = vec![0u8; cols];
             let mut scratch = vec![0u8; gs];
-            if cfg.act_order {
+            if act_order {
                 for g in 0..gpr {
                     let (c0, c1) = (g * gs, ((g + 1) * gs).min(cols));
-                    let (s, m) =
-                        quantize_group(&orig[c0..c1], cfg.bits, cfg.grid, &mut scratch[..c1 - c0]);
+                    let (s, m) = fit.group(
+                        &orig[c0..c1],
+                        c0,
+                        cfg.bits,
+                        cfg.grid,
+                        &mut scratch[..c1 - c0],
+                    );
                     scales[g] = s;
                     mins[g] = m;
                 }
@@ -328,10 +371,10 @@ pub fn quantize_gptq(
             for i in 0..cols {
                 let c = perm[i];
                 let g = c / gs;
-                if !cfg.act_order && c.is_multiple_of(gs) {
+                if !act_order && c.is_multiple_of(gs) {
                     let c1 = (c + gs).min(cols);
                     let cur: Vec<f32> = x[c..c1].iter().map(|&v| v as f32).collect();
-                    let (s, m) = quantize_group(&cur, cfg.bits, cfg.grid, &mut scratch[..c1 - c]);
+                    let (s, m) = fit.group(&cur, c, cfg.bits, cfg.grid, &mut scratch[..c1 - c]);
                     scales[g] = s;
                     mins[g] = m;
                 }
@@ -407,8 +450,11 @@ mod tests {
                 bits,
                 group_size: 32,
                 grid,
-                damp: 0.01,
-                act_order,
+                sweep: Sweep {
+                    damp: 0.01,
+                    act_order,
+                    range_search: false,
+                },
             };
             let g = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
             let er = output_rel_error(&w, &rtn.dequantize(), cols, &h);
@@ -428,8 +474,11 @@ mod tests {
             bits: 3,
             group_size: 32,
             grid: Grid::Asymmetric,
-            damp: 0.01,
-            act_order: false,
+            sweep: Sweep {
+                damp: 0.01,
+                act_order: false,
+                range_search: false,
+            },
         };
         let a = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
         let b = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
@@ -458,14 +507,61 @@ mod tests {
             bits: 4,
             group_size: 0,
             grid: Grid::Symmetric,
-            damp: 0.01,
-            act_order: false,
+            sweep: Sweep {
+                damp: 0.01,
+                act_order: false,
+                range_search: false,
+            },
         };
         let q = quantize_gptq(&w, rows, cols, &h, &cfg)
             .unwrap()
             .dequantize();
         for r in 0..rows {
             assert_eq!(q[r * cols + 3], 0.0);
+        }
+    }
+
+    #[test]
+    fn range_search_lowers_the_output_error_at_low_bits() {
+        let (rows, cols) = (32, 128);
+        let (_, h) = setup(rows, cols);
+        let mut rng = Rng(5);
+        // Bell-shaped weights with rare large ones, as trained layers have.
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let v = (rng.f() + rng.f() + rng.f() + rng.f()) * 0.05;
+                if i % 61 == 0 {
+                    v * 6.0
+                } else {
+                    v
+                }
+            })
+            .collect();
+        for (bits, grid, act_order) in [
+            (2, Grid::Asymmetric, false),
+            (2, Grid::Asymmetric, true),
+            (3, Grid::Asymmetric, false),
+            (3, Grid::Symmetric, true),
+        ] {
+            let err = |range_search: bool| {
+                let cfg = GptqConfig {
+                    bits,
+                    group_size: 64,
+                    grid,
+                    sweep: Sweep {
+                        damp: 0.01,
+                        act_order,
+                        range_search,
+                    },
+                };
+                let q = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
+                output_rel_error(&w, &q.dequantize(), cols, &h)
+            };
+            let (plain, searched) = (err(false), err(true));
+            assert!(
+                searched < 0.95 * plain,
+                "{bits}-bit {grid:?} act_order {act_order}: {searched} vs {plain}"
+            );
         }
     }
 
@@ -505,10 +601,34 @@ mod tests {
             (BlockType::Q2K, false),
             (BlockType::IQ4NL, true),
         ] {
-            let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None).unwrap();
-            let g = quantize_gptq_ggml(&w, rows, cols, &h, ty, 0.01, act_order).unwrap();
+            let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
+            let g = quantize_gptq_ggml(
+                &w,
+                rows,
+                cols,
+                &h,
+                ty,
+                Sweep {
+                    damp: 0.01,
+                    act_order,
+                    range_search: false,
+                },
+            )
+            .unwrap();
             assert_eq!(g.len(), rtn.len());
-            let again = quantize_gptq_ggml(&w, rows, cols, &h, ty, 0.01, act_order).unwrap();
+            let again = quantize_gptq_ggml(
+                &w,
+                rows,
+                cols,
+                &h,
+                ty,
+                Sweep {
+                    damp: 0.01,
+                    act_order,
+                    range_search: false,
+                },
+            )
+            .unwrap();
             assert_eq!(g, again, "{}: not deterministic", ty.name());
             let deq = |b: &[u8]| ggml::dequantize(ty, b, w.len()).unwrap();
             let er = output_rel_error(&w, &deq(&rtn), cols, &h);

@@ -11,6 +11,7 @@ pub mod hadamard;
 pub mod linalg;
 pub mod metrics;
 pub mod novaq;
+pub mod range;
 pub mod rng;
 pub use adaptq_loader::pack;
 pub mod refit;

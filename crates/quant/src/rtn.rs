@@ -95,6 +95,43 @@ pub fn quantize_group(x: &[f32], bits: u8, grid: Grid, out: &mut [u8]) -> (f16, 
     }
 }
 
+/// How a group's range is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fit<'a> {
+    /// The group's min and max (or signed extreme) map to the end codes.
+    MinMax,
+    /// [`crate::range`]'s search, weighted by one importance per column of the row (e.g. the
+    /// input Hessian's diagonal) when given.
+    Search(Option<&'a [f32]>),
+}
+
+impl Fit<'_> {
+    /// Fits the group at columns `c0..c0 + x.len()` of a row and writes its codes to `out`.
+    pub fn group(&self, x: &[f32], c0: usize, bits: u8, grid: Grid, out: &mut [u8]) -> (f16, f16) {
+        let Fit::Search(imp) = *self else {
+            return quantize_group(x, bits, grid, out);
+        };
+        let w = imp.map(|v| &v[c0..c0 + x.len()]);
+        let (s, m) = match grid {
+            Grid::Symmetric => {
+                let half = 1i32 << (bits - 1);
+                let d = crate::range::search_symmetric(x, w, half, |d| to_f16(d).to_f32());
+                (to_f16(d), f16::ZERO)
+            }
+            Grid::Asymmetric => {
+                let (s, m) = crate::range::search_affine(x, w, (1 << bits) - 1, false, |s, m| {
+                    (to_f16(s).to_f32(), to_f16(m).to_f32())
+                });
+                (to_f16(s), to_f16(m))
+            }
+        };
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = code_of(v, s, m, bits, grid);
+        }
+        (s, m)
+    }
+}
+
 /// Code of one value on a group's grid (the same rule [`quantize_group`] applies).
 #[inline]
 pub fn code_of(v: f32, scale: f16, min: f16, bits: u8, grid: Grid) -> u8 {
@@ -123,7 +160,27 @@ pub fn quantize_rtn(
     cols: usize,
     cfg: &RtnConfig,
 ) -> Result<QuantizedTensor, QuantError> {
+    quantize_rtn_fit(w, rows, cols, cfg, Fit::MinMax)
+}
+
+/// Round-to-nearest with each group's range chosen by `fit`.
+pub fn quantize_rtn_fit(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    cfg: &RtnConfig,
+    fit: Fit,
+) -> Result<QuantizedTensor, QuantError> {
     let gs = crate::check_input(w, rows, cols, cfg.bits, cfg.group_size)?;
+    if let Fit::Search(Some(imp)) = fit {
+        if imp.len() != cols {
+            return Err(QuantError::Shape {
+                rows: 1,
+                cols,
+                len: imp.len(),
+            });
+        }
+    }
     let gpr = groups_per_row(cols, gs);
     let mut codes = vec![0u8; w.len()];
     let mut scales = Vec::with_capacity(rows * gpr);
@@ -132,7 +189,7 @@ pub fn quantize_rtn(
         for g in 0..gpr {
             let c0 = r * cols + g * gs;
             let c1 = r * cols + ((g + 1) * gs).min(cols);
-            let (s, m) = quantize_group(&w[c0..c1], cfg.bits, cfg.grid, &mut codes[c0..c1]);
+            let (s, m) = fit.group(&w[c0..c1], g * gs, cfg.bits, cfg.grid, &mut codes[c0..c1]);
             scales.push(s);
             mins.push(m);
         }

@@ -64,6 +64,13 @@ pub const SECTIONS: &[Section] = &[
                 "Symmetric grid (no per-group offset); asymmetric (scale + min) otherwise.",
             ),
             (
+                "range_search",
+                Switch,
+                "Fit each group's (or GGML block's) range by a clipping search that minimises \
+                 the rounding error, weighted by the input Hessian's diagonal when calibrating, \
+                 instead of mapping its min and max to the end codes. Pays most at 2-3 bits.",
+            ),
+            (
                 "embeddings",
                 Choice(names::<EmbeddingMode>),
                 "How to store embedding tables and a separate output head.",
@@ -144,8 +151,13 @@ pub const SECTIONS: &[Section] = &[
             (
                 "target_bpw",
                 Number,
-                "Overall bits per weight to aim for, every tensor counted (default: the middle \
-                 of the --bits range plus the scale overhead).",
+                "Overall bits per weight to aim for, every tensor counted. For --method apq its \
+                 budget (default: the middle of the --bits range plus the scale overhead). With \
+                 --format gguf or --ggml-type (methods rtn, gptq, awq; needs --calib) a GGUF \
+                 type mix: one GGML type per tensor, embedding and head included, chosen by \
+                 measured sensitivity so the file, counted as llama.cpp counts it, stays \
+                 within the budget; the plan is printed and recorded (verification.json, \
+                 gguf_mix).",
             ),
             (
                 "max_ppl_delta",

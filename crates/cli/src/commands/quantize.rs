@@ -15,6 +15,27 @@ pub fn options(args: &QuantizeArgs) -> Result<QuantizeOptions> {
     QuantizeOptions::merged(&file, &args.given.clone().into())
 }
 
+/// The GGUF type mix in a few lines; every tensor's type and errors are in verification.json.
+fn print_mix(mix: &serde_json::Value) {
+    let num = |k: &str| mix[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  GGUF type mix for {:.3} bits/weight (planned {:.3}, every tensor counted):",
+        num("target_bpw"),
+        num("planned_bpw")
+    );
+    let rows = mix["histogram"].as_array().cloned().unwrap_or_default();
+    let all: f64 = rows.iter().filter_map(|r| r["params"].as_f64()).sum();
+    for r in &rows {
+        println!(
+            "    {:<7} {:>4} tensors  {:>5.1}% of the mixed weights",
+            r["type"].as_str().unwrap_or("?"),
+            r["tensors"],
+            100.0 * r["params"].as_f64().unwrap_or(0.0) / all.max(1.0)
+        );
+    }
+    println!("    (per tensor: type, predicted and measured error in verification.json, gguf_mix)");
+}
+
 pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     let options = options(args)?;
     if args.print_config {
@@ -55,6 +76,9 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     );
     if let Some(r) = t.lossless_ratio {
         println!("  lossless stage (rANS on codes): quantized payload {r:.3}x smaller than packed");
+    }
+    if let Some(mix) = s.verification.extra.get("gguf_mix") {
+        print_mix(mix);
     }
     for g in &s.verification.gates {
         println!("  gate {:<22} {}  {}", g.name, g.status, g.detail);
