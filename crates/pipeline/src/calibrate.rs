@@ -703,7 +703,7 @@ pub fn run(
             bail!("calibrated methods run on decoder (Llama-family) models; quantize BERT with rtn")
         }
     };
-    let Some(target) = spec.mix else {
+    let Some(target) = &spec.mix else {
         return Ok((calibrate_llama(&mut llama, &windows, spec, progress)?, info));
     };
     let embedding = spec.ggml.and_then(|g| g.embedding);
@@ -720,10 +720,10 @@ pub fn run(
     // fit them.
     let n_prof = windows.len().min(16);
     let mut done = 0;
-    let mix = crate::mix::choose(
+    let mut mix = crate::mix::choose(
         &llama,
         &windows[..n_prof],
-        target.target_bpw,
+        target.bpw(src)?,
         params,
         fixed,
         spec.range_search,
@@ -740,6 +740,7 @@ pub fn run(
     let mut out = calibrate_llama(&mut llama, &windows, &spec, &mut |d, t| {
         progress(offset + d, offset + t)
     })?;
+    mix.like = target.like.clone();
     out.mix = Some(mix);
     Ok((out, info))
 }
@@ -775,6 +776,7 @@ pub fn verification_sections(
             "gguf_mix".into(),
             serde_json::json!({
                 "target_bpw": mix.target_bpw,
+                "like": mix.like,
                 "planned_bpw": mix.planned_bpw,
                 "total_params": mix.total_params,
                 "fixed_bits": mix.fixed_bits,

@@ -5,6 +5,7 @@
 
 pub mod apq;
 pub mod calibrate;
+pub mod like;
 pub mod mix;
 pub mod options;
 pub mod plan;

@@ -51,6 +51,8 @@ pub struct TypeProfile {
 #[derive(Debug, Clone, Serialize)]
 pub struct MixPlan {
     pub target_bpw: f64,
+    /// The llama-quantize type name `target_bpw` was computed for, when one was given.
+    pub like: Option<String>,
     /// Bits per weight of the whole file as planned (every tensor counted).
     pub planned_bpw: f64,
     pub total_params: u64,
@@ -82,11 +84,24 @@ impl MixPlan {
     }
 }
 
-/// What a mix is asked for: the overall budget, and how tensors outside it are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+/// What a mix is asked for: the overall budget (bits per weight, or the size of the
+/// llama-quantize file of a type name), and how tensors outside it are stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MixTarget {
-    pub target_bpw: f64,
+    pub target_bpw: Option<f64>,
+    pub like: Option<String>,
     pub embeddings: EmbeddingMode,
+}
+
+impl MixTarget {
+    /// The budget in bits per weight for the model in `src`.
+    pub fn bpw(&self, src: &dyn TensorSource) -> Result<f64> {
+        match (&self.like, self.target_bpw) {
+            (Some(name), _) => crate::like::preset_bpw(src, name),
+            (None, Some(b)) => Ok(b),
+            (None, None) => bail!("a type mix needs a budget: target bits per weight or like"),
+        }
+    }
 }
 
 /// `(parameters, bits)` of the whole model as its GGUF will store it, counting every tensor not
@@ -222,6 +237,7 @@ pub fn plan(
         .collect();
     Ok(MixPlan {
         target_bpw,
+        like: None,
         planned_bpw: (used + fixed_bits) as f64 / total_params as f64,
         total_params,
         fixed_bits,

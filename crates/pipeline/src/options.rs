@@ -340,6 +340,8 @@ pub struct OutputOptions {
     pub ggml_type: Option<String>,
     /// The embedding / output table's llama.cpp type, or f16/f32 to keep it as float.
     pub ggml_embedding_type: String,
+    /// A llama-quantize type name whose file size a GGUF type mix aims at.
+    pub like: Option<String>,
     pub lossless: Lossless,
     pub shard_size: u64,
 }
@@ -463,6 +465,7 @@ impl Default for OutputOptions {
             format: OutputFormat::Bundle,
             ggml_type: None,
             ggml_embedding_type: "q8_0".into(),
+            like: None,
             lossless: Lossless::None,
             shard_size: adaptq_bundle::MAX_SHARD_BYTES,
         }
@@ -551,10 +554,13 @@ impl QuantizeOptions {
         for key in ["src", "out", "force"] {
             map.remove(key);
         }
-        // Switches added after bundles were first recorded appear only when on, so a bundle
+        // Settings added after bundles were first recorded appear only when set, so a bundle
         // made without them keeps its digest.
-        for key in ["range_search"] {
-            if map.get(key) == Some(&serde_json::Value::Bool(false)) {
+        for key in ["range_search", "like"] {
+            if matches!(
+                map.get(key),
+                Some(serde_json::Value::Bool(false) | serde_json::Value::Null)
+            ) {
                 map.remove(key);
             }
         }

@@ -173,22 +173,38 @@ fn novaq_comparison(n: &NovaqSettings) -> (u8, usize) {
 /// A GGUF type mix, asked for by a bit budget on a run that writes GGML types (APQ's budget is
 /// its own).
 fn mix_target(o: &QuantizeOptions, ggml: bool) -> Option<crate::mix::MixTarget> {
-    let target_bpw = o.apq.target_bpw?;
-    (ggml && o.method != Method::Apq).then_some(crate::mix::MixTarget {
-        target_bpw,
+    if o.apq.target_bpw.is_none() && o.output.like.is_none() {
+        return None;
+    }
+    (ggml && o.method != Method::Apq).then(|| crate::mix::MixTarget {
+        target_bpw: o.apq.target_bpw,
+        like: o.output.like.clone(),
         embeddings: o.grid.embeddings,
     })
 }
 
 /// Refuses a bit budget the run cannot spend.
 fn check_budget(o: &QuantizeOptions, ggml: bool) -> Result<()> {
-    if o.apq.target_bpw.is_none() || o.method == Method::Apq {
+    if let Some(name) = &o.output.like {
+        if o.apq.target_bpw.is_some() {
+            bail!("give a type mix one budget: target_bpw or like, not both");
+        }
+        if o.method == Method::Apq {
+            bail!("like names a GGUF type mix; method apq has its own budget (target_bpw)");
+        }
+        if !crate::like::PRESETS.contains(&name.to_ascii_uppercase().as_str()) {
+            bail!(
+                "unknown llama.cpp type name '{name}' for like; known: {}",
+                crate::like::PRESETS.join(", ")
+            );
+        }
+    } else if o.apq.target_bpw.is_none() || o.method == Method::Apq {
         return Ok(());
     }
     if !ggml {
         bail!(
-            "target_bpw is a budget for method apq, or for a GGUF type mix (format gguf or a \
-             ggml_type); method {} writing a bundle has no budget to spend",
+            "target_bpw (or like) is a budget for method apq, or for a GGUF type mix (format \
+             gguf or a ggml_type); method {} writing a bundle has no budget to spend",
             o.method.name()
         );
     }

@@ -208,7 +208,11 @@ fn impossible_combinations_are_refused_before_any_work() {
             "unknown GGML type",
         ),
         (Method::Rtn, json!({"src": null}), "no model"),
-        (Method::Gptq, json!({"target_bpw": 4.0}), "no budget to spend"),
+        (
+            Method::Gptq,
+            json!({"target_bpw": 4.0}),
+            "no budget to spend",
+        ),
         (
             Method::Ternary,
             json!({"target_bpw": 4.0, "format": "gguf"}),

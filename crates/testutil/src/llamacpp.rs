@@ -77,3 +77,35 @@ pub fn random_gguf(bin: &Path, arch: &str, out: &Path, sets: &[&str], hf_twin: O
     let o = cmd.output().expect("running random_gguf.py");
     assert!(o.status.success(), "random_gguf.py {arch}: {}", text(&o));
 }
+
+/// `(tensor data bytes, parameters)` of a GGUF file as llama.cpp's own Python reader (gguf-py,
+/// beside the tools in `bin`) counts them: it reads every type llama.cpp writes.
+pub fn gguf_size(bin: &Path, file: &Path) -> (u64, u64) {
+    let o = Command::new("bash")
+        .current_dir(crate::repo_root())
+        .env("LLAMACPP_GGUF_PY", bin.join("../gguf-py"))
+        .args([
+            "-c",
+            r#"source scripts/python-env.sh && PYTHONPATH="$LLAMACPP_GGUF_PY" exec "$venv/bin/python" -c '
+import sys
+from gguf import GGUFReader
+r = GGUFReader(sys.argv[1])
+print(sum(int(t.n_bytes) for t in r.tensors), sum(int(t.n_elements) for t in r.tensors))
+' "$1""#,
+            "gguf_size",
+        ])
+        .arg(file)
+        .output()
+        .expect("running gguf-py");
+    assert!(
+        o.status.success(),
+        "gguf-py on {}: {}",
+        file.display(),
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    let mut it = out
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().expect("a count"));
+    (it.next().expect("bytes"), it.next().expect("parameters"))
+}

@@ -255,8 +255,16 @@ pub const SECTIONS: &[Section] = &[
                 "Store linear layers as this llama.cpp type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, \
                  Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL) instead of adaptq's own groups; rows that do not fit a \
                  k-quant (576 is not a multiple of 256) fall back as llama.cpp does \
-                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0, Q2_K/Q3_K→IQ4_NL). Default with --format gguf: \
-                 the type nearest --bits.",
+                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0), Q2_K/Q3_K to IQ4_NL (llama.cpp: Q4_0). \
+                 Default with --format gguf: the type nearest --bits.",
+            ),
+            (
+                "like",
+                Text,
+                "A GGUF type mix (as --target-bpw) aimed at the size of llama-quantize's file of \
+                 this type name for this model, computed from llama.cpp's type rules: Q2_K, \
+                 Q3_K_S, Q3_K_M, Q4_0, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, IQ3_XXS, IQ2_XS. \
+                 Needs --format gguf (or --ggml-type) and --calib.",
             ),
             (
                 "ggml_embedding_type",

@@ -18,8 +18,12 @@ pub fn options(args: &QuantizeArgs) -> Result<QuantizeOptions> {
 /// The GGUF type mix in a few lines; every tensor's type and errors are in verification.json.
 fn print_mix(mix: &serde_json::Value) {
     let num = |k: &str| mix[k].as_f64().unwrap_or(f64::NAN);
+    let like = match mix["like"].as_str() {
+        Some(n) => format!(", the size of llama-quantize's {n} for this model"),
+        None => String::new(),
+    };
     println!(
-        "  GGUF type mix for {:.3} bits/weight (planned {:.3}, every tensor counted):",
+        "  GGUF type mix for {:.3} bits/weight{like} (planned {:.3}, every tensor counted):",
         num("target_bpw"),
         num("planned_bpw")
     );
