@@ -14,9 +14,9 @@ check() {
   "$venv/bin/python" scripts/check_gguf.py "$m" "$tmp/$name.gguf" "$tmp/$name.json"
   rm -f "$tmp/$name.gguf"
 }
-# k-quants land on the 1536-wide down projections; 576-wide rows take the fallbacks
-# (IQ4_NL, Q5_0, Q5_1, Q8_0), so these runs and the Q4_0 relay below cover all eleven types.
-for t in q2_k q3_k q4_k q5_k q6_k q4_1; do
+# k-quants and IQ4_XS land on the 1536-wide down projections; 576-wide rows take the fallbacks
+# (IQ4_NL, Q5_0, Q5_1, Q8_0), so these runs and the Q4_0 relay below cover all twelve types.
+for t in q2_k q3_k q4_k q5_k q6_k q4_1 iq4_xs; do
   check "$t" --ggml-type "$t"
 done
 # The same through `export` from an adaptq integer grid that is a GGML grid (lossless relay).

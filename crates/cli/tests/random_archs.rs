@@ -158,9 +158,11 @@ fn quantizers_and_gguf_export_run_on_each_architecture() {
             dir.path().join(format!("{arch}-gptq")),
             dir.path().join(format!("{arch}-gptq.gguf")),
         );
-        // Half the files go onto IQ4_NL's non-linear grid, half onto a 4-bit grid that is Q4_0.
+        // Files go onto IQ4_NL's non-linear grid, IQ4_XS's super-blocks (mistral's rows are
+        // 256 and 512 wide), or a 4-bit grid that is Q4_0.
         let grid = match *arch {
             "qwen3" | "gemma3" | "phi3" => "--ggml-type iq4_nl",
+            "mistral" => "--ggml-type iq4_xs",
             _ => "--bits 4 --group-size 32 --sym",
         };
         let line = format!("--method gptq --awq {grid} --min-cosine 0");

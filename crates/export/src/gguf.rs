@@ -436,6 +436,7 @@ fn file_type(t: Option<BlockType>) -> u32 {
         Some(BlockType::Q5K) => 16,
         Some(BlockType::Q6K) => 18,
         Some(BlockType::IQ4NL) => 25,
+        Some(BlockType::IQ4XS) => 30,
     }
 }
 

@@ -32,6 +32,10 @@ pub enum BlockType {
     /// that fit rows k-quants cannot.
     #[serde(rename = "IQ4_NL")]
     IQ4NL,
+    /// IQ4_NL's table in 256-value super-blocks: an f16 scale times a 6-bit signed scale per 32
+    /// values (4.25 bits per weight).
+    #[serde(rename = "IQ4_XS")]
+    IQ4XS,
 }
 
 /// The 16 levels of IQ4_NL (ggml-common.h's `kvalues_iq4nl`), in code order.
@@ -40,7 +44,7 @@ pub const IQ4NL_VALUES: [i8; 16] = [
 ];
 
 /// Every block type, in [`BlockType`] order.
-pub const ALL: [BlockType; 11] = [
+pub const ALL: [BlockType; 12] = [
     BlockType::Q4_0,
     BlockType::Q4_1,
     BlockType::Q5_0,
@@ -52,6 +56,7 @@ pub const ALL: [BlockType; 11] = [
     BlockType::Q5K,
     BlockType::Q6K,
     BlockType::IQ4NL,
+    BlockType::IQ4XS,
 ];
 
 /// Super-block length of the k-quants.
@@ -74,6 +79,7 @@ impl BlockType {
             Self::Q5K => (13, "Q5_K", QK_K, 176),
             Self::Q6K => (14, "Q6_K", QK_K, 210),
             Self::IQ4NL => (20, "IQ4_NL", 32, 18),
+            Self::IQ4XS => (23, "IQ4_XS", QK_K, 136),
         }
     }
 
@@ -125,7 +131,7 @@ impl BlockType {
         match self {
             Self::Q2K => 2,
             Self::Q3K => 3,
-            Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::IQ4NL => 4,
+            Self::Q4_0 | Self::Q4_1 | Self::Q4K | Self::IQ4NL | Self::IQ4XS => 4,
             Self::Q5_0 | Self::Q5_1 | Self::Q5K => 5,
             Self::Q6K => 6,
             Self::Q8_0 => 8,
@@ -162,10 +168,10 @@ impl BlockType {
 
     /// The type used instead when rows do not fit a k-quant: llama.cpp's choices Q4_K→Q5_0,
     /// Q5_K→Q5_1, Q6_K→Q8_0; for Q2_K/Q3_K IQ4_NL where llama.cpp takes Q4_0 (the same size on
-    /// a better grid: 0.66× Q4_0's KLD on SmolLM2, README).
+    /// a better grid: 0.66× Q4_0's KLD on SmolLM2, README); IQ4_XS→IQ4_NL as llama.cpp.
     pub fn fallback(self) -> BlockType {
         match self {
-            Self::Q2K | Self::Q3K => Self::IQ4NL,
+            Self::Q2K | Self::Q3K | Self::IQ4XS => Self::IQ4NL,
             Self::Q4K => Self::Q5_0,
             Self::Q5K => Self::Q5_1,
             Self::Q6K => Self::Q8_0,

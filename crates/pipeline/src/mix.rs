@@ -23,9 +23,10 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// The GGML types a mix chooses from, cheapest first within each block length.
-pub const MIX_TYPES: [BlockType; 11] = [
+pub const MIX_TYPES: [BlockType; 12] = [
     BlockType::Q2K,
     BlockType::Q3K,
+    BlockType::IQ4XS,
     BlockType::IQ4NL,
     BlockType::Q4_0,
     BlockType::Q4K,

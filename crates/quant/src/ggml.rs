@@ -151,7 +151,7 @@ pub fn affine(ty: BlockType, h: &BlockHead, s: usize) -> Affine {
         BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
             (d * h.sc[s] as f32, -(h.dmin.to_f32() * h.mn[s] as f32))
         }
-        BlockType::Q3K => (d * (h.sc[s] as f32 - 32.0), 0.0),
+        BlockType::Q3K | BlockType::IQ4XS => (d * (h.sc[s] as f32 - 32.0), 0.0),
         BlockType::Q6K => (d * (h.sc[s] as i8) as f32, 0.0),
     };
     Affine {
@@ -159,7 +159,7 @@ pub fn affine(ty: BlockType, h: &BlockHead, s: usize) -> Affine {
         b,
         off: ty.zero_code(),
         max_code,
-        table: (ty == BlockType::IQ4NL).then_some(&IQ4NL_VALUES),
+        table: matches!(ty, BlockType::IQ4NL | BlockType::IQ4XS).then_some(&IQ4NL_VALUES),
     }
 }
 
@@ -208,6 +208,7 @@ pub fn fit_block(ty: BlockType, x: &[f32], w: Option<&[f32]>, search: bool) -> B
             BlockHead::new(to_f16((hi - lo) / maxq), to_f16(lo))
         }
         BlockType::IQ4NL => fit_iq4nl(x, w),
+        BlockType::IQ4XS => fit_iq4xs(x, w),
         BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
             // Per sub-block: scale (max−min)/maxq and a min ≤ 0 (the format stores −min ≥ 0).
             let levels = if ty == BlockType::Q2K { 15.0 } else { 63.0 };
@@ -343,6 +344,41 @@ fn fit_iq4nl(x: &[f32], w: Option<&[f32]>) -> BlockHead {
     BlockHead::new(best.1, f16::ZERO)
 }
 
+/// IQ4_XS's scales for one super-block, as llama.cpp's `quantize_row_iq4_xs_impl` chooses them:
+/// IQ4_NL's search per 32 values, the largest-magnitude of those scales mapped to −32 of the
+/// 6-bit signed sub-scales, and each sub-scale then the best of its rounding and neighbours.
+fn fit_iq4xs(x: &[f32], w: Option<&[f32]>) -> BlockHead {
+    let sl = 32;
+    let mut scales = [0f32; 8];
+    for (s, sc) in scales.iter_mut().enumerate() {
+        let ws = w.map(|w| &w[s * sl..(s + 1) * sl]);
+        *sc = fit_iq4nl(&x[s * sl..(s + 1) * sl], ws).d.to_f32();
+    }
+    let max = signed_extreme(&scales);
+    let mut h = BlockHead::new(to_f16(-max / 32.0), f16::ZERO);
+    let d = h.d.to_f32();
+    for s in 0..8 {
+        let l0 = if d != 0.0 {
+            (scales[s] / d).round()
+        } else {
+            0.0
+        };
+        let xs = &x[s * sl..(s + 1) * sl];
+        let ws = w.map(|w| &w[s * sl..(s + 1) * sl]);
+        let mut best = (f64::INFINITY, 32u8);
+        for dl in [-1.0f32, 0.0, 1.0] {
+            let enc = ((l0 + dl).clamp(-32.0, 31.0) + 32.0) as u8;
+            h.sc[s] = enc;
+            let e = sub_error(&affine(BlockType::IQ4XS, &h, s), xs, ws);
+            if e < best.0 {
+                best = (e, enc);
+            }
+        }
+        h.sc[s] = best.1;
+    }
+    h
+}
+
 fn signed_extreme(x: &[f32]) -> f32 {
     x.iter()
         .copied()
@@ -393,6 +429,21 @@ pub fn encode_block(ty: BlockType, h: &BlockHead, codes: &[u8], out: &mut Vec<u8
             for j in 0..32 {
                 b[2 + j] = (codes[j] as i32 - 128) as i8 as u8;
             }
+        }
+        BlockType::IQ4XS => {
+            // d | scales_h (2 high bits per sub-block) | scales_l[4] (low nibbles) | qs[128]
+            b[0..2].copy_from_slice(&h.d.to_le_bytes());
+            let mut high = 0u16;
+            for s in 0..8 {
+                let ls = h.sc[s] & 63;
+                b[4 + s / 2] |= (ls & 0xF) << (4 * (s % 2));
+                high |= ((ls >> 4) as u16) << (2 * s);
+                for j in 0..16 {
+                    b[8 + 16 * s + j] =
+                        (codes[32 * s + j] & 0xF) | ((codes[32 * s + j + 16] & 0xF) << 4);
+                }
+            }
+            b[2..4].copy_from_slice(&high.to_le_bytes());
         }
         BlockType::Q2K => {
             // scales[16] | qs[64] | d | dmin
@@ -495,6 +546,19 @@ pub fn decode_block(ty: BlockType, b: &[u8], codes: &mut [u8]) -> BlockHead {
                 codes[j] = ((b[2 + j] as i8) as i32 + 128) as u8;
             }
             BlockHead::new(rd(0), f16::ZERO)
+        }
+        BlockType::IQ4XS => {
+            let mut h = BlockHead::new(rd(0), f16::ZERO);
+            let high = u16::from_le_bytes([b[2], b[3]]);
+            for s in 0..8 {
+                let low = (b[4 + s / 2] >> (4 * (s % 2))) & 0xF;
+                h.sc[s] = low | ((((high >> (2 * s)) & 3) as u8) << 4);
+                for j in 0..16 {
+                    codes[32 * s + j] = b[8 + 16 * s + j] & 0xF;
+                    codes[32 * s + j + 16] = b[8 + 16 * s + j] >> 4;
+                }
+            }
+            h
         }
         BlockType::Q2K => {
             let mut h = BlockHead::new(rd(80), rd(82));
@@ -735,6 +799,22 @@ mod tests {
                     }
                     continue;
                 }
+                BlockType::IQ4XS => {
+                    // Nor IQ4_XS: ggml's `dequantize_row_iq4_xs`, written out.
+                    for (i, a) in ours.iter().enumerate() {
+                        let b = &bytes[i / 256 * 136..];
+                        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                        let (ib, k) = ((i % 256) / 32, i % 32);
+                        let high = u16::from_le_bytes([b[2], b[3]]);
+                        let ls = ((b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF) as i32
+                            | ((((high >> (2 * ib)) & 3) as i32) << 4);
+                        let q = b[8 + 16 * ib + k % 16];
+                        let nib = if k < 16 { q & 15 } else { q >> 4 };
+                        let want = d * (ls - 32) as f32 * IQ4NL_VALUES[nib as usize] as f32;
+                        assert_eq!(a.to_bits(), want.to_bits(), "IQ4_XS value {i}");
+                    }
+                    continue;
+                }
                 BlockType::Q4_0 => GgmlDType::Q4_0,
                 BlockType::Q4_1 => GgmlDType::Q4_1,
                 BlockType::Q5_0 => GgmlDType::Q5_0,
@@ -807,7 +887,7 @@ mod tests {
                 // IQ4_NL searches either way, and 6–8-bit grids have little range to clip: they
                 // must not lose; every other type must gain.
                 let bound = match t {
-                    BlockType::IQ4NL | BlockType::Q6K | BlockType::Q8_0 => 1.0,
+                    BlockType::IQ4NL | BlockType::IQ4XS | BlockType::Q6K | BlockType::Q8_0 => 1.0,
                     _ => 0.99,
                 };
                 assert!(

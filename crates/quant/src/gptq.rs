@@ -600,6 +600,7 @@ mod tests {
             (BlockType::Q6K, false),
             (BlockType::Q2K, false),
             (BlockType::IQ4NL, true),
+            (BlockType::IQ4XS, false),
         ] {
             let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
             let g = quantize_gptq_ggml(

@@ -31,7 +31,7 @@ fn candle_dtype(ty: BlockType) -> Option<candle_core::quantized::GgmlDType> {
         BlockType::Q4K => C::Q4K,
         BlockType::Q5K => C::Q5K,
         BlockType::Q6K => C::Q6K,
-        BlockType::IQ4NL => return None,
+        BlockType::IQ4NL | BlockType::IQ4XS => return None,
     })
 }
 

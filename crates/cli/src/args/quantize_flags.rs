@@ -253,9 +253,9 @@ pub const SECTIONS: &[Section] = &[
                 "ggml_type",
                 Text,
                 "Store linear layers as this llama.cpp type (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, \
-                 Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL) instead of adaptq's own groups; rows that do not fit a \
+                 Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS) instead of adaptq's own groups; rows that do not fit a \
                  k-quant (576 is not a multiple of 256) fall back as llama.cpp does \
-                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0), Q2_K/Q3_K to IQ4_NL (llama.cpp: Q4_0). \
+                 (Q4_K→Q5_0, Q5_K→Q5_1, Q6_K→Q8_0), Q2_K/Q3_K to IQ4_NL (llama.cpp: Q4_0), IQ4_XS to IQ4_NL. \
                  Default with --format gguf: the type nearest --bits.",
             ),
             (
