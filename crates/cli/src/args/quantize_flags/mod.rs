@@ -1,0 +1,166 @@
+//! The table of `adaptq quantize`'s flags: each row is a `QuantizeOptions` key, how its value is
+//! read, and its help, under a `--help` heading. One file per group of headings keeps each short.
+
+use adaptq_pipeline::{Choice, EmbeddingMode, Method};
+use clap::builder::PossibleValue;
+
+/// How a flag's value is read.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    /// Present or not.
+    Switch,
+    /// A whole number.
+    Count,
+    /// A decimal number.
+    Number,
+    /// Free text (a name, a width or range of widths).
+    Text,
+    /// A file or folder.
+    Path,
+    /// One of a library setting's named values, each explained in `--help`.
+    Choice(fn() -> Vec<PossibleValue>),
+}
+
+use Kind::*;
+
+fn names<T: Choice>() -> Vec<PossibleValue> {
+    T::ALL
+        .iter()
+        .map(|v| PossibleValue::new(v.name()).help(v.help()))
+        .collect()
+}
+
+/// A group of flags under one `--help` heading: (option key, kind, help).
+pub type Section = (&'static str, &'static [(&'static str, Kind, &'static str)]);
+
+mod mixes;
+mod output;
+
+pub const SECTIONS: &[Section] = &[
+    METHOD,
+    CALIBRATION,
+    mixes::APQ,
+    mixes::NOVAQ,
+    output::OUTPUT,
+    output::GATES,
+];
+
+pub const METHOD: Section = (
+    "Method",
+    &[
+        (
+            "out",
+            Path,
+            "Output bundle folder (must not exist unless --force).",
+        ),
+        (
+            "method",
+            Choice(names::<Method>),
+            "How the weights are quantized.",
+        ),
+        (
+            "bits",
+            Text,
+            "Bits per code, 2 to 8; for --method apq a range of allowed widths, e.g. 3-4 \
+             or 2-8.",
+        ),
+        (
+            "group_size",
+            Count,
+            "Columns per scale group (32, 64, 128, ...); 0 = one group per output channel.",
+        ),
+        (
+            "sym",
+            Switch,
+            "Symmetric grid (no per-group offset); asymmetric (scale + min) otherwise.",
+        ),
+        (
+            "range_search",
+            Switch,
+            "Fit each group's (or GGML block's) range by a clipping search that minimises \
+             the rounding error, weighted by the input Hessian's diagonal when calibrating, \
+             instead of mapping its min and max to the end codes. Pays most at 2-3 bits.",
+        ),
+        (
+            "embeddings",
+            Choice(names::<EmbeddingMode>),
+            "How to store embedding tables and a separate output head.",
+        ),
+        (
+            "seed",
+            Count,
+            "Seed for every random choice; recorded in the manifest.",
+        ),
+        (
+            "model_id",
+            Text,
+            "Model id recorded in the manifest (default: the source's own name).",
+        ),
+        (
+            "force",
+            Switch,
+            "Replace --out if it exists and adaptq wrote it (a bundle, or a GGUF it \
+             exported); any other file or folder there is refused, never deleted.",
+        ),
+    ],
+);
+
+pub const CALIBRATION: Section = (
+    "Calibration",
+    &[
+        (
+            "calib",
+            Path,
+            "Calibration text for calibrated methods (convention: emma.txt; never the eval \
+             text).",
+        ),
+        (
+            "calib_samples",
+            Count,
+            "Calibration windows sampled from --calib.",
+        ),
+        ("seq_len", Count, "Tokens per calibration window."),
+        (
+            "damp",
+            Number,
+            "GPTQ Hessian dampening, as a fraction of the mean diagonal.",
+        ),
+        (
+            "act_order",
+            Switch,
+            "GPTQ: quantize columns by decreasing activation energy (static groups).",
+        ),
+        (
+            "awq",
+            Switch,
+            "Search and fold AWQ scales before GPTQ/APQ rounding (always on for --method \
+             awq).",
+        ),
+        (
+            "refit",
+            Switch,
+            "Progressive pass for calibrated methods: after rounding, re-fit each group's \
+             scale (and min) to the layer's output error on the calibration inputs, codes \
+             fixed; kept only where it lowers the error. The reduction is recorded per \
+             layer.",
+        ),
+        (
+            "rotate",
+            Switch,
+            "Rotate every linear layer's input by seeded Hadamard rotations (--seed) before \
+             quantizing (rtn, gptq, novaq): weights are stored as W·R and adaptq's forward \
+             pass rotates the inputs online, so the network computes the same function \
+             while outlier columns are spread over every row. Any width works (576 = 64·9, \
+             1536 = 512·3). Needs --calib (layers are calibrated in the rotated space). Such \
+             bundles cannot be exported to GGUF / GPTQ (those runtimes do not rotate \
+             online).",
+        ),
+    ],
+);
+
+pub const SRC_HELP: &str = "Model: a local .gguf/.safetensors file or folder, \
+hf://org/name[@revision][/file], an http(s):// link to a .gguf/.safetensors file, or \
+ollama://name[:tag]. Remote weights are streamed with range requests, fetched ahead while \
+quantizing. Environment: HF_TOKEN (or HUGGINGFACE_TOKEN, HUGGING_FACE_HUB_TOKEN), HF_ENDPOINT, \
+ADAPTQ_CACHE_DIR (keep downloads, hub cache layout), ADAPTQ_OFFLINE=1 / HF_HUB_OFFLINE=1 (cache \
+only), OLLAMA_MODELS (Ollama store, default ~/.ollama/models).";
