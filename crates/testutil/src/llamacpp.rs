@@ -20,8 +20,14 @@ pub fn bin_dir() -> PathBuf {
 
 /// Runs one of llama.cpp's tools (`llama-perplexity`, `llama-tokenize`, …) from `bin` and
 /// returns its stdout followed by its stderr; a failure fails the test with that output.
+///
+/// Weight repacking is off (`LLAMA_ARG_REPACK=0`): on CPUs with AMX (Sapphire Rapids) the
+/// native build repacks weights for its AMX kernels, which crash with SIGSEGV in
+/// `ggml_backend_amx_mul_mat` on this project's virtual machines; the plain CPU kernels compute
+/// the same products on every machine.
 pub fn run(bin: &Path, tool: &str, args: &[&str]) -> String {
     let o = Command::new(bin.join(tool))
+        .env("LLAMA_ARG_REPACK", "0")
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
