@@ -31,6 +31,8 @@ enum T {
     IQ3S,
     IQ2XS,
     IQ2S,
+    /// What llama.cpp stores a tensor as when not even the fallback's blocks divide its rows.
+    F16,
 }
 
 impl T {
@@ -52,21 +54,28 @@ impl T {
             T::Q5_0 => (32, 22),
             T::Q5_1 => (32, 24),
             T::Q8_0 => (32, 34),
+            T::F16 => (1, 2),
         }
     }
 
-    /// llama.cpp's `tensor_type_fallback` for rows of `cols` values.
+    /// llama.cpp's `tensor_type_fallback` for rows of `cols` values: the 32-value type of a
+    /// 256-value one, and F16 when even that does not divide the rows.
     fn fitted(self, cols: u64) -> T {
         if cols.is_multiple_of(self.block().0) {
             return self;
         }
-        match self {
+        let t = match self {
             T::IQ4XS | T::IQ3XXS | T::IQ3S | T::IQ2XS | T::IQ2S => T::IQ4NL,
             T::Q2K | T::Q3K => T::Q4_0,
             T::Q4K => T::Q5_0,
             T::Q5K => T::Q5_1,
             T::Q6K => T::Q8_0,
             t => t,
+        };
+        if cols.is_multiple_of(t.block().0) {
+            t
+        } else {
+            T::F16
         }
     }
 }
@@ -95,10 +104,10 @@ fn base(preset: &str) -> Option<T> {
 /// The tensor kinds the rules single out, from GGUF or Hugging Face names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// `attn_v`, and a fused `attn_qkv`, which llama.cpp's rules count as an `attn_v`.
     AttnV,
     AttnK,
     AttnQ,
-    AttnQkv,
     AttnOutput,
     FfnDown,
     Other,
@@ -106,14 +115,12 @@ enum Kind {
 
 fn kind(name: &str) -> Kind {
     let has = |a: &str, b: &str| name.contains(a) || name.contains(b);
-    if has("attn_v.", "v_proj.") {
+    if has("attn_v.", "v_proj.") || has("attn_qkv.", "qkv_proj.") {
         Kind::AttnV
     } else if has("attn_k.", "k_proj.") {
         Kind::AttnK
     } else if has("attn_q.", "q_proj.") {
         Kind::AttnQ
-    } else if has("attn_qkv.", "qkv_proj.") {
-        Kind::AttnQkv
     } else if has("attn_output.", "o_proj.") {
         Kind::AttnOutput
     } else if has("ffn_down.", "down_proj.") {
@@ -237,12 +244,6 @@ fn linear_type(p: &str, b: T, k: Kind, gqa: usize, n: i64, i_v: &mut i64, i_down
             "Q2_K" => T::Q3K,
             "IQ3_XXS" => T::IQ3S,
             "Q3_K_M" => T::Q4K,
-            _ => b,
-        },
-        Kind::AttnQkv => match p {
-            "Q3_K_M" => T::Q4K,
-            "Q4_K_M" => T::Q5K,
-            "Q5_K_M" => T::Q6K,
             _ => b,
         },
         Kind::AttnK | Kind::AttnQ if p == "IQ3_XXS" => T::IQ2S,

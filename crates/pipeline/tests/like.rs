@@ -2,7 +2,7 @@
 //! the size llama-quantize (the reference build, with an importance matrix, as the benchmarks
 //! run it) writes for the same model, on random-weight models whose shapes exercise the rules:
 //! grouped-query attention 4:1, layers that get more bits, rows that need fallbacks, a head of
-//! its own or tied to the embedding.
+//! its own or tied to the embedding, a fused qkv projection (counted as attn_v).
 
 use adaptq_testutil::llamacpp;
 
@@ -16,6 +16,7 @@ fn like_estimates_the_size_of_llama_quantize_files() {
     for (arch, sets) in [
         ("mistral", &["n_layer=8"][..]),
         ("qwen2", &["n_layer=8"][..]),
+        ("phi3", &["n_layer=8"][..]),
     ] {
         let model = dir.path().join(format!("{arch}.gguf"));
         llamacpp::random_gguf(&bin, arch, &model, sets, None);
