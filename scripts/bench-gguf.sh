@@ -10,53 +10,86 @@
 # writes files at sizes llama-quantize cannot reach on this model (BELOW, bits per weight).
 # Prints a markdown table and writes gguf-kld.svg (mean KLD against bpw, both tools, both texts).
 #
+# The fixture's linear weights lie on Q4_1's grid (group 32, f16 scale and min), so Q4_1 rebuilds
+# them almost exactly and Q5_1 nearly so: adaptq's mixes leave both out (MIX_TYPES). llama.cpp
+# picks its types by fixed rules; where those are Q4_1/Q5_1 (its Q4_0 and Q5_K_M files) its
+# figures profit from the reference's grid, and the table says which types each file holds.
+#
 # Knobs: PRESETS (type names, default all eleven), BELOW (default "4.6 4.8"), SAMPLES
-# (calibration windows, default 64), AQ_FLAGS (extra adaptq quantize flags), KEEP (a folder for
-# the files and the SVG; default a temporary one, the SVG then lands in the current folder).
+# (calibration windows, default 64), MIX_TYPES (default every type but Q4_1 and Q5_1), AQ_FLAGS
+# (extra adaptq quantize flags), KEEP (a folder for the files and the SVG, reused by a later run:
+# finished files are kept; default a temporary one, the SVG then lands in the current folder).
 # All eleven names with both texts take about 2.5 hours on 2 cores.
 set -euo pipefail
+keep=${KEEP:+$(realpath -m "$KEEP")}
+svg=$(realpath -m "${keep:-.}/gguf-kld.svg")
 cd "$(dirname "$0")/.."
 ./scripts/fetch-fixtures.sh >/dev/null
-cargo build --release -p adaptq 2>/dev/null
+cargo build --release -q -p adaptq
 lc=$(bash ../shared/tools/llamacpp.sh)
+# llama.cpp's AMX kernels (native builds on Sapphire Rapids) crash on these virtual machines;
+# without repacking its plain CPU kernels run.
+export LLAMA_ARG_REPACK=0
 # shellcheck source=scripts/python-env.sh
 source scripts/python-env.sh
 presets=${PRESETS:-Q2_K Q3_K_S Q3_K_M Q4_0 Q4_K_S Q4_K_M Q5_K_M Q6_K IQ4_XS IQ3_XXS IQ2_XS}
 below=${BELOW:-4.6 4.8}
 samples=${SAMPLES:-64}
+mix_types=${MIX_TYPES:-Q2_K,Q3_K,IQ4_XS,IQ4_NL,Q4_0,Q4_K,Q5_0,Q5_K,Q6_K,Q8_0}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-w=${KEEP:-$tmp}
+w=${keep:-$tmp}
 mkdir -p "$w"
-svg=${KEEP:+$w/}gguf-kld.svg
 cp target/release/adaptq "$tmp/adaptq"
 bin=$tmp/adaptq
 emma=../shared/corpora/austen/emma.txt
+# partial OUT: where OUT is written before it is finished (its extension kept: some tools choose
+# a format by it).
+partial() { echo "${1%.*}.partial.${1##*.}"; }
+# produce OUT LOG CMD...: runs CMD (which writes "$(partial OUT)") unless OUT exists, renames
+# the result into place only when CMD succeeds, and shows the log's end when it fails.
+produce() {
+  local out=$1 log=$2; shift 2
+  [ -f "$out" ] && return 0
+  rm -f "$(partial "$out")"
+  if ! "$@" >"$log" 2>&1; then
+    echo "bench-gguf: failed making $out; the end of $log:" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  mv "$(partial "$out")" "$out"
+}
 f32=$w/f32.gguf
-[ -f "$f32" ] || PYTHONPATH="$lc/../gguf-py" "$venv/bin/python" scripts/reference/dequantize_gguf.py \
-  .cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf "$f32"
-[ -f "$w/imatrix.dat" ] || "$lc/llama-imatrix" -m "$f32" -f "$emma" -o "$w/imatrix.dat" -c 512 \
-  --chunks 100 -t 2 >"$w/imatrix.log" 2>&1
+produce "$f32" "$w/f32.log" env PYTHONPATH="$lc/../gguf-py" "$venv/bin/python" \
+  scripts/reference/dequantize_gguf.py .cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+  "$(partial "$f32")"
+produce "$w/imatrix.dat" "$w/imatrix.log" "$lc/llama-imatrix" -m "$f32" -f "$emma" \
+  -o "$(partial "$w/imatrix.dat")" -c 512 --chunks 100 -t 2
 texts=(austen:../shared/corpora/austen/prideprejudice.txt:82600
        press:../shared/corpora/brown-dev/press-reportage.txt:98500)
 for t in "${texts[@]}"; do
   IFS=: read -r name file cut <<<"$t"
-  head -c "$cut" "$file" >"$w/$name.txt"
-  [ -f "$w/$name.kld" ] || "$lc/llama-perplexity" -m "$f32" -f "$w/$name.txt" -c 512 -t 2 \
-    --kl-divergence-base "$w/$name.kld" >"$w/$name.base.log" 2>&1
+  head -c "$cut" "$file" >"$w/$name.txt.new"
+  # A cached base is valid only for the same text.
+  if ! cmp -s "$w/$name.txt.new" "$w/$name.txt" 2>/dev/null; then
+    rm -f "$w/$name.kld"
+  fi
+  mv "$w/$name.txt.new" "$w/$name.txt"
+  produce "$w/$name.kld" "$w/$name.base.log" "$lc/llama-perplexity" -m "$f32" -f "$w/$name.txt" \
+    -c 512 -t 2 --kl-divergence-base "$(partial "$w/$name.kld")"
 done
 files=()
 for p in $presets; do
-  [ -f "$w/llama-$p.gguf" ] || "$lc/llama-quantize" --imatrix "$w/imatrix.dat" "$f32" \
-    "$w/llama-$p.gguf" "$p" 2 >"$w/llama-$p.log" 2>&1
+  produce "$w/llama-$p.gguf" "$w/llama-$p.log" "$lc/llama-quantize" --imatrix "$w/imatrix.dat" \
+    "$f32" "$(partial "$w/llama-$p.gguf")" "$p" 2
   files+=("llama.cpp|$p|$w/llama-$p.gguf")
 done
 aq() { # label, output, budget flags...
   local label=$1 out=$2; shift 2
   # shellcheck disable=SC2086
-  [ -f "$out" ] || "$bin" quantize "$f32" --format gguf --method gptq --calib "$emma" \
-    --calib-samples "$samples" --act-order --min-cosine 0 ${AQ_FLAGS:-} "$@" --out "$out" \
-    >"$out.log" 2>&1
+  produce "$out" "$out.log" "$bin" quantize "$f32" --format gguf --method gptq --calib "$emma" \
+    --calib-samples "$samples" --act-order --min-cosine 0 --mix-types "$mix_types" \
+    ${AQ_FLAGS:-} "$@" --out "$(partial "$out")"
   files+=("adaptq|$label|$out")
 }
 for p in $presets; do aq "$p" "$w/adaptq-$p.gguf" --like "$p"; done
@@ -66,8 +99,13 @@ for f in "${files[@]}"; do
   IFS='|' read -r tool label path <<<"$f"
   for t in "${texts[@]}"; do
     IFS=: read -r name _ _ <<<"$t"
-    "$lc/llama-perplexity" -m "$path" -f "$w/$name.txt" -c 512 -t 2 --kl-divergence-base \
-      "$w/$name.kld" --kl-divergence >"$path.$name.log" 2>&1
+    log=$path.$name.log
+    if ! "$lc/llama-perplexity" -m "$path" -f "$w/$name.txt" -c 512 -t 2 \
+      --kl-divergence-base "$w/$name.kld" --kl-divergence >"$log" 2>&1; then
+      echo "bench-gguf: llama-perplexity failed on $path; the end of $log:" >&2
+      tail -n 20 "$log" >&2
+      exit 1
+    fi
   done
   printf '%s\t%s\t%s\n' "$tool" "$label" "$path" >>"$w/rows.tsv"
 done
@@ -87,14 +125,24 @@ for line in open(sys.argv[1]):
     r = GGUFReader(path)
     nbytes = sum(int(t.n_bytes) for t in r.tensors)
     params = sum(int(t.n_elements) for t in r.tensors)
+    kinds = {}
+    for t in r.tensors:
+        if len(t.shape) >= 2:
+            kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
+    held = ", ".join(f"{k} ×{n}" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
     rows.append((tool, label, nbytes, 8 * nbytes / params,
-                 stats(f"{path}.austen.log"), stats(f"{path}.press.log")))
+                 stats(f"{path}.austen.log"), stats(f"{path}.press.log"), held))
 print("| file | type / budget | tensor bytes | bpw | PPL Austen | KLD Austen | p99 | top-1 % "
       "| PPL press | KLD press | p99 | top-1 % |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-for tool, label, nbytes, bpw, a, p in rows:
+for tool, label, nbytes, bpw, a, p, _ in rows:
     print(f"| {tool} | {label} | {nbytes:,} | {bpw:.3f} | {a[0]:.4f} | {a[1]:.5f} | {a[2]:.4f} | "
           f"{a[3]:.2f} | {p[0]:.4f} | {p[1]:.5f} | {p[2]:.4f} | {p[3]:.2f} |")
+print()
+print("| file | type / budget | 2-D tensors by type |")
+print("|---|---|---|")
+for tool, label, *_, held in rows:
+    print(f"| {tool} | {label} | {held} |")
 # The plot: mean KLD (log scale) against bpw, one line per tool and text.
 import math
 W, H, L, B = 640, 400, 60, 40

@@ -30,19 +30,59 @@ pub struct LayerProfile {
     pub errors: BTreeMap<u8, f64>,
 }
 
+/// The relative error of replacing a tensor `w` by `q`: of the layer's output under its input
+/// Hessian, `Σ Δw H Δwᵀ / Σ w H wᵀ`, or for a lookup table (no input statistics) the plain
+/// `Σ Δw² / Σ w²`.
+pub(crate) struct RelError<'a> {
+    w: &'a [f32],
+    cols: usize,
+    h: Option<Mat<f64>>,
+    energy: f64,
+}
+
+impl<'a> RelError<'a> {
+    pub(crate) fn new(w: &'a [f32], cols: usize, h: Option<&Hessian>) -> Self {
+        let h = h.map(|h| {
+            let hm = h.matrix();
+            Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j])
+        });
+        let mut r = RelError {
+            w,
+            cols,
+            h,
+            energy: 1.0,
+        };
+        r.energy = r.sq_error(&vec![0f32; w.len()]).max(1e-30);
+        r
+    }
+
+    fn sq_error(&self, q: &[f32]) -> f64 {
+        match &self.h {
+            Some(m) => output_sq_error(self.w, q, self.cols, m),
+            None => self
+                .w
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                .sum(),
+        }
+    }
+
+    pub(crate) fn of(&self, q: &[f32]) -> f64 {
+        self.sq_error(q) / self.energy
+    }
+}
+
 fn rel_errors(
     w: &[f32],
     rows: usize,
     cols: usize,
-    h: &Hessian,
+    h: Option<&Hessian>,
     widths: &[u8],
     group_size: usize,
     grid: Grid,
 ) -> Result<BTreeMap<u8, f64>> {
-    let hm = h.matrix();
-    let m = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
-    let zero = vec![0f32; w.len()];
-    let energy = output_sq_error(w, &zero, cols, &m).max(1e-30);
+    let rel = RelError::new(w, cols, h);
     let mut out = BTreeMap::new();
     for &b in widths {
         let q = quantize_rtn(
@@ -55,14 +95,15 @@ fn rel_errors(
                 grid,
             },
         )?;
-        out.insert(b, output_sq_error(w, &q.dequantize(), cols, &m) / energy);
+        out.insert(b, rel.of(&q.dequantize()));
     }
     Ok(out)
 }
 
-/// What [`walk_layers`] calls per tensor: `(name, weight, rows, cols, input Hessian, weight of
-/// its error)`.
-pub type Visit<'a> = dyn FnMut(&str, &[f32], usize, usize, &Hessian, f64) -> Result<()> + 'a;
+/// What [`walk_layers`] calls per tensor: `(name, weight, rows, cols, input Hessian (none for an
+/// embedding table, a lookup), weight of its error)`.
+pub type Visit<'a> =
+    dyn FnMut(&str, &[f32], usize, usize, Option<&Hessian>, f64) -> Result<()> + 'a;
 
 /// Visits every linear layer (and a tied embedding, on the head's inputs) of the unquantized
 /// model with its weight and input Hessian, block by block: `visit(name, w, rows, cols, h,
@@ -82,7 +123,7 @@ pub fn walk_layers(
         let (hs, _) = collect_stats(m, b, &xs)?;
         for lin in m.blocks[b].linears() {
             let (w, rows, cols) = lin.weight_rows()?;
-            visit(&lin.name, &w, rows, cols, &hs[&lin.name], 1.0)?;
+            visit(&lin.name, &w, rows, cols, Some(&hs[&lin.name]), 1.0)?;
         }
         xs = xs
             .iter()
@@ -92,12 +133,7 @@ pub fn walk_layers(
     }
     if m.tied() || untied_ends {
         let (rows, cols) = m.embed_dims();
-        let mut h = Hessian::new(cols);
-        for x in &xs {
-            let y = m.final_normed(x)?;
-            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
-            h.add_gram(&g, y.dims2()?.0);
-        }
+        let h = crate::calibrate::head_hessian(m, &xs)?;
         // The head makes every logit (and a tied table is every token's input too): its error
         // reaches the output undamped, where a block's is one of n in the residual stream.
         // Weighting it as much as all blocks together is a heuristic, recorded here.
@@ -107,17 +143,19 @@ pub fn walk_layers(
                 &m.embedding_rows()?,
                 rows,
                 cols,
-                &h,
+                Some(&h),
                 n as f64,
             )?;
         } else {
-            visit(&m.head_name, &m.head_rows()?, rows, cols, &h, n as f64)?;
-            let mut id = Hessian::new(cols);
-            let eye: Vec<f32> = (0..cols * cols)
-                .map(|k| if k / cols == k % cols { 1.0 } else { 0.0 })
-                .collect();
-            id.add_gram(&eye, 1);
-            visit(&m.embed_name, &m.embedding_rows()?, rows, cols, &id, 1.0)?;
+            visit(
+                &m.head_name,
+                &m.head_rows()?,
+                rows,
+                cols,
+                Some(&h),
+                n as f64,
+            )?;
+            visit(&m.embed_name, &m.embedding_rows()?, rows, cols, None, 1.0)?;
         }
     }
     progress(n + 1, n + 1);
@@ -163,10 +201,12 @@ pub fn layer_bits(p: &LayerProfile, b: u8, grid: Grid) -> u64 {
 }
 
 /// Chooses one option per item so the summed cost stays within `budget`, minimising the summed
-/// error: every item starts at its first option, then the step to an item's next option that
-/// removes the most error per extra bit is taken until none fits or none gains (ties: earlier
-/// item). `options[i]` is item i's `(bits, error)` list in order of increasing bits. Returns
-/// the chosen index per item and the bits used, or `None` when even the first options overrun.
+/// error: every item starts at its first option, then the move of one item to any costlier option
+/// that removes the most error per extra bit is taken until none fits or none gains (ties: earlier
+/// item, then the cheaper option). Any costlier option, not only the next: with a dozen GGML
+/// types, an option barely better than the one below it must not hide a much better one above
+/// it. `options[i]` is item i's `(bits, error)` list in order of increasing bits. Returns the
+/// chosen index per item and the bits used, or `None` when even the first options overrun.
 pub fn allocate_options(options: &[Vec<(u64, f64)>], budget: u64) -> Option<(Vec<usize>, u64)> {
     let mut pick = vec![0usize; options.len()];
     let mut used: u64 = options.iter().map(|o| o[0].0).sum();
@@ -174,28 +214,27 @@ pub fn allocate_options(options: &[Vec<(u64, f64)>], budget: u64) -> Option<(Vec
         return None;
     }
     loop {
-        let mut best: Option<(f64, usize, u64)> = None;
+        let mut best: Option<(f64, usize, usize, u64)> = None;
         for (i, o) in options.iter().enumerate() {
-            let Some(&(next_bits, next_err)) = o.get(pick[i] + 1) else {
-                continue;
-            };
             let (cur_bits, cur_err) = o[pick[i]];
-            let extra = next_bits - cur_bits;
-            if used + extra > budget {
-                continue;
-            }
-            let gain = (cur_err - next_err) / extra.max(1) as f64;
-            if best.is_none_or(|(g, ..)| gain > g) {
-                best = Some((gain, i, extra));
+            for (j, &(next_bits, next_err)) in o.iter().enumerate().skip(pick[i] + 1) {
+                let extra = next_bits.saturating_sub(cur_bits);
+                if used + extra > budget {
+                    continue;
+                }
+                let gain = (cur_err - next_err) / extra.max(1) as f64;
+                if best.is_none_or(|(g, ..)| gain > g) {
+                    best = Some((gain, i, j, extra));
+                }
             }
         }
-        let Some((gain, i, extra)) = best else {
+        let Some((gain, i, j, extra)) = best else {
             break;
         };
         if gain <= 0.0 {
             break;
         }
-        pick[i] += 1;
+        pick[i] = j;
         used += extra;
     }
     Some((pick, used))
@@ -330,6 +369,21 @@ mod tests {
         assert!(used <= budget);
         // An impossible budget is an error, not a silent overrun.
         assert!(allocate(&ps, 1000, Grid::Symmetric).is_err());
+    }
+
+    #[test]
+    fn allocation_jumps_past_an_option_that_barely_helps() {
+        // Item 0's middle option removes almost nothing; its last removes nearly everything.
+        // A next-option-only greedy would spend the budget on item 1 instead.
+        let options = vec![
+            vec![(100, 1.0), (110, 0.99), (150, 0.01)],
+            vec![(100, 0.5), (150, 0.4)],
+        ];
+        let (pick, used) = allocate_options(&options, 250).unwrap();
+        assert_eq!(pick, vec![2, 0]);
+        assert_eq!(used, 250);
+        // Over budget from the start: None.
+        assert!(allocate_options(&options, 199).is_none());
     }
 }
 
@@ -632,10 +686,7 @@ pub fn run(
         bits: widths[0],
         group_size: s.group_size,
         grid: s.grid,
-        rounding: Rounding::Gptq {
-            damp: s.gptq.damp,
-            act_order: s.gptq.act_order,
-        },
+        rounding: Rounding::Gptq(s.gptq),
         awq: s.transforms.awq,
         widths: alloc.clone(),
         keep_hessians: true,

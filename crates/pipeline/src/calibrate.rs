@@ -154,10 +154,7 @@ impl CalibratedLayer {
 #[derive(Debug, Clone, Copy)]
 pub enum Rounding {
     Rtn,
-    Gptq {
-        damp: f64,
-        act_order: bool,
-    },
+    Gptq(crate::options::GptqSettings),
     /// NOVAQ residual vector codebooks (the layer seed is derived from the config's seed and
     /// the layer name).
     Novaq(adaptq_quant::novaq::NovaqConfig),
@@ -195,11 +192,20 @@ impl CalibSpec {
     fn method(&self) -> &'static str {
         match (self.awq, self.rounding) {
             (false, Rounding::Rtn) => "rtn",
-            (false, Rounding::Gptq { .. }) => "gptq",
+            (false, Rounding::Gptq(_)) => "gptq",
             (true, Rounding::Rtn) => "awq+rtn",
-            (true, Rounding::Gptq { .. }) => "awq+gptq",
+            (true, Rounding::Gptq(_)) => "awq+gptq",
             (false, Rounding::Novaq(_)) => "novaq",
             (true, Rounding::Novaq(_)) => "awq+novaq",
+        }
+    }
+    /// GPTQ's column sweep with these settings.
+    fn sweep(&self, g: crate::options::GptqSettings) -> Sweep {
+        Sweep {
+            damp: g.damp,
+            act_order: g.act_order,
+            range_search: self.range_search,
+            hessian_shrink: g.hessian_shrink,
         }
     }
     pub fn width(&self, name: &str) -> u8 {
@@ -222,11 +228,11 @@ impl CalibSpec {
         };
         let mut q = match self.rounding {
             Rounding::Rtn if self.range_search => {
-                let imp = hessian_diagonal(h);
+                let imp = h.diagonal();
                 quantize_rtn_fit(w, rows, cols, &rtn, Fit::Search(Some(&imp)))?
             }
             Rounding::Rtn => quantize_rtn(w, rows, cols, &rtn)?,
-            Rounding::Gptq { damp, act_order } => quantize_gptq(
+            Rounding::Gptq(g) => quantize_gptq(
                 w,
                 rows,
                 cols,
@@ -235,11 +241,7 @@ impl CalibSpec {
                     bits,
                     group_size: self.group_size,
                     grid: self.grid,
-                    sweep: Sweep {
-                        damp,
-                        act_order,
-                        range_search: self.range_search,
-                    },
+                    sweep: self.sweep(g),
                 },
             )?,
             Rounding::Novaq(_) => bail!("NOVAQ layers are coded by `round_novaq`"),
@@ -262,17 +264,10 @@ impl CalibSpec {
     ) -> Result<LayerCodes> {
         let bytes = match self.rounding {
             Rounding::Rtn => {
-                let imp = hessian_diagonal(h);
+                let imp = h.diagonal();
                 adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, Some(&imp), self.range_search)?
             }
-            Rounding::Gptq { damp, act_order } => {
-                let sweep = Sweep {
-                    damp,
-                    act_order,
-                    range_search: self.range_search,
-                };
-                quantize_gptq_ggml(w, rows, cols, h, ty, sweep)?
-            }
+            Rounding::Gptq(g) => quantize_gptq_ggml(w, rows, cols, h, ty, self.sweep(g))?,
             Rounding::Novaq(_) => bail!("NOVAQ codebooks cannot be stored as GGML blocks"),
         };
         Ok(LayerCodes::Ggml {
@@ -303,12 +298,6 @@ impl CalibSpec {
         let (t, rep) = adaptq_quant::novaq::quantize_novaq(w, rows, cols, Some(h), &cfg)?;
         Ok((LayerCodes::Codebook(t), rep))
     }
-}
-
-/// The input Hessian's diagonal: each column's importance to the layer's output.
-fn hessian_diagonal(h: &Hessian) -> Vec<f32> {
-    let (hm, n) = (h.matrix(), h.dim);
-    (0..n).map(|i| hm[i * n + i] as f32).collect()
 }
 
 /// A per-layer seed: FNV-1a of the name mixed into the run's seed (stable on every platform).
@@ -488,6 +477,8 @@ pub fn calibrate_llama(
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
         out.layers.insert(m.embed_name.clone(), c);
+    } else if let Some((name, c)) = calibrate_ggml_head(m, spec, &xs)? {
+        out.layers.insert(name, c);
     }
     Ok(out)
 }
@@ -645,13 +636,8 @@ fn calibrate_embedding(
 ) -> Result<CalibratedLayer> {
     let (vocab, hidden) = m.embed_dims();
     let e = m.embedding_rows()?;
-    let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq { .. }) {
-        let mut h = Hessian::new(hidden);
-        for x in xs {
-            let y = m.final_normed(x)?;
-            let g = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
-            h.add_gram(&g, y.dims2()?.0);
-        }
+    let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq(_)) {
+        let h = head_hessian(m, xs)?;
         let (q, refit) = spec
             .round_reporting(&e, vocab, hidden, &h, bits)
             .with_context(|| format!("quantizing '{}' as the output head", m.embed_name))?;
@@ -684,6 +670,68 @@ fn calibrate_embedding(
     })
 }
 
+/// The output head's input statistics: the final norm's outputs for the last block's outputs
+/// `xs`.
+pub fn head_hessian(m: &Llama, xs: &[Tensor]) -> Result<Hessian> {
+    let mut h = Hessian::new(m.embed_dims().1);
+    for x in xs {
+        let y = m.final_normed(x)?;
+        let gram = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
+        h.add_gram(&gram, y.dims2()?.0);
+    }
+    Ok(h)
+}
+
+/// The output head (a tied embedding table, or a head of its own) onto its GGML type, rounded
+/// against the head's inputs (the final norm's outputs of the already-quantized network) as a
+/// linear layer is: GPTQ when calibrating with GPTQ, else round-to-nearest steered by their
+/// importance. `None` when the head is not stored as a GGML type. An untied embedding table is
+/// a lookup with no input statistics; it is left to plain rounding.
+fn calibrate_ggml_head(
+    m: &Llama,
+    spec: &CalibSpec,
+    xs: &[Tensor],
+) -> Result<Option<(String, CalibratedLayer)>> {
+    let Some(g) = &spec.ggml else {
+        return Ok(None);
+    };
+    let name = if m.tied() {
+        &m.embed_name
+    } else {
+        &m.head_name
+    };
+    let (vocab, hidden) = m.embed_dims();
+    let Some(ty) = spec.ggml_types.get(name).copied().or(g.embedding) else {
+        return Ok(None);
+    };
+    let (ty, _) =
+        adaptq_quant::ggml::pick(ty, hidden).with_context(|| format!("tensor '{name}'"))?;
+    let h = head_hessian(m, xs)?;
+    let w = if m.tied() {
+        m.embedding_rows()?
+    } else {
+        m.head_rows()?
+    };
+    let q = spec
+        .round_ggml(&w, vocab, hidden, &h, ty)
+        .with_context(|| format!("quantizing '{name}' as the output head, {}", ty.name()))?;
+    let rtn = adaptq_quant::ggml::quantize_rtn(ty, &w, vocab, hidden, None, false)?;
+    let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, w.len())?;
+    let c = CalibratedLayer {
+        output_rel_error: output_rel_error(&w, &q.dequantize(), hidden, &h),
+        rtn_output_rel_error: output_rel_error(&w, &rtn, hidden, &h),
+        method: spec.method(),
+        col_scale: None,
+        row_scale: None,
+        scaled_weight: None,
+        refit_error_reduction: None,
+        novaq: None,
+        reference_weight: None,
+        q,
+    };
+    Ok(Some((name.clone(), c)))
+}
+
 /// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`.
 pub fn run(
     src: &dyn adaptq_source::TensorSource,
@@ -706,13 +754,16 @@ pub fn run(
     let Some(target) = &spec.mix else {
         return Ok((calibrate_llama(&mut llama, &windows, spec, progress)?, info));
     };
+    // The embedding and head join the mix only when they are quantized at all: a float table
+    // (`f16`) stays float and is charged as such.
     let embedding = spec.ggml.and_then(|g| g.embedding);
+    let ends = embedding.is_some();
     let names: std::collections::BTreeSet<String> = llama
         .blocks
         .iter()
         .flat_map(|b| b.linears().into_iter().map(|l| l.name.clone()))
-        .chain([llama.embed_name.clone()])
-        .chain((!llama.tied()).then(|| llama.head_name.clone()))
+        .chain(ends.then(|| llama.embed_name.clone()))
+        .chain((ends && !llama.tied()).then(|| llama.head_name.clone()))
         .collect();
     let (params, fixed) =
         crate::mix::outside_bits(src, &|n| names.contains(n), embedding, target.embeddings)?;
@@ -723,9 +774,12 @@ pub fn run(
     let mut mix = crate::mix::choose(
         &llama,
         &windows[..n_prof],
-        target.bpw(src)?,
-        params,
-        fixed,
+        crate::mix::Budget {
+            target_bpw: target.bpw(src)?,
+            total_params: params,
+            fixed_bits: fixed,
+        },
+        &target.types,
         spec.range_search,
         &mut |d, t| {
             done = d;

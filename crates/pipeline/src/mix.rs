@@ -9,16 +9,14 @@
 //! squared error). Types that cost more without lowering the error are dropped, and
 //! [`crate::apq::allocate_options`] spends the budget where it removes most error per bit.
 
-use crate::apq::{allocate_options, walk_layers};
+use crate::apq::{allocate_options, walk_layers, RelError};
 use crate::options::EmbeddingMode;
 use adaptq_model::llama::Llama;
-use adaptq_quant::awq::output_sq_error;
 use adaptq_quant::ggml::BlockType;
 use adaptq_quant::gptq::Hessian;
 use adaptq_source::model::role_of;
 use adaptq_source::{TensorRole, TensorSource};
 use anyhow::{bail, Context, Result};
-use faer::Mat;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -92,6 +90,8 @@ pub struct MixTarget {
     pub target_bpw: Option<f64>,
     pub like: Option<String>,
     pub embeddings: EmbeddingMode,
+    /// The types the mix may choose from (a subset of [`MIX_TYPES`]).
+    pub types: Vec<BlockType>,
 }
 
 impl MixTarget {
@@ -127,8 +127,8 @@ pub fn outside_bits(
             TensorRole::Embedding | TensorRole::Output if info.shape.len() == 2 => {
                 match embedding.and_then(|t| t.for_rows(cols)) {
                     Some((t, _)) => t.bytes_for_u64(n).context("tensor size overflows")? * 8,
-                    None if embeddings == EmbeddingMode::F32 => n * 32,
-                    None => n * 16,
+                    None if embeddings == EmbeddingMode::F16 => n * 16,
+                    None => n * 32,
                 }
             }
             _ => n * 32,
@@ -144,24 +144,33 @@ fn options_of(
     w: &[f32],
     rows: usize,
     cols: usize,
-    h: &Hessian,
+    h: Option<&Hessian>,
     weight: f64,
+    types: &[BlockType],
     range_search: bool,
 ) -> Result<Vec<(BlockType, u64, f64)>> {
-    let hm = h.matrix();
-    let imp: Vec<f32> = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
-    let m = Mat::<f64>::from_fn(cols, cols, |i, j| hm[i * cols + j]);
-    let zero = vec![0f32; w.len()];
-    let energy = output_sq_error(w, &zero, cols, &m).max(1e-30);
+    let imp = h.map(Hessian::diagonal);
+    let rel = RelError::new(w, cols, h);
     let mut all = Vec::new();
-    for ty in MIX_TYPES.into_iter().filter(|t| t.fits(cols)) {
-        let bytes = adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, Some(&imp), range_search)?;
+    for ty in MIX_TYPES
+        .into_iter()
+        .filter(|t| types.contains(t) && t.fits(cols))
+    {
+        let bytes =
+            adaptq_quant::ggml::quantize_rtn(ty, w, rows, cols, imp.as_deref(), range_search)?;
         let q = adaptq_quant::ggml::dequantize(ty, &bytes, w.len())?;
-        let err = output_sq_error(w, &q, cols, &m) / energy * weight;
+        let err = rel.of(&q) * weight;
         all.push((ty, bytes.len() as u64 * 8, err));
     }
     if all.is_empty() {
-        bail!("rows of {cols} values fit no GGML block type (they need a multiple of 32)");
+        bail!(
+            "rows of {cols} values fit none of the mix's GGML types ({})",
+            types
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     all.sort_by(|a, b| a.1.cmp(&b.1).then(a.2.total_cmp(&b.2)));
     let mut kept: Vec<(BlockType, u64, f64)> = Vec::new();
@@ -173,14 +182,22 @@ fn options_of(
     Ok(kept)
 }
 
-/// Profiles `m` on `windows` and chooses a type per mixed tensor so the whole file stays within
-/// `target_bpw`. `fixed_bits` and `total_params` describe the whole model (see the module doc).
+/// What a mix must fit in: the whole file's bits per weight, over every parameter of the model,
+/// with the bits of the tensors outside the mix already spent (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub target_bpw: f64,
+    pub total_params: u64,
+    pub fixed_bits: u64,
+}
+
+/// Profiles `m` on `windows` and chooses a type per mixed tensor, among `types`, so the whole
+/// file stays within `budget`.
 pub fn choose(
     m: &Llama,
     windows: &[Vec<u32>],
-    target_bpw: f64,
-    total_params: u64,
-    fixed_bits: u64,
+    budget: Budget,
+    types: &[BlockType],
     range_search: bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<MixPlan> {
@@ -194,21 +211,21 @@ pub fn choose(
             profile.push(TypeProfile {
                 name: name.to_string(),
                 params: rows * cols,
-                options: options_of(w, rows, cols, h, weight, range_search)?,
+                options: options_of(w, rows, cols, h, weight, types, range_search)?,
             });
             Ok(())
         },
     )?;
-    plan(profile, target_bpw, total_params, fixed_bits)
+    plan(profile, budget)
 }
 
 /// The allocation step of [`choose`], on a profile already measured.
-pub fn plan(
-    profile: Vec<TypeProfile>,
-    target_bpw: f64,
-    total_params: u64,
-    fixed_bits: u64,
-) -> Result<MixPlan> {
+pub fn plan(profile: Vec<TypeProfile>, budget: Budget) -> Result<MixPlan> {
+    let Budget {
+        target_bpw,
+        total_params,
+        fixed_bits,
+    } = budget;
     if !(target_bpw.is_finite() && target_bpw > 0.0) {
         bail!("target bits per weight must be a positive number, got {target_bpw}");
     }
@@ -289,16 +306,19 @@ mod tests {
             ]
         };
         // 64 f32 norm values outside the mix.
-        let fixed = 64 * 32;
-        let total = (2 * n + 64) as u64;
-        let p = plan(prof(), 4.0, total, fixed).unwrap();
+        let budget = |target_bpw| Budget {
+            target_bpw,
+            total_params: (2 * n + 64) as u64,
+            fixed_bits: 64 * 32,
+        };
+        let p = plan(prof(), budget(4.0)).unwrap();
         assert_eq!(p.types["sensitive"], BlockType::Q4K);
         assert_eq!(p.types["robust"], BlockType::Q2K);
         assert!(p.planned_bpw <= 4.0, "{}", p.planned_bpw);
-        let p = plan(prof(), 9.0, total, fixed).unwrap();
+        let p = plan(prof(), budget(9.0)).unwrap();
         assert_eq!(p.types["sensitive"], BlockType::Q8_0);
         assert!(
-            plan(prof(), 2.0, total, fixed).is_err(),
+            plan(prof(), budget(2.0)).is_err(),
             "below the cheapest types"
         );
     }

@@ -264,6 +264,23 @@ pub struct GptqSettings {
     /// Hessian dampening, a fraction of the mean diagonal.
     pub damp: f64,
     pub act_order: bool,
+    /// Fraction by which the Hessian's off-diagonal terms are shrunk toward zero.
+    pub hessian_shrink: f64,
+}
+
+/// GPTQ's settings as a manifest records them: a shrinkage of 0 (the default) is left out, so a
+/// bundle made before the setting existed keeps its digest.
+pub(crate) fn gptq_record<S: serde::Serializer>(
+    g: &Option<GptqSettings>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    let mut v = serde_json::to_value(g).map_err(serde::ser::Error::custom)?;
+    if let Some(m) = v.as_object_mut() {
+        if m.get("hessian_shrink").and_then(|x| x.as_f64()) == Some(0.0) {
+            m.remove("hessian_shrink");
+        }
+    }
+    v.serialize(s)
 }
 
 /// APQ's budget and the gates its promotion loop answers to.
@@ -342,6 +359,8 @@ pub struct OutputOptions {
     pub ggml_embedding_type: String,
     /// A llama-quantize type name whose file size a GGUF type mix aims at.
     pub like: Option<String>,
+    /// The GGML types a type mix may choose from, comma-separated (all when unset).
+    pub mix_types: Option<String>,
     pub lossless: Lossless,
     pub shard_size: u64,
 }
@@ -402,6 +421,7 @@ impl Default for GptqSettings {
         GptqSettings {
             damp: 0.05,
             act_order: false,
+            hessian_shrink: 0.0,
         }
     }
 }
@@ -466,6 +486,7 @@ impl Default for OutputOptions {
             ggml_type: None,
             ggml_embedding_type: "q8_0".into(),
             like: None,
+            mix_types: None,
             lossless: Lossless::None,
             shard_size: adaptq_bundle::MAX_SHARD_BYTES,
         }
@@ -556,11 +577,13 @@ impl QuantizeOptions {
         }
         // Settings added after bundles were first recorded appear only when set, so a bundle
         // made without them keeps its digest.
-        for key in ["range_search", "like"] {
-            if matches!(
-                map.get(key),
-                Some(serde_json::Value::Bool(false) | serde_json::Value::Null)
-            ) {
+        for key in ["range_search", "like", "mix_types", "hessian_shrink"] {
+            let unset = match map.get(key) {
+                Some(serde_json::Value::Bool(false) | serde_json::Value::Null) => true,
+                Some(serde_json::Value::Number(n)) => n.as_f64() == Some(0.0),
+                _ => false,
+            };
+            if unset {
                 map.remove(key);
             }
         }

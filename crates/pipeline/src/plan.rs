@@ -7,8 +7,8 @@ use crate::apq::ApqSettings;
 use crate::calibrate::{CalibSpec, Rounding};
 use crate::options::{Choice, EmbeddingMode, Lossless, Method, OutputFormat, QuantizeOptions};
 use crate::quantize::{
-    quantize_model, GptqSettings, NovaqSettings, Precomputed, QuantizeConfig, QuantizeSummary,
-    RotateSettings, Target,
+    quantize_model, NovaqSettings, Precomputed, QuantizeConfig, QuantizeSummary, RotateSettings,
+    Target,
 };
 use adaptq_bundle::output::{check_replaceable, Kind, Staged};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
@@ -180,11 +180,42 @@ fn mix_target(o: &QuantizeOptions, ggml: bool) -> Option<crate::mix::MixTarget> 
         target_bpw: o.apq.target_bpw,
         like: o.output.like.clone(),
         embeddings: o.grid.embeddings,
+        types: mix_types(o).unwrap_or_default(),
     })
+}
+
+/// The types a mix may choose from: `mix_types` parsed, or every mix type.
+fn mix_types(o: &QuantizeOptions) -> Result<Vec<BlockType>> {
+    let Some(list) = &o.output.mix_types else {
+        return Ok(crate::mix::MIX_TYPES.to_vec());
+    };
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let t = parse_ggml(name)?;
+        if !crate::mix::MIX_TYPES.contains(&t) {
+            bail!(
+                "a type mix chooses among {}; '{name}' is not one of them",
+                crate::mix::MIX_TYPES.map(|t| t.name()).join(", ")
+            );
+        }
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        bail!("mix_types names no GGML type");
+    }
+    Ok(out)
 }
 
 /// Refuses a bit budget the run cannot spend.
 fn check_budget(o: &QuantizeOptions, ggml: bool) -> Result<()> {
+    if o.output.mix_types.is_some() {
+        if o.apq.target_bpw.is_none() && o.output.like.is_none() {
+            bail!("mix_types narrows a GGUF type mix; give it a budget (target_bpw or like)");
+        }
+        mix_types(o)?;
+    }
     if let Some(name) = &o.output.like {
         if o.apq.target_bpw.is_some() {
             bail!("give a type mix one budget: target_bpw or like, not both");
@@ -294,10 +325,7 @@ fn stage(
                     group_size: o.grid.group_size,
                     grid,
                     rounding: match o.method {
-                        Method::Gptq => Rounding::Gptq {
-                            damp: o.calibration.gptq.damp,
-                            act_order: o.calibration.gptq.act_order,
-                        },
+                        Method::Gptq => Rounding::Gptq(o.calibration.gptq),
                         _ => Rounding::Rtn,
                     },
                     awq: o.transforms.awq || o.method == Method::Awq,
@@ -339,6 +367,16 @@ impl Plan {
         } else {
             Grid::Asymmetric
         };
+        let shrink = o.calibration.gptq.hessian_shrink;
+        if !(0.0..=1.0).contains(&shrink) {
+            bail!("hessian_shrink is a fraction from 0 to 1, got {shrink}");
+        }
+        if shrink > 0.0 && !matches!(o.method, Method::Gptq | Method::Apq) {
+            bail!(
+                "hessian_shrink changes GPTQ's Hessian; method {} does not use one",
+                o.method.name()
+            );
+        }
         let ggml = ggml_spec(o, grid)?;
         check_rotation(o, ggml.is_some())?;
         check_budget(o, ggml.is_some())?;
@@ -368,10 +406,7 @@ impl Plan {
             shard_max_bytes: o.output.shard_size,
             min_cosine: o.gates.min_cosine,
             max_bpw: o.gates.max_bpw,
-            gptq: matches!(o.method, Method::Gptq | Method::Apq).then_some(GptqSettings {
-                damp: o.calibration.gptq.damp,
-                act_order: o.calibration.gptq.act_order,
-            }),
+            gptq: matches!(o.method, Method::Gptq | Method::Apq).then_some(o.calibration.gptq),
             calibration: None,
             ggml,
             novaq,

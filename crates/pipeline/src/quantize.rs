@@ -33,7 +33,10 @@ pub struct QuantizeConfig {
     /// Gate: overall bits per weight must not exceed this, when set.
     pub max_bpw: Option<f64>,
     /// GPTQ settings (method gptq only).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::options::gptq_record"
+    )]
     pub gptq: Option<GptqSettings>,
     /// Calibration sampling (calibrated methods only).
     #[serde(skip_serializing_if = "Option::is_none")]

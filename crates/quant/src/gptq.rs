@@ -38,6 +38,17 @@ pub struct Sweep {
     /// instead of its min/max.
     #[serde(default)]
     pub range_search: bool,
+    /// Shrink the Hessian's off-diagonal terms by this fraction (0 = GPTQ's Hessian, 1 = its
+    /// diagonal alone, which leaves no error to spread: importance-weighted rounding, as with
+    /// llama.cpp's imatrix). The cross-correlations of one text's inputs are what GPTQ's error
+    /// feedback exploits, and the part of them specific to that text is what does not carry
+    /// over to another.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hessian_shrink: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// Running sum of `xᵀx` over calibration rows for one layer input.
@@ -81,6 +92,15 @@ impl Hessian {
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The diagonal of [`Hessian::matrix`]: each input's importance to the layer's output (what
+    /// llama.cpp's importance matrix holds), without building the whole matrix.
+    pub fn diagonal(&self) -> Vec<f32> {
+        let k = 2.0 / self.rows.max(1) as f64;
+        (0..self.dim)
+            .map(|i| (self.sum[i * (self.dim + 1)] * k) as f32)
+            .collect()
     }
 
     /// The statistics of inputs scaled per channel by `d` (`x_j → d_j x_j`): `D H D`.
@@ -164,8 +184,21 @@ pub(crate) fn prepare(
     cols: usize,
     damp: f64,
     act_order: bool,
+    shrink: f64,
 ) -> Result<Prepared, QuantError> {
+    if !(0.0..=1.0).contains(&shrink) {
+        return Err(QuantError::Corrupt(format!(
+            "the Hessian shrinkage must lie in 0..=1, got {shrink}"
+        )));
+    }
     let mut hm = h.matrix();
+    if shrink > 0.0 {
+        for (k, v) in hm.iter_mut().enumerate() {
+            if k / cols != k % cols {
+                *v *= 1.0 - shrink;
+            }
+        }
+    }
     // Inputs that never fire carry no information: their weights cannot matter, zero them.
     let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] == 0.0).collect();
     for i in 0..cols {
@@ -233,6 +266,7 @@ pub fn quantize_gptq_ggml(
         damp,
         act_order,
         range_search,
+        hessian_shrink,
     } = sweep;
     if h.dim != cols {
         return Err(QuantError::Shape {
@@ -258,9 +292,8 @@ pub fn quantize_gptq_ggml(
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
         return Err(QuantError::NonFinite(i));
     }
-    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order)?;
-    let hm = h.matrix();
-    let imp: Vec<f32> = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
+    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order, hessian_shrink)?;
+    let imp = h.diagonal();
     let (n, sl) = (ty.block_len(), ty.sub_len());
     let nblocks = cols / n;
     let rows_out: Vec<Vec<u8>> = w
@@ -335,12 +368,12 @@ pub fn quantize_gptq(
         damp,
         act_order,
         range_search,
+        hessian_shrink,
     } = cfg.sweep;
-    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order)?;
+    let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order, hessian_shrink)?;
     let imp: Vec<f32>;
     let fit = if range_search {
-        let hm = h.matrix();
-        imp = (0..cols).map(|i| hm[i * cols + i] as f32).collect();
+        imp = h.diagonal();
         Fit::Search(Some(&imp))
     } else {
         Fit::MinMax
@@ -454,6 +487,7 @@ mod tests {
                     damp: 0.01,
                     act_order,
                     range_search: false,
+                    hessian_shrink: 0.0,
                 },
             };
             let g = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
@@ -464,6 +498,34 @@ mod tests {
                 "bits {bits} {grid:?} act_order {act_order}: GPTQ {eg} vs RTN {er}"
             );
         }
+    }
+
+    #[test]
+    fn hessian_shrink_runs_from_gptq_to_rounding() {
+        let (rows, cols) = (24, 96);
+        let (w, h) = setup(rows, cols);
+        let run = |shrink: f64| {
+            let cfg = GptqConfig {
+                bits: 3,
+                group_size: 32,
+                grid: Grid::Asymmetric,
+                sweep: Sweep {
+                    damp: 0.01,
+                    act_order: false,
+                    range_search: false,
+                    hessian_shrink: shrink,
+                },
+            };
+            quantize_gptq(&w, rows, cols, &h, &cfg)
+        };
+        // The diagonal alone spreads no error: the codes are round-to-nearest's.
+        let rtn = quantize_rtn(&w, rows, cols, &RtnConfig::new(3, 32, Grid::Asymmetric)).unwrap();
+        assert_eq!(run(1.0).unwrap().codes, rtn.codes);
+        // In between, the error on the true Hessian lies between the two ends' here.
+        let err = |s: f64| output_rel_error(&w, &run(s).unwrap().dequantize(), cols, &h);
+        let (e0, e_half, e1) = (err(0.0), err(0.5), err(1.0));
+        assert!(e0 < e_half && e_half < e1, "{e0} {e_half} {e1}");
+        assert!(run(1.5).is_err() && run(-0.1).is_err());
     }
 
     #[test]
@@ -478,6 +540,7 @@ mod tests {
                 damp: 0.01,
                 act_order: false,
                 range_search: false,
+                hessian_shrink: 0.0,
             },
         };
         let a = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
@@ -511,6 +574,7 @@ mod tests {
                 damp: 0.01,
                 act_order: false,
                 range_search: false,
+                hessian_shrink: 0.0,
             },
         };
         let q = quantize_gptq(&w, rows, cols, &h, &cfg)
@@ -552,6 +616,7 @@ mod tests {
                         damp: 0.01,
                         act_order,
                         range_search,
+                        hessian_shrink: 0.0,
                     },
                 };
                 let q = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
@@ -613,6 +678,7 @@ mod tests {
                     damp: 0.01,
                     act_order,
                     range_search: false,
+                    hessian_shrink: 0.0,
                 },
             )
             .unwrap();
@@ -627,6 +693,7 @@ mod tests {
                     damp: 0.01,
                     act_order,
                     range_search: false,
+                    hessian_shrink: 0.0,
                 },
             )
             .unwrap();

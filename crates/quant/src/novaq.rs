@@ -704,7 +704,7 @@ fn assign(
     let two = books.len() > 1;
     let beam = cfg.beam.clamp(1, k1);
     let prepared = match h {
-        Some(h) => Some(prepare(h, cols, cfg.damp, false)?),
+        Some(h) => Some(prepare(h, cols, cfg.damp, false, 0.0)?),
         None => None,
     };
     let ck: Vec<f64> = norm.col.iter().map(|v| v.to_f64()).collect();

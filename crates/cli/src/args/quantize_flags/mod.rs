@@ -126,6 +126,14 @@ pub const CALIBRATION: Section = (
             "GPTQ Hessian dampening, as a fraction of the mean diagonal.",
         ),
         (
+            "hessian_shrink",
+            Number,
+            "GPTQ: shrink the Hessian's off-diagonal terms toward zero by this fraction, 0 to \
+             1. 0 is GPTQ; 1 keeps only the diagonal, i.e. rounding weighted by each input's \
+             importance as llama.cpp's imatrix does. Between them, GPTQ relies less on the \
+             input correlations of the calibration text, which another text need not share.",
+        ),
+        (
             "act_order",
             Switch,
             "GPTQ: quantize columns by decreasing activation energy (static groups).",

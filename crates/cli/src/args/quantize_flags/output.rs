@@ -30,6 +30,13 @@ pub const OUTPUT: Section = (
              Needs --format gguf (or --ggml-type) and --calib.",
         ),
         (
+            "mix_types",
+            Text,
+            "The GGML types a type mix (--target-bpw / --like) may choose from, comma-separated, \
+             e.g. Q4_0,Q5_0,IQ4_NL,Q4_K (default: all it knows). Leave out a type the source \
+             is already stored in to measure the mix on other grids.",
+        ),
+        (
             "ggml_embedding_type",
             Text,
             "With GGML types: the embedding / output table's type, or f16 to keep it as \
