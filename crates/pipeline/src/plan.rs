@@ -371,12 +371,6 @@ impl Plan {
         if !(0.0..=1.0).contains(&shrink) {
             bail!("hessian_shrink is a fraction from 0 to 1, got {shrink}");
         }
-        if shrink > 0.0 && !matches!(o.method, Method::Gptq | Method::Apq) {
-            bail!(
-                "hessian_shrink changes GPTQ's Hessian; method {} does not use one",
-                o.method.name()
-            );
-        }
         let ggml = ggml_spec(o, grid)?;
         check_rotation(o, ggml.is_some())?;
         check_budget(o, ggml.is_some())?;

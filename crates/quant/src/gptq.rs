@@ -668,35 +668,15 @@ mod tests {
             (BlockType::IQ4XS, false),
         ] {
             let rtn = ggml::quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
-            let g = quantize_gptq_ggml(
-                &w,
-                rows,
-                cols,
-                &h,
-                ty,
-                Sweep {
-                    damp: 0.01,
-                    act_order,
-                    range_search: false,
-                    hessian_shrink: 0.0,
-                },
-            )
-            .unwrap();
+            let sweep = Sweep {
+                damp: 0.01,
+                act_order,
+                range_search: false,
+                hessian_shrink: 0.0,
+            };
+            let g = quantize_gptq_ggml(&w, rows, cols, &h, ty, sweep).unwrap();
             assert_eq!(g.len(), rtn.len());
-            let again = quantize_gptq_ggml(
-                &w,
-                rows,
-                cols,
-                &h,
-                ty,
-                Sweep {
-                    damp: 0.01,
-                    act_order,
-                    range_search: false,
-                    hessian_shrink: 0.0,
-                },
-            )
-            .unwrap();
+            let again = quantize_gptq_ggml(&w, rows, cols, &h, ty, sweep).unwrap();
             assert_eq!(g, again, "{}: not deterministic", ty.name());
             let deq = |b: &[u8]| ggml::dequantize(ty, b, w.len()).unwrap();
             let er = output_rel_error(&w, &deq(&rtn), cols, &h);
