@@ -78,28 +78,18 @@ for t in "${texts[@]}"; do
   produce "$w/$name.kld" "$w/$name.base.log" "$lc/llama-perplexity" -m "$f32" -f "$w/$name.txt" \
     -c 512 -t 2 --kl-divergence-base "$(partial "$w/$name.kld")"
 done
-files=()
-for p in $presets; do
-  produce "$w/llama-$p.gguf" "$w/llama-$p.log" "$lc/llama-quantize" --imatrix "$w/imatrix.dat" \
-    "$f32" "$(partial "$w/llama-$p.gguf")" "$p" 2
-  files+=("llama.cpp|$p|$w/llama-$p.gguf")
-done
-aq() { # label, output, budget flags...
-  local label=$1 out=$2; shift 2
-  # shellcheck disable=SC2086
-  produce "$out" "$out.log" "$bin" quantize "$f32" --format gguf --method gptq --calib "$emma" \
-    --calib-samples "$samples" --act-order --min-cosine 0 --mix-types "$mix_types" \
-    ${AQ_FLAGS:-} "$@" --out "$(partial "$out")"
-  files+=("adaptq|$label|$out")
-}
-for p in $presets; do aq "$p" "$w/adaptq-$p.gguf" --like "$p"; done
-for b in $below; do aq "$b bpw" "$w/adaptq-$b.gguf" --target-bpw "$b"; done
+# score TOOL LABEL PATH: llama-perplexity --kl-divergence on both texts, right after the file is
+# made (so an interrupted run keeps what it measured); a log newer than the file and the base
+# logits is reused.
 : >"$w/rows.tsv"
-for f in "${files[@]}"; do
-  IFS='|' read -r tool label path <<<"$f"
+score() {
+  local tool=$1 label=$2 path=$3 name log
   for t in "${texts[@]}"; do
     IFS=: read -r name _ _ <<<"$t"
     log=$path.$name.log
+    if [ "$log" -nt "$path" ] && [ "$log" -nt "$w/$name.kld" ] && grep -q "Mean PPL(Q)" "$log"; then
+      continue
+    fi
     if ! "$lc/llama-perplexity" -m "$path" -f "$w/$name.txt" -c 512 -t 2 \
       --kl-divergence-base "$w/$name.kld" --kl-divergence >"$log" 2>&1; then
       echo "bench-gguf: llama-perplexity failed on $path; the end of $log:" >&2
@@ -108,7 +98,22 @@ for f in "${files[@]}"; do
     fi
   done
   printf '%s\t%s\t%s\n' "$tool" "$label" "$path" >>"$w/rows.tsv"
+}
+for p in $presets; do
+  produce "$w/llama-$p.gguf" "$w/llama-$p.log" "$lc/llama-quantize" --imatrix "$w/imatrix.dat" \
+    "$f32" "$(partial "$w/llama-$p.gguf")" "$p" 2
+  score llama.cpp "$p" "$w/llama-$p.gguf"
 done
+aq() { # label, output, budget flags...
+  local label=$1 out=$2; shift 2
+  # shellcheck disable=SC2086
+  produce "$out" "$out.log" "$bin" quantize "$f32" --format gguf --method gptq --calib "$emma" \
+    --calib-samples "$samples" --act-order --min-cosine 0 --mix-types "$mix_types" \
+    ${AQ_FLAGS:-} "$@" --out "$(partial "$out")"
+  score adaptq "$label" "$out"
+}
+for p in $presets; do aq "$p" "$w/adaptq-$p.gguf" --like "$p"; done
+for b in $below; do aq "$b bpw" "$w/adaptq-$b.gguf" --target-bpw "$b"; done
 PYTHONPATH="$lc/../gguf-py" "$venv/bin/python" - "$w/rows.tsv" "$svg" <<'PY'
 import re, sys
 from gguf import GGUFReader
