@@ -459,6 +459,21 @@ mod tests {
         x
     }
 
+    /// GPTQ as published: dampening 0.01, no activation order, range search or shrinkage.
+    fn plain(bits: u8, group_size: usize, grid: Grid) -> GptqConfig {
+        GptqConfig {
+            bits,
+            group_size,
+            grid,
+            sweep: Sweep {
+                damp: 0.01,
+                act_order: false,
+                range_search: false,
+                hessian_shrink: 0.0,
+            },
+        }
+    }
+
     fn setup(rows: usize, cols: usize) -> (Vec<f32>, Hessian) {
         let mut rng = Rng(99);
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.f() * 0.1).collect();
@@ -479,17 +494,8 @@ mod tests {
             (3, Grid::Symmetric, true),
         ] {
             let rtn = quantize_rtn(&w, rows, cols, &RtnConfig::new(bits, 32, grid)).unwrap();
-            let cfg = GptqConfig {
-                bits,
-                group_size: 32,
-                grid,
-                sweep: Sweep {
-                    damp: 0.01,
-                    act_order,
-                    range_search: false,
-                    hessian_shrink: 0.0,
-                },
-            };
+            let mut cfg = plain(bits, 32, grid);
+            cfg.sweep.act_order = act_order;
             let g = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
             let er = output_rel_error(&w, &rtn.dequantize(), cols, &h);
             let eg = output_rel_error(&w, &g.dequantize(), cols, &h);
@@ -505,17 +511,8 @@ mod tests {
         let (rows, cols) = (24, 96);
         let (w, h) = setup(rows, cols);
         let run = |shrink: f64| {
-            let cfg = GptqConfig {
-                bits: 3,
-                group_size: 32,
-                grid: Grid::Asymmetric,
-                sweep: Sweep {
-                    damp: 0.01,
-                    act_order: false,
-                    range_search: false,
-                    hessian_shrink: shrink,
-                },
-            };
+            let mut cfg = plain(3, 32, Grid::Asymmetric);
+            cfg.sweep.hessian_shrink = shrink;
             quantize_gptq(&w, rows, cols, &h, &cfg)
         };
         // The diagonal alone spreads no error: the codes are round-to-nearest's.
@@ -532,17 +529,7 @@ mod tests {
     fn codes_lie_on_the_stored_grid_and_are_deterministic() {
         let (rows, cols) = (8, 80); // 80 = 2×32 + 16: a short last group
         let (w, h) = setup(rows, cols);
-        let cfg = GptqConfig {
-            bits: 3,
-            group_size: 32,
-            grid: Grid::Asymmetric,
-            sweep: Sweep {
-                damp: 0.01,
-                act_order: false,
-                range_search: false,
-                hessian_shrink: 0.0,
-            },
-        };
+        let cfg = plain(3, 32, Grid::Asymmetric);
         let a = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
         let b = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
         assert_eq!(a, b);
@@ -566,17 +553,7 @@ mod tests {
         }
         let mut h = Hessian::new(cols);
         h.add_rows(&x);
-        let cfg = GptqConfig {
-            bits: 4,
-            group_size: 0,
-            grid: Grid::Symmetric,
-            sweep: Sweep {
-                damp: 0.01,
-                act_order: false,
-                range_search: false,
-                hessian_shrink: 0.0,
-            },
-        };
+        let cfg = plain(4, 0, Grid::Symmetric);
         let q = quantize_gptq(&w, rows, cols, &h, &cfg)
             .unwrap()
             .dequantize();
@@ -608,17 +585,9 @@ mod tests {
             (3, Grid::Symmetric, true),
         ] {
             let err = |range_search: bool| {
-                let cfg = GptqConfig {
-                    bits,
-                    group_size: 64,
-                    grid,
-                    sweep: Sweep {
-                        damp: 0.01,
-                        act_order,
-                        range_search,
-                        hessian_shrink: 0.0,
-                    },
-                };
+                let mut cfg = plain(bits, 64, grid);
+                cfg.sweep.act_order = act_order;
+                cfg.sweep.range_search = range_search;
                 let q = quantize_gptq(&w, rows, cols, &h, &cfg).unwrap();
                 output_rel_error(&w, &q.dequantize(), cols, &h)
             };
