@@ -129,3 +129,34 @@ fn an_unknown_config_key_is_refused_by_name() {
     );
     refused(&o, "unknown field `methd`");
 }
+
+/// A GPTQ-only flag given for a method that does not run GPTQ is refused, not ignored.
+#[test]
+fn hessian_shrink_is_refused_for_methods_without_gptq() {
+    let o = run(
+        BIN,
+        &[
+            "quantize",
+            "m.gguf",
+            "--hessian-shrink",
+            "0.5",
+            "--out",
+            "x",
+        ],
+    );
+    refused(&o, "method rtn does not run GPTQ");
+    let o = run(
+        BIN,
+        &[
+            "quantize",
+            "m.gguf",
+            "--method",
+            "awq",
+            "--hessian-shrink",
+            "0",
+            "--out",
+            "x",
+        ],
+    );
+    refused(&o, "method awq does not run GPTQ");
+}

@@ -44,6 +44,14 @@ pub enum Method {
     Novaq,
 }
 
+impl Method {
+    /// Whether this method rounds with GPTQ (APQ runs it at the widths it allocates), so the
+    /// GPTQ settings (hessian_shrink) shape its bundle.
+    pub fn runs_gptq(self) -> bool {
+        matches!(self, Method::Gptq | Method::Apq)
+    }
+}
+
 choice!(Method {
     Rtn => "rtn", "Round-to-nearest, per group.";
     Gptq => "gptq", "GPTQ: Hessian-aware rounding from calibration text (calib).";
@@ -591,7 +599,7 @@ impl QuantizeOptions {
             }
         }
         // Only GPTQ reads the shrinkage: other methods' bundles do not depend on it.
-        if !matches!(self.method, Method::Gptq | Method::Apq) {
+        if !self.method.runs_gptq() {
             map.remove("hessian_shrink");
         }
         for key in ["calib", "gold_prompts"] {

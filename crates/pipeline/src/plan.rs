@@ -400,7 +400,7 @@ impl Plan {
             shard_max_bytes: o.output.shard_size,
             min_cosine: o.gates.min_cosine,
             max_bpw: o.gates.max_bpw,
-            gptq: matches!(o.method, Method::Gptq | Method::Apq).then_some(o.calibration.gptq),
+            gptq: o.method.runs_gptq().then_some(o.calibration.gptq),
             calibration: None,
             ggml,
             novaq,

@@ -2,8 +2,8 @@
 //! library's `Plan` does the rest.
 
 use crate::args::QuantizeArgs;
-use adaptq_pipeline::{Plan, QuantizeOptions};
-use anyhow::Result;
+use adaptq_pipeline::{Choice, Plan, QuantizeOptions};
+use anyhow::{bail, Result};
 use std::process::ExitCode;
 
 /// The effective options: the defaults, then the config file, then the flags given.
@@ -12,7 +12,17 @@ pub fn options(args: &QuantizeArgs) -> Result<QuantizeOptions> {
         Some(p) => QuantizeOptions::yaml_map(p)?,
         None => serde_json::Value::Null,
     };
-    QuantizeOptions::merged(&file, &args.given.clone().into())
+    let o = QuantizeOptions::merged(&file, &args.given.clone().into())?;
+    // Other methods leave the default shrinkage unused (a printed config names it for every
+    // method), but a flag the user types must not be dropped silently.
+    if args.given.contains_key("hessian_shrink") && !o.method.runs_gptq() {
+        bail!(
+            "hessian_shrink shapes GPTQ's Hessian, and method {} does not run GPTQ: use method \
+             gptq or apq, or leave hessian_shrink out",
+            o.method.name()
+        );
+    }
+    Ok(o)
 }
 
 /// The GGUF type mix in a few lines; every tensor's type and errors are in verification.json.
