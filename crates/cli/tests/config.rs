@@ -132,7 +132,7 @@ fn an_unknown_config_key_is_refused_by_name() {
 
 /// A GPTQ-only flag given for a method that does not run GPTQ is refused, not ignored.
 #[test]
-fn hessian_shrink_is_refused_for_methods_without_gptq() {
+fn gptq_flags_are_refused_for_methods_without_gptq() {
     let o = run(
         BIN,
         &[
@@ -159,4 +159,13 @@ fn hessian_shrink_is_refused_for_methods_without_gptq() {
         ],
     );
     refused(&o, "method awq does not run GPTQ");
+    let o = run(BIN, &["quantize", "m.gguf", "--act-order", "--out", "x"]);
+    refused(&o, "act_order is a GPTQ setting, and method rtn");
+    let o = run(
+        BIN,
+        &[
+            "quantize", "m.gguf", "--method", "ternary", "--damp", "0.1", "--out", "x",
+        ],
+    );
+    refused(&o, "damp is a GPTQ setting, and method ternary");
 }

@@ -2,7 +2,7 @@
 //! library's `Plan` does the rest.
 
 use crate::args::QuantizeArgs;
-use adaptq_pipeline::{Choice, Plan, QuantizeOptions};
+use adaptq_pipeline::{Choice, Method, Plan, QuantizeOptions};
 use anyhow::{bail, Result};
 use std::process::ExitCode;
 
@@ -13,14 +13,23 @@ pub fn options(args: &QuantizeArgs) -> Result<QuantizeOptions> {
         None => serde_json::Value::Null,
     };
     let o = QuantizeOptions::merged(&file, &args.given.clone().into())?;
-    // Other methods leave the default shrinkage unused (a printed config names it for every
+    // Other methods leave GPTQ's defaults unused (a printed config names them for every
     // method), but a flag the user types must not be dropped silently.
-    if args.given.contains_key("hessian_shrink") && !o.method.runs_gptq() {
-        bail!(
-            "hessian_shrink shapes GPTQ's Hessian, and method {} does not run GPTQ: use method \
-             gptq or apq, or leave hessian_shrink out",
-            o.method.name()
-        );
+    let gptq = o.method.runs_gptq();
+    let readers = [
+        ("hessian_shrink", gptq),
+        ("act_order", gptq),
+        // NOVAQ damps the Hessian behind its weighted distances too.
+        ("damp", gptq || o.method == Method::Novaq),
+    ];
+    for (key, read) in readers {
+        if args.given.contains_key(key) && !read {
+            bail!(
+                "{key} is a GPTQ setting, and method {} does not run GPTQ: use method gptq or \
+                 apq, or leave {key} out",
+                o.method.name()
+            );
+        }
     }
     Ok(o)
 }
