@@ -22,7 +22,7 @@ pub enum SourceError {
     Corrupt { path: PathBuf, why: String },
     #[error("{}: unrecognised model: {}", shown(.path), sanitize(.why))]
     Unrecognized { path: PathBuf, why: String },
-    #[error("{}: tensor '{}' has unsupported dtype {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL)", shown(.path), sanitize(.tensor), sanitize(.dtype))]
+    #[error("{}: tensor '{}' has unsupported dtype {} (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL, IQ4_XS)", shown(.path), sanitize(.tensor), sanitize(.dtype))]
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,
