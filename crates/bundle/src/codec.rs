@@ -3,7 +3,7 @@
 //! with the weight error of the stored values against the values they stand for.
 
 use crate::Encoding;
-use adaptq_quant::metrics::{layer_error, LayerError};
+use adaptq_quant::metrics::{layer_error, layer_error_pairs, LayerError};
 use adaptq_quant::{Grid, LayerCodes, QuantizedTensor};
 
 /// One tensor as it will be stored.
@@ -113,13 +113,21 @@ pub fn encode_codes(
 
 /// Float values as f16, part `data`.
 pub fn encode_f16(x: &[f32]) -> Encoded {
-    let h: Vec<half::f16> = x.iter().map(|v| half::f16::from_f32(*v)).collect();
-    let back: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+    // Embedding tables are the largest tensors kept in f16: no second f32 copy of them.
+    let back = |v: &f32| half::f16::from_f32(*v).to_f32();
+    let bytes: Vec<u8> = x
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let mut error = layer_error_pairs(x.iter().map(|v| (*v, back(v))));
+    if x.iter().any(|v| !back(v).is_finite()) {
+        error.rel_mse = f64::INFINITY;
+    }
     Encoded {
         encoding: Encoding::F16,
         method: "none",
-        parts: vec![("data", f16_bytes(&h))],
-        error: Some(error_of(x, &back)),
+        parts: vec![("data", bytes)],
+        error: Some(error),
     }
 }
 

@@ -28,6 +28,8 @@ pub struct LoadedModel {
     pub label: String,
 }
 
+// A process holds one or two models: boxing to even out the variants' sizes buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ModelKind {
     Llama(llama::Llama),
     Bert(bert::Bert),

@@ -249,15 +249,25 @@ fn rot_rows(x: &Tensor, r: &adaptq_quant::hadamard::Rotation) -> Result<Tensor> 
 
 pub struct Llama {
     pub desc: ModelDesc,
-    embed: Tensor,
+    /// The embedding table; `None` while unloaded ([`Llama::unload_embedding`]).
+    embed: Option<Tensor>,
+    /// `(vocab, hidden)` of the embedding table, known while it is unloaded too.
+    embed_dims: (usize, usize),
     /// Source name of the embedding table.
     pub embed_name: String,
     /// Source name of the output head (unused when tied).
     pub head_name: String,
-    head_t: Tensor,
+    /// The head transposed to `[hidden, vocab]`; `None` until [`Llama::load_head`] (a
+    /// calibration streamed block by block never needs it unless it quantizes the head).
+    head_t: Option<Tensor>,
     tied: bool,
     final_norm: Tensor,
+    /// The blocks in memory: all of them after [`Llama::load`], none after
+    /// [`Llama::load_shell`] (calibration then loads them one at a time with
+    /// [`Llama::load_block`]).
     pub blocks: Vec<Block>,
+    /// How the file names and fuses the blocks' tensors.
+    layout: Layout,
     /// Inverse frequencies θ_i = base^(-2i/head_dim) (of the global layers, for Gemma 3).
     inv_freq: Vec<f32>,
     /// Phi-3's other frequency set (the long one, unless [`Llama::set_context`] swapped them).
@@ -269,6 +279,29 @@ pub struct Llama {
     /// Rotations the blocks' weights carry (`--rotate`), applied online where they cannot be
     /// folded.
     rotation: Option<Box<Rotated>>,
+}
+
+/// How a file names and fuses a block's tensors, read once so blocks can be loaded later.
+#[derive(Clone, Copy)]
+struct Layout {
+    gguf: bool,
+    /// Phi-3 stores q/k/v as one `attn_qkv` and gate/up as one `ffn_up` of twice the width.
+    fused_qkv: bool,
+    fused_gate_up: bool,
+    /// Gemma's norms multiply by `1 + w`; llama.cpp's converter stores the sum in GGUF files,
+    /// Hugging Face checkpoints store `w`.
+    norm_offset: f32,
+}
+
+impl Layout {
+    /// Block `i`'s tensor, GGUF name `g` or Hugging Face name `h`.
+    fn name(&self, i: usize, g: &str, h: &str) -> String {
+        if self.gguf {
+            format!("blk.{i}.{g}")
+        } else {
+            format!("model.layers.{i}.{h}")
+        }
+    }
 }
 
 /// Per-frequency RoPE divisors of Llama 3.1-style GGUF files, `[head_dim / 2]`.
@@ -368,15 +401,21 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Llama {
+    /// Loads the whole model: every block and the head.
     pub fn load(desc: &ModelDesc, w: &dyn Weights) -> Result<Self> {
+        let mut m = Self::load_shell(desc, w)?;
+        for i in 0..desc.n_layers {
+            let b = m.load_block(w, i)?;
+            m.blocks.push(b);
+        }
+        m.load_head(w)?;
+        Ok(m)
+    }
+
+    /// Loads everything but the blocks and the head: the embedding table, the final norm and
+    /// the model-wide settings. Checks the dimensions and that the file has every layer.
+    pub fn load_shell(desc: &ModelDesc, w: &dyn Weights) -> Result<Self> {
         let gguf = w.has("token_embd.weight");
-        let n = |i: usize, g: &str, h: &str| {
-            if gguf {
-                format!("blk.{i}.{g}")
-            } else {
-                format!("model.layers.{i}.{h}")
-            }
-        };
         let (embed_name, norm_name, head_name) = if gguf {
             ("token_embd.weight", "output_norm.weight", "output.weight")
         } else {
@@ -389,10 +428,6 @@ impl Llama {
         let d = desc.hidden;
         let hd = desc.head_dim();
         let gemma = desc.decoder.gemma.as_ref();
-        // Gemma's norms multiply by `1 + w`; llama.cpp's converter stores the sum in GGUF files,
-        // Hugging Face checkpoints store `w`.
-        let norm_offset = if gemma.is_some() && !gguf { 1.0 } else { 0.0 };
-        let norm = |name: &str, len: usize| norm_tensor(w, name, len, norm_offset);
         if d == 0
             || hd == 0
             || desc.n_heads == 0
@@ -413,87 +448,30 @@ impl Llama {
                 "tensor '{embed_name}' is [{vocab}, {ecols}], but the model's hidden size is {d}"
             );
         }
-        let embed = Tensor::from_vec(w.read(embed_name)?, (vocab, ecols), &Device::Cpu)?;
-        let tied = !w.has(head_name);
-        let head_t = if tied {
-            embed.t()?.contiguous()?
-        } else {
-            Linear::load(w, head_name, None, (vocab, d))?.wt
+        let mut layout = Layout {
+            gguf,
+            fused_qkv: false,
+            fused_gate_up: false,
+            norm_offset: if gemma.is_some() && !gguf { 1.0 } else { 0.0 },
         };
-        // Phi-3 stores q/k/v as one `attn_qkv` and gate/up as one `ffn_up` of twice the width.
-        let fused_qkv = w.has(&n(0, "attn_qkv.weight", "self_attn.qkv_proj.weight"));
-        let fused_gate_up = !w.has(&n(0, "ffn_gate.weight", "mlp.gate_proj.weight"));
-        crate::check_layer_count(w, desc.n_layers, |i| match fused_qkv {
-            true => n(i, "attn_qkv.weight", "self_attn.qkv_proj.weight"),
-            false => n(i, "attn_q.weight", "self_attn.q_proj.weight"),
+        layout.fused_qkv = w.has(&layout.name(0, "attn_qkv.weight", "self_attn.qkv_proj.weight"));
+        layout.fused_gate_up = !w.has(&layout.name(0, "ffn_gate.weight", "mlp.gate_proj.weight"));
+        crate::check_layer_count(w, desc.n_layers, |i| match layout.fused_qkv {
+            true => layout.name(i, "attn_qkv.weight", "self_attn.qkv_proj.weight"),
+            false => layout.name(i, "attn_q.weight", "self_attn.q_proj.weight"),
         })?;
-        let (q_out, kv_out, ffn) = (desc.n_heads * hd, desc.n_kv_heads * hd, desc.ffn_dim);
-        let mut blocks = Vec::new();
-        for i in 0..desc.n_layers {
-            let lin = |g: &str, h: &str, bias: bool, expect: (usize, usize)| {
-                let name = n(i, &format!("{g}.weight"), &format!("{h}.weight"));
-                let b = n(i, &format!("{g}.bias"), &format!("{h}.bias"));
-                Linear::load(w, &name, bias.then_some(b.as_str()), expect)
-            };
-            let attn_norm_name = n(i, "attn_norm.weight", "input_layernorm.weight");
-            let ffn_norm_name = match gemma {
-                Some(_) => n(i, "ffn_norm.weight", "pre_feedforward_layernorm.weight"),
-                None => n(i, "ffn_norm.weight", "post_attention_layernorm.weight"),
-            };
-            blocks.push(Block {
-                attn_norm: norm(&attn_norm_name, d)?,
-                attn_norm_name,
-                qkv: match fused_qkv {
-                    true => vec![lin(
-                        "attn_qkv",
-                        "self_attn.qkv_proj",
-                        true,
-                        (q_out + 2 * kv_out, d),
-                    )?],
-                    false => vec![
-                        lin("attn_q", "self_attn.q_proj", true, (q_out, d))?,
-                        lin("attn_k", "self_attn.k_proj", true, (kv_out, d))?,
-                        lin("attn_v", "self_attn.v_proj", true, (kv_out, d))?,
-                    ],
-                },
-                o: lin("attn_output", "self_attn.o_proj", false, (d, q_out))?,
-                ffn_norm: norm(&ffn_norm_name, d)?,
-                ffn_norm_name,
-                norm_offset,
-                gate_up: match fused_gate_up {
-                    true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
-                    false => vec![
-                        lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
-                        lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
-                    ],
-                },
-                down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
-                qk_norm: match desc.decoder.qk_norm {
-                    true => Some(QkNorm {
-                        q: norm(&n(i, "attn_q_norm.weight", "self_attn.q_norm.weight"), hd)?,
-                        k: norm(&n(i, "attn_k_norm.weight", "self_attn.k_norm.weight"), hd)?,
-                    }),
-                    false => None,
-                },
-                post_norms: match gemma {
-                    Some(_) => Some(PostNorms {
-                        attn: norm(&n(i, "post_attention_norm.weight", POST_ATTN_HF), d)?,
-                        ffn: norm(&n(i, "post_ffw_norm.weight", POST_FFN_HF), d)?,
-                    }),
-                    None => None,
-                },
-            });
-        }
         let (inv_freq, inv_freq_long) = rope_inv_freqs(desc, w, gguf)?;
         let mut m = Llama {
             desc: desc.clone(),
-            embed,
+            embed: None,
+            embed_dims: (vocab, ecols),
             embed_name: embed_name.to_string(),
             head_name: head_name.to_string(),
-            head_t,
-            tied,
-            final_norm: norm(norm_name, d)?,
-            blocks,
+            head_t: None,
+            tied: !w.has(head_name),
+            final_norm: norm_tensor(w, norm_name, d, layout.norm_offset)?,
+            blocks: Vec::new(),
+            layout,
             inv_freq,
             inv_freq_other: inv_freq_long,
             long_rope: false,
@@ -503,7 +481,128 @@ impl Llama {
         if let Some(seed) = w.rotation_seed() {
             m.rotation = Some(Box::new(m.rotations(seed)));
         }
+        m.load_embedding(w)?;
         Ok(m)
+    }
+
+    /// (Re)reads the embedding table from `w`.
+    pub fn load_embedding(&mut self, w: &dyn Weights) -> Result<()> {
+        let data = w.read(&self.embed_name)?;
+        self.embed = Some(Tensor::from_vec(data, self.embed_dims, &Device::Cpu)?);
+        Ok(())
+    }
+
+    /// Frees the embedding table (a streamed calibration needs it only to embed its windows,
+    /// and again at the end if it quantizes the table).
+    pub fn unload_embedding(&mut self) {
+        self.embed = None;
+    }
+
+    fn embedding(&self) -> Result<&Tensor> {
+        self.embed
+            .as_ref()
+            .context("the embedding table is not loaded (Llama::load_embedding)")
+    }
+
+    /// Loads the output head (the embedding table's transpose when tied).
+    pub fn load_head(&mut self, w: &dyn Weights) -> Result<()> {
+        let (vocab, d) = self.embed_dims();
+        self.head_t = Some(if self.tied {
+            self.embedding()?.t()?.contiguous()?
+        } else {
+            Linear::load(w, &self.head_name, None, (vocab, d))?.wt
+        });
+        Ok(())
+    }
+
+    /// Names of block `i`'s linear layers in the order the block runs them (as
+    /// [`Block::linears`] lists them), without reading the block.
+    pub fn linear_names(&self, i: usize) -> Vec<String> {
+        let l = self.layout;
+        let qkv: &[(&str, &str)] = match l.fused_qkv {
+            true => &[("attn_qkv", "self_attn.qkv_proj")],
+            false => &[
+                ("attn_q", "self_attn.q_proj"),
+                ("attn_k", "self_attn.k_proj"),
+                ("attn_v", "self_attn.v_proj"),
+            ],
+        };
+        let gate_up: &[(&str, &str)] = match l.fused_gate_up {
+            true => &[("ffn_up", "mlp.gate_up_proj")],
+            false => &[("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")],
+        };
+        let o = [("attn_output", "self_attn.o_proj")];
+        let down = [("ffn_down", "mlp.down_proj")];
+        [qkv, &o, gate_up, &down]
+            .concat()
+            .into_iter()
+            .map(|(g, h)| l.name(i, &format!("{g}.weight"), &format!("{h}.weight")))
+            .collect()
+    }
+
+    /// Loads block `i` from `w`, as the file stores it (a rotated model's blocks are stored
+    /// rotated; see [`Llama::rotate_block`] for rotating a source's block).
+    pub fn load_block(&self, w: &dyn Weights, i: usize) -> Result<Block> {
+        let desc = &self.desc;
+        let (d, hd) = (desc.hidden, desc.head_dim());
+        let l = self.layout;
+        let gemma = desc.decoder.gemma.as_ref();
+        let n = |g: &str, h: &str| l.name(i, g, h);
+        let norm = |name: &str, len: usize| norm_tensor(w, name, len, l.norm_offset);
+        let (q_out, kv_out, ffn) = (desc.n_heads * hd, desc.n_kv_heads * hd, desc.ffn_dim);
+        let lin = |g: &str, h: &str, bias: bool, expect: (usize, usize)| {
+            let name = n(&format!("{g}.weight"), &format!("{h}.weight"));
+            let b = n(&format!("{g}.bias"), &format!("{h}.bias"));
+            Linear::load(w, &name, bias.then_some(b.as_str()), expect)
+        };
+        let attn_norm_name = n("attn_norm.weight", "input_layernorm.weight");
+        let ffn_norm_name = match gemma {
+            Some(_) => n("ffn_norm.weight", "pre_feedforward_layernorm.weight"),
+            None => n("ffn_norm.weight", "post_attention_layernorm.weight"),
+        };
+        Ok(Block {
+            attn_norm: norm(&attn_norm_name, d)?,
+            attn_norm_name,
+            qkv: match l.fused_qkv {
+                true => vec![lin(
+                    "attn_qkv",
+                    "self_attn.qkv_proj",
+                    true,
+                    (q_out + 2 * kv_out, d),
+                )?],
+                false => vec![
+                    lin("attn_q", "self_attn.q_proj", true, (q_out, d))?,
+                    lin("attn_k", "self_attn.k_proj", true, (kv_out, d))?,
+                    lin("attn_v", "self_attn.v_proj", true, (kv_out, d))?,
+                ],
+            },
+            o: lin("attn_output", "self_attn.o_proj", false, (d, q_out))?,
+            ffn_norm: norm(&ffn_norm_name, d)?,
+            ffn_norm_name,
+            norm_offset: l.norm_offset,
+            gate_up: match l.fused_gate_up {
+                true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
+                false => vec![
+                    lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
+                    lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
+                ],
+            },
+            down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
+            qk_norm: match desc.decoder.qk_norm {
+                true => Some(QkNorm {
+                    q: norm(&n("attn_q_norm.weight", "self_attn.q_norm.weight"), hd)?,
+                    k: norm(&n("attn_k_norm.weight", "self_attn.k_norm.weight"), hd)?,
+                }),
+                false => None,
+            },
+            post_norms: match gemma {
+                Some(_) => Some(PostNorms {
+                    attn: norm(&n("post_attention_norm.weight", POST_ATTN_HF), d)?,
+                    ffn: norm(&n("post_ffw_norm.weight", POST_FFN_HF), d)?,
+                }),
+                None => None,
+            },
+        })
     }
 
     fn rotations(&self, seed: u64) -> Rotated {
@@ -548,24 +647,35 @@ impl Llama {
         if self.rotation.is_some() {
             bail!("the model is already rotated");
         }
-        let r = self.rotations(seed);
-        for b in &mut self.blocks {
-            let reads_hidden = b.qkv.iter_mut().chain(&mut b.gate_up);
-            let pairs = reads_hidden
-                .map(|l| (l, &r.hidden))
-                .chain([(&mut b.o, &r.attn), (&mut b.down, &r.ffn)]);
-            for (l, rot) in pairs {
-                let (mut w, _, _) = l.weight_rows()?;
-                rot.apply_rows(&mut w);
-                l.set_weight(w)?;
-            }
+        self.rotation = Some(Box::new(self.rotations(seed)));
+        let mut blocks = std::mem::take(&mut self.blocks);
+        for b in &mut blocks {
+            self.rotate_block(b)?;
         }
-        self.rotation = Some(Box::new(r));
+        self.blocks = blocks;
+        Ok(())
+    }
+
+    /// Gives a block loaded from the unrotated source the rotations the model carries (after
+    /// [`Llama::rotate`] on a shell whose blocks are loaded later).
+    pub fn rotate_block(&self, b: &mut Block) -> Result<()> {
+        let Some(r) = self.rotation.as_ref() else {
+            bail!("the model carries no rotation");
+        };
+        let reads_hidden = b.qkv.iter_mut().chain(&mut b.gate_up);
+        let pairs = reads_hidden
+            .map(|l| (l, &r.hidden))
+            .chain([(&mut b.o, &r.attn), (&mut b.down, &r.ffn)]);
+        for (l, rot) in pairs {
+            let (mut w, _, _) = l.weight_rows()?;
+            rot.apply_rows(&mut w);
+            l.set_weight(w)?;
+        }
         Ok(())
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.embed.dims()[0]
+        self.embed_dims.0
     }
 
     /// Token embeddings `[T, hidden]`.
@@ -575,7 +685,7 @@ impl Llama {
             bail!("token id {t} is outside the vocabulary of {v}");
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embedding()?.index_select(&ids, 0)?;
         Ok(match &self.gemma {
             Some(g) => (x * g.embed_scale as f64)?,
             None => x,
@@ -628,7 +738,7 @@ impl Llama {
         })
     }
 
-    /// One transformer block on `x: [T, hidden]` at positions `pos0..`.
+    /// Transformer block `i` on `x: [T, hidden]` at positions `pos0..`.
     pub fn block(
         &self,
         i: usize,
@@ -637,7 +747,20 @@ impl Llama {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         hook: &mut Option<Hook>,
     ) -> Result<Tensor> {
-        let b = &self.blocks[i];
+        self.block_with(&self.blocks[i], i, x, pos0, cache, hook)
+    }
+
+    /// Runs `b` as the model's block `i` (its RoPE, window and rotations): the block need not
+    /// be held by the model, so calibration can stream blocks from the file.
+    pub fn block_with(
+        &self,
+        b: &Block,
+        i: usize,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hook: &mut Option<Hook>,
+    ) -> Result<Tensor> {
         let d = &self.desc;
         let (t, _) = x.dims2()?;
         let (hd, eps) = (d.head_dim(), d.norm_eps);
@@ -668,7 +791,7 @@ impl Llama {
             }
             *c = Some((k.clone(), v.clone()));
         }
-        let a = self.attend(i, &q, &k, &v, hook)?;
+        let a = self.attend(i, &b.o, &q, &k, &v, hook)?;
         let a = match &b.post_norms {
             Some(g) => g.after_attn(&a, eps)?,
             None => a,
@@ -687,6 +810,7 @@ impl Llama {
     fn attend(
         &self,
         i: usize,
+        o: &Linear,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
@@ -726,7 +850,7 @@ impl Llama {
             Some(r) => rot_rows(&attn, &r.attn)?,
             None => attn,
         };
-        self.blocks[i].o.forward(&attn, hook)
+        o.forward(&attn, hook)
     }
 
     /// Block `b`'s MLP on its normalized input: SwiGLU, or GeGLU (tanh GELU) for Gemma.
@@ -754,11 +878,17 @@ impl Llama {
 
     /// Final norm and output head: logits `[T, vocab]`.
     pub fn head(&self, x: &Tensor) -> Result<Tensor> {
-        let logits = self.final_normed(x)?.matmul(&self.head_t)?;
+        let logits = self.final_normed(x)?.matmul(self.head_t()?)?;
         match &self.gemma {
             Some(g) => g.cap_logits(logits),
             None => Ok(logits),
         }
+    }
+
+    fn head_t(&self) -> Result<&Tensor> {
+        self.head_t
+            .as_ref()
+            .context("the output head is not loaded (Llama::load_head)")
     }
 
     /// The final norm's output: the output head's input.
@@ -768,8 +898,7 @@ impl Llama {
 
     /// `(vocab, hidden)` of the embedding table.
     pub fn embed_dims(&self) -> (usize, usize) {
-        let d = self.embed.dims();
-        (d[0], d[1])
+        self.embed_dims
     }
 
     /// True when the output head is the embedding table (tied weights).
@@ -779,21 +908,21 @@ impl Llama {
 
     /// The output head, row-major `[vocab, hidden]` (the embedding table when tied).
     pub fn head_rows(&self) -> Result<Vec<f32>> {
-        Ok(self.head_t.t()?.contiguous()?.flatten_all()?.to_vec1()?)
+        Ok(self.head_t()?.t()?.contiguous()?.flatten_all()?.to_vec1()?)
     }
 
     /// The embedding table, row-major `[vocab, hidden]`.
     pub fn embedding_rows(&self) -> Result<Vec<f32>> {
-        Ok(self.embed.flatten_all()?.to_vec1()?)
+        Ok(self.embedding()?.flatten_all()?.to_vec1()?)
     }
 
     /// Replaces the embedding table (and the head when tied), e.g. with a quantized one.
     pub fn set_embedding(&mut self, rows: Vec<f32>) -> Result<()> {
-        let dims = self.embed.dims2()?;
-        self.embed = Tensor::from_vec(rows, dims, &Device::Cpu)?;
-        if self.tied {
-            self.head_t = self.embed.t()?.contiguous()?;
+        let e = Tensor::from_vec(rows, self.embed_dims, &Device::Cpu)?;
+        if self.tied && self.head_t.is_some() {
+            self.head_t = Some(e.t()?.contiguous()?);
         }
+        self.embed = Some(e);
         Ok(())
     }
 

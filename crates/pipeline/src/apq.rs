@@ -7,7 +7,7 @@
 //! minimises the sum of these predicted errors under the bit budget by greedy upgrades in order
 //! of error removed per bit spent, which is optimal for convex error curves.
 
-use crate::calibrate::{collect_stats, CalibSpec, Calibration};
+use crate::calibrate::{collect_stats, Blocks, CalibSpec, Calibration};
 use adaptq_model::llama::Llama;
 use adaptq_quant::awq::output_sq_error;
 use adaptq_quant::gptq::Hessian;
@@ -112,22 +112,25 @@ pub type Visit<'a> =
 /// no input statistics) are visited too. APQ's widths and the GGUF type mix profile through it.
 pub fn walk_layers(
     m: &Llama,
+    blocks: crate::calibrate::Blocks,
     windows: &[Vec<u32>],
     untied_ends: bool,
     progress: &mut dyn FnMut(usize, usize),
     visit: &mut Visit,
 ) -> Result<()> {
     let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
-    let n = m.blocks.len();
+    let n = blocks.count(m);
     for b in 0..n {
-        let (hs, _) = collect_stats(m, b, &xs)?;
-        for lin in m.blocks[b].linears() {
+        let mut slot = None;
+        let blk = blocks.get(m, b, &mut slot)?;
+        let (hs, _) = collect_stats(m, blk, b, &xs)?;
+        for lin in blk.linears() {
             let (w, rows, cols) = lin.weight_rows()?;
             visit(&lin.name, &w, rows, cols, Some(&hs[&lin.name]), 1.0)?;
         }
         xs = xs
             .iter()
-            .map(|x| m.block(b, x, 0, None, &mut None))
+            .map(|x| m.block_with(blk, b, x, 0, None, &mut None))
             .collect::<Result<_>>()?;
         progress(b + 1, n + 1);
     }
@@ -147,14 +150,11 @@ pub fn walk_layers(
                 n as f64,
             )?;
         } else {
-            visit(
-                &m.head_name,
-                &m.head_rows()?,
-                rows,
-                cols,
-                Some(&h),
-                n as f64,
-            )?;
+            let head = match blocks {
+                crate::calibrate::Blocks::Held => m.head_rows()?,
+                crate::calibrate::Blocks::Stream(w) => w.read(&m.head_name)?,
+            };
+            visit(&m.head_name, &head, rows, cols, Some(&h), n as f64)?;
             visit(&m.embed_name, &m.embedding_rows()?, rows, cols, None, 1.0)?;
         }
     }
@@ -175,6 +175,7 @@ pub fn profile(
     let mut out = Vec::new();
     walk_layers(
         m,
+        crate::calibrate::Blocks::Held,
         windows,
         false,
         progress,
@@ -697,9 +698,10 @@ pub fn run(
         ggml_types: Default::default(),
         mix: None,
     };
-    let mut cal = crate::calibrate::calibrate_llama(m, &windows, &spec, &mut |d, t| {
-        progress("calibrate", d, t)
-    })?;
+    let mut cal =
+        crate::calibrate::calibrate_llama(m, Blocks::Held, &windows, &spec, &mut |d, t| {
+            progress("calibrate", d, t)
+        })?;
     let size = Size {
         profiles: &profiles,
         other_bits,

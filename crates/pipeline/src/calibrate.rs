@@ -1,7 +1,8 @@
 //! Calibration: deterministic windows of calibration text, and GPTQ run layer by layer so each
 //! block is calibrated on the outputs of the already-quantized blocks before it.
 
-use adaptq_model::llama::Llama;
+use adaptq_model::llama::{Block, Llama};
+use adaptq_model::Weights;
 use adaptq_quant::awq::{search_scales, AwqConfig};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
 use adaptq_quant::gptq::{
@@ -335,8 +336,8 @@ pub struct Calibration {
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
 pub type BlockStats = (BTreeMap<String, Hessian>, BTreeMap<String, Vec<f32>>);
 
-/// Runs block `b` on `xs` and collects each linear layer's input statistics.
-pub fn collect_stats(m: &Llama, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
+/// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics.
+pub fn collect_stats(m: &Llama, blk: &Block, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
     let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
     let mut abs: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
     {
@@ -362,7 +363,7 @@ pub fn collect_stats(m: &Llama, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
         };
         for x in xs {
             let mut h: Option<adaptq_model::llama::Hook> = Some(&mut hook);
-            m.block(b, x, 0, None, &mut h)?;
+            m.block_with(blk, b, x, 0, None, &mut h)?;
         }
     }
     let act = abs
@@ -419,12 +420,57 @@ fn inverse(s: &[f32]) -> Vec<f32> {
     s.iter().map(|v| 1.0 / v).collect()
 }
 
+/// Hands memory freed to the allocator back to the system. glibc keeps freed heap memory for
+/// reuse; after tokenizing the calibration text and after each block that is tens of MB the
+/// process keeps resident for nothing, and calibration's peak is what decides which models fit.
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory to the system; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Where calibration finds the blocks: held by the model, or read from the file one at a time
+/// (the model a shell from [`Llama::load_shell`]), so memory holds one block's weights in f32
+/// and never the whole model.
+#[derive(Clone, Copy)]
+pub enum Blocks<'a> {
+    Held,
+    Stream(&'a dyn Weights),
+}
+
+impl Blocks<'_> {
+    /// Block `b` to read: the model's own, or loaded into `slot`.
+    pub fn get<'s>(
+        &self,
+        m: &'s Llama,
+        b: usize,
+        slot: &'s mut Option<Block>,
+    ) -> Result<&'s Block> {
+        Ok(match self {
+            Blocks::Held => &m.blocks[b],
+            Blocks::Stream(w) => slot.insert(m.load_block(*w, b)?),
+        })
+    }
+
+    /// How many blocks the model has.
+    pub fn count(&self, m: &Llama) -> usize {
+        match self {
+            Blocks::Held => m.blocks.len(),
+            Blocks::Stream(_) => m.desc.n_layers,
+        }
+    }
+}
+
 /// Calibrates every linear layer of `m`, block by block. After a block is quantized its
 /// weights are replaced by their reconstructions (and its norms by their AWQ-folded values),
 /// and the calibration activations are pushed through the quantized block to become the next
-/// block's inputs. `progress(block, blocks)`.
+/// block's inputs. Held blocks stay in the model, quantized; streamed ones are dropped once
+/// calibrated. `progress(block, blocks)`.
 pub fn calibrate_llama(
     m: &mut Llama,
+    blocks: Blocks,
     windows: &[Vec<u32>],
     spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
@@ -434,53 +480,85 @@ pub fn calibrate_llama(
         m.rotate(seed)?;
     }
     let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
-    let n = m.blocks.len();
+    // A streamed run reads the table again at the end, and only if it quantizes it.
+    let table_at_end = spec.widths.contains_key(&m.embed_name) || (m.tied() && spec.ggml.is_some());
+    if let Blocks::Stream(_) = blocks {
+        m.unload_embedding();
+    }
+    let n = blocks.count(m);
+    let mut held = std::mem::take(&mut m.blocks).into_iter();
+    let mut done = Vec::new();
     for b in 0..n {
-        let (mut hs, act) = collect_stats(m, b, &xs)?;
-        let originals: BTreeMap<String, (Vec<f32>, usize, usize)> = m.blocks[b]
-            .linears_mut()
-            .into_iter()
-            .map(|l| Ok((l.name.clone(), l.weight_rows()?)))
-            .collect::<Result<_>>()?;
-        let orig_h = hs.clone();
-        let mut scales = Scales::default();
-        if spec.awq {
-            fold_awq(
-                spec,
-                &mut m.blocks[b],
-                &orig_h,
-                &act,
-                &mut hs,
-                &mut scales,
-                &mut out,
-            )?;
-        }
-        for lin in m.blocks[b].linears_mut() {
-            let h = hs
-                .get(&lin.name)
-                .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
-            let (ow, _, _) = &originals[&lin.name];
-            let c = round_linear(spec, lin, ow, h, &orig_h[&lin.name], &mut scales)?;
-            lin.set_weight(c.q.dequantize())?;
-            if spec.keep_hessians {
-                out.hessians.insert(lin.name.clone(), h.clone());
+        let mut blk = match blocks {
+            Blocks::Held => held
+                .next()
+                .context("the model holds fewer blocks than it declares")?,
+            Blocks::Stream(w) => {
+                let mut blk = m.load_block(w, b)?;
+                if spec.rotate.is_some() {
+                    m.rotate_block(&mut blk)?;
+                }
+                blk
             }
-            out.layers.insert(lin.name.clone(), c);
+        };
+        xs = calibrate_block(m, &mut blk, b, xs, spec, &mut out)?;
+        if let Blocks::Held = blocks {
+            done.push(blk);
         }
-        xs = xs
-            .iter()
-            .map(|x| m.block(b, x, 0, None, &mut None))
-            .collect::<Result<_>>()?;
+        trim_heap();
         progress(b + 1, n);
+    }
+    m.blocks = done;
+    if let (Blocks::Stream(w), true) = (blocks, table_at_end) {
+        m.load_embedding(w)?;
     }
     if let Some(&bits) = spec.widths.get(&m.embed_name) {
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
         out.layers.insert(m.embed_name.clone(), c);
-    } else if let Some((name, c)) = calibrate_ggml_head(m, spec, &xs)? {
+    } else if let Some((name, c)) = calibrate_ggml_head(m, blocks, spec, &xs)? {
         out.layers.insert(name, c);
     }
     Ok(out)
+}
+
+/// Calibrates block `b`'s layers on its inputs `xs`, leaves their reconstructions in `blk` and
+/// returns the quantized block's outputs: the next block's inputs.
+fn calibrate_block(
+    m: &Llama,
+    blk: &mut Block,
+    b: usize,
+    xs: Vec<Tensor>,
+    spec: &CalibSpec,
+    out: &mut Calibration,
+) -> Result<Vec<Tensor>> {
+    let (mut hs, act) = collect_stats(m, blk, b, &xs)?;
+    let originals: BTreeMap<String, (Vec<f32>, usize, usize)> = blk
+        .linears_mut()
+        .into_iter()
+        .map(|l| Ok((l.name.clone(), l.weight_rows()?)))
+        .collect::<Result<_>>()?;
+    let orig_h = hs.clone();
+    let mut scales = Scales::default();
+    if spec.awq {
+        fold_awq(spec, blk, &orig_h, &act, &mut hs, &mut scales, out)?;
+    }
+    for lin in blk.linears_mut() {
+        let h = hs
+            .get(&lin.name)
+            .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
+        let (ow, _, _) = &originals[&lin.name];
+        let c = round_linear(spec, lin, ow, h, &orig_h[&lin.name], &mut scales)?;
+        lin.set_weight(c.q.dequantize())?;
+        if spec.keep_hessians {
+            out.hessians.insert(lin.name.clone(), h.clone());
+        }
+        out.layers.insert(lin.name.clone(), c);
+    }
+    drop(originals);
+    xs.iter()
+        .map(|x| m.block_with(blk, b, x, 0, None, &mut None))
+        .collect()
 }
 
 /// AWQ's column scales (inputs) and row scales (outputs) of a block's layers, by name.
@@ -689,6 +767,7 @@ pub fn head_hessian(m: &Llama, xs: &[Tensor]) -> Result<Hessian> {
 /// a lookup with no input statistics; it is left to plain rounding.
 fn calibrate_ggml_head(
     m: &Llama,
+    blocks: Blocks,
     spec: &CalibSpec,
     xs: &[Tensor],
 ) -> Result<Option<(String, CalibratedLayer)>> {
@@ -707,10 +786,10 @@ fn calibrate_ggml_head(
     let (ty, _) =
         adaptq_quant::ggml::pick(ty, hidden).with_context(|| format!("tensor '{name}'"))?;
     let h = head_hessian(m, xs)?;
-    let w = if m.tied() {
-        m.embedding_rows()?
-    } else {
-        m.head_rows()?
+    let w = match blocks {
+        _ if m.tied() => m.embedding_rows()?,
+        Blocks::Held => m.head_rows()?,
+        Blocks::Stream(src) => src.read(name)?,
     };
     let q = spec
         .round_ggml(&w, vocab, hidden, &h, ty)
@@ -742,26 +821,27 @@ pub fn run(
     spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
-    let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
-    let bos = loaded.desc.decoder.bos;
-    let (windows, info) = prepare(&loaded.tokenizer, bos, calib, samples, seq_len, seed)?;
-    let mut llama = match loaded.kind {
-        adaptq_model::ModelKind::Llama(l) => l,
-        adaptq_model::ModelKind::Bert(_) => {
-            bail!("calibrated methods run on decoder (Llama-family) models; quantize BERT with rtn")
-        }
-    };
+    let w = adaptq_model::borrowed_source(src);
+    let desc = w.desc().clone();
+    if desc.family != adaptq_source::model::Family::Llama {
+        bail!("calibrated methods run on decoder (Llama-family) models; quantize BERT with rtn")
+    }
+    let tokenizer = w.tokenizer()?;
+    let (windows, info) = prepare(&tokenizer, desc.decoder.bos, calib, samples, seq_len, seed)?;
+    drop(tokenizer);
+    trim_heap();
+    let mut llama = Llama::load_shell(&desc, w.as_ref())?;
+    let blocks = Blocks::Stream(w.as_ref());
     let Some(target) = &spec.mix else {
-        return Ok((calibrate_llama(&mut llama, &windows, spec, progress)?, info));
+        let cal = calibrate_llama(&mut llama, blocks, &windows, spec, progress)?;
+        return Ok((cal, info));
     };
     // The embedding and head join the mix only when they are quantized at all: a float table
     // (`f16`) stays float and is charged as such.
     let embedding = spec.ggml.and_then(|g| g.embedding);
     let ends = embedding.is_some();
-    let names: std::collections::BTreeSet<String> = llama
-        .blocks
-        .iter()
-        .flat_map(|b| b.linears().into_iter().map(|l| l.name.clone()))
+    let names: std::collections::BTreeSet<String> = (0..desc.n_layers)
+        .flat_map(|b| llama.linear_names(b))
         .chain(ends.then(|| llama.embed_name.clone()))
         .chain((ends && !llama.tied()).then(|| llama.head_name.clone()))
         .collect();
@@ -773,6 +853,7 @@ pub fn run(
     let mut done = 0;
     let mut mix = crate::mix::choose(
         &llama,
+        blocks,
         &windows[..n_prof],
         crate::mix::Budget {
             target_bpw: target.bpw(src)?,
@@ -783,7 +864,7 @@ pub fn run(
         spec.range_search,
         &mut |d, t| {
             done = d;
-            progress(d, t + llama.blocks.len())
+            progress(d, t + desc.n_layers)
         },
     )?;
     let spec = CalibSpec {
@@ -791,7 +872,7 @@ pub fn run(
         ..spec.clone()
     };
     let offset = done;
-    let mut out = calibrate_llama(&mut llama, &windows, &spec, &mut |d, t| {
+    let mut out = calibrate_llama(&mut llama, blocks, &windows, &spec, &mut |d, t| {
         progress(offset + d, offset + t)
     })?;
     mix.like = target.like.clone();

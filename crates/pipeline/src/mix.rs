@@ -195,6 +195,7 @@ pub struct Budget {
 /// file stays within `budget`.
 pub fn choose(
     m: &Llama,
+    blocks: crate::calibrate::Blocks,
     windows: &[Vec<u32>],
     budget: Budget,
     types: &[BlockType],
@@ -204,6 +205,7 @@ pub fn choose(
     let mut profile = Vec::new();
     walk_layers(
         m,
+        blocks,
         windows,
         true,
         progress,

@@ -15,8 +15,14 @@ pub struct LayerError {
 /// Compares a reference tensor with its reconstruction (f64 accumulation).
 pub fn layer_error(reference: &[f32], approx: &[f32]) -> LayerError {
     assert_eq!(reference.len(), approx.len());
+    layer_error_pairs(reference.iter().copied().zip(approx.iter().copied()))
+}
+
+/// [`layer_error`] over `(reference, approx)` pairs, for an approximation computed on the fly
+/// rather than held as a second copy of a large tensor.
+pub fn layer_error_pairs(pairs: impl IntoIterator<Item = (f32, f32)>) -> LayerError {
     let (mut num, mut den, mut dot, mut na, mut maxa) = (0f64, 0f64, 0f64, 0f64, 0f64);
-    for (&w, &q) in reference.iter().zip(approx) {
+    for (w, q) in pairs {
         let (w, q) = (w as f64, q as f64);
         let d = w - q;
         num += d * d;

@@ -22,6 +22,33 @@ pub trait Blob: Send + Sync {
     /// Hint: these tensor byte ranges will be read in this order. Remote blobs use it to fetch
     /// ahead while earlier tensors are being quantized; local files ignore it.
     fn plan(&self, _ranges: &[(u64, u64)]) {}
+    /// Hint: the reader is done with bytes `start..end` (a tensor decoded to f32). A mapped
+    /// file drops their pages from the process, so reading a model larger than memory tensor
+    /// by tensor does not leave the whole file resident.
+    fn release(&self, _start: u64, _end: u64) {}
+}
+
+/// Bytes a [`WholeBlob`] holds, and whether a range can be let go of.
+pub trait Held: AsRef<[u8]> + Send + Sync {
+    fn release(&self, _start: usize, _end: usize) {}
+}
+
+impl Held for Vec<u8> {}
+
+impl Held for memmap2::Mmap {
+    fn release(&self, start: usize, end: usize) {
+        const PAGE: usize = 4096;
+        let first = start.div_ceil(PAGE) * PAGE;
+        let last = end.min(self.len()) / PAGE * PAGE;
+        if first < last {
+            // SAFETY: the map is read-only and file-backed; dropping its pages only makes a
+            // later access fault them in again from the file, so slices into it stay valid.
+            // A failure only means the pages stay resident.
+            let _ = unsafe {
+                self.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, last - first)
+            };
+        }
+    }
 }
 
 /// Bytes held whole, mapped or in memory, named `label` in errors.
@@ -109,7 +136,7 @@ impl MmapBlob {
     }
 }
 
-impl<B: AsRef<[u8]> + Send + Sync> Blob for WholeBlob<B> {
+impl<B: Held> Blob for WholeBlob<B> {
     fn len(&self) -> u64 {
         self.bytes.as_ref().len() as u64
     }
@@ -118,6 +145,11 @@ impl<B: AsRef<[u8]> + Send + Sync> Blob for WholeBlob<B> {
     }
     fn label(&self) -> &Path {
         &self.label
+    }
+    fn release(&self, start: u64, end: u64) {
+        if let (Ok(s), Ok(e)) = (usize::try_from(start), usize::try_from(end)) {
+            self.bytes.release(s, e);
+        }
     }
 }
 

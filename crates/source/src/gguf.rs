@@ -868,8 +868,10 @@ impl TensorSource for GgufSource {
         let (s, e) = self.ranges[i];
         let info = &self.infos[i];
         let ty = self.header.tensors[i].2;
-        dequantize(ty, &self.blob.read(s, e)?, info.numel())
-            .map_err(|why| SourceError::corrupt(&self.path, format!("tensor '{name}': {why}")))
+        let out = dequantize(ty, &self.blob.read(s, e)?, info.numel())
+            .map_err(|why| SourceError::corrupt(&self.path, format!("tensor '{name}': {why}")));
+        self.blob.release(s, e);
+        out
     }
     fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
         let i = self.index(name)?;

@@ -404,7 +404,9 @@ impl TensorSource for SafetensorsSource {
             });
         }
         let mut out = Vec::with_capacity(info.numel());
-        decode_plain(info.dtype, &self.shards[si].blob.read(s, e)?, &mut out);
+        let blob = &self.shards[si].blob;
+        decode_plain(info.dtype, &blob.read(s, e)?, &mut out);
+        blob.release(s, e);
         Ok(out)
     }
     fn raw_bytes(&self, name: &str) -> Result<Cow<'_, [u8]>> {
