@@ -19,12 +19,16 @@ quantizes it (RTN, GPTQ, AWQ, APQ mixed widths, ternary, NOVAQ codebooks; or ont
 bundle of <=2 MiB shards with SHA-256/BLAKE3 hashes, manifest.json, model.meta and verification.json \
 (measured errors and PASS/FAIL gates). The same input and config always give byte-identical bundles. \
 `export` turns a bundle into a GGUF file or a Hugging Face GPTQ checkpoint.\n\n\
-Environment: ADAPTQ_NUM_THREADS (worker threads; default: every core), ADAPTQ_CACHE_DIR (keep \
+Environment: ADAPTQ_NUM_THREADS (worker threads, as --threads; default: every core), ADAPTQ_CACHE_DIR (keep \
 downloads), ADAPTQ_OFFLINE=1, HF_TOKEN, HF_ENDPOINT, OLLAMA_MODELS, ADAPTQ_HTTP_TIMEOUT (see the README's table)."
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// Worker threads for every parallel step (rayon, the linear algebra, candle's matmuls);
+    /// overrides ADAPTQ_NUM_THREADS. Default: every core.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -9,15 +9,16 @@ mod progress;
 use clap::Parser;
 use std::process::ExitCode;
 
-/// Worker threads from `ADAPTQ_NUM_THREADS` (default: every core), for rayon and for candle,
-/// which reads `RAYON_NUM_THREADS`.
-fn set_threads() -> anyhow::Result<()> {
-    let Ok(v) = std::env::var("ADAPTQ_NUM_THREADS") else {
-        return Ok(());
+/// Worker threads from `--threads`, else `ADAPTQ_NUM_THREADS` (default: every core), for rayon
+/// (which faer's parallel kernels run on) and for candle, which reads `RAYON_NUM_THREADS`.
+fn set_threads(flag: Option<u16>) -> anyhow::Result<()> {
+    let n = match (flag, std::env::var("ADAPTQ_NUM_THREADS")) {
+        (Some(n), _) => n as usize,
+        (None, Ok(v)) => v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            anyhow::anyhow!("ADAPTQ_NUM_THREADS={v}: expected a positive whole number")
+        })?,
+        (None, Err(_)) => return Ok(()),
     };
-    let n: usize = v.trim().parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-        anyhow::anyhow!("ADAPTQ_NUM_THREADS={v}: expected a positive whole number")
-    })?;
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = args::Cli::parse();
-    match set_threads().and_then(|()| commands::run(&cli.cmd)) {
+    match set_threads(cli.threads).and_then(|()| commands::run(&cli.cmd)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", message(&e));

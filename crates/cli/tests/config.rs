@@ -169,3 +169,31 @@ fn gptq_flags_are_refused_for_methods_without_gptq() {
     );
     refused(&o, "damp is a GPTQ setting, and method ternary");
 }
+
+#[test]
+fn threads_come_from_the_flag_before_the_environment() {
+    let m = adaptq_testutil::smollm2_gguf();
+    let m = m.to_str().unwrap();
+    let small = ["--pp", "4", "--tg", "1", "--reps", "1"];
+    let threads = |env: Option<&str>, flag: &[&str]| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(flag).arg("bench").arg(m).args(small);
+        match env {
+            Some(v) => c.env("ADAPTQ_NUM_THREADS", v),
+            None => c.env_remove("ADAPTQ_NUM_THREADS"),
+        };
+        let o = ok(c.output().unwrap());
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(threads(Some("2"), &["--threads", "1"]), "threads: 1");
+    assert_eq!(threads(Some("1"), &[]), "threads: 1");
+    let o = run(BIN, &["--threads", "0", "info", m]);
+    refused(&o, "--threads");
+    let o = std::process::Command::new(BIN)
+        .args(["info", m])
+        .env("ADAPTQ_NUM_THREADS", "many")
+        .output()
+        .unwrap();
+    refused(&o, "ADAPTQ_NUM_THREADS");
+}

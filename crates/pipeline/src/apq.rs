@@ -126,7 +126,7 @@ pub fn walk_layers(
         let (hs, _) = collect_stats(m, blk, b, &xs)?;
         for lin in blk.linears() {
             let (w, rows, cols) = lin.weight_rows()?;
-            visit(&lin.name, &w, rows, cols, Some(&hs[&lin.name]), 1.0)?;
+            visit(&lin.name, &w, rows, cols, Some(hs[&lin.name].as_ref()), 1.0)?;
         }
         xs = xs
             .iter()

@@ -16,6 +16,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::rc::Rc;
 
 pub use adaptq_bundle::verification::{CalibConfig, CalibInfo};
 
@@ -334,31 +335,37 @@ pub struct Calibration {
 }
 
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
-pub type BlockStats = (BTreeMap<String, Hessian>, BTreeMap<String, Vec<f32>>);
+/// Layers that read one input (q, k and v; gate and up) share one Hessian: for a 14336-wide
+/// MLP each is 1.6 GB.
+pub type BlockStats = (BTreeMap<String, Rc<Hessian>>, BTreeMap<String, Vec<f32>>);
 
 /// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics.
 pub fn collect_stats(m: &Llama, blk: &Block, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
     let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
     let mut abs: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
+    // Each layer's name -> the first layer seen reading the same input tensor.
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
     {
-        // q, k and v share one input tensor: compute its statistics once.
-        let mut last: Option<(candle_core::TensorId, Vec<f32>, Vec<f32>, usize)> = None;
+        let mut last: Option<(candle_core::TensorId, String)> = None;
         let mut hook = |name: &str, x: &Tensor| -> Result<()> {
             let (rows, dim) = x.dims2()?;
-            if last.as_ref().is_none_or(|(id, ..)| *id != x.id()) {
+            if last.as_ref().is_none_or(|(id, _)| *id != x.id()) {
                 let g = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
                 let a = x.abs()?.sum(0)?.to_vec1::<f32>()?;
-                last = Some((x.id(), g, a, rows));
+                hs.entry(name.to_string())
+                    .or_insert_with(|| Hessian::new(dim))
+                    .add_gram(&g, rows);
+                let e = abs
+                    .entry(name.to_string())
+                    .or_insert_with(|| (vec![0.0; dim], 0));
+                e.0.iter_mut().zip(a).for_each(|(s, v)| *s += v as f64);
+                e.1 += rows;
+                last = Some((x.id(), name.to_string()));
             }
-            let (_, g, a, rows) = last.as_ref().expect("set above");
-            hs.entry(name.to_string())
-                .or_insert_with(|| Hessian::new(dim))
-                .add_gram(g, *rows);
-            let e = abs
+            let (_, first) = last.as_ref().expect("set above");
+            owner
                 .entry(name.to_string())
-                .or_insert_with(|| (vec![0.0; dim], 0));
-            e.0.iter_mut().zip(a).for_each(|(s, v)| *s += *v as f64);
-            e.1 += rows;
+                .or_insert_with(|| first.clone());
             Ok(())
         };
         for x in xs {
@@ -366,9 +373,19 @@ pub fn collect_stats(m: &Llama, blk: &Block, b: usize, xs: &[Tensor]) -> Result<
             m.block_with(blk, b, x, 0, None, &mut h)?;
         }
     }
-    let act = abs
+    let shared: BTreeMap<String, Rc<Hessian>> =
+        hs.into_iter().map(|(k, h)| (k, Rc::new(h))).collect();
+    let act: BTreeMap<String, Vec<f32>> = abs
         .into_iter()
         .map(|(k, (s, n))| (k, s.iter().map(|v| (v / n.max(1) as f64) as f32).collect()))
+        .collect();
+    let hs = owner
+        .iter()
+        .map(|(name, first)| (name.clone(), shared[first].clone()))
+        .collect();
+    let act = owner
+        .iter()
+        .map(|(name, first)| (name.clone(), act[first].clone()))
         .collect();
     Ok((hs, act))
 }
@@ -533,25 +550,31 @@ fn calibrate_block(
     out: &mut Calibration,
 ) -> Result<Vec<Tensor>> {
     let (mut hs, act) = collect_stats(m, blk, b, &xs)?;
-    let originals: BTreeMap<String, (Vec<f32>, usize, usize)> = blk
-        .linears_mut()
-        .into_iter()
-        .map(|l| Ok((l.name.clone(), l.weight_rows()?)))
-        .collect::<Result<_>>()?;
-    let orig_h = hs.clone();
+    // AWQ changes the weights; without it a layer's own weight is the original.
+    let originals: BTreeMap<String, Vec<f32>> = match spec.awq {
+        true => blk
+            .linears_mut()
+            .into_iter()
+            .map(|l| Ok((l.name.clone(), l.weight_rows()?.0)))
+            .collect::<Result<_>>()?,
+        false => BTreeMap::new(),
+    };
+    let mut orig_h = hs.clone();
     let mut scales = Scales::default();
     if spec.awq {
         fold_awq(spec, blk, &orig_h, &act, &mut hs, &mut scales, out)?;
     }
     for lin in blk.linears_mut() {
+        // Taken out, so each Hessian is freed once the last layer reading it is rounded.
         let h = hs
-            .get(&lin.name)
+            .remove(&lin.name)
             .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
-        let (ow, _, _) = &originals[&lin.name];
-        let c = round_linear(spec, lin, ow, h, &orig_h[&lin.name], &mut scales)?;
+        let oh = orig_h.remove(&lin.name).expect("same layers as hs");
+        let ow = originals.get(&lin.name).map(Vec::as_slice);
+        let c = round_linear(spec, lin, ow, &h, &oh, &mut scales)?;
         lin.set_weight(c.q.dequantize())?;
         if spec.keep_hessians {
-            out.hessians.insert(lin.name.clone(), h.clone());
+            out.hessians.insert(lin.name.clone(), Hessian::clone(&h));
         }
         out.layers.insert(lin.name.clone(), c);
     }
@@ -574,9 +597,9 @@ struct Scales {
 fn fold_awq(
     spec: &CalibSpec,
     blk: &mut adaptq_model::llama::Block,
-    orig_h: &BTreeMap<String, Hessian>,
+    orig_h: &BTreeMap<String, Rc<Hessian>>,
     act: &BTreeMap<String, Vec<f32>>,
-    hs: &mut BTreeMap<String, Hessian>,
+    hs: &mut BTreeMap<String, Rc<Hessian>>,
     scales: &mut Scales,
     out: &mut Calibration,
 ) -> Result<()> {
@@ -589,7 +612,7 @@ fn fold_awq(
     let mut rescale = |names: &[&String], inv: &[f32]| {
         for l in names {
             let scaled = hs[*l].scaled(inv);
-            hs.insert((*l).clone(), scaled);
+            hs.insert((*l).clone(), Rc::new(scaled));
         }
     };
     // attention input: q, k, v (or a fused qkv) share it; fold 1/s into the attention norm.
@@ -638,17 +661,19 @@ fn fold_awq(
 }
 
 /// Rounds one linear layer as the spec says, measuring its output error on the calibration
-/// inputs against plain rounding of the original weight `ow` (inputs `oh`) at the same width.
+/// inputs against plain rounding of the original weight `ow` (inputs `oh`) at the same width;
+/// `None` when the layer's weight is still the original.
 fn round_linear(
     spec: &CalibSpec,
     lin: &mut adaptq_model::llama::Linear,
-    ow: &[f32],
+    ow: Option<&[f32]>,
     h: &Hessian,
     oh: &Hessian,
     scales: &mut Scales,
 ) -> Result<CalibratedLayer> {
     let bits = spec.width(&lin.name);
     let (w, rows, cols) = lin.weight_rows()?;
+    let ow = ow.unwrap_or(&w);
     let rtn_same_width = || -> Result<Vec<f32>> {
         let cfg = RtnConfig {
             bits,

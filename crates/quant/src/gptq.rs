@@ -121,19 +121,37 @@ impl Hessian {
 
     /// `H = 2/n · Σ xᵀx`.
     pub fn matrix(&self) -> Vec<f64> {
-        let k = 2.0 / self.rows.max(1) as f64;
+        let k = self.factor();
         self.sum.iter().map(|v| v * k).collect()
+    }
+
+    /// [`Hessian::matrix`] as a faer matrix, built without the row-major copy.
+    pub fn mat(&self) -> Mat<f64> {
+        let (n, k) = (self.dim, self.factor());
+        Mat::<f64>::from_fn(n, n, |i, j| self.sum[i * n + j] * k)
+    }
+
+    fn factor(&self) -> f64 {
+        2.0 / self.rows.max(1) as f64
     }
 }
 
 /// `Σ_r (w_r − q_r) H (w_r − q_r)ᵀ / Σ_r w_r H w_rᵀ`: the relative error of the layer's output
 /// on the calibration inputs, the quantity GPTQ minimises.
 pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
-    let hm = crate::linalg::hmat(&h.matrix(), cols);
-    let e: Vec<f64> = w.iter().zip(q).map(|(a, b)| (*a - *b) as f64).collect();
-    let wf: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-    let num = crate::linalg::quad(&e, cols, &hm);
-    let den = crate::linalg::quad(&wf, cols, &hm);
+    let hm = h.mat();
+    let rows = w.len() / cols;
+    let num = crate::linalg::quad_rows(rows, cols, &hm, &|r, out| {
+        let at = r * cols;
+        for (o, (a, b)) in out.iter_mut().zip(w[at..].iter().zip(&q[at..])) {
+            *o = (*a - *b) as f64;
+        }
+    });
+    let den = crate::linalg::quad_rows(rows, cols, &hm, &|r, out| {
+        for (o, a) in out.iter_mut().zip(&w[r * cols..]) {
+            *o = *a as f64;
+        }
+    });
     if den > 0.0 {
         num / den
     } else {
@@ -141,23 +159,24 @@ pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
     }
 }
 
-/// Upper Cholesky factor of `(H + λI)⁻¹`, row-major.
-fn inverse_hessian_factor(h: &mut [f64], n: usize, damp: f64) -> Result<Vec<f64>, QuantError> {
-    let mean_diag = (0..n).map(|i| h[i * n + i]).sum::<f64>() / n as f64;
+/// Upper Cholesky factor of `(H + λI)⁻¹`, row-major. Each intermediate n×n matrix is freed as
+/// soon as the next exists: for a 14336-wide layer each is 1.6 GB.
+fn inverse_hessian_factor(mut m: Mat<f64>, n: usize, damp: f64) -> Result<Vec<f64>, QuantError> {
+    let mean_diag = (0..n).map(|i| m[(i, i)]).sum::<f64>() / n as f64;
     let lambda = damp * mean_diag.max(1e-12);
     for i in 0..n {
-        h[i * n + i] += lambda;
+        m[(i, i)] += lambda;
     }
-    let m = Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j]);
-    let inv = m
-        .llt(Side::Lower)
-        .map_err(|_| {
-            QuantError::Corrupt("Hessian is not positive definite even after dampening".into())
-        })?
-        .inverse();
+    let llt = m.llt(Side::Lower).map_err(|_| {
+        QuantError::Corrupt("Hessian is not positive definite even after dampening".into())
+    })?;
+    drop(m);
+    let inv = llt.inverse();
+    drop(llt);
     let l = inv
         .llt(Side::Lower)
         .map_err(|_| QuantError::Corrupt("inverse Hessian is not positive definite".into()))?;
+    drop(inv);
     let lm = l.L();
     // U = Lᵀ, so U[i][j] = L[j][i].
     Ok((0..n * n)
@@ -191,39 +210,37 @@ pub(crate) fn prepare(
             "the Hessian shrinkage must lie in 0..=1, got {shrink}"
         )));
     }
-    let mut hm = h.matrix();
-    if shrink > 0.0 {
-        for (k, v) in hm.iter_mut().enumerate() {
-            if k / cols != k % cols {
-                *v *= 1.0 - shrink;
-            }
-        }
-    }
-    // Inputs that never fire carry no information: their weights cannot matter, zero them.
-    let dead: Vec<bool> = (0..cols).map(|i| hm[i * cols + i] == 0.0).collect();
-    for i in 0..cols {
-        if dead[i] {
-            hm[i * cols + i] = 1.0;
-        }
-    }
+    // The statistics as GPTQ uses them, built straight into the permuted matrix (no other
+    // n×n copy): off-diagonal terms shrunk, an input that never fires given a unit diagonal
+    // (it carries no information; its weights cannot matter and are zeroed).
+    let k = 2.0 / h.rows().max(1) as f64;
+    let diag: Vec<f64> = (0..cols).map(|i| h.sum[i * cols + i] * k).collect();
+    let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
+    let diag: Vec<f64> = diag
+        .iter()
+        .zip(&dead)
+        .map(|(&d, &z)| if z { 1.0 } else { d })
+        .collect();
     let perm: Vec<usize> = if act_order {
         let mut p: Vec<usize> = (0..cols).collect();
-        p.sort_by(|&a, &b| {
-            hm[b * cols + b]
-                .total_cmp(&hm[a * cols + a])
-                .then(a.cmp(&b))
-        });
+        p.sort_by(|&a, &b| diag[b].total_cmp(&diag[a]).then(a.cmp(&b)));
         p
     } else {
         (0..cols).collect()
     };
-    let mut hp = vec![0f64; cols * cols];
-    for i in 0..cols {
-        for j in 0..cols {
-            hp[i * cols + j] = hm[perm[i] * cols + perm[j]];
+    let value = |a: usize, b: usize| {
+        if a == b {
+            return diag[a];
         }
-    }
-    let u = inverse_hessian_factor(&mut hp, cols, damp)?;
+        let v = h.sum[a * cols + b] * k;
+        if shrink > 0.0 {
+            v * (1.0 - shrink)
+        } else {
+            v
+        }
+    };
+    let hp = Mat::<f64>::from_fn(cols, cols, |i, j| value(perm[i], perm[j]));
+    let u = inverse_hessian_factor(hp, cols, damp)?;
     Ok(Prepared { dead, perm, u })
 }
 

@@ -44,6 +44,52 @@ pub fn times_h(m: &[f64], cols: usize, h: &Mat<f64>) -> Vec<f64> {
 
 /// `Σ_r m_r H m_rᵀ`.
 pub fn quad(m: &[f64], cols: usize, h: &Mat<f64>) -> f64 {
-    let mh = times_h(m, cols, h);
-    m.iter().zip(&mh).map(|(a, b)| a * b).sum()
+    quad_rows(m.len() / cols, cols, h, &|r, out| {
+        out.copy_from_slice(&m[r * cols..(r + 1) * cols])
+    })
+}
+
+/// `Σ_r m_r H m_rᵀ` with row `r` of `m` written by `row(r, out)`: chunks of rows are made and
+/// multiplied a few per thread at a time, so neither `m` nor `M·H` is ever held whole (for a
+/// 4096 × 14336 layer each would be 470 MB). Terms are summed in row-major order.
+pub fn quad_rows(
+    rows: usize,
+    cols: usize,
+    h: &Mat<f64>,
+    row: &(dyn Fn(usize, &mut [f64]) + Sync),
+) -> f64 {
+    let chunks = rows.div_ceil(CHUNK);
+    let wave = 4 * rayon::current_num_threads().max(1);
+    let mut acc = 0f64;
+    for first in (0..chunks).step_by(wave) {
+        let parts: Vec<Vec<f64>> = (first..(first + wave).min(chunks))
+            .into_par_iter()
+            .map(|c| {
+                let r0 = c * CHUNK;
+                let r = CHUNK.min(rows - r0);
+                let mut m = vec![0f64; r * cols];
+                for (i, out) in m.chunks_mut(cols).enumerate() {
+                    row(r0 + i, out);
+                }
+                let a = Mat::<f64>::from_fn(r, cols, |i, j| m[i * cols + j]);
+                let mut out = Mat::<f64>::zeros(r, cols);
+                matmul(
+                    out.as_mut(),
+                    Accum::Replace,
+                    a.as_ref(),
+                    h.as_ref(),
+                    1.0,
+                    Par::Seq,
+                );
+                for (i, mr) in m.chunks_mut(cols).enumerate() {
+                    for (j, x) in mr.iter_mut().enumerate() {
+                        *x *= out[(i, j)];
+                    }
+                }
+                m
+            })
+            .collect();
+        acc = parts.iter().flatten().fold(acc, |s, x| s + x);
+    }
+    acc
 }
