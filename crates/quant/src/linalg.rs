@@ -14,22 +14,29 @@ pub fn hmat(h: &[f64], n: usize) -> Mat<f64> {
     Mat::<f64>::from_fn(n, n, |i, j| h[i * n + j])
 }
 
+/// `C · H` for a chunk `C` of rows (row-major, `cols` wide), one thread.
+fn chunk_times_h(c: &[f64], cols: usize, h: &Mat<f64>) -> Mat<f64> {
+    let r = c.len() / cols;
+    let a = Mat::<f64>::from_fn(r, cols, |i, j| c[i * cols + j]);
+    let mut out = Mat::<f64>::zeros(r, cols);
+    matmul(
+        out.as_mut(),
+        Accum::Replace,
+        a.as_ref(),
+        h.as_ref(),
+        1.0,
+        Par::Seq,
+    );
+    out
+}
+
 /// `M · H` for row-major `M` (`rows × cols`); row-major result.
 pub fn times_h(m: &[f64], cols: usize, h: &Mat<f64>) -> Vec<f64> {
     let parts: Vec<Vec<f64>> = m
         .par_chunks(CHUNK * cols)
         .map(|c| {
             let r = c.len() / cols;
-            let a = Mat::<f64>::from_fn(r, cols, |i, j| c[i * cols + j]);
-            let mut out = Mat::<f64>::zeros(r, cols);
-            matmul(
-                out.as_mut(),
-                Accum::Replace,
-                a.as_ref(),
-                h.as_ref(),
-                1.0,
-                Par::Seq,
-            );
+            let out = chunk_times_h(c, cols, h);
             let mut v = vec![0f64; r * cols];
             for j in 0..cols {
                 for (i, x) in out.col_as_slice(j).iter().enumerate() {
@@ -71,16 +78,7 @@ pub fn quad_rows(
                 for (i, out) in m.chunks_mut(cols).enumerate() {
                     row(r0 + i, out);
                 }
-                let a = Mat::<f64>::from_fn(r, cols, |i, j| m[i * cols + j]);
-                let mut out = Mat::<f64>::zeros(r, cols);
-                matmul(
-                    out.as_mut(),
-                    Accum::Replace,
-                    a.as_ref(),
-                    h.as_ref(),
-                    1.0,
-                    Par::Seq,
-                );
+                let out = chunk_times_h(&m, cols, h);
                 for (i, mr) in m.chunks_mut(cols).enumerate() {
                     for (j, x) in mr.iter_mut().enumerate() {
                         *x *= out[(i, j)];
