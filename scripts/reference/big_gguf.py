@@ -15,7 +15,7 @@ import sys
 import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import random_gguf  # noqa: E402  (puts the llama.cpp build's gguf-py first on sys.path)
+# random_gguf puts the llama.cpp build's gguf-py first on sys.path.
 from random_gguf import DEFAULT_VOCAB, read_vocab  # noqa: E402
 import gguf  # noqa: E402
 import numpy as np  # noqa: E402

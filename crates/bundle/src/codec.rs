@@ -113,14 +113,17 @@ pub fn encode_codes(
 
 /// Float values as f16, part `data`.
 pub fn encode_f16(x: &[f32]) -> Encoded {
-    // Embedding tables are the largest tensors kept in f16: no second f32 copy of them.
-    let back = |v: &f32| half::f16::from_f32(*v).to_f32();
-    let bytes: Vec<u8> = x
-        .iter()
-        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-        .collect();
-    let mut error = layer_error_pairs(x.iter().map(|v| (*v, back(v))));
-    if x.iter().any(|v| !back(v).is_finite()) {
+    // One pass, with no second f32 copy: embedding tables are the largest tensors kept in f16.
+    let mut bytes = Vec::with_capacity(x.len() * 2);
+    let mut finite = true;
+    let mut error = layer_error_pairs(x.iter().map(|&v| {
+        let h = half::f16::from_f32(v);
+        bytes.extend_from_slice(&h.to_le_bytes());
+        let back = h.to_f32();
+        finite &= back.is_finite();
+        (v, back)
+    }));
+    if !finite {
         error.rel_mse = f64::INFINITY;
     }
     Encoded {
