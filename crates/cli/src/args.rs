@@ -61,6 +61,19 @@ pub enum ExportTo {
 pub enum Cmd {
     /// Quantize a model into a verified bundle folder (or, with --format gguf, one GGUF file).
     Quantize(QuantizeArgs),
+    /// Join the parts of one run (`quantize --blocks A..B` jobs) into the bundle (or GGUF, as
+    /// the run's settings say) that one uninterrupted run writes, verified.
+    Merge {
+        /// Part folders, in any order; together they must cover every block once.
+        #[arg(required = true)]
+        parts: Vec<PathBuf>,
+        /// The bundle folder (or .gguf file) to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace --out if it exists and adaptq wrote it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a bundle as files another runtime loads: GGUF v3 (llama.cpp, Ollama, LM Studio) or a
     /// Hugging Face GPTQ checkpoint (transformers, vLLM).
     Export(ExportArgs),

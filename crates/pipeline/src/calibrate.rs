@@ -312,7 +312,7 @@ pub fn layer_seed(seed: u64, name: &str) -> u64 {
 }
 
 /// AWQ search result for one group of layers sharing an input.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct AwqGroup {
     pub layers: Vec<String>,
     pub alpha: f32,
@@ -332,6 +332,19 @@ pub struct Calibration {
     pub hessians: BTreeMap<String, Hessian>,
     /// The GGUF type mix chosen before calibrating, when one was asked for.
     pub mix: Option<crate::mix::MixPlan>,
+}
+
+impl Calibration {
+    /// Adds what a later block (or the tail) calibrated.
+    pub fn absorb(&mut self, other: Calibration) {
+        self.layers.extend(other.layers);
+        self.overrides.extend(other.overrides);
+        self.awq.extend(other.awq);
+        self.hessians.extend(other.hessians);
+        if other.mix.is_some() {
+            self.mix = other.mix;
+        }
+    }
 }
 
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
@@ -480,11 +493,37 @@ impl Blocks<'_> {
     }
 }
 
-/// Calibrates every linear layer of `m`, block by block. After a block is quantized its
-/// weights are replaced by their reconstructions (and its norms by their AWQ-folded values),
-/// and the calibration activations are pushed through the quantized block to become the next
-/// block's inputs. Held blocks stay in the model, quantized; streamed ones are dropped once
-/// calibrated. `progress(block, blocks)`.
+/// Which blocks a calibration pass covers, what it starts from and where it saves each block.
+pub struct Job<'a> {
+    /// Blocks `from..end` are calibrated.
+    pub from: usize,
+    pub end: usize,
+    /// The inputs of block `from`; `None`: embed the windows, then run the float blocks before
+    /// `from`.
+    pub xs: Option<Vec<Tensor>>,
+    /// What earlier blocks calibrated (a resumed run's), carried into the result.
+    pub done: Calibration,
+    /// Each block's outputs for the next block are the float block's, not the quantized one's.
+    pub fp_inputs: bool,
+    /// Saves each block's codes and the next block's inputs as soon as they exist.
+    pub save: Option<&'a mut crate::checkpoint::Checkpoint>,
+}
+
+impl Job<'_> {
+    /// Every block of an `n`-block model, from the embedded windows, saved nowhere.
+    pub fn whole(n: usize) -> Job<'static> {
+        Job {
+            from: 0,
+            end: n,
+            xs: None,
+            done: Calibration::default(),
+            fp_inputs: false,
+            save: None,
+        }
+    }
+}
+
+/// Calibrates every linear layer of `m`, block by block: [`calibrate_job`] over all blocks.
 pub fn calibrate_llama(
     m: &mut Llama,
     blocks: Blocks,
@@ -492,20 +531,54 @@ pub fn calibrate_llama(
     spec: &CalibSpec,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Calibration> {
-    let mut out = Calibration::default();
+    let n = blocks.count(m);
+    calibrate_job(m, blocks, windows, spec, Job::whole(n), progress)
+}
+
+/// Calibrates the linear layers of blocks `job.from..job.end`, in order. After a block is
+/// quantized its weights are replaced by their reconstructions (and its norms by their
+/// AWQ-folded values), and the calibration activations are pushed through the quantized block
+/// (the float one with `fp_inputs`) to become the next block's inputs. Held blocks stay in the
+/// model, quantized; streamed ones are dropped once calibrated. A pass that ends at the last
+/// block then calibrates a quantized embedding table or head. `progress(block, blocks)`.
+pub fn calibrate_job(
+    m: &mut Llama,
+    blocks: Blocks,
+    windows: &[Vec<u32>],
+    spec: &CalibSpec,
+    mut job: Job,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Calibration> {
+    let n = blocks.count(m);
+    if job.from > job.end || job.end > n {
+        bail!("blocks {}..{} are not within the model's {n}", job.from, job.end);
+    }
+    let mut out = std::mem::take(&mut job.done);
     if let Some(seed) = spec.rotate {
         m.rotate(seed)?;
     }
-    let mut xs: Vec<Tensor> = windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?;
+    // Float blocks run before the first calibrated one when its inputs must be computed.
+    let first = match job.xs {
+        Some(_) => job.from,
+        None => 0,
+    };
+    let mut xs: Vec<Tensor> = match job.xs.take() {
+        Some(xs) => xs,
+        None => windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?,
+    };
+    let last = job.end == n;
     // A streamed run reads the table again at the end, and only if it quantizes it.
-    let table_at_end = spec.widths.contains_key(&m.embed_name) || (m.tied() && spec.ggml.is_some());
+    let table_at_end =
+        last && (spec.widths.contains_key(&m.embed_name) || (m.tied() && spec.ggml.is_some()));
     if let Blocks::Stream(_) = blocks {
         m.unload_embedding();
     }
-    let n = blocks.count(m);
     let mut held = std::mem::take(&mut m.blocks).into_iter();
+    if let (Blocks::Held, false) = (blocks, first == 0 && job.end == n) {
+        bail!("a model held in memory is calibrated whole");
+    }
     let mut done = Vec::new();
-    for b in 0..n {
+    for b in first..job.end {
         let mut blk = match blocks {
             Blocks::Held => held
                 .next()
@@ -518,7 +591,19 @@ pub fn calibrate_llama(
                 blk
             }
         };
-        xs = calibrate_block(m, &mut blk, b, xs, spec, &mut out)?;
+        if b < job.from {
+            xs = xs
+                .iter()
+                .map(|x| m.block_with(&blk, b, x, 0, None, &mut None))
+                .collect::<Result<_>>()?;
+            continue;
+        }
+        let mut part = Calibration::default();
+        xs = calibrate_block(m, &mut blk, b, xs, spec, job.fp_inputs, &mut part)?;
+        if let Some(cp) = job.save.as_deref_mut() {
+            cp.save_block(b, &part, &xs)?;
+        }
+        out.absorb(part);
         if let Blocks::Held = blocks {
             done.push(blk);
         }
@@ -526,29 +611,48 @@ pub fn calibrate_llama(
         progress(b + 1, n);
     }
     m.blocks = done;
+    if !last {
+        return Ok(out);
+    }
     if let (Blocks::Stream(w), true) = (blocks, table_at_end) {
         m.load_embedding(w)?;
     }
+    let mut tail = Calibration::default();
     if let Some(&bits) = spec.widths.get(&m.embed_name) {
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
-        out.layers.insert(m.embed_name.clone(), c);
+        tail.layers.insert(m.embed_name.clone(), c);
     } else if let Some((name, c)) = calibrate_ggml_head(m, blocks, spec, &xs)? {
-        out.layers.insert(name, c);
+        tail.layers.insert(name, c);
     }
+    if let Some(cp) = job.save {
+        cp.save_tail(&tail)?;
+    }
+    out.absorb(tail);
     Ok(out)
 }
 
 /// Calibrates block `b`'s layers on its inputs `xs`, leaves their reconstructions in `blk` and
-/// returns the quantized block's outputs: the next block's inputs.
+/// returns the next block's inputs: the quantized block's outputs, or with `fp_inputs` the
+/// float block's.
 fn calibrate_block(
     m: &Llama,
     blk: &mut Block,
     b: usize,
     xs: Vec<Tensor>,
     spec: &CalibSpec,
+    fp_inputs: bool,
     out: &mut Calibration,
 ) -> Result<Vec<Tensor>> {
+    let forward = |blk: &Block, xs: &[Tensor]| -> Result<Vec<Tensor>> {
+        xs.iter()
+            .map(|x| m.block_with(blk, b, x, 0, None, &mut None))
+            .collect()
+    };
+    let fp_out = match fp_inputs {
+        true => Some(forward(blk, &xs)?),
+        false => None,
+    };
     let (mut hs, act) = collect_stats(m, blk, b, &xs)?;
     // AWQ changes the weights; without it a layer's own weight is the original.
     let originals: BTreeMap<String, Vec<f32>> = match spec.awq {
@@ -579,9 +683,10 @@ fn calibrate_block(
         out.layers.insert(lin.name.clone(), c);
     }
     drop(originals);
-    xs.iter()
-        .map(|x| m.block_with(blk, b, x, 0, None, &mut None))
-        .collect()
+    match fp_out {
+        Some(next) => Ok(next),
+        None => forward(blk, &xs),
+    }
 }
 
 /// AWQ's column scales (inputs) and row scales (outputs) of a block's layers, by name.
@@ -844,6 +949,7 @@ pub fn run(
     seq_len: usize,
     seed: u64,
     spec: &CalibSpec,
+    job: Option<&crate::checkpoint::JobPlan>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
     let w = adaptq_model::borrowed_source(src);
@@ -855,10 +961,33 @@ pub fn run(
     let (windows, info) = prepare(&tokenizer, desc.decoder.bos, calib, samples, seq_len, seed)?;
     drop(tokenizer);
     trim_heap();
+    let mut begin = job
+        .map(|j| j.begin(src, &info, desc.n_layers))
+        .transpose()?;
+    if let Some(b) = &mut begin {
+        if b.checkpoint.state.complete() {
+            return Ok((std::mem::take(&mut b.done), info));
+        }
+    }
+    let mut pass = |llama: &mut Llama, spec: &CalibSpec, progress: &mut dyn FnMut(usize, usize)| {
+        let blocks = Blocks::Stream(w.as_ref());
+        let Some(b) = begin.as_mut() else {
+            return calibrate_llama(llama, blocks, &windows, spec, progress);
+        };
+        let job = Job {
+            from: b.from,
+            end: b.end,
+            xs: b.xs.take(),
+            done: std::mem::take(&mut b.done),
+            fp_inputs: job.is_some_and(|j| j.fp_inputs),
+            save: Some(&mut b.checkpoint),
+        };
+        calibrate_job(llama, blocks, &windows, spec, job, progress)
+    };
     let mut llama = Llama::load_shell(&desc, w.as_ref())?;
     let blocks = Blocks::Stream(w.as_ref());
     let Some(target) = &spec.mix else {
-        let cal = calibrate_llama(&mut llama, blocks, &windows, spec, progress)?;
+        let cal = pass(&mut llama, spec, progress)?;
         return Ok((cal, info));
     };
     // The embedding and head join the mix only when they are quantized at all: a float table
@@ -897,9 +1026,7 @@ pub fn run(
         ..spec.clone()
     };
     let offset = done;
-    let mut out = calibrate_llama(&mut llama, blocks, &windows, &spec, &mut |d, t| {
-        progress(offset + d, offset + t)
-    })?;
+    let mut out = pass(&mut llama, &spec, &mut |d, t| progress(offset + d, offset + t))?;
     mix.like = target.like.clone();
     out.mix = Some(mix);
     Ok((out, info))

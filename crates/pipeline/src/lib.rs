@@ -5,6 +5,7 @@
 
 pub mod apq;
 pub mod calibrate;
+pub mod checkpoint;
 pub mod like;
 pub mod mix;
 pub mod options;
@@ -12,9 +13,9 @@ pub mod plan;
 pub mod quantize;
 
 pub use options::{
-    Bits, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset, QuantizeOptions,
+    Bits, CalibInputs, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset, QuantizeOptions,
 };
-pub use plan::{Outcome, Plan, PlanError, Progress};
+pub use plan::{Outcome, PartOutcome, Plan, PlanError, Progress};
 pub use quantize::{
     quantize_model, GptqSettings, Precomputed, QuantizeConfig, QuantizeSummary, Target,
 };

@@ -127,6 +127,19 @@ impl Preset {
     }
 }
 
+/// What each block is calibrated on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalibInputs {
+    Quantized,
+    Fp,
+}
+
+choice!(CalibInputs {
+    Quantized => "quantized", "Each block on the outputs of the blocks before it as quantized, so it can correct their error (GPTQ's own order). A block-range job then starts from the previous range's saved activations (--inputs-from).";
+    Fp => "fp", "Each block on the unquantized model's activations (llm-compressor's basic pipeline): block ranges are independent and run in parallel, each after a float forward pass up to its first block.";
+});
+
 /// Code widths: one (`4`) or, for APQ, a range (`3-4`). Written as a number or a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bits {
@@ -223,6 +236,8 @@ pub struct QuantizeOptions {
     pub output: OutputOptions,
     #[serde(flatten)]
     pub gates: GateOptions,
+    #[serde(flatten)]
+    pub job: JobOptions,
     /// Seed for every random choice; recorded in the manifest.
     pub seed: u64,
     pub model_id: Option<String>,
@@ -240,6 +255,19 @@ pub struct GridOptions {
     pub embeddings: EmbeddingMode,
     /// Fit each group's range by an (importance-weighted) MSE clipping search, not min/max.
     pub range_search: bool,
+}
+
+/// How a calibrated run is split and carried over crashes. None of these change the bytes of
+/// the bundle: a resumed run, or ranges merged, write what one uninterrupted run writes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobOptions {
+    /// Continue the run whose checkpoint is beside `out` (or in the part `out`).
+    pub resume: bool,
+    /// Calibrate only blocks `A..B` (half-open) and write a part for `adaptq merge`.
+    pub blocks: Option<String>,
+    /// The part that ends where this range starts (`calib_inputs: quantized` only).
+    pub inputs_from: Option<PathBuf>,
 }
 
 /// Changes to the weights around rounding.
@@ -261,6 +289,7 @@ pub struct CalibOptions {
     pub calib: Option<PathBuf>,
     pub calib_samples: usize,
     pub seq_len: usize,
+    pub calib_inputs: CalibInputs,
     #[serde(flatten)]
     pub gptq: GptqSettings,
 }
@@ -396,6 +425,7 @@ impl Default for QuantizeOptions {
             novaq: NovaqOptions::default(),
             output: OutputOptions::default(),
             gates: GateOptions::default(),
+            job: JobOptions::default(),
             seed: 0,
             model_id: None,
             force: false,
@@ -420,6 +450,7 @@ impl Default for CalibOptions {
             calib: None,
             calib_samples: 32,
             seq_len: 512,
+            calib_inputs: CalibInputs::Quantized,
             gptq: GptqSettings::default(),
         }
     }
@@ -583,14 +614,21 @@ impl QuantizeOptions {
     pub fn recorded(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("options serialize");
         let map = v.as_object_mut().expect("an object");
-        for key in ["src", "out", "force"] {
+        for key in ["src", "out", "force", "resume", "blocks", "inputs_from"] {
             map.remove(key);
         }
         // Settings added after bundles were first recorded appear only when set, so a bundle
         // made without them keeps its digest.
-        for key in ["range_search", "like", "mix_types", "hessian_shrink"] {
+        for key in [
+            "range_search",
+            "like",
+            "mix_types",
+            "hessian_shrink",
+            "calib_inputs",
+        ] {
             let unset = match map.get(key) {
                 Some(serde_json::Value::Bool(false) | serde_json::Value::Null) => true,
+                Some(serde_json::Value::String(s)) => key == "calib_inputs" && s == "quantized",
                 Some(serde_json::Value::Number(n)) => n.as_f64() == Some(0.0),
                 _ => false,
             };

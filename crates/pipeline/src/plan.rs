@@ -13,7 +13,7 @@ use crate::quantize::{
 use adaptq_bundle::output::{check_replaceable, Kind, Staged};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
 use adaptq_quant::Grid;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// Reports how far a run is. Stages follow each other; each counts its own units.
@@ -65,6 +65,14 @@ pub struct Plan {
     out: PathBuf,
     stage: Stage,
     config: QuantizeConfig,
+    /// The block range of a part job.
+    range: Option<std::ops::Range<usize>>,
+}
+
+/// What a block-range job wrote: a part for `adaptq merge`.
+pub struct PartOutcome {
+    pub dir: PathBuf,
+    pub state: crate::checkpoint::State,
 }
 
 /// What a run wrote.
@@ -251,6 +259,41 @@ fn check_budget(o: &QuantizeOptions, ggml: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuses job settings (resume, block ranges, float inputs) where they cannot apply.
+fn check_job(o: &QuantizeOptions, stage: &Stage) -> Result<Option<std::ops::Range<usize>>> {
+    let j = &o.job;
+    let fp = o.calibration.calib_inputs == crate::options::CalibInputs::Fp;
+    let asked = j.resume || j.blocks.is_some() || j.inputs_from.is_some() || fp;
+    let spec = match stage {
+        Stage::Calibrate { spec, .. } => spec,
+        _ if !asked => return Ok(None),
+        _ => bail!(
+            "resume, blocks, inputs_from and calib_inputs apply to the block-by-block \
+             calibration of methods gptq, awq, novaq (with calib) and calibrated rtn (rotate \
+             or a type mix); method {} {}",
+            o.method.name(),
+            match o.method {
+                Method::Apq => "re-runs the whole model while promoting layers",
+                _ => "does not calibrate here",
+            }
+        ),
+    };
+    let Some(r) = &j.blocks else {
+        if j.inputs_from.is_some() {
+            bail!("inputs_from names the part before a block range: give blocks too");
+        }
+        return Ok(None);
+    };
+    let range = crate::checkpoint::parse_range(r)?;
+    if spec.mix.is_some() {
+        bail!("a GGUF type mix is chosen over the whole model; it cannot be split into block ranges");
+    }
+    if o.output.format == OutputFormat::Gguf {
+        bail!("a block-range job writes a part for `adaptq merge`, not a GGUF: leave format at bundle");
+    }
+    Ok(Some(range))
+}
+
 /// The calibration stage of a method, or [`Stage::Direct`].
 fn stage(
     o: &QuantizeOptions,
@@ -376,6 +419,7 @@ impl Plan {
         check_budget(o, ggml.is_some())?;
         let novaq = novaq_settings(o)?;
         let stage = stage(o, grid, ggml, novaq.as_ref())?;
+        let range = check_job(o, &stage)?;
         let (bits, group_size) = match (o.method, &novaq) {
             // Ternary codes live on the 2-bit symmetric grid; record what is stored.
             (Method::Ternary, _) => (2, o.grid.group_size),
@@ -419,6 +463,7 @@ impl Plan {
             out,
             stage,
             config,
+            range,
         })
     }
 
@@ -439,6 +484,87 @@ impl Plan {
         self.run_on(opened.source.as_ref(), &opened.locator, progress)
     }
 
+    /// Whether this run is a block-range job ([`Plan::run_part`]).
+    pub fn is_part(&self) -> bool {
+        self.range.is_some()
+    }
+
+    /// A block-range job: calibrates its blocks into the part folder `out` (resuming it with
+    /// `resume`), for [`Plan::merge`].
+    pub fn run_part(&self, progress: &mut dyn Progress) -> Result<PartOutcome> {
+        let job = self
+            .job()
+            .filter(|_| self.range.is_some())
+            .context("not a block-range job: run it with Plan::run")?;
+        let opened = adaptq_remote::open(&self.src).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.calibrate(opened.source.as_ref(), Some(&job), progress)?;
+        let cp = crate::checkpoint::Checkpoint::open(&job.dir)?;
+        // The last range's outputs feed no later block.
+        if cp.state.end == cp.state.blocks {
+            cp.drop_acts()?;
+        }
+        Ok(PartOutcome {
+            dir: job.dir,
+            state: cp.state.clone(),
+        })
+    }
+
+    /// Joins the parts of one run (each from [`Plan::run_part`]) into the bundle (or GGUF)
+    /// at `out`: the bytes one uninterrupted run with the same settings writes.
+    pub fn merge(
+        parts: &[PathBuf],
+        out: &Path,
+        force: bool,
+        progress: &mut dyn Progress,
+    ) -> Result<Outcome> {
+        let parts = crate::checkpoint::open_parts(parts)?;
+        let first = &parts[0].state;
+        let mut options = first.options.clone();
+        options.out = Some(out.to_path_buf());
+        options.force = force;
+        options.job = Default::default();
+        let plan = Plan::new(options)?;
+        plan.check_output()?;
+        progress.stage("merge", "parts", parts.len());
+        let mut cal = crate::calibrate::Calibration::default();
+        for (i, p) in parts.iter().enumerate() {
+            cal.absorb(p.calibration()?);
+            progress.advance(i + 1, parts.len(), 0);
+        }
+        let info = first.calib.clone();
+        drop(parts);
+        let opened = adaptq_remote::open(&plan.src).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pre = StageOutput {
+            extra: crate::calibrate::verification_sections(&cal)?,
+            cal,
+            info,
+            gates: Vec::new(),
+        };
+        plan.write(opened.source.as_ref(), &opened.locator, Some(pre), progress)
+    }
+
+    /// How the calibrated stage saves its progress: into `OUT.checkpoint` beside the output,
+    /// or into the part folder of a range job. `None` for stages that do not stream blocks.
+    fn job(&self) -> Option<crate::checkpoint::JobPlan> {
+        let Stage::Calibrate { .. } = &self.stage else {
+            return None;
+        };
+        let o = &self.options;
+        Some(crate::checkpoint::JobPlan {
+            dir: match self.range {
+                Some(_) => self.out.clone(),
+                None => checkpoint_dir(&self.out),
+            },
+            range: self.range.clone(),
+            resume: o.job.resume,
+            force: o.force,
+            fp_inputs: o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
+            inputs_from: o.job.inputs_from.clone(),
+            options: o.clone(),
+            recorded: o.recorded(),
+        })
+    }
+
     /// What is at the output, checked before any work.
     fn check_output(&self) -> Result<()> {
         let kind = match self.options.output.format {
@@ -455,8 +581,28 @@ impl Plan {
         locator: &str,
         progress: &mut dyn Progress,
     ) -> Result<Outcome> {
-        let o = &self.options;
+        if self.range.is_some() {
+            bail!("a block-range job writes a part: run it with Plan::run_part");
+        }
         self.check_output()?;
+        let job = self.job();
+        let pre = self.calibrate(source, job.as_ref(), progress)?;
+        let outcome = self.write(source, locator, pre, progress)?;
+        if let Some(j) = job {
+            crate::checkpoint::Checkpoint::remove(&j.dir)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Writes the bundle from the calibrated stage's output `pre` (and exports the GGUF).
+    fn write(
+        &self,
+        source: &dyn adaptq_source::TensorSource,
+        locator: &str,
+        pre: Option<StageOutput>,
+        progress: &mut dyn Progress,
+    ) -> Result<Outcome> {
+        let o = &self.options;
         // A GGUF is built from a bundle in a scratch folder beside the file, dropped after.
         let scratch = match o.output.format {
             OutputFormat::Gguf => Some(Staged::scratch(&self.out)?),
@@ -466,7 +612,6 @@ impl Plan {
             Some(s) => (s.path().join("bundle"), false),
             None => (self.out.clone(), o.force),
         };
-        let pre = self.calibrate(source, progress)?;
         let mut config = self.config.clone();
         config.calibration = pre.as_ref().map(|p| p.info.config.clone());
         if let Some(mix) = pre.as_ref().and_then(|p| p.cal.mix.as_ref()) {
@@ -500,6 +645,7 @@ impl Plan {
     fn calibrate(
         &self,
         source: &dyn adaptq_source::TensorSource,
+        job: Option<&crate::checkpoint::JobPlan>,
         progress: &mut dyn Progress,
     ) -> Result<Option<StageOutput>> {
         let o = &self.options;
@@ -515,6 +661,7 @@ impl Plan {
                     o.calibration.seq_len,
                     o.seed,
                     spec,
+                    job,
                     &mut |d, t| progress.advance(d, t, 0),
                 )?;
                 let extra = crate::calibrate::verification_sections(&cal)?;
@@ -575,6 +722,13 @@ impl StageOutput {
             gates: self.gates.clone(),
         }
     }
+}
+
+/// Where a whole run keeps its checkpoint: `OUT.checkpoint` beside the output.
+pub fn checkpoint_dir(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".checkpoint");
+    PathBuf::from(name)
 }
 
 /// Gold prompts, one per line (blank lines skipped); the built-in set when no file is given.

@@ -50,7 +50,7 @@ pub enum QuantError {
 }
 
 /// A quantized matrix: bit-packed codes plus f16 per-group scales (and mins when asymmetric).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct QuantizedTensor {
     pub rows: usize,
     pub cols: usize,
@@ -131,7 +131,7 @@ impl QuantizedTensor {
 }
 
 /// A quantized layer in either of adaptq's code layouts.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum LayerCodes {
     /// adaptq's own per-group grid (any width 2–8, any group size).
     Int(QuantizedTensor),

@@ -177,7 +177,7 @@ pub fn plan(rows: usize, cols: usize, cfg: &NovaqConfig) -> Result<Plan, QuantEr
 }
 
 /// A NOVAQ-coded tensor: see [`adaptq_loader::codebook`] for the decoding rule.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CodebookTensor {
     pub rows: usize,
     pub cols: usize,
@@ -188,7 +188,7 @@ pub struct CodebookTensor {
     pub col_scale: Vec<f16>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stage {
     pub bits: u8,
     /// `2^bits × dim` centroids, row-major.
@@ -246,7 +246,7 @@ impl CodebookTensor {
 }
 
 /// What a NOVAQ run measured for one layer.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NovaqReport {
     pub plan: Plan,
     pub bits_per_weight: f64,

@@ -6,6 +6,7 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;
+pub mod merge;
 pub mod quantize;
 pub mod report;
 pub mod spot_check;
@@ -22,6 +23,7 @@ pub fn run(cmd: &Cmd) -> Result<ExitCode> {
     let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     match cmd {
         Cmd::Quantize(a) => quantize::run(a),
+        Cmd::Merge { parts, out, force } => merge::run(parts, out, *force),
         Cmd::Export(a) => export::run(a),
         Cmd::TensorHashes { path, hf } => done(tensor_hashes::run(path, *hf)),
         Cmd::Report { dir, format, out } => done(report::run(dir, *format, out.as_deref())),

@@ -67,6 +67,22 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     }
     let plan = Plan::new(options)?;
     let start = std::time::Instant::now();
+    if plan.is_part() {
+        let mut bars = crate::progress::Bars::new(adaptq_remote::is_remote(plan.source()));
+        let part = plan.run_part(&mut bars)?;
+        drop(bars);
+        let s = &part.state;
+        println!(
+            "wrote part {} (blocks {}..{} of {}) in {:.1}s",
+            part.dir.display(),
+            s.start,
+            s.end,
+            s.blocks,
+            start.elapsed().as_secs_f64()
+        );
+        println!("  join the parts with: adaptq merge PART... --out BUNDLE");
+        return Ok(ExitCode::SUCCESS);
+    }
     let outcome = {
         let mut bars = crate::progress::Bars::new(adaptq_remote::is_remote(plan.source()));
         plan.run(&mut bars).map_err(|e| {
@@ -84,6 +100,16 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
             }
         })?
     };
+    print_outcome(&outcome, start);
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+/// What a written bundle holds and whether its gates passed.
+pub fn print_outcome(outcome: &adaptq_pipeline::Outcome, start: std::time::Instant) {
     let s = &outcome.summary;
     let t = &s.verification.totals;
     println!(
@@ -111,9 +137,4 @@ pub fn run(args: &QuantizeArgs) -> Result<ExitCode> {
     if let Some(g) = &outcome.gguf {
         crate::commands::export::print_gguf(&outcome.out, g);
     }
-    Ok(if outcome.passed() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
 }

@@ -1,7 +1,7 @@
 //! The table of `adaptq quantize`'s flags: each row is a `QuantizeOptions` key, how its value is
 //! read, and its help, under a `--help` heading. One file per group of headings keeps each short.
 
-use adaptq_pipeline::{Choice, EmbeddingMode, Method};
+use adaptq_pipeline::{CalibInputs, Choice, EmbeddingMode, Method};
 use clap::builder::PossibleValue;
 
 /// How a flag's value is read.
@@ -39,6 +39,7 @@ mod output;
 pub const SECTIONS: &[Section] = &[
     METHOD,
     CALIBRATION,
+    JOBS,
     mixes::APQ,
     mixes::NOVAQ,
     output::OUTPUT,
@@ -162,6 +163,40 @@ pub const CALIBRATION: Section = (
              1536 = 512·3). Needs --calib (layers are calibrated in the rotated space). Such \
              bundles cannot be exported to GGUF / GPTQ (those runtimes do not rotate \
              online).",
+        ),
+    ],
+);
+
+pub const JOBS: Section = (
+    "Jobs: resume and block ranges",
+    &[
+        (
+            "calib_inputs",
+            Choice(names::<CalibInputs>),
+            "What each block is calibrated on. Recorded in the manifest (it changes the codes).",
+        ),
+        (
+            "resume",
+            Switch,
+            "Continue an interrupted calibrated run. A run saves each block's codes and the \
+             next block's inputs in OUT.checkpoint/ (a range job: in its part folder) as it \
+             goes, and removes it once the bundle is written; --resume picks up after the last \
+             saved block and writes the bundle an uninterrupted run writes, byte for byte. \
+             Without a checkpoint it starts from the beginning.",
+        ),
+        (
+            "blocks",
+            Text,
+            "Calibrate only blocks A..B (half-open: 0..15 is blocks 0 to 14) and write the \
+             part folder --out, to be joined by `adaptq merge PART... --out BUNDLE`. Ranges \
+             can run on other machines: see examples/slurm-array.sh and \
+             examples/k8s-indexed-job.yaml.",
+        ),
+        (
+            "inputs_from",
+            Path,
+            "With --blocks A..B and calib_inputs quantized: the part that ends at block A, \
+             whose saved activations are this range's inputs.",
         ),
     ],
 );

@@ -1,0 +1,737 @@
+//! A calibrated run's durable state, block by block: the codes of every block calibrated so far
+//! and the activations entering the next one. A run keeps it beside its output
+//! (`OUT.checkpoint/`) so `--resume` continues after a crash; a block-range job (`--blocks
+//! A..B`) writes the same folder as its result, a *part*, and `adaptq merge` joins parts into
+//! the bundle one run would have written.
+//!
+//! Folder layout: `state.json` (what run this is and how far it got), `block-NNNNN.bin` (one
+//! block's calibrated layers, folded norms and AWQ search, postcard-encoded), `tail.bin` (the
+//! embedding or head calibrated after the last block), `acts.bin` (the inputs of block
+//! `done`: a small header, then little-endian f32). Each file is written under a temporary
+//! name, synced and renamed; `state.json` is rewritten last, so what it says is on disk.
+
+use crate::calibrate::{AwqGroup, CalibInfo, CalibratedLayer, Calibration};
+use crate::options::QuantizeOptions;
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// The `format` of every state file this version writes and reads.
+const FORMAT: &str = "adaptq-calibration-part/1";
+pub const STATE: &str = "state.json";
+const ACTS: &str = "acts.bin";
+const TAIL: &str = "tail.bin";
+const LOCK: &str = "lock";
+const ACTS_MAGIC: &[u8; 8] = b"AQACTS1\0";
+/// Largest state.json read.
+const STATE_LIMIT: u64 = 16 << 20;
+
+/// What run a folder belongs to and how far it got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub format: String,
+    /// Equal for every job of one run and different for any other: the options that decide
+    /// the bundle's bytes, the calibration windows, the source's tensors, adaptq's version.
+    pub fingerprint: String,
+    /// The run's options (local paths made absolute, so `merge` runs from anywhere).
+    pub options: QuantizeOptions,
+    pub calib: CalibInfo,
+    /// Blocks in the model.
+    pub blocks: usize,
+    /// The blocks this folder is for.
+    pub start: usize,
+    pub end: usize,
+    /// Blocks `start..done` are saved, and `acts.bin` holds block `done`'s inputs.
+    pub done: usize,
+    /// The embedding or head, calibrated after the last block, is saved (`end == blocks`).
+    pub tail_done: bool,
+}
+
+impl State {
+    /// Every block of the range and, for the last range, the tail are saved.
+    pub fn complete(&self) -> bool {
+        self.done == self.end && (self.end < self.blocks || self.tail_done)
+    }
+}
+
+/// One calibrated layer as saved: [`CalibratedLayer`] with its method by name.
+#[derive(Serialize, Deserialize)]
+struct LayerRecord {
+    q: adaptq_quant::LayerCodes,
+    method: String,
+    col_scale: Option<Vec<f32>>,
+    row_scale: Option<Vec<f32>>,
+    output_rel_error: f64,
+    rtn_output_rel_error: f64,
+    scaled_weight: Option<Vec<f32>>,
+    refit_error_reduction: Option<f64>,
+    novaq: Option<adaptq_quant::novaq::NovaqReport>,
+    reference_weight: Option<Vec<f32>>,
+}
+
+/// What one block (or the tail) added to the calibration.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    layers: Vec<(String, LayerRecord)>,
+    overrides: Vec<(String, Vec<f32>)>,
+    awq: Vec<AwqGroup>,
+}
+
+/// Methods a calibrated layer can name; a saved name maps back onto one of these.
+const METHODS: &[&str] = &[
+    "rtn",
+    "gptq",
+    "awq+rtn",
+    "awq+gptq",
+    "novaq",
+    "awq+novaq",
+];
+
+impl Record {
+    fn of(cal: &Calibration) -> Result<Record> {
+        if !cal.hessians.is_empty() || cal.mix.is_some() {
+            bail!("a checkpoint holds codes, not Hessians or a type mix");
+        }
+        let layers = cal
+            .layers
+            .iter()
+            .map(|(n, c)| {
+                let r = LayerRecord {
+                    q: c.q.clone(),
+                    method: c.method.to_string(),
+                    col_scale: c.col_scale.clone(),
+                    row_scale: c.row_scale.clone(),
+                    output_rel_error: c.output_rel_error,
+                    rtn_output_rel_error: c.rtn_output_rel_error,
+                    scaled_weight: c.scaled_weight.clone(),
+                    refit_error_reduction: c.refit_error_reduction,
+                    novaq: c.novaq,
+                    reference_weight: c.reference_weight.clone(),
+                };
+                (n.clone(), r)
+            })
+            .collect();
+        Ok(Record {
+            layers,
+            overrides: cal
+                .overrides
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            awq: cal.awq.clone(),
+        })
+    }
+
+    fn into_calibration(self) -> Result<Calibration> {
+        let mut cal = Calibration::default();
+        for (name, r) in self.layers {
+            let method = METHODS
+                .iter()
+                .copied()
+                .find(|m| *m == r.method)
+                .with_context(|| format!("layer '{name}': unknown method '{}'", r.method))?;
+            let c = CalibratedLayer {
+                q: r.q,
+                method,
+                col_scale: r.col_scale,
+                row_scale: r.row_scale,
+                output_rel_error: r.output_rel_error,
+                rtn_output_rel_error: r.rtn_output_rel_error,
+                scaled_weight: r.scaled_weight,
+                refit_error_reduction: r.refit_error_reduction,
+                novaq: r.novaq,
+                reference_weight: r.reference_weight,
+            };
+            cal.layers.insert(name, c);
+        }
+        cal.overrides = self.overrides.into_iter().collect();
+        cal.awq = self.awq;
+        Ok(cal)
+    }
+}
+
+/// The fingerprint of a run: `recorded` options (those that decide the bytes), the calibration
+/// windows and the source's tensor list.
+pub fn fingerprint(
+    recorded: &serde_json::Value,
+    calib: &CalibInfo,
+    src: &dyn adaptq_source::TensorSource,
+) -> Result<String> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(FORMAT.as_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(serde_json::to_vec(recorded)?);
+    h.update(serde_json::to_vec(calib)?);
+    for t in src.tensors() {
+        let line = format!("{}|{:?}|{}|{}\n", t.name, t.shape, t.dtype.name(), t.byte_len);
+        h.update(line.as_bytes());
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A checkpoint or part folder, locked by this process while it is open.
+pub struct Checkpoint {
+    dir: PathBuf,
+    pub state: State,
+    _lock: std::fs::File,
+}
+
+fn block_file(b: usize) -> String {
+    format!("block-{b:05}.bin")
+}
+
+/// Whether `name` is a file a checkpoint folder holds.
+fn ours(name: &str) -> bool {
+    let block = name
+        .strip_prefix("block-")
+        .and_then(|r| r.strip_suffix(".bin"))
+        .is_some_and(|d| d.len() == 5 && d.bytes().all(|c| c.is_ascii_digit()));
+    block || [STATE, ACTS, TAIL, LOCK].contains(&name) || name.ends_with(".tmp")
+}
+
+/// Writes `bytes` to `dir/name` durably: a temporary file, synced, renamed over the name.
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    write_with(dir, name, &mut |w| Ok(w.write_all(bytes)?))
+}
+
+fn write_with(
+    dir: &Path,
+    name: &str,
+    fill: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    fill(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
+    let f = w.into_inner().map_err(|e| e.into_error())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    // The rename is durable once the folder is.
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Checkpoint {
+    /// Creates the folder `dir` (which must not exist) for `state`.
+    pub fn create(dir: &Path, state: State) -> Result<Checkpoint> {
+        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let lock = Self::lock(dir)?;
+        let cp = Checkpoint {
+            dir: dir.to_path_buf(),
+            state,
+            _lock: lock,
+        };
+        cp.write_state()?;
+        Ok(cp)
+    }
+
+    /// Opens the checkpoint or part at `dir`.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let lock = Self::lock(dir)?;
+        let bytes = adaptq_source::blob::read_small(&dir.join(STATE), STATE_LIMIT)
+            .with_context(|| format!("{} is not a calibration checkpoint or part", dir.display()))?;
+        let state: State = serde_json::from_slice(&bytes)
+            .with_context(|| format!("reading {}", dir.join(STATE).display()))?;
+        if state.format != FORMAT {
+            bail!(
+                "{}: written by another version of adaptq ({}, this one reads {FORMAT})",
+                dir.display(),
+                state.format
+            );
+        }
+        if !(state.start <= state.done && state.done <= state.end && state.end <= state.blocks) {
+            bail!(
+                "{}: inconsistent block counts in {STATE}",
+                dir.display()
+            );
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            state,
+            _lock: lock,
+        })
+    }
+
+    /// Whether `dir` holds a checkpoint folder (its state file), whatever state it is in.
+    pub fn is_checkpoint(dir: &Path) -> bool {
+        dir.join(STATE).is_file()
+    }
+
+    /// Removes a checkpoint folder adaptq wrote: refused when it holds anything else.
+    pub fn remove(dir: &Path) -> Result<()> {
+        if !Self::is_checkpoint(dir) {
+            bail!("{} is not a calibration checkpoint; left alone", dir.display());
+        }
+        for e in std::fs::read_dir(dir)? {
+            let name = e?.file_name();
+            let name = name.to_string_lossy();
+            if !ours(&name) {
+                bail!(
+                    "{} holds '{name}', which adaptq did not write there; left alone",
+                    dir.display()
+                );
+            }
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+    }
+
+    /// Takes the folder's lock, so two runs never write one checkpoint.
+    fn lock(dir: &Path) -> Result<std::fs::File> {
+        let path = dir.join(LOCK);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.try_lock()
+            .map_err(|_| anyhow::anyhow!("{} is in use by another adaptq run", dir.display()))?;
+        Ok(f)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn write_state(&self) -> Result<()> {
+        write_file(&self.dir, STATE, &serde_json::to_vec_pretty(&self.state)?)
+    }
+
+    /// Saves block `b`'s calibration and the next block's inputs `xs`.
+    pub fn save_block(&mut self, b: usize, cal: &Calibration, xs: &[Tensor]) -> Result<()> {
+        if b != self.state.done || b >= self.state.end {
+            bail!("block {b} saved out of order (next is {})", self.state.done);
+        }
+        let bytes = postcard::to_stdvec(&Record::of(cal)?)?;
+        write_file(&self.dir, &block_file(b), &bytes)?;
+        write_acts(&self.dir, b + 1, xs)?;
+        self.state.done = b + 1;
+        self.write_state()
+    }
+
+    /// Saves the embedding or head calibrated after the last block.
+    pub fn save_tail(&mut self, cal: &Calibration) -> Result<()> {
+        write_file(&self.dir, TAIL, &postcard::to_stdvec(&Record::of(cal)?)?)?;
+        self.state.tail_done = true;
+        self.write_state()
+    }
+
+    /// The calibration saved so far: blocks `start..done`, then the tail.
+    pub fn calibration(&self) -> Result<Calibration> {
+        let mut cal = Calibration::default();
+        let mut names: Vec<String> = (self.state.start..self.state.done).map(block_file).collect();
+        if self.state.tail_done {
+            names.push(TAIL.into());
+        }
+        for name in names {
+            let path = self.dir.join(&name);
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let rec: Record = postcard::from_bytes(&bytes)
+                .with_context(|| format!("{} is damaged", path.display()))?;
+            cal.absorb(rec.into_calibration()?);
+        }
+        Ok(cal)
+    }
+
+    /// The inputs of block `done`.
+    pub fn acts(&self) -> Result<Vec<Tensor>> {
+        read_acts(&self.dir.join(ACTS), self.state.done)
+    }
+
+    /// Drops the saved activations (the last range's: no block reads them).
+    pub fn drop_acts(&self) -> Result<()> {
+        match std::fs::remove_file(self.dir.join(ACTS)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes `xs` (block `b`'s inputs) as `acts.bin`.
+fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<()> {
+    write_with(dir, ACTS, &mut |w| {
+        w.write_all(ACTS_MAGIC)?;
+        w.write_all(&(b as u64).to_le_bytes())?;
+        w.write_all(&(xs.len() as u64).to_le_bytes())?;
+        for x in xs {
+            let dims = x.dims();
+            w.write_all(&(dims.len() as u64).to_le_bytes())?;
+            for &d in dims {
+                w.write_all(&(d as u64).to_le_bytes())?;
+            }
+            let v = x.flatten_all()?.to_vec1::<f32>()?;
+            w.write_all(bytemuck::cast_slice(&v))?;
+        }
+        Ok(())
+    })
+}
+
+/// Reads `acts.bin`, checking it holds block `b`'s inputs and that every size fits the file.
+fn read_acts(path: &Path, b: usize) -> Result<Vec<Tensor>> {
+    let named = || format!("{}", path.display());
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", named()))?;
+    let mut left = f.metadata()?.len();
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let u64_at = |r: &mut std::io::BufReader<std::fs::File>, left: &mut u64| -> Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)
+            .with_context(|| format!("{} is cut short", named()))?;
+        *left = left.saturating_sub(8);
+        Ok(u64::from_le_bytes(b))
+    };
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)
+        .with_context(|| format!("{} is cut short", named()))?;
+    left = left.saturating_sub(8);
+    if &magic != ACTS_MAGIC {
+        bail!("{} is not an activations file", named());
+    }
+    let block = u64_at(&mut r, &mut left)?;
+    if block != b as u64 {
+        bail!("{} holds block {block}'s inputs, not block {b}'s", named());
+    }
+    let n = u64_at(&mut r, &mut left)?;
+    let mut xs = Vec::new();
+    for _ in 0..n {
+        let nd = u64_at(&mut r, &mut left)?;
+        if nd == 0 || nd > 4 {
+            bail!("{}: a tensor of {nd} dimensions", named());
+        }
+        let mut dims = Vec::new();
+        let mut numel: u64 = 1;
+        for _ in 0..nd {
+            let d = u64_at(&mut r, &mut left)?;
+            numel = numel
+                .checked_mul(d)
+                .with_context(|| format!("{}: tensor size overflows", named()))?;
+            dims.push(usize::try_from(d)?);
+        }
+        let bytes = numel
+            .checked_mul(4)
+            .filter(|&b| b <= left)
+            .with_context(|| format!("{}: a tensor larger than the file", named()))?;
+        let mut v = vec![0f32; usize::try_from(numel)?];
+        r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
+        left -= bytes;
+        xs.push(Tensor::from_vec(v, dims, &Device::Cpu)?);
+    }
+    if left != 0 {
+        bail!("{} has {left} bytes after its last tensor", named());
+    }
+    Ok(xs)
+}
+
+/// How a calibrated run saves its progress and where it starts.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    /// The checkpoint folder: `OUT.checkpoint` for a whole run, the part itself for a range.
+    pub dir: PathBuf,
+    /// A block-range job: the folder is its result and stays.
+    pub range: Option<Range<usize>>,
+    pub resume: bool,
+    pub force: bool,
+    /// Each block calibrated on the float model's activations.
+    pub fp_inputs: bool,
+    /// The part ending where this range starts.
+    pub inputs_from: Option<PathBuf>,
+    /// Saved whole in the state, so `merge` can rebuild the run.
+    pub options: QuantizeOptions,
+    /// The options that decide the bytes ([`QuantizeOptions::recorded`]).
+    pub recorded: serde_json::Value,
+}
+
+/// Where a calibrated pass picks up.
+pub struct Begin {
+    pub checkpoint: Checkpoint,
+    /// Saved calibration of the blocks before `from`.
+    pub done: Calibration,
+    /// Inputs of block `from`, when saved ones are used; `None`: embed the windows (and, for
+    /// a float-input range after block 0, run the float blocks before it).
+    pub xs: Option<Vec<Tensor>>,
+    pub from: usize,
+    pub end: usize,
+}
+
+impl JobPlan {
+    /// Opens or creates the checkpoint for a run over `blocks` blocks with windows `calib`.
+    pub fn begin(
+        &self,
+        src: &dyn adaptq_source::TensorSource,
+        calib: &CalibInfo,
+        blocks: usize,
+    ) -> Result<Begin> {
+        let fp = fingerprint(&self.recorded, calib, src)?;
+        let range = self.range.clone().unwrap_or(0..blocks);
+        if range.start >= range.end || range.end > blocks {
+            bail!(
+                "block range {}..{} is not within the model's {blocks} blocks",
+                range.start,
+                range.end
+            );
+        }
+        if std::fs::symlink_metadata(&self.dir).is_ok() {
+            if !Checkpoint::is_checkpoint(&self.dir) {
+                bail!(
+                    "{} exists and is not a calibration checkpoint adaptq wrote; move it away",
+                    self.dir.display()
+                );
+            }
+            if self.resume {
+                let cp = Checkpoint::open(&self.dir)?;
+                let s = &cp.state;
+                if s.fingerprint != fp {
+                    bail!(
+                        "the checkpoint at {} is of another run (other settings, calibration \
+                         text or model): run without --resume and with --force to start over",
+                        self.dir.display()
+                    );
+                }
+                if s.start != range.start || s.end != range.end {
+                    bail!(
+                        "the checkpoint at {} is for blocks {}..{}, not {}..{}",
+                        self.dir.display(),
+                        s.start,
+                        s.end,
+                        range.start,
+                        range.end
+                    );
+                }
+                if s.done > s.start {
+                    let xs = if s.done < s.end || !s.tail_done && s.end == blocks {
+                        Some(cp.acts()?)
+                    } else {
+                        None
+                    };
+                    return Ok(Begin {
+                        done: cp.calibration()?,
+                        xs,
+                        from: s.done,
+                        end: s.end,
+                        checkpoint: cp,
+                    });
+                }
+                drop(cp);
+            } else if !self.force {
+                bail!(
+                    "a checkpoint of an earlier run is at {}: add --resume to continue it, or \
+                     --force to start over",
+                    self.dir.display()
+                );
+            }
+            Checkpoint::remove(&self.dir)?;
+        }
+        let xs = match (&self.inputs_from, range.start, self.fp_inputs) {
+            (_, 0, _) | (None, _, true) => None,
+            (Some(_), _, true) => {
+                bail!("--inputs-from is for calib_inputs quantized; fp ranges start on their own")
+            }
+            (None, a, false) => bail!(
+                "blocks {a}..{}: a range after block 0 is calibrated on the quantized outputs \
+                 of the blocks before it: give the part that ends at block {a} \
+                 (--inputs-from), or use --calib-inputs fp",
+                range.end
+            ),
+            (Some(p), a, false) => {
+                let prev = Checkpoint::open(p)?;
+                let s = &prev.state;
+                if s.fingerprint != fp {
+                    bail!("{} is a part of another run", p.display());
+                }
+                if s.end != a || !s.complete() {
+                    bail!(
+                        "{} holds blocks {}..{} ({} done); this range starts at block {a}",
+                        p.display(),
+                        s.start,
+                        s.end,
+                        s.done
+                    );
+                }
+                Some(prev.acts()?)
+            }
+        };
+        let mut options = self.options.clone();
+        absolute_paths(&mut options)?;
+        let state = State {
+            format: FORMAT.into(),
+            fingerprint: fp,
+            options,
+            calib: calib.clone(),
+            blocks,
+            start: range.start,
+            end: range.end,
+            done: range.start,
+            tail_done: false,
+        };
+        Ok(Begin {
+            checkpoint: Checkpoint::create(&self.dir, state)?,
+            done: Calibration::default(),
+            xs,
+            from: range.start,
+            end: range.end,
+        })
+    }
+}
+
+/// Makes the local paths in `o` absolute, so a merge elsewhere finds the same files.
+fn absolute_paths(o: &mut QuantizeOptions) -> Result<()> {
+    if let Some(src) = &o.src {
+        if !src.contains("://") {
+            o.src = Some(std::path::absolute(src)?.to_string_lossy().into_owned());
+        }
+    }
+    if let Some(c) = &o.calibration.calib {
+        o.calibration.calib = Some(std::path::absolute(c)?);
+    }
+    Ok(())
+}
+
+/// The parts of one run, checked to cover every block once and in order.
+pub fn open_parts(dirs: &[PathBuf]) -> Result<Vec<Checkpoint>> {
+    let mut parts = dirs
+        .iter()
+        .map(|d| Checkpoint::open(d))
+        .collect::<Result<Vec<_>>>()?;
+    parts.sort_by_key(|p| p.state.start);
+    let Some(first) = parts.first() else {
+        bail!("no parts to merge");
+    };
+    let (fp, blocks) = (first.state.fingerprint.clone(), first.state.blocks);
+    let mut next = 0;
+    for p in &parts {
+        let s = &p.state;
+        if s.fingerprint != fp {
+            bail!(
+                "{} is a part of another run than {}",
+                p.dir.display(),
+                first.dir.display()
+            );
+        }
+        if !s.complete() {
+            bail!(
+                "{} is unfinished (blocks {}..{}, {} done): resume it first",
+                p.dir.display(),
+                s.start,
+                s.end,
+                s.done
+            );
+        }
+        if s.start != next {
+            bail!(
+                "the parts do not cover blocks {next}..{} (the next part starts at block {})",
+                s.start.max(next),
+                s.start
+            );
+        }
+        next = s.end;
+    }
+    if next != blocks {
+        bail!("the parts end at block {next}; the model has {blocks}");
+    }
+    Ok(parts)
+}
+
+/// Parses a block range `A..B` (half-open).
+pub fn parse_range(s: &str) -> Result<Range<usize>> {
+    let bad = || format!("block range '{s}': write A..B, e.g. 0..15 (block A up to, not including, B)");
+    let (a, b) = s.split_once("..").with_context(bad)?;
+    let a: usize = a.trim().parse().ok().with_context(bad)?;
+    let b: usize = b.trim().parse().ok().with_context(bad)?;
+    if a >= b {
+        bail!("block range '{s}' is empty");
+    }
+    Ok(a..b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_half_open() {
+        assert_eq!(parse_range("0..15").unwrap(), 0..15);
+        assert_eq!(parse_range(" 3 .. 4").unwrap(), 3..4);
+        for bad in ["3..3", "4..2", "1-2", "a..b", ".."] {
+            assert!(parse_range(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn activations_read_back_and_damage_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let xs = vec![
+            Tensor::from_vec((0..12).map(|i| i as f32 * 0.5).collect::<Vec<_>>(), (3, 4), &Device::Cpu)
+                .unwrap(),
+            Tensor::from_vec(vec![f32::NAN, -1.0], (1, 2), &Device::Cpu).unwrap(),
+        ];
+        write_acts(d.path(), 7, &xs).unwrap();
+        let back = read_acts(&d.path().join(ACTS), 7).unwrap();
+        assert_eq!(back.len(), 2);
+        for (a, b) in xs.iter().zip(&back) {
+            assert_eq!(a.dims(), b.dims());
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+        assert!(read_acts(&d.path().join(ACTS), 6).is_err(), "another block's inputs");
+        let p = d.path().join(ACTS);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_acts(&p, 7).is_err(), "cut short");
+        let mut huge = bytes.clone();
+        // The first tensor's row count, after magic, block, count and its rank.
+        huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&p, &huge).unwrap();
+        assert!(read_acts(&p, 7).is_err(), "a size beyond the file");
+    }
+
+    #[test]
+    fn records_keep_every_field() {
+        let q = adaptq_quant::rtn::quantize_rtn(
+            &(0..64).map(|i| (i as f32).sin()).collect::<Vec<_>>(),
+            4,
+            16,
+            &adaptq_quant::RtnConfig {
+                bits: 3,
+                group_size: 8,
+                grid: adaptq_quant::Grid::Asymmetric,
+            },
+        )
+        .unwrap();
+        let mut cal = Calibration::default();
+        cal.layers.insert(
+            "blk.0.attn_q.weight".into(),
+            CalibratedLayer {
+                q: adaptq_quant::LayerCodes::Int(q),
+                method: "awq+gptq",
+                col_scale: Some(vec![1.5; 16]),
+                row_scale: None,
+                output_rel_error: 0.25,
+                rtn_output_rel_error: f64::NAN,
+                scaled_weight: None,
+                refit_error_reduction: Some(0.1),
+                novaq: None,
+                reference_weight: Some(vec![2.0; 64]),
+            },
+        );
+        cal.overrides.insert("blk.0.attn_norm.weight".into(), vec![0.5; 16]);
+        let bytes = postcard::to_stdvec(&Record::of(&cal).unwrap()).unwrap();
+        let back: Record = postcard::from_bytes(&bytes).unwrap();
+        let back = back.into_calibration().unwrap();
+        let (a, b) = (&cal.layers["blk.0.attn_q.weight"], &back.layers["blk.0.attn_q.weight"]);
+        assert_eq!(a.q, b.q);
+        assert_eq!(a.method, b.method);
+        assert_eq!(a.col_scale, b.col_scale);
+        assert_eq!(a.reference_weight, b.reference_weight);
+        assert_eq!(a.refit_error_reduction, b.refit_error_reduction);
+        assert!(b.rtn_output_rel_error.is_nan());
+        assert_eq!(cal.overrides, back.overrides);
+        assert!(postcard::from_bytes::<Record>(&bytes[..bytes.len() / 2]).is_err());
+    }
+}
