@@ -614,21 +614,21 @@ impl QuantizeOptions {
     pub fn recorded(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).expect("options serialize");
         let map = v.as_object_mut().expect("an object");
-        for key in ["src", "out", "force", "resume", "blocks", "inputs_from"] {
+        // Keys added later are taken out first, keeping the others' order (the manifest's
+        // bytes, and so its digest, follow it); `remove` below moves the last key into the gap,
+        // as it did when bundles were first recorded.
+        let calib_inputs = map.shift_remove("calib_inputs");
+        for key in ["resume", "blocks", "inputs_from"] {
+            map.shift_remove(key);
+        }
+        for key in ["src", "out", "force"] {
             map.remove(key);
         }
         // Settings added after bundles were first recorded appear only when set, so a bundle
         // made without them keeps its digest.
-        for key in [
-            "range_search",
-            "like",
-            "mix_types",
-            "hessian_shrink",
-            "calib_inputs",
-        ] {
+        for key in ["range_search", "like", "mix_types", "hessian_shrink"] {
             let unset = match map.get(key) {
                 Some(serde_json::Value::Bool(false) | serde_json::Value::Null) => true,
-                Some(serde_json::Value::String(s)) => key == "calib_inputs" && s == "quantized",
                 Some(serde_json::Value::Number(n)) => n.as_f64() == Some(0.0),
                 _ => false,
             };
@@ -639,6 +639,9 @@ impl QuantizeOptions {
         // Only GPTQ reads the shrinkage: other methods' bundles do not depend on it.
         if !self.method.runs_gptq() {
             map.remove("hessian_shrink");
+        }
+        if let Some(c) = calib_inputs.filter(|c| c != "quantized") {
+            map.insert("calib_inputs".into(), c);
         }
         for key in ["calib", "gold_prompts"] {
             if let Some(serde_json::Value::String(p)) = map.get(key) {

@@ -8,7 +8,7 @@
 //! inverse come from faer.
 
 use crate::ggml::{self, BlockHead, BlockType};
-use crate::rtn::{code_of, value_of, Fit, RtnConfig};
+use crate::rtn::{code_at, value_at, Fit, RtnConfig};
 use crate::{groups_per_row, Grid, QuantError, QuantizedTensor};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
@@ -402,6 +402,8 @@ pub fn quantize_gptq(
             let (orig, mut x) = start_row(row, &dead, &perm);
             let mut scales = vec![f16::ZERO; gpr];
             let mut mins = vec![f16::ZERO; gpr];
+            // The same, widened once.
+            let mut wide = vec![(0f32, 0f32); gpr];
             let mut codes = vec![0u8; cols];
             let mut scratch = vec![0u8; gs];
             if act_order {
@@ -416,6 +418,7 @@ pub fn quantize_gptq(
                     );
                     scales[g] = s;
                     mins[g] = m;
+                    wide[g] = (s.to_f32(), m.to_f32());
                 }
             }
             for i in 0..cols {
@@ -427,10 +430,12 @@ pub fn quantize_gptq(
                     let (s, m) = fit.group(&cur, c, cfg.bits, cfg.grid, &mut scratch[..c1 - c]);
                     scales[g] = s;
                     mins[g] = m;
+                    wide[g] = (s.to_f32(), m.to_f32());
                 }
-                let code = code_of(x[i] as f32, scales[g], mins[g], cfg.bits, cfg.grid);
+                let (s, m) = wide[g];
+                let code = code_at(x[i] as f32, s, m, cfg.bits, cfg.grid);
                 codes[c] = code;
-                let q = value_of(code, scales[g], mins[g], cfg.bits, cfg.grid) as f64;
+                let q = value_at(code, s, m, cfg.bits, cfg.grid) as f64;
                 push_error(&mut x, i, q, &u, cols);
             }
             (codes, scales, mins)

@@ -135,21 +135,27 @@ impl Fit<'_> {
 /// Code of one value on a group's grid (the same rule [`quantize_group`] applies).
 #[inline]
 pub fn code_of(v: f32, scale: f16, min: f16, bits: u8, grid: Grid) -> u8 {
+    code_at(v, scale.to_f32(), min.to_f32(), bits, grid)
+}
+
+/// [`code_of`] with the group's f16 scale and min already widened: a column sweep reads them
+/// once per value, and the conversion would cost as much as the rounding.
+#[inline]
+pub fn code_at(v: f32, s: f32, min: f32, bits: u8, grid: Grid) -> u8 {
     let maxq = ((1u32 << bits) - 1) as f32;
-    let s = scale.to_f32();
     let inv = if s != 0.0 { 1.0 / s } else { 0.0 };
     match grid {
         Grid::Symmetric => ((v * inv).round() + (1u32 << (bits - 1)) as f32).clamp(0.0, maxq) as u8,
-        Grid::Asymmetric => ((v - min.to_f32()) * inv).round().clamp(0.0, maxq) as u8,
+        Grid::Asymmetric => ((v - min) * inv).round().clamp(0.0, maxq) as u8,
     }
 }
 
-/// Value a code stands for on a group's grid.
+/// Value a code stands for on a group's grid (scale and min widened from f16).
 #[inline]
-pub fn value_of(code: u8, scale: f16, min: f16, bits: u8, grid: Grid) -> f32 {
+pub fn value_at(code: u8, s: f32, min: f32, bits: u8, grid: Grid) -> f32 {
     match grid {
-        Grid::Symmetric => scale.to_f32() * (code as f32 - (1u32 << (bits - 1)) as f32),
-        Grid::Asymmetric => scale.to_f32() * code as f32 + min.to_f32(),
+        Grid::Symmetric => s * (code as f32 - (1u32 << (bits - 1)) as f32),
+        Grid::Asymmetric => s * code as f32 + min,
     }
 }
 
