@@ -78,7 +78,10 @@ fn gptq_is_deterministic_resumable_mergeable_recorded_and_beats_rtn() {
 
     let b = t.path().join("b");
     let saved = killed_after(&g, &b, &run, 10);
-    assert!((10..30).contains(&saved), "killed with {saved} blocks saved");
+    assert!(
+        (10..30).contains(&saved),
+        "killed with {saved} blocks saved"
+    );
     assert!(!b.exists(), "a killed run left a bundle");
     refused_saying(&cli::quantize(BIN, &g, &b, &run), "--resume");
     let other = with(&run, "--damp 0.1 --resume");
@@ -93,7 +96,10 @@ fn gptq_is_deterministic_resumable_mergeable_recorded_and_beats_rtn() {
         "--inputs-from",
     );
     ok(cli::quantize(BIN, &g, &p0, &with(&run, "--blocks 0..15")));
-    refused_saying(&adaptq(&["merge", s(&p0), "--out", s(&c)]), "end at block 15");
+    refused_saying(
+        &adaptq(&["merge", s(&p0), "--out", s(&c)]),
+        "end at block 15",
+    );
     let after = format!("--blocks 15..30 --inputs-from {}", s(&p0));
     ok(cli::quantize(BIN, &g, &p1, &with(&run, &after)));
     ok(adaptq(&["merge", s(&p1), s(&p0), "--out", s(&c)]));

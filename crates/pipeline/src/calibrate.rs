@@ -551,7 +551,11 @@ pub fn calibrate_job(
 ) -> Result<Calibration> {
     let n = blocks.count(m);
     if job.from > job.end || job.end > n {
-        bail!("blocks {}..{} are not within the model's {n}", job.from, job.end);
+        bail!(
+            "blocks {}..{} are not within the model's {n}",
+            job.from,
+            job.end
+        );
     }
     let mut out = std::mem::take(&mut job.done);
     if let Some(seed) = spec.rotate {
@@ -573,10 +577,10 @@ pub fn calibrate_job(
     if let Blocks::Stream(_) = blocks {
         m.unload_embedding();
     }
-    let mut held = std::mem::take(&mut m.blocks).into_iter();
-    if let (Blocks::Held, false) = (blocks, first == 0 && job.end == n) {
+    if let (Blocks::Held, false) = (blocks, first == 0 && job.from == 0 && job.end == n) {
         bail!("a model held in memory is calibrated whole");
     }
+    let mut held = std::mem::take(&mut m.blocks).into_iter();
     let mut done = Vec::new();
     for b in first..job.end {
         let mut blk = match blocks {
@@ -941,17 +945,31 @@ fn calibrate_ggml_head(
     Ok(Some((name.clone(), c)))
 }
 
-/// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`.
+/// The calibration windows: `samples` windows of `seq_len` tokens from the text at `path`,
+/// placed by `seed`.
+pub struct Sampling<'a> {
+    pub path: &'a Path,
+    pub samples: usize,
+    pub seq_len: usize,
+    pub seed: u64,
+}
+
+/// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`; with `fp_inputs` each
+/// block on the float model's activations. `job` saves each block and says where to start.
 pub fn run(
     src: &dyn adaptq_source::TensorSource,
-    calib: &Path,
-    samples: usize,
-    seq_len: usize,
-    seed: u64,
+    sampling: &Sampling,
     spec: &CalibSpec,
+    fp_inputs: bool,
     job: Option<&crate::checkpoint::JobPlan>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
+    let Sampling {
+        path: calib,
+        samples,
+        seq_len,
+        seed,
+    } = *sampling;
     let w = adaptq_model::borrowed_source(src);
     let desc = w.desc().clone();
     if desc.family != adaptq_source::model::Family::Llama {
@@ -964,22 +982,26 @@ pub fn run(
     let mut begin = job
         .map(|j| j.begin(src, &info, desc.n_layers))
         .transpose()?;
-    if let Some(b) = &mut begin {
-        if b.checkpoint.state.complete() {
-            return Ok((std::mem::take(&mut b.done), info));
-        }
-    }
     let mut pass = |llama: &mut Llama, spec: &CalibSpec, progress: &mut dyn FnMut(usize, usize)| {
         let blocks = Blocks::Stream(w.as_ref());
         let Some(b) = begin.as_mut() else {
-            return calibrate_llama(llama, blocks, &windows, spec, progress);
+            let job = Job {
+                fp_inputs,
+                ..Job::whole(desc.n_layers)
+            };
+            return calibrate_job(llama, blocks, &windows, spec, job, progress);
         };
+        // A finished checkpoint (killed while the bundle was written) has nothing left to run;
+        // a type mix is still chosen, as it is not saved.
+        if b.checkpoint.state.complete() {
+            return Ok(std::mem::take(&mut b.done));
+        }
         let job = Job {
             from: b.from,
             end: b.end,
             xs: b.xs.take(),
             done: std::mem::take(&mut b.done),
-            fp_inputs: job.is_some_and(|j| j.fp_inputs),
+            fp_inputs,
             save: Some(&mut b.checkpoint),
         };
         calibrate_job(llama, blocks, &windows, spec, job, progress)
@@ -1026,7 +1048,9 @@ pub fn run(
         ..spec.clone()
     };
     let offset = done;
-    let mut out = pass(&mut llama, &spec, &mut |d, t| progress(offset + d, offset + t))?;
+    let mut out = pass(&mut llama, &spec, &mut |d, t| {
+        progress(offset + d, offset + t)
+    })?;
     mix.like = target.like.clone();
     out.mix = Some(mix);
     Ok((out, info))

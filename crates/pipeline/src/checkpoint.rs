@@ -4,11 +4,13 @@
 //! A..B`) writes the same folder as its result, a *part*, and `adaptq merge` joins parts into
 //! the bundle one run would have written.
 //!
-//! Folder layout: `state.json` (what run this is and how far it got), `block-NNNNN.bin` (one
-//! block's calibrated layers, folded norms and AWQ search, postcard-encoded), `tail.bin` (the
-//! embedding or head calibrated after the last block), `acts.bin` (the inputs of block
-//! `done`: a small header, then little-endian f32). Each file is written under a temporary
-//! name, synced and renamed; `state.json` is rewritten last, so what it says is on disk.
+//! Folder layout: `state.json` (what run this is, how far it got, the SHA-256 of every other
+//! file), `block-NNNNN.bin` (one block's calibrated layers, folded norms and AWQ search,
+//! postcard-encoded), `tail.bin` (the embedding or head calibrated after the last block),
+//! `acts-NNNNN.bin` (the inputs of block NNNNN: a small header, then little-endian f32). Each
+//! file is written under a temporary name, synced and renamed; `state.json` is rewritten after
+//! the files it names, and the activations it no longer names are deleted after it: a run
+//! killed at any instant leaves a folder whose `state.json` describes files that are whole.
 
 use crate::calibrate::{AwqGroup, CalibInfo, CalibratedLayer, Calibration};
 use crate::options::QuantizeOptions;
@@ -22,12 +24,13 @@ use std::path::{Path, PathBuf};
 /// The `format` of every state file this version writes and reads.
 const FORMAT: &str = "adaptq-calibration-part/1";
 pub const STATE: &str = "state.json";
-const ACTS: &str = "acts.bin";
 const TAIL: &str = "tail.bin";
 const LOCK: &str = "lock";
 const ACTS_MAGIC: &[u8; 8] = b"AQACTS1\0";
 /// Largest state.json read.
 const STATE_LIMIT: u64 = 16 << 20;
+/// Most blocks a state may name (block files have five digits).
+const MAX_BLOCKS: usize = 99_999;
 
 /// What run a folder belongs to and how far it got.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +41,8 @@ pub struct State {
     pub fingerprint: String,
     /// The run's options (local paths made absolute, so `merge` runs from anywhere).
     pub options: QuantizeOptions,
+    /// What the manifest records as the source (the name the user gave, not the absolute path).
+    pub locator: String,
     pub calib: CalibInfo,
     /// Blocks in the model.
     pub blocks: usize,
@@ -48,6 +53,8 @@ pub struct State {
     pub done: usize,
     /// The embedding or head, calibrated after the last block, is saved (`end == blocks`).
     pub tail_done: bool,
+    /// SHA-256 of each block, tail and activations file this state names.
+    pub hashes: std::collections::BTreeMap<String, String>,
 }
 
 impl State {
@@ -81,14 +88,7 @@ struct Record {
 }
 
 /// Methods a calibrated layer can name; a saved name maps back onto one of these.
-const METHODS: &[&str] = &[
-    "rtn",
-    "gptq",
-    "awq+rtn",
-    "awq+gptq",
-    "novaq",
-    "awq+novaq",
-];
+const METHODS: &[&str] = &["rtn", "gptq", "awq+rtn", "awq+gptq", "novaq", "awq+novaq"];
 
 impl Record {
     fn of(cal: &Calibration) -> Result<Record> {
@@ -128,6 +128,7 @@ impl Record {
     fn into_calibration(self) -> Result<Calibration> {
         let mut cal = Calibration::default();
         for (name, r) in self.layers {
+            check_codes(&r.q).with_context(|| format!("layer '{name}'"))?;
             let method = METHODS
                 .iter()
                 .copied()
@@ -153,12 +154,57 @@ impl Record {
     }
 }
 
+/// Largest tensor a record may describe (2^36 values): a damaged or crafted record must not
+/// ask for more before its shape is compared with the source's.
+const MAX_VALUES: usize = 1 << 36;
+
+/// Refuses codes whose parts do not fit their shape, before anything decodes them.
+fn check_codes(q: &adaptq_quant::LayerCodes) -> Result<()> {
+    use adaptq_quant::LayerCodes;
+    let numel = q
+        .rows()
+        .checked_mul(q.cols())
+        .filter(|&n| n <= MAX_VALUES)
+        .context("its shape is out of range")?;
+    let fits = match q {
+        LayerCodes::Int(t) => {
+            let groups = t.rows * adaptq_quant::groups_per_row(t.cols, t.group_size);
+            let mins = match t.grid {
+                adaptq_quant::Grid::Symmetric => 0,
+                adaptq_quant::Grid::Asymmetric => groups,
+            };
+            (1..=8).contains(&t.bits)
+                && t.codes.len() == (numel * t.bits as usize).div_ceil(8)
+                && t.scales.len() == groups
+                && t.mins.len() == mins
+        }
+        LayerCodes::Ggml {
+            ty, cols, bytes, ..
+        } => {
+            cols % ty.block_len() == 0
+                && bytes.len() == q.rows() * (cols / ty.block_len()) * ty.block_bytes()
+        }
+        LayerCodes::Codebook(c) => c.try_dequantize().is_some(),
+    };
+    if !fits {
+        bail!("its codes do not fit its shape {} x {}", q.rows(), q.cols());
+    }
+    Ok(())
+}
+
+/// Bytes of each tensor of a local source read into the fingerprint: enough to tell a model
+/// from its fine-tune, cheap on a 16 GB file (one page per tensor).
+const SAMPLE: usize = 4096;
+
 /// The fingerprint of a run: `recorded` options (those that decide the bytes), the calibration
-/// windows and the source's tensor list.
+/// windows, the source as the manifest names it (a hub locator carries its commit), its tensor
+/// list and, for a local file, the first bytes of every tensor (a remote source is not read
+/// for it: that would fetch every tensor).
 pub fn fingerprint(
     recorded: &serde_json::Value,
     calib: &CalibInfo,
     src: &dyn adaptq_source::TensorSource,
+    locator: &str,
 ) -> Result<String> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
@@ -166,11 +212,28 @@ pub fn fingerprint(
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(serde_json::to_vec(recorded)?);
     h.update(serde_json::to_vec(calib)?);
+    h.update(locator.as_bytes());
+    let local = locator.starts_with("file:");
     for t in src.tensors() {
-        let line = format!("{}|{:?}|{}|{}\n", t.name, t.shape, t.dtype.name(), t.byte_len);
+        let line = format!(
+            "{}|{:?}|{}|{}\n",
+            t.name,
+            t.shape,
+            t.dtype.name(),
+            t.byte_len
+        );
         h.update(line.as_bytes());
+        if local {
+            let raw = src.raw_bytes(&t.name)?;
+            h.update(&raw[..raw.len().min(SAMPLE)]);
+        }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// A checkpoint or part folder, locked by this process while it is open.
@@ -184,57 +247,108 @@ fn block_file(b: usize) -> String {
     format!("block-{b:05}.bin")
 }
 
-/// Whether `name` is a file a checkpoint folder holds.
+fn acts_file(b: usize) -> String {
+    format!("acts-{b:05}.bin")
+}
+
+/// Whether `name` is a file a checkpoint folder holds (or its temporary name while written).
 fn ours(name: &str) -> bool {
-    let block = name
-        .strip_prefix("block-")
-        .and_then(|r| r.strip_suffix(".bin"))
-        .is_some_and(|d| d.len() == 5 && d.bytes().all(|c| c.is_ascii_digit()));
-    block || [STATE, ACTS, TAIL, LOCK].contains(&name) || name.ends_with(".tmp")
+    let name = name.strip_suffix(".tmp").unwrap_or(name);
+    let numbered = |prefix: &str| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_suffix(".bin"))
+            .is_some_and(|d| d.len() == 5 && d.bytes().all(|c| c.is_ascii_digit()))
+    };
+    numbered("block-") || numbered("acts-") || [STATE, TAIL, LOCK].contains(&name)
 }
 
 /// Writes `bytes` to `dir/name` durably: a temporary file, synced, renamed over the name.
-fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+/// Returns the bytes' SHA-256.
+fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<String> {
     write_with(dir, name, &mut |w| Ok(w.write_all(bytes)?))
 }
 
+/// A writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    hash: sha2::Sha256,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// [`write_file`] with the contents written by `fill`.
 fn write_with(
     dir: &Path,
     name: &str,
     fill: &mut dyn FnMut(&mut dyn Write) -> Result<()>,
-) -> Result<()> {
+) -> Result<String> {
+    use sha2::Digest;
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
     let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut w = Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 20, f),
+        hash: sha2::Sha256::new(),
+    };
     fill(&mut w).with_context(|| format!("writing {}", tmp.display()))?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
+    let hash = hex::encode(w.hash.finalize());
+    let f = w.inner.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
     // The rename is durable once the folder is.
     std::fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    Ok(hash)
 }
 
 impl Checkpoint {
-    /// Creates the folder `dir` (which must not exist) for `state`.
+    /// Creates the folder `dir` (which must not exist) for `state`: built under a temporary
+    /// name and renamed, so a folder at `dir` always has its state file.
     pub fn create(dir: &Path, state: State) -> Result<Checkpoint> {
-        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let lock = Self::lock(dir)?;
-        let cp = Checkpoint {
+        let name = dir
+            .file_name()
+            .with_context(|| format!("{} names no folder", dir.display()))?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".creating-{}", std::process::id()));
+        let tmp = dir.with_file_name(tmp_name);
+        std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let built = (|| {
+            let lock = Self::lock(&tmp)?;
+            write_file(&tmp, STATE, &serde_json::to_vec_pretty(&state)?)?;
+            std::fs::rename(&tmp, dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok(lock)
+        })();
+        let lock = match built {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        Ok(Checkpoint {
             dir: dir.to_path_buf(),
             state,
             _lock: lock,
-        };
-        cp.write_state()?;
-        Ok(cp)
+        })
     }
 
     /// Opens the checkpoint or part at `dir`.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let lock = Self::lock(dir)?;
-        let bytes = adaptq_source::blob::read_small(&dir.join(STATE), STATE_LIMIT)
-            .with_context(|| format!("{} is not a calibration checkpoint or part", dir.display()))?;
+        let bytes =
+            adaptq_source::blob::read_small(&dir.join(STATE), STATE_LIMIT).with_context(|| {
+                format!("{} is not a calibration checkpoint or part", dir.display())
+            })?;
         let state: State = serde_json::from_slice(&bytes)
             .with_context(|| format!("reading {}", dir.join(STATE).display()))?;
         if state.format != FORMAT {
@@ -244,11 +358,9 @@ impl Checkpoint {
                 state.format
             );
         }
-        if !(state.start <= state.done && state.done <= state.end && state.end <= state.blocks) {
-            bail!(
-                "{}: inconsistent block counts in {STATE}",
-                dir.display()
-            );
+        let ordered = state.start <= state.done && state.done <= state.end;
+        if !(ordered && state.end <= state.blocks && state.blocks <= MAX_BLOCKS) {
+            bail!("{}: inconsistent block counts in {STATE}", dir.display());
         }
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
@@ -257,27 +369,44 @@ impl Checkpoint {
         })
     }
 
-    /// Whether `dir` holds a checkpoint folder (its state file), whatever state it is in.
+    /// Whether `dir` holds a checkpoint folder: a state file of this format.
     pub fn is_checkpoint(dir: &Path) -> bool {
-        dir.join(STATE).is_file()
+        adaptq_source::blob::read_small(&dir.join(STATE), STATE_LIMIT)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v["format"] == FORMAT)
     }
 
-    /// Removes a checkpoint folder adaptq wrote: refused when it holds anything else.
+    /// Removes a checkpoint folder adaptq wrote, holding its lock (a live run's is refused):
+    /// refused when it holds anything but plain files of a checkpoint. The state file goes
+    /// last, so a removal cut short leaves a folder that is still recognised.
     pub fn remove(dir: &Path) -> Result<()> {
         if !Self::is_checkpoint(dir) {
-            bail!("{} is not a calibration checkpoint; left alone", dir.display());
+            bail!(
+                "{} is not a calibration checkpoint; left alone",
+                dir.display()
+            );
         }
+        let lock = Self::lock(dir)?;
+        let mut names = Vec::new();
         for e in std::fs::read_dir(dir)? {
-            let name = e?.file_name();
-            let name = name.to_string_lossy();
-            if !ours(&name) {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !ours(&name) || !e.file_type()?.is_file() {
                 bail!(
                     "{} holds '{name}', which adaptq did not write there; left alone",
                     dir.display()
                 );
             }
+            names.push(name);
         }
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+        names.sort_by_key(|n| n == STATE);
+        for n in names {
+            std::fs::remove_file(dir.join(&n))
+                .with_context(|| format!("removing {}", dir.join(&n).display()))?;
+        }
+        drop(lock);
+        std::fs::remove_dir(dir).with_context(|| format!("removing {}", dir.display()))
     }
 
     /// Takes the folder's lock, so two runs never write one checkpoint.
@@ -299,62 +428,106 @@ impl Checkpoint {
     }
 
     fn write_state(&self) -> Result<()> {
-        write_file(&self.dir, STATE, &serde_json::to_vec_pretty(&self.state)?)
+        write_file(&self.dir, STATE, &serde_json::to_vec_pretty(&self.state)?)?;
+        Ok(())
     }
 
-    /// Saves block `b`'s calibration and the next block's inputs `xs`.
+    /// Saves block `b`'s calibration and the next block's inputs `xs`; the previous inputs are
+    /// deleted once the state no longer names them.
     pub fn save_block(&mut self, b: usize, cal: &Calibration, xs: &[Tensor]) -> Result<()> {
         if b != self.state.done || b >= self.state.end {
             bail!("block {b} saved out of order (next is {})", self.state.done);
         }
         let bytes = postcard::to_stdvec(&Record::of(cal)?)?;
-        write_file(&self.dir, &block_file(b), &bytes)?;
-        write_acts(&self.dir, b + 1, xs)?;
+        let h = write_file(&self.dir, &block_file(b), &bytes)?;
+        self.state.hashes.insert(block_file(b), h);
+        let h = write_acts(&self.dir, b + 1, xs)?;
+        self.state.hashes.insert(acts_file(b + 1), h);
+        let old = self.state.hashes.remove(&acts_file(b));
         self.state.done = b + 1;
-        self.write_state()
+        self.write_state()?;
+        if old.is_some() {
+            remove_if_there(&self.dir.join(acts_file(b)))?;
+        }
+        Ok(())
     }
 
     /// Saves the embedding or head calibrated after the last block.
     pub fn save_tail(&mut self, cal: &Calibration) -> Result<()> {
-        write_file(&self.dir, TAIL, &postcard::to_stdvec(&Record::of(cal)?)?)?;
+        let h = write_file(&self.dir, TAIL, &postcard::to_stdvec(&Record::of(cal)?)?)?;
+        self.state.hashes.insert(TAIL.into(), h);
         self.state.tail_done = true;
         self.write_state()
+    }
+
+    /// The bytes of `name`, checked against the hash the state recorded.
+    fn read_checked(&self, name: &str) -> Result<Vec<u8>> {
+        let path = self.dir.join(name);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if self.state.hashes.get(name) != Some(&sha256(&bytes)) {
+            bail!(
+                "{} is damaged (its SHA-256 is not the one {STATE} recorded)",
+                path.display()
+            );
+        }
+        Ok(bytes)
     }
 
     /// The calibration saved so far: blocks `start..done`, then the tail.
     pub fn calibration(&self) -> Result<Calibration> {
         let mut cal = Calibration::default();
-        let mut names: Vec<String> = (self.state.start..self.state.done).map(block_file).collect();
-        if self.state.tail_done {
-            names.push(TAIL.into());
-        }
-        for name in names {
-            let path = self.dir.join(&name);
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let tail = self.state.tail_done.then(|| TAIL.to_string());
+        for name in (self.state.start..self.state.done)
+            .map(block_file)
+            .chain(tail)
+        {
+            let bytes = self.read_checked(&name)?;
             let rec: Record = postcard::from_bytes(&bytes)
-                .with_context(|| format!("{} is damaged", path.display()))?;
-            cal.absorb(rec.into_calibration()?);
+                .with_context(|| format!("{} is damaged", self.dir.join(&name).display()))?;
+            cal.absorb(
+                rec.into_calibration()
+                    .with_context(|| format!("{}", self.dir.join(&name).display()))?,
+            );
         }
         Ok(cal)
     }
 
     /// The inputs of block `done`.
     pub fn acts(&self) -> Result<Vec<Tensor>> {
-        read_acts(&self.dir.join(ACTS), self.state.done)
+        let name = acts_file(self.state.done);
+        let path = self.dir.join(&name);
+        let want = self.state.hashes.get(&name).with_context(|| {
+            format!(
+                "{}: no saved inputs of block {}",
+                self.dir.display(),
+                self.state.done
+            )
+        })?;
+        read_acts(&path, self.state.done, want)
     }
 
     /// Drops the saved activations (the last range's: no block reads them).
-    pub fn drop_acts(&self) -> Result<()> {
-        match std::fs::remove_file(self.dir.join(ACTS)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+    pub fn drop_acts(&mut self) -> Result<()> {
+        let name = acts_file(self.state.done);
+        if self.state.hashes.remove(&name).is_some() {
+            self.write_state()?;
         }
+        remove_if_there(&self.dir.join(name))
     }
 }
 
-/// Writes `xs` (block `b`'s inputs) as `acts.bin`.
-fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<()> {
-    write_with(dir, ACTS, &mut |w| {
+fn remove_if_there(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(e).context(format!("removing {}", path.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Writes `xs` (block `b`'s inputs) as `acts-NNNNN.bin`; returns its SHA-256.
+fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<String> {
+    write_with(dir, &acts_file(b), &mut |w| {
         w.write_all(ACTS_MAGIC)?;
         w.write_all(&(b as u64).to_le_bytes())?;
         w.write_all(&(xs.len() as u64).to_le_bytes())?;
@@ -371,13 +544,19 @@ fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<()> {
     })
 }
 
-/// Reads `acts.bin`, checking it holds block `b`'s inputs and that every size fits the file.
-fn read_acts(path: &Path, b: usize) -> Result<Vec<Tensor>> {
+/// Reads an activations file, checking it holds block `b`'s inputs, that every size fits the
+/// file and that its SHA-256 is `want`.
+fn read_acts(path: &Path, b: usize, want: &str) -> Result<Vec<Tensor>> {
+    use sha2::Digest;
     let named = || format!("{}", path.display());
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", named()))?;
     let mut left = f.metadata()?.len();
-    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-    let u64_at = |r: &mut std::io::BufReader<std::fs::File>, left: &mut u64| -> Result<u64> {
+    let mut r = HashingReader {
+        inner: std::io::BufReader::with_capacity(1 << 20, f),
+        hash: sha2::Sha256::new(),
+    };
+    type R = HashingReader<std::io::BufReader<std::fs::File>>;
+    let u64_at = |r: &mut R, left: &mut u64| -> Result<u64> {
         let mut b = [0u8; 8];
         r.read_exact(&mut b)
             .with_context(|| format!("{} is cut short", named()))?;
@@ -423,7 +602,28 @@ fn read_acts(path: &Path, b: usize) -> Result<Vec<Tensor>> {
     if left != 0 {
         bail!("{} has {left} bytes after its last tensor", named());
     }
+    if hex::encode(r.hash.finalize()) != want {
+        bail!(
+            "{} is damaged (its SHA-256 is not the one {STATE} recorded)",
+            named()
+        );
+    }
     Ok(xs)
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// How a calibrated run saves its progress and where it starts.
@@ -443,6 +643,8 @@ pub struct JobPlan {
     pub options: QuantizeOptions,
     /// The options that decide the bytes ([`QuantizeOptions::recorded`]).
     pub recorded: serde_json::Value,
+    /// The source as the manifest records it.
+    pub locator: String,
 }
 
 /// Where a calibrated pass picks up.
@@ -465,7 +667,7 @@ impl JobPlan {
         calib: &CalibInfo,
         blocks: usize,
     ) -> Result<Begin> {
-        let fp = fingerprint(&self.recorded, calib, src)?;
+        let fp = fingerprint(&self.recorded, calib, src, &self.locator)?;
         let range = self.range.clone().unwrap_or(0..blocks);
         if range.start >= range.end || range.end > blocks {
             bail!(
@@ -476,6 +678,7 @@ impl JobPlan {
         }
         if std::fs::symlink_metadata(&self.dir).is_ok() {
             if !Checkpoint::is_checkpoint(&self.dir) {
+                // Nothing else is ever created at a checkpoint's name.
                 bail!(
                     "{} exists and is not a calibration checkpoint adaptq wrote; move it away",
                     self.dir.display()
@@ -499,6 +702,13 @@ impl JobPlan {
                         s.end,
                         range.start,
                         range.end
+                    );
+                }
+                if s.blocks != blocks {
+                    bail!(
+                        "the checkpoint at {} is of a {}-block model",
+                        self.dir.display(),
+                        s.blocks
                     );
                 }
                 if s.done > s.start {
@@ -560,12 +770,14 @@ impl JobPlan {
             format: FORMAT.into(),
             fingerprint: fp,
             options,
+            locator: self.locator.clone(),
             calib: calib.clone(),
             blocks,
             start: range.start,
             end: range.end,
             done: range.start,
             tail_done: false,
+            hashes: Default::default(),
         };
         Ok(Begin {
             checkpoint: Checkpoint::create(&self.dir, state)?,
@@ -637,7 +849,8 @@ pub fn open_parts(dirs: &[PathBuf]) -> Result<Vec<Checkpoint>> {
 
 /// Parses a block range `A..B` (half-open).
 pub fn parse_range(s: &str) -> Result<Range<usize>> {
-    let bad = || format!("block range '{s}': write A..B, e.g. 0..15 (block A up to, not including, B)");
+    let bad =
+        || format!("block range '{s}': write A..B, e.g. 0..15 (block A up to, not including, B)");
     let (a, b) = s.split_once("..").with_context(bad)?;
     let a: usize = a.trim().parse().ok().with_context(bad)?;
     let b: usize = b.trim().parse().ok().with_context(bad)?;
@@ -664,12 +877,17 @@ mod tests {
     fn activations_read_back_and_damage_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let xs = vec![
-            Tensor::from_vec((0..12).map(|i| i as f32 * 0.5).collect::<Vec<_>>(), (3, 4), &Device::Cpu)
-                .unwrap(),
+            Tensor::from_vec(
+                (0..12).map(|i| i as f32 * 0.5).collect::<Vec<_>>(),
+                (3, 4),
+                &Device::Cpu,
+            )
+            .unwrap(),
             Tensor::from_vec(vec![f32::NAN, -1.0], (1, 2), &Device::Cpu).unwrap(),
         ];
-        write_acts(d.path(), 7, &xs).unwrap();
-        let back = read_acts(&d.path().join(ACTS), 7).unwrap();
+        let h = write_acts(d.path(), 7, &xs).unwrap();
+        let p = d.path().join(acts_file(7));
+        let back = read_acts(&p, 7, &h).unwrap();
         assert_eq!(back.len(), 2);
         for (a, b) in xs.iter().zip(&back) {
             assert_eq!(a.dims(), b.dims());
@@ -679,16 +897,20 @@ mod tests {
             );
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         }
-        assert!(read_acts(&d.path().join(ACTS), 6).is_err(), "another block's inputs");
-        let p = d.path().join(ACTS);
+        assert!(read_acts(&p, 6, &h).is_err(), "another block's inputs");
+        assert!(read_acts(&p, 7, &"0".repeat(64)).is_err(), "another hash");
         let bytes = std::fs::read(&p).unwrap();
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&p, &flipped).unwrap();
+        assert!(read_acts(&p, 7, &h).is_err(), "a flipped bit");
         std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
-        assert!(read_acts(&p, 7).is_err(), "cut short");
+        assert!(read_acts(&p, 7, &h).is_err(), "cut short");
         let mut huge = bytes.clone();
         // The first tensor's row count, after magic, block, count and its rank.
         huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&p, &huge).unwrap();
-        assert!(read_acts(&p, 7).is_err(), "a size beyond the file");
+        assert!(read_acts(&p, 7, &h).is_err(), "a size beyond the file");
     }
 
     #[test]
@@ -720,11 +942,15 @@ mod tests {
                 reference_weight: Some(vec![2.0; 64]),
             },
         );
-        cal.overrides.insert("blk.0.attn_norm.weight".into(), vec![0.5; 16]);
+        cal.overrides
+            .insert("blk.0.attn_norm.weight".into(), vec![0.5; 16]);
         let bytes = postcard::to_stdvec(&Record::of(&cal).unwrap()).unwrap();
         let back: Record = postcard::from_bytes(&bytes).unwrap();
         let back = back.into_calibration().unwrap();
-        let (a, b) = (&cal.layers["blk.0.attn_q.weight"], &back.layers["blk.0.attn_q.weight"]);
+        let (a, b) = (
+            &cal.layers["blk.0.attn_q.weight"],
+            &back.layers["blk.0.attn_q.weight"],
+        );
         assert_eq!(a.q, b.q);
         assert_eq!(a.method, b.method);
         assert_eq!(a.col_scale, b.col_scale);
@@ -733,5 +959,32 @@ mod tests {
         assert!(b.rtn_output_rel_error.is_nan());
         assert_eq!(cal.overrides, back.overrides);
         assert!(postcard::from_bytes::<Record>(&bytes[..bytes.len() / 2]).is_err());
+        let mut bad: Record = postcard::from_bytes(&bytes).unwrap();
+        if let adaptq_quant::LayerCodes::Int(t) = &mut bad.layers[0].1.q {
+            t.scales.pop();
+        }
+        let e = format!("{:#}", bad.into_calibration().err().unwrap());
+        assert!(e.contains("do not fit"), "{e}");
+    }
+
+    #[test]
+    fn removal_leaves_folders_that_are_not_all_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cp");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(STATE), format!("{{\"format\": \"{FORMAT}\"}}")).unwrap();
+        std::fs::write(dir.join(block_file(0)), b"x").unwrap();
+        std::fs::create_dir(dir.join("notes.tmp")).unwrap();
+        assert!(Checkpoint::remove(&dir).is_err(), "a folder inside");
+        assert!(dir.join(STATE).exists() && dir.join(block_file(0)).exists());
+        std::fs::remove_dir(dir.join("notes.tmp")).unwrap();
+        std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
+        assert!(Checkpoint::remove(&dir).is_err(), "a file of the user's");
+        std::fs::remove_file(dir.join("notes.txt")).unwrap();
+        Checkpoint::remove(&dir).unwrap();
+        assert!(!dir.exists());
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(STATE), b"{\"format\": \"something else\"}").unwrap();
+        assert!(Checkpoint::remove(&dir).is_err(), "another format");
     }
 }

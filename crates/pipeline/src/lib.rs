@@ -13,7 +13,8 @@ pub mod plan;
 pub mod quantize;
 
 pub use options::{
-    Bits, CalibInputs, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset, QuantizeOptions,
+    Bits, CalibInputs, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset,
+    QuantizeOptions,
 };
 pub use plan::{Outcome, PartOutcome, Plan, PlanError, Progress};
 pub use quantize::{

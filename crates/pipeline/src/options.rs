@@ -268,6 +268,8 @@ pub struct JobOptions {
     pub blocks: Option<String>,
     /// The part that ends where this range starts (`calib_inputs: quantized` only).
     pub inputs_from: Option<PathBuf>,
+    /// Save no checkpoint: nothing to resume, no disk used for it.
+    pub no_checkpoint: bool,
 }
 
 /// Changes to the weights around rounding.
@@ -618,7 +620,7 @@ impl QuantizeOptions {
         // bytes, and so its digest, follow it); `remove` below moves the last key into the gap,
         // as it did when bundles were first recorded.
         let calib_inputs = map.shift_remove("calib_inputs");
-        for key in ["resume", "blocks", "inputs_from"] {
+        for key in ["resume", "blocks", "inputs_from", "no_checkpoint"] {
             map.shift_remove(key);
         }
         for key in ["src", "out", "force"] {

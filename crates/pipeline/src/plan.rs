@@ -278,6 +278,9 @@ fn check_job(o: &QuantizeOptions, stage: &Stage) -> Result<Option<std::ops::Rang
             }
         ),
     };
+    if j.no_checkpoint && (j.resume || j.blocks.is_some()) {
+        bail!("no_checkpoint saves nothing: it cannot be combined with resume or blocks");
+    }
     let Some(r) = &j.blocks else {
         if j.inputs_from.is_some() {
             bail!("inputs_from names the part before a block range: give blocks too");
@@ -286,10 +289,9 @@ fn check_job(o: &QuantizeOptions, stage: &Stage) -> Result<Option<std::ops::Rang
     };
     let range = crate::checkpoint::parse_range(r)?;
     if spec.mix.is_some() {
-        bail!("a GGUF type mix is chosen over the whole model; it cannot be split into block ranges");
-    }
-    if o.output.format == OutputFormat::Gguf {
-        bail!("a block-range job writes a part for `adaptq merge`, not a GGUF: leave format at bundle");
+        bail!(
+            "a GGUF type mix is chosen over the whole model; it cannot be split into block ranges"
+        );
     }
     Ok(Some(range))
 }
@@ -492,13 +494,13 @@ impl Plan {
     /// A block-range job: calibrates its blocks into the part folder `out` (resuming it with
     /// `resume`), for [`Plan::merge`].
     pub fn run_part(&self, progress: &mut dyn Progress) -> Result<PartOutcome> {
+        let opened = adaptq_remote::open(&self.src).map_err(|e| anyhow::anyhow!("{e}"))?;
         let job = self
-            .job()
+            .job(&opened.locator)
             .filter(|_| self.range.is_some())
             .context("not a block-range job: run it with Plan::run")?;
-        let opened = adaptq_remote::open(&self.src).map_err(|e| anyhow::anyhow!("{e}"))?;
         self.calibrate(opened.source.as_ref(), Some(&job), progress)?;
-        let cp = crate::checkpoint::Checkpoint::open(&job.dir)?;
+        let mut cp = crate::checkpoint::Checkpoint::open(&job.dir)?;
         // The last range's outputs feed no later block.
         if cp.state.end == cp.state.blocks {
             cp.drop_acts()?;
@@ -532,24 +534,37 @@ impl Plan {
             progress.advance(i + 1, parts.len(), 0);
         }
         let info = first.calib.clone();
+        let (locator, fingerprint) = (first.locator.clone(), first.fingerprint.clone());
         drop(parts);
         let opened = adaptq_remote::open(&plan.src).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let source = opened.source.as_ref();
+        let now =
+            crate::checkpoint::fingerprint(&plan.options.recorded(), &info, source, &locator)?;
+        if now != fingerprint {
+            bail!(
+                "{} is not the model the parts were calibrated on (or it changed since)",
+                plan.src
+            );
+        }
         let pre = StageOutput {
             extra: crate::calibrate::verification_sections(&cal)?,
             cal,
             info,
             gates: Vec::new(),
         };
-        plan.write(opened.source.as_ref(), &opened.locator, Some(pre), progress)
+        plan.write(source, &locator, Some(pre), progress)
     }
 
     /// How the calibrated stage saves its progress: into `OUT.checkpoint` beside the output,
     /// or into the part folder of a range job. `None` for stages that do not stream blocks.
-    fn job(&self) -> Option<crate::checkpoint::JobPlan> {
+    fn job(&self, locator: &str) -> Option<crate::checkpoint::JobPlan> {
         let Stage::Calibrate { .. } = &self.stage else {
             return None;
         };
         let o = &self.options;
+        if o.job.no_checkpoint {
+            return None;
+        }
         Some(crate::checkpoint::JobPlan {
             dir: match self.range {
                 Some(_) => self.out.clone(),
@@ -562,6 +577,7 @@ impl Plan {
             inputs_from: o.job.inputs_from.clone(),
             options: o.clone(),
             recorded: o.recorded(),
+            locator: locator.to_string(),
         })
     }
 
@@ -585,7 +601,7 @@ impl Plan {
             bail!("a block-range job writes a part: run it with Plan::run_part");
         }
         self.check_output()?;
-        let job = self.job();
+        let job = self.job(locator);
         let pre = self.calibrate(source, job.as_ref(), progress)?;
         let outcome = self.write(source, locator, pre, progress)?;
         if let Some(j) = job {
@@ -656,11 +672,14 @@ impl Plan {
                 progress.stage(o.method.name(), "blocks", blocks);
                 let (cal, info) = crate::calibrate::run(
                     source,
-                    calib,
-                    o.calibration.calib_samples,
-                    o.calibration.seq_len,
-                    o.seed,
+                    &crate::calibrate::Sampling {
+                        path: calib,
+                        samples: o.calibration.calib_samples,
+                        seq_len: o.calibration.seq_len,
+                        seed: o.seed,
+                    },
                     spec,
+                    o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
                     job,
                     &mut |d, t| progress.advance(d, t, 0),
                 )?;

@@ -331,7 +331,7 @@ fn encode_tensor(
     }
     match pre.and_then(|p| p.layers.get(&info.name)) {
         Some(c) => {
-            if c.q.rows() * c.q.cols() != x.len() {
+            if c.q.rows().checked_mul(c.q.cols()) != Some(x.len()) {
                 bail!(
                     "calibrated codes for '{}' do not match its shape {:?}",
                     info.name,

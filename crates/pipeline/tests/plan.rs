@@ -223,6 +223,28 @@ fn impossible_combinations_are_refused_before_any_work() {
             json!({"target_bpw": 4.0, "format": "gguf", "calib": null}),
             "measured sensitivity",
         ),
+        (
+            Method::Apq,
+            json!({"blocks": "0..1"}),
+            "re-runs the whole model",
+        ),
+        (
+            Method::Rtn,
+            json!({"resume": true, "calib": null}),
+            "does not calibrate here",
+        ),
+        (
+            Method::Gptq,
+            json!({"inputs_from": "p0"}),
+            "give blocks too",
+        ),
+        (Method::Gptq, json!({"blocks": "2..1"}), "is empty"),
+        (Method::Gptq, json!({"blocks": "1"}), "write A..B"),
+        (
+            Method::Gptq,
+            json!({"blocks": "0..1", "target_bpw": 4.0, "format": "gguf"}),
+            "whole model",
+        ),
     ];
     for (method, changes, what) in cases {
         let o = w.options("x", method, changes);

@@ -1,8 +1,14 @@
 //! Calibration streamed block by block from the file gives exactly what it gives on a model held
-//! whole: the same codes, errors, folded norms and AWQ search for every kind of rounding.
+//! whole: the same codes, errors, folded norms and AWQ search for every kind of rounding. So
+//! does a run split into two block ranges whose parts go through their checkpoint files (the
+//! second starting from the activations the first saved), and, with float inputs, two
+//! independent ranges against one float-input run.
 
 use adaptq_model::llama::Llama;
-use adaptq_pipeline::calibrate::{calibrate_llama, Blocks, CalibSpec, Calibration, Rounding};
+use adaptq_pipeline::calibrate::{
+    calib_info, calibrate_job, calibrate_llama, Blocks, CalibSpec, Calibration, Job, Rounding,
+};
+use adaptq_pipeline::checkpoint::{Checkpoint, JobPlan};
 use adaptq_pipeline::GptqSettings;
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
 use adaptq_quant::Grid;
@@ -33,14 +39,18 @@ fn gptq() -> Rounding {
     })
 }
 
+fn windows() -> Vec<Vec<u32>> {
+    (0..3u32)
+        .map(|k| (0..24).map(|i| (i * 37 + k * 11) % 256).collect())
+        .collect()
+}
+
 /// Calibrates the tiny model with its blocks held, then streamed; both results.
 fn both(spec: &CalibSpec) -> (Calibration, Calibration) {
     let model = TinyLlama::new(3);
     let w = adaptq_model::borrowed_source(&model);
     let desc = w.desc().clone();
-    let windows: Vec<Vec<u32>> = (0..3u32)
-        .map(|k| (0..24).map(|i| (i * 37 + k * 11) % 256).collect())
-        .collect();
+    let windows = windows();
     let mut held = Llama::load(&desc, w.as_ref()).unwrap();
     let a = calibrate_llama(&mut held, Blocks::Held, &windows, spec, &mut |_, _| {}).unwrap();
     let mut shell = Llama::load_shell(&desc, w.as_ref()).unwrap();
@@ -51,9 +61,79 @@ fn both(spec: &CalibSpec) -> (Calibration, Calibration) {
     (a, b)
 }
 
+/// One streamed pass over all blocks with float inputs.
+fn whole_fp(spec: &CalibSpec) -> Calibration {
+    let model = TinyLlama::new(3);
+    let w = adaptq_model::borrowed_source(&model);
+    let mut shell = Llama::load_shell(w.desc(), w.as_ref()).unwrap();
+    let job = Job {
+        fp_inputs: true,
+        ..Job::whole(w.desc().n_layers)
+    };
+    let stream = Blocks::Stream(w.as_ref());
+    calibrate_job(&mut shell, stream, &windows(), spec, job, &mut |_, _| {}).unwrap()
+}
+
+/// The run as two range jobs, 0..1 and 1..n, each into its part folder, then joined from the
+/// parts' files as `adaptq merge` joins them. With quantized inputs the second range starts
+/// from the activations the first saved; with float inputs it runs the float block 0 itself.
+fn split(spec: &CalibSpec, fp: bool) -> Calibration {
+    let model = TinyLlama::new(3);
+    let w = adaptq_model::borrowed_source(&model);
+    let n = w.desc().n_layers;
+    assert!(n >= 2);
+    let windows = windows();
+    let info = calib_info(std::path::Path::new("t.txt"), 24, 0, 100, &windows);
+    let d = tempfile::tempdir().unwrap();
+    let plan = |name: &str, range: std::ops::Range<usize>, from: Option<&str>| JobPlan {
+        dir: d.path().join(name),
+        range: Some(range),
+        resume: false,
+        force: false,
+        fp_inputs: fp,
+        inputs_from: from.map(|f| d.path().join(f)),
+        options: Default::default(),
+        recorded: serde_json::json!({"test": true}),
+        locator: "file:tiny".into(),
+    };
+    for (name, range, from) in [("p0", 0..1, None), ("p1", 1..n, (!fp).then_some("p0"))] {
+        let mut begin = plan(name, range, from).begin(&model, &info, n).unwrap();
+        let mut shell = Llama::load_shell(w.desc(), w.as_ref()).unwrap();
+        let job = Job {
+            from: begin.from,
+            end: begin.end,
+            xs: begin.xs.take(),
+            done: std::mem::take(&mut begin.done),
+            fp_inputs: fp,
+            save: Some(&mut begin.checkpoint),
+        };
+        let stream = Blocks::Stream(w.as_ref());
+        calibrate_job(&mut shell, stream, &windows, spec, job, &mut |_, _| {}).unwrap();
+    }
+    let parts = [d.path().join("p1"), d.path().join("p0")];
+    let mut cal = Calibration::default();
+    for p in adaptq_pipeline::checkpoint::open_parts(&parts).unwrap() {
+        assert!(p.state.complete());
+        cal.absorb(p.calibration().unwrap());
+    }
+    assert!(Checkpoint::open(&parts[0]).is_ok(), "parts stay");
+    cal
+}
+
 fn assert_same(spec: CalibSpec, what: &str) {
     let (a, b) = both(&spec);
     assert!(!a.layers.is_empty());
+    compare(&a, &b, what);
+    compare(&a, &split(&spec, false), &format!("{what}, two ranges"));
+    let fp = whole_fp(&spec);
+    compare(
+        &fp,
+        &split(&spec, true),
+        &format!("{what}, two float-input ranges"),
+    );
+}
+
+fn compare(a: &Calibration, b: &Calibration, what: &str) {
     assert_eq!(
         a.layers.keys().collect::<Vec<_>>(),
         b.layers.keys().collect::<Vec<_>>(),
@@ -68,13 +148,19 @@ fn assert_same(spec: CalibSpec, what: &str) {
             y.output_rel_error.to_bits(),
             "{what}: error of {name}"
         );
+        assert_eq!(
+            x.rtn_output_rel_error.to_bits(),
+            y.rtn_output_rel_error.to_bits(),
+            "{what}: RTN error of {name}"
+        );
         assert_eq!(x.col_scale, y.col_scale, "{what}: column scales of {name}");
         assert_eq!(x.row_scale, y.row_scale, "{what}: row scales of {name}");
         assert_eq!(x.reference_weight, y.reference_weight, "{what}: {name}");
+        assert_eq!(x.novaq, y.novaq, "{what}: NOVAQ report of {name}");
     }
     assert_eq!(a.overrides, b.overrides, "{what}: folded norms");
     let alphas = |c: &Calibration| c.awq.iter().map(|g| g.alpha).collect::<Vec<_>>();
-    assert_eq!(alphas(&a), alphas(&b), "{what}: AWQ search");
+    assert_eq!(alphas(a), alphas(b), "{what}: AWQ search");
 }
 
 #[test]

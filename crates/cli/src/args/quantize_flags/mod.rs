@@ -193,6 +193,12 @@ pub const JOBS: Section = (
              examples/k8s-indexed-job.yaml.",
         ),
         (
+            "no_checkpoint",
+            Switch,
+            "Save no checkpoint (for a small model, or a disk without room: with --rotate \
+             each block's file holds its rotated weights in f32). Nothing can be resumed.",
+        ),
+        (
             "inputs_from",
             Path,
             "With --blocks A..B and calib_inputs quantized: the part that ends at block A, \
