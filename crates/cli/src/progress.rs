@@ -67,6 +67,15 @@ impl adaptq_pipeline::Progress for Bars {
             d.set_position(adaptq_remote::bytes_downloaded());
         }
     }
+
+    fn note(&mut self, line: &str) {
+        // Printed above the bars; standard error when they are hidden (not a terminal).
+        if self.multi.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.multi.println(line);
+        }
+    }
 }
 
 impl Drop for Bars {

@@ -1,6 +1,7 @@
 //! Calibration: deterministic windows of calibration text, and GPTQ run layer by layer so each
 //! block is calibrated on the outputs of the already-quantized blocks before it.
 
+use crate::acts::{Acts, Spill};
 use adaptq_model::llama::{Block, Llama};
 use adaptq_model::Weights;
 use adaptq_quant::awq::{search_scales, AwqConfig};
@@ -332,6 +333,8 @@ pub struct Calibration {
     pub hessians: BTreeMap<String, Hessian>,
     /// The GGUF type mix chosen before calibrating, when one was asked for.
     pub mix: Option<crate::mix::MixPlan>,
+    /// Bytes of one set of calibration activations, and whether they were spilled to scratch.
+    pub acts: Option<(u64, bool)>,
 }
 
 impl Calibration {
@@ -344,6 +347,9 @@ impl Calibration {
         if other.mix.is_some() {
             self.mix = other.mix;
         }
+        if other.acts.is_some() {
+            self.acts = other.acts;
+        }
     }
 }
 
@@ -353,7 +359,12 @@ impl Calibration {
 pub type BlockStats = (BTreeMap<String, Rc<Hessian>>, BTreeMap<String, Vec<f32>>);
 
 /// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics.
-pub fn collect_stats(m: &Llama, blk: &Block, b: usize, xs: &[Tensor]) -> Result<BlockStats> {
+pub fn collect_stats(
+    m: &Llama,
+    blk: &Block,
+    b: usize,
+    xs: &dyn crate::acts::Windows,
+) -> Result<BlockStats> {
     let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
     let mut abs: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
     // Each layer's name -> the first layer seen reading the same input tensor.
@@ -381,10 +392,10 @@ pub fn collect_stats(m: &Llama, blk: &Block, b: usize, xs: &[Tensor]) -> Result<
                 .or_insert_with(|| first.clone());
             Ok(())
         };
-        for x in xs {
+        xs.each(&mut |x| {
             let mut h: Option<adaptq_model::llama::Hook> = Some(&mut hook);
-            m.block_with(blk, b, x, 0, None, &mut h)?;
-        }
+            m.block_with(blk, b, x, 0, None, &mut h).map(drop)
+        })?;
     }
     let shared: BTreeMap<String, Rc<Hessian>> =
         hs.into_iter().map(|(k, h)| (k, Rc::new(h))).collect();
@@ -501,6 +512,8 @@ pub struct Job<'a> {
     /// The inputs of block `from`; `None`: embed the windows, then run the float blocks before
     /// `from`.
     pub xs: Option<Vec<Tensor>>,
+    /// Where activations go when they do not fit in memory; `None`: always held.
+    pub spill: Option<&'a Spill>,
     /// What earlier blocks calibrated (a resumed run's), carried into the result.
     pub done: Calibration,
     /// Each block's outputs for the next block are the float block's, not the quantized one's.
@@ -519,6 +532,7 @@ impl Job<'_> {
             done: Calibration::default(),
             fp_inputs: false,
             save: None,
+            spill: None,
         }
     }
 }
@@ -566,9 +580,14 @@ pub fn calibrate_job(
         Some(_) => job.from,
         None => 0,
     };
-    let mut xs: Vec<Tensor> = match job.xs.take() {
-        Some(xs) => xs,
-        None => windows.iter().map(|w| m.embed(w)).collect::<Result<_>>()?,
+    let spill = job.spill;
+    let mut xs = match job.xs.take() {
+        Some(xs) => Acts::Held(xs).placed(spill)?,
+        None => {
+            let tokens: usize = windows.iter().map(Vec::len).sum();
+            let bytes = (tokens * m.embed_dims().1 * 4) as u64;
+            Acts::build(windows.len(), bytes, spill, &mut |i| m.embed(&windows[i]))?
+        }
     };
     let last = job.end == n;
     // A streamed run reads the table again at the end, and only if it quantizes it.
@@ -596,14 +615,15 @@ pub fn calibrate_job(
             }
         };
         if b < job.from {
-            xs = xs
-                .iter()
-                .map(|x| m.block_with(&blk, b, x, 0, None, &mut None))
-                .collect::<Result<_>>()?;
+            xs = xs.map(spill, &mut |x| m.block_with(&blk, b, x, 0, None, &mut None))?;
             continue;
         }
         let mut part = Calibration::default();
-        xs = calibrate_block(m, &mut blk, b, xs, spec, job.fp_inputs, &mut part)?;
+        let flow = Flow {
+            fp_inputs: job.fp_inputs,
+            spill,
+        };
+        xs = calibrate_block(m, &mut blk, b, xs, spec, flow, &mut part)?;
         if let Some(cp) = job.save.as_deref_mut() {
             cp.save_block(b, &part, &xs)?;
         }
@@ -614,6 +634,7 @@ pub fn calibrate_job(
         trim_heap();
         progress(b + 1, n);
     }
+    out.acts = Some((xs.bytes(), xs.is_spilled()));
     m.blocks = done;
     if !last {
         return Ok(out);
@@ -636,6 +657,15 @@ pub fn calibrate_job(
     Ok(out)
 }
 
+/// How activations flow from block to block.
+#[derive(Clone, Copy, Default)]
+pub struct Flow<'a> {
+    /// The next block's inputs are the float block's outputs.
+    pub fp_inputs: bool,
+    /// Where activations go when they do not fit in memory; `None`: always held.
+    pub spill: Option<&'a Spill>,
+}
+
 /// Calibrates block `b`'s layers on its inputs `xs`, leaves their reconstructions in `blk` and
 /// returns the next block's inputs: the quantized block's outputs, or with `fp_inputs` the
 /// float block's.
@@ -643,17 +673,17 @@ fn calibrate_block(
     m: &Llama,
     blk: &mut Block,
     b: usize,
-    xs: Vec<Tensor>,
+    xs: Acts,
     spec: &CalibSpec,
-    fp_inputs: bool,
+    flow: Flow,
     out: &mut Calibration,
-) -> Result<Vec<Tensor>> {
-    let forward = |blk: &Block, xs: &[Tensor]| -> Result<Vec<Tensor>> {
-        xs.iter()
-            .map(|x| m.block_with(blk, b, x, 0, None, &mut None))
-            .collect()
+) -> Result<Acts> {
+    let forward = |blk: &Block, xs: &Acts| -> Result<Acts> {
+        xs.map(flow.spill, &mut |x| {
+            m.block_with(blk, b, x, 0, None, &mut None)
+        })
     };
-    let fp_out = match fp_inputs {
+    let fp_out = match flow.fp_inputs {
         true => Some(forward(blk, &xs)?),
         false => None,
     };
@@ -843,7 +873,7 @@ fn refit_reduction(refit: Option<(f64, f64)>) -> Option<f64> {
 fn calibrate_embedding(
     m: &Llama,
     spec: &CalibSpec,
-    xs: &[Tensor],
+    xs: &Acts,
     bits: u8,
 ) -> Result<CalibratedLayer> {
     let (vocab, hidden) = m.embed_dims();
@@ -884,13 +914,14 @@ fn calibrate_embedding(
 
 /// The output head's input statistics: the final norm's outputs for the last block's outputs
 /// `xs`.
-pub fn head_hessian(m: &Llama, xs: &[Tensor]) -> Result<Hessian> {
+pub fn head_hessian(m: &Llama, xs: &dyn crate::acts::Windows) -> Result<Hessian> {
     let mut h = Hessian::new(m.embed_dims().1);
-    for x in xs {
+    xs.each(&mut |x| {
         let y = m.final_normed(x)?;
         let gram = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
         h.add_gram(&gram, y.dims2()?.0);
-    }
+        Ok(())
+    })?;
     Ok(h)
 }
 
@@ -903,7 +934,7 @@ fn calibrate_ggml_head(
     m: &Llama,
     blocks: Blocks,
     spec: &CalibSpec,
-    xs: &[Tensor],
+    xs: &Acts,
 ) -> Result<Option<(String, CalibratedLayer)>> {
     let Some(g) = &spec.ggml else {
         return Ok(None);
@@ -954,13 +985,13 @@ pub struct Sampling<'a> {
     pub seed: u64,
 }
 
-/// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`; with `fp_inputs` each
-/// block on the float model's activations. `job` saves each block and says where to start.
+/// Runs calibration (GPTQ / AWQ / both) on a decoder model from `src`, activations flowing as
+/// `flow` says. `job` saves each block and says where to start.
 pub fn run(
     src: &dyn adaptq_source::TensorSource,
     sampling: &Sampling,
     spec: &CalibSpec,
-    fp_inputs: bool,
+    flow: Flow,
     job: Option<&crate::checkpoint::JobPlan>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Calibration, CalibInfo)> {
@@ -986,7 +1017,8 @@ pub fn run(
         let blocks = Blocks::Stream(w.as_ref());
         let Some(b) = begin.as_mut() else {
             let job = Job {
-                fp_inputs,
+                fp_inputs: flow.fp_inputs,
+                spill: flow.spill,
                 ..Job::whole(desc.n_layers)
             };
             return calibrate_job(llama, blocks, &windows, spec, job, progress);
@@ -1001,7 +1033,8 @@ pub fn run(
             end: b.end,
             xs: b.xs.take(),
             done: std::mem::take(&mut b.done),
-            fp_inputs,
+            fp_inputs: flow.fp_inputs,
+            spill: flow.spill,
             save: Some(&mut b.checkpoint),
         };
         calibrate_job(llama, blocks, &windows, spec, job, progress)

@@ -434,7 +434,12 @@ impl Checkpoint {
 
     /// Saves block `b`'s calibration and the next block's inputs `xs`; the previous inputs are
     /// deleted once the state no longer names them.
-    pub fn save_block(&mut self, b: usize, cal: &Calibration, xs: &[Tensor]) -> Result<()> {
+    pub fn save_block(
+        &mut self,
+        b: usize,
+        cal: &Calibration,
+        xs: &dyn crate::acts::Windows,
+    ) -> Result<()> {
         if b != self.state.done || b >= self.state.end {
             bail!("block {b} saved out of order (next is {})", self.state.done);
         }
@@ -526,12 +531,12 @@ fn remove_if_there(path: &Path) -> Result<()> {
 }
 
 /// Writes `xs` (block `b`'s inputs) as `acts-NNNNN.bin`; returns its SHA-256.
-fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<String> {
+fn write_acts(dir: &Path, b: usize, xs: &dyn crate::acts::Windows) -> Result<String> {
     write_with(dir, &acts_file(b), &mut |w| {
         w.write_all(ACTS_MAGIC)?;
         w.write_all(&(b as u64).to_le_bytes())?;
-        w.write_all(&(xs.len() as u64).to_le_bytes())?;
-        for x in xs {
+        w.write_all(&(xs.count() as u64).to_le_bytes())?;
+        xs.each(&mut |x| {
             let dims = x.dims();
             w.write_all(&(dims.len() as u64).to_le_bytes())?;
             for &d in dims {
@@ -539,8 +544,8 @@ fn write_acts(dir: &Path, b: usize, xs: &[Tensor]) -> Result<String> {
             }
             let v = x.flatten_all()?.to_vec1::<f32>()?;
             w.write_all(bytemuck::cast_slice(&v))?;
-        }
-        Ok(())
+            Ok(())
+        })
     })
 }
 

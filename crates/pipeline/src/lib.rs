@@ -3,6 +3,7 @@
 //! method needs it ([`calibrate`], [`apq`]), writes the bundle ([`quantize`]) and exports a GGUF
 //! when asked. The command line is a thin layer over these.
 
+pub mod acts;
 pub mod apq;
 pub mod calibrate;
 pub mod checkpoint;

@@ -270,6 +270,11 @@ pub struct JobOptions {
     pub inputs_from: Option<PathBuf>,
     /// Save no checkpoint: nothing to resume, no disk used for it.
     pub no_checkpoint: bool,
+    /// Folder for activations that do not fit in memory (default: the output's folder).
+    pub scratch: Option<PathBuf>,
+    /// MiB of one set of calibration activations held in memory before they are spilled
+    /// (default: a quarter of the memory available at the start).
+    pub scratch_limit: Option<u64>,
 }
 
 /// Changes to the weights around rounding.
@@ -620,7 +625,14 @@ impl QuantizeOptions {
         // bytes, and so its digest, follow it); `remove` below moves the last key into the gap,
         // as it did when bundles were first recorded.
         let calib_inputs = map.shift_remove("calib_inputs");
-        for key in ["resume", "blocks", "inputs_from", "no_checkpoint"] {
+        for key in [
+            "resume",
+            "blocks",
+            "inputs_from",
+            "no_checkpoint",
+            "scratch",
+            "scratch_limit",
+        ] {
             map.shift_remove(key);
         }
         for key in ["src", "out", "force"] {

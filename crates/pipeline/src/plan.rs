@@ -22,6 +22,8 @@ pub trait Progress {
     fn stage(&mut self, what: &str, unit: &'static str, total: usize);
     /// `done` of `total` units of the current stage; `bytes`: source bytes read so far.
     fn advance(&mut self, done: usize, total: usize, bytes: u64);
+    /// A line worth telling the user (where memory went, say).
+    fn note(&mut self, _line: &str) {}
 }
 
 /// Runs without reporting.
@@ -581,6 +583,23 @@ impl Plan {
         })
     }
 
+    /// Where calibration activations go when they do not fit in memory.
+    fn spill(&self) -> crate::acts::Spill {
+        let o = &self.options;
+        let dir = match (&o.job.scratch, self.out.parent()) {
+            (Some(d), _) => d.clone(),
+            (None, Some(p)) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        crate::acts::Spill {
+            dir,
+            limit: o
+                .job
+                .scratch_limit
+                .map_or_else(crate::acts::Spill::default_limit, |m| m << 20),
+        }
+    }
+
     /// What is at the output, checked before any work.
     fn check_output(&self) -> Result<()> {
         let kind = match self.options.output.format {
@@ -679,10 +698,26 @@ impl Plan {
                         seed: o.seed,
                     },
                     spec,
-                    o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
+                    crate::calibrate::Flow {
+                        fp_inputs: o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
+                        spill: Some(&self.spill()),
+                    },
                     job,
                     &mut |d, t| progress.advance(d, t, 0),
                 )?;
+                if let Some((bytes, spilled)) = cal.acts {
+                    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+                    let spill = self.spill();
+                    progress.note(&format!(
+                        "calibration activations: {:.0} MiB per set, {} (limit {:.0} MiB)",
+                        mib(bytes),
+                        match spilled {
+                            true => format!("spilled to {}", spill.dir.display()),
+                            false => "held in memory".to_string(),
+                        },
+                        mib(spill.limit)
+                    ));
+                }
                 let extra = crate::calibrate::verification_sections(&cal)?;
                 Some(StageOutput {
                     cal,

@@ -2,7 +2,8 @@
 //! whole: the same codes, errors, folded norms and AWQ search for every kind of rounding. So
 //! does a run split into two block ranges whose parts go through their checkpoint files (the
 //! second starting from the activations the first saved), and, with float inputs, two
-//! independent ranges against one float-input run.
+//! independent ranges against one float-input run, and a run whose activations are spilled to
+//! a scratch file.
 
 use adaptq_model::llama::Llama;
 use adaptq_pipeline::calibrate::{
@@ -61,6 +62,30 @@ fn both(spec: &CalibSpec) -> (Calibration, Calibration) {
     (a, b)
 }
 
+/// One streamed pass whose activations are all spilled to a scratch file.
+fn spilled(spec: &CalibSpec) -> Calibration {
+    let model = TinyLlama::new(3);
+    let w = adaptq_model::borrowed_source(&model);
+    let mut shell = Llama::load_shell(w.desc(), w.as_ref()).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let spill = adaptq_pipeline::acts::Spill {
+        dir: d.path().to_path_buf(),
+        limit: 0,
+    };
+    let job = Job {
+        spill: Some(&spill),
+        ..Job::whole(w.desc().n_layers)
+    };
+    let stream = Blocks::Stream(w.as_ref());
+    let cal = calibrate_job(&mut shell, stream, &windows(), spec, job, &mut |_, _| {}).unwrap();
+    assert_eq!(
+        cal.acts.map(|a| a.1),
+        Some(true),
+        "the activations were spilled"
+    );
+    cal
+}
+
 /// One streamed pass over all blocks with float inputs.
 fn whole_fp(spec: &CalibSpec) -> Calibration {
     let model = TinyLlama::new(3);
@@ -106,6 +131,7 @@ fn split(spec: &CalibSpec, fp: bool) -> Calibration {
             done: std::mem::take(&mut begin.done),
             fp_inputs: fp,
             save: Some(&mut begin.checkpoint),
+            spill: None,
         };
         let stream = Blocks::Stream(w.as_ref());
         calibrate_job(&mut shell, stream, &windows, spec, job, &mut |_, _| {}).unwrap();
@@ -124,6 +150,7 @@ fn assert_same(spec: CalibSpec, what: &str) {
     let (a, b) = both(&spec);
     assert!(!a.layers.is_empty());
     compare(&a, &b, what);
+    compare(&a, &spilled(&spec), &format!("{what}, activations spilled"));
     compare(&a, &split(&spec, false), &format!("{what}, two ranges"));
     let fp = whole_fp(&spec);
     compare(

@@ -199,6 +199,20 @@ pub const JOBS: Section = (
              each block's file holds its rotated weights in f32). Nothing can be resumed.",
         ),
         (
+            "scratch",
+            Path,
+            "Folder for calibration activations that do not fit in memory (default: the \
+             output's folder). They go to an unnamed file there, read back one window at a \
+             time, gone when the run ends. Bundles are the same either way.",
+        ),
+        (
+            "scratch_limit",
+            Count,
+            "MiB of one set of calibration activations (every window at one block) held in \
+             memory before they are spilled to --scratch (default: a quarter of the memory \
+             available at the start). A block holds its inputs and outputs at once.",
+        ),
+        (
             "inputs_from",
             Path,
             "With --blocks A..B and calib_inputs quantized: the part that ends at block A, \
