@@ -511,7 +511,7 @@ pub struct Job<'a> {
     pub end: usize,
     /// The inputs of block `from`; `None`: embed the windows, then run the float blocks before
     /// `from`.
-    pub xs: Option<Vec<Tensor>>,
+    pub xs: Option<Acts>,
     /// Where activations go when they do not fit in memory; `None`: always held.
     pub spill: Option<&'a Spill>,
     /// What earlier blocks calibrated (a resumed run's), carried into the result.
@@ -582,7 +582,7 @@ pub fn calibrate_job(
     };
     let spill = job.spill;
     let mut xs = match job.xs.take() {
-        Some(xs) => Acts::Held(xs).placed(spill)?,
+        Some(xs) => xs.placed(spill)?,
         None => {
             let tokens: usize = windows.iter().map(Vec::len).sum();
             let bytes = (tokens * m.embed_dims().1 * 4) as u64;
@@ -1011,7 +1011,7 @@ pub fn run(
     drop(tokenizer);
     trim_heap();
     let mut begin = job
-        .map(|j| j.begin(src, &info, desc.n_layers))
+        .map(|j| j.begin(src, &info, desc.n_layers, flow.spill))
         .transpose()?;
     let mut pass = |llama: &mut Llama, spec: &CalibSpec, progress: &mut dyn FnMut(usize, usize)| {
         let blocks = Blocks::Stream(w.as_ref());

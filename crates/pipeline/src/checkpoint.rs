@@ -12,6 +12,7 @@
 //! the files it names, and the activations it no longer names are deleted after it: a run
 //! killed at any instant leaves a folder whose `state.json` describes files that are whole.
 
+use crate::acts::{Acts, Spill};
 use crate::calibrate::{AwqGroup, CalibInfo, CalibratedLayer, Calibration};
 use crate::options::QuantizeOptions;
 use anyhow::{bail, Context, Result};
@@ -497,8 +498,8 @@ impl Checkpoint {
         Ok(cal)
     }
 
-    /// The inputs of block `done`.
-    pub fn acts(&self) -> Result<Vec<Tensor>> {
+    /// The inputs of block `done`, placed in memory or `spill`'s scratch as they fit.
+    pub fn acts(&self, spill: Option<&Spill>) -> Result<Acts> {
         let name = acts_file(self.state.done);
         let path = self.dir.join(&name);
         let want = self.state.hashes.get(&name).with_context(|| {
@@ -508,7 +509,7 @@ impl Checkpoint {
                 self.state.done
             )
         })?;
-        read_acts(&path, self.state.done, want)
+        read_acts(&path, self.state.done, want, spill)
     }
 
     /// Drops the saved activations (the last range's: no block reads them).
@@ -551,7 +552,7 @@ fn write_acts(dir: &Path, b: usize, xs: &dyn crate::acts::Windows) -> Result<Str
 
 /// Reads an activations file, checking it holds block `b`'s inputs, that every size fits the
 /// file and that its SHA-256 is `want`.
-fn read_acts(path: &Path, b: usize, want: &str) -> Result<Vec<Tensor>> {
+fn read_acts(path: &Path, b: usize, want: &str, spill: Option<&Spill>) -> Result<Acts> {
     use sha2::Digest;
     let named = || format!("{}", path.display());
     let f = std::fs::File::open(path).with_context(|| format!("opening {}", named()))?;
@@ -580,8 +581,13 @@ fn read_acts(path: &Path, b: usize, want: &str) -> Result<Vec<Tensor>> {
         bail!("{} holds block {block}'s inputs, not block {b}'s", named());
     }
     let n = u64_at(&mut r, &mut left)?;
-    let mut xs = Vec::new();
-    for _ in 0..n {
+    // Every window is at least its 16-byte header: a count beyond that is damage.
+    let count = usize::try_from(n)
+        .ok()
+        .filter(|&c| (c as u64).saturating_mul(16) <= left)
+        .with_context(|| format!("{}: {n} windows cannot fit in the file", named()))?;
+    // Windows are read one at a time into memory or the scratch file, as they fit.
+    let xs = Acts::build(count, left, spill, &mut |_| {
         let nd = u64_at(&mut r, &mut left)?;
         if nd == 0 || nd > 4 {
             bail!("{}: a tensor of {nd} dimensions", named());
@@ -602,8 +608,8 @@ fn read_acts(path: &Path, b: usize, want: &str) -> Result<Vec<Tensor>> {
         let mut v = vec![0f32; usize::try_from(numel)?];
         r.read_exact(bytemuck::cast_slice_mut(&mut v))?;
         left -= bytes;
-        xs.push(Tensor::from_vec(v, dims, &Device::Cpu)?);
-    }
+        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    })?;
     if left != 0 {
         bail!("{} has {left} bytes after its last tensor", named());
     }
@@ -659,7 +665,7 @@ pub struct Begin {
     pub done: Calibration,
     /// Inputs of block `from`, when saved ones are used; `None`: embed the windows (and, for
     /// a float-input range after block 0, run the float blocks before it).
-    pub xs: Option<Vec<Tensor>>,
+    pub xs: Option<Acts>,
     pub from: usize,
     pub end: usize,
 }
@@ -671,6 +677,7 @@ impl JobPlan {
         src: &dyn adaptq_source::TensorSource,
         calib: &CalibInfo,
         blocks: usize,
+        spill: Option<&Spill>,
     ) -> Result<Begin> {
         let fp = fingerprint(&self.recorded, calib, src, &self.locator)?;
         let range = self.range.clone().unwrap_or(0..blocks);
@@ -718,7 +725,7 @@ impl JobPlan {
                 }
                 if s.done > s.start {
                     let xs = if s.done < s.end || !s.tail_done && s.end == blocks {
-                        Some(cp.acts()?)
+                        Some(cp.acts(spill)?)
                     } else {
                         None
                     };
@@ -766,7 +773,7 @@ impl JobPlan {
                         s.done
                     );
                 }
-                Some(prev.acts()?)
+                Some(prev.acts(spill)?)
             }
         };
         let mut options = self.options.clone();
@@ -892,7 +899,10 @@ mod tests {
         ];
         let h = write_acts(d.path(), 7, &xs).unwrap();
         let p = d.path().join(acts_file(7));
-        let back = read_acts(&p, 7, &h).unwrap();
+        let back = match read_acts(&p, 7, &h, None).unwrap() {
+            Acts::Held(v) => v,
+            Acts::Spilled(_) => panic!("no limit given, nothing spills"),
+        };
         assert_eq!(back.len(), 2);
         for (a, b) in xs.iter().zip(&back) {
             assert_eq!(a.dims(), b.dims());
@@ -902,20 +912,29 @@ mod tests {
             );
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
         }
-        assert!(read_acts(&p, 6, &h).is_err(), "another block's inputs");
-        assert!(read_acts(&p, 7, &"0".repeat(64)).is_err(), "another hash");
+        assert!(
+            read_acts(&p, 6, &h, None).is_err(),
+            "another block's inputs"
+        );
+        assert!(
+            read_acts(&p, 7, &"0".repeat(64), None).is_err(),
+            "another hash"
+        );
         let bytes = std::fs::read(&p).unwrap();
         let mut flipped = bytes.clone();
         *flipped.last_mut().unwrap() ^= 1;
         std::fs::write(&p, &flipped).unwrap();
-        assert!(read_acts(&p, 7, &h).is_err(), "a flipped bit");
+        assert!(read_acts(&p, 7, &h, None).is_err(), "a flipped bit");
         std::fs::write(&p, &bytes[..bytes.len() - 4]).unwrap();
-        assert!(read_acts(&p, 7, &h).is_err(), "cut short");
+        assert!(read_acts(&p, 7, &h, None).is_err(), "cut short");
         let mut huge = bytes.clone();
         // The first tensor's row count, after magic, block, count and its rank.
         huge[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&p, &huge).unwrap();
-        assert!(read_acts(&p, 7, &h).is_err(), "a size beyond the file");
+        assert!(
+            read_acts(&p, 7, &h, None).is_err(),
+            "a size beyond the file"
+        );
     }
 
     #[test]

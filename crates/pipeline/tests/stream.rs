@@ -102,6 +102,7 @@ fn whole_fp(spec: &CalibSpec) -> Calibration {
 /// The run as two range jobs, 0..1 and 1..n, each into its part folder, then joined from the
 /// parts' files as `adaptq merge` joins them. With quantized inputs the second range starts
 /// from the activations the first saved; with float inputs it runs the float block 0 itself.
+/// The second range spills its activations to a scratch file.
 fn split(spec: &CalibSpec, fp: bool) -> Calibration {
     let model = TinyLlama::new(3);
     let w = adaptq_model::borrowed_source(&model);
@@ -121,8 +122,22 @@ fn split(spec: &CalibSpec, fp: bool) -> Calibration {
         recorded: serde_json::json!({"test": true}),
         locator: "file:tiny".into(),
     };
+    // The second range spills every activation: those it reads from the first part's file too.
+    let spill = adaptq_pipeline::acts::Spill {
+        dir: d.path().to_path_buf(),
+        limit: 0,
+    };
     for (name, range, from) in [("p0", 0..1, None), ("p1", 1..n, (!fp).then_some("p0"))] {
-        let mut begin = plan(name, range, from).begin(&model, &info, n).unwrap();
+        let spill = (name == "p1").then_some(&spill);
+        let mut begin = plan(name, range, from)
+            .begin(&model, &info, n, spill)
+            .unwrap();
+        if let (Some(xs), false) = (&begin.xs, fp) {
+            assert!(
+                xs.is_spilled(),
+                "saved activations read into the scratch file"
+            );
+        }
         let mut shell = Llama::load_shell(w.desc(), w.as_ref()).unwrap();
         let job = Job {
             from: begin.from,
@@ -131,7 +146,7 @@ fn split(spec: &CalibSpec, fp: bool) -> Calibration {
             done: std::mem::take(&mut begin.done),
             fp_inputs: fp,
             save: Some(&mut begin.checkpoint),
-            spill: None,
+            spill,
         };
         let stream = Blocks::Stream(w.as_ref());
         calibrate_job(&mut shell, stream, &windows, spec, job, &mut |_, _| {}).unwrap();
