@@ -41,8 +41,8 @@ if [ "$MODE" = quantized ] && [ "$i" -gt 0 ]; then
   mode+=(--inputs-from "$(part $((i - 1)))")
 fi
 
-# Every task must be given the same settings: a part records them and merge refuses parts of
-# different runs.
+# Every task must be given the same settings and run the same adaptq build (the same binary on
+# every node): a part records both, and merge refuses parts of different runs.
 adaptq --threads "${SLURM_CPUS_PER_TASK:-1}" quantize "$MODEL" \
   --method gptq --bits 4 --group-size 128 --sym \
   --calib "$CALIB" --calib-samples 128 --seed 0 \

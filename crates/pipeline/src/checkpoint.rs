@@ -210,7 +210,7 @@ pub fn fingerprint(
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(FORMAT.as_bytes());
-    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(build_id().as_bytes());
     h.update(serde_json::to_vec(recorded)?);
     h.update(serde_json::to_vec(calib)?);
     h.update(locator.as_bytes());
@@ -230,6 +230,19 @@ pub fn fingerprint(
         }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The running program's SHA-256: two builds whose code differs may write different codes for
+/// the same block, so a checkpoint or part is taken up only by the build that wrote it (the
+/// version number alone does not change between development builds).
+fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::env::current_exe()
+            .and_then(std::fs::read)
+            .map(|b| sha256(&b))
+            .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string())
+    })
 }
 
 fn sha256(bytes: &[u8]) -> String {
