@@ -30,7 +30,7 @@ impl Spill {
                     .find_map(|l| l.strip_prefix("MemAvailable:"))
                     .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             })
-            .map(|kib| kib * 1024);
+            .map(|kib| kib.saturating_mul(1024));
         avail.map_or(4 << 30, |b| b / 4)
     }
 }

@@ -596,7 +596,9 @@ impl Plan {
             limit: o
                 .job
                 .scratch_limit
-                .map_or_else(crate::acts::Spill::default_limit, |m| m << 20),
+                .map_or_else(crate::acts::Spill::default_limit, |m| {
+                    m.saturating_mul(1 << 20)
+                }),
         }
     }
 
@@ -689,6 +691,8 @@ impl Plan {
             Stage::Direct => None,
             Stage::Calibrate { calib, spec } => {
                 progress.stage(o.method.name(), "blocks", blocks);
+                // One limit for the run and for what it reports.
+                let spill = self.spill();
                 let (cal, info) = crate::calibrate::run(
                     source,
                     &crate::calibrate::Sampling {
@@ -700,14 +704,13 @@ impl Plan {
                     spec,
                     crate::calibrate::Flow {
                         fp_inputs: o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
-                        spill: Some(&self.spill()),
+                        spill: Some(&spill),
                     },
                     job,
                     &mut |d, t| progress.advance(d, t, 0),
                 )?;
                 if let Some((bytes, spilled)) = cal.acts {
                     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-                    let spill = self.spill();
                     progress.note(&format!(
                         "calibration activations: {:.0} MiB per set, {} (limit {:.0} MiB)",
                         mib(bytes),
