@@ -124,6 +124,8 @@ pub enum Cmd {
         /// Seed for sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        kernels: RunKernels,
     },
     /// Gold-prompt spot checks: greedy continuations of a candidate vs a reference model.
     SpotCheck {
@@ -139,6 +141,8 @@ pub enum Cmd {
         max_tokens: usize,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        kernels: RunKernels,
     },
     /// Forward-pass throughput (prompt processing and generation) of one or more models, as a
     /// table with each model's speed relative to the first.
@@ -153,6 +157,8 @@ pub enum Cmd {
         /// Repetitions; the best is reported.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        #[command(flatten)]
+        kernels: RunKernels,
     },
     /// Sizes, bits per weight, compression vs f16 and per-layer error of a bundle.
     Stats {
@@ -213,4 +219,35 @@ pub struct EvalArgs {
     /// scoring: checks that rotation alone leaves the model's function unchanged.
     #[arg(long, value_name = "SEED")]
     pub rotate: Option<u64>,
+    /// Score the weights dequantized to f32 (the default): quality figures then judge the
+    /// function the stored codes define, without the packed kernels' 8-bit rounding of
+    /// activations. The --base model always runs this way.
+    #[arg(long, conflicts_with = "packed")]
+    pub exact: bool,
+    /// Score on the packed kernels `generate` and `bench` run: GGML-block weights (and integer
+    /// grids that re-lay onto one) multiplied from their blocks with activations rounded to 8
+    /// bits per row, as llama-perplexity computes.
+    #[arg(long)]
+    pub packed: bool,
+}
+
+/// Kernels of `generate`, `bench` and `spot-check`: packed unless --exact.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct RunKernels {
+    /// Dequantize every weight to f32 at load and multiply in f32: the exact function the
+    /// stored codes define (what `eval` scores), at f32 memory and speed. Default: weights
+    /// stored as GGML blocks, or integer grids that re-lay onto one exactly (4/5-bit, 8-bit
+    /// symmetric, groups of a multiple of 32), run from their blocks with activations rounded
+    /// to 8 bits per row, as llama.cpp runs them.
+    #[arg(long)]
+    pub exact: bool,
+}
+
+impl RunKernels {
+    pub fn kernels(self) -> adaptq_model::Kernels {
+        match self.exact {
+            true => adaptq_model::Kernels::Exact,
+            false => adaptq_model::Kernels::Packed,
+        }
+    }
 }

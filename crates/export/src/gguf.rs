@@ -117,7 +117,7 @@ fn route(t: &TensorEntry, opts: &ExportOptions) -> Result<Route> {
                 (None, None) => reround(
                     ggml::nearest(*bits, *grid),
                     format!(
-                        "{} has no GGML twin (those are group 32 at 4, 5 or 8 bits)",
+                        "{} has no GGML twin (those are 4 or 5 bits, or 8 bits symmetric, in groups of a multiple of 32)",
                         t.encoding.label()
                     ),
                 )?,

@@ -222,7 +222,8 @@ pub fn nearest(bits: u8, grid: Grid) -> BlockType {
 }
 
 /// The block type whose grid *is* adaptq's integer grid of `bits` in groups of `group_size`
-/// on rows of `cols` values (group 32 at 4/5 bits either way, or 8 bits symmetric), so codes
+/// on rows of `cols` values (4/5 bits either way, or 8 bits symmetric, in groups of a multiple
+/// of 32 on rows of a multiple of 32: each 32-value block repeats its group's scale), so codes
 /// move between the two losslessly; `None` when there is none.
 pub fn twin(bits: u8, grid: Grid, group_size: usize, cols: usize) -> Option<BlockType> {
     let ty = match (bits, grid) {
@@ -233,7 +234,12 @@ pub fn twin(bits: u8, grid: Grid, group_size: usize, cols: usize) -> Option<Bloc
         (8, Grid::Symmetric) => BlockType::Q8_0,
         _ => return None,
     };
-    (group_size == 32 && cols.is_multiple_of(32)).then_some(ty)
+    let group = if group_size == 0 {
+        cols
+    } else {
+        group_size.min(cols)
+    };
+    (group.is_multiple_of(32) && cols.is_multiple_of(32) && cols > 0).then_some(ty)
 }
 
 /// Every tensor type adaptq's GGUF reader knows: the floats and the [`BlockType`]s.

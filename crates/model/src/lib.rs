@@ -1,10 +1,13 @@
 //! Forward passes on CPU: the Llama family (Llama, Mistral, Qwen2, SmolLM, and Gemma 3 as a
 //! variant of its block) and BERT encoders.
 //!
-//! Models run from an unquantized source or from an adaptq bundle. Bundle weights are
-//! dequantized to f32 once, at load time, and the forward pass multiplies f32 matrices with
-//! candle's gemm: this measures exactly the function the stored codes define, which is what
-//! perplexity and KL divergence must judge, at the cost of f32 memory (fine up to ~1B params).
+//! Models run from an unquantized source or from an adaptq bundle, on one of two sets of
+//! kernels ([`Kernels`]). `Exact` dequantizes every weight to f32 once, at load time, and
+//! multiplies f32 matrices with candle's gemm: this measures exactly the function the stored
+//! codes define, which is what perplexity and KL divergence must judge, at the cost of f32
+//! memory. `Packed` keeps weights stored as GGML blocks in their blocks and runs candle's
+//! quantized matmuls on them (activations rounded to 8 bits per row, as llama.cpp does): the
+//! runtime for generation and speed.
 
 pub mod bert;
 pub mod gemma;
@@ -13,6 +16,7 @@ pub mod llama;
 pub mod tokenizer;
 mod weights;
 
+pub use llama::Kernels;
 pub use weights::{borrowed_source, from_source, open_weights, Weights};
 
 use adaptq_source::model::{Family, ModelDesc};
@@ -69,15 +73,29 @@ pub(crate) fn check_layer_count(
 }
 
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    load_weights(open_weights(path)?, path.display().to_string())
+    load_with(path, Kernels::Exact)
+}
+
+/// Loads a model file/folder or an adaptq bundle to run on the given kernels (BERT encoders
+/// always run dequantized).
+pub fn load_with(path: &Path, kernels: Kernels) -> Result<LoadedModel> {
+    load_weights_with(open_weights(path)?, path.display().to_string(), kernels)
 }
 
 /// Loads a model from weights already opened (e.g. a remote source); `label` names it in messages.
 pub fn load_weights(w: Box<dyn Weights + '_>, label: String) -> Result<LoadedModel> {
+    load_weights_with(w, label, Kernels::Exact)
+}
+
+fn load_weights_with(
+    w: Box<dyn Weights + '_>,
+    label: String,
+    kernels: Kernels,
+) -> Result<LoadedModel> {
     let desc = w.desc().clone();
     let tokenizer = w.tokenizer()?;
     let kind = match desc.family {
-        Family::Llama => ModelKind::Llama(llama::Llama::load(&desc, w.as_ref())?),
+        Family::Llama => ModelKind::Llama(llama::Llama::load_with(&desc, w.as_ref(), kernels)?),
         Family::Bert => ModelKind::Bert(bert::Bert::load(&desc, w.as_ref())?),
     };
     Ok(LoadedModel {

@@ -1,8 +1,11 @@
 //! One view over "where weights come from": a source model or an adaptq bundle.
 
+use adaptq_bundle::manifest::Encoding;
 use adaptq_bundle::Bundle;
+use adaptq_quant::ggml::BlockType;
+use adaptq_source::gguf::GgmlType;
 use adaptq_source::model::ModelDesc;
-use adaptq_source::TensorSource;
+use adaptq_source::{SrcDType, TensorSource};
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 
@@ -12,6 +15,12 @@ pub trait Weights {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor decoded (dequantized) to f32.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
+    /// The tensor as GGML blocks, when it is stored as a block type or as an integer grid that
+    /// re-lays onto one exactly ([`adaptq_quant::ggml::from_int`]): what kernels running on
+    /// the stored codes take. `None` for anything else.
+    fn blocks(&self, _name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+        Ok(None)
+    }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer>;
     /// Seed of the input rotations the stored weights carry (bundles made with `--rotate`).
     fn rotation_seed(&self) -> Option<u64> {
@@ -59,6 +68,15 @@ impl<S: HoldsSource> Weights for SourceWeights<S> {
     fn read(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.0.get().read_f32(name)?)
     }
+    fn blocks(&self, name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+        let src = self.0.get();
+        match src.info(name).map(|t| t.dtype) {
+            Some(SrcDType::Ggml(GgmlType::Block(b))) => {
+                Ok(Some((b, src.raw_bytes(name)?.into_owned())))
+            }
+            _ => Ok(None),
+        }
+    }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Some(md) = self.0.get().gguf_metadata() {
             // A vocabulary type adaptq cannot rebuild falls back to a tokenizer.json beside it.
@@ -96,6 +114,16 @@ impl Weights for BundleWeights {
     }
     fn read(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.bundle.read_f32(name)?)
+    }
+    fn blocks(&self, name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+        let Some(t) = self.bundle.entry(name) else {
+            return Ok(None);
+        };
+        Ok(match &t.encoding {
+            Encoding::Ggml { ggml_type } => Some((*ggml_type, self.bundle.payload(t)?)),
+            Encoding::Int { .. } => adaptq_quant::ggml::from_int(&self.bundle.quantized(t)?),
+            _ => None,
+        })
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Ok(bytes) = self.bundle.read_file("tokenizer.json") {

@@ -162,6 +162,28 @@ fn kv_cache_matches_full_pass() {
     assert_eq!(cache.len(), TOKENS.len());
 }
 
+/// The packed runtime's attention (one task per query and head over the cached keys) computes
+/// the exact path's function, with and without the cache.
+#[test]
+fn packed_runtime_attention_matches_the_exact_pass() {
+    use adaptq_model::Kernels;
+    let hf = hf_weights();
+    let exact = Llama::load(&hf.desc, &hf)
+        .unwrap()
+        .forward(&TOKENS, None, None)
+        .unwrap();
+    let m = Llama::load_with(&hf.desc, &hf, Kernels::Packed).unwrap();
+    let full = m.forward(&TOKENS, None, None).unwrap();
+    assert!(max_diff(&full, &exact) < 1e-4);
+    let mut cache = KvCache::default();
+    m.forward(&TOKENS[..5], Some(&mut cache), None).unwrap();
+    for (i, &t) in TOKENS.iter().enumerate().skip(5) {
+        let step = m.forward(&[t], Some(&mut cache), None).unwrap();
+        let d = max_diff(&step, &exact.narrow(0, i, 1).unwrap());
+        assert!(d < 1e-4, "position {i}: {d}");
+    }
+}
+
 #[test]
 fn causal_mask_hides_the_future() {
     let hf = hf_weights();

@@ -675,14 +675,30 @@ pub fn quantize_rtn(
     Ok(out)
 }
 
-/// The GGML type whose grid *is* this integer grid (group 32, widths 4/5/8 with llama.cpp's
-/// symmetric or min-offset layout), with the codes re-laid as its blocks: lossless.
+/// The GGML type whose grid *is* this integer grid ([`twin`]), with the codes re-laid as its
+/// blocks: lossless. `None` when there is no twin or the parts do not fit the shape.
 pub fn from_int(q: &crate::QuantizedTensor) -> Option<(BlockType, Vec<u8>)> {
     let ty = twin(q.bits, q.grid, q.group_size, q.cols)?;
-    let codes = crate::pack::unpack(&q.codes, q.bits, q.rows * q.cols);
-    let mut out = Vec::with_capacity(ty.bytes_for(codes.len()));
-    for (g, c) in codes.chunks(32).enumerate() {
-        let min = q.mins.get(g).copied().unwrap_or(f16::ZERO);
+    let n = q.rows.checked_mul(q.cols)?;
+    let gpr = q.groups_per_row();
+    let groups = q.rows.checked_mul(gpr)?;
+    let asym = q.grid == crate::Grid::Asymmetric;
+    if q.codes.len() != crate::pack::packed_len(n, q.bits)
+        || q.scales.len() != groups
+        || (asym && q.mins.len() != groups)
+    {
+        return None;
+    }
+    let group = match q.group_size {
+        0 => q.cols,
+        g => g.min(q.cols),
+    };
+    let codes = crate::pack::unpack(&q.codes, q.bits, n);
+    let mut out = Vec::with_capacity(ty.bytes_for(n));
+    for (j, c) in codes.chunks(32).enumerate() {
+        let (r, col) = (j * 32 / q.cols, j * 32 % q.cols);
+        let g = r * gpr + col / group;
+        let min = if asym { q.mins[g] } else { f16::ZERO };
         encode_block(ty, &BlockHead::new(q.scales[g], min), c, &mut out);
     }
     Some((ty, out))
@@ -938,7 +954,18 @@ mod tests {
                 t.name()
             );
         }
-        let q = int_rtn(&w, rows, cols, &RtnConfig::new(4, 64, Grid::Symmetric)).unwrap();
+        // Wider groups repeat their scale in each block; a short last group too.
+        for (g, grid) in [
+            (64, Grid::Asymmetric),
+            (96, Grid::Symmetric),
+            (64, Grid::Symmetric),
+        ] {
+            let q = int_rtn(&w, rows, cols, &RtnConfig::new(4, g, grid)).unwrap();
+            let (t, bytes) = from_int(&q).unwrap();
+            let a = dequantize(t, &bytes, w.len()).unwrap();
+            assert_eq!(a, q.dequantize(), "group {g}");
+        }
+        let q = int_rtn(&w, rows, cols, &RtnConfig::new(4, 48, Grid::Symmetric)).unwrap();
         assert!(from_int(&q).is_none());
         let q = int_rtn(&w, rows, cols, &RtnConfig::new(3, 32, Grid::Symmetric)).unwrap();
         assert!(from_int(&q).is_none());

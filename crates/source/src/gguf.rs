@@ -18,7 +18,7 @@ pub use adaptq_loader::ggml::GgmlType;
 
 /// candle's name for a block type (its kernels dequantize the blocks); `None` for the types
 /// candle lacks (IQ4_NL, IQ4_XS), which adaptq's own decoder reads.
-fn candle_dtype(ty: BlockType) -> Option<candle_core::quantized::GgmlDType> {
+pub fn candle_dtype(ty: BlockType) -> Option<candle_core::quantized::GgmlDType> {
     use candle_core::quantized::GgmlDType as C;
     Some(match ty {
         BlockType::Q4_0 => C::Q4_0,

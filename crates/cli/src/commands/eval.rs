@@ -9,7 +9,11 @@ use std::path::Path;
 pub fn run(a: &EvalArgs) -> Result<()> {
     let body = std::fs::read_to_string(&a.text)
         .with_context(|| format!("reading {}", a.text.display()))?;
-    let mut m = adaptq_model::load(&a.model)?;
+    let kernels = match a.packed {
+        true => adaptq_model::Kernels::Packed,
+        false => adaptq_model::Kernels::Exact,
+    };
+    let mut m = adaptq_model::load_with(&a.model, kernels)?;
     if let adaptq_model::ModelKind::Bert(bert) = &m.kind {
         if a.rotate.is_some() {
             bail!("--rotate applies to decoder (Llama-family) models");

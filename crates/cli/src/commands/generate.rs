@@ -10,8 +10,9 @@ pub fn run(
     max_tokens: usize,
     temperature: f64,
     seed: u64,
+    kernels: adaptq_model::Kernels,
 ) -> Result<()> {
-    let m = adaptq_model::load(model)?;
+    let m = adaptq_model::load_with(model, kernels)?;
     let opts = adaptq_model::generate::Options {
         max_tokens,
         temperature,

@@ -36,12 +36,14 @@ pub fn run(cmd: &Cmd) -> Result<ExitCode> {
             max_tokens,
             temperature,
             seed,
+            kernels,
         } => done(generate::run(
             model,
             prompt,
             *max_tokens,
             *temperature,
             *seed,
+            kernels.kernels(),
         )),
         Cmd::SpotCheck {
             model,
@@ -49,13 +51,15 @@ pub fn run(cmd: &Cmd) -> Result<ExitCode> {
             prompts,
             max_tokens,
             json,
-        } => spot_check::run(model, base, prompts, *max_tokens, *json),
+            kernels,
+        } => spot_check::run(model, base, prompts, *max_tokens, *json, kernels.kernels()),
         Cmd::Bench {
             models,
             pp,
             tg,
             reps,
-        } => done(bench::run(models, *pp, *tg, *reps)),
+            kernels,
+        } => done(bench::run(models, *pp, *tg, *reps, kernels.kernels())),
         Cmd::Stats { dir, json } => done(stats::run(dir, *json)),
     }
 }

@@ -10,13 +10,15 @@ pub fn run(
     prompts: &Path,
     max_tokens: usize,
     json: bool,
+    kernels: adaptq_model::Kernels,
 ) -> Result<ExitCode> {
     let list = adaptq_pipeline::plan::read_prompts(Some(prompts))?;
     if list.is_empty() {
         bail!("{} holds no prompts (one per line)", prompts.display());
     }
-    let cand = adaptq_model::load(model)?;
-    let refm = adaptq_model::load(base)?;
+    let cand = adaptq_model::load_with(model, kernels)?;
+    // Both on the same kernels, so a model checked against itself agrees fully.
+    let refm = adaptq_model::load_with(base, kernels)?;
     let checks = adaptq_model::generate::spot_check(&cand, &refm, &list, max_tokens)?;
     let fails = checks.iter().filter(|c| c.status == "FAIL").count();
     let mean = checks.iter().map(|c| c.token_agreement).sum::<f64>() / checks.len() as f64;
