@@ -159,6 +159,9 @@ pub enum Cmd {
         reps: usize,
         #[command(flatten)]
         kernels: RunKernels,
+        /// Print one JSON object (threads, kernels, one entry per model) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Sizes, bits per weight, compression vs f16 and per-layer error of a bundle.
     Stats {

@@ -1,5 +1,6 @@
 //! Throughput of the forward pass: prompt processing (one batched pass over `pp` tokens) and
-//! generation (`tg` single-token steps with the KV cache).
+//! generation (`tg` single-token steps with the KV cache, from an empty cache, as
+//! llama-bench's `tg` test runs them).
 
 use adaptq_model::llama::{KvCache, Llama};
 use anyhow::Result;
@@ -17,15 +18,18 @@ pub struct Speed {
 /// Best of `reps` runs of each phase (the least disturbed by other work on the machine).
 pub fn measure(m: &Llama, pp: usize, tg: usize, reps: usize) -> Result<Speed> {
     let v = m.vocab_size() as u32;
+    if pp == 0 || tg == 0 {
+        anyhow::bail!("measure at least one prompt token and one generated token");
+    }
     let prompt: Vec<u32> = (0..pp as u32).map(|i| (i * 7919 + 13) % v).collect();
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        let mut cache = KvCache::default();
-        m.forward(&prompt, Some(&mut cache), None)?;
+        m.forward(&prompt, Some(&mut KvCache::default()), None)?;
         best_pp = best_pp.min(t.elapsed().as_secs_f64());
+        let mut cache = KvCache::default();
         let t = Instant::now();
-        let mut next = prompt[pp - 1];
+        let mut next = prompt[0];
         for _ in 0..tg {
             let l = m.forward(&[next], Some(&mut cache), None)?;
             next = l.get(0)?.argmax(0)?.to_scalar::<u32>()?;

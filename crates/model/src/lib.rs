@@ -6,18 +6,21 @@
 //! multiplies f32 matrices with candle's gemm: this measures exactly the function the stored
 //! codes define, which is what perplexity and KL divergence must judge, at the cost of f32
 //! memory. `Packed` keeps weights stored as GGML blocks in their blocks and runs candle's
-//! quantized matmuls on them (activations rounded to 8 bits per row, as llama.cpp does): the
+//! quantized matmuls on them (activations rounded to 8 bits per row, as llama.cpp does), and
+//! adaptq's other integer grids on [`intgrid`]'s kernel and f16 weights on [`halfmat`]'s: the
 //! runtime for generation and speed.
 
 pub mod bert;
 pub mod gemma;
 pub mod generate;
+pub mod halfmat;
+pub mod intgrid;
 pub mod llama;
 pub mod tokenizer;
 mod weights;
 
 pub use llama::Kernels;
-pub use weights::{borrowed_source, from_source, open_weights, Weights};
+pub use weights::{borrowed_source, from_source, open_weights, Stored, Weights};
 
 use adaptq_source::model::{Family, ModelDesc};
 use anyhow::{bail, Result};

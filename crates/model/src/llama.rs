@@ -8,6 +8,9 @@
 //! network layer by layer, and every linear layer's input can be handed to a hook.
 
 use crate::gemma::{GemmaModel, PostNorms};
+use crate::halfmat::{Element, F16Matrix, RowMatrix};
+use crate::intgrid::{self, IntMatrix};
+use crate::weights::Stored;
 use crate::Weights;
 use adaptq_source::model::{ModelDesc, RopeStyle};
 use anyhow::{bail, Context, Result};
@@ -37,6 +40,13 @@ enum Matrix {
     /// row of activations to 8 bits first, as llama.cpp does: a quarter or less of the memory
     /// and of the bytes read per token.
     Blocks(QMatMul),
+    /// An integer grid without a GGML twin, on adaptq's own kernel (same activation rounding
+    /// idea, blocks of 32 with f32 steps).
+    Int(IntMatrix),
+    /// f16 values (shared with the embedding table when the head is tied).
+    F16(Arc<F16Matrix>),
+    /// f32 values row-major, for the packed runtime's one-row products.
+    F32(Arc<RowMatrix<f32>>),
 }
 
 /// Which kernels a loaded model runs its linear layers with.
@@ -48,6 +58,16 @@ pub enum Kernels {
     /// Weights stored as GGML blocks (or integer grids that re-lay onto one exactly) stay in
     /// their blocks and run through quantized matmuls; anything else is dequantized.
     Packed,
+}
+
+impl Kernels {
+    /// `exact` or `packed`, as reports name them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Exact => "exact",
+            Kernels::Packed => "packed",
+        }
+    }
 }
 
 /// Rows of activations from which a packed layer multiplies in f32 ([`round_rows`]) rather
@@ -82,30 +102,82 @@ fn round_rows(x: &Tensor, dtype: GgmlDType) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (t, k), &Device::Cpu)?)
 }
 
-/// The GGML blocks of `name` as a candle tensor of `dims` (`[out, in]`), when the weights hold
-/// them in a type candle runs.
-fn load_blocks(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Option<QTensor>> {
-    let Some((ty, bytes)) = w.blocks(name)? else {
-        return Ok(None);
-    };
-    let Some(dtype) = adaptq_source::gguf::candle_dtype(ty) else {
-        return Ok(None);
-    };
+/// `x: [T, in]` times an integer-grid weight: row by row on the kernel, or for a batch the
+/// rounded rows times the dequantized weight in f32 (the same function; see [`GEMM_ROWS`]).
+fn int_forward(m: &IntMatrix, x: &Tensor) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, _) = m.dims();
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    if t >= GEMM_ROWS {
+        let rounded: Vec<f32> = xs
+            .chunks(k)
+            .flat_map(|r| intgrid::round_row(r).values())
+            .collect();
+        let w = Tensor::from_vec(m.dequantize(), (n, k), &Device::Cpu)?;
+        return Ok(Tensor::from_vec(rounded, (t, k), &Device::Cpu)?.matmul(&w.t()?)?);
+    }
+    let mut out = vec![0f32; t * n];
+    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
+        m.gemv(&intgrid::round_row(row), o);
+    }
+    Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
+}
+
+/// A weight held as stored, for [`Kernels::Packed`].
+enum Packed {
+    Blocks(QTensor),
+    Int(IntMatrix),
+    F16(F16Matrix),
+}
+
+/// `name` (`[out, in]` = `dims`) as the packed kernels take it, when the weights store it in a
+/// form they run: GGML blocks of a type candle runs, an integer grid, f16.
+fn load_packed(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Option<Packed>> {
     let n = dims
         .0
         .checked_mul(dims.1)
         .context("tensor size overflows")?;
-    if !dims.1.is_multiple_of(ty.block_len()) || bytes.len() != ty.bytes_for(n) {
-        bail!(
-            "tensor '{name}': {} bytes of {} blocks cannot hold [{}, {}]",
-            bytes.len(),
-            ty.name(),
-            dims.0,
-            dims.1
-        );
+    let misfit = || anyhow::anyhow!("tensor '{name}': its stored data does not hold {dims:?}");
+    Ok(match w.stored(name)? {
+        Some(Stored::Blocks(ty, bytes)) => {
+            let Some(dtype) = adaptq_source::gguf::candle_dtype(ty) else {
+                return Ok(None);
+            };
+            if !dims.1.is_multiple_of(ty.block_len()) || bytes.len() != ty.bytes_for(n) {
+                return Err(misfit());
+            }
+            let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
+            Some(Packed::Blocks(QTensor::new(storage, dims)?))
+        }
+        Some(Stored::Int(g)) => {
+            let m = IntMatrix::new(&g).with_context(|| format!("tensor '{name}'"))?;
+            if m.dims() != dims {
+                return Err(misfit());
+            }
+            Some(Packed::Int(m))
+        }
+        Some(Stored::F16(v)) => Some(Packed::F16(
+            F16Matrix::new(v, dims.0, dims.1).ok_or_else(misfit)?,
+        )),
+        None => None,
+    })
+}
+
+/// `x: [T, in]` times a row-major float weight: row by row, or for a batch widened once and
+/// multiplied by candle's gemm.
+fn rows_forward<T: Element>(m: &RowMatrix<T>, x: &Tensor) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, _) = m.dims();
+    if t >= GEMM_ROWS {
+        let w = Tensor::from_vec(m.to_f32(), (n, k), &Device::Cpu)?;
+        return Ok(x.matmul(&w.t()?)?);
     }
-    let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
-    Ok(Some(QTensor::new(storage, dims)?))
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; t * n];
+    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
+        m.gemv(row, o);
+    }
+    Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
 }
 
 impl Linear {
@@ -123,17 +195,27 @@ impl Linear {
                 "tensor '{name}' is [{rows}, {cols}], but the model's dimensions need [{o}, {i}]"
             );
         }
-        let blocks = match kernels {
-            Kernels::Packed => load_blocks(w, name, (rows, cols))?,
+        let packed = match kernels {
+            Kernels::Packed => load_packed(w, name, (rows, cols))?,
             Kernels::Exact => None,
         };
-        let m = match blocks {
-            Some(q) => Matrix::Blocks(QMatMul::from_qtensor(q)?),
-            None => Matrix::Dense(
-                Tensor::from_vec(w.read(name)?, (rows, cols), &Device::Cpu)?
-                    .t()?
-                    .contiguous()?,
-            ),
+        let m = match packed {
+            Some(Packed::Blocks(q)) => Matrix::Blocks(QMatMul::from_qtensor(q)?),
+            Some(Packed::Int(m)) => Matrix::Int(m),
+            Some(Packed::F16(m)) => Matrix::F16(Arc::new(m)),
+            None => {
+                let v = w.read(name)?;
+                match kernels {
+                    Kernels::Packed => Matrix::F32(Arc::new(
+                        RowMatrix::new(v, rows, cols).context("tensor size")?,
+                    )),
+                    Kernels::Exact => Matrix::Dense(
+                        Tensor::from_vec(v, (rows, cols), &Device::Cpu)?
+                            .t()?
+                            .contiguous()?,
+                    ),
+                }
+            }
         };
         let bias = match bias {
             Some(b) if w.has(b) => Some(Tensor::from_vec(w.read(b)?, rows, &Device::Cpu)?),
@@ -168,6 +250,9 @@ impl Linear {
                 round_rows(x, q.dtype())?.matmul(&w.t()?)?
             }
             Matrix::Blocks(q) => q.forward(x)?,
+            Matrix::Int(m) => int_forward(m, x)?,
+            Matrix::F16(m) => rows_forward(m, x)?,
+            Matrix::F32(m) => rows_forward(m, x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -180,9 +265,9 @@ impl Linear {
         self.dims.0
     }
 
-    /// Whether the weight runs from its stored blocks ([`Kernels::Packed`]).
+    /// Whether the weight runs from its stored codes ([`Kernels::Packed`]).
     pub fn is_packed(&self) -> bool {
-        matches!(self.m, Matrix::Blocks(_))
+        !matches!(self.m, Matrix::Dense(_))
     }
 
     /// The current weight, row-major `[out, in]`.
@@ -192,6 +277,9 @@ impl Linear {
             Matrix::Dense(wt) => wt.t()?.contiguous()?,
             Matrix::Blocks(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             Matrix::Blocks(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
+            Matrix::Int(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
+            Matrix::F16(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
+            Matrix::F32(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
         };
         Ok((
             w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
@@ -436,6 +524,8 @@ enum Table {
     /// Stored blocks ([`Kernels::Packed`]): rows are dequantized as tokens look them up, and a
     /// tied head multiplies by the same blocks.
     Blocks(Arc<QTensor>),
+    F16(Arc<F16Matrix>),
+    F32(Arc<RowMatrix<f32>>),
 }
 
 /// How a file names and fuses a block's tensors, read once so blocks can be loaded later.
@@ -549,10 +639,29 @@ fn attention_mask(t: usize, s: usize, window: Option<usize>) -> Result<Option<Te
     Ok(Some(Tensor::from_vec(mask, (t, s), &Device::Cpu)?))
 }
 
-/// `a · b` in eight lanes, which the compiler keeps in vector registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+/// `a · b`, on the AVX2 build of the loop where the CPU has it (the crate is built for any
+/// x86-64, whose vectors are half as wide).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_any(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_any(a, b)
+}
+
+/// `a · b` in 32 lanes (four AVX registers of independent sums, so additions overlap).
+#[inline(always)]
+fn dot_any(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
     let tail: f32 = ca
         .remainder()
         .iter()
@@ -560,7 +669,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| x * y)
         .sum();
     for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
+        for l in 0..L {
             acc[l] += x[l] * y[l];
         }
     }
@@ -672,17 +781,23 @@ impl Llama {
 
     /// (Re)reads the embedding table from `w`.
     pub fn load_embedding(&mut self, w: &dyn Weights) -> Result<()> {
-        let blocks = match self.kernels {
-            Kernels::Packed => load_blocks(w, &self.embed_name, self.embed_dims)?,
+        let packed = match self.kernels {
+            Kernels::Packed => load_packed(w, &self.embed_name, self.embed_dims)?,
             Kernels::Exact => None,
         };
-        self.embed = Some(match blocks {
-            Some(q) => Table::Blocks(Arc::new(q)),
-            None => Table::Dense(Tensor::from_vec(
-                w.read(&self.embed_name)?,
-                self.embed_dims,
-                &Device::Cpu,
-            )?),
+        self.embed = Some(match packed {
+            Some(Packed::Blocks(q)) => Table::Blocks(Arc::new(q)),
+            Some(Packed::F16(m)) => Table::F16(Arc::new(m)),
+            Some(Packed::Int(_)) | None => {
+                let v = w.read(&self.embed_name)?;
+                let (vocab, d) = self.embed_dims;
+                match self.kernels {
+                    Kernels::Packed => Table::F32(Arc::new(
+                        RowMatrix::new(v, vocab, d).context("embedding size")?,
+                    )),
+                    Kernels::Exact => Table::Dense(Tensor::from_vec(v, (vocab, d), &Device::Cpu)?),
+                }
+            }
         });
         Ok(())
     }
@@ -706,6 +821,8 @@ impl Llama {
             let m = match self.embedding()? {
                 Table::Dense(e) => Matrix::Dense(e.t()?.contiguous()?),
                 Table::Blocks(q) => Matrix::Blocks(QMatMul::from_arc(q.clone())?),
+                Table::F16(m) => Matrix::F16(m.clone()),
+                Table::F32(m) => Matrix::F32(m.clone()),
             };
             Linear::from_matrix(&self.embed_name, m, dims)
         } else {
@@ -887,6 +1004,12 @@ impl Llama {
         let x = match self.embedding()? {
             Table::Dense(e) => e.index_select(&ids, 0)?,
             Table::Blocks(q) => q.embedding(&ids)?,
+            Table::F16(m) => {
+                Tensor::from_vec(m.rows_f32(tokens), (tokens.len(), m.dims().1), &Device::Cpu)?
+            }
+            Table::F32(m) => {
+                Tensor::from_vec(m.rows_f32(tokens), (tokens.len(), m.dims().1), &Device::Cpu)?
+            }
         };
         Ok(match &self.gemma {
             Some(g) => (x * g.embed_scale as f64)?,
@@ -1185,6 +1308,8 @@ impl Llama {
         let e = match self.embedding()? {
             Table::Dense(e) => e.clone(),
             Table::Blocks(q) => q.dequantize(&Device::Cpu)?,
+            Table::F16(m) => Tensor::from_vec(m.to_f32(), m.dims(), &Device::Cpu)?,
+            Table::F32(m) => Tensor::from_vec(m.to_f32(), m.dims(), &Device::Cpu)?,
         };
         Ok(e.flatten_all()?.to_vec1()?)
     }

@@ -3,11 +3,27 @@
 use adaptq_bundle::manifest::Encoding;
 use adaptq_bundle::Bundle;
 use adaptq_quant::ggml::BlockType;
+use adaptq_quant::QuantizedTensor;
 use adaptq_source::gguf::GgmlType;
 use adaptq_source::model::ModelDesc;
 use adaptq_source::{SrcDType, TensorSource};
 use anyhow::{anyhow, Context, Result};
+use half::f16;
 use std::path::Path;
+
+/// A tensor in a form the packed runtime multiplies without widening it to f32.
+pub enum Stored {
+    Blocks(BlockType, Vec<u8>),
+    Int(QuantizedTensor),
+    F16(Vec<f16>),
+}
+
+/// Little-endian f16 bytes as values.
+fn f16s(b: &[u8]) -> Vec<f16> {
+    b.chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
 
 pub trait Weights {
     fn desc(&self) -> &ModelDesc;
@@ -15,10 +31,10 @@ pub trait Weights {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// The tensor decoded (dequantized) to f32.
     fn read(&self, name: &str) -> Result<Vec<f32>>;
-    /// The tensor as GGML blocks, when it is stored as a block type or as an integer grid that
-    /// re-lays onto one exactly ([`adaptq_quant::ggml::from_int`]): what kernels running on
-    /// the stored codes take. `None` for anything else.
-    fn blocks(&self, _name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+    /// The tensor as stored, for kernels that run on stored codes: GGML blocks (an integer
+    /// grid that re-lays onto a block type exactly, [`adaptq_quant::ggml::from_int`], comes
+    /// as its blocks), another integer grid, or f16 values. `None` for anything else.
+    fn stored(&self, _name: &str) -> Result<Option<Stored>> {
         Ok(None)
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer>;
@@ -68,14 +84,15 @@ impl<S: HoldsSource> Weights for SourceWeights<S> {
     fn read(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.0.get().read_f32(name)?)
     }
-    fn blocks(&self, name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+    fn stored(&self, name: &str) -> Result<Option<Stored>> {
         let src = self.0.get();
-        match src.info(name).map(|t| t.dtype) {
+        Ok(match src.info(name).map(|t| t.dtype) {
             Some(SrcDType::Ggml(GgmlType::Block(b))) => {
-                Ok(Some((b, src.raw_bytes(name)?.into_owned())))
+                Some(Stored::Blocks(b, src.raw_bytes(name)?.into_owned()))
             }
-            _ => Ok(None),
-        }
+            Some(SrcDType::F16) => Some(Stored::F16(f16s(&src.raw_bytes(name)?))),
+            _ => None,
+        })
     }
     fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         if let Some(md) = self.0.get().gguf_metadata() {
@@ -115,13 +132,22 @@ impl Weights for BundleWeights {
     fn read(&self, name: &str) -> Result<Vec<f32>> {
         Ok(self.bundle.read_f32(name)?)
     }
-    fn blocks(&self, name: &str) -> Result<Option<(BlockType, Vec<u8>)>> {
+    fn stored(&self, name: &str) -> Result<Option<Stored>> {
         let Some(t) = self.bundle.entry(name) else {
             return Ok(None);
         };
         Ok(match &t.encoding {
-            Encoding::Ggml { ggml_type } => Some((*ggml_type, self.bundle.payload(t)?)),
-            Encoding::Int { .. } => adaptq_quant::ggml::from_int(&self.bundle.quantized(t)?),
+            Encoding::Ggml { ggml_type } => {
+                Some(Stored::Blocks(*ggml_type, self.bundle.payload(t)?))
+            }
+            Encoding::Int { .. } => {
+                let q = self.bundle.quantized(t)?;
+                Some(match adaptq_quant::ggml::from_int(&q) {
+                    Some((ty, bytes)) => Stored::Blocks(ty, bytes),
+                    None => Stored::Int(q),
+                })
+            }
+            Encoding::F16 => Some(Stored::F16(f16s(&self.bundle.payload(t)?))),
             _ => None,
         })
     }

@@ -62,8 +62,11 @@ pub fn run(a: &EvalArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
+    let kernels = kernels.name();
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut j = serde_json::to_value(&r)?;
+        j["kernels"] = kernels.into();
+        println!("{j}");
         return Ok(());
     }
     println!(
@@ -77,6 +80,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
             ScoreMode::SecondHalf => "second half of each window, as llama-perplexity",
         }
     );
+    println!("kernels: {kernels}");
     println!("PPL = {:.4} +/- {:.4}", r.ppl, r.ppl_stderr);
     if let Some(b) = &r.vs_base {
         println!(

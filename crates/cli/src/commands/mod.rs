@@ -59,7 +59,13 @@ pub fn run(cmd: &Cmd) -> Result<ExitCode> {
             tg,
             reps,
             kernels,
-        } => done(bench::run(models, *pp, *tg, *reps, kernels.kernels())),
+            json,
+        } => done(bench::run(
+            models,
+            (*pp, *tg, *reps),
+            kernels.kernels(),
+            *json,
+        )),
         Cmd::Stats { dir, json } => done(stats::run(dir, *json)),
     }
 }

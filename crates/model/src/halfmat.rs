@@ -1,0 +1,133 @@
+//! Float weights the packed runtime multiplies row by row: f16 (a bundle's unquantized
+//! embedding and head, f16 source tensors) and f32 (F32 files, and whatever is dequantized at
+//! load, e.g. NOVAQ). Kept row-major `[out, in]`; one token's product is a dot of each row with
+//! the activations, rows split across the thread pool, so generation reads each weight once
+//! at memory speed. An f16 row is widened a slice at a time into a buffer on the stack, so a
+//! token reads half the bytes an f32 copy would and the model holds half the memory.
+//! Hand-written because candle's quantized matmul widens f16 weights to f32 at load, and its
+//! gemm, built for batches, runs one row of activations at a third of memory speed.
+
+use rayon::prelude::*;
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
+/// Values widened per step.
+const CHUNK: usize = 256;
+
+/// An element type of [`RowMatrix`].
+pub trait Element: Copy + Send + Sync + 'static {
+    /// `w · x`, widening `w` through `buf` (at least [`CHUNK`] long) when it is not f32.
+    fn dot(w: &[Self], x: &[f32], buf: &mut [f32]) -> f32;
+    /// `w` as f32 into `out`.
+    fn widen(w: &[Self], out: &mut [f32]);
+}
+
+impl Element for f16 {
+    fn dot(w: &[Self], x: &[f32], buf: &mut [f32]) -> f32 {
+        w.chunks(CHUNK)
+            .zip(x.chunks(CHUNK))
+            .map(|(w, x)| {
+                let b = &mut buf[..w.len()];
+                w.convert_to_f32_slice(b);
+                crate::llama::dot(b, x)
+            })
+            .sum()
+    }
+    fn widen(w: &[Self], out: &mut [f32]) {
+        w.convert_to_f32_slice(out)
+    }
+}
+
+impl Element for f32 {
+    fn dot(w: &[Self], x: &[f32], _: &mut [f32]) -> f32 {
+        crate::llama::dot(w, x)
+    }
+    fn widen(w: &[Self], out: &mut [f32]) {
+        out.copy_from_slice(w)
+    }
+}
+
+/// `[rows, cols]` values, row-major.
+pub struct RowMatrix<T> {
+    rows: usize,
+    cols: usize,
+    w: Vec<T>,
+}
+
+pub type F16Matrix = RowMatrix<f16>;
+
+impl<T: Element> RowMatrix<T> {
+    /// `None` when `w` does not hold `rows × cols` values.
+    pub fn new(w: Vec<T>, rows: usize, cols: usize) -> Option<Self> {
+        (rows.checked_mul(cols) == Some(w.len()) && cols > 0).then_some(RowMatrix { rows, cols, w })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The values as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.w.len()];
+        T::widen(&self.w, &mut out);
+        out
+    }
+
+    /// Rows `ids` as f32, one after another (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32]) -> Vec<f32> {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, o) in ids.iter().zip(out.chunks_mut(self.cols)) {
+            let r = id as usize * self.cols;
+            T::widen(&self.w[r..r + self.cols], o);
+        }
+        out
+    }
+
+    /// `out[r] = row r · x` for every row, rows split across the thread pool.
+    pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        const ROWS: usize = 64;
+        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+            let mut buf = [0f32; CHUNK];
+            for (i, o) in o.iter_mut().enumerate() {
+                let r = (c * ROWS + i) * self.cols;
+                *o = T::dot(&self.w[r..r + self.cols], x, &mut buf);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check<T: Element>(w: Vec<T>, rows: usize, cols: usize) {
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let m = RowMatrix::new(w, rows, cols).unwrap();
+        let wf = m.to_f32();
+        let mut out = vec![0f32; rows];
+        m.gemv(&x, &mut out);
+        for (r, &got) in out.iter().enumerate() {
+            let want: f64 = wf[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            assert!((got as f64 - want).abs() < 1e-4, "row {r}: {got} vs {want}");
+        }
+        assert_eq!(m.rows_f32(&[3]), wf[3 * cols..4 * cols]);
+    }
+
+    #[test]
+    fn gemv_is_the_widened_product() {
+        let (rows, cols) = (70, 300);
+        let v = |i: usize| ((i as f32) * 0.37).sin();
+        check(
+            (0..rows * cols).map(|i| f16::from_f32(v(i))).collect(),
+            rows,
+            cols,
+        );
+        check((0..rows * cols).map(v).collect::<Vec<f32>>(), rows, cols);
+        assert!(F16Matrix::new(vec![f16::ZERO; 5], 2, 3).is_none());
+    }
+}

@@ -1,0 +1,373 @@
+//! adaptq's own integer grids (any width 2–8, any group size, symmetric or with a min) run on
+//! their codes: the packed runtime's kernel for the grids that have no GGML twin (widths
+//! 2, 3, 6, 7; 8 bits with a min; groups that are not a multiple of 32).
+//!
+//! Activations are rounded to 8 bits in blocks of 32 columns from the row's start (the last
+//! block may be shorter), each block with an f32 step `amax / 127`, as llama.cpp's Q8_0 does
+//! but with the step unrounded. A weight group meets those blocks in segments; each segment's
+//! integer dot product of codes and rounded activations is exact in `i32`, and the row's
+//! result sums `scale · step · (dot − offset · Σq)` (symmetric) or
+//! `scale · step · dot + min · step · Σq` (with a min) over its segments in f32.
+//!
+//! Hand-written because candle's quantized matmuls take only GGML block types. The same loop
+//! is compiled twice, for AVX2 and for any x86-64/other CPU, and the AVX2 copy is chosen at
+//! run time where the CPU has it.
+
+use adaptq_quant::{Grid, QuantizedTensor};
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+/// Columns per block of rounded activations.
+pub const ACT_BLOCK: usize = 32;
+
+/// A weight `[rows, cols]` on an integer grid, codes held one per byte (widths above 4) or two
+/// per byte (widths up to 4; low nibble first), f16 scales and mins widened once.
+pub struct IntMatrix {
+    rows: usize,
+    cols: usize,
+    nibbles: bool,
+    /// Bytes per row of codes.
+    row_bytes: usize,
+    codes: Vec<u8>,
+    /// `rows × groups` scales and mins (mins empty when symmetric).
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    groups: usize,
+    /// The code of zero on a symmetric grid (`2^(bits−1)`); 0 with a min.
+    offset: i32,
+    /// Where the weight groups meet the activation blocks; the same for every row.
+    segments: Vec<Segment>,
+}
+
+/// Columns `start..start + len` of one weight group inside one activation block.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Segment {
+    start: usize,
+    len: usize,
+    group: usize,
+    block: usize,
+}
+
+/// One row of activations rounded to 8 bits.
+pub struct Rounded {
+    q: Vec<i8>,
+    /// Step of each block of [`ACT_BLOCK`] columns.
+    steps: Vec<f32>,
+}
+
+/// Rounds `x` to 8 bits per block of [`ACT_BLOCK`] values.
+pub fn round_row(x: &[f32]) -> Rounded {
+    let mut q = Vec::with_capacity(x.len());
+    let steps = x
+        .chunks(ACT_BLOCK)
+        .map(|b| {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            q.extend(
+                b.iter()
+                    .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
+            );
+            d
+        })
+        .collect();
+    Rounded { q, steps }
+}
+
+impl Rounded {
+    /// The rounded values as floats (`step · q`).
+    pub fn values(&self) -> Vec<f32> {
+        self.q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.steps[i / ACT_BLOCK] * q as f32)
+            .collect()
+    }
+}
+
+impl IntMatrix {
+    /// Takes a tensor's codes as they are stored (packed LSB-first) and re-lays them per row.
+    pub fn new(t: &QuantizedTensor) -> Result<Self> {
+        let (rows, cols) = (t.rows, t.cols);
+        let n = rows
+            .checked_mul(cols)
+            .ok_or_else(|| anyhow::anyhow!("tensor size overflows"))?;
+        let groups = t.groups_per_row();
+        let group = if t.group_size == 0 || t.group_size >= cols {
+            cols
+        } else {
+            t.group_size
+        };
+        let asym = t.grid == Grid::Asymmetric;
+        if !(2..=8).contains(&t.bits)
+            || cols == 0
+            || t.codes.len() != adaptq_quant::pack::packed_len(n, t.bits)
+            || t.scales.len() != rows * groups
+            || (asym && t.mins.len() != rows * groups)
+        {
+            bail!(
+                "an integer grid of {} bits in groups of {} does not fit [{rows}, {cols}]",
+                t.bits,
+                t.group_size
+            );
+        }
+        let codes = adaptq_quant::pack::unpack(&t.codes, t.bits, n);
+        let nibbles = t.bits <= 4;
+        let row_bytes = if nibbles { cols.div_ceil(2) } else { cols };
+        let mut laid = vec![0u8; rows * row_bytes];
+        for (row, out) in codes.chunks(cols).zip(laid.chunks_mut(row_bytes)) {
+            if nibbles {
+                for (i, &c) in row.iter().enumerate() {
+                    out[i / 2] |= c << (4 * (i % 2));
+                }
+            } else {
+                out.copy_from_slice(row);
+            }
+        }
+        let mut segments = Vec::new();
+        for g in 0..groups {
+            let (g0, g1) = (g * group, ((g + 1) * group).min(cols));
+            let mut at = g0;
+            while at < g1 {
+                let block = at / ACT_BLOCK;
+                let end = ((block + 1) * ACT_BLOCK).min(g1);
+                segments.push(Segment {
+                    start: at,
+                    len: end - at,
+                    group: g,
+                    block,
+                });
+                at = end;
+            }
+        }
+        Ok(IntMatrix {
+            rows,
+            cols,
+            nibbles,
+            row_bytes,
+            codes: laid,
+            scales: t.scales.iter().map(|s| s.to_f32()).collect(),
+            mins: t.mins.iter().map(|s| s.to_f32()).collect(),
+            groups,
+            offset: if asym { 0 } else { 1 << (t.bits - 1) },
+            segments,
+        })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.codes.len() + 4 * (self.scales.len() + self.mins.len())
+    }
+
+    /// The weight as f32, row-major: `scale · (code − offset)` or `scale · code + min`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+            for s in &self.segments {
+                let g = r * self.groups + s.group;
+                let (scale, min) = (self.scales[g], self.mins.get(g).copied().unwrap_or(0.0));
+                for (c, o) in (s.start..s.start + s.len).zip(&mut row[s.start..]) {
+                    let code = self.code(r, c) as i32 - self.offset;
+                    *o = scale * code as f32 + min;
+                }
+            }
+        }
+        out
+    }
+
+    fn code(&self, r: usize, c: usize) -> u8 {
+        let row = &self.codes[r * self.row_bytes..(r + 1) * self.row_bytes];
+        match self.nibbles {
+            true => (row[c / 2] >> (4 * (c % 2))) & 15,
+            false => row[c],
+        }
+    }
+
+    /// The integer dot product of row `r`'s codes in `s` with the rounded activations, and the
+    /// sum of those activations.
+    #[inline(always)]
+    fn segment_dot(&self, r: usize, s: &Segment, q: &[i8]) -> (i32, i32) {
+        let row = &self.codes[r * self.row_bytes..(r + 1) * self.row_bytes];
+        let q = &q[s.start..s.start + s.len];
+        let qsum: i32 = q.iter().map(|&v| v as i32).sum();
+        let dot = if !self.nibbles {
+            row[s.start..s.start + s.len]
+                .iter()
+                .zip(q)
+                .map(|(&c, &v)| c as i32 * v as i32)
+                .sum()
+        } else if s.start.is_multiple_of(2) {
+            let bytes = &row[s.start / 2..(s.start + s.len).div_ceil(2)];
+            let (pairs, tail) = q.split_at(s.len / 2 * 2);
+            let body: i32 = bytes
+                .iter()
+                .zip(pairs.chunks_exact(2))
+                .map(|(&b, p)| (b & 15) as i32 * p[0] as i32 + (b >> 4) as i32 * p[1] as i32)
+                .sum();
+            body + tail
+                .first()
+                .map_or(0, |&v| (bytes[s.len / 2] & 15) as i32 * v as i32)
+        } else {
+            (s.start..s.start + s.len)
+                .zip(q)
+                .map(|(c, &v)| ((row[c / 2] >> (4 * (c % 2))) & 15) as i32 * v as i32)
+                .sum()
+        };
+        (dot, qsum)
+    }
+
+    /// Row `r` times the rounded activations.
+    #[inline(always)]
+    fn row_dot(&self, r: usize, x: &Rounded) -> f32 {
+        let mut acc = 0f32;
+        for s in &self.segments {
+            let g = r * self.groups + s.group;
+            let (dot, qsum) = self.segment_dot(r, s, &x.q);
+            let step = x.steps[s.block];
+            acc += match self.mins.get(g) {
+                Some(&min) => self.scales[g] * step * dot as f32 + min * step * qsum as f32,
+                None => self.scales[g] * step * (dot - self.offset * qsum) as f32,
+            };
+        }
+        acc
+    }
+
+    /// `out[r] = row r · x` for every row, rows split across the thread pool.
+    pub fn gemv(&self, x: &Rounded, out: &mut [f32]) {
+        const ROWS: usize = 16;
+        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+            let r0 = c * ROWS;
+            rows_dot(self, x, r0, o);
+        });
+    }
+}
+
+/// Fills `out` with rows `r0..` times `x`, on the best loop the CPU runs.
+fn rows_dot(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { rows_dot_avx2(m, x, r0, out) };
+    }
+    rows_dot_any(m, x, r0, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn rows_dot_avx2(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
+    rows_dot_any(m, x, r0, out)
+}
+
+#[inline(always)]
+fn rows_dot_any(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = m.row_dot(r0 + i, x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptq_quant::{quantize_rtn, RtnConfig};
+
+    fn wave(n: usize, a: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * a).sin() + 0.4 * (i as f32 * 0.13).cos()) * 0.2)
+            .collect()
+    }
+
+    /// Every width, both grids, groups that are and are not multiples of 32, a short last
+    /// group and a row of one group: the stored grid round-trips, every segment's integer
+    /// dot is the exact sum of code × rounded activation, and each row's product is the
+    /// dequantized weights times the rounded activations to float tolerance.
+    #[test]
+    fn kernel_is_the_dequantized_product_of_rounded_activations() {
+        let (rows, cols) = (5, 200);
+        let w = wave(rows * cols, 0.77);
+        let x = wave(cols, 1.9).iter().map(|v| v * 7.0).collect::<Vec<_>>();
+        let rx = round_row(&x);
+        let xv = rx.values();
+        for bits in 2..=8u8 {
+            for grid in [Grid::Symmetric, Grid::Asymmetric] {
+                for group in [32, 48, 7, 64, 200] {
+                    let q =
+                        quantize_rtn(&w, rows, cols, &RtnConfig::new(bits, group, grid)).unwrap();
+                    let m = IntMatrix::new(&q).unwrap();
+                    let deq = q.dequantize();
+                    assert_eq!(m.dequantize(), deq, "{bits} bits {grid:?} g{group}");
+                    let codes = adaptq_quant::pack::unpack(&q.codes, bits, rows * cols);
+                    for r in 0..rows {
+                        for s in &m.segments {
+                            let want: i64 = (s.start..s.start + s.len)
+                                .map(|c| codes[r * cols + c] as i64 * rx.q[c] as i64)
+                                .sum();
+                            assert_eq!(m.segment_dot(r, s, &rx.q).0 as i64, want);
+                        }
+                    }
+                    let mut out = vec![0f32; rows];
+                    m.gemv(&rx, &mut out);
+                    for (r, &got) in out.iter().enumerate() {
+                        let want: f64 = deq[r * cols..(r + 1) * cols]
+                            .iter()
+                            .zip(&xv)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        let tol = 1e-5
+                            * deq
+                                .iter()
+                                .zip(&xv)
+                                .map(|(a, b)| (a * b).abs() as f64)
+                                .sum::<f64>();
+                        assert!(
+                            (got as f64 - want).abs() <= tol.max(1e-6),
+                            "{bits} bits {grid:?} g{group} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn segments_cover_each_row_once_in_order() {
+        let q = quantize_rtn(
+            &wave(2 * 100, 0.3),
+            2,
+            100,
+            &RtnConfig::new(3, 48, Grid::Symmetric),
+        )
+        .unwrap();
+        let m = IntMatrix::new(&q).unwrap();
+        let starts: Vec<(usize, usize, usize)> = m
+            .segments
+            .iter()
+            .map(|s| (s.start, s.len, s.group))
+            .collect();
+        assert_eq!(
+            starts,
+            vec![
+                (0, 32, 0),
+                (32, 16, 0),
+                (48, 16, 1),
+                (64, 32, 1),
+                (96, 4, 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn rounding_is_per_block_of_32() {
+        let mut x = vec![0.01f32; 40];
+        x[0] = 1.27;
+        x[35] = -0.5;
+        let r = round_row(&x);
+        assert_eq!(r.steps.len(), 2);
+        assert_eq!(r.q[0], 127);
+        assert_eq!(r.q[35], -127);
+        assert_eq!(r.q[1], 1);
+    }
+}
