@@ -21,7 +21,9 @@ use rayon::prelude::*;
 pub const ACT_BLOCK: usize = 32;
 
 /// A weight `[rows, cols]` on an integer grid, codes held one per byte (widths above 4) or two
-/// per byte (widths up to 4; low nibble first), f16 scales and mins widened once.
+/// per byte (widths up to 4: each block of 32 columns in 16 bytes, column `j` in the low
+/// nibble of byte `j` and column `j + 16` in its high nibble, as Q4_0 lays them, so a whole
+/// block unpacks with two masks), f16 scales and mins widened once.
 pub struct IntMatrix {
     rows: usize,
     cols: usize,
@@ -113,12 +115,17 @@ impl IntMatrix {
         }
         let codes = adaptq_quant::pack::unpack(&t.codes, t.bits, n);
         let nibbles = t.bits <= 4;
-        let row_bytes = if nibbles { cols.div_ceil(2) } else { cols };
+        let row_bytes = if nibbles {
+            cols.div_ceil(ACT_BLOCK) * ACT_BLOCK / 2
+        } else {
+            cols
+        };
         let mut laid = vec![0u8; rows * row_bytes];
         for (row, out) in codes.chunks(cols).zip(laid.chunks_mut(row_bytes)) {
             if nibbles {
-                for (i, &c) in row.iter().enumerate() {
-                    out[i / 2] |= c << (4 * (i % 2));
+                for (c, &code) in row.iter().enumerate() {
+                    let (byte, shift) = nibble_at(c);
+                    out[byte] |= code << shift;
                 }
             } else {
                 out.copy_from_slice(row);
@@ -182,51 +189,51 @@ impl IntMatrix {
     fn code(&self, r: usize, c: usize) -> u8 {
         let row = &self.codes[r * self.row_bytes..(r + 1) * self.row_bytes];
         match self.nibbles {
-            true => (row[c / 2] >> (4 * (c % 2))) & 15,
+            true => {
+                let (byte, shift) = nibble_at(c);
+                (row[byte] >> shift) & 15
+            }
             false => row[c],
         }
     }
 
-    /// The integer dot product of row `r`'s codes in `s` with the rounded activations, and the
-    /// sum of those activations.
+    /// The integer dot product of row `r`'s codes in `s` with the rounded activations.
     #[inline(always)]
-    fn segment_dot(&self, r: usize, s: &Segment, q: &[i8]) -> (i32, i32) {
+    fn segment_dot(&self, r: usize, s: &Segment, q: &[i8]) -> i32 {
         let row = &self.codes[r * self.row_bytes..(r + 1) * self.row_bytes];
         let q = &q[s.start..s.start + s.len];
-        let qsum: i32 = q.iter().map(|&v| v as i32).sum();
-        let dot = if !self.nibbles {
-            row[s.start..s.start + s.len]
+        if !self.nibbles {
+            return row[s.start..s.start + s.len]
                 .iter()
                 .zip(q)
                 .map(|(&c, &v)| c as i32 * v as i32)
-                .sum()
-        } else if s.start.is_multiple_of(2) {
-            let bytes = &row[s.start / 2..(s.start + s.len).div_ceil(2)];
-            let (pairs, tail) = q.split_at(s.len / 2 * 2);
-            let body: i32 = bytes
-                .iter()
-                .zip(pairs.chunks_exact(2))
-                .map(|(&b, p)| (b & 15) as i32 * p[0] as i32 + (b >> 4) as i32 * p[1] as i32)
                 .sum();
-            body + tail
-                .first()
-                .map_or(0, |&v| (bytes[s.len / 2] & 15) as i32 * v as i32)
-        } else {
-            (s.start..s.start + s.len)
-                .zip(q)
-                .map(|(c, &v)| ((row[c / 2] >> (4 * (c % 2))) & 15) as i32 * v as i32)
-                .sum()
-        };
-        (dot, qsum)
+        }
+        if s.len == ACT_BLOCK {
+            let bytes = &row[s.start / 2..s.start / 2 + ACT_BLOCK / 2];
+            let (lo, hi) = q.split_at(ACT_BLOCK / 2);
+            let mut dot = 0i32;
+            for ((&b, &l), &h) in bytes.iter().zip(lo).zip(hi) {
+                dot += (b & 15) as i32 * l as i32 + (b >> 4) as i32 * h as i32;
+            }
+            return dot;
+        }
+        (s.start..s.start + s.len)
+            .zip(q)
+            .map(|(c, &v)| {
+                let (byte, shift) = nibble_at(c);
+                ((row[byte] >> shift) & 15) as i32 * v as i32
+            })
+            .sum()
     }
 
-    /// Row `r` times the rounded activations.
+    /// Row `r` times the rounded activations; `qsums` holds each segment's sum of them.
     #[inline(always)]
-    fn row_dot(&self, r: usize, x: &Rounded) -> f32 {
+    fn row_dot(&self, r: usize, x: &Rounded, qsums: &[i32]) -> f32 {
         let mut acc = 0f32;
-        for s in &self.segments {
+        for (s, &qsum) in self.segments.iter().zip(qsums) {
             let g = r * self.groups + s.group;
-            let (dot, qsum) = self.segment_dot(r, s, &x.q);
+            let dot = self.segment_dot(r, s, &x.q);
             let step = x.steps[s.block];
             acc += match self.mins.get(g) {
                 Some(&min) => self.scales[g] * step * dot as f32 + min * step * qsum as f32,
@@ -239,33 +246,53 @@ impl IntMatrix {
     /// `out[r] = row r · x` for every row, rows split across the thread pool.
     pub fn gemv(&self, x: &Rounded, out: &mut [f32]) {
         const ROWS: usize = 16;
+        let qsums: Vec<i32> = self
+            .segments
+            .iter()
+            .map(|s| {
+                x.q[s.start..s.start + s.len]
+                    .iter()
+                    .map(|&v| v as i32)
+                    .sum()
+            })
+            .collect();
         out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
             let r0 = c * ROWS;
-            rows_dot(self, x, r0, o);
+            rows_dot(self, x, &qsums, r0, o);
         });
     }
 }
 
+/// Byte and shift of column `c`'s nibble: block `c / 32` in 16 bytes, `j = c % 32` low in byte
+/// `j` below 16, high in byte `j − 16` above.
+fn nibble_at(c: usize) -> (usize, u32) {
+    let j = c % ACT_BLOCK;
+    (
+        c / ACT_BLOCK * (ACT_BLOCK / 2) + j % 16,
+        4 * (j / 16) as u32,
+    )
+}
+
 /// Fills `out` with rows `r0..` times `x`, on the best loop the CPU runs.
-fn rows_dot(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
+fn rows_dot(m: &IntMatrix, x: &Rounded, qsums: &[i32], r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { rows_dot_avx2(m, x, r0, out) };
+        return unsafe { rows_dot_avx2(m, x, qsums, r0, out) };
     }
-    rows_dot_any(m, x, r0, out)
+    rows_dot_any(m, x, qsums, r0, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn rows_dot_avx2(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
-    rows_dot_any(m, x, r0, out)
+unsafe fn rows_dot_avx2(m: &IntMatrix, x: &Rounded, qsums: &[i32], r0: usize, out: &mut [f32]) {
+    rows_dot_any(m, x, qsums, r0, out)
 }
 
 #[inline(always)]
-fn rows_dot_any(m: &IntMatrix, x: &Rounded, r0: usize, out: &mut [f32]) {
+fn rows_dot_any(m: &IntMatrix, x: &Rounded, qsums: &[i32], r0: usize, out: &mut [f32]) {
     for (i, o) in out.iter_mut().enumerate() {
-        *o = m.row_dot(r0 + i, x);
+        *o = m.row_dot(r0 + i, x, qsums);
     }
 }
 
@@ -305,7 +332,7 @@ mod tests {
                             let want: i64 = (s.start..s.start + s.len)
                                 .map(|c| codes[r * cols + c] as i64 * rx.q[c] as i64)
                                 .sum();
-                            assert_eq!(m.segment_dot(r, s, &rx.q).0 as i64, want);
+                            assert_eq!(m.segment_dot(r, s, &rx.q) as i64, want);
                         }
                     }
                     let mut out = vec![0f32; rows];
