@@ -9,7 +9,7 @@
 # gguf-py); llama-quantize's Q8_0, Q4_0 and Q4_K_M of it (on SmolLM2's 576-wide rows
 # Q4_K_M holds Q4_K, Q5_0, Q6_K and Q8_0); two adaptq bundles llama.cpp cannot run: int4 g128
 # symmetric RTN (re-laid onto Q4_0 blocks at load) and NOVAQ at 2.5 bits (calibrated on
-# emma.txt; runs dequantized: the codebook kernel is not written yet). Bundles are compared
+# emma.txt; on the codebook lookup kernel). Bundles are compared
 # with adaptq's own F32 run. llama.cpp runs with --repack 0 (its AMX repacking crashes on
 # these virtual machines; see crates/testutil/src/llamacpp.rs).
 #

@@ -7,8 +7,8 @@
 //! codes define, which is what perplexity and KL divergence must judge, at the cost of f32
 //! memory. `Packed` keeps weights stored as GGML blocks in their blocks and runs candle's
 //! quantized matmuls on them (activations rounded to 8 bits per row, as llama.cpp does), and
-//! adaptq's other integer grids on [`intgrid`]'s kernel and f16 weights on [`halfmat`]'s: the
-//! runtime for generation and speed.
+//! adaptq's other integer grids on [`intgrid`]'s kernel, NOVAQ codebooks on [`lookup`]'s and
+//! f16 weights on [`halfmat`]'s: the runtime for generation and speed.
 
 pub mod bert;
 pub mod gemma;
@@ -16,6 +16,7 @@ pub mod generate;
 pub mod halfmat;
 pub mod intgrid;
 pub mod llama;
+pub mod lookup;
 pub mod tokenizer;
 mod weights;
 

@@ -10,6 +10,7 @@
 use crate::gemma::{GemmaModel, PostNorms};
 use crate::halfmat::{Element, F16Matrix, RowMatrix};
 use crate::intgrid::{self, IntMatrix};
+use crate::lookup::CodebookMatrix;
 use crate::weights::Stored;
 use crate::Weights;
 use adaptq_source::model::{ModelDesc, RopeStyle};
@@ -47,6 +48,8 @@ enum Matrix {
     F16(Arc<F16Matrix>),
     /// f32 values row-major, for the packed runtime's one-row products.
     F32(Arc<RowMatrix<f32>>),
+    /// NOVAQ codebooks, on the lookup kernel.
+    Codebook(CodebookMatrix),
 }
 
 /// Which kernels a loaded model runs its linear layers with.
@@ -127,6 +130,7 @@ fn int_forward(m: &IntMatrix, x: &Tensor) -> Result<Tensor> {
 enum Packed {
     Blocks(QTensor),
     Int(IntMatrix),
+    Codebook(CodebookMatrix),
     F16(F16Matrix),
 }
 
@@ -156,11 +160,35 @@ fn load_packed(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Opti
             }
             Some(Packed::Int(m))
         }
+        Some(Stored::Codebook(c)) => {
+            let m = CodebookMatrix::new(&c).with_context(|| format!("tensor '{name}'"))?;
+            if m.dims() != dims {
+                return Err(misfit());
+            }
+            Some(Packed::Codebook(m))
+        }
         Some(Stored::F16(v)) => Some(Packed::F16(
             F16Matrix::new(v, dims.0, dims.1).ok_or_else(misfit)?,
         )),
         None => None,
     })
+}
+
+/// `x: [T, in]` times a NOVAQ weight: row by row on the lookup kernel, or for a batch the
+/// dequantized weight through candle's gemm.
+fn codebook_forward(m: &CodebookMatrix, x: &Tensor) -> Result<Tensor> {
+    let (t, k) = x.dims2()?;
+    let (n, _) = m.dims();
+    if t >= GEMM_ROWS {
+        let w = Tensor::from_vec(m.dequantize(), (n, k), &Device::Cpu)?;
+        return Ok(x.matmul(&w.t()?)?);
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; t * n];
+    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
+        m.gemv(row, o);
+    }
+    Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
 }
 
 /// `x: [T, in]` times a row-major float weight: row by row, or for a batch widened once and
@@ -202,6 +230,7 @@ impl Linear {
         let m = match packed {
             Some(Packed::Blocks(q)) => Matrix::Blocks(QMatMul::from_qtensor(q)?),
             Some(Packed::Int(m)) => Matrix::Int(m),
+            Some(Packed::Codebook(m)) => Matrix::Codebook(m),
             Some(Packed::F16(m)) => Matrix::F16(Arc::new(m)),
             None => {
                 let v = w.read(name)?;
@@ -253,6 +282,7 @@ impl Linear {
             Matrix::Int(m) => int_forward(m, x)?,
             Matrix::F16(m) => rows_forward(m, x)?,
             Matrix::F32(m) => rows_forward(m, x)?,
+            Matrix::Codebook(m) => codebook_forward(m, x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -280,6 +310,7 @@ impl Linear {
             Matrix::Int(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
             Matrix::F16(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
             Matrix::F32(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
+            Matrix::Codebook(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
         };
         Ok((
             w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
@@ -788,7 +819,7 @@ impl Llama {
         self.embed = Some(match packed {
             Some(Packed::Blocks(q)) => Table::Blocks(Arc::new(q)),
             Some(Packed::F16(m)) => Table::F16(Arc::new(m)),
-            Some(Packed::Int(_)) | None => {
+            Some(Packed::Int(_) | Packed::Codebook(_)) | None => {
                 let v = w.read(&self.embed_name)?;
                 let (vocab, d) = self.embed_dims;
                 match self.kernels {

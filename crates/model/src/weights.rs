@@ -3,6 +3,7 @@
 use adaptq_bundle::manifest::Encoding;
 use adaptq_bundle::Bundle;
 use adaptq_quant::ggml::BlockType;
+use adaptq_quant::novaq::CodebookTensor;
 use adaptq_quant::QuantizedTensor;
 use adaptq_source::gguf::GgmlType;
 use adaptq_source::model::ModelDesc;
@@ -15,6 +16,7 @@ use std::path::Path;
 pub enum Stored {
     Blocks(BlockType, Vec<u8>),
     Int(QuantizedTensor),
+    Codebook(CodebookTensor),
     F16(Vec<f16>),
 }
 
@@ -33,7 +35,8 @@ pub trait Weights {
     fn read(&self, name: &str) -> Result<Vec<f32>>;
     /// The tensor as stored, for kernels that run on stored codes: GGML blocks (an integer
     /// grid that re-lays onto a block type exactly, [`adaptq_quant::ggml::from_int`], comes
-    /// as its blocks), another integer grid, or f16 values. `None` for anything else.
+    /// as its blocks), another integer grid, NOVAQ codebooks, or f16 values. `None` for
+    /// anything else.
     fn stored(&self, _name: &str) -> Result<Option<Stored>> {
         Ok(None)
     }
@@ -148,6 +151,7 @@ impl Weights for BundleWeights {
                 })
             }
             Encoding::F16 => Some(Stored::F16(f16s(&self.bundle.payload(t)?))),
+            Encoding::Codebook { .. } => Some(Stored::Codebook(self.bundle.codebook(t)?)),
             _ => None,
         })
     }

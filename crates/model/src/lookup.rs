@@ -1,0 +1,207 @@
+//! NOVAQ codebook weights run on their codes: a lookup kernel.
+//!
+//! A weight decodes as `row_mean[r] + row_scale[r] · col_scale[c] · Σ_s C_s[code_s(r, v)][c − v·dim]`
+//! ([`adaptq_loader::codebook`]), so a row's product with `x` is
+//! `row_mean[r] · Σx + row_scale[r] · Σ_s Σ_v T_s[v][code_s(r, v)]`, where each stage's table
+//! `T_s[v][k]` is centroid `k` dotted with vector `v` of `col_scale ⊙ x`. The tables are built
+//! once per activation row (columns × centroids multiply-adds per stage, shared by every row),
+//! and each row then sums one table entry per vector and stage instead of `dim` products:
+//! nothing is dequantized, and the codes (two bytes per vector and stage) are all a token reads
+//! of the matrix. No activation rounding: the result is the dequantized product up to the
+//! order of the float sums.
+
+use adaptq_quant::novaq::CodebookTensor;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+struct Stage {
+    /// Centroids in the book.
+    k: usize,
+    /// `k × dim` values.
+    centroids: Vec<f32>,
+    /// One code per vector, `rows × vectors`.
+    codes: Vec<u16>,
+}
+
+/// A NOVAQ-coded weight `[rows, cols]`, codes unpacked to one `u16` each.
+pub struct CodebookMatrix {
+    rows: usize,
+    cols: usize,
+    dim: usize,
+    /// Vectors per row, `ceil(cols / dim)`.
+    nv: usize,
+    stages: Vec<Stage>,
+    row_scale: Vec<f32>,
+    row_mean: Vec<f32>,
+    col_scale: Vec<f32>,
+}
+
+impl CodebookMatrix {
+    pub fn new(t: &CodebookTensor) -> Result<Self> {
+        let (rows, cols, dim) = (t.rows, t.cols, t.dim);
+        let bits: Vec<u8> = t.stages.iter().map(|s| s.bits).collect();
+        if !adaptq_loader::codebook::valid_layout(dim, &bits)
+            || cols == 0
+            || t.row_scale.len() != rows
+            || t.row_mean.len() != rows
+            || t.col_scale.len() != cols
+        {
+            bail!("a codebook of dim {dim}, stage widths {bits:?} does not fit [{rows}, {cols}]");
+        }
+        let nv = adaptq_loader::codebook::vectors_per_row(cols, dim);
+        let nvec = rows
+            .checked_mul(nv)
+            .ok_or_else(|| anyhow::anyhow!("tensor size overflows"))?;
+        let stages = t
+            .stages
+            .iter()
+            .map(|s| {
+                let k = 1usize << s.bits;
+                let codes = adaptq_loader::codebook::unpack(&s.codes, s.bits, nvec);
+                match codes {
+                    Some(codes) if s.centroids.len() == k * dim => Ok(Stage {
+                        k,
+                        centroids: s.centroids.iter().map(|c| c.to_f32()).collect(),
+                        codes,
+                    }),
+                    _ => bail!("a codebook stage of {} bits does not fit its shape", s.bits),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let f32s = |v: &[half::f16]| v.iter().map(|x| x.to_f32()).collect();
+        Ok(CodebookMatrix {
+            rows,
+            cols,
+            dim,
+            nv,
+            stages,
+            row_scale: f32s(&t.row_scale),
+            row_mean: f32s(&t.row_mean),
+            col_scale: f32s(&t.col_scale),
+        })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The weight as f32, with the decoder's arithmetic in its order (the same bits).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        let mut acc = vec![0f32; self.dim];
+        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+            for (v, ws) in row.chunks_mut(self.dim).enumerate() {
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for s in &self.stages {
+                    let k = s.codes[r * self.nv + v] as usize;
+                    for (a, c) in acc.iter_mut().zip(&s.centroids[k * self.dim..]) {
+                        *a += c;
+                    }
+                }
+                let c0 = v * self.dim;
+                for (i, w) in ws.iter_mut().enumerate() {
+                    *w = self.row_mean[r] + self.row_scale[r] * (self.col_scale[c0 + i] * acc[i]);
+                }
+            }
+        }
+        out
+    }
+
+    /// `out[r] = row r · x` for every row, rows split across the thread pool.
+    pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        let xs: Vec<f32> = x.iter().zip(&self.col_scale).map(|(a, b)| a * b).collect();
+        let xsum: f32 = x.iter().sum();
+        let tables: Vec<Vec<f32>> = self
+            .stages
+            .iter()
+            .map(|s| {
+                let mut t = vec![0f32; self.nv * s.k];
+                t.par_chunks_mut(s.k).enumerate().for_each(|(v, tv)| {
+                    let xv = &xs[v * self.dim..((v + 1) * self.dim).min(self.cols)];
+                    for (e, c) in tv.iter_mut().zip(s.centroids.chunks_exact(self.dim)) {
+                        *e = xv.iter().zip(c).map(|(a, b)| a * b).sum();
+                    }
+                });
+                t
+            })
+            .collect();
+        const ROWS: usize = 32;
+        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+            for (i, o) in o.iter_mut().enumerate() {
+                let r = c * ROWS + i;
+                // Four running sums, so the additions do not wait on each other; the mask
+                // (books hold a power of two) lets the compiler drop the bounds checks.
+                let mut acc = [0f32; 4];
+                for (s, t) in self.stages.iter().zip(&tables) {
+                    let codes = &s.codes[r * self.nv..(r + 1) * self.nv];
+                    let mask = s.k - 1;
+                    let mut quads = t.chunks_exact(4 * s.k).zip(codes.chunks_exact(4));
+                    for (tq, cq) in &mut quads {
+                        for l in 0..4 {
+                            let tv = &tq[l * s.k..(l + 1) * s.k];
+                            acc[l] += tv[cq[l] as usize & mask];
+                        }
+                    }
+                    let done = codes.len() / 4 * 4;
+                    for (tv, &code) in t[done * s.k..].chunks_exact(s.k).zip(&codes[done..]) {
+                        acc[0] += tv[code as usize & mask];
+                    }
+                }
+                let acc = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                *o = self.row_mean[r] * xsum + self.row_scale[r] * acc;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptq_quant::novaq::Stage as Book;
+    use half::f16;
+
+    /// A seeded codebook tensor with a short last vector, decoded and multiplied both ways.
+    #[test]
+    fn lookup_is_the_dequantized_product() {
+        let (rows, cols, dim): (usize, usize, usize) = (9, 50, 6);
+        let nv = cols.div_ceil(dim);
+        let h = |i: usize, a: f32| f16::from_f32(((i as f32) * a).sin() * 0.5);
+        let book = |bits: u8, a: f32| {
+            let k = 1usize << bits;
+            let codes: Vec<u16> = (0..rows * nv).map(|i| ((i * 7 + 3) % k) as u16).collect();
+            Book {
+                bits,
+                centroids: (0..k * dim).map(|i| h(i, a)).collect(),
+                codes: adaptq_loader::codebook::pack(&codes, bits),
+            }
+        };
+        let t = CodebookTensor {
+            rows,
+            cols,
+            dim,
+            stages: vec![book(5, 0.7), book(3, 1.3)],
+            row_scale: (0..rows).map(|i| h(i, 0.9)).collect(),
+            row_mean: (0..rows).map(|i| h(i, 0.3)).collect(),
+            col_scale: (0..cols)
+                .map(|i| f16::from_f32(1.0 + 0.01 * i as f32))
+                .collect(),
+        };
+        let m = CodebookMatrix::new(&t).unwrap();
+        let w = m.dequantize();
+        assert_eq!(w, t.dequantize(), "same bits as the decoder");
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.41).cos()).collect();
+        let mut out = vec![0f32; rows];
+        m.gemv(&x, &mut out);
+        for (r, &got) in out.iter().enumerate() {
+            let want: f64 = w[r * cols..(r + 1) * cols]
+                .iter()
+                .zip(&x)
+                .map(|(&a, &b)| a as f64 * b as f64)
+                .sum();
+            assert!((got as f64 - want).abs() < 1e-4, "row {r}: {got} vs {want}");
+        }
+        let mut bad = t.clone();
+        bad.stages[1].codes.pop();
+        assert!(CodebookMatrix::new(&bad).is_err());
+    }
+}
