@@ -97,6 +97,18 @@ impl<T: Element> RowMatrix<T> {
     }
 }
 
+impl<T: Element> crate::llama::RowKernel for RowMatrix<T> {
+    fn dims(&self) -> (usize, usize) {
+        RowMatrix::dims(self)
+    }
+    fn weights(&self) -> Vec<f32> {
+        self.to_f32()
+    }
+    fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        RowMatrix::gemv(self, x, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

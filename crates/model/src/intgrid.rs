@@ -273,6 +273,23 @@ fn nibble_at(c: usize) -> (usize, u32) {
     )
 }
 
+impl crate::llama::RowKernel for IntMatrix {
+    fn dims(&self) -> (usize, usize) {
+        IntMatrix::dims(self)
+    }
+    fn weights(&self) -> Vec<f32> {
+        self.dequantize()
+    }
+    fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        IntMatrix::gemv(self, &round_row(x), out)
+    }
+    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
+        x.chunks(self.cols)
+            .flat_map(|r| round_row(r).values())
+            .collect()
+    }
+}
+
 /// Fills `out` with rows `r0..` times `x`, on the best loop the CPU runs.
 fn rows_dot(m: &IntMatrix, x: &Rounded, qsums: &[i32], r0: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

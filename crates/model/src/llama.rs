@@ -8,8 +8,8 @@
 //! network layer by layer, and every linear layer's input can be handed to a hook.
 
 use crate::gemma::{GemmaModel, PostNorms};
-use crate::halfmat::{Element, F16Matrix, RowMatrix};
-use crate::intgrid::{self, IntMatrix};
+use crate::halfmat::{F16Matrix, RowMatrix};
+use crate::intgrid::IntMatrix;
 use crate::lookup::CodebookMatrix;
 use crate::weights::Stored;
 use crate::Weights;
@@ -105,27 +105,6 @@ fn round_rows(x: &Tensor, dtype: GgmlDType) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (t, k), &Device::Cpu)?)
 }
 
-/// `x: [T, in]` times an integer-grid weight: row by row on the kernel, or for a batch the
-/// rounded rows times the dequantized weight in f32 (the same function; see [`GEMM_ROWS`]).
-fn int_forward(m: &IntMatrix, x: &Tensor) -> Result<Tensor> {
-    let (t, k) = x.dims2()?;
-    let (n, _) = m.dims();
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    if t >= GEMM_ROWS {
-        let rounded: Vec<f32> = xs
-            .chunks(k)
-            .flat_map(|r| intgrid::round_row(r).values())
-            .collect();
-        let w = Tensor::from_vec(m.dequantize(), (n, k), &Device::Cpu)?;
-        return Ok(Tensor::from_vec(rounded, (t, k), &Device::Cpu)?.matmul(&w.t()?)?);
-    }
-    let mut out = vec![0f32; t * n];
-    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
-        m.gemv(&intgrid::round_row(row), o);
-    }
-    Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
-}
-
 /// A weight held as stored, for [`Kernels::Packed`].
 enum Packed {
     Blocks(QTensor),
@@ -174,33 +153,32 @@ fn load_packed(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Opti
     })
 }
 
-/// `x: [T, in]` times a NOVAQ weight: row by row on the lookup kernel, or for a batch the
-/// dequantized weight through candle's gemm.
-fn codebook_forward(m: &CodebookMatrix, x: &Tensor) -> Result<Tensor> {
-    let (t, k) = x.dims2()?;
-    let (n, _) = m.dims();
-    if t >= GEMM_ROWS {
-        let w = Tensor::from_vec(m.dequantize(), (n, k), &Device::Cpu)?;
-        return Ok(x.matmul(&w.t()?)?);
+/// A weight the packed runtime multiplies one row of activations at a time on its own kernel,
+/// and a batch through candle's gemm on the weight dequantized (the same function).
+pub(crate) trait RowKernel {
+    /// `[out, in]`.
+    fn dims(&self) -> (usize, usize);
+    /// The weight as f32, row-major.
+    fn weights(&self) -> Vec<f32>;
+    /// `out = W · x` for one row of activations.
+    fn gemv(&self, x: &[f32], out: &mut [f32]);
+    /// A batch's rows as the kernel sees them (rounded, where the kernel rounds activations).
+    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
+        x
     }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; t * n];
-    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
-        m.gemv(row, o);
-    }
-    Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
 }
 
-/// `x: [T, in]` times a row-major float weight: row by row, or for a batch widened once and
-/// multiplied by candle's gemm.
-fn rows_forward<T: Element>(m: &RowMatrix<T>, x: &Tensor) -> Result<Tensor> {
+/// `x: [T, in]` times a [`RowKernel`] weight: row by row, or for a batch of [`GEMM_ROWS`] or
+/// more the batch's rows times the dequantized weight in f32.
+fn kernel_forward(m: &dyn RowKernel, x: &Tensor) -> Result<Tensor> {
     let (t, k) = x.dims2()?;
     let (n, _) = m.dims();
-    if t >= GEMM_ROWS {
-        let w = Tensor::from_vec(m.to_f32(), (n, k), &Device::Cpu)?;
-        return Ok(x.matmul(&w.t()?)?);
-    }
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    if t >= GEMM_ROWS {
+        let w = Tensor::from_vec(m.weights(), (n, k), &Device::Cpu)?;
+        let xs = Tensor::from_vec(m.batch_rows(xs), (t, k), &Device::Cpu)?;
+        return Ok(xs.matmul(&w.t()?)?);
+    }
     let mut out = vec![0f32; t * n];
     for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
         m.gemv(row, o);
@@ -279,10 +257,10 @@ impl Linear {
                 round_rows(x, q.dtype())?.matmul(&w.t()?)?
             }
             Matrix::Blocks(q) => q.forward(x)?,
-            Matrix::Int(m) => int_forward(m, x)?,
-            Matrix::F16(m) => rows_forward(m, x)?,
-            Matrix::F32(m) => rows_forward(m, x)?,
-            Matrix::Codebook(m) => codebook_forward(m, x)?,
+            Matrix::Int(m) => kernel_forward(m, x)?,
+            Matrix::F16(m) => kernel_forward(m.as_ref(), x)?,
+            Matrix::F32(m) => kernel_forward(m.as_ref(), x)?,
+            Matrix::Codebook(m) => kernel_forward(m, x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -154,6 +154,18 @@ impl CodebookMatrix {
     }
 }
 
+impl crate::llama::RowKernel for CodebookMatrix {
+    fn dims(&self) -> (usize, usize) {
+        CodebookMatrix::dims(self)
+    }
+    fn weights(&self) -> Vec<f32> {
+        self.dequantize()
+    }
+    fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        CodebookMatrix::gemv(self, x, out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
