@@ -59,7 +59,7 @@ impl CodebookMatrix {
                 let k = 1usize << s.bits;
                 let codes = adaptq_loader::codebook::unpack(&s.codes, s.bits, nvec);
                 match codes {
-                    Some(codes) if s.centroids.len() == k * dim => Ok(Stage {
+                    Some(codes) if Some(s.centroids.len()) == k.checked_mul(dim) => Ok(Stage {
                         k,
                         centroids: s.centroids.iter().map(|c| c.to_f32()).collect(),
                         codes,
