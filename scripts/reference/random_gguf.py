@@ -5,7 +5,8 @@ llama.cpp (0.3.36 vendored tree), so that a forward pass can be compared against
 usage: random_gguf.py ARCH OUT.gguf [--seed N] [--vocab-from SMOLLM.gguf] [--set KEY=VALUE ...]
                       [--hf-twin DIR]
 
-ARCH: llama3 mistral qwen2 qwen3 gemma2 gemma3 phi3  (see ARCHS below for the exact layouts)
+ARCH: llama3 mistral qwen2 qwen3 gemma2 gemma3 phi3 mixtral qwen2moe qwen3moe olmoe
+      (see ARCHS below for the exact layouts)
 
 Vocabulary: every tokenizer.ggml.* key is copied from --vocab-from (default: the SmolLM2-135M
 fixture, 49152-token byte-level BPE, pre "smollm"); all values copied verbatim (strings as bytes).
@@ -28,6 +29,11 @@ Feature switches for A/B checks (--set, repeatable; the defaults are the "featur
   gemma2 : attn_softcap=F final_softcap=F window=N
   gemma3 : window=N freq_base_swa=F freq_base=F qk_norm=random|ones
   phi3   : rope_factors=1|0 short_ones=0|1 attn_factor=F sliding_window=N
+  mixtral, qwen2moe, qwen3moe, olmoe (mixtures of experts):
+           n_expert=N n_expert_used=K dead_expert=0|1 (1: the last expert's router row reads
+           the always-positive prior channel with weight -dead_weight, so no token ever picks
+           it), qwen2moe: shexp=1|0 (0: shared expert's down projection all zero),
+           olmoe/qwen3moe: qk_norm=random|ones
 Any other field of the arch's config (n_layer, n_embd, ...) can be overridden the same way.
 
 --hf-twin DIR also writes the same model in Hugging Face (transformers) layout:
@@ -104,7 +110,28 @@ ARCHS = {
     # factors (short used while n_ctx_seq <= original_context_length), rope attn_factor.
     "phi3": dict(arch="phi3", n_ff=256, ctx=2048, rope_factors=1, short_ones=0, orig_ctx=512,
                  attn_factor=-1.0, sliding_window=2047),
+    # Mixtral: arch llama with experts (softmax router, top-k weights renormalised), 4 layers,
+    # 8 experts, top-2; expert width is feed_forward_length.
+    "mixtral": dict(arch="llama", n_layer=4, n_ff=192, freq_base=1000000.0, ctx=32768,
+                    n_expert=8, n_expert_used=2, dead_expert=1, router_std=2.0,
+                    dead_weight=20.0),
+    # Qwen2-MoE (Qwen1.5-MoE layout): q/k/v biases, experts of expert_feed_forward_length,
+    # top-k weights not renormalised, a shared expert gated by sigmoid(ffn_gate_inp_shexp . x).
+    "qwen2moe": dict(arch="qwen2moe", eps=1e-6, freq_base=1000000.0, ctx=32768, qkv_bias=1,
+                     bias_std=1.0, n_ff=192, n_ff_exp=96, n_ff_shexp=192, n_expert=8,
+                     n_expert_used=2, dead_expert=1, router_std=2.0, dead_weight=20.0,
+                     shexp=1),
+    # Qwen3-MoE: per-head q/k norms, head_dim 64, renormalised top-k, no shared expert.
+    "qwen3moe": dict(arch="qwen3moe", head_dim=64, eps=1e-6, freq_base=1000000.0, ctx=40960,
+                     qk_norm="random", sq=1.0, sk=1.0, n_ff=192, n_ff_exp=96, n_expert=8,
+                     n_expert_used=2, dead_expert=0, router_std=2.0, dead_weight=20.0),
+    # OLMoE: q/k RMSNorm over the whole projection (not per head; llama.cpp sizes both norms
+    # n_embd, so no grouped-query layout), top-k not renormalised.
+    "olmoe": dict(arch="olmoe", n_head_kv=4, n_ff=96, eps=1e-5, ctx=4096, qk_norm="random", sq=1.0, sk=1.0,
+                  n_expert=8, n_expert_used=2, dead_expert=0, router_std=2.0,
+                  dead_weight=20.0),
 }
+MOE = ("mixtral", "qwen2moe", "qwen3moe", "olmoe")
 
 
 def cfg_for(arch, sets):
@@ -393,6 +420,34 @@ def build(arch_name, cfg, seed, vocab_path, out, hf_twin=None):
     add("output_norm.weight", onorm)
 
     nq, nk = H * HD, HKV * HD
+
+    def ffn(p, suffix, ff):
+        # numpy shape (n_expert, rows, cols) = GGUF ne (cols, rows, n_expert)
+        lead = () if suffix == "_shexp" else (int(cfg["n_expert"]),)
+        wg = rng.normal(p + f"ffn_gate{suffix}.weight", lead + (ff, D), 1.0 / math.sqrt(D))
+        wu = rng.normal(p + f"ffn_up{suffix}.weight", lead + (ff, D), 1.0 / math.sqrt(D))
+        wd = rng.normal(p + f"ffn_down{suffix}.weight", lead + (D, ff), cfg["sd"] / math.sqrt(ff))
+        wd[..., 1, :] = 0.0
+        return wg, wu, wd
+
+    def add_experts(p):
+        E = int(cfg["n_expert"])
+        router = rng.normal(p + "ffn_gate_inp.weight", (E, D), cfg["router_std"] / math.sqrt(D))
+        if int(cfg["dead_expert"]):
+            router[E - 1, 1] = -cfg["dead_weight"]
+        add(p + "ffn_gate_inp.weight", router)
+        ff = int(cfg["n_ff_exp"]) if "n_ff_exp" in cfg else FF
+        for t, w in zip(("gate", "up", "down"), ffn(p, "_exps", ff)):
+            add(p + f"ffn_{t}_exps.weight", w)
+        if arch == "qwen2moe":
+            wg, wu, wd = ffn(p, "_shexp", int(cfg["n_ff_shexp"]))
+            if not int(cfg["shexp"]):
+                wd[:] = 0.0
+            add(p + "ffn_gate_inp_shexp.weight",
+                rng.normal(p + "ffn_gate_inp_shexp.weight", (D,), 2.0 / math.sqrt(D)))
+            for t, w in zip(("gate", "up", "down"), (wg, wu, wd)):
+                add(p + f"ffn_{t}_shexp.weight", w)
+
     for i in range(L):
         p = f"blk.{i}."
         norm_w(p + "attn_norm.weight", D)
@@ -408,21 +463,27 @@ def build(arch_name, cfg, seed, vocab_path, out, hf_twin=None):
             add(p + "attn_q.weight", wq)
             add(p + "attn_k.weight", wk)
             add(p + "attn_v.weight", wv)
-        if arch == "qwen2" and int(cfg["qkv_bias"]):
+        if arch in ("qwen2", "qwen2moe") and int(cfg["qkv_bias"]):
             for t, n in (("q", nq), ("k", nk), ("v", nk)):
                 add(p + f"attn_{t}.bias", rng.normal(p + f"attn_{t}.bias", (n,), cfg["bias_std"]))
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "gemma3", "qwen3moe", "olmoe"):
+            # OLMoE normalises the whole q (k) projection, the others each head
+            width = {"q": nq, "k": nk} if arch == "olmoe" else {"q": HD, "k": HD}
             for t in ("q", "k"):
                 name = p + f"attn_{t}_norm.weight"
-                w = rng.uniform(name, (HD,), 0.5, 2.5) if arch == "qwen3" \
-                    else rng.uniform(name, (HD,), 1.0, 2.5)
+                n = width[t]
+                w = rng.uniform(name, (n,), 0.5, 2.5) if arch != "gemma3" \
+                    else rng.uniform(name, (n,), 1.0, 2.5)
                 if cfg["qk_norm"] == "ones":
-                    w = np.ones(HD, np.float32)
+                    w = np.ones(n, np.float32)
                 add(name, w)
         add(p + "attn_output.weight", wo)
         if gemma:
             norm_w(p + "post_attention_norm.weight", D)
         norm_w(p + "ffn_norm.weight", D)
+        if arch_name in MOE:
+            add_experts(p)
+            continue
         wg = rng.normal(p + "ffn_gate.weight", (FF, D), 1.0 / math.sqrt(D))
         wu = rng.normal(p + "ffn_up.weight", (FF, D), 1.0 / math.sqrt(D))
         wd = rng.normal(p + "ffn_down.weight", (D, FF), cfg["sd"] / math.sqrt(FF))
@@ -470,6 +531,13 @@ def build(arch_name, cfg, seed, vocab_path, out, hf_twin=None):
         w.add_value_length(HD)
     if arch in ("llama", "phi3"):
         w.add_rope_dimension_count(HD)
+    if arch_name in MOE:
+        w.add_expert_count(int(cfg["n_expert"]))
+        w.add_expert_used_count(int(cfg["n_expert_used"]))
+        if "n_ff_exp" in cfg:
+            w.add_expert_feed_forward_length(int(cfg["n_ff_exp"]))
+        if "n_ff_shexp" in cfg:
+            w.add_expert_shared_feed_forward_length(int(cfg["n_ff_shexp"]))
     if arch_name == "mistral" and int(cfg["sliding_window"]) > 0:
         w.add_sliding_window(int(cfg["sliding_window"]))
     if arch == "gemma2":

@@ -11,7 +11,7 @@
 //! ignored the feature would fail. The reference runs with f32 keys/values and no flash
 //! attention; llama.cpp's defaults (f16) moved these figures by at most 0.008 % when measured.
 
-use adaptq_testutil::cli::{args, json, ok, quantize, run, s};
+use adaptq_testutil::cli::{args, ok, quantize, run, s};
 use adaptq_testutil::llamacpp;
 use std::path::Path;
 
@@ -20,54 +20,15 @@ const BIN: &str = env!("CARGO_BIN_EXE_adaptq");
 const RUN: (&str, &str) = ("128", "4");
 
 fn ours(model: &Path, text: &Path, run: (&str, &str)) -> f64 {
-    ours_on(model, text, run, "--exact")
+    llamacpp::adaptq_ppl(BIN, model, text, run, "--exact")
 }
 
-/// `adaptq eval` on the given kernels (`--exact` or `--packed`).
-fn ours_on(model: &Path, text: &Path, (ctx, chunks): (&str, &str), kernels: &str) -> f64 {
-    let o = ok(run(
-        BIN,
-        &[
-            "eval",
-            s(model),
-            "--text",
-            s(text),
-            "--ctx",
-            ctx,
-            "--score",
-            "second-half",
-            "--chunks",
-            chunks,
-            "--json",
-            kernels,
-        ],
-    ));
-    json(&o)["ppl"].as_f64().expect("ppl")
+fn ours_on(model: &Path, text: &Path, run: (&str, &str), kernels: &str) -> f64 {
+    llamacpp::adaptq_ppl(BIN, model, text, run, kernels)
 }
 
-fn theirs(bin: &Path, model: &Path, text: &Path, (ctx, chunks): (&str, &str)) -> f64 {
-    llamacpp::final_ppl(&llamacpp::run(
-        bin,
-        "llama-perplexity",
-        &[
-            "-m",
-            s(model),
-            "-f",
-            s(text),
-            "-c",
-            ctx,
-            "--chunks",
-            chunks,
-            "-t",
-            "2",
-            "-fa",
-            "off",
-            "-ctk",
-            "f32",
-            "-ctv",
-            "f32",
-        ],
-    ))
+fn theirs(bin: &Path, model: &Path, text: &Path, run: (&str, &str)) -> f64 {
+    llamacpp::peer_ppl(bin, model, text, run)
 }
 
 /// Architecture, and the variant whose feature adaptq must not ignore. Mistral's feature is its

@@ -20,6 +20,8 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use std::borrow::Cow;
 use std::sync::Arc;
 
+pub mod moe;
+
 /// Called with (weight tensor name, input activations `[tokens, in_features]`) before each
 /// linear layer runs. q/k/v share one input; the hook sees it once per weight name.
 pub type Hook<'a> = &'a mut dyn FnMut(&str, &Tensor) -> Result<()>;
@@ -320,24 +322,40 @@ pub struct Block {
     ffn_norm: Tensor,
     /// What the norm weights were stored without (1 for Hugging Face Gemma, else 0).
     norm_offset: f32,
-    /// gate and up, or Phi-3's one `ffn_up` whose rows are gate | up.
-    pub gate_up: Vec<Linear>,
-    pub down: Linear,
+    pub mlp: Mlp,
     /// RMSNorm of each query and key head (Qwen3, Gemma 3).
     pub qk_norm: Option<QkNorm>,
     /// Gemma's norms after attention and the MLP.
     pub post_norms: Option<PostNorms>,
 }
 
-/// Per-head RMSNorm of queries and keys before RoPE, `[head_dim]` weights.
+/// The MLP of a block.
+pub enum Mlp {
+    /// SwiGLU (GeGLU for Gemma): gate and up, or Phi-3's one `ffn_up` whose rows are
+    /// gate | up; then down.
+    Dense { gate_up: Vec<Linear>, down: Linear },
+    /// A sparse mixture of experts.
+    Moe(Box<moe::Experts>),
+}
+
+/// RMSNorm of queries and keys before RoPE: per head (`[head_dim]` weights), or over the
+/// whole projection (OLMoE, `[heads · head_dim]`).
 pub struct QkNorm {
     q: Tensor,
     k: Tensor,
+    full: bool,
 }
 
 impl QkNorm {
-    /// Normalizes `q: [T, H, hd]` and `k: [T, KV, hd]` head by head.
+    /// Normalizes `q: [T, H, hd]` and `k: [T, KV, hd]`.
     fn apply(&self, q: &Tensor, k: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        if self.full {
+            let whole = |x: &Tensor, w: &Tensor| -> Result<Tensor> {
+                let (t, h, hd) = x.dims3()?;
+                Ok(rms_norm(&x.reshape((t, h * hd))?, w, eps)?.reshape((t, h, hd))?)
+            };
+            return Ok((whole(q, &self.q)?, whole(k, &self.k)?));
+        }
         Ok((rms_norm(q, &self.q, eps)?, rms_norm(k, &self.k, eps)?))
     }
 }
@@ -363,30 +381,48 @@ impl Block {
             .collect())
     }
 
-    /// Every linear layer, in the order the block runs them.
+    /// Every quantizable linear layer, in the order the block runs them (a mixture's router
+    /// is not one).
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v: Vec<&Linear> = self.qkv.iter().collect();
         v.push(&self.o);
-        v.extend(&self.gate_up);
-        v.push(&self.down);
+        match &self.mlp {
+            Mlp::Dense { gate_up, down } => {
+                v.extend(gate_up);
+                v.push(down);
+            }
+            Mlp::Moe(e) => v.extend(e.linears()),
+        }
         v
     }
 
     pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut v: Vec<&mut Linear> = self.qkv.iter_mut().collect();
         v.push(&mut self.o);
-        v.extend(&mut self.gate_up);
-        v.push(&mut self.down);
+        match &mut self.mlp {
+            Mlp::Dense { gate_up, down } => {
+                v.extend(gate_up);
+                v.push(down);
+            }
+            Mlp::Moe(e) => v.extend(e.linears_mut()),
+        }
         v
     }
 
-    /// The layer whose output rows are the MLP's up projection, and the first of those rows
-    /// (the second half of a fused gate | up).
-    pub fn up_rows(&mut self) -> (&mut Linear, usize) {
-        let fused = self.gate_up.len() == 1;
-        let l = self.gate_up.last_mut().expect("gate and up");
-        let first = if fused { l.rows() / 2 } else { 0 };
-        (l, first)
+    /// A dense MLP's gate and up layers (or fused gate | up), and its down layer.
+    pub fn dense_mlp(&mut self) -> Option<(&mut Vec<Linear>, &mut Linear)> {
+        match &mut self.mlp {
+            Mlp::Dense { gate_up, down } => Some((gate_up, down)),
+            Mlp::Moe(_) => None,
+        }
+    }
+
+    /// The mixture of experts, if the block has one.
+    pub fn experts_mut(&mut self) -> Option<&mut moe::Experts> {
+        match &mut self.mlp {
+            Mlp::Moe(e) => Some(e),
+            Mlp::Dense { .. } => None,
+        }
     }
 }
 
@@ -858,11 +894,20 @@ impl Llama {
         };
         let o = [("attn_output", "self_attn.o_proj")];
         let down = [("ffn_down", "mlp.down_proj")];
-        [qkv, &o, gate_up, &down]
+        let mlp: &[&[(&str, &str)]] = match self.desc.decoder.moe {
+            Some(_) => &[],
+            None => &[gate_up, &down],
+        };
+        let mut names: Vec<String> = [&[qkv, &o], mlp]
+            .concat()
             .concat()
             .into_iter()
             .map(|(g, h)| l.name(i, &format!("{g}.weight"), &format!("{h}.weight")))
-            .collect()
+            .collect();
+        if let Some(m) = &self.desc.decoder.moe {
+            names.extend(moe::linear_names(&l, i, m));
+        }
+        names
     }
 
     /// Loads block `i` from `w`, as the file stores it (a rotated model's blocks are stored
@@ -905,19 +950,32 @@ impl Llama {
             ffn_norm: norm(&ffn_norm_name, d)?,
             ffn_norm_name,
             norm_offset: l.norm_offset,
-            gate_up: match l.fused_gate_up {
-                true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
-                false => vec![
-                    lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
-                    lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
-                ],
+            mlp: match &desc.decoder.moe {
+                Some(m) => Mlp::Moe(Box::new(moe::Experts::load(w, &l, i, m, d, self.kernels)?)),
+                None => Mlp::Dense {
+                    gate_up: match l.fused_gate_up {
+                        true => vec![lin("ffn_up", "mlp.gate_up_proj", false, (2 * ffn, d))?],
+                        false => vec![
+                            lin("ffn_gate", "mlp.gate_proj", false, (ffn, d))?,
+                            lin("ffn_up", "mlp.up_proj", false, (ffn, d))?,
+                        ],
+                    },
+                    down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
+                },
             },
-            down: lin("ffn_down", "mlp.down_proj", false, (d, ffn))?,
             qk_norm: match desc.decoder.qk_norm {
-                true => Some(QkNorm {
-                    q: norm(&n("attn_q_norm.weight", "self_attn.q_norm.weight"), hd)?,
-                    k: norm(&n("attn_k_norm.weight", "self_attn.k_norm.weight"), hd)?,
-                }),
+                true => {
+                    let full = desc.decoder.qk_norm_full;
+                    let (qn, kn) = match full {
+                        true => (q_out, kv_out),
+                        false => (hd, hd),
+                    };
+                    Some(QkNorm {
+                        q: norm(&n("attn_q_norm.weight", "self_attn.q_norm.weight"), qn)?,
+                        k: norm(&n("attn_k_norm.weight", "self_attn.k_norm.weight"), kn)?,
+                        full,
+                    })
+                }
                 false => None,
             },
             post_norms: match gemma {
@@ -987,10 +1045,13 @@ impl Llama {
         let Some(r) = self.rotation.as_ref() else {
             bail!("the model carries no rotation");
         };
-        let reads_hidden = b.qkv.iter_mut().chain(&mut b.gate_up);
+        let Mlp::Dense { gate_up, down } = &mut b.mlp else {
+            bail!("rotating the inputs of a mixture of experts is not supported");
+        };
+        let reads_hidden = b.qkv.iter_mut().chain(gate_up);
         let pairs = reads_hidden
             .map(|l| (l, &r.hidden))
-            .chain([(&mut b.o, &r.attn), (&mut b.down, &r.ffn)]);
+            .chain([(&mut b.o, &r.attn), (down, &r.ffn)]);
         for (l, rot) in pairs {
             let (mut w, _, _) = l.weight_rows()?;
             rot.apply_rows(&mut w);
@@ -1254,13 +1315,17 @@ impl Llama {
 
     /// Block `b`'s MLP on its normalized input: SwiGLU, or GeGLU (tanh GELU) for Gemma.
     fn mlp(&self, b: &Block, h: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
+        let (gate_up, down) = match &b.mlp {
+            Mlp::Dense { gate_up, down } => (gate_up, down),
+            Mlp::Moe(e) => return e.forward(h, hook),
+        };
         let rot = self.rotation.as_ref();
         let h = match rot {
             Some(r) => rot_rows(h, &r.hidden)?,
             None => h.clone(),
         };
         let ffn = self.desc.ffn_dim;
-        let [g, u]: [Tensor; 2] = project(&b.gate_up, &h, &[ffn, ffn], hook)?
+        let [g, u]: [Tensor; 2] = project(gate_up, &h, &[ffn, ffn], hook)?
             .try_into()
             .expect("two parts");
         let g = match self.gemma {
@@ -1272,7 +1337,7 @@ impl Llama {
             Some(r) => rot_rows(&mid, &r.ffn)?,
             None => mid,
         };
-        b.down.forward(&mid, hook)
+        down.forward(&mid, hook)
     }
 
     /// Final norm and output head: logits `[T, vocab]`.

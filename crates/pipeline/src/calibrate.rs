@@ -768,22 +768,34 @@ fn fold_awq(
     }
     out.awq.push(g);
     rescale(&qkv.iter().collect::<Vec<_>>(), &inverse(&s));
+    // A mixture's MLP input also feeds its router (kept in float): its groups are the
+    // experts', each with inputs of its own, so only the attention input is scaled.
+    let Some((gate_up, _)) = blk.dense_mlp() else {
+        return Ok(());
+    };
     // MLP input: gate and up (or a fused gate | up) share it; fold into the MLP norm.
-    let gate_up = names(&blk.gate_up);
-    let (h, a) = need(&gate_up[0])?;
-    let (s, g) = awq_group(spec, &mut blk.gate_up.iter_mut().collect::<Vec<_>>(), h, a)?;
+    let gate_up_names = names(gate_up);
+    let (h, a) = need(&gate_up_names[0])?;
+    let (s, g) = awq_group(spec, &mut gate_up.iter_mut().collect::<Vec<_>>(), h, a)?;
     let folded = blk.div_ffn_norm(&s)?;
     out.overrides.insert(blk.ffn_norm_name.clone(), folded);
-    for l in &gate_up {
+    for l in &gate_up_names {
         scales.col.insert(l.clone(), s.clone());
     }
     out.awq.push(g);
-    rescale(&gate_up.iter().collect::<Vec<_>>(), &inverse(&s));
+    rescale(&gate_up_names.iter().collect::<Vec<_>>(), &inverse(&s));
     // down's input is act(gate)·up: scaling up's output rows by 1/s divides it by s.
-    let (h, a) = need(&blk.down.name)?;
-    let (s, g) = awq_group(spec, &mut [&mut blk.down], h, a)?;
+    let (gate_up, down) = blk.dense_mlp().expect("dense, as above");
+    let down_name = down.name.clone();
+    let (h, a) = need(&down_name)?;
+    let (s, g) = awq_group(spec, &mut [down], h, a)?;
     let inv = inverse(&s);
-    let (up, first) = blk.up_rows();
+    // The layer whose output rows are up's: the second half of a fused gate | up.
+    let first = match gate_up.len() {
+        1 => gate_up[0].rows() / 2,
+        _ => 0,
+    };
+    let up = gate_up.last_mut().expect("gate and up");
     let (mut uw, ur, uc) = up.weight_rows()?;
     // Row factors of the whole layer: 1 on a fused gate half.
     let mut row = vec![1.0; ur];
@@ -793,9 +805,9 @@ fn fold_awq(
     }
     up.set_weight(uw)?;
     scales.row.insert(up.name.clone(), row);
-    scales.col.insert(blk.down.name.clone(), s);
+    scales.col.insert(down_name.clone(), s);
     out.awq.push(g);
-    rescale(&[&blk.down.name], &inv);
+    rescale(&[&down_name], &inv);
     Ok(())
 }
 

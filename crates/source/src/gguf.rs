@@ -743,7 +743,23 @@ fn tensor_ranges(h: &Header, total: u64, path: &Path) -> Result<Vec<(u64, u64)>>
     Ok(ranges)
 }
 
-/// A memory-mapped GGUF file.
+/// The stem `blk.N.ffn_{gate,up,down}_exps` of a stacked expert tensor's GGUF name.
+pub fn expert_stem(name: &str) -> Option<&str> {
+    let stem = name.strip_suffix(".weight")?;
+    let kind = stem.strip_prefix("blk.")?.split_once('.')?.1;
+    matches!(kind, "ffn_gate_exps" | "ffn_up_exps" | "ffn_down_exps").then_some(stem)
+}
+
+/// Expert `j`'s matrix of a stacked tensor (`stem` from [`expert_stem`]). GGUF files stack a
+/// block's experts in one 3-D tensor; adaptq reads each expert as a matrix of its own, so
+/// every quantizer, bundle entry and kernel treats an expert as a linear layer like any other
+/// (and calibration gives each expert its own statistics). The GGUF export stacks them again.
+pub fn expert_name(stem: &str, j: usize) -> String {
+    format!("{stem}.{j}.weight")
+}
+
+/// A memory-mapped GGUF file. Stacked expert tensors are listed one matrix per expert
+/// ([`expert_name`]).
 pub struct GgufSource {
     path: PathBuf,
     blob: Box<dyn Blob>,
@@ -752,6 +768,8 @@ pub struct GgufSource {
     by_name: NameIndex,
     /// Absolute byte ranges of each tensor, parallel to `infos`.
     ranges: Vec<(u64, u64)>,
+    /// Element type of each tensor, parallel to `infos`.
+    types: Vec<GgmlType>,
     desc: ModelDesc,
     dir: Option<PathBuf>,
 }
@@ -766,20 +784,46 @@ impl GgufSource {
     pub fn from_blob(blob: Box<dyn Blob>, dir: Option<PathBuf>) -> Result<Self> {
         let path = blob.label().to_path_buf();
         let path = path.as_path();
-        let (header, ranges) = read_checked(blob.as_ref())?;
+        let (header, file_ranges) = read_checked(blob.as_ref())?;
         let mut infos = Vec::with_capacity(header.tensors.len());
-        for ((name, dims, ty, _), &(s, e)) in header.tensors.iter().zip(&ranges) {
+        let (mut ranges, mut types) = (Vec::new(), Vec::new());
+        for ((name, dims, ty, _), &(s, e)) in header.tensors.iter().zip(&file_ranges) {
             let too_big = || SourceError::corrupt(path, format!("tensor '{name}' is too large"));
+            let shape: Vec<usize> = dims
+                .iter()
+                .rev()
+                .map(|&d| usize::try_from(d).map_err(|_| too_big()))
+                .collect::<Result<_>>()?;
+            let byte_len = usize::try_from(e - s).map_err(|_| too_big())?;
+            if let (Some(stem), &[n, rows, cols]) = (expert_stem(name), shape.as_slice()) {
+                // Each expert's matrix is whole rows, so whole blocks: a slice of the bytes.
+                if n == 0 || byte_len % n != 0 {
+                    return Err(SourceError::corrupt(
+                        path,
+                        format!("tensor '{name}': {byte_len} bytes do not split into {n} experts"),
+                    ));
+                }
+                let per = (byte_len / n) as u64;
+                for j in 0..n {
+                    infos.push(TensorInfo {
+                        name: expert_name(stem, j),
+                        shape: vec![rows, cols],
+                        dtype: src_dtype(*ty),
+                        byte_len: byte_len / n,
+                    });
+                    ranges.push((s + j as u64 * per, s + (j as u64 + 1) * per));
+                    types.push(*ty);
+                }
+                continue;
+            }
             infos.push(TensorInfo {
                 name: name.clone(),
-                shape: dims
-                    .iter()
-                    .rev()
-                    .map(|&d| usize::try_from(d).map_err(|_| too_big()))
-                    .collect::<Result<_>>()?,
+                shape,
                 dtype: src_dtype(*ty),
-                byte_len: usize::try_from(e - s).map_err(|_| too_big())?,
+                byte_len,
             });
+            ranges.push((s, e));
+            types.push(*ty);
         }
         let by_name = NameIndex::build(&infos).map_err(|(_, b)| {
             SourceError::corrupt(path, format!("tensor '{}' appears twice", infos[b].name))
@@ -793,6 +837,7 @@ impl GgufSource {
             infos,
             by_name,
             ranges,
+            types,
             desc,
             dir,
         })
@@ -867,7 +912,7 @@ impl TensorSource for GgufSource {
         let i = self.index(name)?;
         let (s, e) = self.ranges[i];
         let info = &self.infos[i];
-        let ty = self.header.tensors[i].2;
+        let ty = self.types[i];
         let out = dequantize(ty, &self.blob.read(s, e)?, info.numel())
             .map_err(|why| SourceError::corrupt(&self.path, format!("tensor '{name}': {why}")));
         self.blob.release(s, e);

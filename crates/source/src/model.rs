@@ -44,6 +44,10 @@ pub enum TensorRole {
     Output,
     Norm,
     Bias,
+    /// A mixture-of-experts router (and Qwen2-MoE's shared-expert gate): kept in float, as
+    /// llama.cpp's quantizer keeps it, since one wrong rounding reroutes whole tokens; it is
+    /// a `experts × hidden` matrix, a sliver of the model.
+    Router,
     /// Anything else (e.g. integer position ids): carried through unchanged.
     Other,
 }
@@ -56,6 +60,7 @@ impl TensorRole {
             TensorRole::Output => "output",
             TensorRole::Norm => "norm",
             TensorRole::Bias => "bias",
+            TensorRole::Router => "router",
             TensorRole::Other => "other",
         }
     }
@@ -120,7 +125,34 @@ pub struct DecoderTraits {
     pub rope_factors_long: Option<Vec<f32>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gemma: Option<Gemma>,
+    /// OLMoE normalizes the whole query (key) projection, not each head.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm_full: bool,
+    /// Mixture-of-experts blocks in place of the MLP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<Moe>,
 }
+
+/// A sparse mixture-of-experts MLP as llama.cpp's `build_moe_ffn` runs it for Mixtral
+/// (`llama` with experts), Qwen2-MoE, Qwen3-MoE and OLMoE: a softmax over the router's logits,
+/// the `used` experts of highest probability, each a SwiGLU MLP of width `expert_ffn`, their
+/// outputs summed weighted by those probabilities.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Moe {
+    pub experts: usize,
+    pub used: usize,
+    pub expert_ffn: usize,
+    /// Whether the chosen probabilities are divided by their sum (Mixtral, Qwen3-MoE) or used
+    /// as they are (Qwen2-MoE, OLMoE).
+    pub norm_weights: bool,
+    /// Width of Qwen2-MoE's shared expert, which every token runs, gated by
+    /// `sigmoid(w · x)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_ffn: Option<usize>,
+}
+
+/// Most experts of any released model are 384 (Kimi K2); the limit bounds a header's claim.
+const MAX_EXPERTS: usize = 4096;
 
 /// What Gemma 2 and 3 add to the Llama block beyond q/k norms, with the values llama.cpp
 /// derives for them: the embedding scaled by √hidden, norms after attention and the MLP,
@@ -245,7 +277,8 @@ impl ModelDesc {
             .to_string();
         let (family, rope_style) = match arch.as_str() {
             "llama" | "mistral" | "smollm" => (Family::Llama, RopeStyle::AdjacentPairs),
-            "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3" => (Family::Llama, RopeStyle::Halves),
+            "qwen2" | "qwen3" | "gemma2" | "gemma3" | "phi3" | "qwen2moe" | "qwen3moe"
+            | "olmoe" => (Family::Llama, RopeStyle::Halves),
             "bert" => (Family::Bert, RopeStyle::Halves),
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -309,7 +342,9 @@ impl ModelDesc {
                         .map(|b| u32::try_from(b).unwrap_or(u32::MAX)),
                     _ => None,
                 },
-                qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+                qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3" | "qwen3moe" | "olmoe"),
+                qk_norm_full: arch == "olmoe",
+                moe: moe_from_gguf(md, &arch, path)?,
                 rope_attn_factor: md
                     .get_f64(&format!("{arch}.rope.scaling.attn_factor"))
                     .filter(|&f| f != 1.0)
@@ -333,6 +368,16 @@ impl ModelDesc {
                     ),
                 });
             }
+        }
+        if let Some(m) = desc.decoder.moe.as_mut() {
+            // llama.cpp's default widths where the file gives none.
+            if m.expert_ffn == 0 {
+                m.expert_ffn = desc.ffn_dim / m.used;
+            }
+            if let Some(s) = m.shared_ffn.as_mut().filter(|s| **s == 0) {
+                *s = desc.ffn_dim;
+            }
+            desc = desc.checked(infos.len(), path)?;
         }
         if matches!(desc.architecture.as_str(), "gemma2" | "gemma3") {
             desc.decoder.gemma = Some(gemma_from_gguf(md, &desc, path)?);
@@ -393,6 +438,22 @@ impl ModelDesc {
                 ));
             }
         }
+        if let Some(m) = &self.decoder.moe {
+            if m.used == 0 || m.used > m.experts || m.experts > MAX_EXPERTS {
+                return bad(format!(
+                    "{} of {} experts per token is not a valid mixture (at most {MAX_EXPERTS})",
+                    m.used, m.experts
+                ));
+            }
+            for (what, v) in [
+                ("expert width", m.expert_ffn),
+                ("shared expert width", m.shared_ffn.unwrap_or(0)),
+            ] {
+                if v > MAX_DIM {
+                    return bad(format!("{what} {v} is over the limit of {MAX_DIM}"));
+                }
+            }
+        }
         if let Some(g) = &self.decoder.gemma {
             if g.sliding.len() != self.n_layers {
                 return bad(format!(
@@ -404,6 +465,37 @@ impl ModelDesc {
         }
         Ok(self)
     }
+}
+
+/// The mixture a GGUF file declares: `expert_count` > 0 on `llama` (Mixtral), required by the
+/// MoE architectures. Widths of 0 stand for llama.cpp's defaults, filled in once the dense
+/// width is known (expert: `feed_forward_length / expert_used_count`; shared: the dense
+/// width).
+fn moe_from_gguf(md: &Metadata, arch: &str, path: &Path) -> Result<Option<Moe>> {
+    let get = |k: &str| {
+        md.get_u64(&format!("{arch}.{k}"))
+            .map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+    };
+    let moe_arch = matches!(arch, "qwen2moe" | "qwen3moe" | "olmoe");
+    let experts = get("expert_count").unwrap_or(0);
+    if experts == 0 && !moe_arch {
+        return Ok(None);
+    }
+    let uses_own_width = matches!(arch, "qwen2moe" | "qwen3moe");
+    Ok(Some(Moe {
+        experts,
+        used: get("expert_used_count").ok_or_else(|| SourceError::Config {
+            path: path.into(),
+            why: format!("GGUF metadata lacks {arch}.expert_used_count"),
+        })?,
+        expert_ffn: match uses_own_width {
+            true => get("expert_feed_forward_length").unwrap_or(0),
+            false => get("feed_forward_length").unwrap_or(0),
+        },
+        norm_weights: matches!(arch, "llama" | "qwen3moe"),
+        shared_ffn: (arch == "qwen2moe")
+            .then(|| get("expert_shared_feed_forward_length").unwrap_or(0)),
+    }))
 }
 
 /// Gemma 2's and 3's settings as llama.cpp's `load_arch_hparams` derives them. Gemma 3 has a
@@ -531,6 +623,13 @@ pub fn role_of(info: &TensorInfo) -> TensorRole {
     }
     if n == "output.weight" || n == "lm_head.weight" {
         return TensorRole::Output;
+    }
+    if n.contains("ffn_gate_inp")
+        || n.ends_with(".mlp.gate.weight")
+        || n.ends_with("block_sparse_moe.gate.weight")
+        || n.ends_with("shared_expert_gate.weight")
+    {
+        return TensorRole::Router;
     }
     if info.shape.len() == 2 && n.ends_with(".weight") {
         return TensorRole::Linear;

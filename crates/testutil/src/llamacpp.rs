@@ -59,6 +59,66 @@ pub fn final_ppl(out: &str) -> f64 {
         .expect("PPL value")
 }
 
+/// `adaptq eval`'s perplexity (binary `adaptq`) on `kernels` (`--exact` or `--packed`), at
+/// context `ctx` over `chunks` windows, the second half of each scored as llama-perplexity
+/// scores it.
+pub fn adaptq_ppl(
+    adaptq: &str,
+    model: &Path,
+    text: &Path,
+    (ctx, chunks): (&str, &str),
+    kernels: &str,
+) -> f64 {
+    use crate::cli::{json, ok, run, s};
+    let o = ok(run(
+        adaptq,
+        &[
+            "eval",
+            s(model),
+            "--text",
+            s(text),
+            "--ctx",
+            ctx,
+            "--score",
+            "second-half",
+            "--chunks",
+            chunks,
+            "--json",
+            kernels,
+        ],
+    ));
+    json(&o)["ppl"].as_f64().expect("ppl")
+}
+
+/// llama-perplexity's figure on the same windows as [`adaptq_ppl`], with f32 keys and values
+/// and no flash attention (llama.cpp's f16 defaults moved random models' figures by at most
+/// 0.008 % when measured), 2 threads.
+pub fn peer_ppl(bin: &Path, model: &Path, text: &Path, (ctx, chunks): (&str, &str)) -> f64 {
+    use crate::cli::s;
+    final_ppl(&run(
+        bin,
+        "llama-perplexity",
+        &[
+            "-m",
+            s(model),
+            "-f",
+            s(text),
+            "-c",
+            ctx,
+            "--chunks",
+            chunks,
+            "-t",
+            "2",
+            "-fa",
+            "off",
+            "-ctk",
+            "f32",
+            "-ctv",
+            "f32",
+        ],
+    ))
+}
+
 /// Writes `arch`'s seeded random-weight GGUF (seed 1) with `scripts/reference/random_gguf.py`,
 /// with the `--set` switches given, and its Hugging Face twin into `hf_twin` when asked; the
 /// gguf-py is the one of the llama.cpp build in `bin` (see [`bin_dir`]).
