@@ -117,7 +117,7 @@ ARCHS = {
                     dead_weight=20.0),
     # Qwen2-MoE (Qwen1.5-MoE layout): q/k/v biases, experts of expert_feed_forward_length,
     # top-k weights not renormalised, a shared expert gated by sigmoid(ffn_gate_inp_shexp . x).
-    "qwen2moe": dict(arch="qwen2moe", eps=1e-6, freq_base=1000000.0, ctx=32768, qkv_bias=1,
+    "qwen2moe": dict(arch="qwen2moe", n_layer=4, eps=1e-6, freq_base=1000000.0, ctx=32768, qkv_bias=1,
                      bias_std=1.0, n_ff=192, n_ff_exp=96, n_ff_shexp=192, n_expert=8,
                      n_expert_used=2, dead_expert=1, router_std=2.0, dead_weight=20.0,
                      shexp=1),

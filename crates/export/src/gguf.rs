@@ -502,10 +502,11 @@ pub fn export_gguf(
         }
     };
     let tensors = &bundle.manifest.tensors;
-    let routes: Vec<Route> = tensors
+    let mut routes: Vec<Route> = tensors
         .iter()
         .map(|t| route(t, opts))
         .collect::<Result<_>>()?;
+    let groups = stacks(tensors, &mut routes)?;
     // Name the file by what most of its parameters are stored as.
     let mut by_type: Vec<(BlockType, u64)> = Vec::new();
     for (t, r) in tensors.iter().zip(&routes) {
@@ -524,23 +525,38 @@ pub fn export_gguf(
         "general.quantized_by",
         Value::String("adaptq".into()),
     );
-    let names: Vec<String> = tensors
+    let names: Vec<String> = groups
         .iter()
-        .map(|t| match hf {
-            Some(_) => gguf_name(&t.name)
-                .with_context(|| format!("tensor '{}' has no llama.cpp name", t.name)),
-            None => Ok(t.name.clone()),
+        .map(|g| {
+            let t = &tensors[g.members[0]];
+            match (hf, &g.stacked) {
+                (_, Some(name)) => Ok(name.clone()),
+                (Some(_), None) => gguf_name(&t.name)
+                    .with_context(|| format!("tensor '{}' has no llama.cpp name", t.name)),
+                (None, None) => Ok(t.name.clone()),
+            }
         })
         .collect::<Result<_>>()?;
-    let plan: Vec<TensorPlan> = tensors
+    let plan: Vec<TensorPlan> = groups
         .iter()
-        .zip(&routes)
         .zip(&names)
-        .map(|((t, r), n)| TensorPlan {
-            name: n.clone(),
-            shape: t.dims(),
-            ggml_type: r.ggml_id(),
-            bytes: r.bytes(t.numel()) as u64,
+        .map(|(g, n)| {
+            let t = &tensors[g.members[0]];
+            let mut shape = t.dims();
+            if g.stacked.is_some() {
+                shape.insert(0, g.members.len());
+            }
+            let r = &routes[g.members[0]];
+            TensorPlan {
+                name: n.clone(),
+                shape,
+                ggml_type: r.ggml_id(),
+                bytes: g
+                    .members
+                    .iter()
+                    .map(|&i| routes[i].bytes(tensors[i].numel()) as u64)
+                    .sum(),
+            }
         })
         .collect();
     let tensor_bytes: u64 = plan.iter().map(|p| p.bytes).sum();
@@ -551,8 +567,14 @@ pub fn export_gguf(
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let mut w = GgufWriter::new(BufWriter::new(f), &md, plan)?;
         let mut report = Vec::with_capacity(tensors.len());
-        for (i, ((t, r), name)) in tensors.iter().zip(&routes).zip(&names).enumerate() {
-            let mut bytes = encode(bundle, t, r).with_context(|| format!("tensor '{}'", t.name))?;
+        for (i, (g, name)) in groups.iter().zip(&names).enumerate() {
+            let (t, r) = (&tensors[g.members[0]], &routes[g.members[0]]);
+            let mut bytes = Vec::new();
+            for &m in &g.members {
+                let part = encode(bundle, &tensors[m], &routes[m])
+                    .with_context(|| format!("tensor '{}'", tensors[m].name))?;
+                bytes.extend_from_slice(&part);
+            }
             let heads = hf.and_then(|(q, kv)| {
                 if name.ends_with(".attn_q.weight") {
                     Some(q)
@@ -573,16 +595,17 @@ pub fn export_gguf(
                     .collect();
             }
             w.write_tensor(name, &bytes)?;
+            let rerounded = g.members.iter().map(|&m| &routes[m]).find_map(|r| match r {
+                Route::Reround(_, why) => Some(why.clone()),
+                _ => None,
+            });
             report.push(ExportedTensor {
                 name: name.clone(),
                 ggml_type: r.name().to_string(),
-                exact: !matches!(r, Route::Reround(..)),
-                note: match r {
-                    Route::Reround(_, why) => Some(why.clone()),
-                    _ => None,
-                },
+                exact: rerounded.is_none(),
+                note: rerounded,
             });
-            progress(i + 1, tensors.len());
+            progress(i + 1, groups.len());
         }
         let f = w.finish()?.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
@@ -598,6 +621,88 @@ pub fn export_gguf(
         bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
         tensors: report,
     })
+}
+
+/// One tensor of the GGUF file: a bundle tensor, or a mixture's experts stacked again.
+struct Group {
+    /// Bundle tensors, in the order their bytes follow each other.
+    members: Vec<usize>,
+    /// The stacked tensor's GGUF name (`blk.N.ffn_gate_exps.weight`).
+    stacked: Option<String>,
+}
+
+/// The file's tensors in bundle order, each expert stack (the matrices a GGUF source's
+/// stacked tensor was read as, [`adaptq_source::gguf::expert_name`]) joined again where its
+/// expert 0 stood: llama.cpp reads a block's experts from one 3-D tensor of one type, so an
+/// expert on another type than expert 0 (APQ may give experts different widths) is re-rounded
+/// onto expert 0's type, and the report says so.
+fn stacks(tensors: &[TensorEntry], routes: &mut [Route]) -> Result<Vec<Group>> {
+    let expert = |name: &str| -> Option<(String, usize)> {
+        let (stem, j) = name.strip_suffix(".weight")?.rsplit_once('.')?;
+        let j: usize = j.parse().ok()?;
+        let stacked = format!("{stem}.weight");
+        adaptq_source::gguf::expert_stem(&stacked)?;
+        Some((stacked, j))
+    };
+    let mut groups: Vec<Group> = Vec::new();
+    let mut at: std::collections::BTreeMap<String, usize> = Default::default();
+    let mut indices: Vec<Vec<(usize, usize)>> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        match expert(&t.name) {
+            Some((stacked, j)) => {
+                let g = *at.entry(stacked.clone()).or_insert_with(|| {
+                    groups.push(Group {
+                        members: Vec::new(),
+                        stacked: Some(stacked),
+                    });
+                    indices.push(Vec::new());
+                    groups.len() - 1
+                });
+                indices[g].push((j, i));
+            }
+            None => {
+                groups.push(Group {
+                    members: vec![i],
+                    stacked: None,
+                });
+                indices.push(Vec::new());
+            }
+        }
+    }
+    for (g, mut idx) in groups.iter_mut().zip(indices) {
+        let Some(name) = &g.stacked else { continue };
+        idx.sort_unstable();
+        if idx.iter().enumerate().any(|(k, &(j, _))| k != j) {
+            bail!("the experts of '{name}' are not numbered 0..{}", idx.len());
+        }
+        g.members = idx.into_iter().map(|(_, i)| i).collect();
+        let first = &tensors[g.members[0]];
+        let (ty, dims) = (routes[g.members[0]].ggml_id(), first.dims());
+        for &m in &g.members[1..] {
+            if tensors[m].dims() != dims {
+                bail!(
+                    "expert '{}' is {:?}, expert 0 of its stack is {dims:?}",
+                    tensors[m].name,
+                    tensors[m].dims()
+                );
+            }
+            if routes[m].ggml_id() != ty {
+                let why = format!(
+                    "{} re-rounded onto {}: a stack of experts has one type",
+                    tensors[m].encoding.label(),
+                    routes[g.members[0]].name()
+                );
+                routes[m] = match &routes[g.members[0]] {
+                    Route::Copy(b) | Route::Relay(b) | Route::Reround(b, _) => {
+                        Route::Reround(*b, why)
+                    }
+                    Route::F16 => Route::F16,
+                    Route::F32 => Route::F32,
+                };
+            }
+        }
+    }
+    Ok(groups)
 }
 
 fn encode(bundle: &Bundle, t: &TensorEntry, r: &Route) -> Result<Vec<u8>> {

@@ -275,6 +275,11 @@ impl Linear {
         self.dims.0
     }
 
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.dims.1
+    }
+
     /// Whether the weight runs from its stored codes ([`Kernels::Packed`]).
     pub fn is_packed(&self) -> bool {
         !matches!(self.m, Matrix::Dense(_))
@@ -418,6 +423,13 @@ impl Block {
     }
 
     /// The mixture of experts, if the block has one.
+    pub fn experts(&self) -> Option<&moe::Experts> {
+        match &self.mlp {
+            Mlp::Moe(e) => Some(e),
+            Mlp::Dense { .. } => None,
+        }
+    }
+
     pub fn experts_mut(&mut self) -> Option<&mut moe::Experts> {
         match &mut self.mlp {
             Mlp::Moe(e) => Some(e),
@@ -1156,6 +1168,33 @@ impl Llama {
         cache: Option<&mut LayerKv>,
         hook: &mut Option<Hook>,
     ) -> Result<Tensor> {
+        let x = self.attention_residual(b, i, x, pos0, cache, hook)?;
+        let eps = self.desc.norm_eps;
+        let m = self.mlp(b, &rms_norm(&x, &b.ffn_norm, eps)?, hook)?;
+        let m = match &b.post_norms {
+            Some(g) => g.after_ffn(&m, eps)?,
+            None => m,
+        };
+        Ok((x + m)?)
+    }
+
+    /// The normalized input of block `b`'s MLP (as block `i`, on a window from position 0):
+    /// what its router and experts read.
+    pub fn mlp_input(&self, b: &Block, i: usize, x: &Tensor) -> Result<Tensor> {
+        let x = self.attention_residual(b, i, x, 0, None, &mut None)?;
+        rms_norm(&x, &b.ffn_norm, self.desc.norm_eps)
+    }
+
+    /// `x` plus block `b`'s attention output.
+    fn attention_residual(
+        &self,
+        b: &Block,
+        i: usize,
+        x: &Tensor,
+        pos0: usize,
+        cache: Option<&mut LayerKv>,
+        hook: &mut Option<Hook>,
+    ) -> Result<Tensor> {
         let d = &self.desc;
         let (t, _) = x.dims2()?;
         let (hd, eps) = (d.head_dim(), d.norm_eps);
@@ -1199,13 +1238,7 @@ impl Llama {
             Some(g) => g.after_attn(&a, eps)?,
             None => a,
         };
-        let x = (x + a)?;
-        let m = self.mlp(b, &rms_norm(&x, &b.ffn_norm, eps)?, hook)?;
-        let m = match &b.post_norms {
-            Some(g) => g.after_ffn(&m, eps)?,
-            None => m,
-        };
-        Ok((x + m)?)
+        Ok((x + a)?)
     }
 
     /// Block `i`'s attention of roped queries `q: [T, H, hd]` over keys and values

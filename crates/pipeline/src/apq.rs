@@ -123,7 +123,7 @@ pub fn walk_layers(
     for b in 0..n {
         let mut slot = None;
         let blk = blocks.get(m, b, &mut slot)?;
-        let (hs, _) = collect_stats(m, blk, b, &xs)?;
+        let (hs, _, _) = collect_stats(m, blk, b, &xs)?;
         for lin in blk.linears() {
             let (w, rows, cols) = lin.weight_rows()?;
             visit(&lin.name, &w, rows, cols, Some(hs[&lin.name].as_ref()), 1.0)?;

@@ -335,6 +335,8 @@ pub struct Calibration {
     pub mix: Option<crate::mix::MixPlan>,
     /// Bytes of one set of calibration activations, and whether they were spilled to scratch.
     pub acts: Option<(u64, bool)>,
+    /// How each expert of a mixture was calibrated.
+    pub experts: Vec<crate::experts::ExpertRecord>,
 }
 
 impl Calibration {
@@ -343,6 +345,7 @@ impl Calibration {
         self.layers.extend(other.layers);
         self.overrides.extend(other.overrides);
         self.awq.extend(other.awq);
+        self.experts.extend(other.experts);
         self.hessians.extend(other.hessians);
         if other.mix.is_some() {
             self.mix = other.mix;
@@ -356,7 +359,11 @@ impl Calibration {
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
 /// Layers that read one input (q, k and v; gate and up) share one Hessian: for a 14336-wide
 /// MLP each is 1.6 GB.
-pub type BlockStats = (BTreeMap<String, Rc<Hessian>>, BTreeMap<String, Vec<f32>>);
+pub type BlockStats = (
+    BTreeMap<String, Rc<Hessian>>,
+    BTreeMap<String, Vec<f32>>,
+    Vec<crate::experts::ExpertRecord>,
+);
 
 /// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics.
 pub fn collect_stats(
@@ -374,7 +381,7 @@ pub fn collect_stats(
         let mut hook = |name: &str, x: &Tensor| -> Result<()> {
             let (rows, dim) = x.dims2()?;
             if last.as_ref().is_none_or(|(id, _)| *id != x.id()) {
-                let g = x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?;
+                let g = crate::experts::gram(x)?;
                 let a = x.abs()?.sum(0)?.to_vec1::<f32>()?;
                 hs.entry(name.to_string())
                     .or_insert_with(|| Hessian::new(dim))
@@ -403,7 +410,7 @@ pub fn collect_stats(
         .into_iter()
         .map(|(k, (s, n))| (k, s.iter().map(|v| (v / n.max(1) as f64) as f32).collect()))
         .collect();
-    let hs = owner
+    let mut hs = owner
         .iter()
         .map(|(name, first)| (name.clone(), shared[first].clone()))
         .collect();
@@ -411,7 +418,8 @@ pub fn collect_stats(
         .iter()
         .map(|(name, first)| (name.clone(), act[first].clone()))
         .collect();
-    Ok((hs, act))
+    let experts = crate::experts::complete(m, blk, b, xs, &mut hs)?;
+    Ok((hs, act, experts))
 }
 
 /// Searches AWQ scales for one group and applies them to the group's weights.
@@ -687,7 +695,8 @@ fn calibrate_block(
         true => Some(forward(blk, &xs)?),
         false => None,
     };
-    let (mut hs, act) = collect_stats(m, blk, b, &xs)?;
+    let (mut hs, act, experts) = collect_stats(m, blk, b, &xs)?;
+    out.experts.extend(experts);
     // AWQ changes the weights; without it a layer's own weight is the original.
     let originals: BTreeMap<String, Vec<f32>> = match spec.awq {
         true => blk
@@ -1109,6 +1118,9 @@ pub fn verification_sections(
     let mut extra = serde_json::Map::new();
     if !cal.awq.is_empty() {
         extra.insert("awq".into(), serde_json::to_value(&cal.awq)?);
+    }
+    if !cal.experts.is_empty() {
+        extra.insert("experts".into(), serde_json::to_value(&cal.experts)?);
     }
     let novaq: Vec<serde_json::Value> = cal
         .layers

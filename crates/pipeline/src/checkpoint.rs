@@ -86,6 +86,7 @@ struct Record {
     layers: Vec<(String, LayerRecord)>,
     overrides: Vec<(String, Vec<f32>)>,
     awq: Vec<AwqGroup>,
+    experts: Vec<crate::experts::ExpertRecord>,
 }
 
 /// Methods a calibrated layer can name; a saved name maps back onto one of these.
@@ -123,6 +124,7 @@ impl Record {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             awq: cal.awq.clone(),
+            experts: cal.experts.clone(),
         })
     }
 
@@ -151,6 +153,7 @@ impl Record {
         }
         cal.overrides = self.overrides.into_iter().collect();
         cal.awq = self.awq;
+        cal.experts = self.experts;
         Ok(cal)
     }
 }

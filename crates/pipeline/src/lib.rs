@@ -7,6 +7,7 @@ pub mod acts;
 pub mod apq;
 pub mod calibrate;
 pub mod checkpoint;
+pub mod experts;
 pub mod like;
 pub mod mix;
 pub mod options;

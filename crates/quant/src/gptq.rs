@@ -94,6 +94,15 @@ impl Hessian {
         self.rows
     }
 
+    /// Adds another set of inputs' statistics (the same width).
+    pub fn add(&mut self, other: &Hessian) {
+        assert_eq!(self.dim, other.dim, "Hessians of different widths");
+        for (s, o) in self.sum.iter_mut().zip(&other.sum) {
+            *s += o;
+        }
+        self.rows += other.rows;
+    }
+
     /// The diagonal of [`Hessian::matrix`]: each input's importance to the layer's output (what
     /// llama.cpp's importance matrix holds), without building the whole matrix.
     pub fn diagonal(&self) -> Vec<f32> {

@@ -16,10 +16,6 @@ use adaptq_source::model::Moe;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-/// What the hook's name gets for an expert's input when the expert is run on every token
-/// entering the block ([`Experts::probe`]).
-pub const ALL_TOKENS: &str = "#all-tokens";
-
 pub struct Expert {
     pub gate: Linear,
     pub up: Linear,
@@ -27,22 +23,15 @@ pub struct Expert {
 }
 
 impl Expert {
-    /// SwiGLU on `x: [rows, hidden]`. Under a probe, the hook sees the inputs under the
-    /// layers' names with [`ALL_TOKENS`] appended and the layers run without it.
-    fn forward(&self, x: &Tensor, hook: &mut Option<Hook>, probe: bool) -> Result<Tensor> {
-        let mut quiet: Option<Hook> = None;
-        let hook = match (probe, hook.as_mut()) {
-            (true, Some(h)) => {
-                h(&format!("{}{ALL_TOKENS}", self.gate.name), x)?;
-                let mid = (self.gate.forward(x, &mut quiet)?.silu()?
-                    * self.up.forward(x, &mut quiet)?)?;
-                h(&format!("{}{ALL_TOKENS}", self.down.name), &mid)?;
-                return self.down.forward(&mid, &mut quiet);
-            }
-            _ => hook,
-        };
+    /// SwiGLU on `x: [rows, hidden]`.
+    fn forward(&self, x: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
         let mid = (self.gate.forward(x, hook)?.silu()? * self.up.forward(x, hook)?)?;
         self.down.forward(&mid, hook)
+    }
+
+    /// The input of `down` for inputs `x`: `silu(gate · x) ⊙ (up · x)`.
+    pub fn mid(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((self.gate.forward(x, &mut None)?.silu()? * self.up.forward(x, &mut None)?)?)
     }
 
     fn linears(&self) -> [&Linear; 3] {
@@ -64,9 +53,6 @@ pub struct Experts {
     pub shared: Option<Shared>,
     used: usize,
     norm_weights: bool,
-    /// Experts that also run on every token entering the block, outputs discarded, for the
-    /// hook alone: calibration's statistics for experts too few tokens were routed to.
-    pub probe: Vec<usize>,
 }
 
 /// Names of block `i`'s expert layers, gate, up and down of each expert in turn (GGUF: the
@@ -153,7 +139,6 @@ impl Experts {
             shared,
             used: moe.used,
             norm_weights: moe.norm_weights,
-            probe: Vec::new(),
         })
     }
 
@@ -213,23 +198,20 @@ impl Experts {
         let routed = self.route(&self.router.forward(h, hook)?)?;
         let dev = Device::Cpu;
         let mut out = Tensor::zeros((t, d), h.dtype(), &dev)?;
-        for (j, (e, (rows, weights))) in self.experts.iter().zip(routed).enumerate() {
-            if self.probe.contains(&j) {
-                e.forward(h, hook, true)?;
-            }
+        for (e, (rows, weights)) in self.experts.iter().zip(routed) {
             if rows.is_empty() {
                 continue;
             }
             let n = rows.len();
             let ids = Tensor::from_vec(rows, n, &dev)?;
-            let y = e.forward(&h.index_select(&ids, 0)?, hook, false)?;
+            let y = e.forward(&h.index_select(&ids, 0)?, hook)?;
             let y = y.broadcast_mul(&Tensor::from_vec(weights, (n, 1), &dev)?)?;
             out = out.index_add(&ids, &y, 0)?;
         }
         if let Some(s) = &self.shared {
             let logit = h.matmul(&s.gate)?;
             let gate = (logit.neg()?.exp()? + 1.0)?.recip()?;
-            out = (out + s.mlp.forward(h, hook, false)?.broadcast_mul(&gate)?)?;
+            out = (out + s.mlp.forward(h, hook)?.broadcast_mul(&gate)?)?;
         }
         Ok(out)
     }
