@@ -246,6 +246,33 @@ _HF_BLK_GEMMA = dict(_HF_BLK, post_attention_norm="post_attention_layernorm",
 _HF_ROPE = ("rope_freqs.weight", "rope_factors_short.weight", "rope_factors_long.weight")
 
 
+# Mixture-of-experts parts: GGUF name -> (Mixtral's HF name, Qwen-MoE's / OLMoE's HF name).
+_HF_MOE = {"ffn_gate_inp": ("block_sparse_moe.gate", "mlp.gate"),
+           "ffn_gate_inp_shexp": (None, "mlp.shared_expert_gate"),
+           "ffn_gate_shexp": (None, "mlp.shared_expert.gate_proj"),
+           "ffn_up_shexp": (None, "mlp.shared_expert.up_proj"),
+           "ffn_down_shexp": (None, "mlp.shared_expert.down_proj")}
+_HF_EXPERTS = {"ffn_gate_exps": ("w1", "gate_proj"), "ffn_up_exps": ("w3", "up_proj"),
+               "ffn_down_exps": ("w2", "down_proj")}
+
+
+def hf_moe(name, arch_name, arr):
+    """HF tensors of a GGUF mixture-of-experts tensor: (name, array) pairs, or None."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+    if not m or arch_name not in MOE:
+        return None
+    i, part = m.groups()
+    k = 0 if arch_name == "mixtral" else 1
+    if part in _HF_EXPERTS:
+        prefix = "block_sparse_moe" if k == 0 else "mlp"
+        return [(f"model.layers.{i}.{prefix}.experts.{j}.{_HF_EXPERTS[part][k]}.weight", a)
+                for j, a in enumerate(arr)]
+    if part in _HF_MOE:
+        a = arr.reshape(1, -1) if part == "ffn_gate_inp_shexp" else arr
+        return [(f"model.layers.{i}.{_HF_MOE[part][k]}.weight", a)]
+    return None
+
+
 def hf_name(name, arch):
     if name in _HF_TOP:
         return _HF_TOP[name]
@@ -287,6 +314,10 @@ def write_hf_twin(arch_name, cfg, tensors, vocab_kvs, out_dir):
     for name, arr in tensors.items():
         if name in _HF_ROPE:
             continue
+        moe = hf_moe(name, arch_name, arr)
+        if moe is not None:
+            hf.update((n, np.ascontiguousarray(a, dtype=np.float32)) for n, a in moe)
+            continue
         n = hf_name(name, arch)
         w = arr
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -297,7 +328,7 @@ def write_hf_twin(arch_name, cfg, tensors, vocab_kvs, out_dir):
             w = arr - np.float32(1.0)
             assert np.array_equal(w + np.float32(1.0), arr), name
         hf[n] = np.ascontiguousarray(w, dtype=np.float32)
-    if arch == "qwen2" and not int(cfg["qkv_bias"]):
+    if arch in ("qwen2", "qwen2moe") and not int(cfg["qkv_bias"]):
         # transformers' Qwen2Attention always has q/k/v biases: zeros = llama.cpp without them
         for i in range(L):
             for t, n in (("q", H * HD), ("k", HKV * HD), ("v", HKV * HD)):
@@ -373,6 +404,26 @@ def write_hf_twin(arch_name, cfg, tensors, vocab_kvs, out_dir):
             if af >= 0 and af != longrope_attn_factor(cfg["ctx"], cfg["orig_ctx"]):
                 rs["attention_factor"] = float(af)
             c["rope_scaling"] = rs
+    elif arch_name == "mixtral":
+        c.update(model_type="mixtral", architectures=["MixtralForCausalLM"],
+                 num_local_experts=int(cfg["n_expert"]),
+                 num_experts_per_tok=int(cfg["n_expert_used"]), sliding_window=None)
+    elif arch_name in ("qwen2moe", "qwen3moe"):
+        c.update(model_type=arch_name.replace("moe", "_moe"),
+                 architectures=["Qwen2MoeForCausalLM" if arch == "qwen2moe"
+                                else "Qwen3MoeForCausalLM"],
+                 num_experts=int(cfg["n_expert"]), num_experts_per_tok=int(cfg["n_expert_used"]),
+                 moe_intermediate_size=int(cfg["n_ff_exp"]), decoder_sparse_step=1,
+                 mlp_only_layers=[], norm_topk_prob=arch == "qwen3moe",
+                 use_sliding_window=False, sliding_window=None)
+        if arch == "qwen2moe":
+            c["shared_expert_intermediate_size"] = int(cfg["n_ff_shexp"])
+        else:
+            c["attention_bias"] = False
+    elif arch_name == "olmoe":
+        c.update(model_type="olmoe", architectures=["OlmoeForCausalLM"],
+                 num_experts=int(cfg["n_expert"]), num_experts_per_tok=int(cfg["n_expert_used"]),
+                 norm_topk_prob=False)
     else:
         raise SystemExit(f"--hf-twin: no HF layout for {arch_name}")
 

@@ -595,6 +595,9 @@ struct Layout {
     /// Gemma's norms multiply by `1 + w`; llama.cpp's converter stores the sum in GGUF files,
     /// Hugging Face checkpoints store `w`.
     norm_offset: f32,
+    /// Mixtral's Hugging Face names (`block_sparse_moe.experts.J.w1`) rather than Qwen-MoE's
+    /// and OLMoE's (`mlp.experts.J.gate_proj`).
+    sparse_moe_names: bool,
 }
 
 impl Layout {
@@ -803,9 +806,11 @@ impl Llama {
             fused_qkv: false,
             fused_gate_up: false,
             norm_offset: if gemma.is_some() && !gguf { 1.0 } else { 0.0 },
+            sparse_moe_names: desc.architecture.starts_with("Mixtral"),
         };
         layout.fused_qkv = w.has(&layout.name(0, "attn_qkv.weight", "self_attn.qkv_proj.weight"));
-        layout.fused_gate_up = !w.has(&layout.name(0, "ffn_gate.weight", "mlp.gate_proj.weight"));
+        layout.fused_gate_up = desc.decoder.moe.is_none()
+            && !w.has(&layout.name(0, "ffn_gate.weight", "mlp.gate_proj.weight"));
         crate::check_layer_count(w, desc.n_layers, |i| match layout.fused_qkv {
             true => layout.name(i, "attn_qkv.weight", "self_attn.qkv_proj.weight"),
             false => layout.name(i, "attn_q.weight", "self_attn.q_proj.weight"),

@@ -28,6 +28,10 @@ const TWINS: &[(&str, &[&str], (&str, &str))] = &[
     ("gemma2", &[], ("attn_logit_softcapping", "null")),
     ("gemma3", &[], ("sliding_window", "null")),
     ("phi3", &[], ("rope_scaling", "null")),
+    ("mixtral", &[], ("num_experts_per_tok", "1")),
+    ("qwen2moe", &[], ("norm_topk_prob", "true")),
+    ("qwen3moe", &[], ("norm_topk_prob", "false")),
+    ("olmoe", &[], ("norm_topk_prob", "true")),
 ];
 const TOLERANCE: f32 = 1e-4;
 

@@ -5,7 +5,7 @@
 
 use crate::blob::read_small;
 use crate::model::{
-    readme_license, DecoderTraits, Family, Gemma, ModelDesc, RopeStyle, MAX_CONFIG,
+    readme_license, DecoderTraits, Family, Gemma, ModelDesc, Moe, RopeStyle, MAX_CONFIG,
 };
 use crate::{Result, SourceError, TensorInfo};
 use serde_json::Value;
@@ -35,7 +35,7 @@ impl ModelDesc {
             .to_string();
         let family = match model_type.as_str() {
             "llama" | "mistral" | "qwen2" | "qwen3" | "smollm" | "gemma2" | "gemma3_text"
-            | "phi3" => Family::Llama,
+            | "phi3" | "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" => Family::Llama,
             "bert" => Family::Bert,
             _ => {
                 return Err(SourceError::UnsupportedArch {
@@ -86,7 +86,12 @@ impl ModelDesc {
                 // Only when it is not hidden / heads, as GGUF's `attention.key_length`.
                 head_dim: u("head_dim")
                     .filter(|&h| Some(h) != u("hidden_size").map(|d| d / n_heads.max(1))),
-                qk_norm: matches!(model_type.as_str(), "qwen3" | "gemma3_text"),
+                qk_norm: matches!(
+                    model_type.as_str(),
+                    "qwen3" | "gemma3_text" | "qwen3_moe" | "olmoe"
+                ),
+                qk_norm_full: model_type == "olmoe",
+                moe: moe_from_hf(&c, &model_type).map_err(bad)?,
                 ..DecoderTraits::default()
             },
         }
@@ -100,6 +105,45 @@ impl ModelDesc {
         }
         desc.checked(infos.len(), config)
     }
+}
+
+/// The mixture a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE `config.json` declares, with
+/// transformers' defaults. Qwen-MoE checkpoints with dense layers among the sparse ones
+/// (`decoder_sparse_step` > 1, `mlp_only_layers`) are refused: every block here is one kind.
+fn moe_from_hf(c: &Value, model_type: &str) -> std::result::Result<Option<Moe>, String> {
+    let u = |k: &str| {
+        c[k].as_u64()
+            .map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+    };
+    let need = |k: &str| u(k).ok_or_else(|| format!("config.json lacks \"{k}\""));
+    let (experts, width) = match model_type {
+        "mixtral" => (need("num_local_experts")?, need("intermediate_size")?),
+        "qwen2_moe" | "qwen3_moe" => (need("num_experts")?, need("moe_intermediate_size")?),
+        "olmoe" => (need("num_experts")?, need("intermediate_size")?),
+        _ => return Ok(None),
+    };
+    if model_type.starts_with("qwen") {
+        let dense = c["mlp_only_layers"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty());
+        if dense || u("decoder_sparse_step").unwrap_or(1) != 1 {
+            return Err("dense MLP layers among the mixture-of-experts layers \
+                        (decoder_sparse_step, mlp_only_layers) are not supported"
+                .into());
+        }
+    }
+    Ok(Some(Moe {
+        experts,
+        used: need("num_experts_per_tok")?,
+        expert_ffn: width,
+        norm_weights: c["norm_topk_prob"]
+            .as_bool()
+            .unwrap_or(matches!(model_type, "mixtral" | "qwen3_moe")),
+        shared_ffn: match model_type {
+            "qwen2_moe" => Some(need("shared_expert_intermediate_size")?),
+            _ => None,
+        },
+    }))
 }
 
 /// `rope_scaling` as llama.cpp's converter turns it into per-frequency factors: Llama 3's

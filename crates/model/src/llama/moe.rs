@@ -56,19 +56,24 @@ pub struct Experts {
 }
 
 /// Names of block `i`'s expert layers, gate, up and down of each expert in turn (GGUF: the
-/// per-expert matrices [`expert_name`] cuts from the stacked tensors), then the shared
-/// expert's.
+/// per-expert matrices [`expert_name`] cuts from the stacked tensors; Hugging Face: Mixtral's
+/// `block_sparse_moe.experts.J.w1/w3/w2` or the others' `mlp.experts.J.*_proj`), then the
+/// shared expert's.
 pub(super) fn linear_names(l: &Layout, i: usize, moe: &Moe) -> Vec<String> {
     let mut v = Vec::with_capacity(3 * moe.experts + 3);
+    let parts = [
+        ("gate", "gate_proj", "w1"),
+        ("up", "up_proj", "w3"),
+        ("down", "down_proj", "w2"),
+    ];
     for j in 0..moe.experts {
-        for (g, h) in [
-            ("gate", "gate_proj"),
-            ("up", "up_proj"),
-            ("down", "down_proj"),
-        ] {
-            v.push(match l.gguf {
-                true => expert_name(&format!("blk.{i}.ffn_{g}_exps"), j),
-                false => format!("model.layers.{i}.mlp.experts.{j}.{h}.weight"),
+        for (g, h, mixtral) in parts {
+            v.push(match (l.gguf, l.sparse_moe_names) {
+                (true, _) => expert_name(&format!("blk.{i}.ffn_{g}_exps"), j),
+                (false, true) => {
+                    format!("model.layers.{i}.block_sparse_moe.experts.{j}.{mixtral}.weight")
+                }
+                (false, false) => format!("model.layers.{i}.mlp.experts.{j}.{h}.weight"),
             });
         }
     }
@@ -132,7 +137,10 @@ impl Experts {
             }
             None => None,
         };
-        let router = l.name(i, "ffn_gate_inp.weight", "mlp.gate.weight");
+        let router = match l.sparse_moe_names {
+            true => l.name(i, "ffn_gate_inp.weight", "block_sparse_moe.gate.weight"),
+            false => l.name(i, "ffn_gate_inp.weight", "mlp.gate.weight"),
+        };
         Ok(Experts {
             router: Linear::load(w, &router, None, (moe.experts, hidden), kernels)?,
             experts,
