@@ -34,6 +34,16 @@ done
 "$bin" export "$tmp/b4" --to hf-gptq --out "$tmp/hf4one" >/dev/null
 "$venv/bin/python" scripts/check_hf_gptq.py "$tmp/hf4one" "$tmp/h4.json" --write-float "$tmp/float"
 same_ppl "forward pass: bundle, numpy-unpacked HF checkpoint" "$tmp/b4" "$tmp/float"
+# A mixture of experts (random Mixtral-layout weights): each expert becomes a GPTQ layer of
+# its own under transformers' Mixtral names, the router stays float, and the unpacked
+# checkpoint read back as Hugging Face Mixtral gives the bundle's perplexity.
+LLAMACPP_GGUF_PY="$(dirname "$(bash ../shared/tools/llamacpp.sh)")/gguf-py" \
+  "$venv/bin/python" scripts/reference/random_gguf.py mixtral "$tmp/mx.gguf" --seed 1
+"$bin" quantize "$tmp/mx.gguf" --out "$tmp/mxb" --bits 4 --group-size 32 --sym --min-cosine 0 >/dev/null
+"$bin" export "$tmp/mxb" --to hf-gptq --out "$tmp/mxhf" >/dev/null
+"$bin" tensor-hashes "$tmp/mxb" --hf >"$tmp/mxh.json"
+"$venv/bin/python" scripts/check_hf_gptq.py "$tmp/mxhf" "$tmp/mxh.json" --write-float "$tmp/mxfloat"
+same_ppl "mixture of experts: bundle, numpy-unpacked HF Mixtral checkpoint" "$tmp/mxb" "$tmp/mxfloat"
 # Safetensors (Hugging Face layout) → bundle → GGUF: metadata built from config.json and
 # tokenizer.json must match the original GGUF's tokenizer, and Q/K rows permuted back for
 # llama.cpp's RoPE must leave the perplexity unchanged.

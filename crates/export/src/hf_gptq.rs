@@ -63,6 +63,16 @@ pub(crate) const LAYER_PARTS: [(&str, &str); 9] = [
     ("ffn_norm", "post_attention_layernorm"),
 ];
 
+/// Mixtral's mixture parts as (GGUF, Hugging Face): the router, then the experts' matrices
+/// (`blk.{n}.{gguf}.{j}.weight` ↔ `model.layers.{n}.block_sparse_moe.experts.{j}.{hf}.weight`,
+/// the per-expert names adaptq reads a GGUF stack as).
+pub(crate) const ROUTER: (&str, &str) = ("ffn_gate_inp", "block_sparse_moe.gate");
+pub(crate) const EXPERT_PARTS: [(&str, &str); 3] = [
+    ("ffn_gate_exps", "w1"),
+    ("ffn_up_exps", "w3"),
+    ("ffn_down_exps", "w2"),
+];
+
 /// Hugging Face name of a GGUF llama tensor (`blk.3.attn_q.weight` → `model.layers.3.self_attn.q_proj.weight`).
 pub fn hf_name(gguf: &str) -> Option<String> {
     rename(gguf, true)
@@ -76,9 +86,40 @@ pub(crate) fn rename(name: &str, to_hf: bool) -> Option<String> {
         return Some(to.to_string());
     }
     let (n, rest) = name.strip_prefix(from_prefix)?.split_once('.')?;
-    LAYER_PARTS.iter().map(orient).find_map(|(from, to)| {
-        let suffix = rest.strip_prefix(from)?.strip_prefix('.')?;
-        (!suffix.contains('.')).then(|| format!("{to_prefix}{n}.{to}.{suffix}"))
+    let experts = "block_sparse_moe.experts";
+    if let Some(e) = rename_expert(rest, to_hf, experts) {
+        return Some(format!("{to_prefix}{n}.{e}"));
+    }
+    LAYER_PARTS
+        .iter()
+        .chain([&ROUTER])
+        .map(orient)
+        .find_map(|(from, to)| {
+            let suffix = rest.strip_prefix(from)?.strip_prefix('.')?;
+            (!suffix.contains('.')).then(|| format!("{to_prefix}{n}.{to}.{suffix}"))
+        })
+}
+
+/// An expert's matrix within a layer, renamed: `ffn_gate_exps.{j}.weight` ↔
+/// `{experts}.{j}.w1.weight`.
+fn rename_expert(rest: &str, to_hf: bool, experts: &str) -> Option<String> {
+    let (part, j) = match to_hf {
+        true => {
+            let (part, tail) = rest.split_once('.')?;
+            (part, tail.strip_suffix(".weight")?)
+        }
+        false => {
+            let (j, part) = rest
+                .strip_prefix(experts)?
+                .strip_prefix('.')?
+                .split_once('.')?;
+            (part.strip_suffix(".weight")?, j)
+        }
+    };
+    j.parse::<usize>().ok()?;
+    EXPERT_PARTS.iter().find_map(|&(g, h)| match to_hf {
+        true => (part == g).then(|| format!("{experts}.{j}.{h}.weight")),
+        false => (part == h).then(|| format!("{g}.{j}.weight")),
     })
 }
 
@@ -193,6 +234,13 @@ fn meta_of(bundle: &Bundle) -> Result<Meta> {
         Some("it is not a Llama-family decoder")
     } else if meta.decoder.gemma.is_some() {
         Some("Gemma's extra norms and sliding layers")
+    } else if meta
+        .decoder
+        .moe
+        .as_ref()
+        .is_some_and(|m| m.shared_ffn.is_some() || !m.norm_weights)
+    {
+        Some("its mixture of experts is not Mixtral's")
     } else if meta.decoder.qk_norm {
         Some("its q/k norms")
     } else if rope_freqs || meta.decoder.rope_factors.is_some() {
@@ -449,6 +497,13 @@ fn side_files(
         "torch_dtype": "float16",
         "quantization_config": qcfg,
     });
+    if let Some(m) = &meta.decoder.moe {
+        config["architectures"] = json!(["MixtralForCausalLM"]);
+        config["model_type"] = json!("mixtral");
+        config["intermediate_size"] = json!(m.expert_ffn);
+        config["num_local_experts"] = json!(m.experts);
+        config["num_experts_per_tok"] = json!(m.used);
+    }
     if let (Some(b), Some(e)) = (&bos, &eos) {
         config["bos_token_id"] = b.clone();
         config["eos_token_id"] = e.clone();
@@ -605,10 +660,19 @@ mod tests {
                 "model.layers.0.input_layernorm.weight",
             ),
             ("token_embd.weight", "model.embed_tokens.weight"),
+            (
+                "blk.3.ffn_up_exps.5.weight",
+                "model.layers.3.block_sparse_moe.experts.5.w3.weight",
+            ),
+            (
+                "blk.1.ffn_gate_inp.weight",
+                "model.layers.1.block_sparse_moe.gate.weight",
+            ),
         ] {
             assert_eq!(hf_name(gguf).as_deref(), Some(hf));
             assert_eq!(crate::gguf::gguf_name(hf).as_deref(), Some(gguf));
         }
         assert!(hf_name("blk.0.mystery.weight").is_none());
+        assert!(hf_name("blk.0.ffn_up_exps.x.weight").is_none());
     }
 }
