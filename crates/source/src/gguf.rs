@@ -797,10 +797,14 @@ impl GgufSource {
             let byte_len = usize::try_from(e - s).map_err(|_| too_big())?;
             if let (Some(stem), &[n, rows, cols]) = (expert_stem(name), shape.as_slice()) {
                 // Each expert's matrix is whole rows, so whole blocks: a slice of the bytes.
-                if n == 0 || byte_len % n != 0 {
+                if n == 0 || cols % ty.block().0 != 0 || byte_len % n != 0 {
                     return Err(SourceError::corrupt(
                         path,
-                        format!("tensor '{name}': {byte_len} bytes do not split into {n} experts"),
+                        format!(
+                            "tensor '{name}': rows of {cols} {} values do not split into \
+                             {n} experts' matrices",
+                            ty.name()
+                        ),
                     ));
                 }
                 let per = (byte_len / n) as u64;

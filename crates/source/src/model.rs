@@ -711,6 +711,14 @@ mod tests {
                 attn_softcap: Some(50.0),
                 final_softcap: None,
             }),
+            qk_norm_full: true,
+            moe: Some(Moe {
+                experts: 8,
+                used: 2,
+                expert_ffn: 96,
+                norm_weights: false,
+                shared_ffn: Some(192),
+            }),
         };
         let back = read(&d.to_meta_json()).unwrap();
         assert_eq!(back.decoder, d.decoder);
@@ -727,6 +735,11 @@ mod tests {
         let mut v = d.to_meta_json();
         v["gemma"]["query_scale"] = "x".into();
         assert!(read(&v).is_err());
+        // A bundle's mixture is checked as a GGUF header's is.
+        let mut v = d.to_meta_json();
+        v["moe"]["used"] = 9.into();
+        let e = read(&v).unwrap_err().to_string();
+        assert!(e.contains("9 of 8 experts"), "{e}");
         let mut v = d.to_meta_json();
         v["rope_factors"] = serde_json::json!([1.0, 2.0]);
         let e = read(&v).unwrap_err().to_string();

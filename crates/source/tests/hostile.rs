@@ -714,3 +714,77 @@ fn absurd_hyper_parameters_are_refused() {
     }
     assert!(gguf_err(&g).contains("hidden size"));
 }
+
+/// Expert counts come from the header: a mixture claiming more experts than any model has,
+/// or more experts per token than experts, is refused naming the file.
+#[test]
+fn mixture_headers_past_the_limits_are_refused() {
+    let norm = |g: Gguf| {
+        g.tensor("blk.0.attn_norm.weight", &[8], 0, 0)
+            .data(&[0; 32])
+    };
+    for (experts, used, why) in [
+        (u32::MAX, 2, "not a valid mixture"),
+        (4, 5, "5 of 4 experts"),
+        (4, 0, "0 of 4 experts"),
+    ] {
+        let g = norm(
+            Gguf::llama()
+                .kv_u32("llama.expert_count", experts)
+                .kv_u32("llama.expert_used_count", used),
+        );
+        let e = gguf_err(&g);
+        assert!(e.contains(why), "{experts}/{used}: {e}");
+        assert_names_file(&e, "crafted.gguf");
+    }
+    let g = norm(Gguf::llama().kv_u32("llama.expert_count", 4));
+    assert!(gguf_err(&g).contains("lacks llama.expert_used_count"));
+}
+
+/// A stacked expert tensor reads as one matrix per expert, each a slice of the stack's bytes;
+/// a stack whose rows are not whole blocks (so experts would share a block) is refused.
+#[test]
+fn stacked_experts_read_as_one_matrix_each() {
+    // Q8_0 (type 8): 3 experts of [2 rows, 32 columns], row r of expert j all (10 j + r).
+    let mut data = Vec::new();
+    for j in 0..3i8 {
+        for r in 0..2i8 {
+            data.extend(half::f16::from_f32(1.0).to_le_bytes());
+            data.extend(std::iter::repeat_n((10 * j + r) as u8, 32));
+        }
+    }
+    let g = Gguf::llama()
+        .tensor("blk.0.ffn_up_exps.weight", &[32, 2, 3], 8, 0)
+        .data(&data);
+    let src = GgufSource::from_blob(mem(g.build()), None).unwrap();
+    let names: Vec<(&str, &[usize])> = src
+        .tensors()
+        .iter()
+        .map(|t| (t.name.as_str(), t.shape.as_slice()))
+        .collect();
+    assert_eq!(
+        names,
+        [0, 1, 2].map(|j| (
+            [
+                "blk.0.ffn_up_exps.0.weight",
+                "blk.0.ffn_up_exps.1.weight",
+                "blk.0.ffn_up_exps.2.weight"
+            ][j],
+            &[2usize, 32][..]
+        ))
+    );
+    let one = src.read_f32("blk.0.ffn_up_exps.1.weight").unwrap();
+    assert_eq!(one[..32], [10.0; 32]);
+    assert_eq!(one[32..], [11.0; 32]);
+    assert_eq!(
+        src.raw_bytes("blk.0.ffn_up_exps.2.weight").unwrap()[..],
+        data[136..]
+    );
+
+    // Q8_0 rows of 16 values: two experts would share one block.
+    let g = Gguf::llama()
+        .tensor("blk.0.ffn_up_exps.weight", &[16, 1, 2], 8, 0)
+        .data(&data[..34]);
+    let e = gguf_err(&g);
+    assert!(e.contains("row of 16 is not a multiple"), "{e}");
+}
