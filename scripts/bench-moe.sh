@@ -4,8 +4,9 @@
 # mixtral: d 1024, 8 experts of width 2816 top-2, 8 heads / 2 KV heads, BLOCKS blocks,
 # default 8; SmolLM2's 49152-token vocabulary, untied head), beside
 #   - the block limit: 1.5 x (one block's weights in f32, all its experts + attention,
-#     + that block's calibration activations + its layers' input Hessians in f64, one per
-#     expert input) + embedding and head in f32 + 500 MiB,
+#     + that block's calibration activations, twice: block inputs and MLP inputs, + the
+#     Hessians held at once in f64: attention's and one expert's) + embedding and head in
+#     f32 + 500 MiB,
 #   - the whole model in f32, which a run holding every block at once would need.
 # RTN on the same file gives the floor of reading and writing alone.
 # Env: BLOCKS, WINDOWS (default 16 windows of 512 tokens from emma.txt), KEEP (folder for the
@@ -57,9 +58,10 @@ mib = 1 << 20
 hd = d // h
 attn = d * h * hd + 2 * d * kv * hd + h * hd * d
 block = (attn + e * 3 * d * ff + e * d) * 4 / mib
-acts = windows * 512 * d * 4 / mib
-# q/k/v share one input, o another; each expert's gate/up share one, its down another.
-hess = (d * d + (h * hd) ** 2 + e * (d * d + ff * ff)) * 8 / mib
+acts = 2 * windows * 512 * d * 4 / mib
+# q/k/v share one input, o another; an expert's gate/up share one, its down another, and
+# the experts' are built one expert at a time.
+hess = (d * d + (h * hd) ** 2 + d * d + ff * ff) * 8 / mib
 ends = 2 * vocab * d * 4 / mib
 model = blocks * block + ends
 limit = 1.5 * (block + acts + hess) + ends + 500
@@ -73,7 +75,7 @@ for name, x in (("RTN 4-bit g128", r), ("GPTQ 4-bit g128", g)):
 print()
 rss = int(g[1]) / 1024
 print(f"one block in f32 {block:.0f} MiB (experts {e * 3 * d * ff * 4 / mib:.0f}), activations "
-      f"{acts:.0f} MiB, the block's Hessians {hess:.0f} MiB, embedding + head {ends:.0f} MiB; "
+      f"{acts:.0f} MiB, Hessians held at once {hess:.0f} MiB, embedding + head {ends:.0f} MiB; "
       f"whole model in f32 {model:.0f} MiB")
 ok = "PASS" if rss <= limit else "FAIL"
 print(f"GPTQ peak RSS {rss:.0f} MiB vs block limit 1.5 x ({block:.0f} + {acts:.0f} + {hess:.0f}) "

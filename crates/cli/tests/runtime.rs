@@ -19,32 +19,41 @@ fn adaptq(args: &[&str]) -> Output {
     ok(cli::run(BIN, args))
 }
 
-/// llama.cpp's `llama-perplexity -c 512` on the f32 model, first 40 windows of
-/// prideprejudice.txt: PPL 22.4632 (../shared/anchors/llamacpp-smollm2.md).
+/// The exact path computes the f32 model's function: on the fixture dequantized to F32 by
+/// llama.cpp's own gguf-py, `adaptq eval` and `llama-perplexity -c 512` agree within 0.1 % on
+/// the first 10 windows of prideprejudice.txt (second halves scored). The 40-window figure
+/// is in ../shared/anchors/llamacpp-smollm2.md (22.4632); 10 windows keep the suite short.
 #[test]
 fn f32_perplexity_matches_llama_cpp() {
+    use adaptq_testutil::llamacpp;
+    let bin = llamacpp::bin_dir();
+    let t = tempfile::tempdir().unwrap();
+    let f32 = t.path().join("f32.gguf");
+    llamacpp::f32_gguf(&bin, std::path::Path::new(&gguf()), &f32);
+    let text = corpus("prideprejudice.txt");
     let o = adaptq(&[
         "eval",
-        &gguf(),
+        s(&f32),
         "--text",
-        &corpus("prideprejudice.txt"),
+        &text,
         "--ctx",
         "512",
         "--score",
         "second-half",
         "--chunks",
-        "40",
+        "10",
         "--json",
     ]);
     let j = json(&o);
-    assert_eq!(j["tokens_scored"], 40 * 255);
+    assert_eq!(j["tokens_scored"], 10 * 255);
     let ppl = j["ppl"].as_f64().unwrap();
+    let theirs = llamacpp::peer_ppl(&bin, &f32, std::path::Path::new(&text), ("512", "10"));
     assert!(
-        (ppl / 22.4632 - 1.0).abs() < 0.001,
-        "PPL {ppl} vs llama.cpp 22.4632"
+        (ppl / theirs - 1.0).abs() < 0.001,
+        "PPL {ppl} vs llama.cpp {theirs}"
     );
     let se = j["ppl_stderr"].as_f64().unwrap();
-    assert!(se > 0.1 && se < 2.0, "stderr {se}");
+    assert!(se > 0.1 && se < 4.0, "stderr {se}");
 }
 
 /// The packed kernels (the default of generate, bench and spot-check; `eval --packed`) round
@@ -82,14 +91,7 @@ fn packed_perplexity_matches_llama_cpp_on_its_q4_0_and_q4_k_m_files() {
         ]))["ppl"]
             .as_f64()
             .unwrap();
-        let theirs = llamacpp::final_ppl(&llamacpp::run(
-            &bin,
-            "llama-perplexity",
-            &[
-                "-m", fs, "-f", &text, "-c", "512", "--chunks", "16", "-t", "2", "-fa", "off",
-                "-ctk", "f32", "-ctv", "f32",
-            ],
-        ));
+        let theirs = llamacpp::peer_ppl(&bin, &f, std::path::Path::new(&text), ("512", "16"));
         let rel = packed / theirs - 1.0;
         report.push(format!(
             "{ty}: llama.cpp {theirs:.4}, adaptq packed {packed:.4} ({:+.3} %)",

@@ -449,7 +449,7 @@ fn side_files(
     dir: &Path,
     files: &mut Vec<String>,
 ) -> Result<()> {
-    let qcfg = json!({
+    let mut qcfg = json!({
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
@@ -460,6 +460,24 @@ fn side_files(
         "checkpoint_format": "gptq",
         "damp_percent": 0.05,
     });
+    if let Some(m) = &meta.decoder.moe {
+        // Without the list, transformers would make the float router a GPTQ layer too.
+        let experts = |parts: &[&str]| -> Vec<String> {
+            (0..m.experts)
+                .flat_map(|j| {
+                    parts
+                        .iter()
+                        .map(move |p| format!("block_sparse_moe.experts.{j}.{p}"))
+                })
+                .collect()
+        };
+        qcfg["modules_in_block_to_quantize"] = json!([
+            ["self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"],
+            ["self_attn.o_proj"],
+            experts(&["w1", "w3"]),
+            experts(&["w2"]),
+        ]);
+    }
     // Special tokens and the chat template, from the source GGUF's metadata when there is one.
     let gmd: Vec<serde_json::Value> = bundle
         .read_file(crate::gguf::GGUF_METADATA)

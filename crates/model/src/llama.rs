@@ -806,7 +806,8 @@ impl Llama {
             fused_qkv: false,
             fused_gate_up: false,
             norm_offset: if gemma.is_some() && !gguf { 1.0 } else { 0.0 },
-            sparse_moe_names: desc.architecture.starts_with("Mixtral"),
+            sparse_moe_names: desc.architecture.starts_with("Mixtral")
+                || desc.architecture == "mixtral",
         };
         layout.fused_qkv = w.has(&layout.name(0, "attn_qkv.weight", "self_attn.qkv_proj.weight"));
         layout.fused_gate_up = desc.decoder.moe.is_none()

@@ -38,6 +38,8 @@ impl Spill {
 /// Something that hands out calibration windows one at a time.
 pub trait Windows {
     fn count(&self) -> usize;
+    /// Bytes of the windows' f32 values.
+    fn bytes(&self) -> u64;
     /// Calls `f` on each window in order.
     fn each(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()>;
 }
@@ -45,6 +47,9 @@ pub trait Windows {
 impl Windows for Vec<Tensor> {
     fn count(&self) -> usize {
         self.len()
+    }
+    fn bytes(&self) -> u64 {
+        held_bytes(self)
     }
     fn each(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
         self.iter().try_for_each(f)
@@ -107,6 +112,9 @@ impl Windows for Acts {
             Acts::Spilled(s) => s.windows.len(),
         }
     }
+    fn bytes(&self) -> u64 {
+        Acts::bytes(self)
+    }
     fn each(&self, f: &mut dyn FnMut(&Tensor) -> Result<()>) -> Result<()> {
         match self {
             Acts::Held(xs) => xs.each(f),
@@ -126,6 +134,24 @@ impl Acts {
 
     pub fn is_spilled(&self) -> bool {
         matches!(self, Acts::Spilled(_))
+    }
+
+    /// An empty set to [`Acts::push`] windows into as they are made elsewhere (a hook): held,
+    /// or spilled when the `bytes` expected do not fit under `spill`'s limit.
+    pub fn sink(bytes: u64, spill: Option<&Spill>) -> Result<Acts> {
+        Ok(match spill.filter(|s| bytes > s.limit) {
+            Some(s) => Acts::Spilled(Spilled::create(s)?),
+            None => Acts::Held(Vec::new()),
+        })
+    }
+
+    /// Adds a window at the end.
+    pub fn push(&mut self, x: &Tensor) -> Result<()> {
+        match self {
+            Acts::Held(xs) => xs.push(x.clone()),
+            Acts::Spilled(s) => s.push(x)?,
+        }
+        Ok(())
     }
 
     /// `count` windows made by `f`, held or, when their `bytes` do not fit under `spill`'s

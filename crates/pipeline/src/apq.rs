@@ -12,7 +12,7 @@ use adaptq_model::llama::Llama;
 use adaptq_quant::awq::output_sq_error;
 use adaptq_quant::gptq::Hessian;
 use adaptq_quant::{quantize_rtn, Grid, RtnConfig};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use faer::Mat;
 use serde::Serialize;
@@ -123,10 +123,15 @@ pub fn walk_layers(
     for b in 0..n {
         let mut slot = None;
         let blk = blocks.get(m, b, &mut slot)?;
-        let (hs, _, _) = collect_stats(m, blk, b, &xs)?;
+        let (mut hs, _, routing) = collect_stats(m, blk, b, &xs, None)?;
         for lin in blk.linears() {
+            crate::experts::before_layer(routing.as_ref(), blk, &lin.name, &mut hs)?;
             let (w, rows, cols) = lin.weight_rows()?;
-            visit(&lin.name, &w, rows, cols, Some(hs[&lin.name].as_ref()), 1.0)?;
+            // Taken out: an expert's Hessians live only while its layers are visited.
+            let h = hs
+                .remove(&lin.name)
+                .with_context(|| format!("no calibration inputs reached '{}'", lin.name))?;
+            visit(&lin.name, &w, rows, cols, Some(h.as_ref()), 1.0)?;
         }
         xs = xs
             .iter()

@@ -358,27 +358,45 @@ impl Calibration {
 
 /// Input statistics of every linear layer of block `b`: Hessians and mean |x| per channel.
 /// Layers that read one input (q, k and v; gate and up) share one Hessian: for a 14336-wide
-/// MLP each is 1.6 GB.
+/// MLP each is 1.6 GB. A mixture's routed experts are not among them: their statistics are
+/// built one expert at a time from the [`crate::experts::Routing`] kept instead
+/// ([`crate::experts::before_layer`]).
 pub type BlockStats = (
     BTreeMap<String, Rc<Hessian>>,
     BTreeMap<String, Vec<f32>>,
-    Vec<crate::experts::ExpertRecord>,
+    Option<crate::experts::Routing>,
 );
 
-/// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics.
+/// Runs `blk` as block `b` on `xs` and collects each linear layer's input statistics; a
+/// mixture's MLP inputs are kept as the block's inputs would be under `spill`.
 pub fn collect_stats(
     m: &Llama,
     blk: &Block,
     b: usize,
     xs: &dyn crate::acts::Windows,
+    spill: Option<&crate::acts::Spill>,
 ) -> Result<BlockStats> {
     let mut hs: BTreeMap<String, Hessian> = BTreeMap::new();
     let mut abs: BTreeMap<String, (Vec<f64>, usize)> = BTreeMap::new();
     // Each layer's name -> the first layer seen reading the same input tensor.
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    let experts = crate::experts::expert_layers(blk);
+    let mut routing = match blk.experts() {
+        Some(_) => Some(crate::experts::Routing::new(b, xs.bytes(), spill)?),
+        None => None,
+    };
+    let router = blk.experts().map(|e| (e, e.router.name.clone()));
     {
         let mut last: Option<(candle_core::TensorId, String)> = None;
         let mut hook = |name: &str, x: &Tensor| -> Result<()> {
+            if experts.contains(name) {
+                return Ok(());
+            }
+            if let (Some((e, r)), Some(routing)) = (&router, routing.as_mut()) {
+                if r == name {
+                    routing.push(e, x)?;
+                }
+            }
             let (rows, dim) = x.dims2()?;
             if last.as_ref().is_none_or(|(id, _)| *id != x.id()) {
                 let g = crate::experts::gram(x)?;
@@ -410,7 +428,7 @@ pub fn collect_stats(
         .into_iter()
         .map(|(k, (s, n))| (k, s.iter().map(|v| (v / n.max(1) as f64) as f32).collect()))
         .collect();
-    let mut hs = owner
+    let hs: BTreeMap<String, Rc<Hessian>> = owner
         .iter()
         .map(|(name, first)| (name.clone(), shared[first].clone()))
         .collect();
@@ -418,8 +436,13 @@ pub fn collect_stats(
         .iter()
         .map(|(name, first)| (name.clone(), act[first].clone()))
         .collect();
-    let experts = crate::experts::complete(m, blk, b, xs, &mut hs)?;
-    Ok((hs, act, experts))
+    if let (Some((_, r)), Some(routing)) = (&router, routing.as_mut()) {
+        let all = hs
+            .get(r)
+            .with_context(|| format!("no calibration inputs reached '{r}'"))?;
+        routing.set_all(all.clone());
+    }
+    Ok((hs, act, routing))
 }
 
 /// Searches AWQ scales for one group and applies them to the group's weights.
@@ -695,13 +718,15 @@ fn calibrate_block(
         true => Some(forward(blk, &xs)?),
         false => None,
     };
-    let (mut hs, act, experts) = collect_stats(m, blk, b, &xs)?;
-    out.experts.extend(experts);
-    // AWQ changes the weights; without it a layer's own weight is the original.
+    let (mut hs, act, routing) = collect_stats(m, blk, b, &xs, flow.spill)?;
+    // AWQ changes the weights (never a mixture's experts); without it a layer's own weight is
+    // the original.
+    let experts = crate::experts::expert_layers(blk);
     let originals: BTreeMap<String, Vec<f32>> = match spec.awq {
         true => blk
             .linears_mut()
             .into_iter()
+            .filter(|l| !experts.contains(&l.name))
             .map(|l| Ok((l.name.clone(), l.weight_rows()?.0)))
             .collect::<Result<_>>()?,
         false => BTreeMap::new(),
@@ -711,7 +736,17 @@ fn calibrate_block(
     if spec.awq {
         fold_awq(spec, blk, &orig_h, &act, &mut hs, &mut scales, out)?;
     }
-    for lin in blk.linears_mut() {
+    let names: Vec<String> = blk.linears().iter().map(|l| l.name.clone()).collect();
+    for (i, name) in names.iter().enumerate() {
+        // An expert's Hessians are built when its first layer comes (AWQ leaves experts be,
+        // so they are their own originals).
+        if let Some(r) = crate::experts::before_layer(routing.as_ref(), blk, name, &mut hs)? {
+            for l in crate::experts::expert_layers_of(blk, r.expert) {
+                orig_h.insert(l.clone(), hs[&l].clone());
+            }
+            out.experts.push(r);
+        }
+        let lin = blk.linears_mut().swap_remove(i);
         // Taken out, so each Hessian is freed once the last layer reading it is rounded.
         let h = hs
             .remove(&lin.name)

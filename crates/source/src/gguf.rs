@@ -785,6 +785,13 @@ impl GgufSource {
         let path = blob.label().to_path_buf();
         let path = path.as_path();
         let (header, file_ranges) = read_checked(blob.as_ref())?;
+        // Stacks are cut into the experts the metadata declares, so a header cannot multiply
+        // its entries beyond that count (itself bounded).
+        let declared = header
+            .metadata
+            .get_str("general.architecture")
+            .and_then(|a| header.metadata.get_u64(&format!("{a}.expert_count")))
+            .filter(|&n| n as usize <= crate::model::MAX_EXPERTS);
         let mut infos = Vec::with_capacity(header.tensors.len());
         let (mut ranges, mut types) = (Vec::new(), Vec::new());
         for ((name, dims, ty, _), &(s, e)) in header.tensors.iter().zip(&file_ranges) {
@@ -796,13 +803,22 @@ impl GgufSource {
                 .collect::<Result<_>>()?;
             let byte_len = usize::try_from(e - s).map_err(|_| too_big())?;
             if let (Some(stem), &[n, rows, cols]) = (expert_stem(name), shape.as_slice()) {
-                // Each expert's matrix is whole rows, so whole blocks: a slice of the bytes.
-                if n == 0 || cols % ty.block().0 != 0 || byte_len % n != 0 {
+                if declared != Some(n as u64) {
                     return Err(SourceError::corrupt(
                         path,
                         format!(
-                            "tensor '{name}': rows of {cols} {} values do not split into \
-                             {n} experts' matrices",
+                            "tensor '{name}' stacks {n} experts, the metadata declares {}",
+                            declared.map_or("none (or too many)".into(), |d| d.to_string())
+                        ),
+                    ));
+                }
+                // Each expert's matrix is whole rows, so whole blocks: a slice of the bytes.
+                if rows == 0 || cols == 0 || cols % ty.block().0 != 0 || byte_len % n != 0 {
+                    return Err(SourceError::corrupt(
+                        path,
+                        format!(
+                            "tensor '{name}': [{rows}, {cols}] {} matrices do not split into \
+                             {n} experts",
                             ty.name()
                         ),
                     ));

@@ -136,9 +136,9 @@ fn moe_from_hf(c: &Value, model_type: &str) -> std::result::Result<Option<Moe>, 
         experts,
         used: need("num_experts_per_tok")?,
         expert_ffn: width,
-        norm_weights: c["norm_topk_prob"]
-            .as_bool()
-            .unwrap_or(matches!(model_type, "mixtral" | "qwen3_moe")),
+        // transformers' Mixtral always divides by the sum; the others read norm_topk_prob,
+        // which their configurations default to false.
+        norm_weights: model_type == "mixtral" || c["norm_topk_prob"].as_bool().unwrap_or(false),
         shared_ffn: match model_type {
             "qwen2_moe" => Some(need("shared_expert_intermediate_size")?),
             _ => None,

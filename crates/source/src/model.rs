@@ -152,7 +152,7 @@ pub struct Moe {
 }
 
 /// Most experts of any released model are 384 (Kimi K2); the limit bounds a header's claim.
-const MAX_EXPERTS: usize = 4096;
+pub const MAX_EXPERTS: usize = 4096;
 
 /// What Gemma 2 and 3 add to the Llama block beyond q/k norms, with the values llama.cpp
 /// derives for them: the embedding scaled by √hidden, norms after attention and the MLP,

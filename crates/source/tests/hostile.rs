@@ -753,7 +753,12 @@ fn stacked_experts_read_as_one_matrix_each() {
             data.extend(std::iter::repeat_n((10 * j + r) as u8, 32));
         }
     }
-    let g = Gguf::llama()
+    let moe = |n: u32| {
+        Gguf::llama()
+            .kv_u32("llama.expert_count", n)
+            .kv_u32("llama.expert_used_count", 2)
+    };
+    let g = moe(3)
         .tensor("blk.0.ffn_up_exps.weight", &[32, 2, 3], 8, 0)
         .data(&data);
     let src = GgufSource::from_blob(mem(g.build()), None).unwrap();
@@ -782,9 +787,24 @@ fn stacked_experts_read_as_one_matrix_each() {
     );
 
     // Q8_0 rows of 16 values: two experts would share one block.
-    let g = Gguf::llama()
+    let g = moe(2)
         .tensor("blk.0.ffn_up_exps.weight", &[16, 1, 2], 8, 0)
         .data(&data[..34]);
     let e = gguf_err(&g);
     assert!(e.contains("row of 16 is not a multiple"), "{e}");
+    // A stack of more (or other) experts than declared, or none declared: each header entry
+    // could otherwise become thousands of tensors.
+    for (g, why) in [
+        (moe(4), "stacks 3 experts, the metadata declares 4"),
+        (Gguf::llama(), "the metadata declares none"),
+    ] {
+        let g = g
+            .tensor("blk.0.ffn_up_exps.weight", &[32, 2, 3], 8, 0)
+            .data(&data);
+        let e = gguf_err(&g);
+        assert!(e.contains(why), "{e}");
+    }
+    // Empty experts.
+    let g = moe(3).tensor("blk.0.ffn_up_exps.weight", &[32, 0, 3], 8, 0);
+    assert!(gguf_err(&g).contains("do not split into 3 experts"));
 }

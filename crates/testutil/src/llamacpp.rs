@@ -119,6 +119,24 @@ pub fn peer_ppl(bin: &Path, model: &Path, text: &Path, (ctx, chunks): (&str, &st
     ))
 }
 
+/// Writes an all-F32 copy of the GGUF `src` into `out` with the gguf-py beside the tools in
+/// `bin` (llama.cpp's own dequantizers, `scripts/reference/dequantize_gguf.py`).
+pub fn f32_gguf(bin: &Path, src: &Path, out: &Path) {
+    let o = Command::new("bash")
+        .current_dir(crate::repo_root())
+        .env("PYTHONPATH", bin.join("../gguf-py"))
+        .args([
+            "-c",
+            r#"source scripts/python-env.sh && exec "$venv/bin/python" scripts/reference/dequantize_gguf.py "$@""#,
+            "dequantize_gguf",
+        ])
+        .arg(src)
+        .arg(out)
+        .output()
+        .expect("running dequantize_gguf.py");
+    assert!(o.status.success(), "dequantize_gguf.py: {}", text(&o));
+}
+
 /// Writes `arch`'s seeded random-weight GGUF (seed 1) with `scripts/reference/random_gguf.py`,
 /// with the `--set` switches given, and its Hugging Face twin into `hf_twin` when asked; the
 /// gguf-py is the one of the llama.cpp build in `bin` (see [`bin_dir`]).

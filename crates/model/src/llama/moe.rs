@@ -200,6 +200,12 @@ impl Experts {
         Ok(routed)
     }
 
+    /// The rows of `h: [T, hidden]` the router sends each expert.
+    pub fn routed_rows(&self, h: &Tensor) -> Result<Vec<Vec<u32>>> {
+        let routed = self.route(&self.router.forward(h, &mut None)?)?;
+        Ok(routed.into_iter().map(|(rows, _)| rows).collect())
+    }
+
     /// The mixture's output for normalized inputs `h: [T, hidden]`.
     pub(super) fn forward(&self, h: &Tensor, hook: &mut Option<Hook>) -> Result<Tensor> {
         let (t, d) = h.dims2()?;
