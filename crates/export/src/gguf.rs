@@ -525,40 +525,7 @@ pub fn export_gguf(
         "general.quantized_by",
         Value::String("adaptq".into()),
     );
-    let names: Vec<String> = groups
-        .iter()
-        .map(|g| {
-            let t = &tensors[g.members[0]];
-            match (hf, &g.stacked) {
-                (_, Some(name)) => Ok(name.clone()),
-                (Some(_), None) => gguf_name(&t.name)
-                    .with_context(|| format!("tensor '{}' has no llama.cpp name", t.name)),
-                (None, None) => Ok(t.name.clone()),
-            }
-        })
-        .collect::<Result<_>>()?;
-    let plan: Vec<TensorPlan> = groups
-        .iter()
-        .zip(&names)
-        .map(|(g, n)| {
-            let t = &tensors[g.members[0]];
-            let mut shape = t.dims();
-            if g.stacked.is_some() {
-                shape.insert(0, g.members.len());
-            }
-            let r = &routes[g.members[0]];
-            TensorPlan {
-                name: n.clone(),
-                shape,
-                ggml_type: r.ggml_id(),
-                bytes: g
-                    .members
-                    .iter()
-                    .map(|&i| routes[i].bytes(tensors[i].numel()) as u64)
-                    .sum(),
-            }
-        })
-        .collect();
+    let (names, plan) = plan_groups(&groups, tensors, &routes, hf.is_some())?;
     let tensor_bytes: u64 = plan.iter().map(|p| p.bytes).sum();
 
     let tmp = staged.path().to_path_buf();
@@ -621,6 +588,50 @@ pub fn export_gguf(
         bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
         tensors: report,
     })
+}
+
+/// Each GGUF tensor's name (Hugging Face names renamed when `hf`) and its place in the file.
+fn plan_groups(
+    groups: &[Group],
+    tensors: &[TensorEntry],
+    routes: &[Route],
+    hf: bool,
+) -> Result<(Vec<String>, Vec<TensorPlan>)> {
+    let names: Vec<String> = groups
+        .iter()
+        .map(|g| {
+            let t = &tensors[g.members[0]];
+            match (hf, &g.stacked) {
+                (_, Some(name)) => Ok(name.clone()),
+                (true, None) => gguf_name(&t.name)
+                    .with_context(|| format!("tensor '{}' has no llama.cpp name", t.name)),
+                (false, None) => Ok(t.name.clone()),
+            }
+        })
+        .collect::<Result<_>>()?;
+    let plan: Vec<TensorPlan> = groups
+        .iter()
+        .zip(&names)
+        .map(|(g, n)| {
+            let t = &tensors[g.members[0]];
+            let mut shape = t.dims();
+            if g.stacked.is_some() {
+                shape.insert(0, g.members.len());
+            }
+            let r = &routes[g.members[0]];
+            TensorPlan {
+                name: n.clone(),
+                shape,
+                ggml_type: r.ggml_id(),
+                bytes: g
+                    .members
+                    .iter()
+                    .map(|&i| routes[i].bytes(tensors[i].numel()) as u64)
+                    .sum(),
+            }
+        })
+        .collect();
+    Ok((names, plan))
 }
 
 /// One tensor of the GGUF file: a bundle tensor, or a mixture's experts stacked again.

@@ -41,6 +41,7 @@ fn like_estimates_the_size_of_llama_quantize_files() {
             ],
         );
         let src = adaptq_source::open(&model).unwrap();
+        let mut outs = Vec::new();
         for preset in adaptq_pipeline::like::PRESETS {
             let out = dir.path().join(format!("{arch}-{preset}.gguf"));
             llamacpp::run(
@@ -55,7 +56,11 @@ fn like_estimates_the_size_of_llama_quantize_files() {
                     "2",
                 ],
             );
-            let (bytes, params) = llamacpp::gguf_size(&bin, &out);
+            outs.push(out);
+        }
+        let files: Vec<&std::path::Path> = outs.iter().map(|p| p.as_path()).collect();
+        let sizes = llamacpp::gguf_sizes(&bin, &files);
+        for (preset, (bytes, params)) in adaptq_pipeline::like::PRESETS.iter().zip(sizes) {
             let theirs = bytes as f64 * 8.0 / params as f64;
             let ours = adaptq_pipeline::like::preset_bpw(src.as_ref(), preset).unwrap();
             report.push(format!(

@@ -708,10 +708,13 @@ fn assign(
         None => None,
     };
     let ck: Vec<f64> = norm.col.iter().map(|v| v.to_f64()).collect();
+    // The stored column scales widened once: the error feedback reads one per weight.
+    let col32: Vec<f32> = norm.col.iter().map(|v| v.to_f32()).collect();
     let out = (0..rows)
         .into_par_iter()
         .map(|r| {
             let (m, s) = (norm.mean[r].to_f64(), norm.scale[r].to_f64());
+            let (m32, s32) = (norm.mean[r].to_f32(), norm.scale[r].to_f32());
             let row = &w[r * cols..(r + 1) * cols];
             let (mut x, dead, u) = match &prepared {
                 Some(Prepared { dead, perm, u }) => {
@@ -788,9 +791,7 @@ fn assign(
                         if two {
                             val += books[1][best2 * d + t];
                         }
-                        let q = (norm.mean[r].to_f32()
-                            + norm.scale[r].to_f32() * (norm.col[c0 + t].to_f32() * val))
-                            as f64;
+                        let q = (m32 + s32 * (col32[c0 + t] * val)) as f64;
                         push_error(&mut x, c0 + t, q, u, cols);
                     }
                 }

@@ -162,9 +162,10 @@ pub fn random_gguf(bin: &Path, arch: &str, out: &Path, sets: &[&str], hf_twin: O
     assert!(o.status.success(), "random_gguf.py {arch}: {}", text(&o));
 }
 
-/// `(tensor data bytes, parameters)` of a GGUF file as llama.cpp's own Python reader (gguf-py,
-/// beside the tools in `bin`) counts them: it reads every type llama.cpp writes.
-pub fn gguf_size(bin: &Path, file: &Path) -> (u64, u64) {
+/// `(tensor data bytes, parameters)` of each GGUF file as llama.cpp's own Python reader
+/// (gguf-py, beside the tools in `bin`) counts them: it reads every type llama.cpp writes.
+/// One interpreter for all the files (starting one costs about 2 s).
+pub fn gguf_sizes(bin: &Path, files: &[&Path]) -> Vec<(u64, u64)> {
     let o = Command::new("bash")
         .current_dir(crate::repo_root())
         .env("LLAMACPP_GGUF_PY", bin.join("../gguf-py"))
@@ -173,23 +174,26 @@ pub fn gguf_size(bin: &Path, file: &Path) -> (u64, u64) {
             r#"source scripts/python-env.sh && PYTHONPATH="$LLAMACPP_GGUF_PY" exec "$venv/bin/python" -c '
 import sys
 from gguf import GGUFReader
-r = GGUFReader(sys.argv[1])
-print(sum(int(t.n_bytes) for t in r.tensors), sum(int(t.n_elements) for t in r.tensors))
-' "$1""#,
-            "gguf_size",
+for f in sys.argv[1:]:
+    r = GGUFReader(f)
+    print(sum(int(t.n_bytes) for t in r.tensors), sum(int(t.n_elements) for t in r.tensors))
+' "$@""#,
+            "gguf_sizes",
         ])
-        .arg(file)
+        .args(files)
         .output()
         .expect("running gguf-py");
-    assert!(
-        o.status.success(),
-        "gguf-py on {}: {}",
-        file.display(),
-        text(&o)
-    );
+    assert!(o.status.success(), "gguf-py: {}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    let mut it = out
-        .split_whitespace()
-        .map(|v| v.parse::<u64>().expect("a count"));
-    (it.next().expect("bytes"), it.next().expect("parameters"))
+    let sizes: Vec<(u64, u64)> = out
+        .lines()
+        .map(|l| {
+            let mut it = l
+                .split_whitespace()
+                .map(|v| v.parse::<u64>().expect("a count"));
+            (it.next().expect("bytes"), it.next().expect("parameters"))
+        })
+        .collect();
+    assert_eq!(sizes.len(), files.len(), "gguf-py printed: {out}");
+    sizes
 }
