@@ -37,8 +37,8 @@ fi
 # run NAME ARGS...: quantizes into $keep/NAME, prints "wall_s rss_kib".
 run() {
   local name=$1; shift
-  rm -rf "${keep:?}/$name"
-  /usr/bin/time -v "$bin" "${threads[@]}" quantize "$model" "$@" --out "$keep/$name" \
+  # --force replaces only a bundle adaptq wrote there (and its checkpoint), nothing else.
+  /usr/bin/time -v "$bin" "${threads[@]}" quantize "$model" "$@" --out "$keep/$name" --force \
     >"$keep/$name.out" 2>"$keep/$name.time"
   local wall rss
   wall=$(grep "Elapsed (wall clock)" "$keep/$name.time" | awk -F': ' '{print $2}' | awk -F: '{ if (NF==3) print $1*3600+$2*60+$3; else print $1*60+$2 }')
