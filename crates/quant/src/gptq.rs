@@ -3,15 +3,17 @@
 //! inputs, so the layer's *output* error is what gets minimised.
 //!
 //! Rows are independent in GPTQ (the Hessian is shared, the updates are per row), so this CPU
-//! version runs each row's whole column sweep as contiguous AXPYs, rows in parallel, instead of
-//! the GPU formulation's lazy block updates. The result is the same arithmetic. Cholesky and
-//! inverse come from faer.
+//! version sweeps tiles of rows in parallel, each column's error pushed at once within its block
+//! of columns and to the rest of the row when the block is done (the GPU formulation's lazy
+//! batch, in the same arithmetic order as pushing each error to the whole row). The Cholesky
+//! factorisation and triangular solves come from faer.
 
 use crate::ggml::{self, BlockHead, BlockType};
 use crate::rtn::{code_at, value_at, Fit, RtnConfig};
 use crate::{groups_per_row, Grid, QuantError, QuantizedTensor};
-use faer::linalg::solvers::DenseSolveCore;
-use faer::{Mat, Side};
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
+use faer::{MatMut, MatRef, Par};
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -51,11 +53,13 @@ fn is_zero(v: &f64) -> bool {
     *v == 0.0
 }
 
-/// Running sum of `xᵀx` over calibration rows for one layer input.
+/// Running sum of `xᵀx` over calibration rows for one layer input, in f32 as GPTQ's reference
+/// keeps it: for a 14336-wide layer it is 0.8 GB, and GPTQ's factorisation needs another n×n
+/// matrix (in f64) beside it.
 #[derive(Debug, Clone)]
 pub struct Hessian {
     pub dim: usize,
-    sum: Vec<f64>,
+    sum: Vec<f32>,
     rows: usize,
 }
 
@@ -72,7 +76,7 @@ impl Hessian {
     pub fn add_gram(&mut self, gram: &[f32], rows: usize) {
         assert_eq!(gram.len(), self.sum.len(), "Gram matrix has the wrong size");
         for (s, &g) in self.sum.iter_mut().zip(gram) {
-            *s += g as f64;
+            *s += g;
         }
         self.rows += rows;
     }
@@ -83,7 +87,7 @@ impl Hessian {
         for r in x.chunks_exact(d) {
             for (i, &xi) in r.iter().enumerate() {
                 for (s, &xj) in self.sum[i * d..(i + 1) * d].iter_mut().zip(r) {
-                    *s += xi as f64 * xj as f64;
+                    *s += xi * xj;
                 }
             }
             self.rows += 1;
@@ -106,9 +110,9 @@ impl Hessian {
     /// The diagonal of [`Hessian::matrix`]: each input's importance to the layer's output (what
     /// llama.cpp's importance matrix holds), without building the whole matrix.
     pub fn diagonal(&self) -> Vec<f32> {
-        let k = 2.0 / self.rows.max(1) as f64;
+        let k = self.factor();
         (0..self.dim)
-            .map(|i| (self.sum[i * (self.dim + 1)] * k) as f32)
+            .map(|i| (self.sum[i * (self.dim + 1)] as f64 * k) as f32)
             .collect()
     }
 
@@ -118,7 +122,7 @@ impl Hessian {
         let mut sum = self.sum.clone();
         for i in 0..n {
             for j in 0..n {
-                sum[i * n + j] *= d[i] as f64 * d[j] as f64;
+                sum[i * n + j] = (sum[i * n + j] as f64 * d[i] as f64 * d[j] as f64) as f32;
             }
         }
         Hessian {
@@ -131,13 +135,20 @@ impl Hessian {
     /// `H = 2/n · Σ xᵀx`.
     pub fn matrix(&self) -> Vec<f64> {
         let k = self.factor();
-        self.sum.iter().map(|v| v * k).collect()
+        self.sum.iter().map(|&v| v as f64 * k).collect()
     }
 
-    /// [`Hessian::matrix`] as a faer matrix, built without the row-major copy.
-    pub fn mat(&self) -> Mat<f64> {
-        let (n, k) = (self.dim, self.factor());
-        Mat::<f64>::from_fn(n, n, |i, j| self.sum[i * n + j] * k)
+    /// `H` at row `i`, column `j`.
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> f64 {
+        self.sum[i * self.dim + j] as f64 * self.factor()
+    }
+
+    /// `Σ xᵀx` as a matrix view, without a copy (symmetric, so its row-major storage reads as
+    /// column-major, the layout faer's products are fastest on); scale by
+    /// [`Hessian::factor`] for `H`.
+    fn sums(&self) -> faer::MatRef<'_, f32> {
+        faer::MatRef::from_column_major_slice(&self.sum, self.dim, self.dim)
     }
 
     fn factor(&self) -> f64 {
@@ -146,20 +157,19 @@ impl Hessian {
 }
 
 /// `Σ_r (w_r − q_r) H (w_r − q_r)ᵀ / Σ_r w_r H w_rᵀ`: the relative error of the layer's output
-/// on the calibration inputs, the quantity GPTQ minimises.
+/// on the calibration inputs, the quantity GPTQ minimises. Products in f32 against the stored
+/// sums (no n×n copy), summed in f64.
 pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
-    let hm = h.mat();
+    let hm = h.sums();
     let rows = w.len() / cols;
-    let num = crate::linalg::quad_rows(rows, cols, &hm, &|r, out| {
+    let num = crate::linalg::quad_rows(rows, cols, hm, &|r, out| {
         let at = r * cols;
         for (o, (a, b)) in out.iter_mut().zip(w[at..].iter().zip(&q[at..])) {
-            *o = (*a - *b) as f64;
+            *o = *a - *b;
         }
     });
-    let den = crate::linalg::quad_rows(rows, cols, &hm, &|r, out| {
-        for (o, a) in out.iter_mut().zip(&w[r * cols..]) {
-            *o = *a as f64;
-        }
+    let den = crate::linalg::quad_rows(rows, cols, hm, &|r, out| {
+        out.copy_from_slice(&w[r * cols..(r + 1) * cols]);
     });
     if den > 0.0 {
         num / den
@@ -168,35 +178,86 @@ pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
     }
 }
 
-/// Upper Cholesky factor of `(H + λI)⁻¹`, row-major. Each intermediate n×n matrix is freed as
-/// soon as the next exists: for a 14336-wide layer each is 1.6 GB.
-fn inverse_hessian_factor(mut m: Mat<f64>, n: usize, damp: f64) -> Result<Vec<f64>, QuantError> {
-    let mean_diag = (0..n).map(|i| m[(i, i)]).sum::<f64>() / n as f64;
+/// Upper Cholesky factor `U` of `(H + λI)⁻¹`, row-major, where `h(i, j)` is `H` in sweep
+/// order, built in one n×n buffer (for a 14336-wide layer 1.6 GB; inverse-then-factor held
+/// three). With `J` the order reversal, `J (H + λI) J = L Lᵀ` gives
+/// `(H + λI)⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J)`, and `J L⁻¹ J` is upper triangular with a positive
+/// diagonal: it is `U`. So one factorisation and one triangular inverse, both in place.
+fn inverse_hessian_factor(
+    n: usize,
+    h: &(dyn Fn(usize, usize) -> f64 + Sync),
+    damp: f64,
+) -> Result<Vec<f64>, QuantError> {
+    let mean_diag = (0..n).map(|i| h(i, i)).sum::<f64>() / n as f64;
     let lambda = damp * mean_diag.max(1e-12);
-    for i in 0..n {
-        m[(i, i)] += lambda;
-    }
-    let llt = m.llt(Side::Lower).map_err(|_| {
-        QuantError::Corrupt("Hessian is not positive definite even after dampening".into())
-    })?;
-    drop(m);
-    let inv = llt.inverse();
-    drop(llt);
-    let l = inv
-        .llt(Side::Lower)
-        .map_err(|_| QuantError::Corrupt("inverse Hessian is not positive definite".into()))?;
-    drop(inv);
-    let lm = l.L();
-    // U = Lᵀ, so U[i][j] = L[j][i].
-    Ok((0..n * n)
-        .map(|k| {
-            if k % n >= k / n {
-                lm[(k % n, k / n)]
-            } else {
-                0.0
+    // Column-major J (H + λI) J; its lower triangle is all the factorisation reads (taken from
+    // H's lower triangle, read along its rows).
+    let mut buf = vec![0f64; n * n];
+    buf.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(b, col)| {
+            for (a, v) in col.iter_mut().enumerate().skip(b) {
+                *v = h(n - 1 - b, n - 1 - a) + if a == b { lambda } else { 0.0 };
             }
-        })
-        .collect())
+        });
+    let par = Par::rayon(0);
+    {
+        use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
+        let mut mem = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, par, Default::default()));
+        cholesky_in_place(
+            MatMut::from_column_major_slice_mut(&mut buf, n, n),
+            Default::default(),
+            par,
+            MemStack::new(&mut mem),
+            Default::default(),
+        )
+        .map_err(|_| {
+            QuantError::Corrupt("Hessian is not positive definite even after dampening".into())
+        })?;
+    }
+    invert_lower_in_place(&mut buf, n, par);
+    // buf holds L⁻¹ column-major, so U[i][j] = L⁻¹[n-1-i][n-1-j] = buf[n² - 1 - (j·n + i)]:
+    // reversed, buf is U column-major.
+    buf.reverse();
+    transpose_in_place(&mut buf, n);
+    Ok(buf)
+}
+
+/// Replaces `L` (column-major, lower triangular, `n × n`) by `L⁻¹`, a panel of columns at a
+/// time: panel `J` of `L⁻¹` is `L[j0.., j0..]⁻¹ E_J`, which reads only columns from `j0` on,
+/// so each solved panel can take its own columns' place. The upper triangle becomes zero.
+fn invert_lower_in_place(buf: &mut [f64], n: usize, par: Par) {
+    const PANEL: usize = 128;
+    let mut panel = vec![0f64; n * PANEL.min(n)];
+    for j0 in (0..n).step_by(PANEL) {
+        let (jb, m) = (PANEL.min(n - j0), n - j0);
+        let p = &mut panel[..m * jb];
+        p.fill(0.0);
+        for k in 0..jb {
+            p[k * m + k] = 1.0;
+        }
+        let l = MatRef::from_column_major_slice(buf, n, n).submatrix(j0, j0, m, m);
+        solve_lower_triangular_in_place(l, MatMut::from_column_major_slice_mut(p, m, jb), par);
+        for k in 0..jb {
+            let col = &mut buf[(j0 + k) * n..(j0 + k + 1) * n];
+            col[..j0].fill(0.0);
+            col[j0..].copy_from_slice(&p[k * m..(k + 1) * m]);
+        }
+    }
+}
+
+/// Transposes a row-major `n × n` matrix in place, in tiles so both sides stay in cache.
+fn transpose_in_place(buf: &mut [f64], n: usize) {
+    const T: usize = 64;
+    for i0 in (0..n).step_by(T) {
+        for j0 in (i0..n).step_by(T) {
+            for i in i0..(i0 + T).min(n) {
+                for j in j0.max(i + 1)..(j0 + T).min(n) {
+                    buf.swap(i * n + j, j * n + i);
+                }
+            }
+        }
+    }
 }
 
 /// What every GPTQ variant needs from the Hessian: dead inputs, the column order and the upper
@@ -222,8 +283,7 @@ pub(crate) fn prepare(
     // The statistics as GPTQ uses them, built straight into the permuted matrix (no other
     // n×n copy): off-diagonal terms shrunk, an input that never fires given a unit diagonal
     // (it carries no information; its weights cannot matter and are zeroed).
-    let k = 2.0 / h.rows().max(1) as f64;
-    let diag: Vec<f64> = (0..cols).map(|i| h.sum[i * cols + i] * k).collect();
+    let diag: Vec<f64> = (0..cols).map(|i| h.at(i, i)).collect();
     let dead: Vec<bool> = diag.iter().map(|&d| d == 0.0).collect();
     let diag: Vec<f64> = diag
         .iter()
@@ -241,15 +301,14 @@ pub(crate) fn prepare(
         if a == b {
             return diag[a];
         }
-        let v = h.sum[a * cols + b] * k;
+        let v = h.at(a, b);
         if shrink > 0.0 {
             v * (1.0 - shrink)
         } else {
             v
         }
     };
-    let hp = Mat::<f64>::from_fn(cols, cols, |i, j| value(perm[i], perm[j]));
-    let u = inverse_hessian_factor(hp, cols, damp)?;
+    let u = inverse_hessian_factor(cols, &|i, j| value(perm[i], perm[j]), damp)?;
     Ok(Prepared { dead, perm, u })
 }
 
@@ -265,41 +324,134 @@ pub(crate) fn start_row(row: &[f32], dead: &[bool], perm: &[usize]) -> (Vec<f32>
 }
 
 /// Rows of `W` swept together: each row of `U` is read once per tile instead of once per row.
-const TILE: usize = 16;
+const TILE: usize = 32;
 
-/// GPTQ's column sweep over the rows of row-major `w` (`cols` wide), a tile of rows at a time:
-/// `start` makes a row's state, `step(state, i)` does column `i` of that row, `finish` turns
-/// the state into the row's result. Within a tile column `i` is done for every row before
-/// column `i + 1`, so the row of `U` that column's update reads (1.6 GB in all for a 14336-wide
-/// layer) comes from memory once per tile, not once per row. Rows never interact, and each
-/// row's operations run in the same order as one row alone, so the codes are the same.
+/// Columns whose errors reach the columns after them together, once the block is done (GPTQ's
+/// lazy batch): a row is then streamed once per block, not once per column.
+const BLOCK: usize = 128;
+
+/// Columns of a row updated at a time after a block: that stretch of the row stays in L1 and
+/// the block's rows of `U` over it in L2 while every row of the tile passes.
+const STRETCH: usize = 256;
+
+thread_local! {
+    /// Tests: one block per row, so every error reaches the whole row at once.
+    static SWEEP_WHOLE_ROWS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Where the block starting at sweep position `i1` ends. A group's parameters are fitted from
+/// its columns' current values when the sweep enters it (`group`: natural order), so a group
+/// must lie inside one block or start one: blocks are whole groups, or end at a group start.
+fn block_end(i1: usize, cols: usize, group: Option<usize>, block: usize) -> usize {
+    let end = match group {
+        Some(g) if g > 0 && g <= block => i1 + block / g * g,
+        Some(g) if g > 0 => (i1 + block).min((i1 / g + 1) * g),
+        _ => i1 + block,
+    };
+    end.min(cols)
+}
+
+/// Makes a row's state and its working copy in sweep order.
+pub(crate) type RowStart<'a, S> = dyn Fn(&[f32]) -> (S, Vec<f64>) + Sync + 'a;
+
+/// GPTQ's column sweep over the rows of row-major `w` (`cols` wide) against `U`, a tile of
+/// rows at a time: `start` makes a row's state and working copy `x` (sweep order),
+/// `step(state, x, i)` stores column `i` and returns the value stored, `finish` turns the state
+/// into the row's result. Column `i`'s error `(x_i − q) / U_ii` goes at once to the rest of its
+/// block and, when the block is done, to the columns after it (`group` as in [`block_end`]).
+/// Every `x_j` still receives each earlier column's update in column order, so the codes are
+/// those of pushing each error to the whole row at once, and a row's codes do not depend on
+/// the rows beside it.
 pub(crate) fn sweep_rows<S, R: Send>(
     w: &[f32],
     cols: usize,
-    start: &(dyn Fn(&[f32]) -> S + Sync),
-    step: &(dyn Fn(&mut S, usize) + Sync),
+    u: &[f64],
+    group: Option<usize>,
+    start: &RowStart<'_, S>,
+    step: &(dyn Fn(&mut S, &[f64], usize) -> f64 + Sync),
     finish: &(dyn Fn(S) -> R + Sync),
 ) -> Vec<R> {
+    let block = match cfg!(test) && SWEEP_WHOLE_ROWS.with(|b| b.get()) {
+        true => cols.max(1),
+        false => BLOCK,
+    };
     w.par_chunks(cols * TILE)
         .flat_map_iter(|tile| {
-            let mut rows: Vec<S> = tile.chunks(cols).map(start).collect();
-            for i in 0..cols {
-                for r in &mut rows {
-                    step(r, i);
+            let (mut rows, mut xs): (Vec<S>, Vec<Vec<f64>>) = tile.chunks(cols).map(start).unzip();
+            let mut errs = vec![0f64; xs.len() * block];
+            let mut i1 = 0;
+            while i1 < cols {
+                let i2 = block_end(i1, cols, group, block);
+                for i in i1..i2 {
+                    let (urow, ui) = (&u[i * cols + i + 1..i * cols + i2], u[i * cols + i]);
+                    for (r, (s, x)) in rows.iter_mut().zip(&mut xs).enumerate() {
+                        let e = (x[i] - step(s, x, i)) / ui;
+                        errs[r * block + i - i1] = e;
+                        for (xj, uj) in x[i + 1..i2].iter_mut().zip(urow) {
+                            *xj -= e * uj;
+                        }
+                    }
                 }
+                for j0 in (i2..cols).step_by(STRETCH) {
+                    let j1 = (j0 + STRETCH).min(cols);
+                    for (x, es) in xs.iter_mut().zip(errs.chunks(block)) {
+                        trailing_update(&mut x[j0..j1], &es[..i2 - i1], &u[i1 * cols + j0..], cols);
+                    }
+                }
+                i1 = i2;
             }
             rows.into_iter().map(finish)
         })
         .collect()
 }
 
+/// `x_j −= e_k u[k·stride + j]` for each `k` in order, four `k` at a time so `x_j` is loaded and
+/// stored once per four updates; the same operations in the same order as one `k` at a time.
+/// Compiled for AVX2 as well when the CPU has it (wider lanes, no fused multiply-add, so the
+/// same bits).
+fn trailing_update(x: &mut [f64], e: &[f64], u: &[f64], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { trailing_update_avx2(x, e, u, stride) };
+    }
+    trailing_update_any(x, e, u, stride)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn trailing_update_avx2(x: &mut [f64], e: &[f64], u: &[f64], stride: usize) {
+    trailing_update_any(x, e, u, stride)
+}
+
+#[inline(always)]
+fn trailing_update_any(x: &mut [f64], e: &[f64], u: &[f64], stride: usize) {
+    let n = x.len();
+    let urow = |k: usize| &u[k * stride..k * stride + n];
+    let quads = e.len() / 4 * 4;
+    for k in (0..quads).step_by(4) {
+        let (u0, u1, u2, u3) = (urow(k), urow(k + 1), urow(k + 2), urow(k + 3));
+        let (e0, e1, e2, e3) = (e[k], e[k + 1], e[k + 2], e[k + 3]);
+        for ((((xj, a), b), c), d) in x.iter_mut().zip(u0).zip(u1).zip(u2).zip(u3) {
+            *xj = *xj - e0 * a - e1 * b - e2 * c - e3 * d;
+        }
+    }
+    for (k, &ek) in e.iter().enumerate().skip(quads) {
+        for (xj, uj) in x.iter_mut().zip(urow(k)) {
+            *xj -= ek * uj;
+        }
+    }
+}
+
 /// GPTQ's update: column `i` was stored as `q`; spread its error over the columns after it.
 #[inline]
 pub(crate) fn push_error(x: &mut [f64], i: usize, q: f64, u: &[f64], cols: usize) {
     let err = (x[i] - q) / u[i * cols + i];
-    let urow = &u[i * cols..(i + 1) * cols];
-    for j in i + 1..cols {
-        x[j] -= err * urow[j];
+    for (xj, uj) in x[i + 1..]
+        .iter_mut()
+        .zip(&u[i * cols + i + 1..(i + 1) * cols])
+    {
+        *xj -= err * uj;
     }
 }
 
@@ -352,7 +504,6 @@ pub fn quantize_gptq_ggml(
     let (n, sl) = (ty.block_len(), ty.sub_len());
     let nblocks = cols / n;
     struct Row {
-        x: Vec<f64>,
         heads: Vec<Option<BlockHead>>,
         codes: Vec<u8>,
     }
@@ -370,18 +521,20 @@ pub fn quantize_gptq_ggml(
                 ));
             }
         }
-        Row {
+        (
+            Row {
+                heads,
+                codes: vec![0u8; cols],
+            },
             x,
-            heads,
-            codes: vec![0u8; cols],
-        }
+        )
     };
-    let step = |r: &mut Row, i: usize| {
+    let step = |r: &mut Row, x: &[f64], i: usize| {
         let c = perm[i];
         let b = c / n;
         if r.heads[b].is_none() {
             // Natural order: the block's columns are all still ahead, at x[c..c + n].
-            let cur: Vec<f32> = r.x[c..c + n].iter().map(|&v| v as f32).collect();
+            let cur: Vec<f32> = x[c..c + n].iter().map(|&v| v as f32).collect();
             r.heads[b] = Some(ggml::fit_block(
                 ty,
                 &cur,
@@ -390,9 +543,9 @@ pub fn quantize_gptq_ggml(
             ));
         }
         let g = ggml::affine(ty, r.heads[b].as_ref().unwrap(), (c % n) / sl);
-        let code = g.code(r.x[i] as f32);
+        let code = g.code(x[i] as f32);
         r.codes[c] = code;
-        push_error(&mut r.x, i, g.value(code) as f64, &u, cols);
+        g.value(code) as f64
     };
     let finish = |r: Row| {
         let mut out = Vec::with_capacity(ty.bytes_for(cols));
@@ -406,7 +559,8 @@ pub fn quantize_gptq_ggml(
         }
         out
     };
-    let rows_out = sweep_rows(w, cols, &start, &step, &finish);
+    let group = (!act_order).then_some(n);
+    let rows_out = sweep_rows(w, cols, &u, group, &start, &step, &finish);
     Ok(rows_out.concat())
 }
 
@@ -444,7 +598,6 @@ pub fn quantize_gptq(
     };
 
     struct Row {
-        x: Vec<f64>,
         scales: Vec<f16>,
         mins: Vec<f16>,
         /// The same, widened once.
@@ -455,7 +608,6 @@ pub fn quantize_gptq(
     let start = |row: &[f32]| {
         let (orig, x) = start_row(row, &dead, &perm);
         let mut r = Row {
-            x,
             scales: vec![f16::ZERO; gpr],
             mins: vec![f16::ZERO; gpr],
             wide: vec![(0f32, 0f32); gpr],
@@ -477,27 +629,27 @@ pub fn quantize_gptq(
                 r.wide[g] = (s.to_f32(), m.to_f32());
             }
         }
-        r
+        (r, x)
     };
-    let step = |r: &mut Row, i: usize| {
+    let step = |r: &mut Row, x: &[f64], i: usize| {
         let c = perm[i];
         let g = c / gs;
         if !act_order && c.is_multiple_of(gs) {
             let c1 = (c + gs).min(cols);
-            let cur: Vec<f32> = r.x[c..c1].iter().map(|&v| v as f32).collect();
+            let cur: Vec<f32> = x[c..c1].iter().map(|&v| v as f32).collect();
             let (s, m) = fit.group(&cur, c, cfg.bits, cfg.grid, &mut r.scratch[..c1 - c]);
             r.scales[g] = s;
             r.mins[g] = m;
             r.wide[g] = (s.to_f32(), m.to_f32());
         }
         let (s, m) = r.wide[g];
-        let code = code_at(r.x[i] as f32, s, m, cfg.bits, cfg.grid);
+        let code = code_at(x[i] as f32, s, m, cfg.bits, cfg.grid);
         r.codes[c] = code;
-        let q = value_at(code, s, m, cfg.bits, cfg.grid) as f64;
-        push_error(&mut r.x, i, q, &u, cols);
+        value_at(code, s, m, cfg.bits, cfg.grid) as f64
     };
     let finish = |r: Row| (r.codes, r.scales, r.mins);
-    let results = sweep_rows(w, cols, &start, &step, &finish);
+    let group = (!act_order).then_some(gs);
+    let results = sweep_rows(w, cols, &u, group, &start, &step, &finish);
 
     let mut all_codes = Vec::with_capacity(rows * cols);
     let mut scales = Vec::with_capacity(rows * gpr);
@@ -632,6 +784,48 @@ mod tests {
         }
     }
 
+    /// Errors pushed a block at a time give the codes of pushing each to the whole row at
+    /// once, for group sizes below, at, above and across the block width, and per channel.
+    #[test]
+    fn blocked_sweep_gives_the_unblocked_codes() {
+        let (rows, cols) = (40, 600);
+        let (w, h) = setup(rows, cols);
+        // One worker thread, so the flag set on it is the one the sweep reads.
+        let both = |f: &(dyn Fn() -> Vec<u8> + Sync)| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap();
+            let run = |whole: bool| {
+                pool.install(|| {
+                    SWEEP_WHOLE_ROWS.with(|b| b.set(whole));
+                    f()
+                })
+            };
+            (run(false), run(true))
+        };
+        for (gs, act_order) in [
+            (32, false),
+            (48, false),
+            (128, false),
+            (200, false),
+            (0, false),
+            (64, true),
+        ] {
+            let mut cfg = plain(3, gs, Grid::Asymmetric);
+            cfg.sweep.act_order = act_order;
+            let (a, b) = both(&|| quantize_gptq(&w, rows, cols, &h, &cfg).unwrap().codes);
+            assert_eq!(a, b, "group {gs} act_order {act_order}");
+        }
+        for ty in [BlockType::Q4_0, BlockType::Q4K] {
+            let cols = 512;
+            let (w, h) = setup(rows, cols);
+            let sweep = plain(4, 32, Grid::Symmetric).sweep;
+            let (a, b) = both(&|| quantize_gptq_ggml(&w, rows, cols, &h, ty, sweep).unwrap());
+            assert_eq!(a, b, "{}", ty.name());
+        }
+    }
+
     #[test]
     fn codes_lie_on_the_stored_grid_and_are_deterministic() {
         let (rows, cols) = (8, 80); // 80 = 2×32 + 16: a short last group
@@ -704,6 +898,51 @@ mod tests {
                 "{bits}-bit {grid:?} act_order {act_order}: {searched} vs {plain}"
             );
         }
+    }
+
+    /// The in-place factor is the upper Cholesky factor of the dampened inverse (checked as
+    /// `Uᵀ U (H + λI) = I`), across two panels and a short one, and the same bits whatever the
+    /// thread count.
+    #[test]
+    fn inverse_factor_in_place() {
+        let n = 300;
+        let (_, h) = setup(1, n);
+        let hm = h.matrix();
+        let lambda = 0.01 * (0..n).map(|i| hm[i * n + i]).sum::<f64>() / n as f64;
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| inverse_hessian_factor(n, &|i, j| h.at(i, j), 0.01).unwrap())
+        };
+        let u = run(2);
+        assert_eq!(u, run(1));
+        for i in 0..n {
+            assert!(u[i * n + i] > 0.0);
+            assert!(u[i * n..i * n + i].iter().all(|&v| v == 0.0), "row {i}");
+        }
+        // (Uᵀ U)[i][k] = Σ_r U[r][i] U[r][k]; times (H + λI) must give the identity.
+        let mut inv = vec![0f64; n * n];
+        for r in 0..n {
+            for i in 0..n {
+                let a = u[r * n + i];
+                for k in 0..n {
+                    inv[i * n + k] += a * u[r * n + k];
+                }
+            }
+        }
+        let mut worst = 0f64;
+        for i in 0..n {
+            for j in 0..n {
+                let mut v = inv[i * n + j] * lambda;
+                for k in 0..n {
+                    v += inv[i * n + k] * hm[k * n + j];
+                }
+                worst = worst.max((v - if i == j { 1.0 } else { 0.0 }).abs());
+            }
+        }
+        assert!(worst < 1e-8, "Uᵀ U (H + λI) is off the identity by {worst}");
     }
 
     #[test]
