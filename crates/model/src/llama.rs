@@ -304,6 +304,15 @@ impl Linear {
         ))
     }
 
+    /// [`Linear::weight_rows`], the layer left holding no weight until [`Linear::set_weight`]:
+    /// calibration rounds the copy, and for a 14336-wide layer keeping both would add 235 MB
+    /// to its peak.
+    pub fn take_weight(&mut self) -> Result<(Vec<f32>, usize, usize)> {
+        let w = self.weight_rows()?;
+        self.m = Matrix::Dense(Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?);
+        Ok(w)
+    }
+
     /// Replaces the weight (row-major `[out, in]`), e.g. with a quantized reconstruction.
     pub fn set_weight(&mut self, w: Vec<f32>) -> Result<()> {
         self.m = Matrix::Dense(

@@ -7,7 +7,8 @@ use adaptq_model::Weights;
 use adaptq_quant::awq::{search_scales, AwqConfig};
 use adaptq_quant::ggml::{BlockType, GgmlSpec};
 use adaptq_quant::gptq::{
-    output_rel_error, quantize_gptq, quantize_gptq_ggml, GptqConfig, Hessian, Sweep,
+    output_energy, output_error, output_rel_error, quantize_gptq, quantize_gptq_ggml, ratio,
+    GptqConfig, Hessian, Sweep,
 };
 use adaptq_quant::rtn::{quantize_rtn_fit, Fit};
 use adaptq_quant::LayerCodes;
@@ -399,11 +400,11 @@ pub fn collect_stats(
             }
             let (rows, dim) = x.dims2()?;
             if last.as_ref().is_none_or(|(id, _)| *id != x.id()) {
-                let g = crate::experts::gram(x)?;
                 let a = x.abs()?.sum(0)?.to_vec1::<f32>()?;
-                hs.entry(name.to_string())
-                    .or_insert_with(|| Hessian::new(dim))
-                    .add_gram(&g, rows);
+                let h = hs
+                    .entry(name.to_string())
+                    .or_insert_with(|| Hessian::new(dim));
+                crate::experts::add_inputs(h, x)?;
                 let e = abs
                     .entry(name.to_string())
                     .or_insert_with(|| (vec![0.0; dim], 0));
@@ -857,7 +858,8 @@ fn fold_awq(
 
 /// Rounds one linear layer as the spec says, measuring its output error on the calibration
 /// inputs against plain rounding of the original weight `ow` (inputs `oh`) at the same width;
-/// `None` when the layer's weight is still the original.
+/// `None` when the layer's weight is still the original. The weight is taken out of `lin`
+/// (the caller sets the reconstruction).
 fn round_linear(
     spec: &CalibSpec,
     lin: &mut adaptq_model::llama::Linear,
@@ -867,7 +869,7 @@ fn round_linear(
     scales: &mut Scales,
 ) -> Result<CalibratedLayer> {
     let bits = spec.width(&lin.name);
-    let (w, rows, cols) = lin.weight_rows()?;
+    let (w, rows, cols) = lin.take_weight()?;
     let ow = ow.unwrap_or(&w);
     let rtn_same_width = || -> Result<Vec<f32>> {
         let cfg = RtnConfig {
@@ -904,9 +906,16 @@ fn round_linear(
             .with_context(|| format!("quantizing '{}'", lin.name))?;
         ((LayerCodes::Int(q), refit), rtn_same_width()?)
     };
+    // Without AWQ both errors are on the same weights and inputs: one energy term serves both
+    // (each term costs a product with the n×n Hessian).
+    let energy = output_energy(&w, cols, h);
+    let rtn_energy = match std::ptr::eq(ow, w.as_slice()) && std::ptr::eq(h, oh) {
+        true => energy,
+        false => output_energy(ow, cols, oh),
+    };
     Ok(CalibratedLayer {
-        output_rel_error: output_rel_error(&w, &q.dequantize(), cols, h),
-        rtn_output_rel_error: output_rel_error(ow, &rtn, cols, oh),
+        output_rel_error: ratio(output_error(&w, &q.dequantize(), cols, h), energy),
+        rtn_output_rel_error: ratio(output_error(ow, &rtn, cols, oh), rtn_energy),
         method: spec.method(),
         col_scale: scales.col.remove(&lin.name),
         row_scale: scales.row.remove(&lin.name),
@@ -972,12 +981,7 @@ fn calibrate_embedding(
 /// `xs`.
 pub fn head_hessian(m: &Llama, xs: &dyn crate::acts::Windows) -> Result<Hessian> {
     let mut h = Hessian::new(m.embed_dims().1);
-    xs.each(&mut |x| {
-        let y = m.final_normed(x)?;
-        let gram = y.t()?.matmul(&y)?.flatten_all()?.to_vec1::<f32>()?;
-        h.add_gram(&gram, y.dims2()?.0);
-        Ok(())
-    })?;
+    xs.each(&mut |x| crate::experts::add_inputs(&mut h, &m.final_normed(x)?))?;
     Ok(h)
 }
 

@@ -39,9 +39,10 @@ pub struct ExpertRecord {
     pub rule: String,
 }
 
-/// `xᵀx` of activations `x: [rows, dim]`, row-major.
-pub(crate) fn gram(x: &Tensor) -> Result<Vec<f32>> {
-    Ok(x.t()?.matmul(x)?.flatten_all()?.to_vec1::<f32>()?)
+/// Adds activations `x: [rows, dim]` (f32) to `h`'s statistics.
+pub(crate) fn add_inputs(h: &mut Hessian, x: &Tensor) -> Result<()> {
+    h.add_inputs(&x.flatten_all()?.to_vec1::<f32>()?);
+    Ok(())
 }
 
 /// What a mixture block's statistics pass keeps so each expert's Hessians can be built when
@@ -96,8 +97,8 @@ impl Routing {
             }
             let n = rows.len();
             let xj = h.index_select(&Tensor::from_vec(rows, n, h.device())?, 0)?;
-            gu.add_gram(&gram(&xj)?, n);
-            down.add_gram(&gram(&x.mid(&xj)?)?, n);
+            add_inputs(&mut gu, &xj)?;
+            add_inputs(&mut down, &x.mid(&xj)?)?;
             Ok(())
         })?;
         let tokens = gu.rows();
@@ -108,11 +109,8 @@ impl Routing {
                     .as_ref()
                     .context("the router's statistics are missing")?;
                 gu.add(all);
-                self.inputs.each(&mut |h| {
-                    let mid = x.mid(h)?;
-                    down.add_gram(&gram(&mid)?, mid.dims2()?.0);
-                    Ok(())
-                })?;
+                self.inputs
+                    .each(&mut |h| add_inputs(&mut down, &x.mid(h)?))?;
                 WITH_ALL_TOKENS
             }
             false => ROUTED,

@@ -3,8 +3,6 @@
 //! gptq_wide -- ROWS COLS TOKENS`. Run under `/usr/bin/time -v` for the peak RSS.
 use adaptq_quant::gptq::{quantize_gptq, GptqConfig, Hessian, Sweep};
 use adaptq_quant::Grid;
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
 use std::time::Instant;
 
 fn main() {
@@ -25,24 +23,12 @@ fn main() {
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     let t = Instant::now();
-    let x = Mat::<f32>::from_fn(tokens, cols, |_, c| {
-        rnd() * if c % 97 == 0 { 8.0 } else { 1.0 }
-    });
-    let mut g = Mat::<f32>::zeros(cols, cols);
-    matmul(
-        g.as_mut(),
-        Accum::Replace,
-        x.transpose(),
-        x.as_ref(),
-        1.0,
-        Par::rayon(0),
-    );
-    drop(x);
-    let gram: Vec<f32> = (0..cols * cols).map(|k| g[(k / cols, k % cols)]).collect();
-    drop(g);
+    let x: Vec<f32> = (0..tokens * cols)
+        .map(|i| rnd() * if i % cols % 97 == 0 { 8.0 } else { 1.0 })
+        .collect();
     let mut h = Hessian::new(cols);
-    h.add_gram(&gram, tokens);
-    drop(gram);
+    h.add_inputs(&x);
+    drop(x);
     let w: Vec<f32> = (0..rows * cols).map(|_| rnd() * 0.05).collect();
     eprintln!("statistics: {:.1} s", t.elapsed().as_secs_f64());
     let cfg = GptqConfig {

@@ -12,8 +12,9 @@ use crate::ggml::{self, BlockHead, BlockType};
 use crate::rtn::{code_at, value_at, Fit, RtnConfig};
 use crate::{groups_per_row, Grid, QuantError, QuantizedTensor};
 use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::matmul::matmul;
 use faer::linalg::triangular_solve::solve_lower_triangular_in_place;
-use faer::{MatMut, MatRef, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -72,16 +73,19 @@ impl Hessian {
         }
     }
 
-    /// Adds a precomputed Gram matrix `xᵀx` (dim × dim, row-major) of `rows` input rows.
-    pub fn add_gram(&mut self, gram: &[f32], rows: usize) {
-        assert_eq!(gram.len(), self.sum.len(), "Gram matrix has the wrong size");
-        for (s, &g) in self.sum.iter_mut().zip(gram) {
-            *s += g;
-        }
+    /// Adds input rows (row-major, `dim` wide): `xᵀx` is multiplied straight into the sums, so
+    /// no n×n temporary exists (for a 14336-wide input it would be another 0.8 GB).
+    pub fn add_inputs(&mut self, x: &[f32]) {
+        let (n, rows) = (self.dim, x.len() / self.dim.max(1));
+        assert_eq!(rows * n, x.len(), "input rows have the wrong width");
+        let xm = MatRef::from_row_major_slice(x, rows, n);
+        // The sums are symmetric, so their row-major storage reads as column-major.
+        let sums = MatMut::from_column_major_slice_mut(&mut self.sum, n, n);
+        matmul(sums, Accum::Add, xm.transpose(), xm, 1.0, Par::rayon(0));
         self.rows += rows;
     }
 
-    /// Adds input rows directly (for small dims and tests).
+    /// Adds input rows one product at a time (for small dims and tests).
     pub fn add_rows(&mut self, x: &[f32]) {
         let d = self.dim;
         for r in x.chunks_exact(d) {
@@ -144,11 +148,12 @@ impl Hessian {
         self.sum[i * self.dim + j] as f64 * self.factor()
     }
 
-    /// `Σ xᵀx` as a matrix view, without a copy (symmetric, so its row-major storage reads as
-    /// column-major, the layout faer's products are fastest on); scale by
-    /// [`Hessian::factor`] for `H`.
-    fn sums(&self) -> faer::MatRef<'_, f32> {
-        faer::MatRef::from_column_major_slice(&self.sum, self.dim, self.dim)
+    /// `H` as [`crate::linalg::quad_rows`] reads it: widened a panel at a time.
+    fn href(&self) -> crate::linalg::HRef<'_> {
+        crate::linalg::HRef::SymF32 {
+            sums: &self.sum,
+            factor: self.factor(),
+        }
     }
 
     fn factor(&self) -> f64 {
@@ -157,25 +162,37 @@ impl Hessian {
 }
 
 /// `Σ_r (w_r − q_r) H (w_r − q_r)ᵀ / Σ_r w_r H w_rᵀ`: the relative error of the layer's output
-/// on the calibration inputs, the quantity GPTQ minimises. Products in f32 against the stored
-/// sums (no n×n copy), summed in f64.
+/// on the calibration inputs, the quantity GPTQ minimises.
 pub fn output_rel_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
-    let hm = h.sums();
-    let rows = w.len() / cols;
-    let num = crate::linalg::quad_rows(rows, cols, hm, &|r, out| {
-        let at = r * cols;
-        for (o, (a, b)) in out.iter_mut().zip(w[at..].iter().zip(&q[at..])) {
-            *o = *a - *b;
-        }
-    });
-    let den = crate::linalg::quad_rows(rows, cols, hm, &|r, out| {
-        out.copy_from_slice(&w[r * cols..(r + 1) * cols]);
-    });
+    ratio(output_error(w, q, cols, h), output_energy(w, cols, h))
+}
+
+/// `num / den`, 0 when `den` is not positive (a layer whose inputs never fire).
+pub fn ratio(num: f64, den: f64) -> f64 {
     if den > 0.0 {
         num / den
     } else {
         0.0
     }
+}
+
+/// `Σ_r (w_r − q_r) H (w_r − q_r)ᵀ`, in f64 from the f32 sums without an n×n copy.
+pub fn output_error(w: &[f32], q: &[f32], cols: usize, h: &Hessian) -> f64 {
+    crate::linalg::quad_rows(w.len() / cols, cols, h.href(), &|r, out| {
+        let at = r * cols;
+        for (o, (a, b)) in out.iter_mut().zip(w[at..].iter().zip(&q[at..])) {
+            *o = (*a - *b) as f64;
+        }
+    })
+}
+
+/// `Σ_r w_r H w_rᵀ`: the output's energy, [`output_error`]'s scale.
+pub fn output_energy(w: &[f32], cols: usize, h: &Hessian) -> f64 {
+    crate::linalg::quad_rows(w.len() / cols, cols, h.href(), &|r, out| {
+        for (o, a) in out.iter_mut().zip(&w[r * cols..]) {
+            *o = *a as f64;
+        }
+    })
 }
 
 /// Upper Cholesky factor `U` of `(H + λI)⁻¹`, row-major, where `h(i, j)` is `H` in sweep
@@ -190,8 +207,8 @@ fn inverse_hessian_factor(
 ) -> Result<Vec<f64>, QuantError> {
     let mean_diag = (0..n).map(|i| h(i, i)).sum::<f64>() / n as f64;
     let lambda = damp * mean_diag.max(1e-12);
-    // Column-major J (H + λI) J; its lower triangle is all the factorisation reads (taken from
-    // H's lower triangle, read along its rows).
+    // Column-major J (H + λI) J, lower triangle (from H's lower triangle, read along its
+    // rows); the factorisation's result is read from the lower triangle only.
     let mut buf = vec![0f64; n * n];
     buf.par_chunks_mut(n.max(1))
         .enumerate()
@@ -946,21 +963,15 @@ mod tests {
     }
 
     #[test]
-    fn gram_and_rows_agree() {
+    fn products_and_rows_agree() {
         let mut rng = Rng(3);
         let x = inputs(10, 6, &mut rng);
         let mut a = Hessian::new(6);
         a.add_rows(&x);
-        let mut gram = vec![0f32; 36];
-        for r in x.chunks(6) {
-            for i in 0..6 {
-                for j in 0..6 {
-                    gram[i * 6 + j] += r[i] * r[j];
-                }
-            }
-        }
         let mut b = Hessian::new(6);
-        b.add_gram(&gram, 10);
+        b.add_inputs(&x[..24]);
+        b.add_inputs(&x[24..]);
+        assert_eq!((a.rows(), b.rows()), (10, 10));
         for (p, q) in a.matrix().iter().zip(b.matrix()) {
             assert!((p - q).abs() < 1e-4);
         }

@@ -15,22 +15,11 @@ pub fn hmat(h: &[f64], n: usize) -> Mat<f64> {
 }
 
 /// `C · H` for a chunk `C` of rows (row-major, `cols` wide), one thread.
-fn chunk_times_h<T: faer::traits::RealField + Copy>(
-    c: &[T],
-    cols: usize,
-    h: MatRef<'_, T>,
-) -> Mat<T> {
+fn chunk_times_h(c: &[f64], cols: usize, h: MatRef<'_, f64>) -> Mat<f64> {
     let r = c.len() / cols;
-    let a = Mat::<T>::from_fn(r, cols, |i, j| c[i * cols + j]);
-    let mut out = Mat::<T>::zeros(r, cols);
-    matmul(
-        out.as_mut(),
-        Accum::Replace,
-        a.as_ref(),
-        h,
-        T::one_impl(),
-        Par::Seq,
-    );
+    let a = Mat::<f64>::from_fn(r, cols, |i, j| c[i * cols + j]);
+    let mut out = Mat::<f64>::zeros(r, cols);
+    matmul(out.as_mut(), Accum::Replace, a.as_ref(), h, 1.0, Par::Seq);
     out
 }
 
@@ -55,44 +44,81 @@ pub fn times_h(m: &[f64], cols: usize, h: &Mat<f64>) -> Vec<f64> {
 
 /// `Σ_r m_r H m_rᵀ`.
 pub fn quad(m: &[f64], cols: usize, h: &Mat<f64>) -> f64 {
-    quad_rows(m.len() / cols, cols, h.as_ref(), &|r, out| {
+    quad_rows(m.len() / cols, cols, HRef::F64(h.as_ref()), &|r, out| {
         out.copy_from_slice(&m[r * cols..(r + 1) * cols])
     })
 }
 
-/// `Σ_r m_r H m_rᵀ` with row `r` of `m` written by `row(r, out)`: chunks of rows are made and
-/// multiplied a few per thread at a time, so neither `m` nor `M·H` is ever held whole (for a
-/// 4096 × 14336 layer each would be 470 MB). Products in `T`, terms summed in f64 in row-major
-/// order.
-pub fn quad_rows<T: faer::traits::RealField + Copy + Into<f64>>(
+/// `H` as [`quad_rows`] reads it, a panel of columns at a time in f64.
+#[derive(Clone, Copy)]
+pub enum HRef<'a> {
+    F64(MatRef<'a, f64>),
+    /// Symmetric (so its rows are its columns), stored in f32, times `factor`: a panel is
+    /// widened when it is used, so the whole matrix never exists in f64.
+    SymF32 {
+        sums: &'a [f32],
+        factor: f64,
+    },
+}
+
+/// Rows of `m` per product in [`quad_rows`].
+const QUAD_ROWS: usize = 128;
+/// Columns of `H` per product in [`quad_rows`].
+const QUAD_PANEL: usize = 128;
+
+/// `Σ_r m_r H m_rᵀ` with row `r` of `m` written by `row(r, out)`, in f64: chunks of rows are
+/// made and multiplied by a panel of `H` at a time, so neither `m` nor `M·H` is ever held whole
+/// (for a 4096 × 14336 layer each would be 470 MB). Each chunk's sum is taken in a fixed order
+/// and the chunks' sums in row order, whatever the scheduling.
+pub fn quad_rows(
     rows: usize,
     cols: usize,
-    h: MatRef<'_, T>,
-    row: &(dyn Fn(usize, &mut [T]) + Sync),
+    h: HRef<'_>,
+    row: &(dyn Fn(usize, &mut [f64]) + Sync),
 ) -> f64 {
-    let chunks = rows.div_ceil(CHUNK);
-    let wave = 4 * rayon::current_num_threads().max(1);
-    let mut acc = 0f64;
-    for first in (0..chunks).step_by(wave) {
-        let parts: Vec<Vec<T>> = (first..(first + wave).min(chunks))
-            .into_par_iter()
-            .map(|c| {
-                let r0 = c * CHUNK;
-                let r = CHUNK.min(rows - r0);
-                let mut m = vec![T::zero_impl(); r * cols];
-                for (i, out) in m.chunks_mut(cols).enumerate() {
-                    row(r0 + i, out);
+    let parts: Vec<f64> = (0..rows.div_ceil(QUAD_ROWS))
+        .into_par_iter()
+        .map(|c| {
+            let r0 = c * QUAD_ROWS;
+            let r = QUAD_ROWS.min(rows - r0);
+            let mut buf = vec![0f64; cols];
+            let mut m = Mat::<f64>::zeros(r, cols);
+            for i in 0..r {
+                row(r0 + i, &mut buf);
+                for (j, v) in buf.iter().enumerate() {
+                    m[(i, j)] = *v;
                 }
-                let out = chunk_times_h(&m, cols, h);
-                for (i, mr) in m.chunks_mut(cols).enumerate() {
-                    for (j, x) in mr.iter_mut().enumerate() {
-                        *x *= out[(i, j)];
+            }
+            let mut out = Mat::<f64>::zeros(r, QUAD_PANEL.min(cols));
+            let mut sum = 0f64;
+            for c0 in (0..cols).step_by(QUAD_PANEL) {
+                let pw = QUAD_PANEL.min(cols - c0);
+                let widened;
+                let panel = match h {
+                    HRef::F64(h) => h.subcols(c0, pw),
+                    HRef::SymF32 { sums, factor } => {
+                        widened = Mat::<f64>::from_fn(cols, pw, |i, j| {
+                            sums[(c0 + j) * cols + i] as f64 * factor
+                        });
+                        widened.as_ref()
+                    }
+                };
+                matmul(
+                    out.as_mut().subcols_mut(0, pw),
+                    Accum::Replace,
+                    m.as_ref(),
+                    panel,
+                    1.0,
+                    Par::Seq,
+                );
+                for j in 0..pw {
+                    for i in 0..r {
+                        sum += m[(i, c0 + j)] * out[(i, j)];
                     }
                 }
-                m
-            })
-            .collect();
-        acc = parts.iter().flatten().fold(acc, |s, &x| s + x.into());
-    }
-    acc
+            }
+            sum
+        })
+        .collect();
+    parts.iter().sum()
 }
