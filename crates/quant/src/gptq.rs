@@ -351,6 +351,7 @@ const BLOCK: usize = 128;
 /// the block's rows of `U` over it in L2 while every row of the tile passes.
 const STRETCH: usize = 256;
 
+#[cfg(test)]
 thread_local! {
     /// Tests: one block per row, so every error reaches the whole row at once.
     static SWEEP_WHOLE_ROWS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -388,9 +389,15 @@ pub(crate) fn sweep_rows<S, R: Send>(
     step: &(dyn Fn(&mut S, &[f64], usize) -> f64 + Sync),
     finish: &(dyn Fn(S) -> R + Sync),
 ) -> Vec<R> {
-    let block = match cfg!(test) && SWEEP_WHOLE_ROWS.with(|b| b.get()) {
-        true => cols.max(1),
-        false => BLOCK,
+    #[cfg(not(test))]
+    let block = BLOCK;
+    // A whole number of groups covering the row: `block_end` then ends the first block at
+    // the row's end.
+    #[cfg(test)]
+    let block = match (SWEEP_WHOLE_ROWS.with(|b| b.get()), group) {
+        (true, Some(g)) if g > 0 => cols.div_ceil(g) * g,
+        (true, _) => cols.max(1),
+        (false, _) => BLOCK,
     };
     w.par_chunks(cols * TILE)
         .flat_map_iter(|tile| {
@@ -799,6 +806,29 @@ mod tests {
                 assert_eq!(one, all[r * row_bytes..(r + 1) * row_bytes], "row {r}");
             }
         }
+    }
+
+    /// The four-at-a-time update gives the bits of one error at a time, in order (7 errors:
+    /// a group of four and three left over; both the AVX2 and the plain build).
+    #[test]
+    fn trailing_update_is_one_error_at_a_time() {
+        let mut rng = Rng(11);
+        let (len, stride, k) = (37, 50, 7);
+        let u: Vec<f64> = (0..k * stride).map(|_| rng.f() as f64 * 1.37).collect();
+        let e: Vec<f64> = (0..k).map(|_| rng.f() as f64 * 0.91).collect();
+        let x0: Vec<f64> = (0..len).map(|_| rng.f() as f64 * 3.1).collect();
+        let mut want = x0.clone();
+        for (j, &ej) in e.iter().enumerate() {
+            for (xi, ui) in want.iter_mut().zip(&u[j * stride..]) {
+                *xi -= ej * ui;
+            }
+        }
+        let (mut fast, mut plain) = (x0.clone(), x0);
+        trailing_update(&mut fast, &e, &u, stride);
+        trailing_update_any(&mut plain, &e, &u, stride);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast), bits(&want));
+        assert_eq!(bits(&plain), bits(&want));
     }
 
     /// Errors pushed a block at a time give the codes of pushing each to the whole row at
