@@ -52,10 +52,10 @@ fn killed_after(src: &Path, out: &Path, extra: &[&str], blocks: u64) -> u64 {
     blocks_done(&cp).unwrap()
 }
 
-/// One GPTQ setting built three ways: uninterrupted; killed (SIGKILL) after block 10 and
-/// resumed; as block ranges 0..15 and 15..30 merged. All three are byte-identical (each block
-/// computed in separate processes, so this is also the determinism check), the bundle records
-/// its calibration, and GPTQ beats RTN at the same size.
+/// One GPTQ setting built four ways: uninterrupted, with and without a checkpoint; killed
+/// (SIGKILL) after block 10 and resumed; as block ranges 0..15 and 15..30 merged. All are
+/// byte-identical (each block computed in separate processes, so this is also the determinism
+/// check), the bundle records its calibration, and GPTQ beats RTN at the same size.
 #[test]
 fn gptq_is_deterministic_resumable_mergeable_recorded_and_beats_rtn() {
     let g = adaptq_testutil::smollm2_gguf();
@@ -75,6 +75,16 @@ fn gptq_is_deterministic_resumable_mergeable_recorded_and_beats_rtn() {
     ok(cli::quantize(BIN, &g, &a, &run));
     ok(adaptq(&["verify", s(&a)]));
     assert!(!adaptq_pipeline::plan::checkpoint_dir(&a).exists());
+    // Without a checkpoint every block's codes stay in memory; with one they are read back
+    // from its files when the bundle is written: the same bytes.
+    let held = t.path().join("held");
+    ok(cli::quantize(
+        BIN,
+        &g,
+        &held,
+        &with(&run, "--no-checkpoint"),
+    ));
+    adaptq_testutil::files::assert_same(&a, &held);
 
     let b = t.path().join("b");
     let saved = killed_after(&g, &b, &run, 10);

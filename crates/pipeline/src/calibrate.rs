@@ -135,7 +135,27 @@ pub struct CalibratedLayer {
     pub reference_weight: Option<Vec<f32>>,
 }
 
+/// What the reports say of a calibrated layer: kept in memory when its codes are not.
+#[derive(Debug, Clone)]
+pub struct LayerSummary {
+    pub method: &'static str,
+    pub output_rel_error: f64,
+    pub rtn_output_rel_error: f64,
+    pub refit_error_reduction: Option<f64>,
+    pub novaq: Option<adaptq_quant::novaq::NovaqReport>,
+}
+
 impl CalibratedLayer {
+    pub fn summary(&self) -> LayerSummary {
+        LayerSummary {
+            method: self.method,
+            output_rel_error: self.output_rel_error,
+            rtn_output_rel_error: self.rtn_output_rel_error,
+            refit_error_reduction: self.refit_error_reduction,
+            novaq: self.novaq,
+        }
+    }
+
     /// The tensor the codes stand for, from the source weight `w` (row-major, `cols` wide).
     pub fn reference(&self, w: &[f32], cols: usize) -> Vec<f32> {
         if let Some(r) = &self.reference_weight {
@@ -326,7 +346,11 @@ pub struct AwqGroup {
 /// Everything calibration produced.
 #[derive(Default)]
 pub struct Calibration {
+    /// Layers whose codes are held in memory.
     pub layers: BTreeMap<String, CalibratedLayer>,
+    /// Layers whose codes a checkpoint file holds instead (a checkpointed run's finished
+    /// blocks): memory does not grow with depth. The bundle writer reads them back.
+    pub saved: BTreeMap<String, (crate::checkpoint::SavedFile, LayerSummary)>,
     /// Norm weights changed by folding AWQ scales: stored instead of the source's.
     pub overrides: BTreeMap<String, Vec<f32>>,
     pub awq: Vec<AwqGroup>,
@@ -344,6 +368,7 @@ impl Calibration {
     /// Adds what a later block (or the tail) calibrated.
     pub fn absorb(&mut self, other: Calibration) {
         self.layers.extend(other.layers);
+        self.saved.extend(other.saved);
         self.overrides.extend(other.overrides);
         self.awq.extend(other.awq);
         self.experts.extend(other.experts);
@@ -354,6 +379,23 @@ impl Calibration {
         if other.acts.is_some() {
             self.acts = other.acts;
         }
+    }
+}
+
+impl Calibration {
+    /// The report of layer `name`, held or saved.
+    pub fn summary(&self, name: &str) -> Option<LayerSummary> {
+        match self.layers.get(name) {
+            Some(c) => Some(c.summary()),
+            None => self.saved.get(name).map(|(_, s)| s.clone()),
+        }
+    }
+
+    /// Every calibrated layer's report, by name.
+    pub fn summaries(&self) -> BTreeMap<&str, LayerSummary> {
+        let held = self.layers.iter().map(|(n, c)| (n.as_str(), c.summary()));
+        let saved = self.saved.iter().map(|(n, (_, s))| (n.as_str(), s.clone()));
+        held.chain(saved).collect()
     }
 }
 
@@ -657,7 +699,7 @@ pub fn calibrate_job(
         };
         xs = calibrate_block(m, &mut blk, b, xs, spec, flow, &mut part)?;
         if let Some(cp) = job.save.as_deref_mut() {
-            cp.save_block(b, &part, &xs)?;
+            part = cp.save_block(b, part, &xs)?;
         }
         out.absorb(part);
         if let Blocks::Held = blocks {
@@ -683,7 +725,7 @@ pub fn calibrate_job(
         tail.layers.insert(name, c);
     }
     if let Some(cp) = job.save {
-        cp.save_tail(&tail)?;
+        tail = cp.save_tail(tail)?;
     }
     out.absorb(tail);
     Ok(out)
@@ -1162,11 +1204,11 @@ pub fn verification_sections(
         extra.insert("experts".into(), serde_json::to_value(&cal.experts)?);
     }
     let novaq: Vec<serde_json::Value> = cal
-        .layers
-        .iter()
+        .summaries()
+        .into_iter()
         .filter_map(|(name, c)| {
             let mut v = serde_json::to_value(c.novaq.as_ref()?).ok()?;
-            v["name"] = name.clone().into();
+            v["name"] = name.into();
             Some(v)
         })
         .collect();
@@ -1177,7 +1219,7 @@ pub fn verification_sections(
         let measured: BTreeMap<&String, f64> = mix
             .types
             .keys()
-            .filter_map(|n| Some((n, cal.layers.get(n)?.output_rel_error)))
+            .filter_map(|n| Some((n, cal.summary(n)?.output_rel_error)))
             .collect();
         extra.insert(
             "gguf_mix".into(),

@@ -253,6 +253,33 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
+/// A saved block (or tail) file: where it is and the SHA-256 its state recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedFile {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+impl SavedFile {
+    /// The calibration the file holds, codes included, after checking its hash and every
+    /// layer's parts against its shape.
+    pub fn read(&self) -> Result<Calibration> {
+        let path = &self.path;
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        if sha256(&bytes) != self.sha256 {
+            bail!(
+                "{} is damaged (its SHA-256 is not the one {STATE} recorded)",
+                path.display()
+            );
+        }
+        let rec: Record = postcard::from_bytes(&bytes)
+            .with_context(|| format!("{} is damaged", path.display()))?;
+        drop(bytes);
+        rec.into_calibration()
+            .with_context(|| format!("{}", path.display()))
+    }
+}
+
 /// A checkpoint or part folder, locked by this process while it is open.
 pub struct Checkpoint {
     dir: PathBuf,
@@ -450,18 +477,21 @@ impl Checkpoint {
     }
 
     /// Saves block `b`'s calibration and the next block's inputs `xs`; the previous inputs are
-    /// deleted once the state no longer names them.
+    /// deleted once the state no longer names them. Returns `cal` with its codes released to
+    /// the saved file ([`Calibration::saved`]).
     pub fn save_block(
         &mut self,
         b: usize,
-        cal: &Calibration,
+        cal: Calibration,
         xs: &dyn crate::acts::Windows,
-    ) -> Result<()> {
+    ) -> Result<Calibration> {
         if b != self.state.done || b >= self.state.end {
             bail!("block {b} saved out of order (next is {})", self.state.done);
         }
-        let bytes = postcard::to_stdvec(&Record::of(cal)?)?;
+        let bytes = postcard::to_stdvec(&Record::of(&cal)?)?;
         let h = write_file(&self.dir, &block_file(b), &bytes)?;
+        drop(bytes);
+        let saved = self.release(&block_file(b), &h, cal);
         self.state.hashes.insert(block_file(b), h);
         let h = write_acts(&self.dir, b + 1, xs)?;
         self.state.hashes.insert(acts_file(b + 1), h);
@@ -471,31 +501,37 @@ impl Checkpoint {
         if old.is_some() {
             remove_if_there(&self.dir.join(acts_file(b)))?;
         }
-        Ok(())
+        Ok(saved)
     }
 
-    /// Saves the embedding or head calibrated after the last block.
-    pub fn save_tail(&mut self, cal: &Calibration) -> Result<()> {
-        let h = write_file(&self.dir, TAIL, &postcard::to_stdvec(&Record::of(cal)?)?)?;
+    /// Saves the embedding or head calibrated after the last block; returns `cal` with its
+    /// codes released as [`Checkpoint::save_block`]'s.
+    pub fn save_tail(&mut self, cal: Calibration) -> Result<Calibration> {
+        let h = write_file(&self.dir, TAIL, &postcard::to_stdvec(&Record::of(&cal)?)?)?;
+        let saved = self.release(TAIL, &h, cal);
         self.state.hashes.insert(TAIL.into(), h);
         self.state.tail_done = true;
-        self.write_state()
+        self.write_state()?;
+        Ok(saved)
     }
 
-    /// The bytes of `name`, checked against the hash the state recorded.
-    fn read_checked(&self, name: &str) -> Result<Vec<u8>> {
-        let path = self.dir.join(name);
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        if self.state.hashes.get(name) != Some(&sha256(&bytes)) {
-            bail!(
-                "{} is damaged (its SHA-256 is not the one {STATE} recorded)",
-                path.display()
-            );
-        }
-        Ok(bytes)
+    /// `cal` with each held layer replaced by its report and the file `name` (SHA-256
+    /// `hash`) that holds its codes.
+    fn release(&self, name: &str, hash: &str, mut cal: Calibration) -> Calibration {
+        let file = SavedFile {
+            path: self.dir.join(name),
+            sha256: hash.to_string(),
+        };
+        let held = std::mem::take(&mut cal.layers);
+        cal.saved.extend(
+            held.into_iter()
+                .map(|(n, c)| (n, (file.clone(), c.summary()))),
+        );
+        cal
     }
 
-    /// The calibration saved so far: blocks `start..done`, then the tail.
+    /// The calibration saved so far (blocks `start..done`, then the tail), its codes left in
+    /// their files: each file is read and checked once here, one at a time.
     pub fn calibration(&self) -> Result<Calibration> {
         let mut cal = Calibration::default();
         let tail = self.state.tail_done.then(|| TAIL.to_string());
@@ -503,13 +539,16 @@ impl Checkpoint {
             .map(block_file)
             .chain(tail)
         {
-            let bytes = self.read_checked(&name)?;
-            let rec: Record = postcard::from_bytes(&bytes)
-                .with_context(|| format!("{} is damaged", self.dir.join(&name).display()))?;
-            cal.absorb(
-                rec.into_calibration()
-                    .with_context(|| format!("{}", self.dir.join(&name).display()))?,
-            );
+            let hash = self
+                .state
+                .hashes
+                .get(&name)
+                .with_context(|| format!("{}: {STATE} names no {name}", self.dir.display()))?;
+            let file = SavedFile {
+                path: self.dir.join(&name),
+                sha256: hash.clone(),
+            };
+            cal.absorb(self.release(&name, hash, file.read()?));
         }
         Ok(cal)
     }
@@ -951,6 +990,97 @@ mod tests {
             read_acts(&p, 7, &h, None).is_err(),
             "a size beyond the file"
         );
+    }
+
+    fn one_layer(name: &str, seed: f32) -> Calibration {
+        let w: Vec<f32> = (0..64).map(|i| (i as f32 * seed).sin()).collect();
+        let cfg = adaptq_quant::RtnConfig {
+            bits: 4,
+            group_size: 16,
+            grid: adaptq_quant::Grid::Symmetric,
+        };
+        let q = adaptq_quant::rtn::quantize_rtn(&w, 4, 16, &cfg).unwrap();
+        let mut cal = Calibration::default();
+        cal.layers.insert(
+            name.into(),
+            CalibratedLayer {
+                q: adaptq_quant::LayerCodes::Int(q),
+                method: "gptq",
+                col_scale: None,
+                row_scale: None,
+                output_rel_error: seed as f64,
+                rtn_output_rel_error: 1.0,
+                scaled_weight: None,
+                refit_error_reduction: None,
+                novaq: None,
+                reference_weight: Some(w),
+            },
+        );
+        cal
+    }
+
+    /// A saved block's codes leave memory, are read back bit for bit from its file (also by a
+    /// resumed run), and a damaged file is refused when read back.
+    #[test]
+    fn saved_blocks_release_their_codes() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cp");
+        let state = State {
+            format: FORMAT.into(),
+            fingerprint: "f".into(),
+            options: QuantizeOptions::default(),
+            locator: "m".into(),
+            calib: CalibInfo {
+                config: adaptq_bundle::verification::CalibConfig {
+                    file: "t.txt".into(),
+                    samples: 1,
+                    seq_len: 4,
+                    seed: 0,
+                },
+                text_tokens: 4,
+                fingerprint: "0".into(),
+            },
+            blocks: 2,
+            start: 0,
+            end: 2,
+            done: 0,
+            tail_done: false,
+            hashes: Default::default(),
+        };
+        let mut cp = Checkpoint::create(&dir, state).unwrap();
+        let xs = vec![Tensor::zeros((1, 4), candle_core::DType::F32, &Device::Cpu).unwrap()];
+        let names = ["blk.0.attn_q.weight", "blk.1.attn_q.weight"];
+        let mut out = Calibration::default();
+        for (b, name) in names.iter().enumerate() {
+            let part = one_layer(name, 0.5 + b as f32);
+            let want = part.layers[*name].q.clone();
+            let saved = cp.save_block(b, part, &xs).unwrap();
+            assert!(saved.layers.is_empty(), "codes still held");
+            let (file, summary) = &saved.saved[*name];
+            assert_eq!(summary.output_rel_error, 0.5 + b as f64);
+            assert_eq!(file.read().unwrap().layers[*name].q, want);
+            out.absorb(saved);
+        }
+        assert_eq!(out.saved.len(), 2);
+        assert_eq!(out.summary(names[1]).unwrap().method, "gptq");
+        drop(cp);
+        let back = Checkpoint::open(&dir).unwrap().calibration().unwrap();
+        assert!(back.layers.is_empty());
+        let files: Vec<_> = back.saved.values().map(|(f, _)| f.clone()).collect();
+        assert_eq!(
+            files,
+            out.saved
+                .values()
+                .map(|(f, _)| f.clone())
+                .collect::<Vec<_>>()
+        );
+        let path = &files[1].path;
+        let mut bytes = std::fs::read(path).unwrap();
+        *bytes.last_mut().unwrap() ^= 1;
+        std::fs::write(path, &bytes).unwrap();
+        let e = format!("{:#}", files[1].read().err().unwrap());
+        assert!(e.contains("damaged"), "{e}");
+        assert!(files[0].read().is_ok());
     }
 
     #[test]

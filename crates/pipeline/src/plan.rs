@@ -772,9 +772,8 @@ struct StageOutput {
 impl StageOutput {
     fn borrow(&self) -> Precomputed<'_> {
         Precomputed {
-            layers: &self.cal.layers,
+            cal: &self.cal,
             info: &self.info,
-            overrides: &self.cal.overrides,
             extra: self.extra.clone(),
             gates: self.gates.clone(),
         }

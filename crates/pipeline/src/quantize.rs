@@ -80,10 +80,10 @@ pub struct NovaqSettings {
 
 /// Codes already computed by a calibrated method, with what calibration measured.
 pub struct Precomputed<'a> {
-    pub layers: &'a std::collections::BTreeMap<String, crate::calibrate::CalibratedLayer>,
+    /// The codes (held, or saved in checkpoint files), and the tensors stored instead of the
+    /// source's (norms with AWQ scales folded in).
+    pub cal: &'a crate::calibrate::Calibration,
     pub info: &'a crate::calibrate::CalibInfo,
-    /// Tensors stored instead of the source's (norms with AWQ scales folded in).
-    pub overrides: &'a std::collections::BTreeMap<String, Vec<f32>>,
     /// Extra sections for verification.json (AWQ search, APQ allocation, promotions, gates).
     pub extra: serde_json::Map<String, serde_json::Value>,
     /// Gates measured by the calibrated pipeline (perplexity delta, spot checks, ...).
@@ -309,13 +309,14 @@ fn encode_tensor(
     info: &adaptq_source::TensorInfo,
     cfg: &QuantizeConfig,
     pre: Option<&Precomputed>,
+    layer: Option<&crate::calibrate::CalibratedLayer>,
 ) -> Result<Encoded> {
     let role = role_of(info);
     if !info.dtype.is_float() {
         let raw = src.raw_bytes(&info.name)?.to_vec();
         return Ok(encode_raw(info.dtype.name(), raw));
     }
-    let x = match pre.and_then(|p| p.overrides.get(&info.name)) {
+    let x = match pre.and_then(|p| p.cal.overrides.get(&info.name)) {
         Some(v) if v.len() == info.numel() => v.clone(),
         Some(_) => bail!("replacement for '{}' has the wrong size", info.name),
         None => src.read_f32(&info.name)?,
@@ -329,7 +330,7 @@ fn encode_tensor(
             encode_f32(&x)
         });
     }
-    match pre.and_then(|p| p.layers.get(&info.name)) {
+    match layer {
         Some(c) => {
             if c.q.rows().checked_mul(c.q.cols()) != Some(x.len()) {
                 bail!(
@@ -347,6 +348,36 @@ fn encode_tensor(
     }
 }
 
+/// Codes of layers a checkpoint holds ([`crate::calibrate::Calibration::saved`]), read back
+/// one file at a time: tensors come block by block, so each file is read once and memory
+/// holds one block's codes.
+#[derive(Default)]
+struct SavedCodes {
+    file: Option<(crate::checkpoint::SavedFile, crate::calibrate::Calibration)>,
+}
+
+impl SavedCodes {
+    /// The codes of layer `name` when `cal` says a file holds them.
+    fn take(
+        &mut self,
+        cal: &crate::calibrate::Calibration,
+        name: &str,
+    ) -> Result<Option<crate::calibrate::CalibratedLayer>> {
+        let Some((file, _)) = cal.saved.get(name) else {
+            return Ok(None);
+        };
+        if self.file.as_ref().is_none_or(|(f, _)| f != file) {
+            self.file = None;
+            self.file = Some((file.clone(), file.read()?));
+        }
+        let (_, held) = self.file.as_mut().expect("read above");
+        match held.layers.remove(name) {
+            Some(c) => Ok(Some(c)),
+            None => bail!("{} holds no codes for '{name}'", file.path.display()),
+        }
+    }
+}
+
 /// The `verification.json` line of a stored tensor.
 fn tensor_report(
     info: &adaptq_source::TensorInfo,
@@ -356,7 +387,7 @@ fn tensor_report(
 ) -> TensorReport {
     let raw_bytes: u64 = enc.parts.iter().map(|(_, b)| b.len() as u64).sum();
     let params = info.numel();
-    let cal = pre.and_then(|p| p.layers.get(&info.name));
+    let cal = pre.and_then(|p| p.cal.summary(&info.name));
     TensorReport {
         name: info.name.clone(),
         role: role_of(info).name().into(),
@@ -368,8 +399,12 @@ fn tensor_report(
         lossless_ratio: (bytes != raw_bytes).then(|| raw_bytes as f64 / bytes.max(1) as f64),
         raw_bytes,
         error: enc.error,
-        output_rel_error: cal.map(|c| c.output_rel_error).filter(|v| v.is_finite()),
+        output_rel_error: cal
+            .as_ref()
+            .map(|c| c.output_rel_error)
+            .filter(|v| v.is_finite()),
         rtn_output_rel_error: cal
+            .as_ref()
             .map(|c| c.rtn_output_rel_error)
             .filter(|v| v.is_finite()),
         refit_error_reduction: cal.and_then(|c| c.refit_error_reduction),
@@ -402,8 +437,17 @@ pub fn quantize_model(
     let mut reports = Vec::with_capacity(total);
     let mut read_bytes = 0u64;
     let mut all_finite = true;
+    let mut saved = SavedCodes::default();
     for (i, info) in infos.iter().enumerate() {
-        let enc = encode_tensor(src, info, cfg, pre.as_ref())?;
+        let read = match pre.as_ref() {
+            Some(p) => saved.take(p.cal, &info.name)?,
+            None => None,
+        };
+        let layer = read
+            .as_ref()
+            .or_else(|| pre.as_ref().and_then(|p| p.cal.layers.get(&info.name)));
+        let enc = encode_tensor(src, info, cfg, pre.as_ref(), layer)?;
+        drop(read);
         all_finite &= enc.error.is_none_or(|e| e.rel_mse.is_finite());
         let part_refs: Vec<(&str, &[u8])> =
             enc.parts.iter().map(|(n, b)| (*n, b.as_slice())).collect();
