@@ -52,9 +52,9 @@ struct Segment {
 
 /// One row of activations rounded to 8 bits.
 pub struct Rounded {
-    q: Vec<i8>,
+    pub(crate) q: Vec<i8>,
     /// Step of each block of [`ACT_BLOCK`] columns.
-    steps: Vec<f32>,
+    pub(crate) steps: Vec<f32>,
 }
 
 /// Rounds `x` to 8 bits per block of [`ACT_BLOCK`] values.

@@ -5,12 +5,14 @@
 //! kernels ([`Kernels`]). `Exact` dequantizes every weight to f32 once, at load time, and
 //! multiplies f32 matrices with candle's gemm: this measures exactly the function the stored
 //! codes define, which is what perplexity and KL divergence must judge, at the cost of f32
-//! memory. `Packed` keeps weights stored as GGML blocks in their blocks and runs candle's
-//! quantized matmuls on them (activations rounded to 8 bits per row, as llama.cpp does), and
-//! adaptq's other integer grids on [`intgrid`]'s kernel, NOVAQ codebooks on [`lookup`]'s and
-//! f16 weights on [`halfmat`]'s: the runtime for generation and speed.
+//! memory. `Packed` keeps weights stored as GGML blocks in their blocks and runs them on
+//! [`blockdot`]'s kernels (the other GGML types on candle's quantized matmuls; activations
+//! rounded to 8 bits, as llama.cpp does), adaptq's other integer grids on [`intgrid`]'s
+//! kernel, NOVAQ codebooks on [`lookup`]'s and f16 weights on [`halfmat`]'s: the runtime for
+//! generation and speed.
 
 pub mod bert;
+pub mod blockdot;
 pub mod gemma;
 pub mod generate;
 pub mod halfmat;

@@ -7,6 +7,7 @@
 //! The forward pass is exposed in pieces (`embed`, `block`, `head`) so calibration can run the
 //! network layer by layer, and every linear layer's input can be handed to a hook.
 
+use crate::blockdot::BlockMatrix;
 use crate::gemma::{GemmaModel, PostNorms};
 use crate::halfmat::{F16Matrix, RowMatrix};
 use crate::intgrid::IntMatrix;
@@ -52,6 +53,8 @@ enum Matrix {
     F32(Arc<RowMatrix<f32>>),
     /// NOVAQ codebooks, on the lookup kernel.
     Codebook(CodebookMatrix),
+    /// GGML blocks on adaptq's own dot kernels ([`crate::blockdot`]).
+    BlockDot(Arc<BlockMatrix>),
 }
 
 /// Which kernels a loaded model runs its linear layers with.
@@ -75,9 +78,9 @@ impl Kernels {
     }
 }
 
-/// Rows of activations from which a packed layer multiplies in f32 ([`round_rows`]) rather
-/// than block by block: candle's block kernels take one row and four columns at a time, a
-/// fifth of llama.cpp's batched speed, while dequantizing the weight costs one pass over it.
+/// Rows of activations from which a packed layer multiplies in f32 ([`round_rows`], or the
+/// kernel's own rounding) rather than row by row on its kernel: the integer kernels redo each
+/// weight block's unpacking for every row, while dequantizing the weight costs one pass.
 const GEMM_ROWS: usize = 32;
 
 /// `x: [T, k]` with each row rounded as the block kernels of `dtype` round activations before
@@ -110,6 +113,7 @@ fn round_rows(x: &Tensor, dtype: GgmlDType) -> Result<Tensor> {
 /// A weight held as stored, for [`Kernels::Packed`].
 enum Packed {
     Blocks(QTensor),
+    BlockDot(BlockMatrix),
     Int(IntMatrix),
     Codebook(CodebookMatrix),
     F16(F16Matrix),
@@ -130,6 +134,11 @@ fn load_packed(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Opti
             };
             if !dims.1.is_multiple_of(ty.block_len()) || bytes.len() != ty.bytes_for(n) {
                 return Err(misfit());
+            }
+            if crate::blockdot::runs(ty) {
+                let m = BlockMatrix::new(ty, bytes, dims.0, dims.1)
+                    .with_context(|| format!("tensor '{name}'"))?;
+                return Ok(Some(Packed::BlockDot(m)));
             }
             let storage = QStorage::from_data(Cow::Owned(bytes), &Device::Cpu, dtype)?;
             Some(Packed::Blocks(QTensor::new(storage, dims)?))
@@ -210,6 +219,7 @@ impl Linear {
         let m = match packed {
             Some(Packed::Blocks(q)) => Matrix::Blocks(QMatMul::from_qtensor(q)?),
             Some(Packed::Int(m)) => Matrix::Int(m),
+            Some(Packed::BlockDot(m)) => Matrix::BlockDot(Arc::new(m)),
             Some(Packed::Codebook(m)) => Matrix::Codebook(m),
             Some(Packed::F16(m)) => Matrix::F16(Arc::new(m)),
             None => {
@@ -260,6 +270,7 @@ impl Linear {
             }
             Matrix::Blocks(q) => q.forward(x)?,
             Matrix::Int(m) => kernel_forward(m, x)?,
+            Matrix::BlockDot(m) => kernel_forward(m.as_ref(), x)?,
             Matrix::F16(m) => kernel_forward(m.as_ref(), x)?,
             Matrix::F32(m) => kernel_forward(m.as_ref(), x)?,
             Matrix::Codebook(m) => kernel_forward(m, x)?,
@@ -293,6 +304,7 @@ impl Linear {
             Matrix::Blocks(QMatMul::QTensor(q)) => q.dequantize(&Device::Cpu)?,
             Matrix::Blocks(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.clone(),
             Matrix::Int(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
+            Matrix::BlockDot(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
             Matrix::F16(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
             Matrix::F32(m) => Tensor::from_vec(m.to_f32(), self.dims, &Device::Cpu)?,
             Matrix::Codebook(m) => Tensor::from_vec(m.dequantize(), self.dims, &Device::Cpu)?,
@@ -590,6 +602,7 @@ enum Table {
     /// Stored blocks ([`Kernels::Packed`]): rows are dequantized as tokens look them up, and a
     /// tied head multiplies by the same blocks.
     Blocks(Arc<QTensor>),
+    BlockDot(Arc<BlockMatrix>),
     F16(Arc<F16Matrix>),
     F32(Arc<RowMatrix<f32>>),
 }
@@ -712,6 +725,11 @@ fn attention_mask(t: usize, s: usize, window: Option<usize>) -> Result<Option<Te
 /// x86-64, whose vectors are half as wide).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { dot_avx512(a, b) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         return unsafe { dot_avx2(a, b) };
@@ -723,6 +741,36 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_any(a, b)
+}
+
+/// `a · b` in four registers of 16 fused multiply-adds: a one-token product reads each weight
+/// once, and 64-byte loads keep the stream at memory speed where 32-byte ones fall short.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let (x, y) = (pa.add(i + 16 * k), pb.add(i + 16 * k));
+            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), *acc);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        acc[0] = _mm512_fmadd_ps(
+            _mm512_loadu_ps(pa.add(i)),
+            _mm512_loadu_ps(pb.add(i)),
+            acc[0],
+        );
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
+    _mm512_reduce_add_ps(sum) + tail
 }
 
 /// `a · b` in 32 lanes (four AVX registers of independent sums, so additions overlap).
@@ -743,6 +791,16 @@ fn dot_any(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Runs `f` on a worker of the thread pool. A one-token pass makes a few hundred small
+/// parallel products; called from outside the pool each one hands its work over and sleeps
+/// until it is done (two futex round trips), while from a worker it takes its share itself.
+fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::current_thread_index() {
+        Some(_) => f(),
+        None => rayon::scope(|_| f()),
+    }
 }
 
 /// Softmax over the last dimension.
@@ -859,6 +917,7 @@ impl Llama {
         };
         self.embed = Some(match packed {
             Some(Packed::Blocks(q)) => Table::Blocks(Arc::new(q)),
+            Some(Packed::BlockDot(m)) => Table::BlockDot(Arc::new(m)),
             Some(Packed::F16(m)) => Table::F16(Arc::new(m)),
             Some(Packed::Int(_) | Packed::Codebook(_)) | None => {
                 let v = w.read(&self.embed_name)?;
@@ -893,6 +952,7 @@ impl Llama {
             let m = match self.embedding()? {
                 Table::Dense(e) => Matrix::Dense(e.t()?.contiguous()?),
                 Table::Blocks(q) => Matrix::Blocks(QMatMul::from_arc(q.clone())?),
+                Table::BlockDot(m) => Matrix::BlockDot(m.clone()),
                 Table::F16(m) => Matrix::F16(m.clone()),
                 Table::F32(m) => Matrix::F32(m.clone()),
             };
@@ -1101,6 +1161,9 @@ impl Llama {
         let x = match self.embedding()? {
             Table::Dense(e) => e.index_select(&ids, 0)?,
             Table::Blocks(q) => q.embedding(&ids)?,
+            Table::BlockDot(m) => {
+                Tensor::from_vec(m.rows_f32(tokens), (tokens.len(), m.dims().1), &Device::Cpu)?
+            }
             Table::F16(m) => {
                 Tensor::from_vec(m.rows_f32(tokens), (tokens.len(), m.dims().1), &Device::Cpu)?
             }
@@ -1430,6 +1493,7 @@ impl Llama {
         let e = match self.embedding()? {
             Table::Dense(e) => e.clone(),
             Table::Blocks(q) => q.dequantize(&Device::Cpu)?,
+            Table::BlockDot(m) => Tensor::from_vec(m.dequantize(), m.dims(), &Device::Cpu)?,
             Table::F16(m) => Tensor::from_vec(m.to_f32(), m.dims(), &Device::Cpu)?,
             Table::F32(m) => Tensor::from_vec(m.to_f32(), m.dims(), &Device::Cpu)?,
         };
@@ -1454,7 +1518,10 @@ impl Llama {
         cache: Option<&mut KvCache>,
         hook: Option<Hook>,
     ) -> Result<Tensor> {
-        self.head(&self.hidden(tokens, cache, hook)?)
+        match hook {
+            Some(h) => self.head(&self.hidden(tokens, cache, Some(h))?),
+            None => on_pool(|| self.head(&self.hidden(tokens, cache, None)?)),
+        }
     }
 
     /// Logits for positions `from..` only: the output head is a fifth of the work of a

@@ -1,0 +1,568 @@
+//! GGML weights run on their stored blocks by adaptq's own dot kernels: the packed runtime's
+//! products for GGUF files and `--ggml-type` bundles of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and
+//! Q6_K (the types llama-quantize's common presets put on rows of any width: SmolLM2's Q4_K_M
+//! file is Q5_0, Q4_K, Q6_K and Q8_0).
+//!
+//! Activations are rounded to 8 bits per block of 32 with the step `amax / 127` stored as f16
+//! ([`crate::intgrid::round_row`] with f16 steps), as llama.cpp rounds them for the 32-blocks
+//! (for k-quants llama.cpp rounds per 256 with one f32 step; the finer rounding here is closer
+//! to the exact product). Each (sub-)block's integer dot product with its activations is exact
+//! in `i32`; the row sums them with the blocks' scales in f32. A batch of rows is multiplied in
+//! f32 by the dequantized weight after the same rounding ([`crate::llama::RowKernel`]): the
+//! same function up to the order of the float sums, and faster than these kernels row by row.
+//!
+//! Hand-written because candle's CPU kernels for these types take one block per step and widen
+//! each f16 scale through a function call (Q4_1, Q5_0 and Q5_1 have no SIMD there at all), and
+//! its k-quant matmuls run on a spinning thread pool of their own beside rayon's. One AVX2 loop
+//! per type (chosen at run time), and a portable loop for every type on the quant crate's
+//! block decoder.
+
+use crate::intgrid::{round_row, Rounded, ACT_BLOCK};
+use adaptq_quant::ggml::BlockType;
+use anyhow::{bail, Result};
+use half::f16;
+use rayon::prelude::*;
+
+/// The block types these kernels run.
+pub fn runs(ty: BlockType) -> bool {
+    matches!(
+        ty,
+        BlockType::Q4_0
+            | BlockType::Q4_1
+            | BlockType::Q5_0
+            | BlockType::Q5_1
+            | BlockType::Q8_0
+            | BlockType::Q4K
+            | BlockType::Q6K
+    )
+}
+
+/// A weight `[rows, cols]` held as its GGML blocks, row-major.
+pub struct BlockMatrix {
+    ty: BlockType,
+    rows: usize,
+    cols: usize,
+    /// Bytes per row of blocks.
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl BlockMatrix {
+    /// Takes `rows × cols` values stored as `ty` blocks.
+    pub fn new(ty: BlockType, data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+        let n = rows.checked_mul(cols);
+        if !runs(ty)
+            || cols == 0
+            || !cols.is_multiple_of(ty.block_len())
+            || n.is_none_or(|n| data.len() != ty.bytes_for(n))
+        {
+            bail!(
+                "{} data of {} bytes does not hold [{rows}, {cols}] for the block kernels",
+                ty.name(),
+                data.len()
+            );
+        }
+        Ok(BlockMatrix {
+            ty,
+            rows,
+            cols,
+            row_bytes: cols / ty.block_len() * ty.block_bytes(),
+            data,
+        })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        adaptq_quant::ggml::dequantize(self.ty, &self.data, self.rows * self.cols)
+            .expect("sizes checked at construction")
+    }
+
+    /// Rows `ids` as f32, one after another (an embedding lookup).
+    pub fn rows_f32(&self, ids: &[u32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(ids.len() * self.cols);
+        for &id in ids {
+            let r = id as usize * self.row_bytes;
+            let row = adaptq_quant::ggml::dequantize(
+                self.ty,
+                &self.data[r..r + self.row_bytes],
+                self.cols,
+            );
+            out.extend(row.expect("sizes checked at construction"));
+        }
+        out
+    }
+
+    /// `out[r] = row r · x` for every row (`x` rounded by [`round_act`]), rows split across
+    /// the thread pool.
+    pub fn gemv(&self, x: &Rounded, out: &mut [f32]) {
+        const ROWS: usize = 16;
+        let sums = self.min_sums(x);
+        let rb = self.row_bytes;
+        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+            let r0 = c * ROWS;
+            let rows = &self.data[r0 * rb..(r0 + o.len()) * rb];
+            rows_dot(self.ty, rows, rb, x, &sums, o);
+        });
+    }
+
+    /// Each activation block's `step · Σq`, which the types with a min need.
+    fn min_sums(&self, x: &Rounded) -> Vec<f32> {
+        match has_min(self.ty) {
+            true => {
+                x.q.chunks(ACT_BLOCK)
+                    .zip(&x.steps)
+                    .map(|(b, d)| d * b.iter().map(|&v| v as i32).sum::<i32>() as f32)
+                    .collect()
+            }
+            false => Vec::new(),
+        }
+    }
+}
+
+/// Rounds one row of activations as the block kernels take it.
+pub fn round_act(x: &[f32]) -> Rounded {
+    let mut r = round_row(x);
+    r.steps
+        .iter_mut()
+        .for_each(|d| *d = f16::from_f32(*d).to_f32());
+    r
+}
+
+impl crate::llama::RowKernel for BlockMatrix {
+    fn dims(&self) -> (usize, usize) {
+        BlockMatrix::dims(self)
+    }
+    fn weights(&self) -> Vec<f32> {
+        self.dequantize()
+    }
+    fn gemv(&self, x: &[f32], out: &mut [f32]) {
+        BlockMatrix::gemv(self, &round_act(x), out)
+    }
+    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
+        x.chunks(self.cols)
+            .flat_map(|r| round_act(r).values())
+            .collect()
+    }
+}
+
+/// Types whose rows take each activation block's `step · Σq` for their mins.
+fn has_min(ty: BlockType) -> bool {
+    matches!(ty, BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K)
+}
+
+/// Rows `rows` (each `row_bytes` long) times the rounded activations into `out`, on the best
+/// loop the CPU runs.
+fn rows_dot(
+    ty: BlockType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &Rounded,
+    sums: &[f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2() {
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked just above.
+        return unsafe { avx2::rows_dot(ty, rows, row_bytes, x, sums, out) };
+    }
+    for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
+        *o = row_dot_any(ty, row, x, sums);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+}
+
+/// The portable loop, for every type through the quant crate's block decoder: each
+/// sub-block's integer dot product with its activations, then its grid's scale and offset.
+fn row_dot_any(ty: BlockType, row: &[u8], x: &Rounded, _sums: &[f32]) -> f32 {
+    let (bl, sl) = (ty.block_len(), ty.sub_len());
+    let mut codes = vec![0u8; bl];
+    let mut acc = 0f32;
+    for (i, b) in row.chunks_exact(ty.block_bytes()).enumerate() {
+        let h = adaptq_quant::ggml::decode_block(ty, b, &mut codes);
+        for (s, cs) in codes.chunks(sl).enumerate() {
+            let at = i * bl + s * sl;
+            let q = &x.q[at..at + sl];
+            let step = x.steps[at / ACT_BLOCK];
+            let g = adaptq_quant::ggml::affine(ty, &h, s);
+            let qsum: i32 = q.iter().map(|&v| v as i32).sum();
+            let dot: i32 = cs.iter().zip(q).map(|(&c, &v)| c as i32 * v as i32).sum();
+            acc += match g.off {
+                Some(o) => g.a * step * (dot - o * qsum) as f32,
+                None => g.a * step * dot as f32 + g.b * step * qsum as f32,
+            };
+        }
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Rounded, ACT_BLOCK};
+    use adaptq_quant::ggml::BlockType;
+    use std::arch::x86_64::*;
+
+    /// 16 bytes of nibbles as 32 bytes: low nibbles, then high ones (columns 0..16, 16..32).
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let lo = _mm_and_si128(b, _mm_set1_epi8(15));
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 32 bits as 32 bytes, 0xFF where the bit is set.
+    #[inline(always)]
+    unsafe fn bits(qh: u32) -> __m256i {
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        );
+        let b = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+        let mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(b, mask), _mm256_set1_epi64x(-1))
+    }
+
+    /// Eight i32 partial sums of `w · x`, `w` signed bytes.
+    #[inline(always)]
+    unsafe fn dot_signed(w: __m256i, x: __m256i) -> __m256i {
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        _mm256_madd_epi16(p, _mm256_set1_epi16(1))
+    }
+
+    /// Eight i32 partial sums of `w · x`, `w` unsigned bytes below 128.
+    #[inline(always)]
+    unsafe fn dot_unsigned(w: __m256i, x: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// One block type's layout: block bytes, whether it has a min, and its codes times the
+    /// activations.
+    trait Layout {
+        const BYTES: usize;
+        const MIN: bool;
+        /// Eight i32 partial sums of the block at `b` times the activations `x`.
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i;
+    }
+
+    struct Q8_0;
+    impl Layout for Q8_0 {
+        const BYTES: usize = 34;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
+            dot_signed(_mm256_loadu_si256(b.add(2) as *const __m256i), x)
+        }
+    }
+
+    struct Q4_0;
+    impl Layout for Q4_0 {
+        const BYTES: usize = 18;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
+            dot_signed(_mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)), x)
+        }
+    }
+
+    struct Q5_0;
+    impl Layout for Q5_0 {
+        const BYTES: usize = 22;
+        const MIN: bool = false;
+        #[inline(always)]
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
+            let qh = (b.add(2) as *const u32).read_unaligned();
+            let hi = _mm256_andnot_si256(bits(u32::from_le(qh)), _mm256_set1_epi8(-16));
+            dot_signed(_mm256_or_si256(nibbles(b.add(6)), hi), x)
+        }
+    }
+
+    struct Q4_1;
+    impl Layout for Q4_1 {
+        const BYTES: usize = 20;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
+            dot_unsigned(nibbles(b.add(4)), x)
+        }
+    }
+
+    struct Q5_1;
+    impl Layout for Q5_1 {
+        const BYTES: usize = 24;
+        const MIN: bool = true;
+        #[inline(always)]
+        unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
+            let qh = (b.add(4) as *const u32).read_unaligned();
+            let hi = _mm256_and_si256(bits(u32::from_le(qh)), _mm256_set1_epi8(16));
+            dot_unsigned(_mm256_or_si256(nibbles(b.add(8)), hi), x)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn h16(p: *const u8) -> f32 {
+        let bits = (p as *const u16).read_unaligned();
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le(bits) as i32)))
+    }
+
+    /// `R` rows from `p` (each `rb` bytes, `n` blocks) into `out[..R]`: each activation block
+    /// is loaded once for all of them, and `R` weight streams are in flight together.
+    #[inline(always)]
+    unsafe fn tile<T: Layout, const R: usize>(
+        p: *const u8,
+        rb: usize,
+        n: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let q = x.q.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut mins = [0f32; R];
+        for i in 0..n {
+            let xv = _mm256_loadu_si256(q.add(i * ACT_BLOCK) as *const __m256i);
+            let step = *x.steps.get_unchecked(i);
+            for k in 0..R {
+                let b = p.add(k * rb + i * T::BYTES);
+                let scale = _mm256_set1_ps(h16(b) * step);
+                acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(T::dot(b, xv)), acc[k]);
+                if T::MIN {
+                    mins[k] += h16(b.add(2)) * *sums.get_unchecked(i);
+                }
+            }
+        }
+        for k in 0..R {
+            out[k] = hsum(acc[k]) + mins[k];
+        }
+    }
+
+    /// Rows four at a time, then one at a time.
+    #[inline(always)]
+    unsafe fn rows_of<T: Layout>(
+        rows: &[u8],
+        rb: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let n = rb / T::BYTES;
+        assert!(rb == n * T::BYTES && rows.len() == out.len() * rb);
+        assert!(x.q.len() >= n * ACT_BLOCK && x.steps.len() >= n && (!T::MIN || sums.len() >= n));
+        let mut r = 0;
+        while r < out.len() {
+            let p = rows.as_ptr().add(r * rb);
+            if r + 4 <= out.len() {
+                tile::<T, 4>(p, rb, n, x, sums, &mut out[r..r + 4]);
+                r += 4;
+            } else {
+                tile::<T, 1>(p, rb, n, x, sums, &mut out[r..r + 1]);
+                r += 1;
+            }
+        }
+    }
+
+    /// Q4_K: super-blocks of 256 in eight sub-blocks of 32 with 6-bit scales and mins; each
+    /// sub-block meets one activation block.
+    #[inline(always)]
+    unsafe fn row_q4k(p: *const u8, n: usize, x: &Rounded, sums: &[f32]) -> f32 {
+        let q = x.q.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for i in 0..n {
+            let b = p.add(i * 144);
+            let (d, dmin) = (h16(b), h16(b.add(2)));
+            let sc = std::slice::from_raw_parts(b.add(4), 12);
+            for j in 0..4 {
+                let qs = _mm256_loadu_si256(b.add(16 + 32 * j) as *const __m256i);
+                let lo = _mm256_and_si256(qs, _mm256_set1_epi8(15));
+                let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), _mm256_set1_epi8(15));
+                for (k, w) in [(2 * j, lo), (2 * j + 1, hi)] {
+                    let (s, m) = if k < 4 {
+                        (sc[k] & 63, sc[k + 4] & 63)
+                    } else {
+                        (
+                            (sc[k + 4] & 15) | ((sc[k - 4] >> 6) << 4),
+                            (sc[k + 4] >> 4) | ((sc[k] >> 6) << 4),
+                        )
+                    };
+                    let a = i * 8 + k;
+                    let xv = _mm256_loadu_si256(q.add(a * ACT_BLOCK) as *const __m256i);
+                    let scale = _mm256_set1_ps(d * s as f32 * *x.steps.get_unchecked(a));
+                    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot_unsigned(w, xv)), acc);
+                    mins += dmin * m as f32 * *sums.get_unchecked(a);
+                }
+            }
+        }
+        hsum(acc) - mins
+    }
+
+    /// Q6_K: super-blocks of 256 in sixteen sub-blocks of 16 with i8 scales; an activation
+    /// block of 32 spans two of them, whose scales weight its two halves.
+    #[inline(always)]
+    unsafe fn row_q6k(p: *const u8, n: usize, x: &Rounded) -> f32 {
+        let q = x.q.as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let m4 = _mm256_set1_epi8(15);
+        let m2 = _mm256_set1_epi8(3);
+        for i in 0..n {
+            let b = p.add(i * 210);
+            let d = h16(b.add(208));
+            for half in 0..2 {
+                let ql = b.add(64 * half);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * half) as *const __m256i);
+                let ql0 = _mm256_loadu_si256(ql as *const __m256i);
+                let ql1 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let sc = b.add(192 + 8 * half) as *const i8;
+                let parts = [
+                    (_mm256_and_si256(ql0, m4), qh),
+                    (_mm256_and_si256(ql1, m4), _mm256_srli_epi16(qh, 2)),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                        _mm256_srli_epi16(qh, 4),
+                    ),
+                    (
+                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                        _mm256_srli_epi16(qh, 6),
+                    ),
+                ];
+                for (k, (lo, hi)) in parts.into_iter().enumerate() {
+                    let hi = _mm256_slli_epi16(_mm256_and_si256(hi, m2), 4);
+                    let w = _mm256_sub_epi8(_mm256_or_si256(lo, hi), _mm256_set1_epi8(32));
+                    let a = i * 8 + half * 4 + k;
+                    let xv = _mm256_loadu_si256(q.add(a * ACT_BLOCK) as *const __m256i);
+                    let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
+                    let scales = _mm256_set_m128i(
+                        _mm_set1_epi16(*sc.add(2 * k + 1) as i16),
+                        _mm_set1_epi16(*sc.add(2 * k) as i16),
+                    );
+                    let dot = _mm256_madd_epi16(p16, scales);
+                    let scale = _mm256_set1_ps(d * *x.steps.get_unchecked(a));
+                    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+                }
+            }
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows_dot(
+        ty: BlockType,
+        rows: &[u8],
+        rb: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        match ty {
+            BlockType::Q8_0 => rows_of::<Q8_0>(rows, rb, x, sums, out),
+            BlockType::Q4_0 => rows_of::<Q4_0>(rows, rb, x, sums, out),
+            BlockType::Q5_0 => rows_of::<Q5_0>(rows, rb, x, sums, out),
+            BlockType::Q4_1 => rows_of::<Q4_1>(rows, rb, x, sums, out),
+            BlockType::Q5_1 => rows_of::<Q5_1>(rows, rb, x, sums, out),
+            BlockType::Q4K | BlockType::Q6K => {
+                let bb = ty.block_bytes();
+                let n = rb / bb;
+                assert!(rb == n * bb && rows.len() == out.len() * rb);
+                assert!(x.q.len() >= n * 256 && x.steps.len() >= n * 8);
+                let k4 = ty == BlockType::Q4K;
+                assert!(!k4 || sums.len() >= n * 8);
+                for (r, o) in out.iter_mut().enumerate() {
+                    let p = rows.as_ptr().add(r * rb);
+                    *o = match k4 {
+                        true => row_q4k(p, n, x, sums),
+                        false => row_q6k(p, n, x),
+                    };
+                }
+            }
+            _ => unreachable!("BlockMatrix holds only the types `runs` accepts"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use adaptq_quant::ggml::{quantize_rtn, BlockType};
+
+    fn wave(n: usize, a: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * a).sin() + 0.3 * (i as f32 * 0.07).cos()) * 0.8)
+            .collect()
+    }
+
+    /// Every type's kernel (AVX2 where the CPU has it, and the portable loop) gives the
+    /// dequantized weight times the rounded activations: the integer parts exactly, so the
+    /// only difference is the order of the float sums.
+    #[test]
+    fn kernels_are_the_dequantized_product_of_rounded_activations() {
+        let rows = 37;
+        for ty in [
+            BlockType::Q4_0,
+            BlockType::Q4_1,
+            BlockType::Q5_0,
+            BlockType::Q5_1,
+            BlockType::Q8_0,
+            BlockType::Q4K,
+            BlockType::Q6K,
+        ] {
+            let cols = if ty.block_len() == 256 { 512 } else { 160 };
+            let w = wave(rows * cols, 0.37);
+            let bytes = quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
+            let m = BlockMatrix::new(ty, bytes, rows, cols).unwrap();
+            let wf = m.dequantize();
+            let x = wave(cols, 1.3);
+            let r = round_act(&x);
+            let xr = r.values();
+            let mut out = vec![0f32; rows];
+            m.gemv(&r, &mut out);
+            let sums = m.min_sums(&r);
+            for (i, &got) in out.iter().enumerate() {
+                let want: f64 = wf[i * cols..(i + 1) * cols]
+                    .iter()
+                    .zip(&xr)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                let tol = 1e-5 * (1.0 + want.abs());
+                assert!(
+                    (got as f64 - want).abs() < tol,
+                    "{ty:?} row {i}: {got} vs {want}"
+                );
+                let row = &m.data[i * m.row_bytes..(i + 1) * m.row_bytes];
+                let any = row_dot_any(ty, row, &r, &sums);
+                let mut one = [0f32];
+                rows_dot(ty, row, m.row_bytes, &r, &sums, &mut one);
+                assert!((one[0] as f64 - want).abs() < tol, "{ty:?} single row {i}");
+                assert!((any as f64 - want).abs() < tol, "{ty:?} portable row {i}");
+            }
+        }
+        assert!(BlockMatrix::new(BlockType::Q4_0, vec![0; 17], 1, 32).is_err());
+        assert!(BlockMatrix::new(BlockType::Q4K, vec![0; 144], 1, 128).is_err());
+        assert!(BlockMatrix::new(BlockType::Q5K, vec![0; 176], 1, 256).is_err());
+    }
+
+    #[test]
+    fn activation_steps_are_f16() {
+        let r = round_act(&wave(64, 0.9));
+        for d in &r.steps {
+            assert_eq!(f16::from_f32(*d).to_f32(), *d);
+        }
+    }
+}
