@@ -158,6 +158,19 @@ fn split(spec: &CalibSpec, fp: bool) -> Calibration {
         cal.absorb(p.calibration().unwrap());
     }
     assert!(Checkpoint::open(&parts[0]).is_ok(), "parts stay");
+    // The parts' codes stay in their block files; read them back to compare them.
+    assert!(cal.layers.is_empty() && !cal.saved.is_empty());
+    let files: std::collections::BTreeSet<_> =
+        cal.saved.values().map(|(f, _)| f.path.clone()).collect();
+    for (name, (file, summary)) in std::mem::take(&mut cal.saved) {
+        let c = file.read().unwrap().layers.remove(&name).unwrap();
+        assert_eq!(
+            c.output_rel_error.to_bits(),
+            summary.output_rel_error.to_bits()
+        );
+        cal.layers.insert(name, c);
+    }
+    assert!(files.len() >= 2, "one file per block");
     cal
 }
 
