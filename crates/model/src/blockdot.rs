@@ -99,6 +99,10 @@ impl BlockMatrix {
     /// `out[r] = row r · x` for every row (`x` rounded by [`round_act`]), rows split across
     /// the thread pool.
     pub fn gemv(&self, x: &Rounded, out: &mut [f32]) {
+        assert!(
+            x.q.len() == self.cols && out.len() == self.rows,
+            "gemv shapes"
+        );
         const ROWS: usize = 16;
         let sums = self.min_sums(x);
         let rb = self.row_bytes;
@@ -109,9 +113,9 @@ impl BlockMatrix {
         });
     }
 
-    /// Each activation block's `step · Σq`, which the types with a min need.
+    /// Each activation block's `step · Σq`, for the types whose rows take it ([`needs_sums`]).
     fn min_sums(&self, x: &Rounded) -> Vec<f32> {
-        match has_min(self.ty) {
+        match needs_sums(self.ty) {
             true => {
                 x.q.chunks(ACT_BLOCK)
                     .zip(&x.steps)
@@ -149,9 +153,10 @@ impl crate::llama::RowKernel for BlockMatrix {
     }
 }
 
-/// Types whose rows take each activation block's `step · Σq` for their mins.
-fn has_min(ty: BlockType) -> bool {
-    matches!(ty, BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K)
+/// Types whose AVX2 rows take each activation block's `step · Σq` (for their mins, or their
+/// zero code's offset).
+fn needs_sums(ty: BlockType) -> bool {
+    !matches!(ty, BlockType::Q8_0 | BlockType::Q6K)
 }
 
 /// Rows `rows` (each `row_bytes` long) times the rounded activations into `out`, on the best
@@ -254,13 +259,18 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// One block type's layout: block bytes, whether it has a min, and its codes times the
-    /// activations.
+    /// One block type's layout: block bytes, its codes times the activations, and the term
+    /// per activation block's `step · Σq` (the min, or the zero code's offset times the scale:
+    /// codes taken unsigned save the two sign operations a signed product needs).
     trait Layout {
         const BYTES: usize;
         const MIN: bool;
-        /// Eight i32 partial sums of the block at `b` times the activations `x`.
+        /// Eight i32 partial sums of the block at `b`'s codes times the activations `x`.
         unsafe fn dot(b: *const u8, x: __m256i) -> __m256i;
+        /// The factor of `step · Σq` (when `MIN`).
+        unsafe fn min(_b: *const u8) -> f32 {
+            0.0
+        }
     }
 
     struct Q8_0;
@@ -273,25 +283,39 @@ mod avx2 {
         }
     }
 
+    /// Five-bit codes: the nibbles at `qs` with the fifth bits of `qh`.
+    #[inline(always)]
+    unsafe fn fives(qh: *const u8, qs: *const u8) -> __m256i {
+        let qh = u32::from_le((qh as *const u32).read_unaligned());
+        let hi = _mm256_and_si256(bits(qh), _mm256_set1_epi8(16));
+        _mm256_or_si256(nibbles(qs), hi)
+    }
+
     struct Q4_0;
     impl Layout for Q4_0 {
         const BYTES: usize = 18;
-        const MIN: bool = false;
+        const MIN: bool = true;
         #[inline(always)]
         unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
-            dot_signed(_mm256_sub_epi8(nibbles(b.add(2)), _mm256_set1_epi8(8)), x)
+            dot_unsigned(nibbles(b.add(2)), x)
+        }
+        #[inline(always)]
+        unsafe fn min(b: *const u8) -> f32 {
+            -8.0 * h16(b)
         }
     }
 
     struct Q5_0;
     impl Layout for Q5_0 {
         const BYTES: usize = 22;
-        const MIN: bool = false;
+        const MIN: bool = true;
         #[inline(always)]
         unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
-            let qh = (b.add(2) as *const u32).read_unaligned();
-            let hi = _mm256_andnot_si256(bits(u32::from_le(qh)), _mm256_set1_epi8(-16));
-            dot_signed(_mm256_or_si256(nibbles(b.add(6)), hi), x)
+            dot_unsigned(fives(b.add(2), b.add(6)), x)
+        }
+        #[inline(always)]
+        unsafe fn min(b: *const u8) -> f32 {
+            -16.0 * h16(b)
         }
     }
 
@@ -303,6 +327,10 @@ mod avx2 {
         unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
             dot_unsigned(nibbles(b.add(4)), x)
         }
+        #[inline(always)]
+        unsafe fn min(b: *const u8) -> f32 {
+            h16(b.add(2))
+        }
     }
 
     struct Q5_1;
@@ -311,9 +339,11 @@ mod avx2 {
         const MIN: bool = true;
         #[inline(always)]
         unsafe fn dot(b: *const u8, x: __m256i) -> __m256i {
-            let qh = (b.add(4) as *const u32).read_unaligned();
-            let hi = _mm256_and_si256(bits(u32::from_le(qh)), _mm256_set1_epi8(16));
-            dot_unsigned(_mm256_or_si256(nibbles(b.add(8)), hi), x)
+            dot_unsigned(fives(b.add(4), b.add(8)), x)
+        }
+        #[inline(always)]
+        unsafe fn min(b: *const u8) -> f32 {
+            h16(b.add(2))
         }
     }
 
@@ -345,7 +375,7 @@ mod avx2 {
                 let scale = _mm256_set1_ps(h16(b) * step);
                 acc[k] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(T::dot(b, xv)), acc[k]);
                 if T::MIN {
-                    mins[k] += h16(b.add(2)) * *sums.get_unchecked(i);
+                    mins[k] += T::min(b) * *sums.get_unchecked(i);
                 }
             }
         }
