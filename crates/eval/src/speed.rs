@@ -1,4 +1,5 @@
-//! Throughput of the forward pass: prompt processing (one batched pass over `pp` tokens) and
+//! Throughput of the forward pass: prompt processing (one batched pass over `pp` tokens, logits
+//! of the last one, as llama-bench's `pp` test computes them) and
 //! generation (`tg` single-token steps with the KV cache, from an empty cache, as
 //! llama-bench's `tg` test runs them).
 
@@ -25,13 +26,13 @@ pub fn measure(m: &Llama, pp: usize, tg: usize, reps: usize) -> Result<Speed> {
     let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..reps.max(1) {
         let t = Instant::now();
-        m.forward(&prompt, Some(&mut KvCache::default()), None)?;
+        m.forward_last(&prompt, Some(&mut KvCache::default()))?;
         best_pp = best_pp.min(t.elapsed().as_secs_f64());
         let mut cache = KvCache::default();
         let t = Instant::now();
         let mut next = prompt[0];
         for _ in 0..tg {
-            let l = m.forward(&[next], Some(&mut cache), None)?;
+            let l = m.forward_last(&[next], Some(&mut cache))?;
             next = l.get(0)?.argmax(0)?.to_scalar::<u32>()?;
         }
         best_tg = best_tg.min(t.elapsed().as_secs_f64());

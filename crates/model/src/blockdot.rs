@@ -140,16 +140,17 @@ impl crate::llama::RowKernel for BlockMatrix {
     fn dims(&self) -> (usize, usize) {
         BlockMatrix::dims(self)
     }
-    fn weights(&self) -> Vec<f32> {
-        self.dequantize()
+    fn rows_into(&self, first: usize, out: &mut [f32]) {
+        let n = out.len() / self.cols;
+        let bytes = &self.data[first * self.row_bytes..(first + n) * self.row_bytes];
+        let rows = adaptq_quant::ggml::dequantize(self.ty, bytes, out.len());
+        out.copy_from_slice(&rows.expect("sizes checked at construction"));
     }
     fn gemv(&self, x: &[f32], out: &mut [f32]) {
         BlockMatrix::gemv(self, &round_act(x), out)
     }
-    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
-        x.chunks(self.cols)
-            .flat_map(|r| round_act(r).values())
-            .collect()
+    fn round_batch_row(&self, x: &mut [f32]) {
+        crate::intgrid::round_in_place(x, |d| f16::from_f32(d).to_f32())
     }
 }
 

@@ -87,7 +87,7 @@ pub fn generate(
     let mut rng = Rng(opts.seed);
     let mut cache = crate::llama::KvCache::default();
     let start = std::time::Instant::now();
-    let mut logits = lm.forward(&ids, Some(&mut cache), None)?;
+    let mut logits = lm.forward_last(&ids, Some(&mut cache))?;
     let mut out = Vec::new();
     let mut text = String::new();
     let mut stopped = false;
@@ -106,7 +106,7 @@ pub fn generate(
             on_text(&full[text.len()..]);
             text = full;
         }
-        logits = lm.forward(&[next], Some(&mut cache), None)?;
+        logits = lm.forward_last(&[next], Some(&mut cache))?;
     }
     let text = decode(&m.tokenizer, &out)?;
     Ok(Output {

@@ -21,6 +21,8 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn dot(w: &[Self], x: &[f32], buf: &mut [f32]) -> f32;
     /// `w` as f32 into `out`.
     fn widen(w: &[Self], out: &mut [f32]);
+    /// `w` itself when it is f32.
+    fn as_f32(w: &[Self]) -> Option<&[f32]>;
 }
 
 impl Element for f16 {
@@ -37,6 +39,9 @@ impl Element for f16 {
     fn widen(w: &[Self], out: &mut [f32]) {
         w.convert_to_f32_slice(out)
     }
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -45,6 +50,9 @@ impl Element for f32 {
     }
     fn widen(w: &[Self], out: &mut [f32]) {
         out.copy_from_slice(w)
+    }
+    fn as_f32(w: &[Self]) -> Option<&[f32]> {
+        Some(w)
     }
 }
 
@@ -101,8 +109,12 @@ impl<T: Element> crate::llama::RowKernel for RowMatrix<T> {
     fn dims(&self) -> (usize, usize) {
         RowMatrix::dims(self)
     }
-    fn weights(&self) -> Vec<f32> {
-        self.to_f32()
+    fn rows_into(&self, first: usize, out: &mut [f32]) {
+        let r = first * self.cols;
+        T::widen(&self.w[r..r + out.len()], out)
+    }
+    fn as_f32(&self) -> Option<&[f32]> {
+        T::as_f32(&self.w)
     }
     fn gemv(&self, x: &[f32], out: &mut [f32]) {
         RowMatrix::gemv(self, x, out)

@@ -63,17 +63,65 @@ pub fn round_row(x: &[f32]) -> Rounded {
     let steps = x
         .chunks(ACT_BLOCK)
         .map(|b| {
-            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            q.extend(
-                b.iter()
-                    .map(|v| (v * inv).round().clamp(-127.0, 127.0) as i8),
-            );
+            let (d, inv) = block_step(b);
+            q.extend(b.iter().map(|&v| code(v, inv) as i8));
             d
         })
         .collect();
     Rounded { q, steps }
+}
+
+/// Rounds `x` in place to the values [`round_row`] stands for (`step(d) · q` per block of
+/// [`ACT_BLOCK`]), with each block's step passed through `step` (GGML blocks store it as f16):
+/// a batch's rows as the one-row kernels see them, without the codes.
+pub fn round_in_place(x: &mut [f32], step: impl Fn(f32) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { round_in_place_avx512(x, step) };
+    }
+    round_in_place_any(x, step)
+}
+
+/// [`round_in_place_any`] compiled for AVX-512, where rounding a vector is one instruction
+/// sequence instead of a libm call per value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_in_place_avx512(x: &mut [f32], step: impl Fn(f32) -> f32) {
+    round_in_place_any(x, step)
+}
+
+#[inline(always)]
+fn round_in_place_any(x: &mut [f32], step: impl Fn(f32) -> f32) {
+    for b in x.chunks_mut(ACT_BLOCK) {
+        let (d, inv) = block_step(b);
+        let d = step(d);
+        b.iter_mut().for_each(|v| *v = d * code(*v, inv));
+    }
+}
+
+/// A block's step `amax / 127` and its inverse (0 for an all-zero block).
+#[inline(always)]
+fn block_step(b: &[f32]) -> (f32, f32) {
+    // In 16 lanes so the loop vectorizes (a maximum is exact in any order); `>` skips NaN as
+    // `f32::max` does.
+    let mut lanes = [0f32; 16];
+    let chunks = b.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for c in chunks {
+        for (m, v) in lanes.iter_mut().zip(c) {
+            *m = if v.abs() > *m { v.abs() } else { *m };
+        }
+    }
+    let amax = lanes.iter().fold(tail, |m, &v| m.max(v));
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// `v`'s 8-bit code (an integer in `-127..=127`, as f32).
+#[inline(always)]
+fn code(v: f32, inv: f32) -> f32 {
+    (v * inv).round().clamp(-127.0, 127.0)
 }
 
 impl Rounded {
@@ -173,7 +221,14 @@ impl IntMatrix {
     /// The weight as f32, row-major: `scale · (code − offset)` or `scale · code + min`.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+        self.dequantize_rows(0, &mut out);
+        out
+    }
+
+    /// Rows `first..` as f32 into `out` (whole rows).
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        for (i, row) in out.chunks_mut(self.cols).enumerate() {
+            let r = first + i;
             for s in &self.segments {
                 let g = r * self.groups + s.group;
                 let (scale, min) = (self.scales[g], self.mins.get(g).copied().unwrap_or(0.0));
@@ -183,7 +238,6 @@ impl IntMatrix {
                 }
             }
         }
-        out
     }
 
     fn code(&self, r: usize, c: usize) -> u8 {
@@ -277,16 +331,14 @@ impl crate::llama::RowKernel for IntMatrix {
     fn dims(&self) -> (usize, usize) {
         IntMatrix::dims(self)
     }
-    fn weights(&self) -> Vec<f32> {
-        self.dequantize()
+    fn rows_into(&self, first: usize, out: &mut [f32]) {
+        self.dequantize_rows(first, out)
     }
     fn gemv(&self, x: &[f32], out: &mut [f32]) {
         IntMatrix::gemv(self, &round_row(x), out)
     }
-    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
-        x.chunks(self.cols)
-            .flat_map(|r| round_row(r).values())
-            .collect()
+    fn round_batch_row(&self, x: &mut [f32]) {
+        round_in_place(x, |d| d)
     }
 }
 

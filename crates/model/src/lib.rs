@@ -13,6 +13,8 @@
 
 pub mod bert;
 pub mod blockdot;
+mod dense;
+mod elementwise;
 pub mod gemma;
 pub mod generate;
 pub mod halfmat;

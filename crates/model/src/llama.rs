@@ -83,6 +83,9 @@ impl Kernels {
 /// weight block's unpacking for every row, while dequantizing the weight costs one pass.
 const GEMM_ROWS: usize = 32;
 
+/// Queries per task of a prompt's attention.
+const ATTN_QUERIES: usize = 32;
+
 /// `x: [T, k]` with each row rounded as the block kernels of `dtype` round activations before
 /// their integer dot products (8-bit blocks of 32, or of 256 for k-quants). Multiplied in f32
 /// by the dequantized weight, the rounded rows give the kernels' products up to the order of
@@ -165,34 +168,55 @@ fn load_packed(w: &dyn Weights, name: &str, dims: (usize, usize)) -> Result<Opti
 }
 
 /// A weight the packed runtime multiplies one row of activations at a time on its own kernel,
-/// and a batch through candle's gemm on the weight dequantized (the same function).
-pub(crate) trait RowKernel {
+/// and a batch through f32 gemm on the weight dequantized (the same function).
+pub(crate) trait RowKernel: Sync {
     /// `[out, in]`.
     fn dims(&self) -> (usize, usize);
-    /// The weight as f32, row-major.
-    fn weights(&self) -> Vec<f32>;
+    /// Rows `first..` of the weight as f32 into `out` (whole rows).
+    fn rows_into(&self, first: usize, out: &mut [f32]);
+    /// The weight itself, row-major, where it is stored as f32.
+    fn as_f32(&self) -> Option<&[f32]> {
+        None
+    }
     /// `out = W · x` for one row of activations.
     fn gemv(&self, x: &[f32], out: &mut [f32]);
-    /// A batch's rows as the kernel sees them (rounded, where the kernel rounds activations).
-    fn batch_rows(&self, x: Vec<f32>) -> Vec<f32> {
-        x
-    }
+    /// Rounds one row of a batch in place as the kernel rounds activations (where it does).
+    fn round_batch_row(&self, _x: &mut [f32]) {}
 }
 
+/// Weight rows dequantized per task of a batch's product.
+const DEQUANT_ROWS: usize = 64;
+
 /// `x: [T, in]` times a [`RowKernel`] weight: row by row, or for a batch of [`GEMM_ROWS`] or
-/// more the batch's rows times the dequantized weight in f32.
+/// more the batch's rows (rounded, in parallel) times the weight dequantized in parallel, in
+/// one f32 gemm.
 fn kernel_forward(m: &dyn RowKernel, x: &Tensor) -> Result<Tensor> {
+    use crate::dense::{mul, Right, View};
+    use rayon::prelude::*;
     let (t, k) = x.dims2()?;
     let (n, _) = m.dims();
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    if t >= GEMM_ROWS {
-        let w = Tensor::from_vec(m.weights(), (n, k), &Device::Cpu)?;
-        let xs = Tensor::from_vec(m.batch_rows(xs), (t, k), &Device::Cpu)?;
-        return Ok(xs.matmul(&w.t()?)?);
-    }
+    let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n];
-    for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
-        m.gemv(row, o);
+    if t >= GEMM_ROWS {
+        xs.par_chunks_mut(k).for_each(|r| m.round_batch_row(r));
+        let owned;
+        let w = match m.as_f32() {
+            Some(w) => w,
+            None => {
+                let mut w = vec![0f32; n * k];
+                w.par_chunks_mut(k * DEQUANT_ROWS)
+                    .enumerate()
+                    .for_each(|(i, c)| m.rows_into(i * DEQUANT_ROWS, c));
+                owned = w;
+                &owned
+            }
+        };
+        let (a, b) = (View::dense(&xs, t, k), View::dense(w, n, k));
+        mul(a, b, Right::Transposed, &mut out, n, true);
+    } else {
+        for (row, o) in xs.chunks(k).zip(out.chunks_mut(n)) {
+            m.gemv(row, o);
+        }
     }
     Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?)
 }
@@ -1391,6 +1415,63 @@ impl Llama {
         let window = self.gemma.as_ref().and_then(|g| g.window(i));
         let q = q.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; t * nh * hd];
+        let probs = |p: &mut [f32]| crate::elementwise::softmax_in_place(p, scale, cap);
+        if t >= GEMM_ROWS {
+            // Prompts: per block of queries and per head, scores over every key the block's
+            // last query sees in one gemm, masked rows zeroed after their softmax, values
+            // summed in a second gemm straight into the output's columns for that head.
+            use crate::dense::{mul, Right, View};
+            let row = nh * hd;
+            out.par_chunks_mut(ATTN_QUERIES * row)
+                .enumerate()
+                .for_each(|(bi, out)| {
+                    let (a, rows) = (bi * ATTN_QUERIES, out.len() / row);
+                    let first = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let (lo, hi) = (first(past + a), past + a + rows);
+                    let s = hi - lo;
+                    let mut scores = vec![0f32; rows * s];
+                    for h in 0..nh {
+                        let col = (h / rep) * hd;
+                        fn keys(
+                            c: &[f32],
+                            from: usize,
+                            rows: usize,
+                            hd: usize,
+                            width: usize,
+                        ) -> View<'_> {
+                            View {
+                                data: &c[from..],
+                                rows,
+                                cols: hd,
+                                stride: width,
+                            }
+                        }
+                        let keys = |c| keys(c, lo * width + col, s, hd, width);
+                        let qs = View {
+                            data: &q[a * row + h * hd..],
+                            rows,
+                            cols: hd,
+                            stride: row,
+                        };
+                        mul(qs, keys(&kv.k), Right::Transposed, &mut scores, s, false);
+                        for (r, p) in scores.chunks_mut(s).enumerate() {
+                            let pos = past + a + r;
+                            let (from, to) = (first(pos) - lo, pos + 1 - lo);
+                            probs(&mut p[from..to]);
+                            p[..from].fill(0.0);
+                            p[to..].fill(0.0);
+                        }
+                        let ps = View::dense(&scores, rows, s);
+                        mul(ps, keys(&kv.v), Right::AsIs, &mut out[h * hd..], row, false);
+                    }
+                });
+            let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
+            let attn = match self.rotation.as_ref() {
+                Some(r) => rot_rows(&attn, &r.attn)?,
+                None => attn,
+            };
+            return o.forward(&attn, hook);
+        }
         out.par_chunks_mut(hd).enumerate().for_each(|(th, out)| {
             let (ti, h) = (th / nh, th % nh);
             let qh = &q[th * hd..(th + 1) * hd];
@@ -1398,19 +1479,10 @@ impl Llama {
             let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let kv_at = |j: usize| j * width + (h / rep) * hd;
             let mut p: Vec<f32> = (lo..=pos)
-                .map(|j| {
-                    let s = dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]) * scale;
-                    cap.map_or(s, |c| c * (s / c).tanh())
-                })
+                .map(|j| dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]))
                 .collect();
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in &mut p {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
+            probs(&mut p);
             for (j, &w) in (lo..=pos).zip(&p) {
-                let w = w / sum;
                 for (o, &v) in out.iter_mut().zip(&kv.v[kv_at(j)..kv_at(j) + hd]) {
                     *o += w * v;
                 }
@@ -1439,11 +1511,17 @@ impl Llama {
         let [g, u]: [Tensor; 2] = project(gate_up, &h, &[ffn, ffn], hook)?
             .try_into()
             .expect("two parts");
-        let g = match self.gemma {
-            Some(_) => g.gelu()?,
-            None => g.silu()?,
+        let mid = match (&self.gemma, self.kernels) {
+            (Some(_), _) => (g.gelu()? * u)?,
+            (None, Kernels::Exact) => (g.silu()? * u)?,
+            (None, Kernels::Packed) => {
+                let (g, u) = (g.contiguous()?, u.contiguous()?);
+                let (g1, u1) = (g.flatten_all()?, u.flatten_all()?);
+                let mut out = vec![0f32; g1.elem_count()];
+                crate::elementwise::swiglu(&g1.to_vec1()?, &u1.to_vec1()?, &mut out);
+                Tensor::from_vec(out, g.dims(), &Device::Cpu)?
+            }
         };
-        let mid = (g * u)?;
         let mid = match rot {
             Some(r) => rot_rows(&mid, &r.ffn)?,
             None => mid,
@@ -1524,6 +1602,17 @@ impl Llama {
         }
     }
 
+    /// Logits of the last position only, `[1, vocab]`: what generation needs after a prompt,
+    /// and what llama-bench's prompt test computes (the head is a fifth of a small model's work
+    /// per token).
+    pub fn forward_last(&self, tokens: &[u32], cache: Option<&mut KvCache>) -> Result<Tensor> {
+        on_pool(|| {
+            let h = self.hidden(tokens, cache, None)?;
+            let t = h.dims()[0];
+            self.head(&h.narrow(0, t - 1, 1)?)
+        })
+    }
+
     /// Logits for positions `from..` only: the output head is a fifth of the work of a
     /// 512-token window, so skipping rows nobody scores matters.
     pub fn forward_from(&self, tokens: &[u32], from: usize) -> Result<Tensor> {
@@ -1561,6 +1650,64 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// adaptq's own kernels give one function whatever the batch: a batch (rounded in place,
+    /// weight dequantized in parallel, one gemm) and its rows one at a time agree to float
+    /// rounding, for GGML blocks, an integer grid with a short last group, and f32 rows.
+    #[test]
+    fn kernel_batches_compute_what_single_rows_compute() {
+        use adaptq_quant::ggml::{quantize_rtn as ggml_rtn, BlockType};
+        use adaptq_quant::{quantize_rtn, Grid, RtnConfig};
+        let (n, k, t) = (DEQUANT_ROWS + 9, 256, GEMM_ROWS + 5);
+        let wave = |i: usize, a: f32| ((i as f32 * a).sin() + 0.3 * (i as f32 * 0.37).cos()) * 0.1;
+        let w: Vec<f32> = (0..n * k).map(|i| wave(i, 0.71)).collect();
+        let x: Vec<f32> = (0..t * k).map(|i| wave(i, 1.31) * 3.0).collect();
+        let x = Tensor::from_vec(x, (t, k), &Device::Cpu).unwrap();
+        let int = quantize_rtn(&w, n, k, &RtnConfig::new(3, 48, Grid::Asymmetric)).unwrap();
+        let kernels: Vec<(&str, Box<dyn RowKernel>)> = vec![
+            ("f32", Box::new(RowMatrix::new(w.clone(), n, k).unwrap())),
+            ("int3 g48", Box::new(IntMatrix::new(&int).unwrap())),
+            (
+                "Q4_K",
+                Box::new(
+                    BlockMatrix::new(
+                        BlockType::Q4K,
+                        ggml_rtn(BlockType::Q4K, &w, n, k, None, false).unwrap(),
+                        n,
+                        k,
+                    )
+                    .unwrap(),
+                ),
+            ),
+            (
+                "Q5_0",
+                Box::new(
+                    BlockMatrix::new(
+                        BlockType::Q5_0,
+                        ggml_rtn(BlockType::Q5_0, &w, n, k, None, false).unwrap(),
+                        n,
+                        k,
+                    )
+                    .unwrap(),
+                ),
+            ),
+        ];
+        for (name, m) in &kernels {
+            let batch = kernel_forward(m.as_ref(), &x)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            for (r, want) in batch.iter().enumerate() {
+                let one = kernel_forward(m.as_ref(), &x.narrow(0, r, 1).unwrap()).unwrap();
+                for (a, b) in one.to_vec2::<f32>().unwrap()[0].iter().zip(want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{name} row {r}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 
     /// A packed layer gives one function whatever the batch: rows multiplied one at a time by
     /// candle's block kernels and a batch rounded and multiplied in f32 agree to float

@@ -88,8 +88,15 @@ impl CodebookMatrix {
     /// The weight as f32, with the decoder's arithmetic in its order (the same bits).
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0, &mut out);
+        out
+    }
+
+    /// Rows `first..` as f32 into `out` (whole rows).
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
         let mut acc = vec![0f32; self.dim];
-        for (r, row) in out.chunks_mut(self.cols).enumerate() {
+        for (i, row) in out.chunks_mut(self.cols).enumerate() {
+            let r = first + i;
             for (v, ws) in row.chunks_mut(self.dim).enumerate() {
                 acc.iter_mut().for_each(|a| *a = 0.0);
                 for s in &self.stages {
@@ -104,7 +111,6 @@ impl CodebookMatrix {
                 }
             }
         }
-        out
     }
 
     /// `out[r] = row r · x` for every row, rows split across the thread pool.
@@ -158,8 +164,8 @@ impl crate::llama::RowKernel for CodebookMatrix {
     fn dims(&self) -> (usize, usize) {
         CodebookMatrix::dims(self)
     }
-    fn weights(&self) -> Vec<f32> {
-        self.dequantize()
+    fn rows_into(&self, first: usize, out: &mut [f32]) {
+        self.dequantize_rows(first, out)
     }
     fn gemv(&self, x: &[f32], out: &mut [f32]) {
         CodebookMatrix::gemv(self, x, out)

@@ -3,14 +3,15 @@
 //! same seeded random weights, the checkpoint undoing what llama.cpp's converter does (Llama's
 //! Q/K row permutation, Gemma's `1 + w` norms, RoPE factors as tensors vs `rope_scaling`), so
 //! the two must give the same logits: within 1e-4 of the largest logit, over 80 tokens that
-//! run past Gemma's 32-token window, and for Phi-3 with its long factors too.
+//! run past Gemma's 32-token window, and for Phi-3 with its long factors too. The packed
+//! runtime gives the exact kernels' logits on each GGUF file.
 //!
 //! So that agreement depends on reading each `config.json` setting, a control per
 //! architecture edits one (RoPE scaling, soft cap, layer types, q/k norms) in a copy of the
 //! checkpoint: its logits must then differ by more than 100 times that tolerance.
 
 use adaptq_model::llama::Llama;
-use adaptq_model::open_weights;
+use adaptq_model::{open_weights, Kernels};
 use adaptq_testutil::compare::max_abs_diff;
 use adaptq_testutil::llamacpp;
 use std::path::Path;
@@ -37,9 +38,13 @@ const TOLERANCE: f32 = 1e-4;
 
 /// Logits `[T · vocab]` of the model at `path` on `tokens`, run at context `n_ctx`.
 fn logits(path: &Path, tokens: &[u32], n_ctx: usize) -> Vec<f32> {
+    logits_on(path, tokens, n_ctx, Kernels::Exact)
+}
+
+fn logits_on(path: &Path, tokens: &[u32], n_ctx: usize, kernels: Kernels) -> Vec<f32> {
     let w = open_weights(path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-    let mut m =
-        Llama::load(w.desc(), w.as_ref()).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    let mut m = Llama::load_with(w.desc(), w.as_ref(), kernels)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     m.set_context(n_ctx);
     let l = m.forward(tokens, None, None).expect("forward pass");
     l.flatten_all().unwrap().to_vec1().unwrap()
@@ -72,6 +77,14 @@ fn safetensors_twins_give_the_gguf_logits() {
             if d.is_nan() || d > TOLERANCE {
                 wrong.push(format!("{arch} ctx {n_ctx}"));
             }
+        }
+        // The packed runtime's prompt path (batched products, attention in query blocks,
+        // its own softmax and SwiGLU) on the same unquantized file computes the same logits.
+        let g = logits(&gguf, &tokens, 128);
+        let d = max_abs_diff(&g, &logits_on(&gguf, &tokens, 128, Kernels::Packed)) / scale(&g);
+        report.push(format!("{arch} packed: {d:.2e}"));
+        if d.is_nan() || d > TOLERANCE {
+            wrong.push(format!("{arch} packed"));
         }
         let edited = dir.path().join(format!("{arch}-edited"));
         std::fs::create_dir(&edited).unwrap();

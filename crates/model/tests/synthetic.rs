@@ -162,8 +162,8 @@ fn kv_cache_matches_full_pass() {
     assert_eq!(cache.len(), TOKENS.len());
 }
 
-/// The packed runtime's attention (one task per query and head over the cached keys) computes
-/// the exact path's function, with and without the cache.
+/// The packed runtime's attention (one task per query and head over the cached keys, query
+/// blocks for prompts) computes the exact path's function, with and without the cache.
 #[test]
 fn packed_runtime_attention_matches_the_exact_pass() {
     use adaptq_model::Kernels;
@@ -182,6 +182,28 @@ fn packed_runtime_attention_matches_the_exact_pass() {
         let d = max_diff(&step, &exact.narrow(0, i, 1).unwrap());
         assert!(d < 1e-4, "position {i}: {d}");
     }
+    // Prompts long enough for the batched path (query blocks, gemm products), the second one
+    // after cached positions, then single steps.
+    let long: Vec<u32> = (0..90u32).map(|i| (i * 7 + 3) % 50).collect();
+    let mut e = Llama::load(&hf.desc, &hf).unwrap();
+    e.set_context(128);
+    let exact = e.forward(&long, None, None).unwrap();
+    let mut m = m;
+    m.set_context(128);
+    let mut cache = KvCache::default();
+    let mut at = 0;
+    for n in [40, 35, 1, 1] {
+        let part = m
+            .forward(&long[at..at + n], Some(&mut cache), None)
+            .unwrap();
+        let d = max_diff(&part, &exact.narrow(0, at, n).unwrap());
+        assert!(d < 1e-4, "positions {at}..{}: {d}", at + n);
+        at += n;
+    }
+    let last = m
+        .forward_last(&long, Some(&mut KvCache::default()))
+        .unwrap();
+    assert!(max_diff(&last, &exact.narrow(0, 89, 1).unwrap()) < 1e-4);
 }
 
 #[test]
