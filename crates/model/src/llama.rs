@@ -492,6 +492,20 @@ fn project(
     hook: &mut Option<Hook>,
 ) -> Result<Vec<Tensor>> {
     if ls.len() == widths.len() {
+        if hook.is_none() && x.dims2()?.0 < GEMM_ROWS && ls.iter().all(|l| l.is_packed()) {
+            // One token: the products share one parallel region, so the pool's threads go
+            // from one to the next instead of sleeping and waking between them.
+            let mut outs: Vec<Option<Result<Tensor>>> = ls.iter().map(|_| None).collect();
+            rayon::scope(|s| {
+                for (l, o) in ls.iter().zip(outs.iter_mut()) {
+                    s.spawn(move |_| *o = Some(l.forward(x, &mut None)));
+                }
+            });
+            return outs
+                .into_iter()
+                .map(|o| o.expect("each task ran"))
+                .collect();
+        }
         return ls.iter().map(|l| l.forward(x, hook)).collect();
     }
     let y = ls[0].forward(x, hook)?;
