@@ -59,6 +59,23 @@ pub struct Rounded {
 
 /// Rounds `x` to 8 bits per block of [`ACT_BLOCK`] values.
 pub fn round_row(x: &[f32]) -> Rounded {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { round_row_avx512(x) };
+    }
+    round_row_any(x)
+}
+
+/// [`round_row_any`] compiled for AVX-512 (vector rounding instead of a libm call per value).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_row_avx512(x: &[f32]) -> Rounded {
+    round_row_any(x)
+}
+
+#[inline(always)]
+fn round_row_any(x: &[f32]) -> Rounded {
     let mut q = Vec::with_capacity(x.len());
     let steps = x
         .chunks(ACT_BLOCK)
