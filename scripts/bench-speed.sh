@@ -13,7 +13,8 @@
 # with adaptq's own F32 run. llama.cpp runs with --repack 0 (its AMX repacking crashes on
 # these virtual machines; see crates/testutil/src/llamacpp.rs).
 #
-# tg runs from an empty cache, as llama-bench's tg test does.
+# tg runs from an empty cache, as llama-bench's tg test does; pp computes the last position's
+# logits only, as llama-bench's pp test does. Both tools report their best repetition.
 #
 # Knobs: THREADS (default 2), REPS (default 3), PP (512), TG (128), CHUNKS (KLD windows, 40),
 # KEEP (a folder for the files, reused by a later run; default a temporary one). The NOVAQ
@@ -58,16 +59,20 @@ make "$w/novaq-2.5" "$A" quantize "$w/f32.gguf" --out "$w/novaq-2.5.partial" --m
 
 ggufs=(f32 Q8_0 Q4_0 Q4_K_M)
 bundles=(int4-g128 novaq-2.5)
-for g in "${ggufs[@]}"; do
-  "$lc/llama-bench" -m "$w/$g.gguf" -t "$threads" -p "$pp" -n "$tg" -r "$reps" --repack 0 \
-    -o json >"$tmp/llama-$g.json" 2>"$tmp/llama-$g.err" \
-    || { cat "$tmp/llama-$g.err" >&2; exit 1; }
+# Each file by both tools back to back, so a change in the machine's load between runs shifts
+# both sides of a ratio alike.
+for m in "${ggufs[@]}" "${bundles[@]}"; do
+  case " ${ggufs[*]} " in
+    *" $m "*)
+      "$lc/llama-bench" -m "$w/$m.gguf" -t "$threads" -p "$pp" -n "$tg" -r "$reps" --repack 0 \
+        -o json >"$tmp/llama-$m.json" 2>"$tmp/llama-$m.err" \
+        || { cat "$tmp/llama-$m.err" >&2; exit 1; }
+      path=$w/$m.gguf ;;
+    *) path=$w/$m ;;
+  esac
+  "$A" bench "$path" --threads "$threads" --pp "$pp" --tg "$tg" --reps "$reps" --json \
+    >"$tmp/adaptq-$m.json"
 done
-models=()
-for g in "${ggufs[@]}"; do models+=("$w/$g.gguf"); done
-for b in "${bundles[@]}"; do models+=("$w/$b"); done
-"$A" bench "${models[@]}" --threads "$threads" --pp "$pp" --tg "$tg" --reps "$reps" --json \
-  >"$tmp/adaptq.json"
 size=$(du -sb "$w/int4-g128" | cut -f1)
 /usr/bin/time -v "$A" generate "$w/int4-g128" --prompt "The capital of France is" \
   --max-tokens 64 --threads "$threads" >/dev/null 2>"$tmp/time.txt"
@@ -78,18 +83,19 @@ rss_kb=$(awk -F': ' '/Maximum resident/ {print $2}' "$tmp/time.txt")
   ../shared/corpora/austen/prideprejudice.txt --ctx 512 --score second-half \
   --chunks "${CHUNKS:-40}" --json --threads "$threads" >"$tmp/kld.json"
 
-python3 - "$tmp" "$pp" "$tg" "$threads" "$size" "$rss_kb" "${ggufs[*]}" "${bundles[*]}" "${CHUNKS:-40}" <<'PY'
+python3 - "$tmp" "$pp" "$tg" "$threads" "$size" "$rss_kb" "${ggufs[*]}" "${bundles[*]}" "${CHUNKS:-40}" "$reps" <<'PY'
 import json, sys
-tmp, pp, tg, threads, size, rss_kb, ggufs, bundles, chunks = sys.argv[1:]
+tmp, pp, tg, threads, size, rss_kb, ggufs, bundles, chunks, _ = sys.argv[1:]
 ggufs, bundles = ggufs.split(), bundles.split()
-ours = {m["model"].rstrip("/").split("/")[-1].removesuffix(".gguf"): m["speed"]
-        for m in json.load(open(f"{tmp}/adaptq.json"))["models"]}
+ours = {g: json.load(open(f"{tmp}/adaptq-{g}.json"))["models"][0]["speed"] for g in ggufs + bundles}
 def theirs(g):
+    # The best repetition, as adaptq bench reports (llama-bench's avg_ts is their mean).
     runs = json.load(open(f"{tmp}/llama-{g}.json"))
-    pp_ = next(r["avg_ts"] for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
-    tg_ = next(r["avg_ts"] for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    pp_ = next(max(r["samples_ts"]) for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg_ = next(max(r["samples_ts"]) for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
     return pp_, tg_
-print(f"threads: {threads}; adaptq best of the repetitions, llama-bench their mean\n")
+print(f"threads: {threads}; both tools: the best of {sys.argv[10]} repetitions, each file run by"
+      " llama-bench and adaptq back to back\n")
 print(f"| file | llama.cpp pp{pp} | adaptq pp{pp} | ratio | llama.cpp tg{tg} | adaptq tg{tg} | ratio |")
 print("|---|---|---|---|---|---|---|")
 for g in ggufs:

@@ -1486,22 +1486,29 @@ impl Llama {
             };
             return o.forward(&attn, hook);
         }
-        out.par_chunks_mut(hd).enumerate().for_each(|(th, out)| {
-            let (ti, h) = (th / nh, th % nh);
-            let qh = &q[th * hd..(th + 1) * hd];
-            let pos = past + ti;
-            let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            let kv_at = |j: usize| j * width + (h / rep) * hd;
-            let mut p: Vec<f32> = (lo..=pos)
-                .map(|j| dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]))
-                .collect();
-            probs(&mut p);
-            for (j, &w) in (lo..=pos).zip(&p) {
-                for (o, &v) in out.iter_mut().zip(&kv.v[kv_at(j)..kv_at(j) + hd]) {
-                    *o += w * v;
+        // Tasks of at least ~64k multiply-adds: a short context's token attends on one thread
+        // rather than waking the pool for a few microseconds of work.
+        let per_task = (kv.len * hd).max(1);
+        let min_len = (1usize << 16).div_ceil(per_task);
+        out.par_chunks_mut(hd)
+            .with_min_len(min_len)
+            .enumerate()
+            .for_each(|(th, out)| {
+                let (ti, h) = (th / nh, th % nh);
+                let qh = &q[th * hd..(th + 1) * hd];
+                let pos = past + ti;
+                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let kv_at = |j: usize| j * width + (h / rep) * hd;
+                let mut p: Vec<f32> = (lo..=pos)
+                    .map(|j| dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]))
+                    .collect();
+                probs(&mut p);
+                for (j, &w) in (lo..=pos).zip(&p) {
+                    for (o, &v) in out.iter_mut().zip(&kv.v[kv_at(j)..kv_at(j) + hd]) {
+                        *o += w * v;
+                    }
                 }
-            }
-        });
+            });
         let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
         let attn = match self.rotation.as_ref() {
             Some(r) => rot_rows(&attn, &r.attn)?,
