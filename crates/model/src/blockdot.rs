@@ -539,54 +539,105 @@ mod tests {
             .collect()
     }
 
+    const TYPES: [BlockType; 7] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
+        BlockType::Q4K,
+        BlockType::Q6K,
+    ];
+
+    /// Holds every row of `m` times `x` (rounded), on the gemv, the single-row kernel and the
+    /// portable loop, to the dequantized weight times the rounded activations in f64.
+    fn check(m: &BlockMatrix, x: &[f32]) {
+        let (ty, (rows, cols)) = (m.ty, m.dims());
+        let wf = m.dequantize();
+        let r = round_act(x);
+        let xr = r.values();
+        let mut out = vec![0f32; rows];
+        m.gemv(&r, &mut out);
+        let sums = m.min_sums(&r);
+        for (i, &got) in out.iter().enumerate() {
+            let terms = wf[i * cols..(i + 1) * cols].iter().zip(&xr);
+            let want: f64 = terms.clone().map(|(&a, &b)| a as f64 * b as f64).sum();
+            let size: f64 = terms.map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let tol = 1e-5 * (1.0 + size);
+            assert!(
+                (got as f64 - want).abs() < tol,
+                "{ty:?} row {i}: {got} vs {want}"
+            );
+            let row = &m.data[i * m.row_bytes..(i + 1) * m.row_bytes];
+            let any = row_dot_any(ty, row, &r, &sums);
+            let mut one = [0f32];
+            rows_dot(ty, row, m.row_bytes, &r, &sums, &mut one);
+            assert!((one[0] as f64 - want).abs() < tol, "{ty:?} single row {i}");
+            assert!((any as f64 - want).abs() < tol, "{ty:?} portable row {i}");
+        }
+    }
+
     /// Every type's kernel (AVX2 where the CPU has it, and the portable loop) gives the
     /// dequantized weight times the rounded activations: the integer parts exactly, so the
     /// only difference is the order of the float sums.
     #[test]
     fn kernels_are_the_dequantized_product_of_rounded_activations() {
         let rows = 37;
-        for ty in [
-            BlockType::Q4_0,
-            BlockType::Q4_1,
-            BlockType::Q5_0,
-            BlockType::Q5_1,
-            BlockType::Q8_0,
-            BlockType::Q4K,
-            BlockType::Q6K,
-        ] {
+        for ty in TYPES {
             let cols = if ty.block_len() == 256 { 512 } else { 160 };
             let w = wave(rows * cols, 0.37);
             let bytes = quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
-            let m = BlockMatrix::new(ty, bytes, rows, cols).unwrap();
-            let wf = m.dequantize();
-            let x = wave(cols, 1.3);
-            let r = round_act(&x);
-            let xr = r.values();
-            let mut out = vec![0f32; rows];
-            m.gemv(&r, &mut out);
-            let sums = m.min_sums(&r);
-            for (i, &got) in out.iter().enumerate() {
-                let want: f64 = wf[i * cols..(i + 1) * cols]
-                    .iter()
-                    .zip(&xr)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                let tol = 1e-5 * (1.0 + want.abs());
-                assert!(
-                    (got as f64 - want).abs() < tol,
-                    "{ty:?} row {i}: {got} vs {want}"
-                );
-                let row = &m.data[i * m.row_bytes..(i + 1) * m.row_bytes];
-                let any = row_dot_any(ty, row, &r, &sums);
-                let mut one = [0f32];
-                rows_dot(ty, row, m.row_bytes, &r, &sums, &mut one);
-                assert!((one[0] as f64 - want).abs() < tol, "{ty:?} single row {i}");
-                assert!((any as f64 - want).abs() < tol, "{ty:?} portable row {i}");
-            }
+            check(
+                &BlockMatrix::new(ty, bytes, rows, cols).unwrap(),
+                &wave(cols, 1.3),
+            );
         }
         assert!(BlockMatrix::new(BlockType::Q4_0, vec![0; 17], 1, 32).is_err());
         assert!(BlockMatrix::new(BlockType::Q4K, vec![0; 144], 1, 128).is_err());
         assert!(BlockMatrix::new(BlockType::Q5K, vec![0; 176], 1, 256).is_err());
+    }
+
+    /// Blocks of random bytes reach what a quantizer rarely writes (Q8_0 codes of -128, Q6_K
+    /// scales of -128, 6-bit Q4_K scales and mins of 63, every fifth bit set) and activations
+    /// with a ±127 code in every block: the kernels' byte and 16-bit products must not
+    /// saturate. The f16 scales are set to finite values.
+    #[test]
+    fn random_blocks_with_extreme_codes_give_the_dequantized_product() {
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut byte = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 24) as u8
+        };
+        let rows = 21;
+        for ty in TYPES {
+            let cols = if ty.block_len() == 256 { 512 } else { 160 };
+            let mut bytes: Vec<u8> = (0..rows * ty.bytes_for(cols)).map(|_| byte()).collect();
+            // Offsets of each block's f16 fields.
+            let halves: &[usize] = match ty {
+                BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K => &[0, 2],
+                BlockType::Q6K => &[208],
+                _ => &[0],
+            };
+            for b in bytes.chunks_mut(ty.block_bytes()) {
+                for &at in halves {
+                    let v = f16::from_f32((b[at] as f32 - 127.5) / 256.0);
+                    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            if ty == BlockType::Q8_0 {
+                bytes[2] = 0x80;
+            }
+            let x: Vec<f32> = (0..cols)
+                .map(|i| match i % 32 {
+                    0 => 3.0,
+                    17 => -3.0,
+                    _ => (i as f32 * 0.77).sin() * 2.9,
+                })
+                .collect();
+            check(&BlockMatrix::new(ty, bytes, rows, cols).unwrap(), &x);
+        }
     }
 
     #[test]
