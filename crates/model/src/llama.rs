@@ -1637,9 +1637,11 @@ impl Llama {
     /// Logits for positions `from..` only: the output head is a fifth of the work of a
     /// 512-token window, so skipping rows nobody scores matters.
     pub fn forward_from(&self, tokens: &[u32], from: usize) -> Result<Tensor> {
-        let h = self.hidden(tokens, None, None)?;
-        let t = h.dims()[0];
-        self.head(&h.narrow(0, from, t - from)?)
+        on_pool(|| {
+            let h = self.hidden(tokens, None, None)?;
+            let t = h.dims()[0];
+            self.head(&h.narrow(0, from, t - from)?)
+        })
     }
 
     /// Hidden states after the last block (before the final norm), `[T, hidden]`.
