@@ -29,8 +29,13 @@ impl<'a> View<'a> {
     fn check(&self) {
         if self.rows > 0 && self.cols > 0 {
             assert!(self.cols <= self.stride || self.rows == 1, "rows overlap");
-            let last = (self.rows - 1) * self.stride + self.cols;
-            assert!(last <= self.data.len(), "view outside its data");
+            let last = (self.rows - 1)
+                .checked_mul(self.stride)
+                .and_then(|v| v.checked_add(self.cols));
+            assert!(
+                last.is_some_and(|l| l <= self.data.len()),
+                "view outside its data"
+            );
         }
     }
 }

@@ -197,6 +197,9 @@ fn kernel_forward(m: &dyn RowKernel, x: &Tensor) -> Result<Tensor> {
     let (n, _) = m.dims();
     let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; t * n];
+    if k == 0 {
+        return Ok(Tensor::from_vec(out, (t, n), &Device::Cpu)?);
+    }
     if t >= GEMM_ROWS {
         xs.par_chunks_mut(k).for_each(|r| m.round_batch_row(r));
         let owned;
@@ -1627,6 +1630,9 @@ impl Llama {
     /// and what llama-bench's prompt test computes (the head is a fifth of a small model's work
     /// per token).
     pub fn forward_last(&self, tokens: &[u32], cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if tokens.is_empty() {
+            bail!("no tokens to run");
+        }
         on_pool(|| {
             let h = self.hidden(tokens, cache, None)?;
             let t = h.dims()[0];
