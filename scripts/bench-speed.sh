@@ -85,7 +85,7 @@ rss_kb=$(awk -F': ' '/Maximum resident/ {print $2}' "$tmp/time.txt")
 
 python3 - "$tmp" "$pp" "$tg" "$threads" "$size" "$rss_kb" "${ggufs[*]}" "${bundles[*]}" "${CHUNKS:-40}" "$reps" <<'PY'
 import json, sys
-tmp, pp, tg, threads, size, rss_kb, ggufs, bundles, chunks, _ = sys.argv[1:]
+tmp, pp, tg, threads, size, rss_kb, ggufs, bundles, chunks, reps = sys.argv[1:]
 ggufs, bundles = ggufs.split(), bundles.split()
 ours = {g: json.load(open(f"{tmp}/adaptq-{g}.json"))["models"][0]["speed"] for g in ggufs + bundles}
 def theirs(g):
@@ -94,7 +94,7 @@ def theirs(g):
     pp_ = next(max(r["samples_ts"]) for r in runs if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg_ = next(max(r["samples_ts"]) for r in runs if r["n_gen"] > 0 and r["n_prompt"] == 0)
     return pp_, tg_
-print(f"threads: {threads}; both tools: the best of {sys.argv[10]} repetitions, each file run by"
+print(f"threads: {threads}; both tools: the best of {reps} repetitions, each file run by"
       " llama-bench and adaptq back to back\n")
 print(f"| file | llama.cpp pp{pp} | adaptq pp{pp} | ratio | llama.cpp tg{tg} | adaptq tg{tg} | ratio |")
 print("|---|---|---|---|---|---|---|")

@@ -25,6 +25,16 @@ impl<'a> View<'a> {
         }
     }
 
+    /// `rows × cols` values from `data[from..]`, rows `stride` apart.
+    pub fn at(data: &'a [f32], from: usize, rows: usize, cols: usize, stride: usize) -> Self {
+        View {
+            data: &data[from..],
+            rows,
+            cols,
+            stride,
+        }
+    }
+
     /// Panics unless every element the view names lies in `data`.
     fn check(&self) {
         if self.rows > 0 && self.cols > 0 {

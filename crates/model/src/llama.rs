@@ -1448,29 +1448,11 @@ impl Llama {
                     let s = hi - lo;
                     let mut scores = vec![0f32; rows * s];
                     for h in 0..nh {
-                        let col = (h / rep) * hd;
-                        fn keys(
-                            c: &[f32],
-                            from: usize,
-                            rows: usize,
-                            hd: usize,
-                            width: usize,
-                        ) -> View<'_> {
-                            View {
-                                data: &c[from..],
-                                rows,
-                                cols: hd,
-                                stride: width,
-                            }
-                        }
-                        let keys = |c| keys(c, lo * width + col, s, hd, width);
-                        let qs = View {
-                            data: &q[a * row + h * hd..],
-                            rows,
-                            cols: hd,
-                            stride: row,
-                        };
-                        mul(qs, keys(&kv.k), Right::Transposed, &mut scores, s, false);
+                        let kv0 = lo * width + (h / rep) * hd;
+                        let keys = View::at(&kv.k, kv0, s, hd, width);
+                        let values = View::at(&kv.v, kv0, s, hd, width);
+                        let qs = View::at(&q, a * row + h * hd, rows, hd, row);
+                        mul(qs, keys, Right::Transposed, &mut scores, s, false);
                         for (r, p) in scores.chunks_mut(s).enumerate() {
                             let pos = past + a + r;
                             let (from, to) = (first(pos) - lo, pos + 1 - lo);
@@ -1479,7 +1461,7 @@ impl Llama {
                             p[to..].fill(0.0);
                         }
                         let ps = View::dense(&scores, rows, s);
-                        mul(ps, keys(&kv.v), Right::AsIs, &mut out[h * hd..], row, false);
+                        mul(ps, values, Right::AsIs, &mut out[h * hd..], row, false);
                     }
                 });
             let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
