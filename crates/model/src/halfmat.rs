@@ -2,8 +2,9 @@
 //! embedding and head, f16 source tensors) and f32 (F32 files, and whatever is dequantized at
 //! load, e.g. NOVAQ). Kept row-major `[out, in]`; one token's product is a dot of each row with
 //! the activations, rows split across the thread pool, so generation reads each weight once
-//! at memory speed. An f16 row is widened a slice at a time into a buffer on the stack, so a
-//! token reads half the bytes an f32 copy would and the model holds half the memory.
+//! at memory speed. An f16 row is widened in registers (AVX-512) or a slice at a time into a
+//! buffer on the stack, so a token reads half the bytes an f32 copy would and the model holds
+//! half the memory.
 //! Hand-written because candle's quantized matmul widens f16 weights to f32 at load, and its
 //! gemm, built for batches, runs one row of activations at a third of memory speed.
 
@@ -27,6 +28,9 @@ pub trait Element: Copy + Send + Sync + 'static {
 
 impl Element for f16 {
     fn dot(w: &[Self], x: &[f32], buf: &mut [f32]) -> f32 {
+        if let Some(d) = crate::llama::dot_f16(w, x) {
+            return d;
+        }
         w.chunks(CHUNK)
             .zip(x.chunks(CHUNK))
             .map(|(w, x)| {

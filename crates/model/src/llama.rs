@@ -785,33 +785,67 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `a · b` in four registers of 16 fused multiply-adds: a one-token product reads each weight
-/// once, and 64-byte loads keep the stream at memory speed where 32-byte ones fall short.
+/// once, and 64-byte loads keep the stream at memory speed where 32-byte ones fall short. One
+/// body for f32 and f16 weights (`$load` makes 16 lanes of f32 from `$a` at an offset, `$wide`
+/// one value), so an f16 row widened in the register sums exactly as its widened copy would.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot_avx512_body {
+    ($a:ident, $b:ident, $load:expr, $wide:expr) => {{
+        use std::arch::x86_64::*;
+        let n = $a.len().min($b.len());
+        let pb = $b.as_ptr();
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let y = _mm512_loadu_ps(pb.add(i + 16 * k));
+                *acc = _mm512_fmadd_ps($load(i + 16 * k), y, *acc);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps($load(i), _mm512_loadu_ps(pb.add(i)), acc[0]);
+            i += 16;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        let tail: f32 = $a[i..n]
+            .iter()
+            .zip(&$b[i..n])
+            .map(|(x, y)| $wide(*x) * y)
+            .sum();
+        _mm512_reduce_add_ps(sum) + tail
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (pa, pb) = (a.as_ptr(), b.as_ptr());
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    while i + 64 <= n {
-        for (k, acc) in acc.iter_mut().enumerate() {
-            let (x, y) = (pa.add(i + 16 * k), pb.add(i + 16 * k));
-            *acc = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(y), *acc);
-        }
-        i += 64;
+    let pa = a.as_ptr();
+    dot_avx512_body!(a, b, |i| _mm512_loadu_ps(pa.add(i)), |x: f32| x)
+}
+
+/// `w · x` for f16 weights, 16 at a time widened in the register (`vcvtph2ps`, exact), so the
+/// row is read once and never written out as f32. `None` without AVX-512.
+pub(crate) fn dot_f16(w: &[half::f16], x: &[f32]) -> Option<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return Some(unsafe { dot_f16_avx512(w, x) });
     }
-    while i + 16 <= n {
-        acc[0] = _mm512_fmadd_ps(
-            _mm512_loadu_ps(pa.add(i)),
-            _mm512_loadu_ps(pb.add(i)),
-            acc[0],
-        );
-        i += 16;
-    }
-    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    let tail: f32 = a[i..n].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum();
-    _mm512_reduce_add_ps(sum) + tail
+    let _ = (w, x);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f16_avx512(a: &[half::f16], b: &[f32]) -> f32 {
+    let pa = a.as_ptr();
+    dot_avx512_body!(
+        a,
+        b,
+        |i: usize| _mm512_cvtph_ps(_mm256_loadu_si256(pa.add(i).cast())),
+        |x: half::f16| x.to_f32()
+    )
 }
 
 /// `a · b` in 32 lanes (four AVX registers of independent sums, so additions overlap).
