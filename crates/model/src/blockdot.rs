@@ -14,8 +14,8 @@
 //! Hand-written because candle's CPU kernels for these types take one block per step and widen
 //! each f16 scale through a function call (Q4_1, Q5_0 and Q5_1 have no SIMD there at all), and
 //! its k-quant matmuls run on a spinning thread pool of their own beside rayon's. One AVX2 loop
-//! per type (chosen at run time), and a portable loop for every type on the quant crate's
-//! block decoder.
+//! per type, AVX-512 (with VNNI) loops for Q4_0, Q5_0, Q8_0 and Q4_K, chosen at run time, and
+//! a portable loop for every type on the quant crate's block decoder.
 
 use crate::intgrid::{round_row, Rounded, ACT_BLOCK};
 use adaptq_quant::ggml::BlockType;
@@ -157,7 +157,9 @@ impl crate::llama::RowKernel for BlockMatrix {
 /// Types whose AVX2 rows take each activation block's `step · Σq` (for their mins, or their
 /// zero code's offset).
 fn needs_sums(ty: BlockType) -> bool {
-    !matches!(ty, BlockType::Q8_0 | BlockType::Q6K)
+    // Q8_0's AVX-512 loop takes its signed codes as unsigned (plus 128) and subtracts
+    // `128 · d · step · Σq` again.
+    !matches!(ty, BlockType::Q6K)
 }
 
 /// Rows `rows` (each `row_bytes` long) times the rounded activations into `out`, on the best
@@ -170,21 +172,63 @@ fn rows_dot(
     sums: &[f32],
     out: &mut [f32],
 ) {
+    rows_dot_on(Level::best(), ty, rows, row_bytes, x, sums, out)
+}
+
+/// The instruction sets a kernel may use, from the plainest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Level {
+    Any,
+    Avx2,
+    /// AVX-512 with byte operations and VNNI's `u8 × i8` dot product, for the 32-block types
+    /// with one scale (two blocks per register); the others run on the AVX2 loops.
+    Avx512,
+}
+
+impl Level {
+    fn best() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    return Level::Avx512;
+                }
+                return Level::Avx2;
+            }
+        }
+        Level::Any
+    }
+}
+
+/// [`rows_dot`] on the loops of `level` (which the CPU must run).
+fn rows_dot_on(
+    level: Level,
+    ty: BlockType,
+    rows: &[u8],
+    row_bytes: usize,
+    x: &Rounded,
+    sums: &[f32],
+    out: &mut [f32],
+) {
+    assert!(
+        level <= Level::best(),
+        "{level:?} kernels on a CPU without them"
+    );
     #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: the CPU has AVX2, FMA and F16C, checked just above.
-        return unsafe { avx2::rows_dot(ty, rows, row_bytes, x, sums, out) };
+    {
+        if level == Level::Avx512 && avx512::runs(ty) {
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI and AVX2/FMA/F16C (asserted above).
+            return unsafe { avx512::rows_dot(ty, rows, row_bytes, x, sums, out) };
+        }
+        if level >= Level::Avx2 {
+            // SAFETY: the CPU has AVX2, FMA and F16C (asserted above).
+            return unsafe { avx2::rows_dot(ty, rows, row_bytes, x, sums, out) };
+        }
     }
     for (row, o) in rows.chunks_exact(row_bytes).zip(out) {
         *o = row_dot_any(ty, row, x, sums);
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// The portable loop, for every type through the quant crate's block decoder: each
@@ -219,7 +263,7 @@ mod avx2 {
 
     /// 16 bytes of nibbles as 32 bytes: low nibbles, then high ones (columns 0..16, 16..32).
     #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
+    pub(super) unsafe fn nibbles(p: *const u8) -> __m256i {
         let b = _mm_loadu_si128(p as *const __m128i);
         let lo = _mm_and_si128(b, _mm_set1_epi8(15));
         let hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
@@ -254,7 +298,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
@@ -263,7 +307,7 @@ mod avx2 {
     /// One block type's layout: block bytes, its codes times the activations, and the term
     /// per activation block's `step · Σq` (the min, or the zero code's offset times the scale:
     /// codes taken unsigned save the two sign operations a signed product needs).
-    trait Layout {
+    pub(super) trait Layout {
         const BYTES: usize;
         const MIN: bool;
         /// Eight i32 partial sums of the block at `b`'s codes times the activations `x`.
@@ -274,7 +318,7 @@ mod avx2 {
         }
     }
 
-    struct Q8_0;
+    pub(super) struct Q8_0;
     impl Layout for Q8_0 {
         const BYTES: usize = 34;
         const MIN: bool = false;
@@ -292,7 +336,7 @@ mod avx2 {
         _mm256_or_si256(nibbles(qs), hi)
     }
 
-    struct Q4_0;
+    pub(super) struct Q4_0;
     impl Layout for Q4_0 {
         const BYTES: usize = 18;
         const MIN: bool = true;
@@ -306,7 +350,7 @@ mod avx2 {
         }
     }
 
-    struct Q5_0;
+    pub(super) struct Q5_0;
     impl Layout for Q5_0 {
         const BYTES: usize = 22;
         const MIN: bool = true;
@@ -349,7 +393,7 @@ mod avx2 {
     }
 
     #[inline(always)]
-    unsafe fn h16(p: *const u8) -> f32 {
+    pub(super) unsafe fn h16(p: *const u8) -> f32 {
         let bits = (p as *const u16).read_unaligned();
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le(bits) as i32)))
     }
@@ -528,6 +572,257 @@ mod avx2 {
     }
 }
 
+/// Two blocks per 512-bit register: the codes of blocks `i` and `i + 1` as 64 unsigned bytes
+/// against the 64 activations they meet, multiplied and summed four at a time by VNNI's
+/// `vpdpbusd` (no 16-bit step to saturate), each block's `d · step` spread over its eight
+/// lanes. Signed Q8_0 codes are flipped to unsigned (`w + 128`) and `128 · Σq` subtracted
+/// through the activation sums, as the offset types' zero code is. An odd last block runs on
+/// the AVX2 loop's step.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::{h16, hsum, nibbles, Layout, Q4_0, Q5_0, Q8_0};
+    use super::{Rounded, ACT_BLOCK};
+    use adaptq_quant::ggml::BlockType;
+    use std::arch::x86_64::*;
+
+    pub fn runs(ty: BlockType) -> bool {
+        matches!(
+            ty,
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::Q4K
+        )
+    }
+
+    /// A type whose block starts with its f16 scale `d` and whose value is `d · (code + OFFSET)`.
+    trait Pair: Layout {
+        /// The factor of `d · step · Σq` in a block's value.
+        const OFFSET: f32;
+        /// The codes of the blocks at `a` and `b` as 64 unsigned bytes, `a`'s first.
+        unsafe fn codes(a: *const u8, b: *const u8) -> __m512i;
+    }
+
+    /// The nibbles at `a` and `b` (16 bytes each), each block's low nibbles then its high ones.
+    #[inline(always)]
+    unsafe fn nibble_pair(a: *const u8, b: *const u8) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(nibbles(a)), nibbles(b), 1)
+    }
+
+    impl Pair for Q4_0 {
+        const OFFSET: f32 = -8.0;
+        #[inline(always)]
+        unsafe fn codes(a: *const u8, b: *const u8) -> __m512i {
+            nibble_pair(a.add(2), b.add(2))
+        }
+    }
+
+    impl Pair for Q5_0 {
+        const OFFSET: f32 = -16.0;
+        #[inline(always)]
+        unsafe fn codes(a: *const u8, b: *const u8) -> __m512i {
+            let qh = |p: *const u8| u32::from_le((p.add(2) as *const u32).read_unaligned()) as u64;
+            let fifth = _mm512_maskz_mov_epi8(qh(a) | qh(b) << 32, _mm512_set1_epi8(16));
+            _mm512_or_si512(nibble_pair(a.add(6), b.add(6)), fifth)
+        }
+    }
+
+    impl Pair for Q8_0 {
+        const OFFSET: f32 = -128.0;
+        #[inline(always)]
+        unsafe fn codes(a: *const u8, b: *const u8) -> __m512i {
+            let lo = _mm256_loadu_si256(a.add(2) as *const __m256i);
+            let hi = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+            _mm512_xor_si512(z, _mm512_set1_epi8(-128))
+        }
+    }
+
+    /// `R` rows from `p` (each `rb` bytes, `n` blocks) into `out[..R]`.
+    #[inline(always)]
+    unsafe fn tile<T: Pair, const R: usize>(
+        p: *const u8,
+        rb: usize,
+        n: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let q = x.q.as_ptr();
+        // Lane l of a pair's 16 dot sums belongs to block l / 8.
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut offs = [_mm_setzero_ps(); R];
+        let mut i = 0;
+        while i + 2 <= n {
+            let xv = _mm512_loadu_si512(q.add(i * ACT_BLOCK) as *const __m512i);
+            let steps = _mm_castpd_ps(_mm_load_sd(x.steps.as_ptr().add(i) as *const f64));
+            let qsums = _mm_castpd_ps(_mm_load_sd(sums.as_ptr().add(i) as *const f64));
+            let qsums = _mm_mul_ps(qsums, _mm_set1_ps(T::OFFSET));
+            for k in 0..R {
+                let a = p.add(k * rb + i * T::BYTES);
+                let b = a.add(T::BYTES);
+                let bits = |p: *const u8| u16::from_le((p as *const u16).read_unaligned()) as u32;
+                let d = _mm_cvtph_ps(_mm_cvtsi32_si128((bits(a) | bits(b) << 16) as i32));
+                let scale =
+                    _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_mul_ps(d, steps)));
+                let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), T::codes(a, b), xv);
+                acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[k]);
+                offs[k] = _mm_fmadd_ps(d, qsums, offs[k]);
+            }
+            i += 2;
+        }
+        for k in 0..R {
+            let o = offs[k];
+            let mut v =
+                _mm512_reduce_add_ps(acc[k]) + _mm_cvtss_f32(_mm_add_ss(o, _mm_movehdup_ps(o)));
+            if i < n {
+                let xv = _mm256_loadu_si256(q.add(i * ACT_BLOCK) as *const __m256i);
+                let a = p.add(k * rb + i * T::BYTES);
+                let step = *x.steps.get_unchecked(i);
+                let dot = _mm256_cvtepi32_ps(<T as Layout>::dot(a, xv));
+                let s = h16(a) * step;
+                v += s * hsum(dot);
+                if T::MIN {
+                    v += T::min(a) * *sums.get_unchecked(i);
+                }
+            }
+            out[k] = v;
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn rows_of<T: Pair>(rows: &[u8], rb: usize, x: &Rounded, sums: &[f32], out: &mut [f32]) {
+        let n = rb / T::BYTES;
+        assert!(rb == n * T::BYTES && rows.len() == out.len() * rb);
+        assert!(x.q.len() >= n * ACT_BLOCK && x.steps.len() >= n && sums.len() >= n);
+        let mut r = 0;
+        while r < out.len() {
+            let p = rows.as_ptr().add(r * rb);
+            if r + 4 <= out.len() {
+                tile::<T, 4>(p, rb, n, x, sums, &mut out[r..r + 4]);
+                r += 4;
+            } else {
+                tile::<T, 1>(p, rb, n, x, sums, &mut out[r..r + 1]);
+                r += 1;
+            }
+        }
+    }
+
+    /// Q4_K's eight 6-bit scales and eight 6-bit mins of the super-block at `b`, as bytes
+    /// (scales first): the same unpacking as the portable decoder, four bytes at a time.
+    #[inline(always)]
+    unsafe fn q4k_scales(b: *const u8) -> [u32; 4] {
+        let w = |o: usize| u32::from_le((b.add(4 + o) as *const u32).read_unaligned());
+        let (a, c, e) = (w(0), w(4), w(8));
+        let (m6, m4, m2) = (0x3f3f_3f3f, 0x0f0f_0f0f, 0x0303_0303);
+        [
+            a & m6,
+            (e & m4) | (((a >> 6) & m2) << 4),
+            c & m6,
+            ((e >> 4) & m4) | (((c >> 6) & m2) << 4),
+        ]
+    }
+
+    /// Q4_K rows (super-blocks of 256 in eight sub-blocks of 32): a sub-block pair's codes
+    /// are one 32-byte load's low and high nibbles, meeting 64 adjacent activations; each
+    /// super-block's eight `d · scale · step` are computed together and spread over the pair's
+    /// lanes, its mins applied to the activation sums in eight lanes.
+    #[inline(always)]
+    unsafe fn rows_q4k<const R: usize>(
+        p: *const u8,
+        rb: usize,
+        n: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        let q = x.q.as_ptr();
+        let low = _mm256_set1_epi8(15);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        for i in 0..n {
+            let steps = _mm256_loadu_ps(x.steps.as_ptr().add(i * 8));
+            let qsums = _mm256_loadu_ps(sums.as_ptr().add(i * 8));
+            let mut scale = [_mm256_setzero_ps(); R];
+            for k in 0..R {
+                let b = p.add(k * rb + i * 144);
+                let sm = q4k_scales(b);
+                let bytes = _mm_set_epi32(sm[3] as i32, sm[2] as i32, sm[1] as i32, sm[0] as i32);
+                let f = |v: __m128i| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                let (d, dmin) = (h16(b), h16(b.add(2)));
+                scale[k] = _mm256_mul_ps(_mm256_mul_ps(f(bytes), _mm256_set1_ps(d)), steps);
+                let m = _mm256_mul_ps(f(_mm_srli_si128(bytes, 8)), _mm256_set1_ps(dmin));
+                mins[k] = _mm256_fmadd_ps(m, qsums, mins[k]);
+            }
+            for j in 0..4 {
+                let xv = _mm512_loadu_si512(q.add((i * 8 + 2 * j) * ACT_BLOCK) as *const __m512i);
+                let lanes = _mm512_set_epi32(
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j + 1) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                    (2 * j) as i32,
+                );
+                for k in 0..R {
+                    let qs =
+                        _mm256_loadu_si256(p.add(k * rb + i * 144 + 16 + 32 * j) as *const __m256i);
+                    let lo = _mm256_and_si256(qs, low);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(qs, 4), low);
+                    let codes = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                    let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
+                    let s = _mm512_permutexvar_ps(lanes, _mm512_castps256_ps512(scale[k]));
+                    acc[k] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(dot), acc[k]);
+                }
+            }
+        }
+        for k in 0..R {
+            out[k] = _mm512_reduce_add_ps(acc[k]) - hsum(mins[k]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    pub unsafe fn rows_dot(
+        ty: BlockType,
+        rows: &[u8],
+        rb: usize,
+        x: &Rounded,
+        sums: &[f32],
+        out: &mut [f32],
+    ) {
+        match ty {
+            BlockType::Q8_0 => rows_of::<Q8_0>(rows, rb, x, sums, out),
+            BlockType::Q4_0 => rows_of::<Q4_0>(rows, rb, x, sums, out),
+            BlockType::Q5_0 => rows_of::<Q5_0>(rows, rb, x, sums, out),
+            BlockType::Q4K => {
+                let n = rb / 144;
+                assert!(rb == n * 144 && rows.len() == out.len() * rb);
+                assert!(x.q.len() >= n * 256 && x.steps.len() >= n * 8 && sums.len() >= n * 8);
+                let mut r = 0;
+                while r < out.len() {
+                    let p = rows.as_ptr().add(r * rb);
+                    if r + 4 <= out.len() {
+                        rows_q4k::<4>(p, rb, n, x, sums, &mut out[r..r + 4]);
+                        r += 4;
+                    } else {
+                        rows_q4k::<1>(p, rb, n, x, sums, &mut out[r..r + 1]);
+                        r += 1;
+                    }
+                }
+            }
+            _ => unreachable!("`runs` accepts only these"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,10 +865,33 @@ mod tests {
             );
             let row = &m.data[i * m.row_bytes..(i + 1) * m.row_bytes];
             let any = row_dot_any(ty, row, &r, &sums);
-            let mut one = [0f32];
-            rows_dot(ty, row, m.row_bytes, &r, &sums, &mut one);
-            assert!((one[0] as f64 - want).abs() < tol, "{ty:?} single row {i}");
             assert!((any as f64 - want).abs() < tol, "{ty:?} portable row {i}");
+        }
+        // Every loop this CPU runs, on all rows at once (tiles of four and single rows) and
+        // on each row alone.
+        for level in [Level::Any, Level::Avx2, Level::Avx512] {
+            if level > Level::best() {
+                continue;
+            }
+            let mut all = vec![0f32; m.rows];
+            rows_dot_on(level, ty, &m.data, m.row_bytes, &r, &sums, &mut all);
+            for (i, &got) in all.iter().enumerate() {
+                let row = &m.data[i * m.row_bytes..(i + 1) * m.row_bytes];
+                let mut one = [0f32];
+                rows_dot_on(level, ty, row, m.row_bytes, &r, &sums, &mut one);
+                let terms = wf[i * cols..(i + 1) * cols].iter().zip(&xr);
+                let want: f64 = terms.clone().map(|(&a, &b)| a as f64 * b as f64).sum();
+                let size: f64 = terms.map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                let tol = 1e-5 * (1.0 + size);
+                assert!(
+                    (got as f64 - want).abs() < tol,
+                    "{ty:?} {level:?} row {i} in a tile"
+                );
+                assert!(
+                    (one[0] as f64 - want).abs() < tol,
+                    "{ty:?} {level:?} row {i} alone"
+                );
+            }
         }
     }
 
