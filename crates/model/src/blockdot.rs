@@ -14,7 +14,7 @@
 //! Hand-written because candle's CPU kernels for these types take one block per step and widen
 //! each f16 scale through a function call (Q4_1, Q5_0 and Q5_1 have no SIMD there at all), and
 //! its k-quant matmuls run on a spinning thread pool of their own beside rayon's. One AVX2 loop
-//! per type, AVX-512 (with VNNI) loops for Q4_0, Q5_0, Q8_0 and Q4_K, chosen at run time, and
+//! per type, AVX-512 (with VNNI) loops for Q4_0, Q5_0, Q8_0, Q4_K and Q6_K, chosen at run time, and
 //! a portable loop for every type on the quant crate's block decoder.
 
 use crate::intgrid::{round_row, Rounded, ACT_BLOCK};
@@ -588,7 +588,7 @@ mod avx512 {
     pub fn runs(ty: BlockType) -> bool {
         matches!(
             ty,
-            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::Q4K
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::Q4K | BlockType::Q6K
         )
     }
 
@@ -789,6 +789,74 @@ mod avx512 {
         }
     }
 
+    /// Q6_K rows (super-blocks of 256 in sixteen sub-blocks of 16 with i8 scales): two
+    /// activation blocks per step, their codes (low nibbles of one 64-byte load, two high bits
+    /// each from the same 32 bytes shifted by two amounts) taken unsigned and `32 · Σx` of each
+    /// lane's four activations subtracted again. A lane's four values share one sub-block, so
+    /// each lane takes its sub-block's scale before the sums meet.
+    #[inline(always)]
+    unsafe fn rows_q6k<const R: usize>(
+        p: *const u8,
+        rb: usize,
+        n: usize,
+        x: &Rounded,
+        out: &mut [f32],
+    ) {
+        let q = x.q.as_ptr();
+        let (m4, m2, ones) = (
+            _mm512_set1_epi8(15),
+            _mm512_set1_epi8(3),
+            _mm512_set1_epi8(1),
+        );
+        let zero = _mm512_setzero_si512();
+        // Lane l covers values 4l..4l+4: sub-block l / 4 of the pair, activation block l / 8.
+        let sub = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        let block = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for i in 0..n {
+            for half in 0..2 {
+                for pair in 0..2 {
+                    let a = i * 8 + half * 4 + 2 * pair;
+                    let xv = _mm512_loadu_si512(q.add(a * ACT_BLOCK) as *const __m512i);
+                    let xs = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, xv), 5);
+                    let steps = _mm_castpd_ps(_mm_load_sd(x.steps.as_ptr().add(a) as *const f64));
+                    let steps = _mm512_permutexvar_ps(block, _mm512_castps128_ps512(steps));
+                    // The high bits of the pair's first block sit `4 · pair` up, the second's
+                    // two more.
+                    let shift = _mm512_inserti64x4(
+                        _mm512_set1_epi16(4 * pair as i16),
+                        _mm256_set1_epi16(4 * pair as i16 + 2),
+                        1,
+                    );
+                    for k in 0..R {
+                        let b = p.add(k * rb + i * 210);
+                        let ql = _mm512_loadu_si512(b.add(64 * half) as *const __m512i);
+                        let lo = match pair {
+                            0 => _mm512_and_si512(ql, m4),
+                            _ => _mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                        };
+                        let qh = _mm256_loadu_si256(b.add(128 + 32 * half) as *const __m256i);
+                        let qh = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
+                        let hi = _mm512_and_si512(_mm512_srlv_epi16(qh, shift), m2);
+                        let codes = _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+                        let dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(zero, codes, xv), xs);
+                        let sc = (b.add(192 + 8 * half + 4 * pair) as *const i32).read_unaligned();
+                        let sc = _mm512_cvtepi8_epi32(_mm_set1_epi32(sc));
+                        let sc = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(sub, sc));
+                        let scale = _mm512_mul_ps(
+                            sc,
+                            _mm512_mul_ps(_mm512_set1_ps(h16(b.add(208))), steps),
+                        );
+                        acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[k]);
+                    }
+                }
+            }
+        }
+        for k in 0..R {
+            out[k] = _mm512_reduce_add_ps(acc[k]);
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
     pub unsafe fn rows_dot(
         ty: BlockType,
@@ -802,20 +870,24 @@ mod avx512 {
             BlockType::Q8_0 => rows_of::<Q8_0>(rows, rb, x, sums, out),
             BlockType::Q4_0 => rows_of::<Q4_0>(rows, rb, x, sums, out),
             BlockType::Q5_0 => rows_of::<Q5_0>(rows, rb, x, sums, out),
-            BlockType::Q4K => {
-                let n = rb / 144;
-                assert!(rb == n * 144 && rows.len() == out.len() * rb);
-                assert!(x.q.len() >= n * 256 && x.steps.len() >= n * 8 && sums.len() >= n * 8);
+            BlockType::Q4K | BlockType::Q6K => {
+                let (k4, bb) = (ty == BlockType::Q4K, ty.block_bytes());
+                let n = rb / bb;
+                assert!(rb == n * bb && rows.len() == out.len() * rb);
+                assert!(x.q.len() >= n * 256 && x.steps.len() >= n * 8);
+                assert!(!k4 || sums.len() >= n * 8);
                 let mut r = 0;
                 while r < out.len() {
                     let p = rows.as_ptr().add(r * rb);
-                    if r + 4 <= out.len() {
-                        rows_q4k::<4>(p, rb, n, x, sums, &mut out[r..r + 4]);
-                        r += 4;
-                    } else {
-                        rows_q4k::<1>(p, rb, n, x, sums, &mut out[r..r + 1]);
-                        r += 1;
+                    let take = if r + 4 <= out.len() { 4 } else { 1 };
+                    let o = &mut out[r..r + take];
+                    match (k4, take) {
+                        (true, 4) => rows_q4k::<4>(p, rb, n, x, sums, o),
+                        (true, _) => rows_q4k::<1>(p, rb, n, x, sums, o),
+                        (false, 4) => rows_q6k::<4>(p, rb, n, x, o),
+                        (false, _) => rows_q6k::<1>(p, rb, n, x, o),
                     }
+                    r += take;
                 }
             }
             _ => unreachable!("`runs` accepts only these"),
