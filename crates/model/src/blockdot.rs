@@ -828,7 +828,7 @@ mod avx512 {
                         _mm256_set1_epi16(4 * pair as i16 + 2),
                         1,
                     );
-                    for k in 0..R {
+                    for (k, acc) in acc.iter_mut().enumerate() {
                         let b = p.add(k * rb + i * 210);
                         let ql = _mm512_loadu_si512(b.add(64 * half) as *const __m512i);
                         let lo = match pair {
@@ -847,13 +847,13 @@ mod avx512 {
                             sc,
                             _mm512_mul_ps(_mm512_set1_ps(h16(b.add(208))), steps),
                         );
-                        acc[k] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), acc[k]);
+                        *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc);
                     }
                 }
             }
         }
-        for k in 0..R {
-            out[k] = _mm512_reduce_add_ps(acc[k]);
+        for (o, acc) in out.iter_mut().zip(acc) {
+            *o = _mm512_reduce_add_ps(acc);
         }
     }
 
