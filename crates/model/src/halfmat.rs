@@ -20,6 +20,8 @@ const CHUNK: usize = 256;
 pub trait Element: Copy + Send + Sync + 'static {
     /// `w · x`, widening `w` through `buf` (at least [`CHUNK`] long) when it is not f32.
     fn dot(w: &[Self], x: &[f32], buf: &mut [f32]) -> f32;
+    /// Four rows' [`Element::dot`] at once, where a kernel for it exists.
+    fn dot4(w: [&[Self]; 4], x: &[f32]) -> Option<[f32; 4]>;
     /// `w` as f32 into `out`.
     fn widen(w: &[Self], out: &mut [f32]);
     /// `w` itself when it is f32.
@@ -40,6 +42,9 @@ impl Element for f16 {
             })
             .sum()
     }
+    fn dot4(w: [&[Self]; 4], x: &[f32]) -> Option<[f32; 4]> {
+        crate::llama::dot4_f16(w, x)
+    }
     fn widen(w: &[Self], out: &mut [f32]) {
         w.convert_to_f32_slice(out)
     }
@@ -51,6 +56,9 @@ impl Element for f16 {
 impl Element for f32 {
     fn dot(w: &[Self], x: &[f32], _: &mut [f32]) -> f32 {
         crate::llama::dot(w, x)
+    }
+    fn dot4(w: [&[Self]; 4], x: &[f32]) -> Option<[f32; 4]> {
+        crate::llama::dot4(w, x)
     }
     fn widen(w: &[Self], out: &mut [f32]) {
         out.copy_from_slice(w)
@@ -99,11 +107,26 @@ impl<T: Element> RowMatrix<T> {
     /// `out[r] = row r · x` for every row, rows split across the thread pool.
     pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
         const ROWS: usize = 64;
+        let row = |r: usize| &self.w[r * self.cols..(r + 1) * self.cols];
         out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
             let mut buf = [0f32; CHUNK];
-            for (i, o) in o.iter_mut().enumerate() {
-                let r = (c * ROWS + i) * self.cols;
-                *o = T::dot(&self.w[r..r + self.cols], x, &mut buf);
+            let r0 = c * ROWS;
+            let mut i = 0;
+            while i + 4 <= o.len() {
+                let w = [
+                    row(r0 + i),
+                    row(r0 + i + 1),
+                    row(r0 + i + 2),
+                    row(r0 + i + 3),
+                ];
+                match T::dot4(w, x) {
+                    Some(d) => o[i..i + 4].copy_from_slice(&d),
+                    None => break,
+                }
+                i += 4;
+            }
+            for (j, o) in o.iter_mut().enumerate().skip(i) {
+                *o = T::dot(row(r0 + j), x, &mut buf);
             }
         });
     }
@@ -142,6 +165,9 @@ mod tests {
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
             assert!((got as f64 - want).abs() < 1e-4, "row {r}: {got} vs {want}");
+            // Rows taken four at a time sum as one row at a time does.
+            let one = T::dot(&m.w[r * cols..(r + 1) * cols], &x, &mut [0f32; CHUNK]);
+            assert_eq!(got.to_bits(), one.to_bits(), "row {r}");
         }
         assert_eq!(m.rows_f32(&[3]), wf[3 * cols..4 * cols]);
     }

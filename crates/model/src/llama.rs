@@ -848,6 +848,89 @@ unsafe fn dot_f16_avx512(a: &[half::f16], b: &[f32]) -> f32 {
     )
 }
 
+/// Four rows' [`dot_avx512_body`] at once: `x` loaded once per step for all of them and four
+/// weight streams in flight (one stream at a time leaves a core short of memory speed). Each
+/// row's accumulators take the same multiply-adds in the same order as the one-row loop, so
+/// the results are the same bits.
+#[cfg(target_arch = "x86_64")]
+macro_rules! dot4_avx512_body {
+    ($w:ident, $b:ident, $load:expr, $wide:expr) => {{
+        use std::arch::x86_64::*;
+        let n = $w.iter().map(|r| r.len()).min().unwrap_or(0).min($b.len());
+        let pb = $b.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut i = 0;
+        while i + 64 <= n {
+            for k in 0..4 {
+                let y = _mm512_loadu_ps(pb.add(i + 16 * k));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[k] = _mm512_fmadd_ps($load(r, i + 16 * k), y, acc[k]);
+                }
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            let y = _mm512_loadu_ps(pb.add(i));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                acc[0] = _mm512_fmadd_ps($load(r, i), y, acc[0]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for (r, (o, a)) in out.iter_mut().zip(acc).enumerate() {
+            let sum = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            let tail: f32 = $w[r][i..n]
+                .iter()
+                .zip(&$b[i..n])
+                .map(|(x, y)| $wide(*x) * y)
+                .sum();
+            *o = _mm512_reduce_add_ps(sum) + tail;
+        }
+        out
+    }};
+}
+
+/// `[w_r · x]` for four f32 rows as [`dot`] computes each; `None` without AVX-512.
+pub(crate) fn dot4(w: [&[f32]; 4], x: &[f32]) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return Some(unsafe { dot4_avx512(w, x) });
+    }
+    let _ = (w, x);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(w: [&[f32]; 4], b: &[f32]) -> [f32; 4] {
+    let p = w.map(|r| r.as_ptr());
+    dot4_avx512_body!(w, b, |r: usize, i| _mm512_loadu_ps(p[r].add(i)), |x: f32| x)
+}
+
+/// [`dot4`] for f16 rows, as [`dot_f16`] computes each.
+pub(crate) fn dot4_f16(w: [&[half::f16]; 4], x: &[f32]) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return Some(unsafe { dot4_f16_avx512(w, x) });
+    }
+    let _ = (w, x);
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_f16_avx512(w: [&[half::f16]; 4], b: &[f32]) -> [f32; 4] {
+    let p = w.map(|r| r.as_ptr());
+    dot4_avx512_body!(
+        w,
+        b,
+        |r: usize, i| _mm512_cvtph_ps(_mm256_loadu_si256(p[r].add(i).cast())),
+        |x: half::f16| x.to_f32()
+    )
+}
+
 /// `a · b` in 32 lanes (four AVX registers of independent sums, so additions overlap).
 #[inline(always)]
 fn dot_any(a: &[f32], b: &[f32]) -> f32 {
