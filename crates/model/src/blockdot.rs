@@ -255,9 +255,21 @@ fn row_dot_any(ty: BlockType, row: &[u8], x: &Rounded, _sums: &[f32]) -> f32 {
     acc
 }
 
+/// Calls `f(first, count)` over `rows` rows in tiles of four (each activation block loaded once
+/// for four rows, four weight streams in flight), then one row at a time.
+#[inline(always)]
+fn in_tiles(rows: usize, mut f: impl FnMut(usize, usize)) {
+    let mut r = 0;
+    while r < rows {
+        let take = if r + 4 <= rows { 4 } else { 1 };
+        f(r, take);
+        r += take;
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{Rounded, ACT_BLOCK};
+    use super::{in_tiles, Rounded, ACT_BLOCK};
     use adaptq_quant::ggml::BlockType;
     use std::arch::x86_64::*;
 
@@ -441,17 +453,13 @@ mod avx2 {
         let n = rb / T::BYTES;
         assert!(rb == n * T::BYTES && rows.len() == out.len() * rb);
         assert!(x.q.len() >= n * ACT_BLOCK && x.steps.len() >= n && (!T::MIN || sums.len() >= n));
-        let mut r = 0;
-        while r < out.len() {
-            let p = rows.as_ptr().add(r * rb);
-            if r + 4 <= out.len() {
-                tile::<T, 4>(p, rb, n, x, sums, &mut out[r..r + 4]);
-                r += 4;
-            } else {
-                tile::<T, 1>(p, rb, n, x, sums, &mut out[r..r + 1]);
-                r += 1;
+        in_tiles(out.len(), |r, take| {
+            let (p, o) = (rows.as_ptr().add(r * rb), &mut out[r..r + take]);
+            match take {
+                4 => tile::<T, 4>(p, rb, n, x, sums, o),
+                _ => tile::<T, 1>(p, rb, n, x, sums, o),
             }
-        }
+        });
     }
 
     /// Q4_K: super-blocks of 256 in eight sub-blocks of 32 with 6-bit scales and mins; each
@@ -581,7 +589,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::avx2::{h16, hsum, nibbles, Layout, Q4_0, Q5_0, Q8_0};
-    use super::{Rounded, ACT_BLOCK};
+    use super::{in_tiles, Rounded, ACT_BLOCK};
     use adaptq_quant::ggml::BlockType;
     use std::arch::x86_64::*;
 
@@ -693,17 +701,13 @@ mod avx512 {
         let n = rb / T::BYTES;
         assert!(rb == n * T::BYTES && rows.len() == out.len() * rb);
         assert!(x.q.len() >= n * ACT_BLOCK && x.steps.len() >= n && sums.len() >= n);
-        let mut r = 0;
-        while r < out.len() {
-            let p = rows.as_ptr().add(r * rb);
-            if r + 4 <= out.len() {
-                tile::<T, 4>(p, rb, n, x, sums, &mut out[r..r + 4]);
-                r += 4;
-            } else {
-                tile::<T, 1>(p, rb, n, x, sums, &mut out[r..r + 1]);
-                r += 1;
+        in_tiles(out.len(), |r, take| {
+            let (p, o) = (rows.as_ptr().add(r * rb), &mut out[r..r + take]);
+            match take {
+                4 => tile::<T, 4>(p, rb, n, x, sums, o),
+                _ => tile::<T, 1>(p, rb, n, x, sums, o),
             }
-        }
+        });
     }
 
     /// Q4_K's eight 6-bit scales and eight 6-bit mins of the super-block at `b`, as bytes
@@ -876,19 +880,15 @@ mod avx512 {
                 assert!(rb == n * bb && rows.len() == out.len() * rb);
                 assert!(x.q.len() >= n * 256 && x.steps.len() >= n * 8);
                 assert!(!k4 || sums.len() >= n * 8);
-                let mut r = 0;
-                while r < out.len() {
-                    let p = rows.as_ptr().add(r * rb);
-                    let take = if r + 4 <= out.len() { 4 } else { 1 };
-                    let o = &mut out[r..r + take];
+                in_tiles(out.len(), |r, take| {
+                    let (p, o) = (rows.as_ptr().add(r * rb), &mut out[r..r + take]);
                     match (k4, take) {
                         (true, 4) => rows_q4k::<4>(p, rb, n, x, sums, o),
                         (true, _) => rows_q4k::<1>(p, rb, n, x, sums, o),
                         (false, 4) => rows_q6k::<4>(p, rb, n, x, o),
                         (false, _) => rows_q6k::<1>(p, rb, n, x, o),
                     }
-                    r += take;
-                }
+                });
             }
             _ => unreachable!("`runs` accepts only these"),
         }
