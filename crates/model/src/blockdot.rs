@@ -177,6 +177,7 @@ fn rows_dot(
 
 /// The instruction sets a kernel may use, from the plainest.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 enum Level {
     Any,
     Avx2,
@@ -258,6 +259,7 @@ fn row_dot_any(ty: BlockType, row: &[u8], x: &Rounded, _sums: &[f32]) -> f32 {
 /// Calls `f(first, count)` over `rows` rows in tiles of four (each activation block loaded once
 /// for four rows, four weight streams in flight), then one row at a time.
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn in_tiles(rows: usize, mut f: impl FnMut(usize, usize)) {
     let mut r = 0;
     while r < rows {
@@ -608,6 +610,12 @@ mod avx512 {
         unsafe fn codes(a: *const u8, b: *const u8) -> __m512i;
     }
 
+    /// `[p[0], p[1], 0, 0]`, `p` at any alignment (an f32 slice's).
+    #[inline(always)]
+    unsafe fn two(p: *const f32) -> __m128 {
+        _mm_castsi128_ps(_mm_loadl_epi64(p as *const __m128i))
+    }
+
     /// The nibbles at `a` and `b` (16 bytes each), each block's low nibbles then its high ones.
     #[inline(always)]
     unsafe fn nibble_pair(a: *const u8, b: *const u8) -> __m512i {
@@ -661,8 +669,8 @@ mod avx512 {
         let mut i = 0;
         while i + 2 <= n {
             let xv = _mm512_loadu_si512(q.add(i * ACT_BLOCK) as *const __m512i);
-            let steps = _mm_castpd_ps(_mm_load_sd(x.steps.as_ptr().add(i) as *const f64));
-            let qsums = _mm_castpd_ps(_mm_load_sd(sums.as_ptr().add(i) as *const f64));
+            let steps = two(x.steps.as_ptr().add(i));
+            let qsums = two(sums.as_ptr().add(i));
             let qsums = _mm_mul_ps(qsums, _mm_set1_ps(T::OFFSET));
             for k in 0..R {
                 let a = p.add(k * rb + i * T::BYTES);
@@ -823,7 +831,7 @@ mod avx512 {
                     let a = i * 8 + half * 4 + 2 * pair;
                     let xv = _mm512_loadu_si512(q.add(a * ACT_BLOCK) as *const __m512i);
                     let xs = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, xv), 5);
-                    let steps = _mm_castpd_ps(_mm_load_sd(x.steps.as_ptr().add(a) as *const f64));
+                    let steps = two(x.steps.as_ptr().add(a));
                     let steps = _mm512_permutexvar_ps(block, _mm512_castps128_ps512(steps));
                     // The high bits of the pair's first block sit `4 · pair` up, the second's
                     // two more.
@@ -967,20 +975,23 @@ mod tests {
         }
     }
 
-    /// Every type's kernel (AVX2 where the CPU has it, and the portable loop) gives the
+    /// Every type's kernel (each loop the CPU runs, and the portable loop) gives the
     /// dequantized weight times the rounded activations: the integer parts exactly, so the
-    /// only difference is the order of the float sums.
+    /// only difference is the order of the float sums. Rows of one block and of an odd number
+    /// of blocks reach the paired loops' single last block.
     #[test]
     fn kernels_are_the_dequantized_product_of_rounded_activations() {
         let rows = 37;
         for ty in TYPES {
-            let cols = if ty.block_len() == 256 { 512 } else { 160 };
-            let w = wave(rows * cols, 0.37);
-            let bytes = quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
-            check(
-                &BlockMatrix::new(ty, bytes, rows, cols).unwrap(),
-                &wave(cols, 1.3),
-            );
+            let bl = ty.block_len();
+            for cols in [bl, if bl == 256 { 512 } else { 160 }] {
+                let w = wave(rows * cols, 0.37);
+                let bytes = quantize_rtn(ty, &w, rows, cols, None, false).unwrap();
+                check(
+                    &BlockMatrix::new(ty, bytes, rows, cols).unwrap(),
+                    &wave(cols, 1.3),
+                );
+            }
         }
         assert!(BlockMatrix::new(BlockType::Q4_0, vec![0; 17], 1, 32).is_err());
         assert!(BlockMatrix::new(BlockType::Q4K, vec![0; 144], 1, 128).is_err());
