@@ -187,18 +187,22 @@ enum Level {
 }
 
 impl Level {
+    /// The best level this CPU runs, detected once (every product's task asks).
     fn best() -> Level {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
-                    return Level::Avx512;
+        static BEST: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("fma") && has!("f16c") {
+                    if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                        return Level::Avx512;
+                    }
+                    return Level::Avx2;
                 }
-                return Level::Avx2;
             }
-        }
-        Level::Any
+            Level::Any
+        })
     }
 }
 
