@@ -21,7 +21,6 @@ use crate::intgrid::{round_row, Rounded, ACT_BLOCK};
 use adaptq_quant::ggml::BlockType;
 use anyhow::{bail, Result};
 use half::f16;
-use rayon::prelude::*;
 
 /// The block types these kernels run.
 pub fn runs(ty: BlockType) -> bool {
@@ -106,7 +105,7 @@ impl BlockMatrix {
         const ROWS: usize = 16;
         let sums = self.min_sums(x);
         let rb = self.row_bytes;
-        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+        crate::team::for_chunks(out, ROWS, |c, o| {
             let r0 = c * ROWS;
             let rows = &self.data[r0 * rb..(r0 + o.len()) * rb];
             rows_dot(self.ty, rows, rb, x, &sums, o);

@@ -4,8 +4,6 @@
 //! 2 ulp of `f32::exp` over the range a softmax or a sigmoid uses (tested below). The exact
 //! kernels keep candle's and libm's functions, so calibration's activations do not move.
 
-use rayon::prelude::*;
-
 /// Values per task of [`swiglu`].
 const CHUNK: usize = 4096;
 
@@ -133,15 +131,15 @@ pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
         g.len() == out.len() && u.len() == out.len(),
         "swiglu of unequal lengths"
     );
-    out.par_chunks_mut(CHUNK)
-        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-        .for_each(|(o, (g, u))| {
-            o.iter_mut().zip(g).for_each(|(o, g)| *o = -g);
-            exp_in_place(o);
-            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + *o) * u;
-            }
-        });
+    crate::team::for_chunks(out, CHUNK, |c, o| {
+        let at = c * CHUNK..c * CHUNK + o.len();
+        let (g, u) = (&g[at.clone()], &u[at]);
+        o.iter_mut().zip(g).for_each(|(o, g)| *o = -g);
+        exp_in_place(o);
+        for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+            *o = g / (1.0 + *o) * u;
+        }
+    });
 }
 
 #[cfg(test)]

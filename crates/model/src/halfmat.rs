@@ -8,8 +8,6 @@
 //! Hand-written because candle's quantized matmul widens f16 weights to f32 at load, and its
 //! gemm, built for batches, runs one row of activations at a third of memory speed.
 
-use rayon::prelude::*;
-
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
@@ -108,7 +106,7 @@ impl<T: Element> RowMatrix<T> {
     pub fn gemv(&self, x: &[f32], out: &mut [f32]) {
         const ROWS: usize = 64;
         let row = |r: usize| &self.w[r * self.cols..(r + 1) * self.cols];
-        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+        crate::team::for_chunks(out, ROWS, |c, o| {
             let mut buf = [0f32; CHUNK];
             let r0 = c * ROWS;
             let mut i = 0;

@@ -21,6 +21,7 @@ pub mod halfmat;
 pub mod intgrid;
 pub mod llama;
 pub mod lookup;
+mod team;
 pub mod tokenizer;
 mod weights;
 

@@ -495,7 +495,8 @@ fn project(
     hook: &mut Option<Hook>,
 ) -> Result<Vec<Tensor>> {
     if ls.len() == widths.len() {
-        if hook.is_none() && x.dims2()?.0 < GEMM_ROWS && ls.iter().all(|l| l.is_packed()) {
+        let one_token = hook.is_none() && x.dims2()?.0 < GEMM_ROWS;
+        if one_token && !crate::team::open() && ls.iter().all(|l| l.is_packed()) {
             // One token: the products share one parallel region, so the pool's threads go
             // from one to the next instead of sleeping and waking between them.
             let mut outs: Vec<Option<Result<Tensor>>> = ls.iter().map(|_| None).collect();
@@ -1588,19 +1589,23 @@ impl Llama {
             };
             return o.forward(&attn, hook);
         }
-        // Tasks of at least ~64k multiply-adds: a short context's token attends on one thread
-        // rather than waking the pool for a few microseconds of work.
+        // On rayon, tasks of at least ~64k multiply-adds: a short context's token attends on
+        // one thread rather than waking the pool for a few microseconds of work. The spinning
+        // team is awake already.
         let per_task = (kv.len * hd).max(1);
-        let min_len = (1usize << 16).div_ceil(per_task);
-        out.par_chunks_mut(hd)
-            .with_min_len(min_len)
-            .enumerate()
-            .for_each(|(th, out)| {
+        let min_len = match crate::team::open() {
+            true => 1,
+            false => (1usize << 16).div_ceil(per_task),
+        };
+        crate::team::for_chunks(&mut out, min_len * hd, |c, part| {
+            for (j, out) in part.chunks_mut(hd).enumerate() {
+                let th = c * min_len + j;
                 let (ti, h) = (th / nh, th % nh);
                 let qh = &q[th * hd..(th + 1) * hd];
                 let pos = past + ti;
                 let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let kv_at = |j: usize| j * width + (h / rep) * hd;
+                let head = (h / rep) * hd;
+                let kv_at = |j: usize| j * width + head;
                 let mut p: Vec<f32> = (lo..=pos)
                     .map(|j| dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]))
                     .collect();
@@ -1610,7 +1615,8 @@ impl Llama {
                         *o += w * v;
                     }
                 }
-            });
+            }
+        });
         let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
         let attn = match self.rotation.as_ref() {
             Some(r) => rot_rows(&attn, &r.attn)?,
@@ -1721,7 +1727,9 @@ impl Llama {
     ) -> Result<Tensor> {
         match hook {
             Some(h) => self.head(&self.hidden(tokens, cache, Some(h))?),
-            None => on_pool(|| self.head(&self.hidden(tokens, cache, None)?)),
+            None => self.on_threads(tokens.len(), || {
+                self.head(&self.hidden(tokens, cache, None)?)
+            }),
         }
     }
 
@@ -1732,7 +1740,7 @@ impl Llama {
         if tokens.is_empty() {
             bail!("no tokens to run");
         }
-        on_pool(|| {
+        self.on_threads(tokens.len(), || {
             let h = self.hidden(tokens, cache, None)?;
             let t = h.dims()[0];
             self.head(&h.narrow(0, t - 1, 1)?)
@@ -1747,6 +1755,15 @@ impl Llama {
             let t = h.dims()[0];
             self.head(&h.narrow(0, from, t - from)?)
         })
+    }
+
+    /// Runs a pass of `t` new tokens: a few tokens on the packed kernels on the spinning team
+    /// (a pass is hundreds of products of microseconds), anything else on rayon's pool.
+    fn on_threads<R: Send>(&self, t: usize, f: impl FnOnce() -> R + Send) -> R {
+        match self.kernels == Kernels::Packed && t < GEMM_ROWS {
+            true => crate::team::session(f),
+            false => on_pool(f),
+        }
     }
 
     /// Hidden states after the last block (before the final norm), `[T, hidden]`.

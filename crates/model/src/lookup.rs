@@ -12,7 +12,6 @@
 
 use adaptq_quant::novaq::CodebookTensor;
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
 struct Stage {
     /// Centroids in the book.
@@ -122,7 +121,7 @@ impl CodebookMatrix {
             .iter()
             .map(|s| {
                 let mut t = vec![0f32; self.nv * s.k];
-                t.par_chunks_mut(s.k).enumerate().for_each(|(v, tv)| {
+                crate::team::for_chunks(&mut t, s.k, |v, tv| {
                     let xv = &xs[v * self.dim..((v + 1) * self.dim).min(self.cols)];
                     for (e, c) in tv.iter_mut().zip(s.centroids.chunks_exact(self.dim)) {
                         *e = xv.iter().zip(c).map(|(a, b)| a * b).sum();
@@ -132,7 +131,7 @@ impl CodebookMatrix {
             })
             .collect();
         const ROWS: usize = 32;
-        out.par_chunks_mut(ROWS).enumerate().for_each(|(c, o)| {
+        crate::team::for_chunks(out, ROWS, |c, o| {
             for (i, o) in o.iter_mut().enumerate() {
                 let r = c * ROWS + i;
                 // Four running sums, so the additions do not wait on each other; the mask

@@ -1,0 +1,306 @@
+//! A spinning worker team for one-token passes.
+//!
+//! Generating one token makes a few hundred parallel products of a few microseconds each. On
+//! rayon's pool the idle thread goes to sleep between them and is woken by a futex for the next
+//! (about 90 sleeps per token on SmolLM2, each on the critical path). Inside a [`session`] the
+//! products go instead to a team of threads that spin on an atomic counter while the session
+//! lasts and park when it ends: one wake per pass, as llama.cpp's thread pool does. Outside a
+//! session [`for_chunks`] is rayon's `par_chunks_mut`.
+//!
+//! Hand-written because rayon has no spin-while-busy mode and no well-kept crate offers a team
+//! scoped to one pass that parks between passes.
+
+use rayon::prelude::*;
+use std::cell::{Cell, UnsafeCell};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::Thread;
+
+/// The job being run: tasks `0..n` of `f`, in `parts` contiguous runs (one claim each, so the
+/// threads share a cache line once per run rather than once per task). The pointer is
+/// lifetime-erased; [`Shared::run`] does not return before every run that read it has finished.
+#[derive(Clone, Copy)]
+struct Job {
+    f: *const (dyn Fn(usize) + Sync),
+    n: usize,
+    parts: usize,
+}
+
+struct Shared {
+    /// Unclaimed runs of the current job: a claim takes run `remaining - 1`.
+    remaining: AtomicUsize,
+    /// Finished runs of the current job.
+    done: AtomicUsize,
+    /// Written by the session's thread only while no task can be claimed; read by a thread only
+    /// after it claimed a task (the claim acquires the store of `remaining` that published it).
+    job: UnsafeCell<Option<Job>>,
+    /// A session is open: workers spin. Otherwise they park.
+    active: AtomicBool,
+    panicked: AtomicBool,
+}
+
+// SAFETY: `job` is accessed under the claim protocol described on the field.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+impl Shared {
+    fn claim(&self) -> Option<usize> {
+        let mut r = self.remaining.load(Acquire);
+        while r > 0 {
+            match self
+                .remaining
+                .compare_exchange_weak(r, r - 1, AcqRel, Acquire)
+            {
+                Ok(_) => return Some(r - 1),
+                Err(now) => r = now,
+            }
+        }
+        None
+    }
+
+    /// Runs run `k` of the current job (claimed by the caller) and counts it done.
+    fn work(&self, k: usize) {
+        // SAFETY: a claimed run's job stays in place until its `done` count is seen.
+        let j = unsafe { (*self.job.get()).expect("a claimed run has a job") };
+        let tasks = k * j.n / j.parts..(k + 1) * j.n / j.parts;
+        if catch_unwind(AssertUnwindSafe(|| {
+            tasks.for_each(|i| unsafe { (*j.f)(i) })
+        }))
+        .is_err()
+        {
+            self.panicked.store(true, Release);
+        }
+        self.done.fetch_add(1, Release);
+    }
+
+    /// Runs `f(0) .. f(n - 1)` across the team and the calling thread, in `parts` runs.
+    fn run(&self, n: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+        // SAFETY: only the lifetime is erased; every task has finished before this returns.
+        let f = unsafe {
+            std::mem::transmute::<&(dyn Fn(usize) + Sync), *const (dyn Fn(usize) + Sync)>(f)
+        };
+        let parts = parts.clamp(1, n.max(1));
+        unsafe { *self.job.get() = Some(Job { f, n, parts }) };
+        self.done.store(0, Relaxed);
+        self.remaining.store(parts, Release);
+        while let Some(k) = self.claim() {
+            self.work(k);
+        }
+        while self.done.load(Acquire) < parts {
+            spin();
+        }
+        unsafe { *self.job.get() = None };
+        if self.panicked.swap(false, AcqRel) {
+            resume_unwind(Box::new("a task of the worker team panicked"));
+        }
+    }
+
+    fn worker(&self) {
+        loop {
+            if !self.active.load(Acquire) {
+                std::thread::park();
+                continue;
+            }
+            match self.claim() {
+                Some(i) => self.work(i),
+                None => spin(),
+            }
+        }
+    }
+}
+
+/// One wait step. No PAUSE (`spin_loop`): a hypervisor with pause-loop exiting takes a vCPU
+/// that keeps pausing off its core, and these machines are virtual.
+#[inline(always)]
+fn spin() {}
+
+struct Team {
+    shared: Arc<Shared>,
+    workers: Vec<Thread>,
+    /// One session at a time; a second caller runs on rayon.
+    busy: Mutex<()>,
+}
+
+static TEAM: OnceLock<Team> = OnceLock::new();
+
+/// Runs per thread in a job: a little slack for a thread that starts late.
+const PARTS: usize = 1;
+
+thread_local! {
+    /// The team this thread opened a session on.
+    static OPEN: Cell<Option<&'static Team>> = const { Cell::new(None) };
+}
+
+impl Team {
+    fn new(size: usize) -> Team {
+        let shared = Arc::new(Shared {
+            remaining: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            job: UnsafeCell::new(None),
+            active: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+        });
+        let workers = (1..size)
+            .map(|i| {
+                let s = Arc::clone(&shared);
+                std::thread::Builder::new()
+                    .name(format!("adaptq-team-{i}"))
+                    .spawn(move || s.worker())
+                    .expect("spawn a worker thread")
+                    .thread()
+                    .clone()
+            })
+            .collect();
+        Team {
+            shared,
+            workers,
+            busy: Mutex::new(()),
+        }
+    }
+}
+
+/// Closes the session when the body returns or unwinds.
+struct Close(&'static Team);
+
+impl Drop for Close {
+    fn drop(&mut self) {
+        self.0.shared.active.store(false, Release);
+        OPEN.with(|o| o.set(None));
+    }
+}
+
+/// Runs `body` with [`for_chunks`] on the spinning team (as many threads as rayon's current
+/// pool, the caller among them). Without a second thread, inside another session, or while
+/// another thread holds the team, `body` runs as it is.
+pub fn session<R>(body: impl FnOnce() -> R) -> R {
+    let n = rayon::current_num_threads();
+    if n < 2 || OPEN.with(|o| o.get().is_some()) {
+        return body();
+    }
+    let team = TEAM.get_or_init(|| Team::new(n));
+    if team.workers.len() + 1 != n {
+        return body();
+    }
+    let Ok(_held) = team.busy.try_lock() else {
+        return body();
+    };
+    team.shared.active.store(true, Release);
+    team.workers.iter().for_each(Thread::unpark);
+    OPEN.with(|o| o.set(Some(team)));
+    let _close = Close(team);
+    body()
+}
+
+/// `f(i, chunk i)` for every `chunk`-long piece of `out` (the last may be shorter), in
+/// parallel: on the team inside a session, else on rayon's pool.
+pub fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    assert!(chunk > 0, "chunks of no length");
+    let Some(team) = OPEN.with(|o| o.get()) else {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+        return;
+    };
+    let (len, base) = (out.len(), Ptr(out.as_mut_ptr()));
+    let n = len.div_ceil(chunk);
+    let task = |i: usize| {
+        let at = i * chunk;
+        let base = &base;
+        // SAFETY: task `i` alone touches `out[at .. at + chunk]`, inside `out`'s borrow.
+        let c = unsafe { std::slice::from_raw_parts_mut(base.0.add(at), chunk.min(len - at)) };
+        f(i, c)
+    };
+    match n {
+        0 => {}
+        1 => task(0),
+        _ => {
+            // A task on this thread that asks for chunks of its own runs them on rayon: the
+            // team holds one job at a time.
+            OPEN.with(|o| o.set(None));
+            let _reopen = Reopen(team);
+            team.shared.run(n, PARTS * (team.workers.len() + 1), &task)
+        }
+    }
+}
+
+/// Marks the session open on this thread again when a job returns or unwinds.
+struct Reopen(&'static Team);
+
+impl Drop for Reopen {
+    fn drop(&mut self) {
+        OPEN.with(|o| o.set(Some(self.0)));
+    }
+}
+
+/// A slice's base pointer, handed to the tasks that each write their own part.
+struct Ptr<T>(*mut T);
+// SAFETY: the tasks write disjoint parts of one `&mut [T]` with `T: Send`.
+unsafe impl<T: Send> Sync for Ptr<T> {}
+
+/// Whether this thread has a session open (its products need no other parallel region).
+pub fn open() -> bool {
+    OPEN.with(|o| o.get().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every chunk is visited once with its index, inside a session and outside, including a
+    /// short last chunk, and sessions open again after one closes.
+    #[test]
+    fn chunks_are_each_run_once() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let fill = |v: &mut Vec<u64>| {
+            for_chunks(v, 7, |i, c| {
+                for (j, x) in c.iter_mut().enumerate() {
+                    *x += (i * 7 + j) as u64 + 1;
+                }
+            })
+        };
+        for round in 0..3 {
+            let mut inside = vec![0u64; 1000];
+            let mut outside = vec![0u64; 1000];
+            pool.install(|| {
+                session(|| {
+                    for _ in 0..50 {
+                        fill(&mut inside);
+                    }
+                });
+                assert!(!open());
+                for _ in 0..50 {
+                    fill(&mut outside);
+                }
+            });
+            let want: Vec<u64> = (0..1000).map(|i| 50 * (i + 1)).collect();
+            assert_eq!(inside, want, "round {round}");
+            assert_eq!(outside, want, "round {round}");
+        }
+    }
+
+    /// A panicking task reaches the caller after every other task has finished, and the team
+    /// runs the next job.
+    #[test]
+    fn a_panic_reaches_the_caller() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let r = catch_unwind(|| {
+                session(|| {
+                    let mut v = vec![0u8; 64];
+                    for_chunks(&mut v, 1, |i, _| assert!(i != 13, "task 13"));
+                })
+            });
+            assert!(r.is_err());
+            let mut v = vec![0u8; 64];
+            session(|| for_chunks(&mut v, 3, |_, c| c.fill(1)));
+            assert!(v.iter().all(|&x| x == 1));
+        });
+    }
+}
