@@ -18,6 +18,9 @@ struct Stage {
     k: usize,
     /// `k × dim` values.
     centroids: Vec<f32>,
+    /// The same, `dim × k`: a table's `k` entries for one vector are then `dim` vertical
+    /// multiply-adds of whole rows, which vectorize across the centroids.
+    by_dim: Vec<f32>,
     /// One code per vector, `rows × vectors`.
     codes: Vec<u16>,
 }
@@ -58,11 +61,18 @@ impl CodebookMatrix {
                 let k = 1usize << s.bits;
                 let codes = adaptq_loader::codebook::unpack(&s.codes, s.bits, nvec);
                 match codes {
-                    Some(codes) if Some(s.centroids.len()) == k.checked_mul(dim) => Ok(Stage {
-                        k,
-                        centroids: s.centroids.iter().map(|c| c.to_f32()).collect(),
-                        codes,
-                    }),
+                    Some(codes) if Some(s.centroids.len()) == k.checked_mul(dim) => {
+                        let centroids: Vec<f32> = s.centroids.iter().map(|c| c.to_f32()).collect();
+                        let by_dim = (0..dim * k)
+                            .map(|i| centroids[(i % k) * dim + i / k])
+                            .collect();
+                        Ok(Stage {
+                            k,
+                            centroids,
+                            by_dim,
+                            codes,
+                        })
+                    }
                     _ => bail!("a codebook stage of {} bits does not fit its shape", s.bits),
                 }
             })
@@ -123,39 +133,124 @@ impl CodebookMatrix {
                 let mut t = vec![0f32; self.nv * s.k];
                 crate::team::for_chunks(&mut t, s.k, |v, tv| {
                     let xv = &xs[v * self.dim..((v + 1) * self.dim).min(self.cols)];
-                    for (e, c) in tv.iter_mut().zip(s.centroids.chunks_exact(self.dim)) {
-                        *e = xv.iter().zip(c).map(|(a, b)| a * b).sum();
-                    }
+                    table(xv, &s.by_dim, tv);
                 });
                 t
             })
             .collect();
         const ROWS: usize = 32;
+        let gather = self.gathers();
         crate::team::for_chunks(out, ROWS, |c, o| {
             for (i, o) in o.iter_mut().enumerate() {
                 let r = c * ROWS + i;
-                // Four running sums, so the additions do not wait on each other; the mask
-                // (books hold a power of two) lets the compiler drop the bounds checks.
-                let mut acc = [0f32; 4];
-                for (s, t) in self.stages.iter().zip(&tables) {
-                    let codes = &s.codes[r * self.nv..(r + 1) * self.nv];
-                    let mask = s.k - 1;
-                    let mut quads = t.chunks_exact(4 * s.k).zip(codes.chunks_exact(4));
-                    for (tq, cq) in &mut quads {
-                        for l in 0..4 {
-                            let tv = &tq[l * s.k..(l + 1) * s.k];
-                            acc[l] += tv[cq[l] as usize & mask];
-                        }
-                    }
-                    let done = codes.len() / 4 * 4;
-                    for (tv, &code) in t[done * s.k..].chunks_exact(s.k).zip(&codes[done..]) {
-                        acc[0] += tv[code as usize & mask];
-                    }
-                }
-                let acc = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+                let acc = match gather {
+                    // SAFETY: `gathers` checked the CPU and that every table index fits in i32.
+                    #[cfg(target_arch = "x86_64")]
+                    true => unsafe { row_gathered(&self.stages, &tables, r, self.nv) },
+                    _ => row_looked_up(&self.stages, &tables, r, self.nv),
+                };
                 *o = self.row_mean[r] * xsum + self.row_scale[r] * acc;
             }
         });
+    }
+
+    /// Whether rows take their table entries by AVX-512 gathers (16 per instruction).
+    fn gathers(&self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let fits = |s: &Stage| {
+                s.k.checked_mul(self.nv)
+                    .is_some_and(|n| n <= i32::MAX as usize)
+            };
+            std::arch::is_x86_feature_detected!("avx512f") && self.stages.iter().all(fits)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+}
+
+/// Row `r`'s sum of one table entry per vector and stage. Four running sums, so the additions
+/// do not wait on each other; the mask (books hold a power of two) lets the compiler drop the
+/// bounds checks.
+fn row_looked_up(stages: &[Stage], tables: &[Vec<f32>], r: usize, nv: usize) -> f32 {
+    let mut acc = [0f32; 4];
+    for (s, t) in stages.iter().zip(tables) {
+        let codes = &s.codes[r * nv..(r + 1) * nv];
+        let mask = s.k - 1;
+        let mut quads = t.chunks_exact(4 * s.k).zip(codes.chunks_exact(4));
+        for (tq, cq) in &mut quads {
+            for l in 0..4 {
+                let tv = &tq[l * s.k..(l + 1) * s.k];
+                acc[l] += tv[cq[l] as usize & mask];
+            }
+        }
+        let done = codes.len() / 4 * 4;
+        for (tv, &code) in t[done * s.k..].chunks_exact(s.k).zip(&codes[done..]) {
+            acc[0] += tv[code as usize & mask];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// [`row_looked_up`] sixteen vectors at a time: codes widened to 32 bits, masked, offset by
+/// each vector's table and gathered. The same entries summed in another order.
+///
+/// # Safety
+/// The CPU has AVX-512F, and `nv · k` fits in i32 for every stage.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_gathered(stages: &[Stage], tables: &[Vec<f32>], r: usize, nv: usize) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut tail = 0f32;
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (s, t) in stages.iter().zip(tables) {
+        let codes = &s.codes[r * nv..(r + 1) * nv];
+        let k = s.k as i32;
+        let mask = _mm512_set1_epi32(k - 1);
+        let step = _mm512_set1_epi32(16 * k);
+        let mut base = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(k));
+        let full = nv / 16 * 16;
+        for (j, c) in codes[..full].chunks_exact(16).enumerate() {
+            let c = _mm512_cvtepu16_epi32(_mm256_loadu_si256(c.as_ptr().cast()));
+            let idx = _mm512_add_epi32(base, _mm512_and_si512(c, mask));
+            let e = _mm512_i32gather_ps::<4>(idx, t.as_ptr());
+            acc[j % 2] = _mm512_add_ps(acc[j % 2], e);
+            base = _mm512_add_epi32(base, step);
+        }
+        for (v, &code) in (full..nv).zip(&codes[full..]) {
+            tail += t[v * s.k + (code as usize & (s.k - 1))];
+        }
+    }
+    _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + tail
+}
+
+/// One vector's table: `t[k] = Σ_d xv[d] · C[k][d]` for every centroid `k`, from the centroids
+/// stored `dim × k`, summed over `d` in order (the same bits as the dot products in order).
+fn table(xv: &[f32], by_dim: &[f32], t: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { table_avx512(xv, by_dim, t) };
+    }
+    table_any(xv, by_dim, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn table_avx512(xv: &[f32], by_dim: &[f32], t: &mut [f32]) {
+    table_any(xv, by_dim, t)
+}
+
+/// Plain loops (a closure would not inherit the caller's target features).
+#[inline(always)]
+fn table_any(xv: &[f32], by_dim: &[f32], t: &mut [f32]) {
+    let k = t.len();
+    t.fill(0.0);
+    for (&a, c) in xv.iter().zip(by_dim.chunks_exact(k)) {
+        for (e, &c) in t.iter_mut().zip(c) {
+            *e += a * c;
+        }
     }
 }
 
@@ -177,10 +272,15 @@ mod tests {
     use adaptq_quant::novaq::Stage as Book;
     use half::f16;
 
-    /// A seeded codebook tensor with a short last vector, decoded and multiplied both ways.
+    /// Seeded codebook tensors with a short last vector, decoded and multiplied both ways; the
+    /// second has rows of more than 16 vectors (the gathered loop, and its tail).
     #[test]
     fn lookup_is_the_dequantized_product() {
-        let (rows, cols, dim): (usize, usize, usize) = (9, 50, 6);
+        lookup_case(9, 50, 6);
+        lookup_case(5, 200, 3);
+    }
+
+    fn lookup_case(rows: usize, cols: usize, dim: usize) {
         let nv = cols.div_ceil(dim);
         let h = |i: usize, a: f32| f16::from_f32(((i as f32) * a).sin() * 0.5);
         let book = |bits: u8, a: f32| {
@@ -216,6 +316,19 @@ mod tests {
                 .map(|(&a, &b)| a as f64 * b as f64)
                 .sum();
             assert!((got as f64 - want).abs() < 1e-4, "row {r}: {got} vs {want}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if m.gathers() {
+            let tables: Vec<Vec<f32>> = m
+                .stages
+                .iter()
+                .map(|s| (0..nv * s.k).map(|i| (i as f32 * 0.37).sin()).collect())
+                .collect();
+            for r in 0..rows {
+                let a = unsafe { row_gathered(&m.stages, &tables, r, nv) };
+                let b = row_looked_up(&m.stages, &tables, r, nv);
+                assert!((a - b).abs() < 1e-4, "row {r}: {a} gathered, {b} looked up");
+            }
         }
         let mut bad = t.clone();
         bad.stages[1].codes.pop();
