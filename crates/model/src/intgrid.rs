@@ -87,9 +87,10 @@ unsafe fn round_row_avx512(x: &[f32]) -> Rounded {
             _mm512_loadu_ps(b.as_ptr()),
             _mm512_loadu_ps(b.as_ptr().add(16)),
         ];
-        // `max(|v|, m)` keeps `m` where `|v|` is NaN, as `block_step` skips NaN.
-        let m = _mm512_max_ps(_mm512_abs_ps(v[1]), _mm512_abs_ps(v[0]));
-        let amax = _mm512_reduce_max_ps(_mm512_max_ps(m, _mm512_setzero_ps()));
+        // `max_ps(a, b)` is `b` where either is NaN: `max(|v|, m)` keeps `m` past a NaN, as
+        // `block_step` skips NaN.
+        let m = _mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_setzero_ps());
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[1]), m));
         let d = amax / 127.0;
         let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
         for (h, v) in v.into_iter().enumerate() {
@@ -99,7 +100,10 @@ unsafe fn round_row_avx512(x: &[f32]) -> Rounded {
             let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(
                 _mm512_add_ps(s, bias),
             );
-            let r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+            // The clamp would take NaN (from NaN, or 0 · ∞ when the step underflows) to -127;
+            // `NaN as i8` is 0.
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(s, s);
+            let r = _mm512_maskz_mov_ps(ordered, _mm512_min_ps(_mm512_max_ps(r, lo), hi));
             let codes = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(r));
             _mm_storeu_si128(qb.as_mut_ptr().add(16 * h).cast(), codes);
         }
@@ -445,7 +449,7 @@ mod tests {
     fn vector_rounding_is_the_portable_rounding() {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            let mut x = wave(32 * 7 + 13, 2.3);
+            let mut x = wave(32 * 8 + 13, 2.3);
             // A block whose step is 1: every value a tie.
             for (i, v) in x[32..64].iter_mut().enumerate() {
                 *v = if i == 0 {
@@ -456,6 +460,14 @@ mod tests {
             }
             x[64..96].fill(0.0);
             x[96..128].iter_mut().for_each(|v| *v = -*v * 1e-30);
+            // NaN in the first register's lanes, infinity, and a step so small that its
+            // inverse is infinite (0 · ∞ for the zeros).
+            x[128 + 3] = f32::NAN;
+            x[128 + 19] = 5.0;
+            x[160 + 7] = f32::INFINITY;
+            x[192..224].fill(0.0);
+            x[192] = 1e-38;
+            x[224 + 20] = f32::NAN;
             for n in [0, 5, 32, 64, x.len()] {
                 let (a, b) = (unsafe { round_row_avx512(&x[..n]) }, round_row_any(&x[..n]));
                 assert_eq!(a.q, b.q, "{n} values");

@@ -226,7 +226,8 @@ unsafe fn row_gathered(stages: &[Stage], tables: &[Vec<f32>], r: usize, nv: usiz
 }
 
 /// One vector's table: `t[k] = Σ_d xv[d] · C[k][d]` for every centroid `k`, from the centroids
-/// stored `dim × k`, summed over `d` in order (the same bits as the dot products in order).
+/// stored `dim × k`, summed over `d` in order (the in-order dot products' values, up to the
+/// sign of a zero).
 fn table(xv: &[f32], by_dim: &[f32], t: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {

@@ -11,6 +11,7 @@
 //! scoped to one pass that parks between passes.
 
 use rayon::prelude::*;
+use std::any::Any;
 use std::cell::{Cell, UnsafeCell};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
@@ -37,7 +38,8 @@ struct Shared {
     job: UnsafeCell<Option<Job>>,
     /// A session is open: workers spin. Otherwise they park.
     active: AtomicBool,
-    panicked: AtomicBool,
+    /// The first panic of a task of the current job, raised again on the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 // SAFETY: `job` is accessed under the claim protocol described on the field.
@@ -64,12 +66,10 @@ impl Shared {
         // SAFETY: a claimed run's job stays in place until its `done` count is seen.
         let j = unsafe { (*self.job.get()).expect("a claimed run has a job") };
         let tasks = k * j.n / j.parts..(k + 1) * j.n / j.parts;
-        if catch_unwind(AssertUnwindSafe(|| {
-            tasks.for_each(|i| unsafe { (*j.f)(i) })
-        }))
-        .is_err()
-        {
-            self.panicked.store(true, Release);
+        let run = AssertUnwindSafe(|| tasks.for_each(|i| unsafe { (*j.f)(i) }));
+        if let Err(e) = catch_unwind(run) {
+            let mut p = self.panic.lock().unwrap_or_else(|p| p.into_inner());
+            p.get_or_insert(e);
         }
         self.done.fetch_add(1, Release);
     }
@@ -91,8 +91,9 @@ impl Shared {
             spin();
         }
         unsafe { *self.job.get() = None };
-        if self.panicked.swap(false, AcqRel) {
-            resume_unwind(Box::new("a task of the worker team panicked"));
+        let panic = self.panic.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(e) = panic {
+            resume_unwind(e);
         }
     }
 
@@ -124,7 +125,7 @@ struct Team {
 
 static TEAM: OnceLock<Team> = OnceLock::new();
 
-/// Runs per thread in a job: a little slack for a thread that starts late.
+/// Runs per thread in a job: one contiguous run each, the fewest claims.
 const PARTS: usize = 1;
 
 thread_local! {
@@ -139,7 +140,7 @@ impl Team {
             done: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
             active: AtomicBool::new(false),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
         });
         let workers = (1..size)
             .map(|i| {
@@ -171,8 +172,9 @@ impl Drop for Close {
 }
 
 /// Runs `body` with [`for_chunks`] on the spinning team (as many threads as rayon's current
-/// pool, the caller among them). Without a second thread, inside another session, or while
-/// another thread holds the team, `body` runs as it is.
+/// pool, the caller among them; the team is made for the first session's pool). Without a
+/// second thread, inside another session, from a pool of another size than the team's, or
+/// while another thread holds the team, `body` runs as it is.
 pub fn session<R>(body: impl FnOnce() -> R) -> R {
     let n = rayon::current_num_threads();
     if n < 2 || OPEN.with(|o| o.get().is_some()) {
@@ -182,6 +184,10 @@ pub fn session<R>(body: impl FnOnce() -> R) -> R {
     if team.workers.len() + 1 != n {
         return body();
     }
+    session_on(team, body)
+}
+
+fn session_on<R>(team: &'static Team, body: impl FnOnce() -> R) -> R {
     let Ok(_held) = team.busy.try_lock() else {
         return body();
     };
@@ -247,14 +253,23 @@ pub fn open() -> bool {
 mod tests {
     use super::*;
 
+    /// A team of its own for each test, so the global one's size and other tests' sessions
+    /// do not decide what runs where.
+    fn team() -> &'static Team {
+        Box::leak(Box::new(Team::new(2)))
+    }
+
+    fn on_team_thread() -> bool {
+        std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("adaptq-team-"))
+    }
+
     /// Every chunk is visited once with its index, inside a session and outside, including a
-    /// short last chunk, and sessions open again after one closes.
+    /// short last chunk; some run on the team's thread; sessions open again after one closes.
     #[test]
     fn chunks_are_each_run_once() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
+        let team = team();
         let fill = |v: &mut Vec<u64>| {
             for_chunks(v, 7, |i, c| {
                 for (j, x) in c.iter_mut().enumerate() {
@@ -262,45 +277,71 @@ mod tests {
                 }
             })
         };
+        let want: Vec<u64> = (0..1000).map(|i| 50 * (i + 1)).collect();
         for round in 0..3 {
             let mut inside = vec![0u64; 1000];
-            let mut outside = vec![0u64; 1000];
-            pool.install(|| {
-                session(|| {
-                    for _ in 0..50 {
-                        fill(&mut inside);
-                    }
-                });
-                assert!(!open());
+            session_on(team, || {
+                assert!(open());
                 for _ in 0..50 {
-                    fill(&mut outside);
+                    fill(&mut inside);
                 }
             });
-            let want: Vec<u64> = (0..1000).map(|i| 50 * (i + 1)).collect();
+            assert!(!open());
             assert_eq!(inside, want, "round {round}");
-            assert_eq!(outside, want, "round {round}");
         }
+        let mut outside = vec![0u64; 1000];
+        for _ in 0..50 {
+            fill(&mut outside);
+        }
+        assert_eq!(outside, want);
+        let helped = AtomicBool::new(false);
+        session_on(team, || {
+            for _ in 0..200 {
+                let mut v = [0u8; 2];
+                for_chunks(&mut v, 1, |_, _| {
+                    if on_team_thread() {
+                        helped.store(true, Relaxed);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                });
+                if helped.load(Relaxed) {
+                    break;
+                }
+            }
+        });
+        assert!(helped.load(Relaxed), "no task ran on the team's thread");
     }
 
-    /// A panicking task reaches the caller after every other task has finished, and the team
-    /// runs the next job.
+    /// A task that asks for chunks of its own gets them (on rayon), and the outer job goes on.
+    #[test]
+    fn chunks_inside_a_task() {
+        let mut v = vec![0u32; 64];
+        session_on(team(), || {
+            for_chunks(&mut v, 16, |_, c| {
+                for_chunks(c, 4, |i, d| d.fill(i as u32 + 1));
+            });
+            assert!(open());
+        });
+        let want: Vec<u32> = (0..64).map(|i| (i % 16 / 4 + 1) as u32).collect();
+        assert_eq!(v, want);
+    }
+
+    /// A panicking task's own payload reaches the caller after every other task has finished,
+    /// and the team runs the next job.
     #[test]
     fn a_panic_reaches_the_caller() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(2)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let r = catch_unwind(|| {
-                session(|| {
-                    let mut v = vec![0u8; 64];
-                    for_chunks(&mut v, 1, |i, _| assert!(i != 13, "task 13"));
-                })
-            });
-            assert!(r.is_err());
-            let mut v = vec![0u8; 64];
-            session(|| for_chunks(&mut v, 3, |_, c| c.fill(1)));
-            assert!(v.iter().all(|&x| x == 1));
-        });
+        let team = team();
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            session_on(team, || {
+                let mut v = vec![0u8; 64];
+                for_chunks(&mut v, 1, |i, _| assert!(i != 13, "task 13"));
+            })
+        }));
+        let e = r.expect_err("the panic is raised");
+        let msg = e.downcast_ref::<&str>().copied();
+        assert_eq!(msg, Some("task 13"));
+        let mut v = vec![0u8; 64];
+        session_on(team, || for_chunks(&mut v, 3, |_, c| c.fill(1)));
+        assert!(v.iter().all(|&x| x == 1));
     }
 }
