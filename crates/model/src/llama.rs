@@ -763,6 +763,66 @@ fn attention_mask(t: usize, s: usize, window: Option<usize>) -> Result<Option<Te
     Ok(Some(Tensor::from_vec(mask, (t, s), &Device::Cpu)?))
 }
 
+/// One query head's view of a layer's cache: columns `at..at + hd` of cached rows `lo..=pos`.
+struct Keys<'a> {
+    kv: &'a LayerKv,
+    width: usize,
+    at: usize,
+    lo: usize,
+    pos: usize,
+}
+
+impl Keys<'_> {
+    /// Adds to `out` the values weighted by `probs` of the query's scores against the keys
+    /// (`p` holds the scores). Compiled for AVX-512 where the CPU has it, so the per-key dot
+    /// products inline rather than each checking the CPU and calling out; the same sums.
+    fn attend(&self, q: &[f32], p: &mut Vec<f32>, probs: &dyn Fn(&mut [f32]), out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { self.attend_avx512(q, p, probs, out) };
+        }
+        self.attend_with(dot, q, p, probs, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn attend_avx512(
+        &self,
+        q: &[f32],
+        p: &mut Vec<f32>,
+        probs: &dyn Fn(&mut [f32]),
+        out: &mut [f32],
+    ) {
+        self.attend_with(|a, b| unsafe { dot_avx512(a, b) }, q, p, probs, out)
+    }
+
+    /// Plain loops: the body takes its caller's target features.
+    #[inline(always)]
+    fn attend_with(
+        &self,
+        dot: impl Fn(&[f32], &[f32]) -> f32,
+        q: &[f32],
+        p: &mut Vec<f32>,
+        probs: &dyn Fn(&mut [f32]),
+        out: &mut [f32],
+    ) {
+        let (hd, kv) = (out.len(), self.kv);
+        p.clear();
+        for j in self.lo..=self.pos {
+            let at = j * self.width + self.at;
+            p.push(dot(q, &kv.k[at..at + hd]));
+        }
+        probs(p);
+        for (j, &w) in (self.lo..=self.pos).zip(p.iter()) {
+            let at = j * self.width + self.at;
+            for (o, &v) in out.iter_mut().zip(&kv.v[at..at + hd]) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
 /// `a · b`, on the AVX2 build of the loop where the CPU has it (the crate is built for any
 /// x86-64, whose vectors are half as wide).
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -1598,23 +1658,19 @@ impl Llama {
             false => (1usize << 16).div_ceil(per_task),
         };
         crate::team::for_chunks(&mut out, min_len * hd, |c, part| {
+            let mut p = Vec::new();
             for (j, out) in part.chunks_mut(hd).enumerate() {
                 let th = c * min_len + j;
                 let (ti, h) = (th / nh, th % nh);
-                let qh = &q[th * hd..(th + 1) * hd];
                 let pos = past + ti;
-                let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                let head = (h / rep) * hd;
-                let kv_at = |j: usize| j * width + head;
-                let mut p: Vec<f32> = (lo..=pos)
-                    .map(|j| dot(qh, &kv.k[kv_at(j)..kv_at(j) + hd]))
-                    .collect();
-                probs(&mut p);
-                for (j, &w) in (lo..=pos).zip(&p) {
-                    for (o, &v) in out.iter_mut().zip(&kv.v[kv_at(j)..kv_at(j) + hd]) {
-                        *o += w * v;
-                    }
-                }
+                let keys = Keys {
+                    kv,
+                    width,
+                    at: (h / rep) * hd,
+                    lo: window.map_or(0, |w| (pos + 1).saturating_sub(w)),
+                    pos,
+                };
+                keys.attend(&q[th * hd..(th + 1) * hd], &mut p, &probs, out);
             }
         });
         let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
