@@ -173,8 +173,150 @@ pub fn build(dir: &Path) -> Result<Value> {
         "promotion_rounds": ver.extra.get("apq").map(|a| a["promotion_rounds"].clone()),
         "heldout": ver.extra.get("apq").map(|a| a["heldout"].clone()),
         "novaq": novaq,
+        "refine": ver.extra.get("refine").map(refine_summary),
         "notes": notes,
     }))
+}
+
+/// Refinement's curves as reports draw them: the end-to-end losses per epoch, and each block's
+/// held-out loss before and after (its kept epoch).
+fn refine_summary(r: &Value) -> Value {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let blocks: Vec<Value> = items(&r["blockwise"])
+        .iter()
+        .map(|b| {
+            let held = items(&b["heldout_loss"]);
+            let kept = b["kept_epoch"].as_u64().unwrap_or(0) as usize;
+            json!({
+                "block": b["block"],
+                "heldout_before": held.first().map(f),
+                "heldout_after": held.get(kept).map(f),
+                "kept_epoch": kept,
+                "epochs_run": items(&b["train_loss"]).len(),
+            })
+        })
+        .collect();
+    json!({
+        "mode": r["mode"],
+        "epochs": r["epochs"],
+        "lr": r["lr"],
+        "kd_cosine_weight": r["kd_cosine_weight"],
+        "train_windows": r["train_windows"],
+        "heldout_windows": r["heldout_windows"],
+        "frozen_layers": items(&r["frozen_layers"]).len(),
+        "e2e": r.get("e2e"),
+        "blockwise": blocks,
+    })
+}
+
+/// Markdown rendering of [`refine_summary`].
+fn fmt_refine(r: &Value, s: &mut String) {
+    let _ = writeln!(
+        s,
+        "\n## Teacher-guided refinement\n\nmode {} · up to {} epochs · step {} · cosine weight {} · {} training windows, {} held out · {} layers frozen (not on an integer grid)\n",
+        r["mode"].as_str().unwrap_or("?"),
+        r["epochs"],
+        r["lr"],
+        r["kd_cosine_weight"],
+        r["train_windows"],
+        r["heldout_windows"],
+        r["frozen_layers"]
+    );
+    if let Some(e) = r["e2e"].as_object() {
+        s.push_str("End to end (KL(teacher || student) on the teacher's top-k tokens plus the tail; epoch 0 = before):\n\n| epoch | training KL | held-out KL |\n|---|---|---|\n");
+        let held = items(&e["heldout_kl"]);
+        let train = items(&e["train_kl"]);
+        for (i, h) in held.iter().enumerate() {
+            let t = match i {
+                0 => "-".to_string(),
+                _ => train
+                    .get(i - 1)
+                    .and_then(Value::as_f64)
+                    .map_or("-".into(), |v| format!("{v:.5}")),
+            };
+            let _ = writeln!(s, "| {i} | {t} | {:.5} |", h.as_f64().unwrap_or(f64::NAN));
+        }
+        let _ = writeln!(s, "\nKept: epoch {}.\n", e["kept_epoch"]);
+    }
+    let blocks = items(&r["blockwise"]);
+    if !blocks.is_empty() {
+        s.push_str("Block-wise (held-out relative output error plus cosine term):\n\n| block | before | after | kept epoch |\n|---|---|---|---|\n");
+        for b in blocks {
+            let _ = writeln!(
+                s,
+                "| {} | {:.5} | {:.5} | {} |",
+                b["block"],
+                b["heldout_before"].as_f64().unwrap_or(f64::NAN),
+                b["heldout_after"].as_f64().unwrap_or(f64::NAN),
+                b["kept_epoch"]
+            );
+        }
+    }
+}
+
+/// SVG of refinement: held-out loss per epoch end to end (line) and each block's held-out
+/// loss after / before (bars; below the line at 1 is a gain).
+fn svg_refine(r: &Value) -> String {
+    let mut out = String::new();
+    let held: Vec<f64> = items(&r["e2e"]["heldout_kl"])
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    if held.len() > 1 {
+        let (w, h) = (420.0, 160.0);
+        let hi = held.iter().cloned().fold(0.0, f64::max).max(1e-12);
+        let pts: Vec<String> = held
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                format!(
+                    "{:.1},{:.1}",
+                    i as f64 / (held.len() - 1) as f64 * (w - 20.0) + 10.0,
+                    h - v / hi * (h - 20.0) - 10.0
+                )
+            })
+            .collect();
+        let _ = write!(
+            out,
+            "<h2>Refinement: held-out KL per epoch (0 = before; top {hi:.4})</h2><svg width=\"{w}\" height=\"{h}\" style=\"border:1px solid #ccc\"><polyline fill=\"none\" stroke=\"#4575b4\" stroke-width=\"2\" points=\"{}\"/></svg>",
+            pts.join(" ")
+        );
+    }
+    let blocks = items(&r["blockwise"]);
+    if !blocks.is_empty() {
+        let (w, h) = (900.0, 160.0);
+        let bw = w / blocks.len() as f64;
+        let mut bars = String::new();
+        for (i, b) in blocks.iter().enumerate() {
+            let (x, y) = (
+                b["heldout_after"].as_f64().unwrap_or(f64::NAN),
+                b["heldout_before"].as_f64().unwrap_or(f64::NAN),
+            );
+            let ratio = if y > 0.0 {
+                (x / y).clamp(0.0, 1.5)
+            } else {
+                1.0
+            };
+            let bh = ratio / 1.5 * h;
+            let _ = write!(
+                bars,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#91cf60\"><title>block {}: {:.5} -> {:.5}</title></rect>",
+                i as f64 * bw,
+                h - bh,
+                (bw - 1.0).max(0.5),
+                bh,
+                b["block"],
+                y,
+                x
+            );
+        }
+        let one = h - h / 1.5;
+        let _ = write!(
+            out,
+            "<h2>Refinement: each block's held-out loss after / before (line at 1)</h2><svg width=\"{w}\" height=\"{h}\" style=\"border:1px solid #ccc\">{bars}<line x1=\"0\" x2=\"{w}\" y1=\"{one:.1}\" y2=\"{one:.1}\" stroke=\"#d73027\"/></svg>"
+        );
+    }
+    out
 }
 
 fn fmt_gates(r: &Value, out: &mut String) {
@@ -233,6 +375,9 @@ pub fn markdown(r: &Value) -> String {
             pct("refine_error_reduction_min"),
             pct("refine_error_reduction_max")
         );
+    }
+    if r["refine"].is_object() {
+        fmt_refine(&r["refine"], &mut s);
     }
     s.push_str("\n## Widths\n\n| bits | layers |\n|---|---|\n");
     if let Some(m) = r["layers_by_width"].as_object() {
@@ -384,10 +529,11 @@ pub fn html(r: &Value) -> String {
 <h1>adaptq report: {}</h1><p><b>OVERALL_STATUS: {}</b></p>\
 <h2>Per-layer error (log10 scale {lo:.0} to {hi:.0}; hover for names)</h2><p>{legend}</p>\
 <svg width=\"{w}\" height=\"{h}\" style=\"border:1px solid #ccc\">{bars}</svg>\
-<h2>Layer-error histogram (log10)</h2><svg width=\"420\" height=\"185\">{hbars}</svg>\
+<h2>Layer-error histogram (log10)</h2><svg width=\"420\" height=\"185\">{hbars}</svg>{}\
 <h2>Details</h2><pre>{}</pre></body></html>\n",
         esc(r["model_id"].as_str().unwrap_or("?")),
         esc(r["OVERALL_STATUS"].as_str().unwrap_or("?")),
+        svg_refine(&r["refine"]),
         esc(&md)
     )
 }

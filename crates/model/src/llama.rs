@@ -352,6 +352,21 @@ impl Linear {
         Ok(w)
     }
 
+    /// Replaces the weight by `w: [out, in]` as it is, without copying: when `w` was computed
+    /// from `Var`s, products through this layer carry gradients back to them (refinement).
+    pub fn set_tensor(&mut self, w: Tensor) -> Result<()> {
+        if w.dims2()? != self.dims {
+            bail!(
+                "weight for '{}' is {:?}, the layer is {:?}",
+                self.name,
+                w.dims(),
+                self.dims
+            );
+        }
+        self.m = Matrix::Dense(w.t()?);
+        Ok(())
+    }
+
     /// Replaces the weight (row-major `[out, in]`), e.g. with a quantized reconstruction.
     pub fn set_weight(&mut self, w: Vec<f32>) -> Result<()> {
         self.m = Matrix::Dense(
@@ -425,8 +440,29 @@ impl Block {
         self.stored(&self.ffn_norm)
     }
 
+    /// The attention and MLP norms' weights as the forward pass multiplies by them.
+    pub fn norms(&self) -> (&Tensor, &Tensor) {
+        (&self.attn_norm, &self.ffn_norm)
+    }
+
+    /// What the file's norm weights are stored without (1 for Hugging Face Gemma, else 0).
+    pub fn norm_offset(&self) -> f32 {
+        self.norm_offset
+    }
+
+    /// Replaces the attention and MLP norms' weights (as multiplied, see [`Block::norms`]);
+    /// tensors computed from `Var`s carry gradients back to them.
+    pub fn set_norms(&mut self, attn: Tensor, ffn: Tensor) -> Result<()> {
+        if attn.dims() != self.attn_norm.dims() || ffn.dims() != self.ffn_norm.dims() {
+            bail!("norm weights of the wrong size");
+        }
+        self.attn_norm = attn;
+        self.ffn_norm = ffn;
+        Ok(())
+    }
+
     /// A norm's weight as its file stores it (Hugging Face Gemma: less the 1 added at load).
-    fn stored(&self, norm: &Tensor) -> Result<Vec<f32>> {
+    pub fn stored(&self, norm: &Tensor) -> Result<Vec<f32>> {
         Ok(norm
             .to_vec1::<f32>()?
             .into_iter()
@@ -612,6 +648,8 @@ pub struct Llama {
     pub embed_name: String,
     /// Source name of the output head (unused when tied).
     pub head_name: String,
+    /// Source name of the final norm.
+    pub final_norm_name: String,
     /// The output head; `None` until [`Llama::load_head`] (a calibration streamed block by
     /// block never needs it unless it quantizes the head).
     head: Option<Linear>,
@@ -1109,6 +1147,7 @@ impl Llama {
             embed_dims: (vocab, ecols),
             embed_name: embed_name.to_string(),
             head_name: head_name.to_string(),
+            final_norm_name: norm_name.to_string(),
             head: None,
             kernels,
             tied: !w.has(head_name),
@@ -1761,6 +1800,57 @@ impl Llama {
             Table::F32(m) => Tensor::from_vec(m.to_f32(), m.dims(), &Device::Cpu)?,
         };
         Ok(e.flatten_all()?.to_vec1()?)
+    }
+
+    /// The final norm's weight (as multiplied).
+    pub fn final_norm(&self) -> &Tensor {
+        &self.final_norm
+    }
+
+    /// The final norm's weight as its file stores it.
+    pub fn final_norm_stored(&self) -> Result<Vec<f32>> {
+        let off = self.layout.norm_offset;
+        Ok(self
+            .final_norm
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(|x| x - off)
+            .collect())
+    }
+
+    /// Replaces the final norm's weight; see [`Block::set_norms`].
+    pub fn set_final_norm(&mut self, w: Tensor) -> Result<()> {
+        if w.dims() != self.final_norm.dims() {
+            bail!("final norm weight of the wrong size");
+        }
+        self.final_norm = w;
+        Ok(())
+    }
+
+    /// The output head when it is not the embedding table.
+    pub fn head_mut(&mut self) -> Option<&mut Linear> {
+        match self.tied {
+            true => None,
+            false => self.head.as_mut(),
+        }
+    }
+
+    /// Replaces the embedding table (and the head when tied) by `e: [vocab, hidden]` without
+    /// copying, so a table computed from `Var`s carries gradients back to them.
+    pub fn set_embedding_tensor(&mut self, e: Tensor) -> Result<()> {
+        if e.dims2()? != self.embed_dims {
+            bail!(
+                "embedding table is {:?}, the model's is {:?}",
+                e.dims(),
+                self.embed_dims
+            );
+        }
+        if self.tied && self.head.is_some() {
+            let m = Matrix::Dense(e.t()?);
+            self.head = Some(Linear::from_matrix(&self.embed_name, m, self.embed_dims));
+        }
+        self.embed = Some(Table::Dense(e));
+        Ok(())
     }
 
     /// Replaces the embedding table (and the head when tied), e.g. with a quantized one.

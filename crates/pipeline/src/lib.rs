@@ -13,10 +13,11 @@ pub mod mix;
 pub mod options;
 pub mod plan;
 pub mod quantize;
+pub mod refine;
 
 pub use options::{
     Bits, CalibInputs, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset,
-    QuantizeOptions,
+    QuantizeOptions, RefineMode,
 };
 pub use plan::{Outcome, PartOutcome, Plan, PlanError, Progress};
 pub use quantize::{

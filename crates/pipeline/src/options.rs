@@ -140,6 +140,58 @@ choice!(CalibInputs {
     Fp => "fp", "Each block on the unquantized model's activations (llm-compressor's basic pipeline): block ranges are independent and run in parallel, each after a float forward pass up to its first block.";
 });
 
+/// Teacher-guided refinement after rounding ([`crate::refine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RefineMode {
+    #[default]
+    Off,
+    Blockwise,
+    E2e,
+    Both,
+}
+
+choice!(RefineMode {
+    Off => "off", "No refinement: the codes and scales calibration produced.";
+    Blockwise => "blockwise", "Each block's group scales, mins and norms trained so its output on the quantized model's own inputs matches the unquantized block's on the same inputs (relative squared error plus --kd-cosine-weight times the cosine distance); one block in memory for gradients.";
+    E2e => "e2e", "The whole model's group scales, mins and norms (the embedding's too when it is quantized on adaptq's grid) trained to the unquantized model's next-token distribution: KL(teacher || student) on its top-k tokens plus the tail, plus --kd-cosine-weight times the cosine distance of the last hidden states.";
+    Both => "both", "blockwise, then e2e.";
+});
+
+impl RefineMode {
+    pub fn blockwise(self) -> bool {
+        matches!(self, RefineMode::Blockwise | RefineMode::Both)
+    }
+    pub fn e2e(self) -> bool {
+        matches!(self, RefineMode::E2e | RefineMode::Both)
+    }
+}
+
+/// Teacher-guided refinement settings. Codes stay fixed: the bit budget does not change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefineOptions {
+    pub refine: RefineMode,
+    /// Passes over the training windows per phase (each block, then the whole model); a phase
+    /// stops early when the loss on the held-out windows rises.
+    pub refine_epochs: usize,
+    /// Adam step size, in relative units: scales move as `s·(1 + δ)`, norms likewise.
+    pub refine_lr: f64,
+    /// Weight of the cosine distance between student and teacher block outputs in the loss.
+    pub kd_cosine_weight: f64,
+}
+
+impl Default for RefineOptions {
+    fn default() -> Self {
+        RefineOptions {
+            refine: RefineMode::Off,
+            refine_epochs: 2,
+            refine_lr: 1e-3,
+            kd_cosine_weight: 0.1,
+        }
+    }
+}
+
 /// Code widths: one (`4`) or, for APQ, a range (`3-4`). Written as a number or a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bits {
@@ -238,6 +290,8 @@ pub struct QuantizeOptions {
     pub gates: GateOptions,
     #[serde(flatten)]
     pub job: JobOptions,
+    #[serde(flatten)]
+    pub refine: RefineOptions,
     /// Seed for every random choice; recorded in the manifest.
     pub seed: u64,
     pub model_id: Option<String>,
@@ -433,6 +487,7 @@ impl Default for QuantizeOptions {
             output: OutputOptions::default(),
             gates: GateOptions::default(),
             job: JobOptions::default(),
+            refine: RefineOptions::default(),
             seed: 0,
             model_id: None,
             force: false,
@@ -647,6 +702,11 @@ impl QuantizeOptions {
                 _ => false,
             };
             if unset {
+                map.remove(key);
+            }
+        }
+        if self.refine.refine == RefineMode::Off {
+            for key in ["refine", "refine_epochs", "refine_lr", "kd_cosine_weight"] {
                 map.remove(key);
             }
         }

@@ -419,6 +419,7 @@ impl Plan {
             bail!("hessian_shrink is a fraction from 0 to 1, got {shrink}");
         }
         let ggml = ggml_spec(o, grid)?;
+        check_refine(o)?;
         check_rotation(o, ggml.is_some())?;
         check_budget(o, ggml.is_some())?;
         let novaq = novaq_settings(o)?;
@@ -623,12 +624,84 @@ impl Plan {
         }
         self.check_output()?;
         let job = self.job(locator);
-        let pre = self.calibrate(source, job.as_ref(), progress)?;
+        let mut pre = self.calibrate(source, job.as_ref(), progress)?;
+        if self.options.refine.refine != crate::options::RefineMode::Off {
+            pre = Some(self.refine(source, pre, progress)?);
+        }
         let outcome = self.write(source, locator, pre, progress)?;
         if let Some(j) = job {
             crate::checkpoint::Checkpoint::remove(&j.dir)?;
         }
         Ok(outcome)
+    }
+
+    /// The settings the bundle is written with: the plan's, plus what calibration chose.
+    fn write_config(&self, pre: Option<&StageOutput>) -> QuantizeConfig {
+        let mut config = self.config.clone();
+        config.calibration = pre.map(|p| p.info.config.clone());
+        if let Some(mix) = pre.and_then(|p| p.cal.mix.as_ref()) {
+            config.ggml_types = mix.types.clone();
+        }
+        config
+    }
+
+    /// Teacher-guided refinement of the calibrated stage's codes (or of every tensor's own
+    /// rounding when nothing calibrated), on the calibration windows.
+    fn refine(
+        &self,
+        source: &dyn adaptq_source::TensorSource,
+        pre: Option<StageOutput>,
+        progress: &mut dyn Progress,
+    ) -> Result<StageOutput> {
+        let o = &self.options;
+        let calib = o
+            .calibration
+            .calib
+            .as_ref()
+            .context("refinement needs calibration text (calib, e.g. emma.txt)")?;
+        let w = adaptq_model::borrowed_source(source);
+        let tok = w.tokenizer()?;
+        let (windows, info) = crate::calibrate::prepare(
+            &tok,
+            w.desc().decoder.bos,
+            calib,
+            o.calibration.calib_samples,
+            o.calibration.seq_len,
+            o.seed,
+        )?;
+        drop((tok, w));
+        let mut stage = pre.unwrap_or_else(|| StageOutput {
+            cal: Default::default(),
+            info,
+            extra: Default::default(),
+            gates: Vec::new(),
+        });
+        let config = self.write_config(Some(&stage));
+        let settings = crate::refine::RefineSettings {
+            mode: o.refine.refine,
+            epochs: o.refine.refine_epochs,
+            lr: o.refine.refine_lr,
+            cosine_weight: o.refine.kd_cosine_weight,
+            seed: o.seed,
+            top_k: crate::refine::TOP_K,
+        };
+        let mut current = String::new();
+        let report = crate::refine::run(
+            source,
+            &config,
+            &mut stage.cal,
+            &windows,
+            &settings,
+            &mut |phase, d, t| {
+                if phase != current {
+                    current = phase.to_string();
+                    progress.stage(phase, "steps", t);
+                }
+                progress.advance(d, t, 0);
+            },
+        )?;
+        stage.extra.insert("refine".into(), report);
+        Ok(stage)
     }
 
     /// Writes the bundle from the calibrated stage's output `pre` (and exports the GGUF).
@@ -649,11 +722,7 @@ impl Plan {
             Some(s) => (s.path().join("bundle"), false),
             None => (self.out.clone(), o.force),
         };
-        let mut config = self.config.clone();
-        config.calibration = pre.as_ref().map(|p| p.info.config.clone());
-        if let Some(mix) = pre.as_ref().and_then(|p| p.cal.mix.as_ref()) {
-            config.ggml_types = mix.types.clone();
-        }
+        let config = self.write_config(pre.as_ref());
         progress.stage("quantize", "tensors", source.tensors().len());
         let summary = quantize_model(
             source,
@@ -778,6 +847,39 @@ impl StageOutput {
             gates: self.gates.clone(),
         }
     }
+}
+
+/// Refinement's settings, and what it cannot run with.
+fn check_refine(o: &QuantizeOptions) -> Result<()> {
+    let r = &o.refine;
+    if r.refine == crate::options::RefineMode::Off {
+        return Ok(());
+    }
+    if o.calibration.calib.is_none() {
+        bail!("refinement needs calibration text (calib, e.g. ../shared/corpora/austen/emma.txt)");
+    }
+    if o.transforms.rotate {
+        bail!("refinement of rotated models is not built (the online rotations are outside the autograd graph); drop rotate or refine");
+    }
+    if o.job.blocks.is_some() {
+        bail!("refinement trains across blocks; it cannot run in a block-range job");
+    }
+    if r.refine_epochs == 0 {
+        bail!("refine_epochs must be at least 1");
+    }
+    if !(r.refine_lr.is_finite() && r.refine_lr > 0.0) {
+        bail!("refine_lr must be a positive number, got {}", r.refine_lr);
+    }
+    if !(r.kd_cosine_weight.is_finite() && r.kd_cosine_weight >= 0.0) {
+        bail!(
+            "kd_cosine_weight must be zero or more, got {}",
+            r.kd_cosine_weight
+        );
+    }
+    if o.calibration.calib_samples < 2 {
+        bail!("refinement holds out some calibration windows: calib_samples must be at least 2");
+    }
+    Ok(())
 }
 
 /// Where a whole run keeps its checkpoint: `OUT.checkpoint` beside the output.

@@ -204,7 +204,11 @@ pub struct Target<'a> {
 const COMPANION_LIMIT: u64 = 64 << 20;
 
 /// Whether a source tensor is quantized; embeddings and a separate head only when asked.
-fn is_quantized(info: &adaptq_source::TensorInfo, role: TensorRole, cfg: &QuantizeConfig) -> bool {
+pub(crate) fn is_quantized(
+    info: &adaptq_source::TensorInfo,
+    role: TensorRole,
+    cfg: &QuantizeConfig,
+) -> bool {
     match role {
         TensorRole::Linear => true,
         TensorRole::Embedding | TensorRole::Output => {
@@ -219,7 +223,7 @@ fn is_quantized(info: &adaptq_source::TensorInfo, role: TensorRole, cfg: &Quanti
 }
 
 /// Codes for a tensor no calibration stage produced: each method's rounding on its own.
-fn direct_codes(
+pub(crate) fn direct_codes(
     x: &[f32],
     info: &adaptq_source::TensorInfo,
     role: TensorRole,

@@ -1,7 +1,7 @@
 //! The table of `adaptq quantize`'s flags: each row is a `QuantizeOptions` key, how its value is
 //! read, and its help, under a `--help` heading. One file per group of headings keeps each short.
 
-use adaptq_pipeline::{CalibInputs, Choice, EmbeddingMode, Method};
+use adaptq_pipeline::{CalibInputs, Choice, EmbeddingMode, Method, RefineMode};
 use clap::builder::PossibleValue;
 
 /// How a flag's value is read.
@@ -40,6 +40,7 @@ pub const SECTIONS: &[Section] = &[
     METHOD,
     CALIBRATION,
     JOBS,
+    REFINE,
     mixes::APQ,
     mixes::NOVAQ,
     output::OUTPUT,
@@ -217,6 +218,38 @@ pub const JOBS: Section = (
             Path,
             "With --blocks A..B and calib_inputs quantized: the part that ends at block A, \
              whose saved activations are this range's inputs.",
+        ),
+    ],
+);
+
+pub const REFINE: Section = (
+    "Teacher-guided refinement",
+    &[
+        (
+            "refine",
+            Choice(names::<RefineMode>),
+            "After rounding, train the quantized model's group scales, mins and norms (codes \
+             fixed, so the bits per weight do not change) against the unquantized model on \
+             the --calib windows, the last eighth held out: training stops at the first \
+             epoch that raises the held-out loss and keeps the best. Needs --calib; works with \
+             rtn, gptq, awq and apq grids (NOVAQ codebooks and GGML blocks stay frozen, their \
+             norms train). The loss per epoch is in verification.json and `adaptq report`.",
+        ),
+        (
+            "refine_epochs",
+            Count,
+            "Passes over the training windows per phase (each block, then the whole model).",
+        ),
+        (
+            "refine_lr",
+            Number,
+            "Adam step size, relative: each scale moves as s*(1+d), each norm weight likewise.",
+        ),
+        (
+            "kd_cosine_weight",
+            Number,
+            "Weight of the cosine distance between student and teacher outputs (block \
+             outputs block-wise, the last hidden states end to end) added to the loss.",
         ),
     ],
 );

@@ -1,0 +1,708 @@
+//! Teacher-guided refinement: with every code fixed (the bit budget does not move), the
+//! quantized model's continuous parameters — integer-grid group scales and mins, the norms, and
+//! in the end-to-end phase the embedding's group scales — are trained by backpropagation
+//! (candle's autograd through the model's exact forward pass) against the unquantized model.
+//!
+//! - **Block-wise**: block by block, the student block on the quantized model's own inputs is
+//!   fitted to the teacher block's output on the same inputs (relative squared error plus a
+//!   weighted cosine distance). Gradients need one block.
+//! - **End to end**: KL(teacher ‖ student) of the next-token distributions, the teacher's
+//!   computed once and kept as its top-k tokens plus the tail mass (memory bounded by k), plus
+//!   the weighted cosine distance of the last hidden states.
+//!
+//! The calibration windows are split: the last eighth (at least one) is held out and never
+//! trained on; each phase (each block, then the whole model) keeps the parameters of its best
+//! held-out loss and stops at the first epoch that raises it. Scales are trained as
+//! `s₀·(1 + δ)` and mins as `m₀ + |s₀|·δ'`, so one step size suits every layer; the trained
+//! values are stored back as the bundle's f16 scales. NOVAQ codebooks and GGML blocks stay as
+//! they are (their layers are listed as frozen); the norms around them still train.
+
+use crate::calibrate::{CalibratedLayer, Calibration};
+use crate::options::RefineMode;
+use crate::quantize::QuantizeConfig;
+use adaptq_model::llama::Llama;
+use adaptq_quant::{Grid, LayerCodes, QuantizedTensor};
+use adaptq_source::model::role_of;
+use anyhow::{bail, Context, Result};
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use half::f16;
+use serde_json::json;
+use std::collections::BTreeMap;
+
+/// What a refinement run does; recorded in the manifest through the quantize options.
+#[derive(Debug, Clone)]
+pub struct RefineSettings {
+    pub mode: RefineMode,
+    pub epochs: usize,
+    pub lr: f64,
+    pub cosine_weight: f64,
+    /// Orders the training windows of each epoch.
+    pub seed: u64,
+    /// Teacher tokens kept per position for the end-to-end KL.
+    pub top_k: usize,
+}
+
+/// Teacher tokens kept per position: SmolLM2's top 64 hold all but ~1e-3 of the mass on
+/// most positions; the rest is kept as one tail bucket.
+pub const TOP_K: usize = 64;
+
+/// An integer-grid layer as trainable parameters: `w = c · s₀(1 + a) [+ m₀ + |s₀| b]` per
+/// group, `c` the fixed codes (less the zero code on a symmetric grid).
+struct GridParam {
+    name: String,
+    codes: Tensor,
+    /// Group of each column, `[cols]`.
+    gidx: Tensor,
+    s0: Tensor,
+    /// `(m₀, |s₀|)` on an asymmetric grid.
+    m0: Option<(Tensor, Tensor)>,
+    a: Var,
+    b: Option<Var>,
+}
+
+fn cpu() -> Device {
+    Device::Cpu
+}
+
+impl GridParam {
+    fn new(name: &str, q: &QuantizedTensor) -> Result<GridParam> {
+        let (rows, cols, gpr) = (q.rows, q.cols, q.groups_per_row());
+        let codes = adaptq_quant::pack::unpack(&q.codes, q.bits, rows * cols);
+        let zero = match q.grid {
+            Grid::Symmetric => (1u32 << (q.bits - 1)) as f32,
+            Grid::Asymmetric => 0.0,
+        };
+        let codes: Vec<f32> = codes.iter().map(|&c| c as f32 - zero).collect();
+        let gidx: Vec<u32> = (0..cols).map(|c| (c / q.group_size) as u32).collect();
+        let s: Vec<f32> = q.scales.iter().map(|v| v.to_f32()).collect();
+        let s0 = Tensor::from_vec(s, (rows, gpr), &cpu())?;
+        let m0 = match q.grid {
+            Grid::Asymmetric => {
+                let m: Vec<f32> = q.mins.iter().map(|v| v.to_f32()).collect();
+                Some((Tensor::from_vec(m, (rows, gpr), &cpu())?, s0.abs()?))
+            }
+            Grid::Symmetric => None,
+        };
+        let zeros = || Var::zeros((rows, gpr), DType::F32, &cpu());
+        Ok(GridParam {
+            name: name.to_string(),
+            codes: Tensor::from_vec(codes, (rows, cols), &cpu())?,
+            gidx: Tensor::from_vec(gidx, cols, &cpu())?,
+            b: m0.as_ref().map(|_| zeros()).transpose()?,
+            a: zeros()?,
+            s0,
+            m0,
+        })
+    }
+
+    fn scales(&self) -> Result<Tensor> {
+        Ok(self.s0.mul(&(self.a.as_tensor() + 1.0)?)?)
+    }
+
+    fn mins(&self) -> Result<Option<Tensor>> {
+        Ok(match (&self.m0, &self.b) {
+            (Some((m0, s_abs)), Some(b)) => Some((m0 + s_abs.mul(b.as_tensor())?)?),
+            _ => None,
+        })
+    }
+
+    /// The layer's weight `[rows, cols]`, a function of the parameters.
+    fn weight(&self) -> Result<Tensor> {
+        let s = self.scales()?.index_select(&self.gidx, 1)?;
+        let w = self.codes.mul(&s)?;
+        Ok(match self.mins()? {
+            Some(m) => (w + m.index_select(&self.gidx, 1)?)?,
+            None => w,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut v = vec![self.a.clone()];
+        v.extend(self.b.clone());
+        v
+    }
+
+    /// Writes the trained scales (and mins) into `q` as its f16 values.
+    fn store(&self, q: &mut QuantizedTensor) -> Result<()> {
+        let to16 = |t: Tensor| -> Result<Vec<f16>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f16::from_f32)
+                .collect())
+        };
+        let s = to16(self.scales()?.detach())?;
+        if s.iter().any(|v| !v.is_finite()) {
+            bail!("refinement left a non-finite scale in '{}'", self.name);
+        }
+        q.scales = s;
+        if let Some(m) = self.mins()? {
+            q.mins = to16(m.detach())?;
+        }
+        Ok(())
+    }
+}
+
+/// A norm weight as `w₀(1 + c)`.
+struct NormParam {
+    base: Tensor,
+    c: Var,
+}
+
+impl NormParam {
+    fn new(base: &Tensor) -> Result<NormParam> {
+        Ok(NormParam {
+            base: base.detach(),
+            c: Var::zeros(base.dims(), DType::F32, &cpu())?,
+        })
+    }
+    fn value(&self) -> Result<Tensor> {
+        Ok(self.base.mul(&(self.c.as_tensor() + 1.0)?)?)
+    }
+}
+
+/// Adam on the parameters' relative changes. Hand-written: candle-core has autograd but no
+/// optimizers (candle-nn would be a second tensor crate for twenty lines).
+struct Adam {
+    lr: f64,
+    t: i32,
+    state: Vec<(Var, Tensor, Tensor)>,
+}
+
+impl Adam {
+    fn new(vars: Vec<Var>, lr: f64) -> Result<Adam> {
+        let state = vars
+            .into_iter()
+            .map(|v| {
+                let z = v.as_tensor().zeros_like()?;
+                Ok((v, z.clone(), z))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Adam { lr, t: 0, state })
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.t += 1;
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
+        for (v, m, s) in &mut self.state {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let g = g.detach();
+            *m = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+            *s = (s.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+            let step = m
+                .affine(1.0 / c1, 0.0)?
+                .div(&(s.affine(1.0 / c2, 0.0)?.sqrt()? + eps)?)?;
+            v.set(&(v.as_tensor().detach() - step.affine(self.lr, 0.0)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Values of every variable, to return to the best epoch.
+fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| Ok(v.as_tensor().detach().copy()?))
+        .collect()
+}
+
+fn restore(vars: &[Var], values: &[Tensor]) -> Result<()> {
+    for (v, x) in vars.iter().zip(values) {
+        v.set(x)?;
+    }
+    Ok(())
+}
+
+/// Mean over rows of `1 - cos(y_row, t_row)`.
+fn cosine_distance(y: &Tensor, t: &Tensor) -> Result<Tensor> {
+    let dot = y.mul(t)?.sum_keepdim(D::Minus1)?;
+    let ny = y.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let nt = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+    let cos = dot.div(&(ny.mul(&nt)? + 1e-12)?)?;
+    Ok((cos.mean_all()?.neg()? + 1.0)?)
+}
+
+/// Block loss: squared error relative to the teacher output's energy, plus the cosine term.
+fn block_loss(y: &Tensor, t: &Tensor, cw: f64) -> Result<Tensor> {
+    let energy = t.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+    let mse = ((y - t)?.sqr()?.mean_all()? / energy.max(1e-30))?;
+    Ok((mse + (cosine_distance(y, t)? * cw)?)?)
+}
+
+/// The teacher's next-token distribution at each position of a window: its top-k tokens and
+/// their log-probabilities, and the tail's mass.
+struct TeacherLogits {
+    idx: Tensor,
+    logp: Tensor,
+    tail_p: Tensor,
+    tail_logp: Tensor,
+    hidden: Tensor,
+}
+
+fn teacher_logits(teacher: &Llama, tokens: &[u32], k: usize) -> Result<TeacherLogits> {
+    let hidden = teacher.hidden(tokens, None, None)?;
+    let logits = teacher.head(&hidden)?;
+    let (t, vocab) = logits.dims2()?;
+    let k = k.clamp(1, vocab);
+    let rows = logits.to_vec2::<f32>()?;
+    let (mut idx, mut logp, mut tail_p) = (Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max as f64
+            + row
+                .iter()
+                .map(|&x| ((x - max) as f64).exp())
+                .sum::<f64>()
+                .ln();
+        let mut order: Vec<u32> = (0..vocab as u32).collect();
+        // Ties broken by token id: the same tokens on every machine.
+        order
+            .sort_unstable_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        let mut kept = 0f64;
+        for &i in &order[..k] {
+            let lp = row[i as usize] as f64 - lse;
+            kept += lp.exp();
+            idx.push(i);
+            logp.push(lp as f32);
+        }
+        tail_p.push((1.0 - kept).max(1e-12) as f32);
+    }
+    let tail_logp: Vec<f32> = tail_p.iter().map(|p| p.ln()).collect();
+    Ok(TeacherLogits {
+        idx: Tensor::from_vec(idx, (t, k), &cpu())?,
+        logp: Tensor::from_vec(logp, (t, k), &cpu())?,
+        tail_p: Tensor::from_vec(tail_p, (t, 1), &cpu())?,
+        tail_logp: Tensor::from_vec(tail_logp, (t, 1), &cpu())?,
+        hidden: hidden.detach(),
+    })
+}
+
+/// Mean over positions of KL(teacher ‖ student) on the teacher's top-k tokens and the tail.
+fn kl_loss(logits: &Tensor, te: &TeacherLogits) -> Result<Tensor> {
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + &max)?;
+    let lq = logits.broadcast_sub(&lse)?;
+    let lq_top = lq.gather(&te.idx, 1)?;
+    let p = te.logp.exp()?;
+    let head = p.mul(&(&te.logp - &lq_top)?)?.sum_keepdim(D::Minus1)?;
+    let q_tail = (lq_top.exp()?.sum_keepdim(D::Minus1)?.neg()? + 1.0)?.clamp(1e-12, 1.0)?;
+    let tail = te.tail_p.mul(&(&te.tail_logp - q_tail.log()?)?)?;
+    Ok((head + tail)?.mean_all()?)
+}
+
+/// The trainable parameters of block `i` of `student`.
+struct BlockParams {
+    grids: Vec<GridParam>,
+    norms: (NormParam, NormParam),
+}
+
+impl BlockParams {
+    fn new(student: &Llama, i: usize, cal: &Calibration) -> Result<BlockParams> {
+        let b = &student.blocks[i];
+        let mut grids = Vec::new();
+        for l in b.linears() {
+            if let Some(LayerCodes::Int(q)) = cal.layers.get(&l.name).map(|c| &c.q) {
+                grids.push(GridParam::new(&l.name, q)?);
+            }
+        }
+        let (a, f) = b.norms();
+        Ok(BlockParams {
+            grids,
+            norms: (NormParam::new(a)?, NormParam::new(f)?),
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self.grids.iter().flat_map(GridParam::vars).collect();
+        v.push(self.norms.0.c.clone());
+        v.push(self.norms.1.c.clone());
+        v
+    }
+
+    /// Puts the parameters into the student's block `i`: as functions of the variables when
+    /// `track`, as plain values otherwise.
+    fn install(&self, student: &mut Llama, i: usize, track: bool) -> Result<()> {
+        let fix = |t: Tensor| -> Result<Tensor> {
+            Ok(match track {
+                true => t,
+                false => t.detach().copy()?,
+            })
+        };
+        let b = &mut student.blocks[i];
+        for l in b.linears_mut() {
+            if let Some(g) = self.grids.iter().find(|g| g.name == l.name) {
+                l.set_tensor(fix(g.weight()?)?)?;
+            }
+        }
+        b.set_norms(fix(self.norms.0.value()?)?, fix(self.norms.1.value()?)?)
+    }
+}
+
+/// The quantized model as the bundle will store it, in f32 on the exact path: the source with
+/// every calibrated layer's codes dequantized and the norm overrides in place.
+fn student_model(
+    desc: &adaptq_source::ModelDesc,
+    w: &dyn adaptq_model::Weights,
+    cal: &Calibration,
+) -> Result<Llama> {
+    let mut m = Llama::load(desc, w)?;
+    let mut used = 0usize;
+    for b in m.blocks.iter_mut() {
+        for l in b.linears_mut() {
+            if let Some(c) = cal.layers.get(&l.name) {
+                l.set_weight(c.q.dequantize())?;
+                used += 1;
+            }
+        }
+        let off = b.norm_offset() as f64;
+        let norm = |name: &str, t: &Tensor| -> Result<Tensor> {
+            Ok(match cal.overrides.get(name) {
+                Some(v) => (Tensor::from_vec(v.clone(), v.len(), &cpu())? + off)?,
+                None => t.clone(),
+            })
+        };
+        let (a, f) = b.norms();
+        let (a, f) = (norm(&b.attn_norm_name, a)?, norm(&b.ffn_norm_name, f)?);
+        b.set_norms(a, f)?;
+    }
+    if let Some(c) = cal.layers.get(&m.embed_name) {
+        m.set_embedding(c.q.dequantize())?;
+        used += 1;
+    }
+    let head = m.head_name.clone();
+    if let (Some(c), Some(h)) = (cal.layers.get(&head), m.head_mut()) {
+        h.set_weight(c.q.dequantize())?;
+        used += 1;
+    }
+    if used != cal.layers.len() {
+        bail!(
+            "refinement found {used} of the {} quantized layers in the model",
+            cal.layers.len()
+        );
+    }
+    let known = |n: &String| {
+        m.blocks
+            .iter()
+            .any(|b| &b.attn_norm_name == n || &b.ffn_norm_name == n)
+    };
+    if let Some(n) = cal.overrides.keys().find(|n| !known(n)) {
+        bail!("refinement does not handle the replaced tensor '{n}'");
+    }
+    Ok(m)
+}
+
+/// Brings every layer into `cal.layers`: codes a checkpoint saved are read back, and tensors
+/// no calibration stage rounded (the embedding with `embeddings: quant`, say) are rounded as
+/// the bundle writer would round them.
+fn gather_layers(
+    src: &dyn adaptq_source::TensorSource,
+    cfg: &QuantizeConfig,
+    cal: &mut Calibration,
+) -> Result<()> {
+    let saved = std::mem::take(&mut cal.saved);
+    let mut files: Vec<&crate::checkpoint::SavedFile> = Vec::new();
+    for (f, _) in saved.values() {
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    for f in files {
+        let c = f.read()?;
+        cal.layers.extend(c.layers);
+    }
+    for info in src.tensors() {
+        let role = role_of(info);
+        if !info.dtype.is_float()
+            || !crate::quantize::is_quantized(info, role, cfg)
+            || cal.layers.contains_key(&info.name)
+        {
+            continue;
+        }
+        let x = src.read_f32(&info.name)?;
+        let (q, method) = crate::quantize::direct_codes(&x, info, role, cfg)?;
+        cal.layers.insert(
+            info.name.clone(),
+            CalibratedLayer {
+                q,
+                method,
+                col_scale: None,
+                row_scale: None,
+                output_rel_error: f64::NAN,
+                rtn_output_rel_error: f64::NAN,
+                scaled_weight: None,
+                refit_error_reduction: None,
+                novaq: None,
+                reference_weight: None,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Progress: (phase, done, total).
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+
+/// Refines the codes' continuous parameters in `cal` against the unquantized model on
+/// `windows` (calibration windows; the last eighth held out). Returns the verification
+/// section: every loss per epoch, held-out included.
+pub fn run(
+    src: &dyn adaptq_source::TensorSource,
+    cfg: &QuantizeConfig,
+    cal: &mut Calibration,
+    windows: &[Vec<u32>],
+    s: &RefineSettings,
+    progress: Progress,
+) -> Result<serde_json::Value> {
+    if s.mode == RefineMode::Off {
+        bail!("refinement is off");
+    }
+    if windows.len() < 2 {
+        bail!("refinement needs at least 2 calibration windows (one is held out)");
+    }
+    if !(s.lr.is_finite() && s.lr > 0.0) || !(s.cosine_weight.is_finite() && s.cosine_weight >= 0.0)
+    {
+        bail!("refinement needs a positive step size and a non-negative cosine weight");
+    }
+    let w = adaptq_model::borrowed_source(src);
+    let desc = w.desc().clone();
+    if desc.decoder.moe.is_some() {
+        bail!("refinement of mixture-of-experts models is not built");
+    }
+    gather_layers(src, cfg, cal)?;
+    let held = (windows.len() / 8).max(1);
+    let (train, heldout) = windows.split_at(windows.len() - held);
+    let teacher = Llama::load(&desc, w.as_ref()).context("loading the teacher")?;
+    let mut student = student_model(&desc, w.as_ref(), cal).context("building the student")?;
+    let mut rng = adaptq_quant::rng::Rng(s.seed ^ 0x7265_6669_6e65);
+    let mut order = |n: usize| -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            v.swap(i, rng.below(i + 1));
+        }
+        v
+    };
+    let frozen: Vec<&String> = cal
+        .layers
+        .iter()
+        .filter(|(_, c)| !matches!(c.q, LayerCodes::Int(_)))
+        .map(|(n, _)| n)
+        .collect();
+    let mut report = json!({
+        "mode": crate::options::Choice::name(s.mode),
+        "epochs": s.epochs,
+        "lr": s.lr,
+        "kd_cosine_weight": s.cosine_weight,
+        "top_k": s.top_k,
+        "train_windows": train.len(),
+        "heldout_windows": heldout.len(),
+        "frozen_layers": frozen,
+    });
+
+    let mut trained: BTreeMap<String, QuantizedTensor> = BTreeMap::new();
+    let mut norms_out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    if s.mode.blockwise() {
+        let n = student.blocks.len();
+        let embed = |m: &Llama, ws: &[Vec<u32>]| -> Result<Vec<Tensor>> {
+            ws.iter().map(|t| Ok(m.embed(t)?.detach())).collect()
+        };
+        let (mut xs, mut hs) = (embed(&student, train)?, embed(&student, heldout)?);
+        let mut blocks = Vec::new();
+        for i in 0..n {
+            progress("refine blockwise", i, n);
+            let run_block =
+                |m: &Llama, x: &Tensor| -> Result<Tensor> { m.block(i, x, 0, None, &mut None) };
+            let targets: Vec<Tensor> = xs
+                .iter()
+                .map(|x| run_block(&teacher, x))
+                .collect::<Result<_>>()?;
+            let held_t: Vec<Tensor> = hs
+                .iter()
+                .map(|x| run_block(&teacher, x))
+                .collect::<Result<_>>()?;
+            let p = BlockParams::new(&student, i, cal)?;
+            let vars = p.vars();
+            let mut adam = Adam::new(vars.clone(), s.lr)?;
+            let held_loss = |student: &mut Llama| -> Result<f64> {
+                p.install(student, i, false)?;
+                let mut sum = 0.0;
+                for (x, t) in hs.iter().zip(&held_t) {
+                    sum += block_loss(&run_block(student, x)?, t, s.cosine_weight)?
+                        .to_scalar::<f32>()? as f64;
+                }
+                Ok(sum / hs.len() as f64)
+            };
+            let mut best = (held_loss(&mut student)?, 0usize, snapshot(&vars)?);
+            let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
+            for epoch in 1..=s.epochs {
+                let mut sum = 0.0;
+                for j in order(xs.len()) {
+                    p.install(&mut student, i, true)?;
+                    let loss =
+                        block_loss(&run_block(&student, &xs[j])?, &targets[j], s.cosine_weight)?;
+                    sum += loss.to_scalar::<f32>()? as f64;
+                    adam.step(&loss.backward()?)?;
+                }
+                train_curve.push(sum / xs.len() as f64);
+                let h = held_loss(&mut student)?;
+                held_curve.push(h);
+                if h < best.0 {
+                    best = (h, epoch, snapshot(&vars)?);
+                } else {
+                    break;
+                }
+            }
+            restore(&vars, &best.2)?;
+            p.install(&mut student, i, false)?;
+            for g in &p.grids {
+                let mut q = match &cal.layers[&g.name].q {
+                    LayerCodes::Int(q) => q.clone(),
+                    _ => unreachable!("grid parameters come from integer layers"),
+                };
+                g.store(&mut q)?;
+                trained.insert(g.name.clone(), q);
+            }
+            let b = &student.blocks[i];
+            let (a, f) = b.norms();
+            norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
+            norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+            xs = xs
+                .iter()
+                .map(|x| Ok(run_block(&student, x)?.detach()))
+                .collect::<Result<_>>()?;
+            hs = hs
+                .iter()
+                .map(|x| Ok(run_block(&student, x)?.detach()))
+                .collect::<Result<_>>()?;
+            blocks.push(json!({
+                "block": i,
+                "train_loss": train_curve,
+                "heldout_loss": held_curve,
+                "kept_epoch": best.1,
+            }));
+            progress("refine blockwise", i + 1, n);
+        }
+        report["blockwise"] = json!(blocks);
+    }
+    // The blockwise phase's results are the end-to-end phase's starting point.
+    for (name, q) in &trained {
+        if let Some(c) = cal.layers.get_mut(name) {
+            c.q = LayerCodes::Int(q.clone());
+        }
+    }
+    if s.mode.e2e() {
+        let steps = s.epochs * train.len();
+        progress("refine e2e", 0, steps);
+        let te_train: Vec<TeacherLogits> = train
+            .iter()
+            .map(|t| teacher_logits(&teacher, t, s.top_k))
+            .collect::<Result<_>>()?;
+        let te_held: Vec<TeacherLogits> = heldout
+            .iter()
+            .map(|t| teacher_logits(&teacher, t, s.top_k))
+            .collect::<Result<_>>()?;
+        drop(teacher);
+        let n = student.blocks.len();
+        let blocks: Vec<BlockParams> = (0..n)
+            .map(|i| BlockParams::new(&student, i, cal))
+            .collect::<Result<_>>()?;
+        let final_norm = NormParam::new(student.final_norm())?;
+        let embedding = match cal.layers.get(&student.embed_name).map(|c| &c.q) {
+            Some(LayerCodes::Int(q)) => Some(GridParam::new(&student.embed_name, q)?),
+            _ => None,
+        };
+        let mut vars: Vec<Var> = blocks.iter().flat_map(BlockParams::vars).collect();
+        vars.push(final_norm.c.clone());
+        vars.extend(embedding.iter().flat_map(GridParam::vars));
+        let install = |m: &mut Llama, track: bool| -> Result<()> {
+            for (i, p) in blocks.iter().enumerate() {
+                p.install(m, i, track)?;
+            }
+            let fin = final_norm.value()?;
+            m.set_final_norm(if track { fin } else { fin.detach().copy()? })?;
+            if let Some(e) = &embedding {
+                let t = e.weight()?;
+                m.set_embedding_tensor(if track { t } else { t.detach().copy()? })?;
+            }
+            Ok(())
+        };
+        let loss_of = |m: &Llama, tokens: &[u32], te: &TeacherLogits| -> Result<(Tensor, f64)> {
+            let h = m.hidden(tokens, None, None)?;
+            let kl = kl_loss(&m.head(&h)?, te)?;
+            let klv = kl.to_scalar::<f32>()? as f64;
+            Ok((
+                (kl + (cosine_distance(&h, &te.hidden)? * s.cosine_weight)?)?,
+                klv,
+            ))
+        };
+        let held_kl = |m: &mut Llama| -> Result<f64> {
+            install(m, false)?;
+            let mut sum = 0.0;
+            for (t, te) in heldout.iter().zip(&te_held) {
+                sum += loss_of(m, t, te)?.1;
+            }
+            Ok(sum / heldout.len() as f64)
+        };
+        let mut adam = Adam::new(vars.clone(), s.lr)?;
+        let mut best = (held_kl(&mut student)?, 0usize, snapshot(&vars)?);
+        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
+        let mut done = 0;
+        for epoch in 1..=s.epochs {
+            let mut sum = 0.0;
+            for j in order(train.len()) {
+                install(&mut student, true)?;
+                let (loss, kl) = loss_of(&student, &train[j], &te_train[j])?;
+                sum += kl;
+                adam.step(&loss.backward()?)?;
+                done += 1;
+                progress("refine e2e", done, steps);
+            }
+            train_curve.push(sum / train.len() as f64);
+            let h = held_kl(&mut student)?;
+            held_curve.push(h);
+            if h < best.0 {
+                best = (h, epoch, snapshot(&vars)?);
+            } else {
+                break;
+            }
+        }
+        restore(&vars, &best.2)?;
+        install(&mut student, false)?;
+        for p in blocks.iter().flat_map(|b| &b.grids).chain(embedding.iter()) {
+            let mut q = match &cal.layers[&p.name].q {
+                LayerCodes::Int(q) => q.clone(),
+                _ => unreachable!("grid parameters come from integer layers"),
+            };
+            p.store(&mut q)?;
+            trained.insert(p.name.clone(), q);
+        }
+        for b in &student.blocks {
+            let (a, f) = b.norms();
+            norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
+            norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+        }
+        norms_out.insert(
+            student.final_norm_name.clone(),
+            student.final_norm_stored()?,
+        );
+        report["e2e"] = json!({
+            "train_kl": train_curve,
+            "heldout_kl": held_curve,
+            "kept_epoch": best.1,
+            "embedding_trained": embedding.is_some(),
+        });
+    }
+    for (name, q) in trained {
+        if let Some(c) = cal.layers.get_mut(&name) {
+            c.q = LayerCodes::Int(q);
+        }
+    }
+    cal.overrides.extend(norms_out);
+    Ok(report)
+}

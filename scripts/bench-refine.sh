@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Teacher-guided refinement (issue 20), measured as a ratio: each configuration is quantized
+# twice in the same run, without and with --refine, calibrated on emma.txt only, and both bundles
+# are evaluated against the f32 model on the first CHUNKS windows (ctx 512, second half scored)
+# of prideprejudice.txt and of Brown press-reportage.txt. Wall time and peak RSS of each
+# quantize come from /usr/bin/time -v. Prints a markdown table.
+#
+# Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 32; refinement holds out the
+# last eighth), REFINE (default "--refine both --refine-epochs 2"), ONLY (a regex over row
+# names), KEEP (a folder to keep the bundles in).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/fetch-fixtures.sh >/dev/null
+cargo build --release -p adaptq 2>/dev/null
+m=.cache/fixtures/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+calib=../shared/corpora/austen/emma.txt
+texts=(../shared/corpora/austen/prideprejudice.txt ../shared/corpora/brown-dev/press-reportage.txt)
+chunks=${CHUNKS:-40}
+samples=${SAMPLES:-32}
+refine=${REFINE:---refine both --refine-epochs 2}
+only=${ONLY:-.}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+keep=${KEEP:-$tmp}
+mkdir -p "$keep"
+cp target/release/adaptq "$tmp/adaptq"
+bin=$tmp/adaptq
+C="--calib $calib --calib-samples $samples"
+rows=(
+  # Every tensor quantized (the tied embedding too), so bits/weight count everything.
+  "rtn4-g128-asym|--bits 4 --group-size 128 --embeddings quant $C"
+  "rtn4-g64-sym|--bits 4 --group-size 64 --sym --embeddings quant $C"
+  "gptq3-g128-asym|--method gptq --bits 3 --group-size 128 --embeddings quant $C"
+  "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --embeddings quant $C"
+  "apq-4.5|--method apq --bits 2-8 --target-bpw 4.5 --max-bpw 4.5 --sym --embeddings quant $C"
+)
+echo "| config | refine | text | bpw | PPL | mean KLD | KLD refined/plain | top-1 % | quantize s | peak RSS MiB | gates |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for row in "${rows[@]}"; do
+  name=${row%%|*}; args=${row#*|}
+  [[ $name =~ $only ]] || continue
+  for variant in plain refined; do
+    extra=""
+    [ "$variant" = refined ] && extra=$refine
+    out="$keep/$name-$variant"
+    # shellcheck disable=SC2086
+    /usr/bin/time -v "$bin" quantize "$m" --out "$out" --force $args $extra >"$tmp/q.log" 2>"$tmp/$name-$variant.time" || true
+    "$bin" verify "$out" >/dev/null
+    for text in "${texts[@]}"; do
+      t=$(basename "$text" .txt)
+      "$bin" eval "$out" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name-$variant-$t.json"
+      python3 - "$name" "$variant" "$out" "$tmp" "$t" <<'PY'
+import json, sys, re
+name, variant, out, tmp, text = sys.argv[1:]
+v = json.load(open(f"{out}/verification.json"))
+e = json.load(open(f"{tmp}/{name}-{variant}-{text}.json"))
+tm = open(f"{tmp}/{name}-{variant}.time").read()
+wall = re.search(r"Elapsed \(wall clock\) time.*: (.*)", tm).group(1).split(":")
+secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
+rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", tm).group(1)) / 1024
+ratio = "-"
+if variant == "refined":
+    p = json.load(open(f"{tmp}/{name}-plain-{text}.json"))
+    ratio = f"{e['kld_mean'] / p['kld_mean']:.3f}"
+failed = [g["name"] for g in v["gates"] if g["status"] != "PASS"]
+print(f"| {name} | {variant} | {text} | {v['totals']['bits_per_weight']:.3f} | {e['ppl']:.4f} | "
+      f"{e['kld_mean']:.4f} | {ratio} | {100*e['top1_agreement']:.2f} | {secs:.0f} | {rss:.0f} | "
+      f"{v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
+PY
+    done
+  done
+done
