@@ -14,8 +14,9 @@
 //! trained on; each phase (each block, then the whole model) keeps the parameters of its best
 //! held-out loss and stops at the first epoch that raises it. Scales are trained as
 //! `s₀·(1 + δ)` and mins as `m₀ + |s₀|·δ'`, so one step size suits every layer; the trained
-//! values are stored back as the bundle's f16 scales. NOVAQ codebooks and GGML blocks stay as
-//! they are (their layers are listed as frozen); the norms around them still train.
+//! values are stored back as the bundle's f16 scales. NOVAQ layers train their codebooks and
+//! row/column scales and means. GGML blocks stay as they are (listed as frozen); the norms
+//! around them still train.
 
 use crate::calibrate::{CalibratedLayer, Calibration};
 use crate::options::RefineMode;
@@ -140,6 +141,168 @@ impl GridParam {
             q.mins = to16(m.detach())?;
         }
         Ok(())
+    }
+}
+
+/// A NOVAQ layer as trainable parameters: `w[r, c] = m_r + s_r · t_c · Σ_stages B[code]`,
+/// every codebook `B₀ + Δ` (centroids are in normalized units), row and column scales
+/// relative, row means in units of their row's scale.
+struct BookParam {
+    name: String,
+    rows: usize,
+    cols: usize,
+    /// Per stage: codes `[rows · vectors]` and the centroids `[k, dim]` before training.
+    stages: Vec<(Tensor, Tensor, Var)>,
+    rs0: Tensor,
+    rm0: Tensor,
+    cs0: Tensor,
+    rs: Var,
+    rm: Var,
+    cs: Var,
+}
+
+impl BookParam {
+    fn new(name: &str, t: &adaptq_quant::novaq::CodebookTensor) -> Result<BookParam> {
+        let (rows, cols, dim) = (t.rows, t.cols, t.dim);
+        let nv = cols.div_ceil(dim);
+        let vec16 = |v: &[f16], shape: (usize, usize)| -> Result<Tensor> {
+            let x: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
+            Ok(Tensor::from_vec(x, shape, &cpu())?)
+        };
+        let stages = t
+            .stages
+            .iter()
+            .map(|st| {
+                let k = 1usize << st.bits;
+                let codes: Vec<u32> = adaptq_quant::pack::unpack(&st.codes, st.bits, rows * nv)
+                    .into_iter()
+                    .map(u32::from)
+                    .collect();
+                Ok((
+                    Tensor::from_vec(codes, rows * nv, &cpu())?,
+                    vec16(&st.centroids, (k, dim))?,
+                    Var::zeros((k, dim), DType::F32, &cpu())?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let zeros = |shape: (usize, usize)| Var::zeros(shape, DType::F32, &cpu());
+        Ok(BookParam {
+            name: name.to_string(),
+            rows,
+            cols,
+            stages,
+            rs0: vec16(&t.row_scale, (rows, 1))?,
+            rm0: vec16(&t.row_mean, (rows, 1))?,
+            cs0: vec16(&t.col_scale, (1, cols))?,
+            rs: zeros((rows, 1))?,
+            rm: zeros((rows, 1))?,
+            cs: zeros((1, cols))?,
+        })
+    }
+
+    fn parts(&self) -> Result<(Vec<Tensor>, Tensor, Tensor, Tensor)> {
+        let books = self
+            .stages
+            .iter()
+            .map(|(_, b0, d)| Ok((b0 + d.as_tensor())?))
+            .collect::<Result<_>>()?;
+        let rs = self.rs0.mul(&(self.rs.as_tensor() + 1.0)?)?;
+        let rm = (&self.rm0 + self.rs0.abs()?.mul(self.rm.as_tensor())?)?;
+        let cs = self.cs0.mul(&(self.cs.as_tensor() + 1.0)?)?;
+        Ok((books, rs, rm, cs))
+    }
+
+    fn weight(&self) -> Result<Tensor> {
+        let (books, rs, rm, cs) = self.parts()?;
+        let mut acc: Option<Tensor> = None;
+        for ((codes, _, _), b) in self.stages.iter().zip(&books) {
+            let v = b.index_select(codes, 0)?;
+            acc = Some(match acc {
+                Some(a) => (a + v)?,
+                None => v,
+            });
+        }
+        let acc = acc.context("a codebook layer without stages")?;
+        let acc = acc.reshape((self.rows, ()))?.narrow(1, 0, self.cols)?;
+        Ok(acc
+            .broadcast_mul(&cs)?
+            .broadcast_mul(&rs)?
+            .broadcast_add(&rm)?)
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        let mut v: Vec<Var> = self.stages.iter().map(|(_, _, d)| d.clone()).collect();
+        v.extend([self.rs.clone(), self.rm.clone(), self.cs.clone()]);
+        v
+    }
+
+    fn store(&self, t: &mut adaptq_quant::novaq::CodebookTensor) -> Result<()> {
+        let (books, rs, rm, cs) = self.parts()?;
+        let to16 = |x: &Tensor| -> Result<Vec<f16>> {
+            let v: Vec<f16> = x
+                .detach()
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f16::from_f32)
+                .collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                bail!("refinement left a non-finite value in '{}'", self.name);
+            }
+            Ok(v)
+        };
+        for (st, b) in t.stages.iter_mut().zip(&books) {
+            st.centroids = to16(b)?;
+        }
+        t.row_scale = to16(&rs)?;
+        t.row_mean = to16(&rm)?;
+        t.col_scale = to16(&cs)?;
+        Ok(())
+    }
+}
+
+/// A layer's trainable form, by how its codes decode.
+enum Param {
+    Grid(GridParam),
+    Book(BookParam),
+}
+
+impl Param {
+    /// The trainable form of `q`; `None` for GGML blocks (kept frozen).
+    fn of(name: &str, q: &LayerCodes) -> Result<Option<Param>> {
+        Ok(match q {
+            LayerCodes::Int(t) => Some(Param::Grid(GridParam::new(name, t)?)),
+            LayerCodes::Codebook(t) => Some(Param::Book(BookParam::new(name, t)?)),
+            LayerCodes::Ggml { .. } => None,
+        })
+    }
+    fn name(&self) -> &str {
+        match self {
+            Param::Grid(g) => &g.name,
+            Param::Book(b) => &b.name,
+        }
+    }
+    fn weight(&self) -> Result<Tensor> {
+        match self {
+            Param::Grid(g) => g.weight(),
+            Param::Book(b) => b.weight(),
+        }
+    }
+    fn vars(&self) -> Vec<Var> {
+        match self {
+            Param::Grid(g) => g.vars(),
+            Param::Book(b) => b.vars(),
+        }
+    }
+    /// `q` with the trained values in place of its continuous parameters.
+    fn stored(&self, q: &LayerCodes) -> Result<LayerCodes> {
+        let mut q = q.clone();
+        match (self, &mut q) {
+            (Param::Grid(g), LayerCodes::Int(t)) => g.store(t)?,
+            (Param::Book(b), LayerCodes::Codebook(t)) => b.store(t)?,
+            _ => bail!("'{}' changed kind during refinement", self.name()),
+        }
+        Ok(q)
     }
 }
 
@@ -299,7 +462,7 @@ fn kl_loss(logits: &Tensor, te: &TeacherLogits) -> Result<Tensor> {
 
 /// The trainable parameters of block `i` of `student`.
 struct BlockParams {
-    grids: Vec<GridParam>,
+    grids: Vec<Param>,
     norms: (NormParam, NormParam),
 }
 
@@ -308,8 +471,8 @@ impl BlockParams {
         let b = &student.blocks[i];
         let mut grids = Vec::new();
         for l in b.linears() {
-            if let Some(LayerCodes::Int(q)) = cal.layers.get(&l.name).map(|c| &c.q) {
-                grids.push(GridParam::new(&l.name, q)?);
+            if let Some(c) = cal.layers.get(&l.name) {
+                grids.extend(Param::of(&l.name, &c.q)?);
             }
         }
         let (a, f) = b.norms();
@@ -320,7 +483,7 @@ impl BlockParams {
     }
 
     fn vars(&self) -> Vec<Var> {
-        let mut v: Vec<Var> = self.grids.iter().flat_map(GridParam::vars).collect();
+        let mut v: Vec<Var> = self.grids.iter().flat_map(Param::vars).collect();
         v.push(self.norms.0.c.clone());
         v.push(self.norms.1.c.clone());
         v
@@ -337,7 +500,7 @@ impl BlockParams {
         };
         let b = &mut student.blocks[i];
         for l in b.linears_mut() {
-            if let Some(g) = self.grids.iter().find(|g| g.name == l.name) {
+            if let Some(g) = self.grids.iter().find(|g| g.name() == l.name) {
                 l.set_tensor(fix(g.weight()?)?)?;
             }
         }
@@ -491,7 +654,7 @@ pub fn run(
     let frozen: Vec<&String> = cal
         .layers
         .iter()
-        .filter(|(_, c)| !matches!(c.q, LayerCodes::Int(_)))
+        .filter(|(_, c)| matches!(c.q, LayerCodes::Ggml { .. }))
         .map(|(n, _)| n)
         .collect();
     let mut report = json!({
@@ -505,7 +668,7 @@ pub fn run(
         "frozen_layers": frozen,
     });
 
-    let mut trained: BTreeMap<String, QuantizedTensor> = BTreeMap::new();
+    let mut trained: BTreeMap<String, LayerCodes> = BTreeMap::new();
     let mut norms_out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     if s.mode.blockwise() {
         let n = student.blocks.len();
@@ -561,12 +724,8 @@ pub fn run(
             restore(&vars, &best.2)?;
             p.install(&mut student, i, false)?;
             for g in &p.grids {
-                let mut q = match &cal.layers[&g.name].q {
-                    LayerCodes::Int(q) => q.clone(),
-                    _ => unreachable!("grid parameters come from integer layers"),
-                };
-                g.store(&mut q)?;
-                trained.insert(g.name.clone(), q);
+                let q = g.stored(&cal.layers[g.name()].q)?;
+                trained.insert(g.name().to_string(), q);
             }
             let b = &student.blocks[i];
             let (a, f) = b.norms();
@@ -593,7 +752,7 @@ pub fn run(
     // The blockwise phase's results are the end-to-end phase's starting point.
     for (name, q) in &trained {
         if let Some(c) = cal.layers.get_mut(name) {
-            c.q = LayerCodes::Int(q.clone());
+            c.q = q.clone();
         }
     }
     if s.mode.e2e() {
@@ -614,12 +773,12 @@ pub fn run(
             .collect::<Result<_>>()?;
         let final_norm = NormParam::new(student.final_norm())?;
         let embedding = match cal.layers.get(&student.embed_name).map(|c| &c.q) {
-            Some(LayerCodes::Int(q)) => Some(GridParam::new(&student.embed_name, q)?),
-            _ => None,
+            Some(q) => Param::of(&student.embed_name, q)?,
+            None => None,
         };
         let mut vars: Vec<Var> = blocks.iter().flat_map(BlockParams::vars).collect();
         vars.push(final_norm.c.clone());
-        vars.extend(embedding.iter().flat_map(GridParam::vars));
+        vars.extend(embedding.iter().flat_map(Param::vars));
         let install = |m: &mut Llama, track: bool| -> Result<()> {
             for (i, p) in blocks.iter().enumerate() {
                 p.install(m, i, track)?;
@@ -675,12 +834,7 @@ pub fn run(
         restore(&vars, &best.2)?;
         install(&mut student, false)?;
         for p in blocks.iter().flat_map(|b| &b.grids).chain(embedding.iter()) {
-            let mut q = match &cal.layers[&p.name].q {
-                LayerCodes::Int(q) => q.clone(),
-                _ => unreachable!("grid parameters come from integer layers"),
-            };
-            p.store(&mut q)?;
-            trained.insert(p.name.clone(), q);
+            trained.insert(p.name().to_string(), p.stored(&cal.layers[p.name()].q)?);
         }
         for b in &student.blocks {
             let (a, f) = b.norms();
@@ -700,9 +854,158 @@ pub fn run(
     }
     for (name, q) in trained {
         if let Some(c) = cal.layers.get_mut(&name) {
-            c.q = LayerCodes::Int(q);
+            c.q = q;
         }
     }
     cal.overrides.extend(norms_out);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut r = adaptq_quant::rng::Rng(seed);
+        (0..rows * cols).map(|_| r.gauss() as f32).collect()
+    }
+
+    fn weight(p: &Param) -> Vec<f32> {
+        p.weight()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// Untrained parameters decode to exactly the stored layer, and a trained one stores back
+    /// what it computes (to f16): on both grids with a short last group, and on codebooks
+    /// whose last vector is cut short.
+    #[test]
+    fn parameters_decode_as_the_layer_and_store_back() {
+        let (rows, cols) = (64, 70);
+        let w = matrix(rows, cols, 1);
+        let mut layers = Vec::new();
+        for grid in [Grid::Symmetric, Grid::Asymmetric] {
+            let cfg = adaptq_quant::RtnConfig {
+                bits: 3,
+                group_size: 32,
+                grid,
+            };
+            let q = adaptq_quant::quantize_rtn(&w, rows, cols, &cfg).unwrap();
+            layers.push(LayerCodes::Int(q));
+        }
+        let ncfg = adaptq_quant::novaq::NovaqConfig {
+            target_bits: 6.0,
+            level1_centroids: 16,
+            level2_centroids: 4,
+            min_subspace_dim: 4,
+            max_subspace_dim: 4,
+            max_iterations: 3,
+            ..Default::default()
+        };
+        let (t, _) = adaptq_quant::novaq::quantize_novaq(&w, rows, cols, None, &ncfg).unwrap();
+        assert!(
+            !cols.is_multiple_of(t.dim),
+            "the last vector must be cut short"
+        );
+        layers.push(LayerCodes::Codebook(t));
+        for q in layers {
+            let p = Param::of("l", &q).unwrap().unwrap();
+            assert_eq!(weight(&p), q.dequantize());
+            let mut r = adaptq_quant::rng::Rng(2);
+            for v in p.vars() {
+                let n = v.as_tensor().elem_count();
+                let x: Vec<f32> = (0..n).map(|_| 0.05 * r.gauss() as f32).collect();
+                v.set(&Tensor::from_vec(x, v.as_tensor().dims(), &cpu()).unwrap())
+                    .unwrap();
+            }
+            let moved = weight(&p);
+            let stored = p.stored(&q).unwrap().dequantize();
+            assert_ne!(stored, q.dequantize());
+            let scale = moved.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in moved.iter().zip(&stored) {
+                assert!((a - b).abs() <= 4e-3 * scale, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// The top-k KL is the exact KL when k covers the vocabulary, and zero for the teacher
+    /// itself; its gradient points the student toward the teacher.
+    #[test]
+    fn topk_kl_is_the_kl() {
+        let (t, v) = (3, 7);
+        let te = Tensor::from_vec(matrix(t, v, 3), (t, v), &cpu()).unwrap();
+        let st = Tensor::from_vec(matrix(t, v, 4), (t, v), &cpu()).unwrap();
+        let cached = |k: usize| {
+            let rows = te.to_vec2::<f32>().unwrap();
+            let (mut idx, mut lp, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+            for row in &rows {
+                let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+                let mut o: Vec<u32> = (0..v as u32).collect();
+                o.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
+                let mut kept = 0.0;
+                for &i in &o[..k] {
+                    let l = row[i as usize] as f64 - lse;
+                    kept += l.exp();
+                    idx.push(i);
+                    lp.push(l as f32);
+                }
+                tail.push((1.0 - kept).max(1e-12) as f32);
+            }
+            let tl: Vec<f32> = tail.iter().map(|p| p.ln()).collect();
+            TeacherLogits {
+                idx: Tensor::from_vec(idx, (t, k), &cpu()).unwrap(),
+                logp: Tensor::from_vec(lp, (t, k), &cpu()).unwrap(),
+                tail_p: Tensor::from_vec(tail, (t, 1), &cpu()).unwrap(),
+                tail_logp: Tensor::from_vec(tl, (t, 1), &cpu()).unwrap(),
+                hidden: Tensor::zeros((t, 1), DType::F32, &cpu()).unwrap(),
+            }
+        };
+        let exact = {
+            let (p, q) = (te.to_vec2::<f32>().unwrap(), st.to_vec2::<f32>().unwrap());
+            let lsm = |r: &Vec<f32>| {
+                let lse = r.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
+                r.iter().map(|x| *x as f64 - lse).collect::<Vec<_>>()
+            };
+            let mut kl = 0.0;
+            for (a, b) in p.iter().zip(&q) {
+                let (la, lb) = (lsm(a), lsm(b));
+                kl += la
+                    .iter()
+                    .zip(&lb)
+                    .map(|(x, y)| x.exp() * (x - y))
+                    .sum::<f64>();
+            }
+            kl / t as f64
+        };
+        let full = kl_loss(&st, &cached(v))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!((full - exact).abs() < 1e-5, "{full} vs {exact}");
+        let part = kl_loss(&st, &cached(3))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(part > 0.0 && part <= exact + 1e-6, "{part} vs {exact}");
+        let zero = kl_loss(&te, &cached(3))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(zero.abs() < 1e-5, "{zero}");
+        let var = Var::from_tensor(&st).unwrap();
+        let g = kl_loss(var.as_tensor(), &cached(v))
+            .unwrap()
+            .backward()
+            .unwrap();
+        let stepped =
+            (var.as_tensor() - g.get(var.as_tensor()).unwrap().affine(0.5, 0.0).unwrap()).unwrap();
+        let after = kl_loss(&stepped, &cached(v))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(after < full, "{after} vs {full}");
+    }
 }
