@@ -203,7 +203,7 @@ fn refine_summary(r: &Value) -> Value {
         "kd_cosine_weight": r["kd_cosine_weight"],
         "train_windows": r["train_windows"],
         "heldout_windows": r["heldout_windows"],
-        "frozen_layers": items(&r["frozen_layers"]).len(),
+        "ggml_reencode": r.get("ggml_reencode").map(|g| json!({"layers": g["layers"], "mean_rel_error": g["mean_rel_error"], "max_rel_error": g["max_rel_error"]})),
         "e2e": r.get("e2e"),
         "blockwise": blocks,
     })
@@ -213,15 +213,23 @@ fn refine_summary(r: &Value) -> Value {
 fn fmt_refine(r: &Value, s: &mut String) {
     let _ = writeln!(
         s,
-        "\n## Teacher-guided refinement\n\nmode {} · up to {} epochs · step {} · cosine weight {} · {} training windows, {} held out · {} layers frozen (not on an integer grid)\n",
+        "\n## Teacher-guided refinement\n\nmode {} · up to {} epochs · step {} · cosine weight {} · {} training windows, {} held out\n",
         r["mode"].as_str().unwrap_or("?"),
         r["epochs"],
         r["lr"],
         r["kd_cosine_weight"],
         r["train_windows"],
-        r["heldout_windows"],
-        r["frozen_layers"]
+        r["heldout_windows"]
     );
+    if let Some(g) = r["ggml_reencode"].as_object() {
+        let _ = writeln!(
+            s,
+            "Trained scales written onto the GGML types' fields cost a relative squared weight error of {:.2e} on average over {} layers (worst {:.2e}).\n",
+            g["mean_rel_error"].as_f64().unwrap_or(f64::NAN),
+            g["layers"],
+            g["max_rel_error"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     if let Some(e) = r["e2e"].as_object() {
         s.push_str("End to end (KL(teacher || student) on the teacher's top-k tokens plus the tail; epoch 0 = before):\n\n| epoch | training KL | held-out KL |\n|---|---|---|\n");
         let held = items(&e["heldout_kl"]);

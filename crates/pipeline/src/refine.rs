@@ -15,8 +15,9 @@
 //! held-out loss and stops at the first epoch that raises it. Scales are trained as
 //! `s₀·(1 + δ)` and mins as `m₀ + |s₀|·δ'`, so one step size suits every layer; the trained
 //! values are stored back as the bundle's f16 scales. NOVAQ layers train their codebooks and
-//! row/column scales and means. GGML blocks stay as they are (listed as frozen); the norms
-//! around them still train.
+//! row/column scales and means. GGML blocks train each sub-block's scale and min and are
+//! written back onto the type's fields (k-quants: integer sub-scales of one f16 step), the
+//! error that costs measured per layer.
 
 use crate::calibrate::{CalibratedLayer, Calibration};
 use crate::options::RefineMode;
@@ -47,8 +48,9 @@ pub struct RefineSettings {
 /// most positions; the rest is kept as one tail bucket.
 pub const TOP_K: usize = 64;
 
-/// An integer-grid layer as trainable parameters: `w = c · s₀(1 + a) [+ m₀ + |s₀| b]` per
-/// group, `c` the fixed codes (less the zero code on a symmetric grid).
+/// An integer-grid layer, or GGML blocks, as trainable parameters: `w = c · s₀(1 + a)
+/// [+ m₀ + |s₀| b]` per group (a GGML sub-block), `c` the fixed code as the grid reads it
+/// (less the zero code on a symmetric grid; an IQ4 table level).
 struct GridParam {
     name: String,
     codes: Tensor,
@@ -59,6 +61,8 @@ struct GridParam {
     m0: Option<(Tensor, Tensor)>,
     a: Var,
     b: Option<Var>,
+    /// GGML blocks: their type and codes, written again around the trained scales.
+    ggml: Option<(adaptq_quant::ggml::BlockType, Vec<u8>)>,
 }
 
 fn cpu() -> Device {
@@ -93,7 +97,69 @@ impl GridParam {
             a: zeros()?,
             s0,
             m0,
+            ggml: None,
         })
+    }
+
+    fn from_ggml(
+        name: &str,
+        ty: adaptq_quant::ggml::BlockType,
+        (rows, cols): (usize, usize),
+        bytes: &[u8],
+    ) -> Result<GridParam> {
+        use adaptq_quant::ggml::BlockType as T;
+        let f = adaptq_quant::ggml::sub_affine(ty, bytes, rows * cols)
+            .with_context(|| format!("decoding '{name}'"))?;
+        let sl = ty.sub_len();
+        if !cols.is_multiple_of(sl) {
+            bail!(
+                "'{name}': {cols} columns are not whole {} sub-blocks",
+                ty.name()
+            );
+        }
+        let gpr = cols / sl;
+        let gidx: Vec<u32> = (0..cols).map(|c| (c / sl) as u32).collect();
+        let s0 = Tensor::from_vec(f.a, (rows, gpr), &cpu())?;
+        let has_min = matches!(ty, T::Q4_1 | T::Q5_1 | T::Q2K | T::Q4K | T::Q5K);
+        let m0 = match has_min {
+            true => Some((Tensor::from_vec(f.b, (rows, gpr), &cpu())?, s0.abs()?)),
+            false => None,
+        };
+        let zeros = || Var::zeros((rows, gpr), DType::F32, &cpu());
+        Ok(GridParam {
+            name: name.to_string(),
+            codes: Tensor::from_vec(f.levels, (rows, cols), &cpu())?,
+            gidx: Tensor::from_vec(gidx, cols, &cpu())?,
+            b: m0.as_ref().map(|_| zeros()).transpose()?,
+            a: zeros()?,
+            s0,
+            m0,
+            ggml: Some((ty, f.codes)),
+        })
+    }
+
+    /// GGML blocks around the trained scales, and the relative squared error that writing
+    /// them onto the type's scale fields costs (k-quants: integer sub-scales of one f16 step).
+    fn ggml_blocks(&self) -> Result<Option<(Vec<u8>, f64)>> {
+        let Some((ty, codes)) = &self.ggml else {
+            return Ok(None);
+        };
+        let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.detach().flatten_all()?.to_vec1()?) };
+        let a = flat(self.scales()?)?;
+        let b = match self.mins()? {
+            Some(m) => flat(m)?,
+            None => vec![0.0; a.len()],
+        };
+        let bytes = adaptq_quant::ggml::encode_affine(*ty, codes, &a, &b);
+        let want = flat(self.weight()?)?;
+        let got = adaptq_quant::ggml::dequantize(*ty, &bytes, want.len())?;
+        let (num, den) = want.iter().zip(&got).fold((0f64, 0f64), |(n, d), (w, g)| {
+            (n + ((w - g) as f64).powi(2), d + (*w as f64).powi(2))
+        });
+        if got.iter().any(|v| !v.is_finite()) {
+            bail!("refinement left a non-finite value in '{}'", self.name);
+        }
+        Ok(Some((bytes, num / den.max(f64::MIN_POSITIVE))))
     }
 
     fn scales(&self) -> Result<Tensor> {
@@ -268,12 +334,17 @@ enum Param {
 }
 
 impl Param {
-    /// The trainable form of `q`; `None` for GGML blocks (kept frozen).
-    fn of(name: &str, q: &LayerCodes) -> Result<Option<Param>> {
+    /// The trainable form of `q`.
+    fn of(name: &str, q: &LayerCodes) -> Result<Param> {
         Ok(match q {
-            LayerCodes::Int(t) => Some(Param::Grid(GridParam::new(name, t)?)),
-            LayerCodes::Codebook(t) => Some(Param::Book(BookParam::new(name, t)?)),
-            LayerCodes::Ggml { .. } => None,
+            LayerCodes::Int(t) => Param::Grid(GridParam::new(name, t)?),
+            LayerCodes::Codebook(t) => Param::Book(BookParam::new(name, t)?),
+            LayerCodes::Ggml {
+                ty,
+                rows,
+                cols,
+                bytes,
+            } => Param::Grid(GridParam::from_ggml(name, *ty, (*rows, *cols), bytes)?),
         })
     }
     fn name(&self) -> &str {
@@ -294,15 +365,22 @@ impl Param {
             Param::Book(b) => b.vars(),
         }
     }
-    /// `q` with the trained values in place of its continuous parameters.
-    fn stored(&self, q: &LayerCodes) -> Result<LayerCodes> {
+    /// `q` with the trained values in place of its continuous parameters, and for GGML
+    /// blocks the relative error of writing them onto the type's scale fields.
+    fn stored(&self, q: &LayerCodes) -> Result<(LayerCodes, Option<f64>)> {
         let mut q = q.clone();
+        let mut cost = None;
         match (self, &mut q) {
             (Param::Grid(g), LayerCodes::Int(t)) => g.store(t)?,
             (Param::Book(b), LayerCodes::Codebook(t)) => b.store(t)?,
+            (Param::Grid(g), LayerCodes::Ggml { bytes, .. }) => {
+                let (b, e) = g.ggml_blocks()?.context("blocks without their type")?;
+                *bytes = b;
+                cost = Some(e);
+            }
             _ => bail!("'{}' changed kind during refinement", self.name()),
         }
-        Ok(q)
+        Ok((q, cost))
     }
 }
 
@@ -472,7 +550,7 @@ impl BlockParams {
         let mut grids = Vec::new();
         for l in b.linears() {
             if let Some(c) = cal.layers.get(&l.name) {
-                grids.extend(Param::of(&l.name, &c.q)?);
+                grids.push(Param::of(&l.name, &c.q)?);
             }
         }
         let (a, f) = b.norms();
@@ -651,12 +729,6 @@ pub fn run(
         }
         v
     };
-    let frozen: Vec<&String> = cal
-        .layers
-        .iter()
-        .filter(|(_, c)| matches!(c.q, LayerCodes::Ggml { .. }))
-        .map(|(n, _)| n)
-        .collect();
     let mut report = json!({
         "mode": crate::options::Choice::name(s.mode),
         "epochs": s.epochs,
@@ -665,10 +737,11 @@ pub fn run(
         "top_k": s.top_k,
         "train_windows": train.len(),
         "heldout_windows": heldout.len(),
-        "frozen_layers": frozen,
     });
 
     let mut trained: BTreeMap<String, LayerCodes> = BTreeMap::new();
+    // Relative error of writing trained GGML scales onto their types' fields, by layer.
+    let mut costs: BTreeMap<String, f64> = BTreeMap::new();
     let mut norms_out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     if s.mode.blockwise() {
         let n = student.blocks.len();
@@ -724,7 +797,8 @@ pub fn run(
             restore(&vars, &best.2)?;
             p.install(&mut student, i, false)?;
             for g in &p.grids {
-                let q = g.stored(&cal.layers[g.name()].q)?;
+                let (q, cost) = g.stored(&cal.layers[g.name()].q)?;
+                costs.extend(cost.map(|c| (g.name().to_string(), c)));
                 trained.insert(g.name().to_string(), q);
             }
             let b = &student.blocks[i];
@@ -773,7 +847,7 @@ pub fn run(
             .collect::<Result<_>>()?;
         let final_norm = NormParam::new(student.final_norm())?;
         let embedding = match cal.layers.get(&student.embed_name).map(|c| &c.q) {
-            Some(q) => Param::of(&student.embed_name, q)?,
+            Some(q) => Some(Param::of(&student.embed_name, q)?),
             None => None,
         };
         let mut vars: Vec<Var> = blocks.iter().flat_map(BlockParams::vars).collect();
@@ -834,7 +908,9 @@ pub fn run(
         restore(&vars, &best.2)?;
         install(&mut student, false)?;
         for p in blocks.iter().flat_map(|b| &b.grids).chain(embedding.iter()) {
-            trained.insert(p.name().to_string(), p.stored(&cal.layers[p.name()].q)?);
+            let (q, cost) = p.stored(&cal.layers[p.name()].q)?;
+            costs.insert(p.name().to_string(), cost.unwrap_or(f64::NAN));
+            trained.insert(p.name().to_string(), q);
         }
         for b in &student.blocks {
             let (a, f) = b.norms();
@@ -850,6 +926,17 @@ pub fn run(
             "heldout_kl": held_curve,
             "kept_epoch": best.1,
             "embedding_trained": embedding.is_some(),
+        });
+    }
+    costs.retain(|_, c| c.is_finite());
+    if !costs.is_empty() {
+        let worst = costs.values().cloned().fold(0.0, f64::max);
+        let mean = costs.values().sum::<f64>() / costs.len() as f64;
+        report["ggml_reencode"] = json!({
+            "layers": costs.len(),
+            "mean_rel_error": mean,
+            "max_rel_error": worst,
+            "by_layer": costs,
         });
     }
     for (name, q) in trained {
@@ -868,6 +955,14 @@ mod tests {
     fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut r = adaptq_quant::rng::Rng(seed);
         (0..rows * cols).map(|_| r.gauss() as f32).collect()
+    }
+
+    fn weight_name(q: &LayerCodes) -> String {
+        match q {
+            LayerCodes::Ggml { ty, .. } => ty.name().to_string(),
+            LayerCodes::Int(t) => format!("int{} {:?}", t.bits, t.grid),
+            LayerCodes::Codebook(_) => "novaq".into(),
+        }
     }
 
     fn weight(p: &Param) -> Vec<f32> {
@@ -911,8 +1006,18 @@ mod tests {
             "the last vector must be cut short"
         );
         layers.push(LayerCodes::Codebook(t));
+        let wide = matrix(4, 512, 5);
+        for ty in adaptq_quant::ggml::ALL {
+            let bytes = adaptq_quant::ggml::quantize_rtn(ty, &wide, 4, 512, None, false).unwrap();
+            layers.push(LayerCodes::Ggml {
+                ty,
+                rows: 4,
+                cols: 512,
+                bytes,
+            });
+        }
         for q in layers {
-            let p = Param::of("l", &q).unwrap().unwrap();
+            let p = Param::of("l", &q).unwrap();
             assert_eq!(weight(&p), q.dequantize());
             let mut r = adaptq_quant::rng::Rng(2);
             for v in p.vars() {
@@ -922,12 +1027,22 @@ mod tests {
                     .unwrap();
             }
             let moved = weight(&p);
-            let stored = p.stored(&q).unwrap().dequantize();
+            let stored = p.stored(&q).unwrap().0.dequantize();
             assert_ne!(stored, q.dequantize());
-            let scale = moved.iter().fold(0f32, |m, x| m.max(x.abs()));
-            for (a, b) in moved.iter().zip(&stored) {
-                assert!((a - b).abs() <= 4e-3 * scale, "{a} vs {b}");
-            }
+            // f16 scales; GGML k-quants also round sub-scales to integers of one step.
+            let (num, den) = moved
+                .iter()
+                .zip(&stored)
+                .fold((0f32, 0f32), |(n, d), (a, b)| {
+                    (n + (a - b).powi(2), d + a * a)
+                });
+            let tol = match q {
+                // Q2_K's sub-scales have 4 bits: a sixteenth of the step is their resolution.
+                LayerCodes::Ggml { ty, .. } if ty == adaptq_quant::ggml::BlockType::Q2K => 1e-2,
+                LayerCodes::Ggml { ty, .. } if ty.is_k() => 2e-3,
+                _ => 1e-5,
+            };
+            assert!(num / den <= tol, "{}: {}", weight_name(&q), num / den);
         }
     }
 

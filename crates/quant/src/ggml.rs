@@ -704,6 +704,142 @@ pub fn from_int(q: &crate::QuantizedTensor) -> Option<(BlockType, Vec<u8>)> {
     Some((ty, out))
 }
 
+/// Blocks of one type as a linear map per sub-block: value `a[s]·level + b[s]`, where `level`
+/// is the element's code as its grid reads it (`q − zero`, `q`, or the IQ4 table's level) and
+/// `s` its sub-block. The products are the dequantizers' own, so the values are exact: with the
+/// codes fixed this is what refinement trains.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubAffine {
+    pub codes: Vec<u8>,
+    pub levels: Vec<f32>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// `n` values of `ty` blocks as their [`SubAffine`] form.
+pub fn sub_affine(ty: BlockType, bytes: &[u8], n: usize) -> Result<SubAffine, QuantError> {
+    dequantize(ty, bytes, n)?;
+    let bl = ty.block_len();
+    let sl = ty.sub_len();
+    let mut out = SubAffine {
+        codes: Vec::with_capacity(n),
+        levels: Vec::with_capacity(n),
+        a: Vec::with_capacity(n / sl),
+        b: Vec::with_capacity(n / sl),
+    };
+    let mut codes = vec![0u8; bl];
+    for blk in bytes.chunks(ty.block_bytes()) {
+        let h = decode_block(ty, blk, &mut codes);
+        for (s, cs) in codes.chunks(sl).enumerate() {
+            let g = affine(ty, &h, s);
+            out.a.push(g.a);
+            out.b.push(g.b);
+            out.levels
+                .extend(cs.iter().map(|&q| match (g.table, g.off) {
+                    (Some(t), _) => t[q as usize & 15] as f32,
+                    (None, Some(o)) => (q as i32 - o) as f32,
+                    (None, None) => q as f32,
+                }));
+        }
+        out.codes.extend_from_slice(&codes);
+    }
+    Ok(out)
+}
+
+/// Integer multipliers `k ∈ lo..=hi` of one f16 step `d` with `d·k` nearest `x` in squared
+/// error: every step that maps the largest magnitude to one of the upper half of the
+/// multipliers is tried, each refitted by least squares to its rounded multipliers. Values that
+/// came from such a step are found again exactly.
+fn fit_steps(x: &[f32], lo: i32, hi: i32) -> (f16, Vec<i32>) {
+    let zero = (f16::ZERO, vec![0.clamp(lo, hi); x.len()]);
+    let top = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if top == 0.0 || !top.is_finite() {
+        return zero;
+    }
+    let round = |d: f32| -> Vec<i32> {
+        x.iter()
+            .map(|v| ((v / d).round() as i32).clamp(lo, hi))
+            .collect()
+    };
+    let err = |d: f32, k: &[i32]| -> f64 {
+        x.iter()
+            .zip(k)
+            .map(|(v, &k)| (*v as f64 - d as f64 * k as f64).powi(2))
+            .sum()
+    };
+    let reach = hi.max(-lo);
+    let mut best = (err(0.0, &zero.1), zero.clone());
+    // A signed range is not symmetric (-32..=31): a negative step reaches the other end.
+    let signs: &[f32] = if lo < 0 { &[1.0, -1.0] } else { &[1.0] };
+    for (&sign, m) in signs
+        .iter()
+        .flat_map(|s| ((reach / 2).max(1)..=reach).map(move |m| (s, m)))
+    {
+        let mut d = to_f16(sign * top / m as f32).to_f32();
+        for _ in 0..2 {
+            if d == 0.0 {
+                break;
+            }
+            let k = round(d);
+            let e = err(d, &k);
+            if e < best.0 {
+                best = (e, (to_f16(d), k.clone()));
+            }
+            let (num, den) = x.iter().zip(&k).fold((0f64, 0f64), |(n, q), (v, &k)| {
+                (n + *v as f64 * k as f64, q + (k as f64) * (k as f64))
+            });
+            if den == 0.0 {
+                break;
+            }
+            d = to_f16((num / den) as f32).to_f32();
+        }
+    }
+    best.1
+}
+
+/// Writes blocks of `ty` holding `codes` whose sub-block maps come as near `a`, `b` as the
+/// type's scale fields allow: f16 steps and mins, and for k-quants integer sub-scales (and
+/// sub-mins) of a shared f16 step ([`fit_steps`]). Types without a min ignore `b`.
+pub fn encode_affine(ty: BlockType, codes: &[u8], a: &[f32], b: &[f32]) -> Vec<u8> {
+    let (bl, sl) = (ty.block_len(), ty.sub_len());
+    let subs = bl / sl;
+    let mut out = Vec::with_capacity(ty.bytes_for(codes.len()));
+    for (j, cs) in codes.chunks(bl).enumerate() {
+        let (a, b) = (&a[j * subs..(j + 1) * subs], &b[j * subs..(j + 1) * subs]);
+        let mut h = BlockHead::new(to_f16(a[0]), f16::ZERO);
+        let ints = |k: Vec<i32>, dst: &mut [u8; 16]| {
+            for (d, v) in dst.iter_mut().zip(k) {
+                *d = v as u8;
+            }
+        };
+        match ty {
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 | BlockType::IQ4NL => {}
+            BlockType::Q4_1 | BlockType::Q5_1 => h.dmin = to_f16(b[0]),
+            BlockType::Q2K | BlockType::Q4K | BlockType::Q5K => {
+                let top = if ty == BlockType::Q2K { 15 } else { 63 };
+                let (d, k) = fit_steps(a, 0, top);
+                let mins: Vec<f32> = b.iter().map(|v| -v).collect();
+                let (dm, m) = fit_steps(&mins, 0, top);
+                (h.d, h.dmin) = (d, dm);
+                ints(k, &mut h.sc);
+                ints(m, &mut h.mn);
+            }
+            BlockType::Q3K | BlockType::IQ4XS => {
+                let (d, k) = fit_steps(a, -32, 31);
+                h.d = d;
+                ints(k.into_iter().map(|v| v + 32).collect(), &mut h.sc);
+            }
+            BlockType::Q6K => {
+                let (d, k) = fit_steps(a, -128, 127);
+                h.d = d;
+                ints(k, &mut h.sc);
+            }
+        }
+        encode_block(ty, &h, cs, &mut out);
+    }
+    out
+}
+
 /// Decodes `n` values of `ty` blocks with the dequantizers' arithmetic.
 pub fn dequantize(ty: BlockType, bytes: &[u8], n: usize) -> Result<Vec<f32>, QuantError> {
     let bl = ty.block_len();
@@ -749,6 +885,41 @@ mod tests {
                 }
             })
             .collect()
+    }
+
+    /// The sub-block form decodes to the blocks' values exactly; written back unchanged it
+    /// gives blocks that decode the same (k-quants: to within their integer sub-scales), and a
+    /// moved scale moves the values.
+    #[test]
+    fn sub_affine_is_exact_and_encodes_back() {
+        let (rows, cols) = (2, 512);
+        let w = weights(rows * cols, 9);
+        for t in ALL {
+            let bytes = quantize_rtn(t, &w, rows, cols, None, false).unwrap();
+            let n = rows * cols;
+            let f = sub_affine(t, &bytes, n).unwrap();
+            let sl = t.sub_len();
+            let vals: Vec<f32> = (0..n)
+                .map(|i| f.a[i / sl] * f.levels[i] + f.b[i / sl])
+                .collect();
+            let deq = dequantize(t, &bytes, n).unwrap();
+            assert_eq!(vals, deq, "{}", t.name());
+            let again = encode_affine(t, &f.codes, &f.a, &f.b);
+            let back = dequantize(t, &again, n).unwrap();
+            let err = back
+                .iter()
+                .zip(&deq)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f32>()
+                / deq.iter().map(|x| x * x).sum::<f32>();
+            assert!(err < 1e-4, "{}: {err}", t.name());
+            if !t.is_k() {
+                assert_eq!(again, bytes, "{}", t.name());
+            }
+            let a2: Vec<f32> = f.a.iter().map(|v| v * 1.1).collect();
+            let moved = dequantize(t, &encode_affine(t, &f.codes, &a2, &f.b), n).unwrap();
+            assert_ne!(moved, deq, "{}", t.name());
+        }
     }
 
     #[test]
