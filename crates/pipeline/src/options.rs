@@ -153,8 +153,8 @@ pub enum RefineMode {
 
 choice!(RefineMode {
     Off => "off", "No refinement: the codes and scales calibration produced.";
-    Blockwise => "blockwise", "Each block's group scales, mins and norms trained so its output on the quantized model's own inputs matches the unquantized block's on the same inputs (relative squared error plus --kd-cosine-weight times the cosine distance); one block in memory for gradients.";
-    E2e => "e2e", "The whole model's group scales, mins and norms (the embedding's too when it is quantized on adaptq's grid) trained to the unquantized model's next-token distribution: KL(teacher || student) on its top-k tokens plus the tail, plus --kd-cosine-weight times the cosine distance of the last hidden states.";
+    Blockwise => "blockwise", "Each block's scales, mins, codebooks and norms trained so its output on the quantized model's own inputs matches the unquantized block's on the same inputs (relative squared error plus kd_cosine_weight times the cosine distance); one block in memory for gradients.";
+    E2e => "e2e", "The whole model's scales, mins, codebooks and norms (the embedding's too when it is quantized) trained to the unquantized model's next-token distribution: KL(teacher || student) on its top-k tokens plus the tail, plus kd_cosine_weight times the cosine distance of the last hidden states.";
     Both => "both", "blockwise, then e2e.";
 });
 

@@ -228,12 +228,15 @@ pub const REFINE: Section = (
         (
             "refine",
             Choice(names::<RefineMode>),
-            "After rounding, train the quantized model's group scales, mins and norms (codes \
-             fixed, so the bits per weight do not change) against the unquantized model on \
-             the --calib windows, the last eighth held out: training stops at the first \
-             epoch that raises the held-out loss and keeps the best. Needs --calib; works with \
-             rtn, gptq, awq and apq grids (NOVAQ codebooks and GGML blocks stay frozen, their \
-             norms train). The loss per epoch is in verification.json and `adaptq report`.",
+            "After rounding, train the quantized model's continuous parameters against the \
+             unquantized model on the --calib windows, codes fixed (the bits per weight do \
+             not change): group scales and mins (rtn, gptq, awq, apq), NOVAQ codebooks and \
+             row/column scales and means, GGML blocks' sub-block scales and mins (written back \
+             onto the type's fields; the error that costs is recorded), and the norms. The \
+             last eighth of the windows is held out: each phase keeps its best held-out epoch \
+             and stops at the first epoch that raises it. Needs --calib; not with --rotate or \
+             --blocks. Teacher and student are held in f32. The loss per epoch is \
+             in verification.json (refine) and `adaptq report`.",
         ),
         (
             "refine_epochs",
