@@ -159,7 +159,7 @@ pub fn build(dir: &Path) -> Result<Value> {
                 "refine_error_reduction_max": red.last(),
             })
         });
-    Ok(json!({
+    let mut out = json!({
         "model_id": m["model_id"],
         "source": m["source"],
         "quantization": m["quantization"],
@@ -173,9 +173,12 @@ pub fn build(dir: &Path) -> Result<Value> {
         "promotion_rounds": ver.extra.get("apq").map(|a| a["promotion_rounds"].clone()),
         "heldout": ver.extra.get("apq").map(|a| a["heldout"].clone()),
         "novaq": novaq,
-        "refine": ver.extra.get("refine").map(refine_summary),
         "notes": notes,
-    }))
+    });
+    if let Some(r) = ver.extra.get("refine") {
+        out["refine"] = refine_summary(r);
+    }
+    Ok(out)
 }
 
 /// Refinement's curves as reports draw them: the end-to-end losses per epoch, and each block's

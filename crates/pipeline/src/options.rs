@@ -680,6 +680,13 @@ impl QuantizeOptions {
         // bytes, and so its digest, follow it); `remove` below moves the last key into the gap,
         // as it did when bundles were first recorded.
         let calib_inputs = map.shift_remove("calib_inputs");
+        // Refinement's keys appear only when it runs; taken out here, before the removals
+        // below fill gaps, so a bundle made without it keeps its digest.
+        if self.refine.refine == RefineMode::Off {
+            for key in ["refine", "refine_epochs", "refine_lr", "kd_cosine_weight"] {
+                map.shift_remove(key);
+            }
+        }
         for key in [
             "resume",
             "blocks",
@@ -702,11 +709,6 @@ impl QuantizeOptions {
                 _ => false,
             };
             if unset {
-                map.remove(key);
-            }
-        }
-        if self.refine.refine == RefineMode::Off {
-            for key in ["refine", "refine_epochs", "refine_lr", "kd_cosine_weight"] {
                 map.remove(key);
             }
         }

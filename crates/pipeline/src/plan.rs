@@ -623,9 +623,13 @@ impl Plan {
             bail!("a block-range job writes a part: run it with Plan::run_part");
         }
         self.check_output()?;
+        let refine = self.options.refine.refine != crate::options::RefineMode::Off;
+        if refine && source.desc().decoder.moe.is_some() {
+            bail!("refinement of mixture-of-experts models is not built; quantize without refine");
+        }
         let job = self.job(locator);
         let mut pre = self.calibrate(source, job.as_ref(), progress)?;
-        if self.options.refine.refine != crate::options::RefineMode::Off {
+        if refine {
             pre = Some(self.refine(source, pre, progress)?);
         }
         let outcome = self.write(source, locator, pre, progress)?;
@@ -856,7 +860,7 @@ fn check_refine(o: &QuantizeOptions) -> Result<()> {
         return Ok(());
     }
     if o.calibration.calib.is_none() {
-        bail!("refinement needs calibration text (calib, e.g. ../shared/corpora/austen/emma.txt)");
+        bail!("refinement needs calibration text (calib, e.g. emma.txt)");
     }
     if o.transforms.rotate {
         bail!("refinement of rotated models is not built (the online rotations are outside the autograd graph); drop rotate or refine");

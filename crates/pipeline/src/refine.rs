@@ -459,9 +459,10 @@ fn restore(vars: &[Var], values: &[Tensor]) -> Result<()> {
 /// Mean over rows of `1 - cos(y_row, t_row)`.
 fn cosine_distance(y: &Tensor, t: &Tensor) -> Result<Tensor> {
     let dot = y.mul(t)?.sum_keepdim(D::Minus1)?;
-    let ny = y.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    let nt = t.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-    let cos = dot.div(&(ny.mul(&nt)? + 1e-12)?)?;
+    // The small terms keep the gradient of sqrt finite on an all-zero row.
+    let ny = (y.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    let nt = (t.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    let cos = dot.div(&ny.mul(&nt)?)?;
     Ok((cos.mean_all()?.neg()? + 1.0)?)
 }
 
@@ -592,8 +593,23 @@ fn student_model(
     desc: &adaptq_source::ModelDesc,
     w: &dyn adaptq_model::Weights,
     cal: &Calibration,
+    f16_tables: bool,
 ) -> Result<Llama> {
     let mut m = Llama::load(desc, w)?;
+    // An embedding (and separate head) kept as float is stored in f16.
+    let f16 =
+        |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect() };
+    if f16_tables && !cal.layers.contains_key(&m.embed_name) {
+        let e = m.embedding_rows()?;
+        m.set_embedding(f16(e))?;
+    }
+    let head = m.head_name.clone();
+    if f16_tables && !cal.layers.contains_key(&head) {
+        if let Some(h) = m.head_mut() {
+            let (v, _, _) = h.weight_rows()?;
+            h.set_weight(f16(v))?;
+        }
+    }
     let mut used = 0usize;
     for b in m.blocks.iter_mut() {
         for l in b.linears_mut() {
@@ -617,7 +633,6 @@ fn student_model(
         m.set_embedding(c.q.dequantize())?;
         used += 1;
     }
-    let head = m.head_name.clone();
     if let (Some(c), Some(h)) = (cal.layers.get(&head), m.head_mut()) {
         h.set_weight(c.q.dequantize())?;
         used += 1;
@@ -639,6 +654,26 @@ fn student_model(
     Ok(m)
 }
 
+/// Sets the student's layer `name` (a block's, the embedding, an untied head) to the values
+/// `q` decodes to: what the bundle will hold.
+fn put_stored(m: &mut Llama, name: &str, q: &LayerCodes) -> Result<()> {
+    let w = q.dequantize();
+    if name == m.embed_name {
+        return m.set_embedding(w);
+    }
+    if m.head_mut().is_some_and(|h| h.name == name) {
+        return m.head_mut().context("an untied head")?.set_weight(w);
+    }
+    for b in m.blocks.iter_mut() {
+        for l in b.linears_mut() {
+            if l.name == name {
+                return l.set_weight(w);
+            }
+        }
+    }
+    bail!("the model has no layer '{name}'")
+}
+
 /// Brings every layer into `cal.layers`: codes a checkpoint saved are read back, and tensors
 /// no calibration stage rounded (the embedding with `embeddings: quant`, say) are rounded as
 /// the bundle writer would round them.
@@ -655,8 +690,16 @@ fn gather_layers(
         }
     }
     for f in files {
-        let c = f.read()?;
-        cal.layers.extend(c.layers);
+        let mut c = f.read()?;
+        for (name, (file, _)) in &saved {
+            if file == f && !cal.layers.contains_key(name) {
+                let layer = c
+                    .layers
+                    .remove(name)
+                    .with_context(|| format!("{} holds no codes for '{name}'", f.path.display()))?;
+                cal.layers.insert(name.clone(), layer);
+            }
+        }
     }
     for info in src.tensors() {
         let role = role_of(info);
@@ -720,7 +763,9 @@ pub fn run(
     let held = (windows.len() / 8).max(1);
     let (train, heldout) = windows.split_at(windows.len() - held);
     let teacher = Llama::load(&desc, w.as_ref()).context("loading the teacher")?;
-    let mut student = student_model(&desc, w.as_ref(), cal).context("building the student")?;
+    let f16_tables = cfg.embeddings == crate::options::EmbeddingMode::F16;
+    let mut student =
+        student_model(&desc, w.as_ref(), cal, f16_tables).context("building the student")?;
     let mut rng = adaptq_quant::rng::Rng(s.seed ^ 0x7265_6669_6e65);
     let mut order = |n: usize| -> Vec<usize> {
         let mut v: Vec<usize> = (0..n).collect();
@@ -765,14 +810,17 @@ pub fn run(
             let p = BlockParams::new(&student, i, cal)?;
             let vars = p.vars();
             let mut adam = Adam::new(vars.clone(), s.lr)?;
-            let held_loss = |student: &mut Llama| -> Result<f64> {
-                p.install(student, i, false)?;
+            let held_of = |student: &Llama| -> Result<f64> {
                 let mut sum = 0.0;
                 for (x, t) in hs.iter().zip(&held_t) {
                     sum += block_loss(&run_block(student, x)?, t, s.cosine_weight)?
                         .to_scalar::<f32>()? as f64;
                 }
                 Ok(sum / hs.len() as f64)
+            };
+            let held_loss = |student: &mut Llama| -> Result<f64> {
+                p.install(student, i, false)?;
+                held_of(student)
             };
             let mut best = (held_loss(&mut student)?, 0usize, snapshot(&vars)?);
             let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
@@ -796,15 +844,35 @@ pub fn run(
             }
             restore(&vars, &best.2)?;
             p.install(&mut student, i, false)?;
-            for g in &p.grids {
-                let (q, cost) = g.stored(&cal.layers[g.name()].q)?;
-                costs.extend(cost.map(|c| (g.name().to_string(), c)));
-                trained.insert(g.name().to_string(), q);
+            // What the bundle will hold (f16 scales, GGML fields), judged on the held-out
+            // windows again: kept only when it still beats the block as it came.
+            let mut stored_loss = None;
+            if best.1 > 0 {
+                let mut out = Vec::new();
+                for g in &p.grids {
+                    let (q, cost) = g.stored(&cal.layers[g.name()].q)?;
+                    put_stored(&mut student, g.name(), &q)?;
+                    out.push((g.name().to_string(), q, cost));
+                }
+                let h = held_of(&student)?;
+                stored_loss = Some(h);
+                if h < held_curve[0] {
+                    for (name, q, cost) in out {
+                        costs.extend(cost.map(|c| (name.clone(), c)));
+                        trained.insert(name, q);
+                    }
+                    let b = &student.blocks[i];
+                    let (a, f) = b.norms();
+                    norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
+                    norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+                } else {
+                    for g in &p.grids {
+                        put_stored(&mut student, g.name(), &cal.layers[g.name()].q)?;
+                    }
+                    let (a, f) = (p.norms.0.base.clone(), p.norms.1.base.clone());
+                    student.blocks[i].set_norms(a, f)?;
+                }
             }
-            let b = &student.blocks[i];
-            let (a, f) = b.norms();
-            norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
-            norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
             xs = xs
                 .iter()
                 .map(|x| Ok(run_block(&student, x)?.detach()))
@@ -818,6 +886,8 @@ pub fn run(
                 "train_loss": train_curve,
                 "heldout_loss": held_curve,
                 "kept_epoch": best.1,
+                "heldout_stored": stored_loss,
+                "written": stored_loss.is_some_and(|h| h < held_curve[0]),
             }));
             progress("refine blockwise", i + 1, n);
         }
@@ -827,6 +897,8 @@ pub fn run(
     for (name, q) in &trained {
         if let Some(c) = cal.layers.get_mut(name) {
             c.q = q.clone();
+            // Calibration's output error described the codes before refinement.
+            c.output_rel_error = f64::NAN;
         }
     }
     if s.mode.e2e() {
@@ -850,9 +922,13 @@ pub fn run(
             Some(q) => Some(Param::of(&student.embed_name, q)?),
             None => None,
         };
+        let head = match cal.layers.get(&student.head_name) {
+            Some(c) if !student.tied() => Some(Param::of(&student.head_name, &c.q)?),
+            _ => None,
+        };
         let mut vars: Vec<Var> = blocks.iter().flat_map(BlockParams::vars).collect();
         vars.push(final_norm.c.clone());
-        vars.extend(embedding.iter().flat_map(Param::vars));
+        vars.extend(embedding.iter().chain(head.iter()).flat_map(Param::vars));
         let install = |m: &mut Llama, track: bool| -> Result<()> {
             for (i, p) in blocks.iter().enumerate() {
                 p.install(m, i, track)?;
@@ -862,6 +938,11 @@ pub fn run(
             if let Some(e) = &embedding {
                 let t = e.weight()?;
                 m.set_embedding_tensor(if track { t } else { t.detach().copy()? })?;
+            }
+            if let Some(h) = &head {
+                let t = h.weight()?;
+                let t = if track { t } else { t.detach().copy()? };
+                m.head_mut().context("an untied head")?.set_tensor(t)?;
             }
             Ok(())
         };
@@ -874,13 +955,16 @@ pub fn run(
                 klv,
             ))
         };
-        let held_kl = |m: &mut Llama| -> Result<f64> {
-            install(m, false)?;
+        let held_of = |m: &Llama| -> Result<f64> {
             let mut sum = 0.0;
             for (t, te) in heldout.iter().zip(&te_held) {
                 sum += loss_of(m, t, te)?.1;
             }
             Ok(sum / heldout.len() as f64)
+        };
+        let held_kl = |m: &mut Llama| -> Result<f64> {
+            install(m, false)?;
+            held_of(m)
         };
         let mut adam = Adam::new(vars.clone(), s.lr)?;
         let mut best = (held_kl(&mut student)?, 0usize, snapshot(&vars)?);
@@ -907,25 +991,48 @@ pub fn run(
         }
         restore(&vars, &best.2)?;
         install(&mut student, false)?;
-        for p in blocks.iter().flat_map(|b| &b.grids).chain(embedding.iter()) {
-            let (q, cost) = p.stored(&cal.layers[p.name()].q)?;
-            costs.insert(p.name().to_string(), cost.unwrap_or(f64::NAN));
-            trained.insert(p.name().to_string(), q);
+        progress("refine e2e", steps, steps);
+        let params = || {
+            blocks
+                .iter()
+                .flat_map(|b| &b.grids)
+                .chain(embedding.iter())
+                .chain(head.iter())
+        };
+        let mut stored_kl = None;
+        if best.1 > 0 {
+            let mut out = Vec::new();
+            for p in params() {
+                let (q, cost) = p.stored(&cal.layers[p.name()].q)?;
+                put_stored(&mut student, p.name(), &q)?;
+                out.push((p.name().to_string(), q, cost));
+            }
+            let h = held_of(&student)?;
+            stored_kl = Some(h);
+            if h < held_curve[0] {
+                for (name, q, cost) in out {
+                    costs.insert(name.clone(), cost.unwrap_or(f64::NAN));
+                    trained.insert(name, q);
+                }
+                for b in &student.blocks {
+                    let (a, f) = b.norms();
+                    norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
+                    norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+                }
+                norms_out.insert(
+                    student.final_norm_name.clone(),
+                    student.final_norm_stored()?,
+                );
+            }
         }
-        for b in &student.blocks {
-            let (a, f) = b.norms();
-            norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
-            norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
-        }
-        norms_out.insert(
-            student.final_norm_name.clone(),
-            student.final_norm_stored()?,
-        );
         report["e2e"] = json!({
             "train_kl": train_curve,
             "heldout_kl": held_curve,
             "kept_epoch": best.1,
+            "heldout_kl_stored": stored_kl,
+            "written": stored_kl.is_some_and(|h| h < held_curve[0]),
             "embedding_trained": embedding.is_some(),
+            "head_trained": head.is_some(),
         });
     }
     costs.retain(|_, c| c.is_finite());
@@ -942,6 +1049,7 @@ pub fn run(
     for (name, q) in trained {
         if let Some(c) = cal.layers.get_mut(&name) {
             c.q = q;
+            c.output_rel_error = f64::NAN;
         }
     }
     cal.overrides.extend(norms_out);

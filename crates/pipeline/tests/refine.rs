@@ -1,7 +1,7 @@
 //! Teacher-guided refinement on the tiny in-memory Llama: it lowers the held-out loss it is
 //! judged by (a broken gradient would leave every phase at epoch 0 and fail), moves only
-//! scales, mins and norms (codes, bits per weight and every other byte stay), and the same
-//! seed writes the same bundle.
+//! scales, mins and norms (codes stay, and so do every tensor's size and the bits per weight),
+//! and the same seed writes the same bundle.
 
 use adaptq_pipeline::{Plan, QuantizeOptions};
 use adaptq_quant::LayerCodes;
@@ -158,4 +158,46 @@ fn codes_stay_and_scales_move() {
         cal.layers.len()
     );
     assert!(cal.overrides.keys().any(|n| n == "model.norm.weight"));
+}
+
+/// GGML blocks and NOVAQ codebooks train too: the end-to-end phase improves the held-out KL on
+/// what the bundle stores, and the GGML blocks' re-encoding cost is recorded.
+#[test]
+fn ggml_blocks_and_codebooks_refine() {
+    let w = Work::new();
+    let cases = [
+        (
+            "q4_0",
+            json!({"ggml_type": "q4_0", "ggml_embedding_type": "q8_0"}),
+        ),
+        (
+            "novaq",
+            json!({"method": "novaq", "embeddings": "f16", "target_bits": 3.0,
+                   "max_iterations": 3, "refine_iterations": 1}),
+        ),
+    ];
+    for (name, changes) in cases {
+        let mut c = changes.clone();
+        c["refine"] = json!("e2e");
+        c["refine_epochs"] = json!(3);
+        c["refine_lr"] = json!(0.01);
+        let out = run(w.options(name, c));
+        let rep = refine_section(&out);
+        let e2e = &rep["e2e"];
+        assert_eq!(e2e["written"], true, "{name}: {rep}");
+        let held = e2e["heldout_kl"][0].as_f64().unwrap();
+        assert!(
+            e2e["heldout_kl_stored"].as_f64().unwrap() < held,
+            "{name}: {rep}"
+        );
+        match name {
+            "q4_0" => {
+                let g = &rep["ggml_reencode"];
+                assert!(g["layers"].as_u64() > Some(0), "{rep}");
+                // Q4_0/Q8_0 scales are f16 already: only f16 rounding.
+                assert!(g["max_rel_error"].as_f64().unwrap() < 1e-5, "{rep}");
+            }
+            _ => assert!(rep.get("ggml_reencode").is_none()),
+        }
+    }
 }
