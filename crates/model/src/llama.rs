@@ -628,6 +628,19 @@ struct Rotated {
     attn: adaptq_quant::hadamard::Rotation,
     /// SwiGLU's output (down reads it), e.g. 1536 = 512·3 wide.
     ffn: adaptq_quant::hadamard::Rotation,
+    /// The three rotations as dense matrices (hidden, attn, ffn) while the model is
+    /// differentiable ([`Llama::set_differentiable`]): the fast transform leaves candle's graph.
+    dense: Option<Box<[Tensor; 3]>>,
+}
+
+impl Rotated {
+    /// `x·R` for every row of `x`, `which` 0 = hidden, 1 = attention output, 2 = SwiGLU output.
+    fn rows(&self, x: &Tensor, which: usize) -> Result<Tensor> {
+        match &self.dense {
+            Some(d) => Ok(x.matmul(&d[which])?),
+            None => rot_rows(x, [&self.hidden, &self.attn, &self.ffn][which]),
+        }
+    }
 }
 
 /// `x·R` for every row of `x: [T, n]`, by the fast transform.
@@ -1341,7 +1354,34 @@ impl Llama {
             hidden: Rotation::new(d.hidden, seed),
             attn: Rotation::new(d.n_heads * d.head_dim(), seed.wrapping_add(2)),
             ffn: Rotation::new(d.ffn_dim, seed.wrapping_add(1)),
+            dense: None,
         }
+    }
+
+    /// Runs the rotations a rotated model applies online as products with dense matrices, so
+    /// gradients flow through them (refinement); `false` returns to the fast transform.
+    pub fn set_differentiable(&mut self, on: bool) -> Result<()> {
+        let Some(r) = self.rotation.as_mut() else {
+            return Ok(());
+        };
+        r.dense = match on {
+            false => None,
+            true => {
+                let dense = |rot: &adaptq_quant::hadamard::Rotation| -> Result<Tensor> {
+                    let n = rot.n;
+                    let mut m = vec![0f32; n * n];
+                    m.iter_mut().step_by(n + 1).for_each(|v| *v = 1.0);
+                    rot.apply_rows(&mut m);
+                    Ok(Tensor::from_vec(m, (n, n), &Device::Cpu)?)
+                };
+                Some(Box::new([
+                    dense(&r.hidden)?,
+                    dense(&r.attn)?,
+                    dense(&r.ffn)?,
+                ]))
+            }
+        };
+        Ok(())
     }
 
     /// Tells the model the context it will run at. Phi-3 files with long and short RoPE factors
@@ -1536,7 +1576,7 @@ impl Llama {
         let (hd, eps) = (d.head_dim(), d.norm_eps);
         let h = rms_norm(x, &b.attn_norm, eps)?;
         let h = match self.rotation.as_ref() {
-            Some(r) => rot_rows(&h, &r.hidden)?,
+            Some(r) => r.rows(&h, 0)?,
             None => h,
         };
         let (qw, kvw) = (d.n_heads * hd, d.n_kv_heads * hd);
@@ -1619,7 +1659,7 @@ impl Llama {
         let probs = softmax_last(&scores)?;
         let attn = probs.matmul(&v)?.transpose(0, 1)?.reshape((t, nh * hd))?;
         let attn = match self.rotation.as_ref() {
-            Some(r) => rot_rows(&attn, &r.attn)?,
+            Some(r) => r.rows(&attn, 1)?,
             None => attn,
         };
         o.forward(&attn, hook)
@@ -1683,7 +1723,7 @@ impl Llama {
                 });
             let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
             let attn = match self.rotation.as_ref() {
-                Some(r) => rot_rows(&attn, &r.attn)?,
+                Some(r) => r.rows(&attn, 1)?,
                 None => attn,
             };
             return o.forward(&attn, hook);
@@ -1714,7 +1754,7 @@ impl Llama {
         });
         let attn = Tensor::from_vec(out, (t, nh * hd), &Device::Cpu)?;
         let attn = match self.rotation.as_ref() {
-            Some(r) => rot_rows(&attn, &r.attn)?,
+            Some(r) => r.rows(&attn, 1)?,
             None => attn,
         };
         o.forward(&attn, hook)
@@ -1728,7 +1768,7 @@ impl Llama {
         };
         let rot = self.rotation.as_ref();
         let h = match rot {
-            Some(r) => rot_rows(h, &r.hidden)?,
+            Some(r) => r.rows(h, 0)?,
             None => h.clone(),
         };
         let ffn = self.desc.ffn_dim;
@@ -1747,7 +1787,7 @@ impl Llama {
             }
         };
         let mid = match rot {
-            Some(r) => rot_rows(&mid, &r.ffn)?,
+            Some(r) => r.rows(&mid, 2)?,
             None => mid,
         };
         down.forward(&mid, hook)

@@ -862,9 +862,6 @@ fn check_refine(o: &QuantizeOptions) -> Result<()> {
     if o.calibration.calib.is_none() {
         bail!("refinement needs calibration text (calib, e.g. emma.txt)");
     }
-    if o.transforms.rotate {
-        bail!("refinement of rotated models is not built (the online rotations are outside the autograd graph); drop rotate or refine");
-    }
     if o.job.blocks.is_some() {
         bail!("refinement trains across blocks; it cannot run in a block-range job");
     }

@@ -594,8 +594,14 @@ fn student_model(
     w: &dyn adaptq_model::Weights,
     cal: &Calibration,
     f16_tables: bool,
+    rotate: Option<u64>,
 ) -> Result<Llama> {
     let mut m = Llama::load(desc, w)?;
+    // The codes of a rotated model hold W·R; its forward pass rotates the inputs online.
+    if let Some(seed) = rotate {
+        m.rotate(seed)?;
+        m.set_differentiable(true)?;
+    }
     // An embedding (and separate head) kept as float is stored in f16.
     let f16 =
         |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect() };
@@ -764,8 +770,14 @@ pub fn run(
     let (train, heldout) = windows.split_at(windows.len() - held);
     let teacher = Llama::load(&desc, w.as_ref()).context("loading the teacher")?;
     let f16_tables = cfg.embeddings == crate::options::EmbeddingMode::F16;
-    let mut student =
-        student_model(&desc, w.as_ref(), cal, f16_tables).context("building the student")?;
+    let mut student = student_model(
+        &desc,
+        w.as_ref(),
+        cal,
+        f16_tables,
+        cfg.rotate.as_ref().map(|r| r.seed),
+    )
+    .context("building the student")?;
     let mut rng = adaptq_quant::rng::Rng(s.seed ^ 0x7265_6669_6e65);
     let mut order = |n: usize| -> Vec<usize> {
         let mut v: Vec<usize> = (0..n).collect();

@@ -201,3 +201,25 @@ fn ggml_blocks_and_codebooks_refine() {
         }
     }
 }
+
+/// A rotated model refines too: its online rotations run as dense products while it trains
+/// (the same function as the fast transform), and the bundle improves on the held-out KL.
+#[test]
+fn rotated_models_refine() {
+    use adaptq_model::llama::Llama;
+    let model = TinyLlama::new(7);
+    let w = adaptq_model::borrowed_source(&model);
+    let mut m = Llama::load(w.desc(), w.as_ref()).unwrap();
+    m.rotate(5).unwrap();
+    let tokens: Vec<u32> = text(3, 30).bytes().map(u32::from).collect();
+    let fast = m.forward(&tokens, None, None).unwrap();
+    m.set_differentiable(true).unwrap();
+    let dense = m.forward(&tokens, None, None).unwrap();
+    let diff = (fast - dense).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    let work = Work::new();
+    let c = json!({"method": "gptq", "rotate": true, "seed": 5, "refine": "both",
+                   "refine_epochs": 3, "refine_lr": 0.002});
+    let rep = refine_section(&run(work.options("rot", c)));
+    assert_eq!(rep["e2e"]["written"], true, "{rep}");
+}

@@ -234,8 +234,7 @@ pub const REFINE: Section = (
              row/column scales and means, GGML blocks' sub-block scales and mins (written back \
              onto the type's fields; the error that costs is recorded), and the norms. The \
              last eighth of the windows is held out: each phase keeps its best held-out epoch \
-             and stops at the first epoch that raises it. Needs --calib; not with --rotate or \
-             --blocks. Teacher and student are held in f32. The loss per epoch is \
+             and stops at the first epoch that raises it. Needs --calib; not with --blocks. Teacher and student are held in f32. The loss per epoch is \
              in verification.json (refine) and `adaptq report`.",
         ),
         (
