@@ -223,3 +223,35 @@ fn rotated_models_refine() {
     let rep = refine_section(&run(work.options("rot", c)));
     assert_eq!(rep["e2e"]["written"], true, "{rep}");
 }
+
+/// `adaptq report` draws the curves: the end-to-end table per epoch, each block's before and
+/// after, and the SVG line and bars.
+#[test]
+fn the_report_draws_the_loss_curves() {
+    let w = Work::new();
+    let o = w.options(
+        "rep",
+        json!({"refine": "both", "refine_epochs": 2, "refine_lr": 0.01}),
+    );
+    let out = run(o);
+    let r = adaptq_bundle::report::build(&out.out).unwrap();
+    let held = r["refine"]["e2e"]["heldout_kl"].as_array().unwrap().len();
+    assert!(held >= 2, "{}", r["refine"]);
+    let md = adaptq_bundle::report::markdown(&r);
+    assert!(md.contains("## Teacher-guided refinement"), "{md}");
+    let first = format!(
+        "| 0 | - | {:.5} |",
+        r["refine"]["e2e"]["heldout_kl"][0].as_f64().unwrap()
+    );
+    assert!(md.contains(&first), "{md}");
+    assert_eq!(
+        md.matches("\n| 1 | 0.").count(),
+        2,
+        "an e2e epoch row and block 1's row: {md}"
+    );
+    let html = adaptq_bundle::report::html(&r);
+    assert!(html.contains("<polyline") && html.contains("held-out loss after / before"));
+    let plain = adaptq_bundle::report::build(&run(w.options("p", json!({}))).out).unwrap();
+    assert!(plain.get("refine").is_none());
+    assert!(!adaptq_bundle::report::html(&plain).contains("<polyline"));
+}
