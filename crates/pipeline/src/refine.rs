@@ -756,8 +756,7 @@ pub fn run(
     if windows.len() < 2 {
         bail!("refinement needs at least 2 calibration windows (one is held out)");
     }
-    if !(s.lr.is_finite() && s.lr > 0.0) || !(s.cosine_weight.is_finite() && s.cosine_weight >= 0.0)
-    {
+    if !(s.lr.is_finite() && s.lr > 0.0 && s.cosine_weight.is_finite() && s.cosine_weight >= 0.0) {
         bail!("refinement needs a positive step size and a non-negative cosine weight");
     }
     let w = adaptq_model::borrowed_source(src);
@@ -1158,7 +1157,10 @@ mod tests {
                 });
             let tol = match q {
                 // Q2_K's sub-scales have 4 bits: a sixteenth of the step is their resolution.
-                LayerCodes::Ggml { ty, .. } if ty == adaptq_quant::ggml::BlockType::Q2K => 1e-2,
+                LayerCodes::Ggml {
+                    ty: adaptq_quant::ggml::BlockType::Q2K,
+                    ..
+                } => 1e-2,
                 LayerCodes::Ggml { ty, .. } if ty.is_k() => 2e-3,
                 _ => 1e-5,
             };
