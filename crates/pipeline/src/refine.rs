@@ -777,13 +777,14 @@ pub fn run(
         cfg.rotate.as_ref().map(|r| r.seed),
     )
     .context("building the student")?;
-    let mut rng = adaptq_quant::rng::Rng(s.seed ^ 0x7265_6669_6e65);
-    let mut order = |n: usize| -> Vec<usize> {
-        let mut v: Vec<usize> = (0..n).collect();
-        for i in (1..n).rev() {
-            v.swap(i, rng.below(i + 1));
-        }
-        v
+    let mut t = Trainer {
+        s,
+        train,
+        heldout,
+        rng: adaptq_quant::rng::Rng(s.seed ^ 0x7265_6669_6e65),
+        trained: BTreeMap::new(),
+        costs: BTreeMap::new(),
+        norms_out: BTreeMap::new(),
     };
     let mut report = json!({
         "mode": crate::options::Choice::name(s.mode),
@@ -794,139 +795,232 @@ pub fn run(
         "train_windows": train.len(),
         "heldout_windows": heldout.len(),
     });
-
-    let mut trained: BTreeMap<String, LayerCodes> = BTreeMap::new();
-    // Relative error of writing trained GGML scales onto their types' fields, by layer.
-    let mut costs: BTreeMap<String, f64> = BTreeMap::new();
-    let mut norms_out: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     if s.mode.blockwise() {
+        report["blockwise"] = t.blockwise(&mut student, &teacher, cal, progress)?;
+    }
+    // The blockwise phase's results are the end-to-end phase's starting point.
+    t.apply(cal);
+    if s.mode.e2e() {
+        report["e2e"] = t.e2e(&mut student, teacher, cal, progress)?;
+    }
+    t.costs.retain(|_, c| c.is_finite());
+    if !t.costs.is_empty() {
+        let worst = t.costs.values().cloned().fold(0.0, f64::max);
+        let mean = t.costs.values().sum::<f64>() / t.costs.len() as f64;
+        report["ggml_reencode"] = json!({
+            "layers": t.costs.len(),
+            "mean_rel_error": mean,
+            "max_rel_error": worst,
+            "by_layer": t.costs,
+        });
+    }
+    t.apply(cal);
+    cal.overrides.extend(std::mem::take(&mut t.norms_out));
+    Ok(report)
+}
+
+/// What a run carries from phase to phase: the settings and windows, the generator of each
+/// epoch's window order, and what has been decided to write.
+struct Trainer<'a> {
+    s: &'a RefineSettings,
+    train: &'a [Vec<u32>],
+    heldout: &'a [Vec<u32>],
+    rng: adaptq_quant::rng::Rng,
+    trained: BTreeMap<String, LayerCodes>,
+    /// Relative error of writing trained GGML scales onto their types' fields, by layer.
+    costs: BTreeMap<String, f64>,
+    /// Trained norm weights as their files store them, by name.
+    norms_out: BTreeMap<String, Vec<f32>>,
+}
+
+impl Trainer<'_> {
+    /// The numbers `0..n` in a seeded order (Fisher-Yates).
+    fn order(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            v.swap(i, self.rng.below(i + 1));
+        }
+        v
+    }
+
+    /// Puts the codes decided so far into `cal`.
+    fn apply(&mut self, cal: &mut Calibration) {
+        for (name, q) in std::mem::take(&mut self.trained) {
+            if let Some(c) = cal.layers.get_mut(&name) {
+                c.q = q;
+                // Calibration's output error described the codes before refinement.
+                c.output_rel_error = f64::NAN;
+            }
+        }
+    }
+
+    /// Writes what `params` hold into the student as the bundle would store it and judges it
+    /// on the held-out windows: the codes are kept when the loss beats `before`.
+    fn judge<'p>(
+        &mut self,
+        student: &mut Llama,
+        params: impl Iterator<Item = &'p Param>,
+        cal: &Calibration,
+        before: f64,
+        held: impl Fn(&Llama) -> Result<f64>,
+    ) -> Result<(f64, bool)> {
+        let mut out = Vec::new();
+        for p in params {
+            let (q, cost) = p.stored(&cal.layers[p.name()].q)?;
+            put_stored(student, p.name(), &q)?;
+            out.push((p.name().to_string(), q, cost));
+        }
+        let h = held(student)?;
+        if h < before {
+            for (name, q, cost) in out {
+                if let Some(c) = cost {
+                    self.costs.insert(name.clone(), c);
+                }
+                self.trained.insert(name, q);
+            }
+        }
+        Ok((h, h < before))
+    }
+
+    fn keep_norms(&mut self, b: &adaptq_model::llama::Block) -> Result<()> {
+        let (a, f) = b.norms();
+        self.norms_out
+            .insert(b.attn_norm_name.clone(), b.stored(a)?);
+        self.norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+        Ok(())
+    }
+
+    /// Every block in turn ([`Trainer::block`]); the report's `blockwise` list.
+    fn blockwise(
+        &mut self,
+        student: &mut Llama,
+        teacher: &Llama,
+        cal: &Calibration,
+        progress: Progress,
+    ) -> Result<serde_json::Value> {
         let n = student.blocks.len();
         let embed = |m: &Llama, ws: &[Vec<u32>]| -> Result<Vec<Tensor>> {
             ws.iter().map(|t| Ok(m.embed(t)?.detach())).collect()
         };
-        let (mut xs, mut hs) = (embed(&student, train)?, embed(&student, heldout)?);
+        let (mut xs, mut hs) = (embed(student, self.train)?, embed(student, self.heldout)?);
         let mut blocks = Vec::new();
         for i in 0..n {
             progress("refine blockwise", i, n);
-            let run_block =
-                |m: &Llama, x: &Tensor| -> Result<Tensor> { m.block(i, x, 0, None, &mut None) };
-            let targets: Vec<Tensor> = xs
-                .iter()
-                .map(|x| run_block(&teacher, x))
-                .collect::<Result<_>>()?;
-            let held_t: Vec<Tensor> = hs
-                .iter()
-                .map(|x| run_block(&teacher, x))
-                .collect::<Result<_>>()?;
-            let p = BlockParams::new(&student, i, cal)?;
-            let vars = p.vars();
-            let mut adam = Adam::new(vars.clone(), s.lr)?;
-            let held_of = |student: &Llama| -> Result<f64> {
-                let mut sum = 0.0;
-                for (x, t) in hs.iter().zip(&held_t) {
-                    sum += block_loss(&run_block(student, x)?, t, s.cosine_weight)?
-                        .to_scalar::<f32>()? as f64;
-                }
-                Ok(sum / hs.len() as f64)
-            };
-            let held_loss = |student: &mut Llama| -> Result<f64> {
-                p.install(student, i, false)?;
-                held_of(student)
-            };
-            let mut best = (held_loss(&mut student)?, 0usize, snapshot(&vars)?);
-            let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
-            for epoch in 1..=s.epochs {
-                let mut sum = 0.0;
-                for j in order(xs.len()) {
-                    p.install(&mut student, i, true)?;
-                    let loss =
-                        block_loss(&run_block(&student, &xs[j])?, &targets[j], s.cosine_weight)?;
-                    sum += loss.to_scalar::<f32>()? as f64;
-                    adam.step(&loss.backward()?)?;
-                }
-                train_curve.push(sum / xs.len() as f64);
-                let h = held_loss(&mut student)?;
-                held_curve.push(h);
-                if h < best.0 {
-                    best = (h, epoch, snapshot(&vars)?);
-                } else {
-                    break;
-                }
-            }
-            restore(&vars, &best.2)?;
-            p.install(&mut student, i, false)?;
-            // What the bundle will hold (f16 scales, GGML fields), judged on the held-out
-            // windows again: kept only when it still beats the block as it came.
-            let mut stored_loss = None;
-            if best.1 > 0 {
-                let mut out = Vec::new();
-                for g in &p.grids {
-                    let (q, cost) = g.stored(&cal.layers[g.name()].q)?;
-                    put_stored(&mut student, g.name(), &q)?;
-                    out.push((g.name().to_string(), q, cost));
-                }
-                let h = held_of(&student)?;
-                stored_loss = Some(h);
-                if h < held_curve[0] {
-                    for (name, q, cost) in out {
-                        costs.extend(cost.map(|c| (name.clone(), c)));
-                        trained.insert(name, q);
-                    }
-                    let b = &student.blocks[i];
-                    let (a, f) = b.norms();
-                    norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
-                    norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
-                } else {
-                    for g in &p.grids {
-                        put_stored(&mut student, g.name(), &cal.layers[g.name()].q)?;
-                    }
-                    let (a, f) = (p.norms.0.base.clone(), p.norms.1.base.clone());
-                    student.blocks[i].set_norms(a, f)?;
-                }
-            }
-            xs = xs
-                .iter()
-                .map(|x| Ok(run_block(&student, x)?.detach()))
-                .collect::<Result<_>>()?;
-            hs = hs
-                .iter()
-                .map(|x| Ok(run_block(&student, x)?.detach()))
-                .collect::<Result<_>>()?;
-            blocks.push(json!({
-                "block": i,
-                "train_loss": train_curve,
-                "heldout_loss": held_curve,
-                "kept_epoch": best.1,
-                "heldout_stored": stored_loss,
-                "written": stored_loss.is_some_and(|h| h < held_curve[0]),
-            }));
+            blocks.push(self.block(i, student, teacher, cal, &mut xs, &mut hs)?);
             progress("refine blockwise", i + 1, n);
         }
-        report["blockwise"] = json!(blocks);
+        Ok(json!(blocks))
     }
-    // The blockwise phase's results are the end-to-end phase's starting point.
-    for (name, q) in &trained {
-        if let Some(c) = cal.layers.get_mut(name) {
-            c.q = q.clone();
-            // Calibration's output error described the codes before refinement.
-            c.output_rel_error = f64::NAN;
+
+    /// Block `i` on the student's inputs `xs` (training windows) and `hs` (held out), which
+    /// it then advances to the block's outputs as stored.
+    fn block(
+        &mut self,
+        i: usize,
+        student: &mut Llama,
+        teacher: &Llama,
+        cal: &Calibration,
+        xs: &mut Vec<Tensor>,
+        hs: &mut Vec<Tensor>,
+    ) -> Result<serde_json::Value> {
+        let s = self.s;
+        let run_block =
+            |m: &Llama, x: &Tensor| -> Result<Tensor> { m.block(i, x, 0, None, &mut None) };
+        let targets: Vec<Tensor> = xs
+            .iter()
+            .map(|x| run_block(teacher, x))
+            .collect::<Result<_>>()?;
+        let held_t: Vec<Tensor> = hs
+            .iter()
+            .map(|x| run_block(teacher, x))
+            .collect::<Result<_>>()?;
+        let p = BlockParams::new(student, i, cal)?;
+        let vars = p.vars();
+        let mut adam = Adam::new(vars.clone(), s.lr)?;
+        let held_of = |student: &Llama| -> Result<f64> {
+            let mut sum = 0.0;
+            for (x, t) in hs.iter().zip(&held_t) {
+                sum += block_loss(&run_block(student, x)?, t, s.cosine_weight)?
+                    .to_scalar::<f32>()? as f64;
+            }
+            Ok(sum / hs.len() as f64)
+        };
+        p.install(student, i, false)?;
+        let mut best = (held_of(student)?, 0usize, snapshot(&vars)?);
+        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
+        for epoch in 1..=s.epochs {
+            let mut sum = 0.0;
+            for j in self.order(xs.len()) {
+                p.install(student, i, true)?;
+                let loss = block_loss(&run_block(student, &xs[j])?, &targets[j], s.cosine_weight)?;
+                sum += loss.to_scalar::<f32>()? as f64;
+                adam.step(&loss.backward()?)?;
+            }
+            train_curve.push(sum / xs.len() as f64);
+            p.install(student, i, false)?;
+            let h = held_of(student)?;
+            held_curve.push(h);
+            if h < best.0 {
+                best = (h, epoch, snapshot(&vars)?);
+            } else {
+                break;
+            }
         }
+        restore(&vars, &best.2)?;
+        p.install(student, i, false)?;
+        // What the bundle will hold (f16 scales, GGML fields), judged on the held-out windows
+        // again: kept only when it still beats the block as it came.
+        let mut stored = None;
+        if best.1 > 0 {
+            let (h, better) = self.judge(student, p.grids.iter(), cal, held_curve[0], held_of)?;
+            stored = Some((h, better));
+            if better {
+                self.keep_norms(&student.blocks[i])?;
+            } else {
+                for g in &p.grids {
+                    put_stored(student, g.name(), &cal.layers[g.name()].q)?;
+                }
+                let (a, f) = (p.norms.0.base.clone(), p.norms.1.base.clone());
+                student.blocks[i].set_norms(a, f)?;
+            }
+        }
+        let advance = |v: &[Tensor]| -> Result<Vec<Tensor>> {
+            v.iter()
+                .map(|x| Ok(run_block(student, x)?.detach()))
+                .collect()
+        };
+        *xs = advance(xs)?;
+        *hs = advance(hs)?;
+        Ok(json!({
+            "block": i,
+            "train_loss": train_curve,
+            "heldout_loss": held_curve,
+            "kept_epoch": best.1,
+            "heldout_stored": stored.map(|x| x.0),
+            "written": stored.is_some_and(|x| x.1),
+        }))
     }
-    if s.mode.e2e() {
+
+    /// The whole model against the teacher's next-token distributions; the report's `e2e`.
+    fn e2e(
+        &mut self,
+        student: &mut Llama,
+        teacher: Llama,
+        cal: &Calibration,
+        progress: Progress,
+    ) -> Result<serde_json::Value> {
+        let (s, train, heldout) = (self.s, self.train, self.heldout);
         let steps = s.epochs * train.len();
         progress("refine e2e", 0, steps);
-        let te_train: Vec<TeacherLogits> = train
-            .iter()
-            .map(|t| teacher_logits(&teacher, t, s.top_k))
-            .collect::<Result<_>>()?;
-        let te_held: Vec<TeacherLogits> = heldout
-            .iter()
-            .map(|t| teacher_logits(&teacher, t, s.top_k))
-            .collect::<Result<_>>()?;
+        let cache = |ws: &[Vec<u32>]| -> Result<Vec<TeacherLogits>> {
+            ws.iter()
+                .map(|t| teacher_logits(&teacher, t, s.top_k))
+                .collect()
+        };
+        let (te_train, te_held) = (cache(train)?, cache(heldout)?);
         drop(teacher);
-        let n = student.blocks.len();
-        let blocks: Vec<BlockParams> = (0..n)
-            .map(|i| BlockParams::new(&student, i, cal))
+        let blocks: Vec<BlockParams> = (0..student.blocks.len())
+            .map(|i| BlockParams::new(student, i, cal))
             .collect::<Result<_>>()?;
         let final_norm = NormParam::new(student.final_norm())?;
         let embedding = match cal.layers.get(&student.embed_name).map(|c| &c.q) {
@@ -941,18 +1035,17 @@ pub fn run(
         vars.push(final_norm.c.clone());
         vars.extend(embedding.iter().chain(head.iter()).flat_map(Param::vars));
         let install = |m: &mut Llama, track: bool| -> Result<()> {
+            let fix =
+                |t: Tensor| -> Result<Tensor> { Ok(if track { t } else { t.detach().copy()? }) };
             for (i, p) in blocks.iter().enumerate() {
                 p.install(m, i, track)?;
             }
-            let fin = final_norm.value()?;
-            m.set_final_norm(if track { fin } else { fin.detach().copy()? })?;
+            m.set_final_norm(fix(final_norm.value()?)?)?;
             if let Some(e) = &embedding {
-                let t = e.weight()?;
-                m.set_embedding_tensor(if track { t } else { t.detach().copy()? })?;
+                m.set_embedding_tensor(fix(e.weight()?)?)?;
             }
             if let Some(h) = &head {
-                let t = h.weight()?;
-                let t = if track { t } else { t.detach().copy()? };
+                let t = fix(h.weight()?)?;
                 m.head_mut().context("an untied head")?.set_tensor(t)?;
             }
             Ok(())
@@ -973,26 +1066,24 @@ pub fn run(
             }
             Ok(sum / heldout.len() as f64)
         };
-        let held_kl = |m: &mut Llama| -> Result<f64> {
-            install(m, false)?;
-            held_of(m)
-        };
         let mut adam = Adam::new(vars.clone(), s.lr)?;
-        let mut best = (held_kl(&mut student)?, 0usize, snapshot(&vars)?);
+        install(student, false)?;
+        let mut best = (held_of(student)?, 0usize, snapshot(&vars)?);
         let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
         let mut done = 0;
         for epoch in 1..=s.epochs {
             let mut sum = 0.0;
-            for j in order(train.len()) {
-                install(&mut student, true)?;
-                let (loss, kl) = loss_of(&student, &train[j], &te_train[j])?;
+            for j in self.order(train.len()) {
+                install(student, true)?;
+                let (loss, kl) = loss_of(student, &train[j], &te_train[j])?;
                 sum += kl;
                 adam.step(&loss.backward()?)?;
                 done += 1;
                 progress("refine e2e", done, steps);
             }
             train_curve.push(sum / train.len() as f64);
-            let h = held_kl(&mut student)?;
+            install(student, false)?;
+            let h = held_of(student)?;
             held_curve.push(h);
             if h < best.0 {
                 best = (h, epoch, snapshot(&vars)?);
@@ -1001,70 +1092,35 @@ pub fn run(
             }
         }
         restore(&vars, &best.2)?;
-        install(&mut student, false)?;
+        install(student, false)?;
         progress("refine e2e", steps, steps);
-        let params = || {
-            blocks
+        let mut stored = None;
+        if best.1 > 0 {
+            let params = blocks
                 .iter()
                 .flat_map(|b| &b.grids)
                 .chain(embedding.iter())
-                .chain(head.iter())
-        };
-        let mut stored_kl = None;
-        if best.1 > 0 {
-            let mut out = Vec::new();
-            for p in params() {
-                let (q, cost) = p.stored(&cal.layers[p.name()].q)?;
-                put_stored(&mut student, p.name(), &q)?;
-                out.push((p.name().to_string(), q, cost));
-            }
-            let h = held_of(&student)?;
-            stored_kl = Some(h);
-            if h < held_curve[0] {
-                for (name, q, cost) in out {
-                    costs.insert(name.clone(), cost.unwrap_or(f64::NAN));
-                    trained.insert(name, q);
-                }
+                .chain(head.iter());
+            let (h, better) = self.judge(student, params, cal, held_curve[0], held_of)?;
+            stored = Some((h, better));
+            if better {
                 for b in &student.blocks {
-                    let (a, f) = b.norms();
-                    norms_out.insert(b.attn_norm_name.clone(), b.stored(a)?);
-                    norms_out.insert(b.ffn_norm_name.clone(), b.stored(f)?);
+                    self.keep_norms(b)?;
                 }
-                norms_out.insert(
-                    student.final_norm_name.clone(),
-                    student.final_norm_stored()?,
-                );
+                let fin = student.final_norm_stored()?;
+                self.norms_out.insert(student.final_norm_name.clone(), fin);
             }
         }
-        report["e2e"] = json!({
+        Ok(json!({
             "train_kl": train_curve,
             "heldout_kl": held_curve,
             "kept_epoch": best.1,
-            "heldout_kl_stored": stored_kl,
-            "written": stored_kl.is_some_and(|h| h < held_curve[0]),
+            "heldout_kl_stored": stored.map(|x| x.0),
+            "written": stored.is_some_and(|x| x.1),
             "embedding_trained": embedding.is_some(),
             "head_trained": head.is_some(),
-        });
+        }))
     }
-    costs.retain(|_, c| c.is_finite());
-    if !costs.is_empty() {
-        let worst = costs.values().cloned().fold(0.0, f64::max);
-        let mean = costs.values().sum::<f64>() / costs.len() as f64;
-        report["ggml_reencode"] = json!({
-            "layers": costs.len(),
-            "mean_rel_error": mean,
-            "max_rel_error": worst,
-            "by_layer": costs,
-        });
-    }
-    for (name, q) in trained {
-        if let Some(c) = cal.layers.get_mut(&name) {
-            c.q = q;
-            c.output_rel_error = f64::NAN;
-        }
-    }
-    cal.overrides.extend(norms_out);
-    Ok(report)
 }
 
 #[cfg(test)]
