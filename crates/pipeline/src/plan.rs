@@ -689,20 +689,13 @@ impl Plan {
             seed: o.seed,
             top_k: crate::refine::TOP_K,
         };
-        let mut current = String::new();
         let report = crate::refine::run(
             source,
             &config,
             &mut stage.cal,
             &windows,
             &settings,
-            &mut |phase, d, t| {
-                if phase != current {
-                    current = phase.to_string();
-                    progress.stage(phase, "steps", t);
-                }
-                progress.advance(d, t, 0);
-            },
+            &mut phases(progress),
         )?;
         stage.extra.insert("refine".into(), report);
         Ok(stage)
@@ -807,7 +800,6 @@ impl Plan {
                     gold_prompts: read_prompts(o.apq.gold.gold_prompts.as_deref())?,
                     ..settings.clone()
                 };
-                let mut current = String::new();
                 let out = crate::apq::run(
                     source,
                     calib,
@@ -815,13 +807,7 @@ impl Plan {
                     o.calibration.seq_len,
                     o.seed,
                     &settings,
-                    &mut |stage, d, t| {
-                        if stage != current {
-                            current = stage.to_string();
-                            progress.stage(stage, "steps", t);
-                        }
-                        progress.advance(d, t, 0);
-                    },
+                    &mut phases(progress),
                 )?;
                 Some(StageOutput {
                     cal: out.cal,
@@ -850,6 +836,18 @@ impl StageOutput {
             extra: self.extra.clone(),
             gates: self.gates.clone(),
         }
+    }
+}
+
+/// Progress of a stage that names its own phases: each new phase starts a stage of steps.
+fn phases(progress: &mut dyn Progress) -> impl FnMut(&str, usize, usize) + '_ {
+    let mut current = String::new();
+    move |phase, done, total| {
+        if phase != current {
+            current = phase.to_string();
+            progress.stage(phase, "steps", total);
+        }
+        progress.advance(done, total, 0);
     }
 }
 

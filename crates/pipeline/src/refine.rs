@@ -491,6 +491,12 @@ struct TeacherLogits {
 fn teacher_logits(teacher: &Llama, tokens: &[u32], k: usize) -> Result<TeacherLogits> {
     let hidden = teacher.hidden(tokens, None, None)?;
     let logits = teacher.head(&hidden)?;
+    top_k(&logits, hidden.detach(), k)
+}
+
+/// The distribution of each row of `logits: [T, vocab]` as its `k` likeliest tokens and the
+/// tail's mass, with `hidden` (the states the logits came from).
+fn top_k(logits: &Tensor, hidden: Tensor, k: usize) -> Result<TeacherLogits> {
     let (t, vocab) = logits.dims2()?;
     let k = k.clamp(1, vocab);
     let rows = logits.to_vec2::<f32>()?;
@@ -522,7 +528,7 @@ fn teacher_logits(teacher: &Llama, tokens: &[u32], k: usize) -> Result<TeacherLo
         logp: Tensor::from_vec(logp, (t, k), &cpu())?,
         tail_p: Tensor::from_vec(tail_p, (t, 1), &cpu())?,
         tail_logp: Tensor::from_vec(tail_logp, (t, 1), &cpu())?,
-        hidden: hidden.detach(),
+        hidden,
     })
 }
 
@@ -1236,31 +1242,8 @@ mod tests {
         let (t, v) = (3, 7);
         let te = Tensor::from_vec(matrix(t, v, 3), (t, v), &cpu()).unwrap();
         let st = Tensor::from_vec(matrix(t, v, 4), (t, v), &cpu()).unwrap();
-        let cached = |k: usize| {
-            let rows = te.to_vec2::<f32>().unwrap();
-            let (mut idx, mut lp, mut tail) = (Vec::new(), Vec::new(), Vec::new());
-            for row in &rows {
-                let lse = row.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
-                let mut o: Vec<u32> = (0..v as u32).collect();
-                o.sort_by(|a, b| row[*b as usize].total_cmp(&row[*a as usize]));
-                let mut kept = 0.0;
-                for &i in &o[..k] {
-                    let l = row[i as usize] as f64 - lse;
-                    kept += l.exp();
-                    idx.push(i);
-                    lp.push(l as f32);
-                }
-                tail.push((1.0 - kept).max(1e-12) as f32);
-            }
-            let tl: Vec<f32> = tail.iter().map(|p| p.ln()).collect();
-            TeacherLogits {
-                idx: Tensor::from_vec(idx, (t, k), &cpu()).unwrap(),
-                logp: Tensor::from_vec(lp, (t, k), &cpu()).unwrap(),
-                tail_p: Tensor::from_vec(tail, (t, 1), &cpu()).unwrap(),
-                tail_logp: Tensor::from_vec(tl, (t, 1), &cpu()).unwrap(),
-                hidden: Tensor::zeros((t, 1), DType::F32, &cpu()).unwrap(),
-            }
-        };
+        let zeros = Tensor::zeros((t, 1), DType::F32, &cpu()).unwrap();
+        let cached = |k: usize| top_k(&te, zeros.clone(), k).unwrap();
         let exact = {
             let (p, q) = (te.to_vec2::<f32>().unwrap(), st.to_vec2::<f32>().unwrap());
             let lsm = |r: &Vec<f32>| {

@@ -3,27 +3,16 @@
 //! impossible combinations come from `Plan::new`, before any work.
 
 use adaptq_pipeline::{Choice, Method, Plan, PlanError, QuantizeOptions};
-use adaptq_testutil::tiny::{text, TinyLlama};
+use adaptq_testutil::tiny::{TinyLlama, Work};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-/// A folder holding calibration text and the outputs of a test.
-struct Work {
-    dir: tempfile::TempDir,
+/// Test options over the shared folder of outputs and calibration text.
+trait Options {
+    fn options(&self, name: &str, method: Method, changes: Value) -> QuantizeOptions;
 }
 
-impl Work {
-    fn new() -> Work {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("calib.txt"), text(1, 12_000)).unwrap();
-        Work { dir }
-    }
-    fn calib(&self) -> PathBuf {
-        self.dir.path().join("calib.txt")
-    }
-    fn out(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+impl Options for Work {
     /// Options for a small calibrated run of `method` into `name`, with `changes` (option
     /// keys, as in a config file) laid over them.
     fn options(&self, name: &str, method: Method, changes: Value) -> QuantizeOptions {

@@ -5,23 +5,19 @@
 
 use adaptq_pipeline::{Plan, QuantizeOptions};
 use adaptq_quant::LayerCodes;
-use adaptq_testutil::tiny::{text, TinyLlama};
+use adaptq_testutil::tiny::{text, TinyLlama, Work};
 use serde_json::{json, Value};
 
-struct Work {
-    dir: tempfile::TempDir,
+/// Test options over the shared folder of outputs and calibration text.
+trait Options {
+    fn options(&self, name: &str, changes: Value) -> QuantizeOptions;
 }
 
-impl Work {
-    fn new() -> Work {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("calib.txt"), text(1, 12_000)).unwrap();
-        Work { dir }
-    }
+impl Options for Work {
     fn options(&self, name: &str, changes: Value) -> QuantizeOptions {
         let base = json!({
-            "src": "tiny", "out": self.dir.path().join(name), "method": "rtn", "bits": 3,
-            "group_size": 32, "embeddings": "quant", "calib": self.dir.path().join("calib.txt"),
+            "src": "tiny", "out": self.out(name), "method": "rtn", "bits": 3,
+            "group_size": 32, "embeddings": "quant", "calib": self.calib(),
             "calib_samples": 8, "seq_len": 32, "min_cosine": 0.0,
         });
         QuantizeOptions::merged(&base, &changes).unwrap()

@@ -179,3 +179,28 @@ pub fn text(seed: u64, bytes: usize) -> String {
     s.truncate(bytes);
     s
 }
+
+/// A folder for a test's outputs, holding `calib.txt` (12,000 bytes of [`text`], seed 1).
+pub struct Work {
+    pub dir: tempfile::TempDir,
+}
+
+impl Work {
+    pub fn new() -> Work {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        std::fs::write(dir.path().join("calib.txt"), text(1, 12_000)).expect("calib.txt");
+        Work { dir }
+    }
+    pub fn calib(&self) -> std::path::PathBuf {
+        self.dir.path().join("calib.txt")
+    }
+    pub fn out(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Default for Work {
+    fn default() -> Self {
+        Work::new()
+    }
+}
