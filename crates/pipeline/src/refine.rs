@@ -447,18 +447,47 @@ impl Adam {
     }
 }
 
-/// Values of every variable, to return to the best epoch.
-fn snapshot(vars: &[Var]) -> Result<Vec<Tensor>> {
-    vars.iter()
-        .map(|v| Ok(v.as_tensor().detach().copy()?))
-        .collect()
+/// A phase's best held-out loss so far, its epoch, and the variables' values then.
+struct Best {
+    loss: f64,
+    epoch: usize,
+    values: Vec<Tensor>,
 }
 
-fn restore(vars: &[Var], values: &[Tensor]) -> Result<()> {
-    for (v, x) in vars.iter().zip(values) {
-        v.set(x)?;
+impl Best {
+    /// The phase's starting point (epoch 0).
+    fn start(loss: f64, vars: &[Var]) -> Result<Best> {
+        Ok(Best {
+            loss,
+            epoch: 0,
+            values: Self::values(vars)?,
+        })
     }
-    Ok(())
+
+    fn values(vars: &[Var]) -> Result<Vec<Tensor>> {
+        vars.iter()
+            .map(|v| Ok(v.as_tensor().detach().copy()?))
+            .collect()
+    }
+
+    /// Records `epoch`'s held-out loss; false when it is not lower (the phase stops; a NaN
+    /// never counts as lower).
+    fn offer(&mut self, loss: f64, epoch: usize, vars: &[Var]) -> Result<bool> {
+        if loss.partial_cmp(&self.loss) != Some(std::cmp::Ordering::Less) {
+            return Ok(false);
+        }
+        self.values = Self::values(vars)?;
+        (self.loss, self.epoch) = (loss, epoch);
+        Ok(true)
+    }
+
+    /// Puts the best epoch's values back.
+    fn restore(&self, vars: &[Var]) -> Result<()> {
+        for (v, x) in vars.iter().zip(&self.values) {
+            v.set(x)?;
+        }
+        Ok(())
+    }
 }
 
 /// Mean over rows of `1 - cos(y_row, t_row)`.
@@ -957,8 +986,8 @@ impl Trainer<'_> {
             Ok(sum / hs.len() as f64)
         };
         p.install(student, i, false)?;
-        let mut best = (held_of(student)?, 0usize, snapshot(&vars)?);
-        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
+        let mut best = Best::start(held_of(student)?, &vars)?;
+        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.loss]);
         for epoch in 1..=s.epochs {
             let mut sum = 0.0;
             for j in self.order(xs.len()) {
@@ -971,18 +1000,16 @@ impl Trainer<'_> {
             p.install(student, i, false)?;
             let h = held_of(student)?;
             held_curve.push(h);
-            if h < best.0 {
-                best = (h, epoch, snapshot(&vars)?);
-            } else {
+            if !best.offer(h, epoch, &vars)? {
                 break;
             }
         }
-        restore(&vars, &best.2)?;
+        best.restore(&vars)?;
         p.install(student, i, false)?;
         // What the bundle will hold (f16 scales, GGML fields), judged on the held-out windows
         // again: kept only when it still beats the block as it came.
         let mut stored = None;
-        if best.1 > 0 {
+        if best.epoch > 0 {
             let (h, better) = self.judge(student, p.grids.iter(), cal, held_curve[0], held_of)?;
             stored = Some((h, better));
             if better {
@@ -1006,7 +1033,7 @@ impl Trainer<'_> {
             "block": i,
             "train_loss": train_curve,
             "heldout_loss": held_curve,
-            "kept_epoch": best.1,
+            "kept_epoch": best.epoch,
             "heldout_stored": stored.map(|x| x.0),
             "written": stored.is_some_and(|x| x.1),
         }))
@@ -1079,8 +1106,8 @@ impl Trainer<'_> {
         };
         let mut adam = Adam::new(vars.clone(), s.lr)?;
         install(student, false)?;
-        let mut best = (held_of(student)?, 0usize, snapshot(&vars)?);
-        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.0]);
+        let mut best = Best::start(held_of(student)?, &vars)?;
+        let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.loss]);
         let mut done = 0;
         for epoch in 1..=s.epochs {
             let mut sum = 0.0;
@@ -1096,17 +1123,15 @@ impl Trainer<'_> {
             install(student, false)?;
             let h = held_of(student)?;
             held_curve.push(h);
-            if h < best.0 {
-                best = (h, epoch, snapshot(&vars)?);
-            } else {
+            if !best.offer(h, epoch, &vars)? {
                 break;
             }
         }
-        restore(&vars, &best.2)?;
+        best.restore(&vars)?;
         install(student, false)?;
         progress("refine e2e", steps, steps);
         let mut stored = None;
-        if best.1 > 0 {
+        if best.epoch > 0 {
             let params = blocks
                 .iter()
                 .flat_map(|b| &b.grids)
@@ -1125,7 +1150,7 @@ impl Trainer<'_> {
         Ok(json!({
             "train_kl": train_curve,
             "heldout_kl": held_curve,
-            "kept_epoch": best.1,
+            "kept_epoch": best.epoch,
             "heldout_kl_stored": stored.map(|x| x.0),
             "written": stored.is_some_and(|x| x.1),
             "embedding_trained": embedding.is_some(),
