@@ -155,7 +155,7 @@ impl GridParam {
             Some(m) => flat(m)?,
             None => vec![0.0; a.len()],
         };
-        let bytes = adaptq_quant::ggml::encode_affine(*ty, codes, &a, &b);
+        let bytes = adaptq_quant::ggml::encode_affine(*ty, codes, &a, &b)?;
         let want = flat(self.weight()?)?;
         let got = adaptq_quant::ggml::dequantize(*ty, &bytes, want.len())?;
         let (num, den) = want.iter().zip(&got).fold((0f64, 0f64), |(n, d), (w, g)| {

@@ -800,9 +800,23 @@ fn fit_steps(x: &[f32], lo: i32, hi: i32) -> (f16, Vec<i32>) {
 /// Writes blocks of `ty` holding `codes` whose sub-block maps come as near `a`, `b` as the
 /// type's scale fields allow: f16 steps and mins, and for k-quants integer sub-scales (and
 /// sub-mins) of a shared f16 step ([`fit_steps`]). Types without a min ignore `b`.
-pub fn encode_affine(ty: BlockType, codes: &[u8], a: &[f32], b: &[f32]) -> Vec<u8> {
+pub fn encode_affine(
+    ty: BlockType,
+    codes: &[u8],
+    a: &[f32],
+    b: &[f32],
+) -> Result<Vec<u8>, QuantError> {
     let (bl, sl) = (ty.block_len(), ty.sub_len());
     let subs = bl / sl;
+    if !codes.len().is_multiple_of(bl) || a.len() * sl != codes.len() || b.len() != a.len() {
+        return Err(QuantError::Corrupt(format!(
+            "{} codes of {} values with {} scales and {} mins do not make whole blocks",
+            ty.name(),
+            codes.len(),
+            a.len(),
+            b.len()
+        )));
+    }
     let mut out = Vec::with_capacity(ty.bytes_for(codes.len()));
     for (j, cs) in codes.chunks(bl).enumerate() {
         let (a, b) = (&a[j * subs..(j + 1) * subs], &b[j * subs..(j + 1) * subs]);
@@ -837,7 +851,7 @@ pub fn encode_affine(ty: BlockType, codes: &[u8], a: &[f32], b: &[f32]) -> Vec<u
         }
         encode_block(ty, &h, cs, &mut out);
     }
-    out
+    Ok(out)
 }
 
 /// Decodes `n` values of `ty` blocks with the dequantizers' arithmetic.
@@ -904,7 +918,7 @@ mod tests {
                 .collect();
             let deq = dequantize(t, &bytes, n).unwrap();
             assert_eq!(vals, deq, "{}", t.name());
-            let again = encode_affine(t, &f.codes, &f.a, &f.b);
+            let again = encode_affine(t, &f.codes, &f.a, &f.b).unwrap();
             let back = dequantize(t, &again, n).unwrap();
             let err = back
                 .iter()
@@ -917,7 +931,8 @@ mod tests {
                 assert_eq!(again, bytes, "{}", t.name());
             }
             let a2: Vec<f32> = f.a.iter().map(|v| v * 1.1).collect();
-            let moved = dequantize(t, &encode_affine(t, &f.codes, &a2, &f.b), n).unwrap();
+            let moved = dequantize(t, &encode_affine(t, &f.codes, &a2, &f.b).unwrap(), n).unwrap();
+            assert!(encode_affine(t, &f.codes, &a2[1..], &f.b).is_err());
             assert_ne!(moved, deq, "{}", t.name());
         }
     }
