@@ -175,7 +175,8 @@ pub struct RefineOptions {
     /// Passes over the training windows per phase (each block, then the whole model); a phase
     /// stops early when the loss on the held-out windows rises.
     pub refine_epochs: usize,
-    /// Adam step size, in relative units: scales move as `s·(1 + δ)`, norms likewise.
+    /// Adam step size at the start of each phase (then decayed to zero on a half cosine), in
+    /// relative units: scales move as `s·(1 + δ)`, norms likewise.
     pub refine_lr: f64,
     /// Weight of the cosine distance between student and teacher block outputs in the loss.
     pub kd_cosine_weight: f64,

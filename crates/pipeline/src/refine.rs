@@ -407,16 +407,19 @@ impl NormParam {
     }
 }
 
-/// Adam on the parameters' relative changes. Hand-written: candle-core has autograd but no
-/// optimizers (candle-nn would be a second tensor crate for twenty lines).
+/// Adam on the parameters' relative changes, its step size decayed from `lr` to zero over the
+/// phase's planned steps on a half cosine, so late steps settle instead of overshooting.
+/// Hand-written: candle-core has autograd but no optimizers (candle-nn would be a second
+/// tensor crate for twenty lines).
 struct Adam {
     lr: f64,
     t: i32,
+    steps: usize,
     state: Vec<(Var, Tensor, Tensor)>,
 }
 
 impl Adam {
-    fn new(vars: Vec<Var>, lr: f64) -> Result<Adam> {
+    fn new(vars: Vec<Var>, lr: f64, steps: usize) -> Result<Adam> {
         let state = vars
             .into_iter()
             .map(|v| {
@@ -424,11 +427,23 @@ impl Adam {
                 Ok((v, z.clone(), z))
             })
             .collect::<Result<_>>()?;
-        Ok(Adam { lr, t: 0, state })
+        Ok(Adam {
+            lr,
+            t: 0,
+            steps,
+            state,
+        })
+    }
+
+    /// The step size of step `t` (from 1): `lr · (1 + cos(π (t-1) / steps)) / 2`.
+    fn rate(&self) -> f64 {
+        let x = (self.t - 1) as f64 / self.steps.max(1) as f64;
+        self.lr * 0.5 * (1.0 + (std::f64::consts::PI * x.min(1.0)).cos())
     }
 
     fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
+        let lr = self.rate();
         let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
         let (c1, c2) = (1.0 - b1.powi(self.t), 1.0 - b2.powi(self.t));
         for (v, m, s) in &mut self.state {
@@ -441,7 +456,7 @@ impl Adam {
             let step = m
                 .affine(1.0 / c1, 0.0)?
                 .div(&(s.affine(1.0 / c2, 0.0)?.sqrt()? + eps)?)?;
-            v.set(&(v.as_tensor().detach() - step.affine(self.lr, 0.0)?)?)?;
+            v.set(&(v.as_tensor().detach() - step.affine(lr, 0.0)?)?)?;
         }
         Ok(())
     }
@@ -976,7 +991,7 @@ impl Trainer<'_> {
             .collect::<Result<_>>()?;
         let p = BlockParams::new(student, i, cal)?;
         let vars = p.vars();
-        let mut adam = Adam::new(vars.clone(), s.lr)?;
+        let mut adam = Adam::new(vars.clone(), s.lr, s.epochs * xs.len())?;
         let held_of = |student: &Llama| -> Result<f64> {
             let mut sum = 0.0;
             for (x, t) in hs.iter().zip(&held_t) {
@@ -1104,7 +1119,7 @@ impl Trainer<'_> {
             }
             Ok(sum / heldout.len() as f64)
         };
-        let mut adam = Adam::new(vars.clone(), s.lr)?;
+        let mut adam = Adam::new(vars.clone(), s.lr, steps)?;
         install(student, false)?;
         let mut best = Best::start(held_of(student)?, &vars)?;
         let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.loss]);
@@ -1313,5 +1328,23 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap() as f64;
         assert!(after < full, "{after} vs {full}");
+    }
+
+    #[test]
+    fn step_size_decays_from_lr_to_zero() {
+        let v = Var::zeros(2, DType::F32, &cpu()).unwrap();
+        let mut adam = Adam::new(vec![v.clone()], 0.01, 4).unwrap();
+        let mut rates = Vec::new();
+        for _ in 0..4 {
+            let g = v.as_tensor().sum_all().unwrap().backward().unwrap();
+            adam.step(&g).unwrap();
+            rates.push(adam.rate());
+        }
+        assert_eq!(rates[0], 0.01);
+        assert!(rates.windows(2).all(|w| w[1] < w[0]), "{rates:?}");
+        assert!((rates[2] - 0.005).abs() < 1e-12, "{rates:?}");
+        // Adam's first moves are about the step size; the sum of the rates bounds them.
+        let moved = v.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!(moved < 0.0 && -moved <= rates.iter().sum::<f64>() + 1e-6, "{moved}");
     }
 }

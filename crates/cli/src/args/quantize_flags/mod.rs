@@ -245,7 +245,7 @@ pub const REFINE: Section = (
         (
             "refine_lr",
             Number,
-            "Adam step size, relative: each scale moves as s*(1+d), each norm weight likewise.",
+            "Adam step size at the start of each phase, decayed to zero over its epochs on a half cosine; relative: each scale moves as s*(1+d), each norm weight likewise.",
         ),
         (
             "kd_cosine_weight",
