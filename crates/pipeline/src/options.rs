@@ -153,7 +153,7 @@ pub enum RefineMode {
 
 choice!(RefineMode {
     Off => "off", "No refinement: the codes and scales calibration produced.";
-    Blockwise => "blockwise", "Each block's scales, mins, codebooks and norms trained so its output on the quantized model's own inputs matches the unquantized block's on the same inputs (relative squared error plus kd_cosine_weight times the cosine distance); one block in memory for gradients.";
+    Blockwise => "blockwise", "Each block's scales, mins, codebooks and norms trained so its output on the quantized model's own inputs matches the unquantized block's on the unquantized model's inputs, so each block also makes up for the error of the blocks before it (relative squared error plus kd_cosine_weight times the cosine distance); one block in memory for gradients.";
     E2e => "e2e", "The whole model's scales, mins, codebooks and norms (the embedding's too when it is quantized) trained to the unquantized model's next-token distribution: KL(teacher || student) on its top-k tokens plus the tail, plus kd_cosine_weight times the cosine distance of the last hidden states.";
     Both => "both", "blockwise, then e2e.";
 });

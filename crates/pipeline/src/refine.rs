@@ -5,8 +5,9 @@
 //! scales and mins, the norms, and end to end the embedding's and an untied head's too.
 //!
 //! - **Block-wise**: block by block, the student block on the quantized model's own inputs is
-//!   fitted to the teacher block's output on the same inputs (relative squared error plus a
-//!   weighted cosine distance). Gradients need one block.
+//!   fitted to the teacher block's output on the teacher's own inputs (relative squared error
+//!   plus a weighted cosine distance), so each block also makes up for what the blocks before
+//!   it lost, as OmniQuant and EfficientQAT's block phase do. Gradients need one block.
 //! - **End to end**: KL(teacher ‖ student) of the next-token distributions, the teacher's
 //!   computed once and kept as its top-k tokens plus the tail mass (memory bounded by k), plus
 //!   the weighted cosine distance of the last hidden states.
@@ -958,37 +959,38 @@ impl Trainer<'_> {
             ws.iter().map(|t| Ok(m.embed(t)?.detach())).collect()
         };
         let (mut xs, mut hs) = (embed(student, self.train)?, embed(student, self.heldout)?);
+        let (mut ts, mut th) = (embed(teacher, self.train)?, embed(teacher, self.heldout)?);
         let mut blocks = Vec::new();
         for i in 0..n {
             progress("refine blockwise", i, n);
-            blocks.push(self.block(i, student, teacher, cal, &mut xs, &mut hs)?);
+            let streams = [&mut xs, &mut hs, &mut ts, &mut th];
+            blocks.push(self.block(i, student, teacher, cal, streams)?);
             progress("refine blockwise", i + 1, n);
         }
         Ok(json!(blocks))
     }
 
-    /// Block `i` on the student's inputs `xs` (training windows) and `hs` (held out), which
-    /// it then advances to the block's outputs as stored.
+    /// Block `i` on the student's inputs `xs` (training windows) and `hs` (held out), fitted to
+    /// the teacher's block on the teacher's own inputs `ts` and `th`, so that each block also
+    /// makes up for the error the blocks before it left; all four advance to the blocks'
+    /// outputs (the student's as stored).
     fn block(
         &mut self,
         i: usize,
         student: &mut Llama,
         teacher: &Llama,
         cal: &Calibration,
-        xs: &mut Vec<Tensor>,
-        hs: &mut Vec<Tensor>,
+        [xs, hs, ts, th]: [&mut Vec<Tensor>; 4],
     ) -> Result<serde_json::Value> {
         let s = self.s;
         let run_block =
             |m: &Llama, x: &Tensor| -> Result<Tensor> { m.block(i, x, 0, None, &mut None) };
-        let targets: Vec<Tensor> = xs
-            .iter()
-            .map(|x| run_block(teacher, x))
-            .collect::<Result<_>>()?;
-        let held_t: Vec<Tensor> = hs
-            .iter()
-            .map(|x| run_block(teacher, x))
-            .collect::<Result<_>>()?;
+        let outs = |v: &[Tensor]| -> Result<Vec<Tensor>> {
+            v.iter().map(|x| run_block(teacher, x)).collect()
+        };
+        *ts = outs(ts)?;
+        *th = outs(th)?;
+        let (targets, held_t) = (ts.clone(), th.clone());
         let p = BlockParams::new(student, i, cal)?;
         let vars = p.vars();
         let mut adam = Adam::new(vars.clone(), s.lr, s.epochs * xs.len())?;
@@ -1345,6 +1347,9 @@ mod tests {
         assert!((rates[2] - 0.005).abs() < 1e-12, "{rates:?}");
         // Adam's first moves are about the step size; the sum of the rates bounds them.
         let moved = v.as_tensor().to_vec1::<f32>().unwrap()[0] as f64;
-        assert!(moved < 0.0 && -moved <= rates.iter().sum::<f64>() + 1e-6, "{moved}");
+        assert!(
+            moved < 0.0 && -moved <= rates.iter().sum::<f64>() + 1e-6,
+            "{moved}"
+        );
     }
 }
