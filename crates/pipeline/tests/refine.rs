@@ -38,7 +38,7 @@ fn refine_section(out: &adaptq_pipeline::Outcome) -> Value {
 #[test]
 fn refinement_lowers_the_heldout_loss_and_repeats_byte_for_byte() {
     let w = Work::new();
-    let r = json!({"refine": "both", "refine_epochs": 3, "refine_lr": 0.01});
+    let r = json!({"refine": "both", "refine_epochs": 3, "refine_lr": 0.003});
     let plain = run(w.options("plain", json!({})));
     let a = run(w.options("a", r.clone()));
     let b = run(w.options("b", r));
