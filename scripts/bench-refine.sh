@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Teacher-guided refinement (issue 20), measured as a ratio: each configuration is quantized
-# twice in the same run, without and with --refine, calibrated on emma.txt only, and both bundles
+# in the same run without and with each --refine setting, calibrated on emma.txt only, and both bundles
 # are evaluated against the f32 model on the first CHUNKS windows (ctx 512, second half scored)
 # of prideprejudice.txt and of Brown press-reportage.txt. Wall time and peak RSS of each
 # quantize come from /usr/bin/time -v. Prints a markdown table.
 #
 # Knobs: CHUNKS (default 40), SAMPLES calibration windows (default 16; refinement holds out the
 # last eighth), SEQ tokens per window (default 256), REFINE (default "--refine both
-# --refine-epochs 2"), ONLY (a regex over row names), KEEP (a folder to keep the bundles in).
+# --refine-epochs 2"; several settings separated by ';' are each a refined variant of the same
+# plain bundle), ONLY (a regex over row names), KEEP (a folder to keep the bundles in).
 # On 2 cores the default budget refines SmolLM2 in about 10 minutes per row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ texts=(../shared/corpora/austen/prideprejudice.txt ../shared/corpora/brown-dev/p
 chunks=${CHUNKS:-40}
 samples=${SAMPLES:-16}
 seq=${SEQ:-256}
-refine=${REFINE:---refine both --refine-epochs 2}
+IFS=';' read -ra refines <<<"${REFINE:---refine both --refine-epochs 2}"
 only=${ONLY:-.}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -33,6 +34,9 @@ rows=(
   "rtn4-g128-asym|--bits 4 --group-size 128 --embeddings quant $C"
   "rtn4-g64-sym|--bits 4 --group-size 64 --sym --embeddings quant $C"
   "gptq3-g128-asym|--method gptq --bits 3 --group-size 128 --embeddings quant $C"
+  # The same grids after seeded Hadamard rotations (adaptq's own runtime only).
+  "gptq4-g128-rot|--method gptq --bits 4 --group-size 128 --embeddings quant --rotate $C"
+  "gptq3-g128-rot|--method gptq --bits 3 --group-size 128 --embeddings quant --rotate $C"
   # NOVAQ on the linear layers (embedding f16), the issue's 2.5-bit row.
   "novaq-2.5|--method novaq --preset high-quality $C"
   "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --embeddings quant $C"
@@ -43,9 +47,11 @@ echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for row in "${rows[@]}"; do
   name=${row%%|*}; args=${row#*|}
   [[ $name =~ $only ]] || continue
-  for variant in plain refined; do
-    extra=""
-    [ "$variant" = refined ] && extra=$refine
+  for v in $(seq 0 ${#refines[@]}); do
+    variant=plain extra=""
+    if [ "$v" -gt 0 ]; then
+      variant=refined$v extra=${refines[$((v - 1))]}
+    fi
     out="$keep/$name-$variant"
     # shellcheck disable=SC2086
     /usr/bin/time -v "$bin" quantize "$m" --out "$out" --force $args $extra >"$tmp/q.log" 2>"$tmp/$name-$variant.time" || true
@@ -53,9 +59,9 @@ for row in "${rows[@]}"; do
     for text in "${texts[@]}"; do
       t=$(basename "$text" .txt)
       "$bin" eval "$out" --text "$text" --ctx 512 --score second-half --chunks "$chunks" --base "$m" --json >"$tmp/$name-$variant-$t.json"
-      python3 - "$name" "$variant" "$out" "$tmp" "$t" <<'PY'
+      python3 - "$name" "$variant" "$out" "$tmp" "$t" "$extra" <<'PY'
 import json, sys, re
-name, variant, out, tmp, text = sys.argv[1:]
+name, variant, out, tmp, text, extra = sys.argv[1:]
 v = json.load(open(f"{out}/verification.json"))
 e = json.load(open(f"{tmp}/{name}-{variant}-{text}.json"))
 tm = open(f"{tmp}/{name}-{variant}.time").read()
@@ -63,11 +69,11 @@ wall = re.search(r"Elapsed \(wall clock\) time.*: (.*)", tm).group(1).split(":")
 secs = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
 rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", tm).group(1)) / 1024
 ratio = "-"
-if variant == "refined":
+if variant != "plain":
     p = json.load(open(f"{tmp}/{name}-plain-{text}.json"))
     ratio = f"{e['kld_mean'] / p['kld_mean']:.3f}"
 failed = [g["name"] for g in v["gates"] if g["status"] != "PASS"]
-print(f"| {name} | {variant} | {text} | {v['totals']['bits_per_weight']:.3f} | {e['ppl']:.4f} | "
+print(f"| {name} | {extra.replace('--refine ', '') or 'off'} | {text} | {v['totals']['bits_per_weight']:.3f} | {e['ppl']:.4f} | "
       f"{e['kld_mean']:.4f} | {ratio} | {100*e['top1_agreement']:.2f} | {secs:.0f} | {rss:.0f} | "
       f"{v['OVERALL_STATUS']}{' (' + ', '.join(failed) + ')' if failed else ''} |")
 PY
