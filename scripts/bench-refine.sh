@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Teacher-guided refinement (issue 20), measured as a ratio: each configuration is quantized
-# in the same run without and with each --refine setting, calibrated on emma.txt only, and both bundles
-# are evaluated against the f32 model on the first CHUNKS windows (ctx 512, second half scored)
+# in the same run without and with each --refine setting, calibrated on emma.txt only, and every
+# bundle is evaluated against the f32 model on the first CHUNKS windows (ctx 512, second half scored)
 # of prideprejudice.txt and of Brown press-reportage.txt. Wall time and peak RSS of each
 # quantize come from /usr/bin/time -v. Prints a markdown table.
 #
