@@ -695,6 +695,7 @@ pub fn run(
         rounding: Rounding::Gptq(s.gptq),
         awq: s.transforms.awq,
         widths: alloc.clone(),
+        embed_bits: None,
         keep_hessians: true,
         refit: s.transforms.refit,
         ggml: None,

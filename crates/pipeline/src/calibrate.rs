@@ -194,8 +194,11 @@ pub struct CalibSpec {
     /// Search and fold AWQ scales before rounding.
     pub awq: bool,
     /// Per-tensor widths (APQ); tensors not listed use `bits`. The embedding table is
-    /// quantized (round-to-nearest) only when listed here.
+    /// quantized only when listed here or given `embed_bits`.
     pub widths: BTreeMap<String, u8>,
+    /// Width of the embedding table (calibrated as the head when tied and rounded by GPTQ)
+    /// when `widths` does not list it.
+    pub embed_bits: Option<u8>,
     /// Keep each layer's Hessian (for re-quantizing promoted layers).
     pub keep_hessians: bool,
     /// Progressive pass: re-fit group scales/mins to the output error with codes fixed.
@@ -234,6 +237,10 @@ impl CalibSpec {
     }
     pub fn width(&self, name: &str) -> u8 {
         self.widths.get(name).copied().unwrap_or(self.bits)
+    }
+    /// The embedding table's width, `None` when calibration does not quantize it.
+    fn embed_width(&self, name: &str) -> Option<u8> {
+        self.widths.get(name).copied().or(self.embed_bits)
     }
     /// Rounds `w` at `bits` against `h` as the spec says, then (with `refit`) re-fits the
     /// group parameters; also returns the refit's output error before and after.
@@ -666,7 +673,7 @@ pub fn calibrate_job(
     let last = job.end == n;
     // A streamed run reads the table again at the end, and only if it quantizes it.
     let table_at_end =
-        last && (spec.widths.contains_key(&m.embed_name) || (m.tied() && spec.ggml.is_some()));
+        last && (spec.embed_width(&m.embed_name).is_some() || (m.tied() && spec.ggml.is_some()));
     if let Blocks::Stream(_) = blocks {
         m.unload_embedding();
     }
@@ -717,7 +724,7 @@ pub fn calibrate_job(
         m.load_embedding(w)?;
     }
     let mut tail = Calibration::default();
-    if let Some(&bits) = spec.widths.get(&m.embed_name) {
+    if let Some(bits) = spec.embed_width(&m.embed_name) {
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
         tail.layers.insert(m.embed_name.clone(), c);
@@ -998,8 +1005,13 @@ fn calibrate_embedding(
             group_size: spec.group_size,
             grid: spec.grid,
         };
+        let fit = if spec.range_search {
+            Fit::Search(None)
+        } else {
+            Fit::MinMax
+        };
         (
-            quantize_rtn(&e, vocab, hidden, &cfg)?,
+            quantize_rtn_fit(&e, vocab, hidden, &cfg, fit)?,
             "rtn",
             f64::NAN,
             None,

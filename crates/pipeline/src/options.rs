@@ -308,6 +308,10 @@ pub struct GridOptions {
     pub group_size: usize,
     pub sym: bool,
     pub embeddings: EmbeddingMode,
+    /// Code width of the embedding table and a separate head when they are quantized; `None`:
+    /// the linear layers' width. A tied table decides every logit, so a wider table is often
+    /// the cheapest bits spent.
+    pub embed_bits: Option<u8>,
     /// Fit each group's range by an (importance-weighted) MSE clipping search, not min/max.
     pub range_search: bool,
 }
@@ -502,6 +506,7 @@ impl Default for GridOptions {
             group_size: 128,
             sym: false,
             embeddings: EmbeddingMode::F16,
+            embed_bits: None,
             range_search: false,
         }
     }

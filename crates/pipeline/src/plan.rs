@@ -174,6 +174,37 @@ fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
     }))
 }
 
+/// `embed_bits` names a width of adaptq's grid for a table that is quantized onto it.
+fn check_embed_bits(o: &QuantizeOptions, ggml: bool) -> Result<()> {
+    let Some(b) = o.grid.embed_bits else {
+        return Ok(());
+    };
+    if !(2..=8).contains(&b) {
+        bail!("embed_bits must be between 2 and 8, got {b}");
+    }
+    match o.method {
+        Method::Apq => {
+            bail!("apq chooses the embedding table's width itself; leave embed_bits out")
+        }
+        Method::Novaq | Method::Ternary => bail!(
+            "embed_bits is a width on adaptq's integer grid; method {} does not round onto it",
+            o.method.name()
+        ),
+        _ if ggml => {
+            bail!("with GGML types the table's type is the embedding type; leave embed_bits out")
+        }
+        _ if o.grid.embeddings != EmbeddingMode::Quant => {
+            bail!("embed_bits sets the width of a quantized embedding table: give embeddings quant")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The width of an embedding table quantized on adaptq's grid: `embed_bits`, else `bits`.
+fn quantized_embed_bits(o: &QuantizeOptions) -> Option<u8> {
+    (o.grid.embeddings == EmbeddingMode::Quant).then(|| o.grid.embed_bits.unwrap_or(o.bits.hi))
+}
+
 /// NOVAQ has no grid: its bundles name the RTN it is compared with per layer (the integer
 /// width below the budget, group 64, asymmetric).
 fn novaq_comparison(n: &NovaqSettings) -> (u8, usize) {
@@ -359,6 +390,7 @@ fn stage(
                     rounding: Rounding::Novaq(n.config),
                     awq: false,
                     widths: Default::default(),
+                    embed_bits: None,
                     keep_hessians: false,
                     refit: false,
                     ggml: None,
@@ -377,6 +409,10 @@ fn stage(
                     },
                     awq: o.transforms.awq || o.method == Method::Awq,
                     widths: Default::default(),
+                    // GPTQ calibrates a quantized tied table as the head.
+                    embed_bits: (ggml.is_none() && o.method.runs_gptq())
+                        .then(|| quantized_embed_bits(o))
+                        .flatten(),
                     keep_hessians: false,
                     refit: o.transforms.refit,
                     ggml,
@@ -419,6 +455,7 @@ impl Plan {
             bail!("hessian_shrink is a fraction from 0 to 1, got {shrink}");
         }
         let ggml = ggml_spec(o, grid)?;
+        check_embed_bits(o, ggml.is_some())?;
         check_refine(o)?;
         check_rotation(o, ggml.is_some())?;
         check_budget(o, ggml.is_some())?;
@@ -459,6 +496,7 @@ impl Plan {
             }),
             lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
             range_search: o.grid.range_search,
+            embed_bits: quantized_embed_bits(o),
             ggml_types: Default::default(),
             options: Some(o.recorded()),
         };

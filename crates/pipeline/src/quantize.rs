@@ -25,6 +25,9 @@ pub struct QuantizeConfig {
     pub group_size: usize,
     pub grid: Grid,
     pub embeddings: EmbeddingMode,
+    /// Code width of a quantized embedding table and separate head, when not `bits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embed_bits: Option<u8>,
     /// Seed for every random choice (RTN makes none; recorded so later methods share the field).
     pub seed: u64,
     pub shard_max_bytes: u64,
@@ -98,6 +101,7 @@ impl Default for QuantizeConfig {
             group_size: 128,
             grid: Grid::Symmetric,
             embeddings: EmbeddingMode::F16,
+            embed_bits: None,
             seed: 0,
             shard_max_bytes: adaptq_bundle::MAX_SHARD_BYTES,
             min_cosine: 0.9,
@@ -288,7 +292,10 @@ pub(crate) fn direct_codes(
         }
         _ => {
             let rtn = RtnConfig {
-                bits: cfg.bits,
+                bits: match role {
+                    TensorRole::Linear => cfg.bits,
+                    _ => cfg.embed_bits.unwrap_or(cfg.bits),
+                },
                 group_size: cfg.group_size,
                 grid: cfg.grid,
             };

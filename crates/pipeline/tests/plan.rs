@@ -117,6 +117,27 @@ fn apq_mixes_widths_and_quantizes_the_embedding() {
     assert!(gates.contains(&"heldout_ppl_delta"), "{gates:?}");
 }
 
+/// `embed_bits` gives the table and the separate head their own width, on the direct path and
+/// through calibration (the tiny model is untied, so both are rounded to nearest).
+#[test]
+fn the_embedding_takes_its_own_width() {
+    let w = Work::new();
+    for (m, calib) in [(Method::Rtn, false), (Method::Gptq, true)] {
+        let mut changes = json!({"embeddings": "quant", "embed_bits": 6, "bits": 3});
+        if !calib {
+            changes["calib"] = Value::Null;
+        }
+        let (out, t) = run(w.options(&format!("emb-{}", m.name()), m, changes));
+        verifies(&out.out);
+        for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let x = t.iter().find(|x| x.0 == name).unwrap();
+            assert!(x.1.starts_with("int6-g32") && x.2 == "rtn", "{m:?}: {x:?}");
+        }
+        assert!(q_proj(&t).0.starts_with("int3-g32"), "{:?}", q_proj(&t));
+        assert_eq!(out.summary.manifest.quantization["embed_bits"], 6);
+    }
+}
+
 #[test]
 fn rotation_ggml_gguf_and_rans_take_their_paths() {
     let w = Work::new();
@@ -183,6 +204,17 @@ fn impossible_combinations_are_refused_before_any_work() {
             "llama.cpp",
         ),
         (Method::Gptq, json!({"bits": "3-4"}), "is a range"),
+        (Method::Gptq, json!({"embed_bits": 6}), "embeddings quant"),
+        (
+            Method::Gptq,
+            json!({"embed_bits": 9, "embeddings": "quant"}),
+            "between 2 and 8",
+        ),
+        (
+            Method::Apq,
+            json!({"embed_bits": 6, "bits": "2-4"}),
+            "chooses the embedding",
+        ),
         (Method::Rtn, json!({"target_bits": 2.0}), "NOVAQ settings"),
         (Method::Apq, json!({"ggml_type": "q4_0"}), "GGML types"),
         (

@@ -23,6 +23,7 @@ fn spec(rounding: Rounding) -> CalibSpec {
         rounding,
         awq: false,
         widths: Default::default(),
+        embed_bits: None,
         keep_hessians: false,
         refit: false,
         ggml: None,

@@ -89,6 +89,14 @@ pub const METHOD: Section = (
             "How to store embedding tables and a separate output head.",
         ),
         (
+            "embed_bits",
+            Count,
+            "With --embeddings quant: bits per code of the embedding table and a separate \
+             head, 2 to 8 (default: --bits). A tied table is also the head and decides every \
+             logit; with --method gptq it is calibrated as the head (rounded to nearest \
+             otherwise).",
+        ),
+        (
             "seed",
             Count,
             "Seed for every random choice; recorded in the manifest.",
