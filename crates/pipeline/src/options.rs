@@ -686,8 +686,11 @@ impl QuantizeOptions {
         // bytes, and so its digest, follow it); `remove` below moves the last key into the gap,
         // as it did when bundles were first recorded.
         let calib_inputs = map.shift_remove("calib_inputs");
-        // Refinement's keys appear only when it runs; taken out here, before the removals
-        // below fill gaps, so a bundle made without it keeps its digest.
+        // The embedding's own width and refinement's keys appear only when set; taken out here,
+        // before the removals below fill gaps, so a bundle made without them keeps its digest.
+        if self.grid.embed_bits.is_none() {
+            map.shift_remove("embed_bits");
+        }
         if self.refine.refine == RefineMode::Off {
             for key in ["refine", "refine_epochs", "refine_lr", "kd_cosine_weight"] {
                 map.shift_remove(key);

@@ -496,7 +496,7 @@ impl Plan {
             }),
             lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
             range_search: o.grid.range_search,
-            embed_bits: quantized_embed_bits(o),
+            embed_bits: o.grid.embed_bits,
             ggml_types: Default::default(),
             options: Some(o.recorded()),
         };
