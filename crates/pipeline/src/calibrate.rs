@@ -196,8 +196,8 @@ pub struct CalibSpec {
     /// Per-tensor widths (APQ); tensors not listed use `bits`. The embedding table is
     /// quantized only when listed here or given `embed_bits`.
     pub widths: BTreeMap<String, u8>,
-    /// Width of the embedding table (calibrated as the head when tied and rounded by GPTQ)
-    /// when `widths` does not list it.
+    /// Width of a tied embedding table, calibrated as the head (with GPTQ rounding), when
+    /// `widths` does not list it.
     pub embed_bits: Option<u8>,
     /// Keep each layer's Hessian (for re-quantizing promoted layers).
     pub keep_hessians: bool,
@@ -238,9 +238,11 @@ impl CalibSpec {
     pub fn width(&self, name: &str) -> u8 {
         self.widths.get(name).copied().unwrap_or(self.bits)
     }
-    /// The embedding table's width, `None` when calibration does not quantize it.
-    fn embed_width(&self, name: &str) -> Option<u8> {
-        self.widths.get(name).copied().or(self.embed_bits)
+    /// The embedding table's width, `None` when calibration does not quantize it. `embed_bits`
+    /// applies to a tied table only: an untied one is rounded alone, without its tail pass.
+    fn embed_width(&self, m: &Llama) -> Option<u8> {
+        let tied = self.embed_bits.filter(|_| m.tied());
+        self.widths.get(&m.embed_name).copied().or(tied)
     }
     /// Rounds `w` at `bits` against `h` as the spec says, then (with `refit`) re-fits the
     /// group parameters; also returns the refit's output error before and after.
@@ -672,8 +674,7 @@ pub fn calibrate_job(
     };
     let last = job.end == n;
     // A streamed run reads the table again at the end, and only if it quantizes it.
-    let table_at_end =
-        last && (spec.embed_width(&m.embed_name).is_some() || (m.tied() && spec.ggml.is_some()));
+    let table_at_end = last && (spec.embed_width(m).is_some() || (m.tied() && spec.ggml.is_some()));
     if let Blocks::Stream(_) = blocks {
         m.unload_embedding();
     }
@@ -724,7 +725,7 @@ pub fn calibrate_job(
         m.load_embedding(w)?;
     }
     let mut tail = Calibration::default();
-    if let Some(bits) = spec.embed_width(&m.embed_name) {
+    if let Some(bits) = spec.embed_width(m) {
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
         tail.layers.insert(m.embed_name.clone(), c);
