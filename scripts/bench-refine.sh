@@ -37,7 +37,7 @@ rows=(
   # The same grids after seeded Hadamard rotations (adaptq's own runtime only).
   "gptq4-g128-rot|--method gptq --bits 4 --group-size 128 --embeddings quant --rotate $C"
   "gptq3-g128-rot|--method gptq --bits 3 --group-size 128 --embeddings quant --rotate $C"
-  # The budgets' rows: the tied table one bit wider than the linear layers (4.49 and 3.47 bpw).
+  # The budgets' rows: the tied table one bit wider than the linear layers (4.490 and 3.490 bpw measured).
   "gptq4-g128-rot-e5|--method gptq --bits 4 --group-size 128 --embeddings quant --embed-bits 5 --rotate $C"
   "gptq3-g128-rot-e4|--method gptq --bits 3 --group-size 128 --embeddings quant --embed-bits 4 --rotate $C"
   # NOVAQ on the linear layers (embedding f16), the issue's 2.5-bit row.
