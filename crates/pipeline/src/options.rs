@@ -668,7 +668,23 @@ impl QuantizeOptions {
                 *slot = x.clone();
             }
         }
-        Ok(serde_json::from_value(v)?)
+        serde_json::from_value(v).map_err(|e| Self::name_bad_key(file, given).unwrap_or(e.into()))
+    }
+
+    /// serde's type errors do not name the key through `flatten` ("expected u8"): find the
+    /// first key that fails alone on the defaults and name it with its value.
+    fn name_bad_key(file: &serde_json::Value, given: &serde_json::Value) -> Option<anyhow::Error> {
+        let defaults = serde_json::to_value(QuantizeOptions::default()).ok()?;
+        for layer in [file, given] {
+            for (k, x) in layer.as_object().into_iter().flatten() {
+                let mut v = defaults.clone();
+                v.as_object_mut()?.insert(k.clone(), x.clone());
+                if let Err(e) = serde_json::from_value::<QuantizeOptions>(v) {
+                    return Some(anyhow::anyhow!("{k} = {x}: {e}"));
+                }
+            }
+        }
+        None
     }
 
     /// The options as YAML, as `--print-config` shows them and a config file takes them.
@@ -789,6 +805,9 @@ mod tests {
         assert!(e.contains("between 2 and 8"), "{e}");
         let (_d, p) = yaml("- 1\n- 2\n");
         assert!(QuantizeOptions::from_yaml_file(&p).is_err());
+        let given = serde_json::json!({"sym": true, "embed_bits": 300});
+        let e = QuantizeOptions::merged(&serde_json::Value::Null, &given).unwrap_err();
+        assert!(e.to_string().starts_with("embed_bits = 300: "), "{e}");
     }
 
     #[test]
