@@ -666,6 +666,12 @@ pub fn run(
         seq_len,
         seed ^ 0x5EED,
     )?;
+    // Rotated first, so the profile measures the weights the codes will hold (W·R on rotated
+    // inputs); the function, and so the held-out perplexity, does not change.
+    let rotate = s.transforms.rotate.then_some(seed);
+    if let Some(seed) = rotate {
+        m.rotate(seed)?;
+    }
     crate::calibrate::bos_first(&mut windows, m.desc.decoder.bos);
     crate::calibrate::bos_first(&mut held, m.desc.decoder.bos);
     let info = crate::calibrate::calib_info(calib, seq_len, seed, tokens.len(), &windows);
@@ -699,7 +705,7 @@ pub fn run(
         keep_hessians: true,
         refit: s.transforms.refit,
         ggml: None,
-        rotate: None,
+        rotate,
         range_search: s.range_search,
         ggml_types: Default::default(),
         mix: None,

@@ -655,7 +655,8 @@ pub fn calibrate_job(
         );
     }
     let mut out = std::mem::take(&mut job.done);
-    if let Some(seed) = spec.rotate {
+    // APQ rotates the model before it profiles the layers.
+    if let Some(seed) = spec.rotate.filter(|&s| m.rotation_seed() != Some(s)) {
         m.rotate(seed)?;
     }
     // Float blocks run before the first calibrated one when its inputs must be computed.

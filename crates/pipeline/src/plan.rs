@@ -126,11 +126,8 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
     if !o.transforms.rotate {
         return Ok(());
     }
-    if matches!(o.method, Method::Apq | Method::Ternary) {
-        bail!(
-            "rotation works with method rtn, gptq or novaq, not {}",
-            o.method.name()
-        );
+    if o.method == Method::Ternary {
+        bail!("rotation works with method rtn, gptq, apq or novaq, not ternary");
     }
     if ggml {
         bail!("rotation needs an online rotation llama.cpp does not run; quantize to a bundle");

@@ -115,6 +115,13 @@ fn apq_mixes_widths_and_quantizes_the_embedding() {
         .map(|g| g.name.as_str())
         .collect();
     assert!(gates.contains(&"heldout_ppl_delta"), "{gates:?}");
+
+    // Rotated: profiled, calibrated and stored as W·R, the rotation recorded for the loader.
+    let changes = json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true});
+    let (out, t) = run(w.options("apq-rot", Method::Apq, changes));
+    verifies(&out.out);
+    assert!(out.summary.manifest.quantization["rotate"]["seed"].is_u64());
+    assert_eq!(q_proj(&t).1, "gptq");
 }
 
 /// `embed_bits` gives the table and the separate head their own width, on the direct path and
@@ -174,6 +181,10 @@ fn the_same_options_give_the_same_bundle() {
             Method::Apq,
             json!({"bits": "2-4", "target_bpw": 3.5, "sym": true}),
         ),
+        (
+            Method::Apq,
+            json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true}),
+        ),
     ];
     for (i, (m, changes)) in cases.into_iter().enumerate() {
         let digest = |name: String| {
@@ -191,7 +202,11 @@ fn the_same_options_give_the_same_bundle() {
 fn impossible_combinations_are_refused_before_any_work() {
     let w = Work::new();
     let cases = [
-        (Method::Apq, json!({"rotate": true}), "rotation works with"),
+        (
+            Method::Ternary,
+            json!({"rotate": true}),
+            "rotation works with",
+        ),
         (Method::Gptq, json!({"rotate": true, "awq": true}), "AWQ"),
         (
             Method::Rtn,

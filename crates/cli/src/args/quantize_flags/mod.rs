@@ -166,7 +166,7 @@ pub const CALIBRATION: Section = (
             "rotate",
             Switch,
             "Rotate every linear layer's input by seeded Hadamard rotations (--seed) before \
-             quantizing (rtn, gptq, novaq): weights are stored as W·R and adaptq's forward \
+             quantizing (rtn, gptq, apq, novaq): weights are stored as W·R and adaptq's forward \
              pass rotates the inputs online, so the network computes the same function \
              while outlier columns are spread over every row. Any width works (576 = 64·9, \
              1536 = 512·3). Needs --calib (layers are calibrated in the rotated space). Such \
