@@ -196,8 +196,8 @@ pub struct CalibSpec {
     /// Per-tensor widths (APQ); tensors not listed use `bits`. The embedding table is
     /// quantized only when listed here or given `embed_bits`.
     pub widths: BTreeMap<String, u8>,
-    /// Width of a tied embedding table, calibrated as the head (with GPTQ rounding), when
-    /// `widths` does not list it.
+    /// Width of the output head (a tied table, or a head of its own), calibrated on the
+    /// head's inputs with GPTQ rounding, when `widths` does not list it.
     pub embed_bits: Option<u8>,
     /// Keep each layer's Hessian (for re-quantizing promoted layers).
     pub keep_hessians: bool,
@@ -239,7 +239,8 @@ impl CalibSpec {
         self.widths.get(name).copied().unwrap_or(self.bits)
     }
     /// The embedding table's width, `None` when calibration does not quantize it. `embed_bits`
-    /// applies to a tied table only: an untied one is rounded alone, without its tail pass.
+    /// applies to a tied table only: an untied table is a lookup, rounded alone (its separate
+    /// head is [`calibrate_head`]'s).
     fn embed_width(&self, m: &Llama) -> Option<u8> {
         let tied = self.embed_bits.filter(|_| m.tied());
         self.widths.get(&m.embed_name).copied().or(tied)
@@ -730,7 +731,7 @@ pub fn calibrate_job(
         let c = calibrate_embedding(m, spec, &xs, bits)?;
         m.set_embedding(c.q.dequantize())?;
         tail.layers.insert(m.embed_name.clone(), c);
-    } else if let Some((name, c)) = calibrate_ggml_head(m, blocks, spec, &xs)? {
+    } else if let Some((name, c)) = calibrate_head(m, blocks, spec, &xs)? {
         tail.layers.insert(name, c);
     }
     if let Some(cp) = job.save {
@@ -1041,42 +1042,75 @@ pub fn head_hessian(m: &Llama, xs: &dyn crate::acts::Windows) -> Result<Hessian>
     Ok(h)
 }
 
-/// The output head (a tied embedding table, or a head of its own) onto its GGML type, rounded
-/// against the head's inputs (the final norm's outputs of the already-quantized network) as a
-/// linear layer is: GPTQ when calibrating with GPTQ, else round-to-nearest steered by their
-/// importance. `None` when the head is not stored as a GGML type. An untied embedding table is
-/// a lookup with no input statistics; it is left to plain rounding.
-fn calibrate_ggml_head(
+/// The output head (a tied embedding table, or a head of its own) rounded against the head's
+/// inputs (the final norm's outputs of the already-quantized network) as a linear layer is:
+/// onto its GGML type (GPTQ when calibrating with GPTQ, else round-to-nearest steered by their
+/// importance), or, for an untied head on adaptq's grid, by GPTQ at the embedding width (a
+/// tied table on that grid is [`calibrate_embedding`]'s). `None` when neither applies. An
+/// untied embedding table is a lookup with no input statistics; it is left to plain rounding.
+fn calibrate_head(
     m: &Llama,
     blocks: Blocks,
     spec: &CalibSpec,
     xs: &Acts,
 ) -> Result<Option<(String, CalibratedLayer)>> {
-    let Some(g) = &spec.ggml else {
-        return Ok(None);
-    };
     let name = if m.tied() {
         &m.embed_name
     } else {
         &m.head_name
     };
     let (vocab, hidden) = m.embed_dims();
-    let Some(ty) = spec.ggml_types.get(name).copied().or(g.embedding) else {
-        return Ok(None);
+    /// What the head is rounded onto.
+    enum Onto {
+        Ggml(BlockType),
+        Int(u8),
+    }
+    let onto = match (&spec.ggml, &spec.rounding) {
+        (Some(g), _) => match spec.ggml_types.get(name).copied().or(g.embedding) {
+            Some(ty) => Onto::Ggml(
+                adaptq_quant::ggml::pick(ty, hidden)
+                    .with_context(|| format!("tensor '{name}'"))?
+                    .0,
+            ),
+            None => return Ok(None),
+        },
+        (None, Rounding::Gptq(_)) if !m.tied() => {
+            match spec.widths.get(name).copied().or(spec.embed_bits) {
+                Some(b) => Onto::Int(b),
+                None => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
     };
-    let (ty, _) =
-        adaptq_quant::ggml::pick(ty, hidden).with_context(|| format!("tensor '{name}'"))?;
     let h = head_hessian(m, xs)?;
     let w = match blocks {
         _ if m.tied() => m.embedding_rows()?,
         Blocks::Held => m.head_rows()?,
         Blocks::Stream(src) => src.read(name)?,
     };
-    let q = spec
-        .round_ggml(&w, vocab, hidden, &h, ty)
-        .with_context(|| format!("quantizing '{name}' as the output head, {}", ty.name()))?;
-    let rtn = adaptq_quant::ggml::quantize_rtn(ty, &w, vocab, hidden, None, false)?;
-    let rtn = adaptq_quant::ggml::dequantize(ty, &rtn, w.len())?;
+    let (q, rtn, refit) = match onto {
+        Onto::Ggml(ty) => {
+            let q = spec
+                .round_ggml(&w, vocab, hidden, &h, ty)
+                .with_context(|| {
+                    format!("quantizing '{name}' as the output head, {}", ty.name())
+                })?;
+            let rtn = adaptq_quant::ggml::quantize_rtn(ty, &w, vocab, hidden, None, false)?;
+            (q, adaptq_quant::ggml::dequantize(ty, &rtn, w.len())?, None)
+        }
+        Onto::Int(bits) => {
+            let (q, refit) = spec
+                .round_reporting(&w, vocab, hidden, &h, bits)
+                .with_context(|| format!("quantizing '{name}' as the output head"))?;
+            let cfg = RtnConfig {
+                bits,
+                group_size: spec.group_size,
+                grid: spec.grid,
+            };
+            let rtn = quantize_rtn(&w, vocab, hidden, &cfg)?.dequantize();
+            (LayerCodes::Int(q), rtn, refit)
+        }
+    };
     let c = CalibratedLayer {
         output_rel_error: output_rel_error(&w, &q.dequantize(), hidden, &h),
         rtn_output_rel_error: output_rel_error(&w, &rtn, hidden, &h),
@@ -1084,7 +1118,7 @@ fn calibrate_ggml_head(
         col_scale: None,
         row_scale: None,
         scaled_weight: None,
-        refit_error_reduction: None,
+        refit_error_reduction: refit_reduction(refit),
         novaq: None,
         reference_weight: None,
         q,

@@ -406,7 +406,7 @@ fn stage(
                     },
                     awq: o.transforms.awq || o.method == Method::Awq,
                     widths: Default::default(),
-                    // GPTQ calibrates a quantized tied table as the head.
+                    // GPTQ calibrates a quantized head (a tied table too) on its inputs.
                     embed_bits: (ggml.is_none() && o.method.runs_gptq())
                         .then(|| quantized_embed_bits(o))
                         .flatten(),

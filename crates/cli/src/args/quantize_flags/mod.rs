@@ -92,9 +92,9 @@ pub const METHOD: Section = (
             "embed_bits",
             Count,
             "With --embeddings quant: bits per code of the embedding table and a separate \
-             head, 2 to 8 (default: --bits). A tied table is also the head and decides every \
-             logit; with --method gptq it is calibrated as the head (rounded to nearest \
-             otherwise).",
+             head, 2 to 8 (default: --bits). The head decides every logit: with --method \
+             gptq it (a tied table too) is calibrated on the head's inputs; otherwise, and \
+             for a separate table, rounded to nearest.",
         ),
         (
             "seed",
