@@ -425,6 +425,10 @@ pub struct ApqSettings {
     /// Gold prompts for the spot-check gate (greedy continuations vs the unquantized model).
     pub gold_prompts: Vec<String>,
     pub gold_tokens: usize,
+    /// The embedding table (and a separate head) held at this width; the budget left is
+    /// allocated over the linear layers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embed_bits: Option<u8>,
 }
 
 /// What APQ produced: the calibration (codes, folded norms), sampling info, the sections for
@@ -686,6 +690,13 @@ pub fn run(
         s.grid,
         &mut |d, t| progress("profile", d, t),
     )?;
+    let mut profiles = profiles;
+    if let Some(b) = s.embed_bits {
+        // Pinned: the table's only option is its width, so allocation spends the rest.
+        for p in profiles.iter_mut().filter(|p| p.name == m.embed_name) {
+            p.errors.retain(|&w, _| w == b);
+        }
+    }
     let quant_params: u64 = profiles.iter().map(|p| p.params as u64).sum();
     let d = &m.desc;
     let other_params = (d.n_layers * 2 * d.hidden + d.hidden) as u64;
@@ -701,7 +712,7 @@ pub fn run(
         rounding: Rounding::Gptq(s.gptq),
         awq: s.transforms.awq,
         widths: alloc.clone(),
-        embed_bits: None,
+        embed_bits: s.embed_bits,
         keep_hessians: true,
         refit: s.transforms.refit,
         ggml: None,

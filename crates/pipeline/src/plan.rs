@@ -180,9 +180,16 @@ fn check_embed_bits(o: &QuantizeOptions, ggml: bool) -> Result<()> {
         bail!("embed_bits must be between 2 and 8, got {b}");
     }
     match o.method {
-        Method::Apq => {
-            bail!("apq chooses the embedding table's width itself; leave embed_bits out")
+        Method::Apq
+            if !crate::apq::CANDIDATES.contains(&b) || !(o.bits.lo..=o.bits.hi).contains(&b) =>
+        {
+            bail!(
+            "with apq, embed_bits pins the table to one of its widths: one of {:?} within bits {}",
+            crate::apq::CANDIDATES,
+            o.bits
+        )
         }
+        Method::Apq => Ok(()),
         Method::Novaq | Method::Ternary => bail!(
             "embed_bits is a width on adaptq's integer grid; method {} does not round onto it",
             o.method.name()
@@ -375,6 +382,7 @@ fn stage(
                     promotion: o.apq.promotion,
                     gold_prompts: Vec::new(),
                     gold_tokens: o.apq.gold.gold_tokens,
+                    embed_bits: o.grid.embed_bits,
                 },
             }
         }

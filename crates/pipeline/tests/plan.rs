@@ -117,11 +117,19 @@ fn apq_mixes_widths_and_quantizes_the_embedding() {
     assert!(gates.contains(&"heldout_ppl_delta"), "{gates:?}");
 
     // Rotated: profiled, calibrated and stored as W·R, the rotation recorded for the loader.
-    let changes = json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true});
+    // The table pinned at 4 bits (the untied head calibrated at that width too).
+    let changes = json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true, "embed_bits": 4});
     let (out, t) = run(w.options("apq-rot", Method::Apq, changes));
     verifies(&out.out);
     assert!(out.summary.manifest.quantization["rotate"]["seed"].is_u64());
     assert_eq!(q_proj(&t).1, "gptq");
+    for (name, method) in [
+        ("model.embed_tokens.weight", "rtn"),
+        ("lm_head.weight", "gptq"),
+    ] {
+        let x = t.iter().find(|x| x.0 == name).unwrap();
+        assert!(x.1.starts_with("int4-") && x.2 == method, "{x:?}");
+    }
 }
 
 /// `embed_bits` gives the table and the separate head their own width, on the direct path and
@@ -232,7 +240,7 @@ fn impossible_combinations_are_refused_before_any_work() {
         (
             Method::Apq,
             json!({"embed_bits": 6, "bits": "2-4"}),
-            "chooses the embedding",
+            "one of its widths",
         ),
         (Method::Rtn, json!({"target_bits": 2.0}), "NOVAQ settings"),
         (Method::Apq, json!({"ggml_type": "q4_0"}), "GGML types"),

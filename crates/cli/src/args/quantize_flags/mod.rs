@@ -94,7 +94,9 @@ pub const METHOD: Section = (
             "With --embeddings quant: bits per code of the embedding table and a separate \
              head, 2 to 8 (default: --bits). The head decides every logit: with --method \
              gptq it (a tied table too) is calibrated on the head's inputs; otherwise, and \
-             for a separate table, rounded to nearest.",
+             for a separate table, rounded to nearest. With --method apq it pins the table \
+             and head to that width (one of APQ's) and the budget left goes to the linear \
+             layers.",
         ),
         (
             "seed",
