@@ -682,7 +682,7 @@ pub fn run(
     let base_ppl = heldout_ppl(m, &held)?;
     let widths = allowed_widths(&s.widths)?;
     let n_prof = samples.min(16);
-    let profiles = profile(
+    let mut profiles = profile(
         m,
         &windows[..n_prof],
         &widths,
@@ -690,7 +690,6 @@ pub fn run(
         s.grid,
         &mut |d, t| progress("profile", d, t),
     )?;
-    let mut profiles = profiles;
     if let Some(b) = s.embed_bits {
         // Pinned: the table's only option is its width, so allocation spends the rest.
         for p in profiles.iter_mut().filter(|p| p.name == m.embed_name) {

@@ -116,13 +116,27 @@ fn apq_mixes_widths_and_quantizes_the_embedding() {
         .collect();
     assert!(gates.contains(&"heldout_ppl_delta"), "{gates:?}");
 
-    // Rotated: profiled, calibrated and stored as W·R, the rotation recorded for the loader.
-    // The table pinned at 4 bits (the untied head calibrated at that width too).
+    // Rotated: profiled, calibrated and stored as W·R (far from W, unlike the plain run's
+    // codes), the rotation recorded for the loader. The table pinned at 4 bits (the untied
+    // head calibrated at that width too).
     let changes = json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true, "embed_bits": 4});
+    let plain = out.out.clone();
     let (out, t) = run(w.options("apq-rot", Method::Apq, changes));
     verifies(&out.out);
     assert!(out.summary.manifest.quantization["rotate"]["seed"].is_u64());
     assert_eq!(q_proj(&t).1, "gptq");
+    let name = "model.layers.0.self_attn.q_proj.weight";
+    let source = adaptq_source::TensorSource::read_f32(&TinyLlama::new(7), name).unwrap();
+    let cosine = |dir: &Path| {
+        let q = adaptq_bundle::Bundle::open(dir)
+            .unwrap()
+            .read_f32(name)
+            .unwrap();
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        dot(&q, &source) / (dot(&q, &q) * dot(&source, &source)).sqrt()
+    };
+    assert!(cosine(&plain) > 0.9, "{}", cosine(&plain));
+    assert!(cosine(&out.out) < 0.5, "{}", cosine(&out.out));
     for (name, method) in [
         ("model.embed_tokens.weight", "rtn"),
         ("lm_head.weight", "gptq"),
