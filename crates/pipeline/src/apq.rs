@@ -717,6 +717,7 @@ pub fn run(
         ggml: None,
         rotate,
         range_search: s.range_search,
+        entropy_step: None,
         ggml_types: Default::default(),
         mix: None,
     };

@@ -209,6 +209,8 @@ pub struct CalibSpec {
     pub rotate: Option<u64>,
     /// Fit group ranges by the Hessian-weighted clipping search (`--range-search`).
     pub range_search: bool,
+    /// Step of each group as a multiple of its RMS ([`Fit::Step`]), instead of its range.
+    pub entropy_step: Option<f32>,
     /// GGML type per tensor (a type mix); others take `ggml`'s type.
     pub ggml_types: BTreeMap<String, BlockType>,
     /// Choose `ggml_types` by profiling first, under this budget.
@@ -233,6 +235,15 @@ impl CalibSpec {
             act_order: g.act_order,
             range_search: self.range_search,
             hessian_shrink: g.hessian_shrink,
+            step: self.entropy_step,
+        }
+    }
+    /// How round-to-nearest fits a group: `imp` weighs the range search, when it runs.
+    fn rtn_fit<'a>(&self, imp: Option<&'a [f32]>) -> Fit<'a> {
+        match (self.entropy_step, self.range_search) {
+            (Some(k), _) => Fit::Step(k),
+            (None, true) => Fit::Search(imp),
+            (None, false) => Fit::MinMax,
         }
     }
     pub fn width(&self, name: &str) -> u8 {
@@ -261,11 +272,10 @@ impl CalibSpec {
             grid: self.grid,
         };
         let mut q = match self.rounding {
-            Rounding::Rtn if self.range_search => {
+            Rounding::Rtn => {
                 let imp = h.diagonal();
-                quantize_rtn_fit(w, rows, cols, &rtn, Fit::Search(Some(&imp)))?
+                quantize_rtn_fit(w, rows, cols, &rtn, self.rtn_fit(Some(&imp)))?
             }
-            Rounding::Rtn => quantize_rtn(w, rows, cols, &rtn)?,
             Rounding::Gptq(g) => quantize_gptq(
                 w,
                 rows,
@@ -1008,13 +1018,8 @@ fn calibrate_embedding(
             group_size: spec.group_size,
             grid: spec.grid,
         };
-        let fit = if spec.range_search {
-            Fit::Search(None)
-        } else {
-            Fit::MinMax
-        };
         (
-            quantize_rtn_fit(&e, vocab, hidden, &cfg, fit)?,
+            quantize_rtn_fit(&e, vocab, hidden, &cfg, spec.rtn_fit(None))?,
             "rtn",
             f64::NAN,
             None,

@@ -314,6 +314,9 @@ pub struct GridOptions {
     pub embed_bits: Option<u8>,
     /// Fit each group's range by an (importance-weighted) MSE clipping search, not min/max.
     pub range_search: bool,
+    /// Entropy-coded grid: each group's step is this multiple of its RMS, the code width only
+    /// a bound; the rANS stage then stores codes at about their entropy.
+    pub entropy_step: Option<f32>,
 }
 
 /// How a calibrated run is split and carried over crashes. None of these change the bytes of
@@ -508,6 +511,7 @@ impl Default for GridOptions {
             embeddings: EmbeddingMode::F16,
             embed_bits: None,
             range_search: false,
+            entropy_step: None,
         }
     }
 }
@@ -727,7 +731,13 @@ impl QuantizeOptions {
         }
         // Settings added after bundles were first recorded appear only when set, so a bundle
         // made without them keeps its digest.
-        for key in ["range_search", "like", "mix_types", "hessian_shrink"] {
+        for key in [
+            "range_search",
+            "entropy_step",
+            "like",
+            "mix_types",
+            "hessian_shrink",
+        ] {
             let unset = match map.get(key) {
                 Some(serde_json::Value::Bool(false) | serde_json::Value::Null) => true,
                 Some(serde_json::Value::Number(n)) => n.as_f64() == Some(0.0),

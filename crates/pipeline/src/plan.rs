@@ -141,6 +141,42 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
     Ok(())
 }
 
+/// The entropy-coded grid: a step for methods that round onto adaptq's groups, coded by rANS.
+fn check_entropy_step(o: &QuantizeOptions, ggml: bool) -> Result<()> {
+    let Some(k) = o.grid.entropy_step else {
+        return Ok(());
+    };
+    if !(k.is_finite() && k > 0.0 && k <= 4.0) {
+        bail!(
+            "entropy_step is a step in units of each group's RMS, above 0 and at most 4; got {k}"
+        );
+    }
+    match o.method {
+        Method::Rtn | Method::Gptq | Method::Awq => {}
+        Method::Apq => bail!(
+            "apq plans fixed code widths; it does not plan an entropy-coded step (use method gptq)"
+        ),
+        m => bail!(
+            "entropy_step sets adaptq's integer grid; method {} does not round onto it",
+            m.name()
+        ),
+    }
+    if ggml {
+        bail!(
+            "GGML types have their own block scales; entropy_step applies to adaptq's bundle grid"
+        );
+    }
+    if o.grid.range_search {
+        bail!("entropy_step sets each group's step; range_search would fit its range instead: choose one");
+    }
+    if o.output.lossless != Lossless::Rans {
+        bail!(
+            "entropy_step codes cost their entropy only when entropy-coded: set lossless to rans"
+        );
+    }
+    Ok(())
+}
+
 /// NOVAQ's settings from the options; `None` for other methods.
 fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
     if o.method != Method::Novaq {
@@ -401,6 +437,7 @@ fn stage(
                     ggml: None,
                     rotate,
                     range_search: false,
+                    entropy_step: None,
                     ggml_types: Default::default(),
                     mix: None,
                 },
@@ -423,6 +460,7 @@ fn stage(
                     ggml,
                     rotate,
                     range_search: o.grid.range_search,
+                    entropy_step: o.grid.entropy_step,
                     ggml_types: Default::default(),
                     mix: mix_target(o, ggml.is_some()),
                 },
@@ -463,6 +501,7 @@ impl Plan {
         check_embed_bits(o, ggml.is_some())?;
         check_refine(o)?;
         check_rotation(o, ggml.is_some())?;
+        check_entropy_step(o, ggml.is_some())?;
         check_budget(o, ggml.is_some())?;
         let novaq = novaq_settings(o)?;
         let stage = stage(o, grid, ggml, novaq.as_ref())?;
@@ -501,6 +540,7 @@ impl Plan {
             }),
             lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
             range_search: o.grid.range_search,
+            entropy_step: o.grid.entropy_step,
             embed_bits: o.grid.embed_bits,
             ggml_types: Default::default(),
             options: Some(o.recorded()),

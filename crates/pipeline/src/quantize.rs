@@ -58,6 +58,9 @@ pub struct QuantizeConfig {
     /// Group ranges fitted by clipping search instead of min/max.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub range_search: bool,
+    /// Each group's step as a multiple of its RMS (entropy-coded grid), instead of its range.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy_step: Option<f32>,
     /// GGML type per tensor of a type mix; a listed tensor takes this over `ggml`'s types.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ggml_types: BTreeMap<String, adaptq_quant::ggml::BlockType>,
@@ -113,6 +116,7 @@ impl Default for QuantizeConfig {
             rotate: None,
             lossless: None,
             range_search: false,
+            entropy_step: None,
             ggml_types: BTreeMap::new(),
             options: None,
         }
@@ -299,10 +303,10 @@ pub(crate) fn direct_codes(
                 group_size: cfg.group_size,
                 grid: cfg.grid,
             };
-            let fit = if cfg.range_search {
-                Fit::Search(None)
-            } else {
-                Fit::MinMax
+            let fit = match (cfg.entropy_step, cfg.range_search) {
+                (Some(k), _) => Fit::Step(k),
+                (None, true) => Fit::Search(None),
+                (None, false) => Fit::MinMax,
             };
             (
                 LayerCodes::Int(

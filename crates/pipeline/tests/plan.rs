@@ -195,6 +195,41 @@ fn rotation_ggml_gguf_and_rans_take_their_paths() {
     assert!(out.summary.verification.totals.lossless_ratio.is_some());
 }
 
+/// The entropy-coded grid: 6-bit codes on a step of half each row's RMS are stored (by rANS)
+/// in far fewer bits than their width, rounded more finely than a fitted 3-bit grid of about
+/// that size, and the step is recorded.
+#[test]
+fn an_entropy_coded_step_stores_codes_below_their_width() {
+    let w = Work::new();
+    let base = json!({"sym": true, "group_size": 0, "lossless": "rans", "rotate": true});
+    let mut step = base.clone();
+    step["bits"] = json!(6);
+    step["entropy_step"] = json!(0.5);
+    let (out, t) = run(w.options("step", Method::Gptq, step));
+    verifies(&out.out);
+    assert_eq!(q_proj(&t), ("int6-g64-sym", "gptq"));
+    assert_eq!(out.summary.manifest.quantization["entropy_step"], 0.5);
+    let mut fitted = base;
+    fitted["bits"] = json!(3);
+    fitted["group_size"] = json!(32);
+    let (three, _) = run(w.options("three", Method::Gptq, fitted));
+    let (a, b) = (&out.summary.verification, &three.summary.verification);
+    let bpw = a.totals.bits_per_quantized_weight;
+    assert!(bpw < 4.0, "6-bit codes stored in {bpw} bits per weight");
+    let worst = |v: &adaptq_bundle::verification::Verification| {
+        v.tensors
+            .iter()
+            .filter_map(|t| t.error.as_ref().map(|e| e.rel_mse))
+            .fold(0f64, f64::max)
+    };
+    assert!(
+        worst(a) < worst(b),
+        "step {} vs 3-bit {}",
+        worst(a),
+        worst(b)
+    );
+}
+
 /// Every calibrated method, rotated NOVAQ and APQ included, is byte-for-byte repeatable: the
 /// same options give the same global digest (the CLI tests on the real model build once).
 #[test]
@@ -299,6 +334,26 @@ fn impossible_combinations_are_refused_before_any_work() {
             Method::Gptq,
             json!({"inputs_from": "p0"}),
             "give blocks too",
+        ),
+        (
+            Method::Gptq,
+            json!({"entropy_step": 0.3}),
+            "set lossless to rans",
+        ),
+        (
+            Method::Apq,
+            json!({"entropy_step": 0.3, "lossless": "rans", "bits": "2-4"}),
+            "fixed code widths",
+        ),
+        (
+            Method::Gptq,
+            json!({"entropy_step": 0.3, "lossless": "rans", "range_search": true}),
+            "choose one",
+        ),
+        (
+            Method::Novaq,
+            json!({"entropy_step": 0.3, "lossless": "rans"}),
+            "does not round onto it",
         ),
         (Method::Gptq, json!({"blocks": "2..1"}), "is empty"),
         (Method::Gptq, json!({"blocks": "1"}), "write A..B"),

@@ -29,6 +29,7 @@ fn spec(rounding: Rounding) -> CalibSpec {
         ggml: None,
         rotate: None,
         range_search: false,
+        entropy_step: None,
         ggml_types: Default::default(),
         mix: None,
     }

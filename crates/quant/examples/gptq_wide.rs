@@ -40,6 +40,7 @@ fn main() {
             act_order: false,
             range_search: false,
             hessian_shrink: 0.0,
+            step: None,
         },
     };
     let t = Instant::now();

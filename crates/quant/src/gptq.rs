@@ -48,6 +48,21 @@ pub struct Sweep {
     /// over to another.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub hessian_shrink: f64,
+    /// Set each group's step to this multiple of its RMS ([`Fit::Step`]) instead of fitting
+    /// its range; takes the place of `range_search`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<f32>,
+}
+
+impl Sweep {
+    /// How each group's grid is fitted; `imp` is the Hessian diagonal the search weighs by.
+    fn fit<'a>(&self, imp: &'a [f32]) -> Fit<'a> {
+        match (self.step, self.range_search) {
+            (Some(k), _) => Fit::Step(k),
+            (None, true) => Fit::Search(Some(imp)),
+            (None, false) => Fit::MinMax,
+        }
+    }
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -498,6 +513,7 @@ pub fn quantize_gptq_ggml(
         act_order,
         range_search,
         hessian_shrink,
+        ..
     } = sweep;
     if h.dim != cols {
         return Err(QuantError::Shape {
@@ -611,15 +627,15 @@ pub fn quantize_gptq(
         act_order,
         range_search,
         hessian_shrink,
+        ..
     } = cfg.sweep;
     let Prepared { dead, perm, u } = prepare(h, cols, damp, act_order, hessian_shrink)?;
-    let imp: Vec<f32>;
-    let fit = if range_search {
-        imp = h.diagonal();
-        Fit::Search(Some(&imp))
+    let imp = if range_search {
+        h.diagonal()
     } else {
-        Fit::MinMax
+        Vec::new()
     };
+    let fit = cfg.sweep.fit(&imp);
 
     struct Row {
         scales: Vec<f16>,
@@ -725,6 +741,7 @@ mod tests {
                 act_order: false,
                 range_search: false,
                 hessian_shrink: 0.0,
+                step: None,
             },
         }
     }
@@ -1029,6 +1046,7 @@ mod tests {
                 act_order,
                 range_search: false,
                 hessian_shrink: 0.0,
+                step: None,
             };
             let g = quantize_gptq_ggml(&w, rows, cols, &h, ty, sweep).unwrap();
             assert_eq!(g.len(), rtn.len());

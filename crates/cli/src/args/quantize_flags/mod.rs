@@ -84,6 +84,15 @@ pub const METHOD: Section = (
              instead of mapping its min and max to the end codes. Pays most at 2-3 bits.",
         ),
         (
+            "entropy_step",
+            Number,
+            "Entropy-coded grid: each group's step is X times its RMS instead of its range \
+             fitted to the codes; --bits only bounds the codes (6 is ample), and --lossless \
+             rans (required) stores each at about its entropy, ~2.05 - log2 X bits on \
+             rotated weights. At the same size it rounds far more finely than a fitted grid; \
+             with --group-size 0 one scale per row. Not with apq or GGML types.",
+        ),
+        (
             "embeddings",
             Choice(names::<EmbeddingMode>),
             "How to store embedding tables and a separate output head.",
