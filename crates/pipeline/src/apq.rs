@@ -718,6 +718,7 @@ pub fn run(
         rotate,
         range_search: s.range_search,
         entropy_step: None,
+        embed_step: None,
         ggml_types: Default::default(),
         mix: None,
     };

@@ -211,6 +211,8 @@ pub struct CalibSpec {
     pub range_search: bool,
     /// Step of each group as a multiple of its RMS ([`Fit::Step`]), instead of its range.
     pub entropy_step: Option<f32>,
+    /// The embedding table's and head's step, when not `entropy_step`.
+    pub embed_step: Option<f32>,
     /// GGML type per tensor (a type mix); others take `ggml`'s type.
     pub ggml_types: BTreeMap<String, BlockType>,
     /// Choose `ggml_types` by profiling first, under this budget.
@@ -236,6 +238,13 @@ impl CalibSpec {
             range_search: self.range_search,
             hessian_shrink: g.hessian_shrink,
             step: self.entropy_step,
+        }
+    }
+    /// The spec the embedding table and head are rounded with: their own step.
+    fn table(&self) -> CalibSpec {
+        CalibSpec {
+            entropy_step: self.embed_step.or(self.entropy_step),
+            ..self.clone()
         }
     }
     /// How round-to-nearest fits a group: `imp` weighs the range search, when it runs.
@@ -1005,6 +1014,7 @@ fn calibrate_embedding(
 ) -> Result<CalibratedLayer> {
     let (vocab, hidden) = m.embed_dims();
     let e = m.embedding_rows()?;
+    let spec = &spec.table();
     let (q, method, err, refit) = if m.tied() && matches!(spec.rounding, Rounding::Gptq(_)) {
         let h = head_hessian(m, xs)?;
         let (q, refit) = spec
@@ -1088,6 +1098,7 @@ fn calibrate_head(
         _ => return Ok(None),
     };
     let h = head_hessian(m, xs)?;
+    let spec = &spec.table();
     let w = match blocks {
         _ if m.tied() => m.embedding_rows()?,
         Blocks::Held => m.head_rows()?,

@@ -317,6 +317,8 @@ pub struct GridOptions {
     /// Entropy-coded grid: each group's step is this multiple of its RMS, the code width only
     /// a bound; the rANS stage then stores codes at about their entropy.
     pub entropy_step: Option<f32>,
+    /// The embedding table's and a separate head's step (default: `entropy_step`).
+    pub embed_step: Option<f32>,
 }
 
 /// How a calibrated run is split and carried over crashes. None of these change the bytes of
@@ -512,6 +514,7 @@ impl Default for GridOptions {
             embed_bits: None,
             range_search: false,
             entropy_step: None,
+            embed_step: None,
         }
     }
 }
@@ -734,6 +737,7 @@ impl QuantizeOptions {
         for key in [
             "range_search",
             "entropy_step",
+            "embed_step",
             "like",
             "mix_types",
             "hessian_shrink",

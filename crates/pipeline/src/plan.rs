@@ -144,12 +144,23 @@ fn check_rotation(o: &QuantizeOptions, ggml: bool) -> Result<()> {
 /// The entropy-coded grid: a step for methods that round onto adaptq's groups, coded by rANS.
 fn check_entropy_step(o: &QuantizeOptions, ggml: bool) -> Result<()> {
     let Some(k) = o.grid.entropy_step else {
+        if o.grid.embed_step.is_some() {
+            bail!(
+                "embed_step is the table's entropy-coded step; set entropy_step for the layers too"
+            );
+        }
         return Ok(());
     };
-    if !(k.is_finite() && k > 0.0 && k <= 4.0) {
-        bail!(
-            "entropy_step is a step in units of each group's RMS, above 0 and at most 4; got {k}"
-        );
+    for (key, k) in [
+        ("entropy_step", k),
+        ("embed_step", o.grid.embed_step.unwrap_or(k)),
+    ] {
+        if !(k.is_finite() && k > 0.0 && k <= 4.0) {
+            bail!("{key} is a step in units of each group's RMS, above 0 and at most 4; got {k}");
+        }
+    }
+    if o.grid.embed_step.is_some() && o.grid.embeddings != EmbeddingMode::Quant {
+        bail!("embed_step applies to a quantized table: set embeddings to quant");
     }
     match o.method {
         Method::Rtn | Method::Gptq | Method::Awq => {}
@@ -438,6 +449,7 @@ fn stage(
                     rotate,
                     range_search: false,
                     entropy_step: None,
+                    embed_step: None,
                     ggml_types: Default::default(),
                     mix: None,
                 },
@@ -461,6 +473,7 @@ fn stage(
                     rotate,
                     range_search: o.grid.range_search,
                     entropy_step: o.grid.entropy_step,
+                    embed_step: o.grid.embed_step,
                     ggml_types: Default::default(),
                     mix: mix_target(o, ggml.is_some()),
                 },
@@ -541,6 +554,7 @@ impl Plan {
             lossless: (o.output.lossless == Lossless::Rans).then_some(Lossless::Rans),
             range_search: o.grid.range_search,
             entropy_step: o.grid.entropy_step,
+            embed_step: o.grid.embed_step,
             embed_bits: o.grid.embed_bits,
             ggml_types: Default::default(),
             options: Some(o.recorded()),

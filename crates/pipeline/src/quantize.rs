@@ -61,6 +61,9 @@ pub struct QuantizeConfig {
     /// Each group's step as a multiple of its RMS (entropy-coded grid), instead of its range.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub entropy_step: Option<f32>,
+    /// The embedding table's and a separate head's step, when not `entropy_step`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embed_step: Option<f32>,
     /// GGML type per tensor of a type mix; a listed tensor takes this over `ggml`'s types.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ggml_types: BTreeMap<String, adaptq_quant::ggml::BlockType>,
@@ -117,6 +120,7 @@ impl Default for QuantizeConfig {
             lossless: None,
             range_search: false,
             entropy_step: None,
+            embed_step: None,
             ggml_types: BTreeMap::new(),
             options: None,
         }
@@ -303,7 +307,11 @@ pub(crate) fn direct_codes(
                 group_size: cfg.group_size,
                 grid: cfg.grid,
             };
-            let fit = match (cfg.entropy_step, cfg.range_search) {
+            let step = match role {
+                TensorRole::Linear => cfg.entropy_step,
+                _ => cfg.embed_step.or(cfg.entropy_step),
+            };
+            let fit = match (step, cfg.range_search) {
                 (Some(k), _) => Fit::Step(k),
                 (None, true) => Fit::Search(None),
                 (None, false) => Fit::MinMax,

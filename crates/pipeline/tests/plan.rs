@@ -197,7 +197,7 @@ fn rotation_ggml_gguf_and_rans_take_their_paths() {
 
 /// The entropy-coded grid: 6-bit codes on a step of half each row's RMS are stored (by rANS)
 /// in far fewer bits than their width, rounded more finely than a fitted 3-bit grid of about
-/// that size, and the step is recorded.
+/// that size, and the step is recorded. The table takes its own, coarser step.
 #[test]
 fn an_entropy_coded_step_stores_codes_below_their_width() {
     let w = Work::new();
@@ -205,10 +205,22 @@ fn an_entropy_coded_step_stores_codes_below_their_width() {
     let mut step = base.clone();
     step["bits"] = json!(6);
     step["entropy_step"] = json!(0.5);
+    step["embeddings"] = json!("quant");
+    step["embed_step"] = json!(1.0);
     let (out, t) = run(w.options("step", Method::Gptq, step));
     verifies(&out.out);
     assert_eq!(q_proj(&t), ("int6-g64-sym", "gptq"));
     assert_eq!(out.summary.manifest.quantization["entropy_step"], 0.5);
+    assert_eq!(out.summary.manifest.quantization["embed_step"], 1.0);
+    let bits = |name: &str| {
+        let v = &out.summary.verification.tensors;
+        v.iter().find(|t| t.name == name).unwrap().bits_per_weight
+    };
+    let (table, q) = (
+        bits("model.embed_tokens.weight"),
+        bits("model.layers.0.self_attn.q_proj.weight"),
+    );
+    assert!(table < q - 0.5, "table {table} bits, q_proj {q}");
     let mut fitted = base;
     fitted["bits"] = json!(3);
     fitted["group_size"] = json!(32);
@@ -219,6 +231,7 @@ fn an_entropy_coded_step_stores_codes_below_their_width() {
     let worst = |v: &adaptq_bundle::verification::Verification| {
         v.tensors
             .iter()
+            .filter(|t| t.name.ends_with("proj.weight"))
             .filter_map(|t| t.error.as_ref().map(|e| e.rel_mse))
             .fold(0f64, f64::max)
     };
@@ -340,6 +353,7 @@ fn impossible_combinations_are_refused_before_any_work() {
             json!({"entropy_step": 0.3}),
             "set lossless to rans",
         ),
+        (Method::Gptq, json!({"embed_step": 0.3}), "set entropy_step"),
         (
             Method::Apq,
             json!({"entropy_step": 0.3, "lossless": "rans", "bits": "2-4"}),

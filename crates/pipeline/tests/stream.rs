@@ -30,6 +30,7 @@ fn spec(rounding: Rounding) -> CalibSpec {
         rotate: None,
         range_search: false,
         entropy_step: None,
+        embed_step: None,
         ggml_types: Default::default(),
         mix: None,
     }

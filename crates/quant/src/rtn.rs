@@ -144,7 +144,8 @@ impl Fit<'_> {
 }
 
 /// [`Fit::Step`] for one group: symmetric `d = k·rms`; asymmetric `s = k·std` with the grid's
-/// middle code on the group's mean.
+/// middle code on the group's mean. The step widens where the codes would otherwise clip the
+/// group's extremes: a clipped outlier costs far more than the finer step saves.
 fn step_group(x: &[f32], k: f32, bits: u8, grid: Grid, out: &mut [u8]) -> (f16, f16) {
     let n = x.len().max(1) as f64;
     let mean = match grid {
@@ -152,11 +153,16 @@ fn step_group(x: &[f32], k: f32, bits: u8, grid: Grid, out: &mut [u8]) -> (f16, 
         Grid::Asymmetric => x.iter().map(|&v| v as f64).sum::<f64>() / n,
     };
     let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-    let s = to_f16(k * var.sqrt() as f32);
-    let half = (1u32 << (bits - 1)) as f32;
+    let (lo, hi) = x.iter().fold((mean, mean), |(l, h), &v| {
+        (l.min(v as f64), h.max(v as f64))
+    });
+    // Codes reach `half` steps below the centre and `half - 1` above it.
+    let half = (1u32 << (bits - 1)) as f64;
+    let fits = ((mean - lo) / half).max((hi - mean) / (half - 1.0).max(1.0));
+    let s = to_f16((k as f64 * var.sqrt()).max(fits) as f32);
     let m = match grid {
         Grid::Symmetric => f16::ZERO,
-        Grid::Asymmetric => to_f16(mean as f32 - half * s.to_f32()),
+        Grid::Asymmetric => to_f16((mean - half * s.to_f32() as f64) as f32),
     };
     for (o, &v) in out.iter_mut().zip(x) {
         *o = code_of(v, s, m, bits, grid);
@@ -398,6 +404,14 @@ mod tests {
         .unwrap();
         let ratio = outlier.scales[0].to_f32() / plain.scales[0].to_f32();
         assert!((1.0..1.3).contains(&ratio), "step grew {ratio}x");
+        // Unless 4-bit codes would clip it: then the step widens to keep it.
+        let narrow = RtnConfig::new(4, 0, Grid::Symmetric);
+        let q = quantize_rtn_fit(&w, 1, 512, &narrow, Fit::Step(0.5)).unwrap();
+        let e = crate::metrics::layer_error(&w, &q.dequantize()).max_abs;
+        assert!(
+            e <= 0.5 * q.scales[0].to_f32() as f64 + 1e-3,
+            "clipped: error {e}"
+        );
         let shifted: Vec<f32> = weights(512, 5).iter().map(|v| v + 3.0).collect();
         let q = quantize_rtn_fit(
             &shifted,

@@ -93,6 +93,12 @@ pub const METHOD: Section = (
              with --group-size 0 one scale per row. Not with apq or GGML types.",
         ),
         (
+            "embed_step",
+            Number,
+            "With --entropy-step and --embeddings quant: the embedding table's and a \
+             separate head's step (default: --entropy-step).",
+        ),
+        (
             "embeddings",
             Choice(names::<EmbeddingMode>),
             "How to store embedding tables and a separate output head.",
