@@ -7,7 +7,7 @@
 //! minimises the sum of these predicted errors under the bit budget by greedy upgrades in order
 //! of error removed per bit spent, which is optimal for convex error curves.
 
-use crate::calibrate::{collect_stats, Blocks, CalibSpec, Calibration};
+use crate::calibrate::{collect_stats, Blocks, CalibSpec, Calibration, Rounding};
 use adaptq_model::llama::Llama;
 use adaptq_quant::awq::output_sq_error;
 use adaptq_quant::gptq::Hessian;
@@ -632,6 +632,33 @@ fn gold_gate(
 /// The whole APQ pipeline on a decoder model: profile, allocate, calibrate (AWQ/GPTQ at the
 /// chosen widths), then promote the worst layers until the held-out perplexity gate passes or
 /// the size budget / round limit is reached. `progress(stage, done, total)`.
+/// GPTQ at the allocated widths, the narrowest for a layer not listed.
+fn spec_of(
+    s: &ApqSettings,
+    bits: u8,
+    widths: BTreeMap<String, u8>,
+    rotate: Option<u64>,
+) -> CalibSpec {
+    CalibSpec {
+        bits,
+        group_size: s.group_size,
+        grid: s.grid,
+        rounding: Rounding::Gptq(s.gptq),
+        awq: s.transforms.awq,
+        widths,
+        embed_bits: s.embed_bits,
+        keep_hessians: true,
+        refit: s.transforms.refit,
+        ggml: None,
+        rotate,
+        range_search: s.range_search,
+        entropy_step: None,
+        embed_step: None,
+        ggml_types: Default::default(),
+        mix: None,
+    }
+}
+
 pub fn run(
     src: &dyn adaptq_source::TensorSource,
     calib: &std::path::Path,
@@ -641,7 +668,7 @@ pub fn run(
     s: &ApqSettings,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<ApqOutcome> {
-    use crate::calibrate::{sample_windows, Rounding};
+    use crate::calibrate::sample_windows;
     use crate::quantize::Gate;
     let loaded = adaptq_model::load_weights(adaptq_model::borrowed_source(src), "model".into())?;
     let tokens = crate::calibrate::read_tokens(&loaded.tokenizer, calib)?;
@@ -704,24 +731,7 @@ pub fn run(
     let budget = ((s.target_bpw * total as f64) as u64).saturating_sub(other_bits);
     let alloc = allocate(&profiles, budget, s.grid)?;
     let predicted: f64 = profiles.iter().map(|p| p.errors[&alloc[&p.name]]).sum();
-    let mut spec = CalibSpec {
-        bits: widths[0],
-        group_size: s.group_size,
-        grid: s.grid,
-        rounding: Rounding::Gptq(s.gptq),
-        awq: s.transforms.awq,
-        widths: alloc.clone(),
-        embed_bits: s.embed_bits,
-        keep_hessians: true,
-        refit: s.transforms.refit,
-        ggml: None,
-        rotate,
-        range_search: s.range_search,
-        entropy_step: None,
-        embed_step: None,
-        ggml_types: Default::default(),
-        mix: None,
-    };
+    let mut spec = spec_of(s, widths[0], alloc.clone(), rotate);
     let mut cal =
         crate::calibrate::calibrate_llama(m, Blocks::Held, &windows, &spec, &mut |d, t| {
             progress("calibrate", d, t)
