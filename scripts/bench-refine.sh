@@ -45,6 +45,11 @@ rows=(
   # 3.459 bpw measured.
   "gptq4-g32-sym-rot-e5-rans|--method gptq --bits 4 --group-size 32 --sym --embeddings quant --embed-bits 5 --rotate --lossless rans $C"
   "gptq3-g32-sym-rot-e4-rans|--method gptq --bits 3 --group-size 32 --sym --embeddings quant --embed-bits 4 --rotate --lossless rans $C"
+  # Entropy-coded step (--entropy-step: each row's step a multiple of its RMS, codes stored by
+  # rANS at about their entropy), a finer one for the table; steps chosen on validation texts
+  # to fill each budget.
+  "gptq-step0.2-t0.15-rot|--method gptq --bits 6 --group-size 0 --sym --rotate --act-order --embeddings quant --embed-bits 8 --entropy-step 0.2 --embed-step 0.15 --lossless rans $C"
+  "gptq-step0.42-t0.25-rot|--method gptq --bits 6 --group-size 0 --sym --rotate --act-order --embeddings quant --embed-bits 8 --entropy-step 0.42 --embed-step 0.25 --lossless rans $C"
   # NOVAQ on the linear layers (embedding f16), the 2.5-bit row.
   "novaq-2.5|--method novaq --preset high-quality $C"
   "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --embeddings quant $C"

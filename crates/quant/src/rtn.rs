@@ -384,29 +384,18 @@ mod tests {
     fn the_step_grid_follows_the_spread_not_the_extremes() {
         // Same spread, one outlier: the step does not widen with it (a range fit would), and
         // the asymmetric grid centres on the mean.
+        let step = |w: &[f32], bits: u8| {
+            let cfg = RtnConfig::new(bits, 0, Grid::Symmetric);
+            quantize_rtn_fit(w, 1, 512, &cfg, Fit::Step(0.5)).unwrap()
+        };
         let mut w = weights(512, 5);
-        let plain = quantize_rtn_fit(
-            &w,
-            1,
-            512,
-            &RtnConfig::new(8, 0, Grid::Symmetric),
-            Fit::Step(0.5),
-        )
-        .unwrap();
+        let plain = step(&w, 8);
         w[7] = 0.5;
-        let outlier = quantize_rtn_fit(
-            &w,
-            1,
-            512,
-            &RtnConfig::new(8, 0, Grid::Symmetric),
-            Fit::Step(0.5),
-        )
-        .unwrap();
+        let outlier = step(&w, 8);
         let ratio = outlier.scales[0].to_f32() / plain.scales[0].to_f32();
         assert!((1.0..1.3).contains(&ratio), "step grew {ratio}x");
         // Unless 4-bit codes would clip it: then the step widens to keep it.
-        let narrow = RtnConfig::new(4, 0, Grid::Symmetric);
-        let q = quantize_rtn_fit(&w, 1, 512, &narrow, Fit::Step(0.5)).unwrap();
+        let q = step(&w, 4);
         let e = crate::metrics::layer_error(&w, &q.dequantize()).max_abs;
         assert!(
             e <= 0.5 * q.scales[0].to_f32() as f64 + 1e-3,
