@@ -243,7 +243,8 @@ fn an_entropy_coded_step_stores_codes_below_their_width() {
     );
 }
 
-/// Every calibrated method, rotated NOVAQ and APQ included, is byte-for-byte repeatable: the
+/// Every calibrated method, rotated NOVAQ, APQ and a refined entropy-coded step included, is
+/// byte-for-byte repeatable: the
 /// same options give the same global digest (the CLI tests on the real model build once).
 #[test]
 fn the_same_options_give_the_same_bundle() {
@@ -258,6 +259,11 @@ fn the_same_options_give_the_same_bundle() {
         (
             Method::Apq,
             json!({"bits": "2-4", "target_bpw": 3.5, "rotate": true}),
+        ),
+        (
+            Method::Gptq,
+            json!({"bits": 6, "sym": true, "entropy_step": 0.5, "lossless": "rans",
+                   "refine": "blockwise", "refine_epochs": 1, "calib_samples": 8}),
         ),
     ];
     for (i, (m, changes)) in cases.into_iter().enumerate() {
