@@ -244,8 +244,8 @@ fn an_entropy_coded_step_stores_codes_below_their_width() {
 }
 
 /// Every calibrated method, rotated NOVAQ, APQ and a refined entropy-coded step included, is
-/// byte-for-byte repeatable: the
-/// same options give the same global digest (the CLI tests on the real model build once).
+/// byte-for-byte repeatable: the same options give the same global digest (the CLI tests on
+/// the real model build once).
 #[test]
 fn the_same_options_give_the_same_bundle() {
     let w = Work::new();
