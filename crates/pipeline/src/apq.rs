@@ -629,9 +629,6 @@ fn gold_gate(
     })
 }
 
-/// The whole APQ pipeline on a decoder model: profile, allocate, calibrate (AWQ/GPTQ at the
-/// chosen widths), then promote the worst layers until the held-out perplexity gate passes or
-/// the size budget / round limit is reached. `progress(stage, done, total)`.
 /// GPTQ at the allocated widths, the narrowest for a layer not listed.
 fn spec_of(
     s: &ApqSettings,
@@ -659,6 +656,9 @@ fn spec_of(
     }
 }
 
+/// The whole APQ pipeline on a decoder model: profile, allocate, calibrate (AWQ/GPTQ at the
+/// chosen widths), then promote the worst layers until the held-out perplexity gate passes or
+/// the size budget / round limit is reached. `progress(stage, done, total)`.
 pub fn run(
     src: &dyn adaptq_source::TensorSource,
     calib: &std::path::Path,

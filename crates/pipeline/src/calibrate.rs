@@ -249,11 +249,7 @@ impl CalibSpec {
     }
     /// How round-to-nearest fits a group: `imp` weighs the range search, when it runs.
     fn rtn_fit<'a>(&self, imp: Option<&'a [f32]>) -> Fit<'a> {
-        match (self.entropy_step, self.range_search) {
-            (Some(k), _) => Fit::Step(k),
-            (None, true) => Fit::Search(imp),
-            (None, false) => Fit::MinMax,
-        }
+        Fit::of(self.entropy_step, self.range_search, imp)
     }
     pub fn width(&self, name: &str) -> u8 {
         self.widths.get(name).copied().unwrap_or(self.bits)

@@ -311,11 +311,7 @@ pub(crate) fn direct_codes(
                 TensorRole::Linear => cfg.entropy_step,
                 _ => cfg.embed_step.or(cfg.entropy_step),
             };
-            let fit = match (step, cfg.range_search) {
-                (Some(k), _) => Fit::Step(k),
-                (None, true) => Fit::Search(None),
-                (None, false) => Fit::MinMax,
-            };
+            let fit = Fit::of(step, cfg.range_search, None);
             (
                 LayerCodes::Int(
                     quantize_rtn_fit(x, rows, cols, &rtn, fit).with_context(|| named(""))?,

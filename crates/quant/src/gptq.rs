@@ -57,11 +57,7 @@ pub struct Sweep {
 impl Sweep {
     /// How each group's grid is fitted; `imp` is the Hessian diagonal the search weighs by.
     fn fit<'a>(&self, imp: &'a [f32]) -> Fit<'a> {
-        match (self.step, self.range_search) {
-            (Some(k), _) => Fit::Step(k),
-            (None, true) => Fit::Search(Some(imp)),
-            (None, false) => Fit::MinMax,
-        }
+        Fit::of(self.step, self.range_search, Some(imp))
     }
 }
 

@@ -114,7 +114,17 @@ pub enum Fit<'a> {
     Step(f32),
 }
 
-impl Fit<'_> {
+impl<'a> Fit<'a> {
+    /// The fit a run's settings ask for: a step wins over the range search, which weighs its
+    /// candidates by `imp` when given.
+    pub fn of(step: Option<f32>, range_search: bool, imp: Option<&'a [f32]>) -> Self {
+        match (step, range_search) {
+            (Some(k), _) => Fit::Step(k),
+            (None, true) => Fit::Search(imp),
+            (None, false) => Fit::MinMax,
+        }
+    }
+
     /// Fits the group at columns `c0..c0 + x.len()` of a row and writes its codes to `out`.
     pub fn group(&self, x: &[f32], c0: usize, bits: u8, grid: Grid, out: &mut [u8]) -> (f16, f16) {
         let imp = match *self {
