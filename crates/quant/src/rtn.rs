@@ -107,9 +107,9 @@ pub enum Fit<'a> {
     /// deviation about the mean, on the asymmetric grid, which centres on the mean), whatever
     /// its range; the code width only bounds the codes. With an entropy coder behind it
     /// (the bundle's rANS stage) each code costs about its entropy, and at a given rate a
-    /// uniform step beats a range-fitted grid of fewer levels (ECSQ: within 0.25 bit of the
-    /// rate-distortion bound for Gaussian-like weights, where a fixed-rate grid is ~0.7 bit
-    /// away). On a group wider than a few dozen values the step is set by its spread, not its
+    /// uniform step beats a range-fitted grid of fewer levels (entropy-coded scalar
+    /// quantization; the tests below measure it at under 0.75x the error of a fitted g32 grid
+    /// at the same stored bits). On a group wider than a few dozen values the step is set by its spread, not its
     /// two extremes, so a whole row can share one scale.
     Step(f32),
 }
