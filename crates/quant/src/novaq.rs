@@ -36,6 +36,9 @@ use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+/// Rounds of code assignment and codebook refinement (each kept only if it lowers the error).
+const REFINE_ROUNDS: usize = 3;
+
 /// Settings of one NOVAQ run; recorded whole in the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct NovaqConfig {
@@ -611,31 +614,40 @@ pub fn quantize_novaq(
     let before = err(&t);
     let mut after = before;
     if let (Some(m), true) = (&hm, cfg.refine_iterations > 0) {
-        let mut norm2 = norm.clone();
-        let mut books2 = books.clone();
-        let refine = |norm: &Norm, books: &mut [Vec<f32>]| {
-            refine_books(
-                w,
-                rows,
-                cols,
-                &p,
-                norm,
-                books,
-                &codes,
-                m,
-                cfg.refine_iterations,
-            )
-        };
-        refine(&norm2, &mut books2);
-        refit_rows(w, rows, cols, &p, &mut norm2, &books2, &codes, m);
-        refine(&norm2, &mut books2);
-        let t2 = build(rows, cols, &p, &norm2, &books2, &codes);
-        let e2 = err(&t2);
-        // Refinement minimises the same objective in exact arithmetic; keep it only when the
-        // stored (f16) result really is better.
-        if e2 < before {
+        let (mut norm, mut books, mut codes) = (norm, books, codes);
+        // Codes and codebooks are fitted in turn (as Lloyd alternates assignment and centroid
+        // update): refined codebooks move the best codes, which the error-feedback sweep then
+        // finds again. A round is kept only when the stored (f16) result really is better.
+        for round in 0..REFINE_ROUNDS {
+            if round > 0 {
+                codes = assign(w, rows, cols, &p, &norm, &books, &zw, h, cfg)?;
+            }
+            let mut norm2 = norm.clone();
+            let mut books2 = books.clone();
+            let refine = |norm: &Norm, books: &mut [Vec<f32>]| {
+                refine_books(
+                    w,
+                    rows,
+                    cols,
+                    &p,
+                    norm,
+                    books,
+                    &codes,
+                    m,
+                    cfg.refine_iterations,
+                )
+            };
+            refine(&norm2, &mut books2);
+            refit_rows(w, rows, cols, &p, &mut norm2, &books2, &codes, m);
+            refine(&norm2, &mut books2);
+            let t2 = build(rows, cols, &p, &norm2, &books2, &codes);
+            let e2 = err(&t2);
+            if e2 >= after {
+                break;
+            }
             t = t2;
             after = e2;
+            (norm, books) = (norm2, books2);
         }
     }
     let report = NovaqReport {
