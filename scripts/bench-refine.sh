@@ -52,6 +52,9 @@ rows=(
   "gptq-step0.42-t0.25-rot|--method gptq --bits 6 --group-size 0 --sym --rotate --act-order --embeddings quant --embed-bits 8 --entropy-step 0.42 --embed-step 0.25 --lossless rans $C"
   # NOVAQ on the linear layers (embedding f16), the 2.5-bit row.
   "novaq-2.5|--method novaq --preset high-quality $C"
+  # The same average (2.5 bits per linear-layer weight), rotated first and spread over the
+  # layers by measured sensitivity (--spread-bits).
+  "novaq-2.5-rot-spread|--method novaq --preset high-quality --rotate --spread-bits $C"
   "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --embeddings quant $C"
   "apq-4.5|--method apq --bits 2-8 --target-bpw 4.5 --max-bpw 4.5 --sym --embeddings quant $C"
 )

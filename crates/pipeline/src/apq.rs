@@ -73,7 +73,7 @@ impl<'a> RelError<'a> {
     }
 }
 
-fn rel_errors(
+pub(crate) fn rel_errors(
     w: &[f32],
     rows: usize,
     cols: usize,
@@ -653,6 +653,8 @@ fn spec_of(
         embed_step: None,
         ggml_types: Default::default(),
         mix: None,
+        novaq_spread: false,
+        novaq_targets: Default::default(),
     }
 }
 

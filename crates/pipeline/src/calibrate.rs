@@ -217,6 +217,11 @@ pub struct CalibSpec {
     pub ggml_types: BTreeMap<String, BlockType>,
     /// Choose `ggml_types` by profiling first, under this budget.
     pub mix: Option<crate::mix::MixTarget>,
+    /// NOVAQ's `target_bits` is the linear layers' average: choose each layer's own target by
+    /// profiling first ([`crate::spread`]).
+    pub novaq_spread: bool,
+    /// NOVAQ target per layer (a spread); others take the config's.
+    pub novaq_targets: BTreeMap<String, f64>,
 }
 
 impl CalibSpec {
@@ -342,6 +347,11 @@ impl CalibSpec {
         };
         let cfg = adaptq_quant::novaq::NovaqConfig {
             seed: layer_seed(cfg.seed, name),
+            target_bits: self
+                .novaq_targets
+                .get(name)
+                .copied()
+                .unwrap_or(cfg.target_bits),
             ..cfg
         };
         let (t, rep) = adaptq_quant::novaq::quantize_novaq(w, rows, cols, Some(h), &cfg)?;
@@ -383,6 +393,8 @@ pub struct Calibration {
     pub hessians: BTreeMap<String, Hessian>,
     /// The GGUF type mix chosen before calibrating, when one was asked for.
     pub mix: Option<crate::mix::MixPlan>,
+    /// NOVAQ's per-layer targets chosen before calibrating, when spread.
+    pub novaq_targets: BTreeMap<String, f64>,
     /// Bytes of one set of calibration activations, and whether they were spilled to scratch.
     pub acts: Option<(u64, bool)>,
     /// How each expert of a mixture was calibrated.
@@ -401,6 +413,7 @@ impl Calibration {
         if other.mix.is_some() {
             self.mix = other.mix;
         }
+        self.novaq_targets.extend(other.novaq_targets);
         if other.acts.is_some() {
             self.acts = other.acts;
         }
@@ -590,7 +603,14 @@ impl Blocks<'_> {
     ) -> Result<&'s Block> {
         Ok(match self {
             Blocks::Held => &m.blocks[b],
-            Blocks::Stream(w) => slot.insert(m.load_block(*w, b)?),
+            Blocks::Stream(w) => {
+                let mut blk = m.load_block(*w, b)?;
+                // A rotated shell's blocks are rotated as they load.
+                if m.rotation_seed().is_some() {
+                    m.rotate_block(&mut blk)?;
+                }
+                slot.insert(blk)
+            }
         })
     }
 
@@ -1203,6 +1223,29 @@ pub fn run(
     };
     let mut llama = Llama::load_shell(&desc, w.as_ref())?;
     let blocks = Blocks::Stream(w.as_ref());
+    if let (true, Rounding::Novaq(cfg)) = (spec.novaq_spread, spec.rounding) {
+        // Profiled on the weights the codes will hold: rotated first when asked.
+        if let Some(seed) = spec.rotate {
+            llama.rotate(seed)?;
+        }
+        let n_prof = windows.len().min(16);
+        let mut done = 0;
+        let targets =
+            crate::spread::targets(&llama, blocks, &windows[..n_prof], &cfg, &mut |d, t| {
+                done = d;
+                progress(d, t + desc.n_layers)
+            })?;
+        let spec = CalibSpec {
+            novaq_targets: targets.clone(),
+            ..spec.clone()
+        };
+        let offset = done;
+        let mut out = pass(&mut llama, &spec, &mut |d, t| {
+            progress(offset + d, offset + t)
+        })?;
+        out.novaq_targets = targets;
+        return Ok((out, info));
+    }
     let Some(target) = &spec.mix else {
         let cal = pass(&mut llama, spec, progress)?;
         return Ok((cal, info));

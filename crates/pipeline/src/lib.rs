@@ -14,6 +14,7 @@ pub mod options;
 pub mod plan;
 pub mod quantize;
 pub mod refine;
+pub mod spread;
 
 pub use options::{
     Bits, CalibInputs, Choice, EmbeddingMode, Lossless, Method, OutputFormat, Preset,

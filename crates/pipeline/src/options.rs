@@ -432,6 +432,8 @@ pub struct NovaqOptions {
     pub preset: Option<Preset>,
     /// Bits per weight of each linear layer (the preset's, or 2.5, when unset).
     pub target_bits: Option<f64>,
+    /// `target_bits` as the linear layers' average, each layer's own chosen by sensitivity.
+    pub spread_bits: bool,
     #[serde(flatten)]
     pub codebooks: CodebookOptions,
     #[serde(flatten)]
@@ -569,6 +571,7 @@ impl Default for NovaqOptions {
         NovaqOptions {
             preset: None,
             target_bits: None,
+            spread_bits: false,
             codebooks: CodebookOptions {
                 level1_centroids: novaq.level1_centroids,
                 level2_centroids: novaq.level2_centroids,
@@ -738,6 +741,7 @@ impl QuantizeOptions {
             "range_search",
             "entropy_step",
             "embed_step",
+            "spread_bits",
             "like",
             "mix_types",
             "hessian_shrink",

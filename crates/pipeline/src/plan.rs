@@ -42,7 +42,7 @@ pub enum PlanError {
     #[error("rotation needs calibration text: rotated layers are quantized through the calibrated pipeline")]
     RotationNeedsCalibration,
     /// A NOVAQ setting was given with another method.
-    #[error("preset and target_bits are NOVAQ settings; they need method novaq")]
+    #[error("preset, target_bits and spread_bits are NOVAQ settings; they need method novaq")]
     NovaqOnly,
 }
 
@@ -191,13 +191,18 @@ fn check_entropy_step(o: &QuantizeOptions, ggml: bool) -> Result<()> {
 /// NOVAQ's settings from the options; `None` for other methods.
 fn novaq_settings(o: &QuantizeOptions) -> Result<Option<NovaqSettings>> {
     if o.method != Method::Novaq {
-        if o.novaq.preset.is_some() || o.novaq.target_bits.is_some() {
+        if o.novaq.preset.is_some() || o.novaq.target_bits.is_some() || o.novaq.spread_bits {
             return Err(PlanError::NovaqOnly.into());
         }
         return Ok(None);
     }
+    if o.novaq.spread_bits && o.calibration.calib.is_none() {
+        bail!("spread_bits chooses each layer's bits by measured sensitivity: give calibration text (calib)");
+    }
     Ok(Some(NovaqSettings {
         preset: o.novaq.preset.map(|p| p.name().to_string()),
+        spread: o.novaq.spread_bits,
+        targets: Default::default(),
         config: adaptq_quant::novaq::NovaqConfig {
             target_bits: o
                 .novaq
@@ -452,6 +457,8 @@ fn stage(
                     embed_step: None,
                     ggml_types: Default::default(),
                     mix: None,
+                    novaq_spread: n.spread,
+                    novaq_targets: Default::default(),
                 },
                 None => CalibSpec {
                     bits: o.bits.hi,
@@ -476,6 +483,8 @@ fn stage(
                     embed_step: o.grid.embed_step,
                     ggml_types: Default::default(),
                     mix: mix_target(o, ggml.is_some()),
+                    novaq_spread: false,
+                    novaq_targets: Default::default(),
                 },
             };
             Stage::Calibrate {
@@ -742,6 +751,9 @@ impl Plan {
         config.calibration = pre.map(|p| p.info.config.clone());
         if let Some(mix) = pre.and_then(|p| p.cal.mix.as_ref()) {
             config.ggml_types = mix.types.clone();
+        }
+        if let (Some(n), Some(p)) = (config.novaq.as_mut(), pre) {
+            n.targets = p.cal.novaq_targets.clone();
         }
         config
     }

@@ -83,6 +83,12 @@ pub struct RotateSettings {
 pub struct NovaqSettings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// `config.target_bits` is the linear layers' average, spread by sensitivity.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub spread: bool,
+    /// Each layer's own target, when spread.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub targets: BTreeMap<String, f64>,
     #[serde(flatten)]
     pub config: adaptq_quant::novaq::NovaqConfig,
 }

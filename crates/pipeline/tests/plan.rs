@@ -243,6 +243,40 @@ fn an_entropy_coded_step_stores_codes_below_their_width() {
     );
 }
 
+/// NOVAQ with its bits spread: `target_bits` is the linear layers' average; each layer's own
+/// target is recorded, its layout fits that target, and the layers together fit the average.
+#[test]
+fn novaq_spreads_its_bits_within_the_average() {
+    let w = Work::new();
+    let spread = json!({"target_bits": 3.0, "spread_bits": true, "rotate": true});
+    let (out, _) = run(w.options("spread", Method::Novaq, spread));
+    verifies(&out.out);
+    let q = &out.summary.manifest.quantization;
+    assert_eq!(q["novaq"]["spread"], true);
+    let targets = q["novaq"]["targets"].as_object().expect("targets recorded");
+    assert_eq!(targets.len(), 14, "{targets:?}");
+    let v = &out.summary.verification;
+    let (mut bits, mut params) = (0.0, 0.0);
+    for t in v.tensors.iter().filter(|t| targets.contains_key(&t.name)) {
+        let target = targets[&t.name].as_f64().unwrap();
+        assert!(adaptq_pipeline::spread::CANDIDATES.contains(&target));
+        assert!(
+            t.bits_per_weight <= target,
+            "{} {}",
+            t.name,
+            t.bits_per_weight
+        );
+        bits += t.bits_per_weight * t.params as f64;
+        params += t.params as f64;
+    }
+    assert!(bits / params <= 3.0, "{}", bits / params);
+    assert!(
+        bits / params > 2.5,
+        "the average is spent: {}",
+        bits / params
+    );
+}
+
 /// Every calibrated method, rotated NOVAQ, APQ and a refined entropy-coded step included, is
 /// byte-for-byte repeatable: the same options give the same global digest (the CLI tests on
 /// the real model build once).
@@ -311,6 +345,12 @@ fn impossible_combinations_are_refused_before_any_work() {
             "one of its widths",
         ),
         (Method::Rtn, json!({"target_bits": 2.0}), "NOVAQ settings"),
+        (Method::Rtn, json!({"spread_bits": true}), "NOVAQ settings"),
+        (
+            Method::Novaq,
+            json!({"spread_bits": true, "calib": null}),
+            "calibration text",
+        ),
         (Method::Apq, json!({"ggml_type": "q4_0"}), "GGML types"),
         (
             Method::Gptq,

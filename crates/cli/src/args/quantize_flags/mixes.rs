@@ -63,6 +63,15 @@ pub const NOVAQ: Section = (
              (default 2.5, or the preset's).",
         ),
         (
+            "spread_bits",
+            Switch,
+            "Make --target-bits the linear layers' average (weighted by size) and give each \
+             layer its own target by measured sensitivity: round-to-nearest's output error at \
+             2-4 bits on the calibration inputs, read at the code bits of each layout, decides \
+             where a bit removes most error. Each layer's target is recorded in the manifest \
+             (novaq.targets).",
+        ),
+        (
             "level1_centroids",
             Count,
             "Most centroids of the first codebook (a power of two).",
