@@ -382,6 +382,9 @@ fn check_job(o: &QuantizeOptions, stage: &Stage) -> Result<Option<std::ops::Rang
             "a GGUF type mix is chosen over the whole model; it cannot be split into block ranges"
         );
     }
+    if spec.novaq_spread {
+        bail!("spread_bits spreads NOVAQ's bits over the whole model; it cannot be split into block ranges");
+    }
     Ok(Some(range))
 }
 

@@ -348,6 +348,11 @@ fn impossible_combinations_are_refused_before_any_work() {
         (Method::Rtn, json!({"spread_bits": true}), "NOVAQ settings"),
         (
             Method::Novaq,
+            json!({"spread_bits": true, "blocks": "0..1"}),
+            "block ranges",
+        ),
+        (
+            Method::Novaq,
             json!({"spread_bits": true, "calib": null}),
             "calibration text",
         ),

@@ -622,24 +622,10 @@ pub fn quantize_novaq(
             if round > 0 {
                 codes = assign(w, rows, cols, &p, &norm, &books, &zw, h, cfg)?;
             }
-            let mut norm2 = norm.clone();
-            let mut books2 = books.clone();
-            let refine = |norm: &Norm, books: &mut [Vec<f32>]| {
-                refine_books(
-                    w,
-                    rows,
-                    cols,
-                    &p,
-                    norm,
-                    books,
-                    &codes,
-                    m,
-                    cfg.refine_iterations,
-                )
-            };
-            refine(&norm2, &mut books2);
+            let (mut norm2, mut books2, it) = (norm.clone(), books.clone(), cfg.refine_iterations);
+            refine_books(w, rows, cols, &p, &norm2, &mut books2, &codes, m, it);
             refit_rows(w, rows, cols, &p, &mut norm2, &books2, &codes, m);
-            refine(&norm2, &mut books2);
+            refine_books(w, rows, cols, &p, &norm2, &mut books2, &codes, m, it);
             let t2 = build(rows, cols, &p, &norm2, &books2, &codes);
             let e2 = err(&t2);
             if e2 >= after {
