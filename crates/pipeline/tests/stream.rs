@@ -33,6 +33,8 @@ fn spec(rounding: Rounding) -> CalibSpec {
         embed_step: None,
         ggml_types: Default::default(),
         mix: None,
+        novaq_spread: false,
+        novaq_targets: Default::default(),
     }
 }
 
