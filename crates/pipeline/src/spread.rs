@@ -35,15 +35,12 @@ pub fn predict(errors: &[f64; 3], bits: f64) -> f64 {
     (a + (bits - lo) * (b - a)).exp()
 }
 
-/// One layer's options: `(stored bits, predicted error, target)` by increasing bits, one per
-/// distinct plan.
-pub fn options(
-    rows: usize,
-    cols: usize,
-    errors: &[f64; 3],
-    cfg: &NovaqConfig,
-) -> Vec<(u64, f64, f64)> {
-    let mut out: Vec<(u64, f64, f64)> = Vec::new();
+/// A layer's option: `(stored bits, predicted error, target)`.
+pub type Layout = (u64, f64, f64);
+
+/// One layer's options by increasing bits, one per distinct plan.
+pub fn options(rows: usize, cols: usize, errors: &[f64; 3], cfg: &NovaqConfig) -> Vec<Layout> {
+    let mut out: Vec<Layout> = Vec::new();
     for t in CANDIDATES {
         let Ok(p) = plan(
             rows,
@@ -74,7 +71,8 @@ pub fn targets(
     cfg: &NovaqConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<BTreeMap<String, f64>> {
-    let mut layers: Vec<(String, Vec<(u64, f64, f64)>, usize)> = Vec::new();
+    // (name, options, weights)
+    let mut layers: Vec<(String, Vec<Layout>, usize)> = Vec::new();
     walk_layers(
         m,
         blocks,
