@@ -168,15 +168,19 @@ fn ggml_blocks_and_codebooks_refine() {
         ),
         (
             "novaq",
+            // NOVAQ's alternating rounds leave codebooks near the layer-wise optimum: a
+            // smaller step than the grids' finds the end-to-end gain.
             json!({"method": "novaq", "embeddings": "f16", "target_bits": 3.0,
-                   "max_iterations": 3, "refine_iterations": 1}),
+                   "max_iterations": 3, "refine_iterations": 1, "refine_lr": 0.003}),
         ),
     ];
     for (name, changes) in cases {
         let mut c = changes.clone();
         c["refine"] = json!("e2e");
         c["refine_epochs"] = json!(3);
-        c["refine_lr"] = json!(0.01);
+        if c.get("refine_lr").is_none() {
+            c["refine_lr"] = json!(0.01);
+        }
         let out = run(w.options(name, c));
         let rep = refine_section(&out);
         let e2e = &rep["e2e"];
