@@ -109,8 +109,8 @@ pub enum Fit<'a> {
     /// (the bundle's rANS stage) each code costs about its entropy, and at a given rate a
     /// uniform step beats a range-fitted grid of fewer levels (entropy-coded scalar
     /// quantization; the tests below measure it at under 0.75x the error of a fitted g32 grid
-    /// at the same stored bits). On a group wider than a few dozen values the step is set by its spread, not its
-    /// two extremes, so a whole row can share one scale.
+    /// at the same stored bits). On a group wider than a few dozen values the step is set by
+    /// its spread, not its two extremes, so a whole row can share one scale.
     Step(f32),
 }
 
