@@ -167,6 +167,15 @@ impl RefineMode {
     }
 }
 
+/// Refinement's option keys.
+const REFINE_KEYS: [&str; 5] = [
+    "refine",
+    "refine_epochs",
+    "refine_lr",
+    "kd_cosine_weight",
+    "refine_samples",
+];
+
 /// Teacher-guided refinement settings. Codes stay fixed: the bit budget does not change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -180,6 +189,10 @@ pub struct RefineOptions {
     pub refine_lr: f64,
     /// Weight of the cosine distance between student and teacher block outputs in the loss.
     pub kd_cosine_weight: f64,
+    /// Windows of the calibration text refinement trains and judges on, sampled like
+    /// calibration's with the same seed; unset: `calib_samples`. Calibration needs few windows
+    /// for its Hessians; training the codebooks against a teacher fits so few windows.
+    pub refine_samples: Option<usize>,
 }
 
 impl Default for RefineOptions {
@@ -189,6 +202,7 @@ impl Default for RefineOptions {
             refine_epochs: 2,
             refine_lr: 1e-3,
             kd_cosine_weight: 0.1,
+            refine_samples: None,
         }
     }
 }
@@ -702,6 +716,19 @@ impl QuantizeOptions {
         Ok(serde_saphyr::to_string(self)?)
     }
 
+    /// What a calibration checkpoint is keyed on: [`QuantizeOptions::recorded`] less
+    /// refinement's settings. Refinement runs after calibration and is not saved, so a
+    /// resumed run may refine differently.
+    pub fn calibration_recorded(&self) -> serde_json::Value {
+        let mut v = self.recorded();
+        if let Some(map) = v.as_object_mut() {
+            for key in REFINE_KEYS {
+                map.shift_remove(key);
+            }
+        }
+        v
+    }
+
     /// What the manifest records: every setting that decides the bundle's bytes, with paths
     /// cut to file names (a bundle must not depend on where the user keeps files), and without
     /// where it was written or whether that replaced anything.
@@ -718,9 +745,12 @@ impl QuantizeOptions {
             map.shift_remove("embed_bits");
         }
         if self.refine.refine == RefineMode::Off {
-            for key in ["refine", "refine_epochs", "refine_lr", "kd_cosine_weight"] {
+            for key in REFINE_KEYS {
                 map.shift_remove(key);
             }
+        }
+        if self.refine.refine_samples.is_none() {
+            map.shift_remove("refine_samples");
         }
         for key in [
             "resume",
@@ -866,5 +896,29 @@ mod tests {
         let r = o.recorded();
         assert!(r.get("src").is_none() && r.get("out").is_none());
         assert_eq!(r["calib"], "emma.txt");
+    }
+
+    /// Refinement's settings decide the bundle's bytes but not calibration's: a checkpoint
+    /// made with one refinement resumes under another.
+    #[test]
+    fn refinement_keys_are_recorded_but_do_not_key_the_checkpoint() {
+        let plain = QuantizeOptions::default();
+        assert!(plain.recorded().get("refine").is_none());
+        assert!(plain.recorded().get("refine_samples").is_none());
+        let mut o = plain.clone();
+        o.refine.refine = RefineMode::Both;
+        o.refine.refine_lr = 0.003;
+        o.refine.refine_samples = Some(64);
+        let r = o.recorded();
+        assert_eq!(
+            (r["refine"].as_str(), r["refine_samples"].as_u64()),
+            (Some("both"), Some(64))
+        );
+        o.refine.refine_samples = None;
+        assert!(o.recorded().get("refine_samples").is_none());
+        assert_ne!(o.recorded(), plain.recorded());
+        assert_eq!(o.calibration_recorded(), plain.calibration_recorded());
+        o.bits = Bits::one(3);
+        assert_ne!(o.calibration_recorded(), plain.calibration_recorded());
     }
 }

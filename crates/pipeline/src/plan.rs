@@ -650,8 +650,12 @@ impl Plan {
         drop(parts);
         let opened = adaptq_remote::open(&plan.src).map_err(|e| anyhow::anyhow!("{e}"))?;
         let source = opened.source.as_ref();
-        let now =
-            crate::checkpoint::fingerprint(&plan.options.recorded(), &info, source, &locator)?;
+        let now = crate::checkpoint::fingerprint(
+            &plan.options.calibration_recorded(),
+            &info,
+            source,
+            &locator,
+        )?;
         if now != fingerprint {
             bail!(
                 "{} is not the model the parts were calibrated on (or it changed since)",
@@ -688,7 +692,7 @@ impl Plan {
             fp_inputs: o.calibration.calib_inputs == crate::options::CalibInputs::Fp,
             inputs_from: o.job.inputs_from.clone(),
             options: o.clone(),
-            recorded: o.recorded(),
+            recorded: o.calibration_recorded(),
             locator: locator.to_string(),
         })
     }
@@ -781,7 +785,9 @@ impl Plan {
             &tok,
             w.desc().decoder.bos,
             calib,
-            o.calibration.calib_samples,
+            o.refine
+                .refine_samples
+                .unwrap_or(o.calibration.calib_samples),
             o.calibration.seq_len,
             o.seed,
         )?;
@@ -987,8 +993,14 @@ fn check_refine(o: &QuantizeOptions) -> Result<()> {
             r.kd_cosine_weight
         );
     }
-    if o.calibration.calib_samples < 2 {
-        bail!("refinement holds out some calibration windows: calib_samples must be at least 2");
+    match r.refine_samples {
+        Some(n) if n < 2 => {
+            bail!("refinement holds out some of its windows: refine_samples must be at least 2")
+        }
+        None if o.calibration.calib_samples < 2 => {
+            bail!("refinement holds out some calibration windows: calib_samples must be at least 2")
+        }
+        _ => {}
     }
     Ok(())
 }

@@ -58,6 +58,21 @@ fn refinement_lowers_the_heldout_loss_and_repeats_byte_for_byte() {
         ),
         (Some(7), Some(1))
     );
+    // Its own window count: more windows than calibration's.
+    let more = json!({"refine": "blockwise", "refine_epochs": 1, "refine_samples": 16});
+    let m = run(w.options("more", more));
+    let mrep = refine_section(&m);
+    assert_eq!(
+        (
+            mrep["train_windows"].as_u64(),
+            mrep["heldout_windows"].as_u64()
+        ),
+        (Some(14), Some(2))
+    );
+    assert_eq!(
+        m.summary.manifest.quantization["options"]["refine_samples"],
+        16
+    );
     let e2e = &rep["e2e"];
     let held: Vec<f64> = e2e["heldout_kl"]
         .as_array()

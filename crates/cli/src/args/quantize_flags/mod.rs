@@ -278,6 +278,13 @@ pub const REFINE: Section = (
             "Weight of the cosine distance between student and teacher outputs (block \
              outputs block-wise, the last hidden states end to end) added to the loss.",
         ),
+        (
+            "refine_samples",
+            Count,
+            "Windows of the --calib text to refine on (default: --calib-samples), sampled \
+             with the same seed and --seq-len. More than calibration needs: its Hessians \
+             settle on a few windows, while training against the teacher fits a few.",
+        ),
     ],
 );
 
