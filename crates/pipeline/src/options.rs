@@ -168,12 +168,13 @@ impl RefineMode {
 }
 
 /// Refinement's option keys.
-const REFINE_KEYS: [&str; 5] = [
+const REFINE_KEYS: [&str; 6] = [
     "refine",
     "refine_epochs",
     "refine_lr",
     "kd_cosine_weight",
     "refine_samples",
+    "refine_e2e_lr",
 ];
 
 /// Teacher-guided refinement settings. Codes stay fixed: the bit budget does not change.
@@ -193,6 +194,9 @@ pub struct RefineOptions {
     /// calibration's with the same seed; unset: `calib_samples`. Calibration needs few windows
     /// for its Hessians; training the codebooks against a teacher fits so few windows.
     pub refine_samples: Option<usize>,
+    /// Adam step size at the start of the end-to-end phase; unset: `refine_lr`. Every layer
+    /// moves the KL at once there, so the step one block takes can overshoot.
+    pub refine_e2e_lr: Option<f64>,
 }
 
 impl Default for RefineOptions {
@@ -203,6 +207,7 @@ impl Default for RefineOptions {
             refine_lr: 1e-3,
             kd_cosine_weight: 0.1,
             refine_samples: None,
+            refine_e2e_lr: None,
         }
     }
 }
@@ -750,6 +755,9 @@ impl QuantizeOptions {
         if self.refine.refine_samples.is_none() {
             map.shift_remove("refine_samples");
         }
+        if self.refine.refine_e2e_lr.is_none() {
+            map.shift_remove("refine_e2e_lr");
+        }
         for key in [
             "resume",
             "blocks",
@@ -907,13 +915,17 @@ mod tests {
         o.refine.refine = RefineMode::Both;
         o.refine.refine_lr = 0.003;
         o.refine.refine_samples = Some(64);
+        o.refine.refine_e2e_lr = Some(3e-4);
         let r = o.recorded();
+        assert_eq!(r["refine_e2e_lr"].as_f64(), Some(3e-4));
         assert_eq!(
             (r["refine"].as_str(), r["refine_samples"].as_u64()),
             (Some("both"), Some(64))
         );
         o.refine.refine_samples = None;
+        o.refine.refine_e2e_lr = None;
         assert!(o.recorded().get("refine_samples").is_none());
+        assert!(o.recorded().get("refine_e2e_lr").is_none());
         assert_ne!(o.recorded(), plain.recorded());
         // The fingerprint hashes the bytes, key order included.
         let bytes = |o: &QuantizeOptions| serde_json::to_vec(&o.calibration_recorded()).unwrap();

@@ -803,6 +803,7 @@ impl Plan {
             mode: o.refine.refine,
             epochs: o.refine.refine_epochs,
             lr: o.refine.refine_lr,
+            e2e_lr: o.refine.refine_e2e_lr,
             cosine_weight: o.refine.kd_cosine_weight,
             seed: o.seed,
             top_k: crate::refine::TOP_K,
@@ -986,6 +987,9 @@ fn check_refine(o: &QuantizeOptions) -> Result<()> {
     }
     if !(r.refine_lr.is_finite() && r.refine_lr > 0.0) {
         bail!("refine_lr must be a positive number, got {}", r.refine_lr);
+    }
+    if let Some(lr) = r.refine_e2e_lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+        bail!("refine_e2e_lr must be a positive number, got {lr}");
     }
     if !(r.kd_cosine_weight.is_finite() && r.kd_cosine_weight >= 0.0) {
         bail!(

@@ -42,7 +42,10 @@ use std::collections::BTreeMap;
 pub struct RefineSettings {
     pub mode: RefineMode,
     pub epochs: usize,
+    /// Adam's starting step: block-wise, and end to end unless `e2e_lr` says otherwise.
     pub lr: f64,
+    /// The end-to-end phase's starting step.
+    pub e2e_lr: Option<f64>,
     pub cosine_weight: f64,
     /// Orders the training windows of each epoch.
     pub seed: u64,
@@ -812,7 +815,12 @@ pub fn run(
     if windows.len() < 2 {
         bail!("refinement needs at least 2 calibration windows (one is held out)");
     }
-    if !(s.lr.is_finite() && s.lr > 0.0 && s.cosine_weight.is_finite() && s.cosine_weight >= 0.0) {
+    let step_ok = |lr: f64| lr.is_finite() && lr > 0.0;
+    if !(step_ok(s.lr)
+        && s.e2e_lr.is_none_or(step_ok)
+        && s.cosine_weight.is_finite()
+        && s.cosine_weight >= 0.0)
+    {
         bail!("refinement needs a positive step size and a non-negative cosine weight");
     }
     let w = adaptq_model::borrowed_source(src);
@@ -846,6 +854,7 @@ pub fn run(
         "mode": crate::options::Choice::name(s.mode),
         "epochs": s.epochs,
         "lr": s.lr,
+        "e2e_lr": s.e2e_lr.unwrap_or(s.lr),
         "kd_cosine_weight": s.cosine_weight,
         "top_k": s.top_k,
         "train_windows": train.len(),
@@ -1121,7 +1130,7 @@ impl Trainer<'_> {
             }
             Ok(sum / heldout.len() as f64)
         };
-        let mut adam = Adam::new(vars.clone(), s.lr, steps)?;
+        let mut adam = Adam::new(vars.clone(), s.e2e_lr.unwrap_or(s.lr), steps)?;
         install(student, false)?;
         let mut best = Best::start(held_of(student)?, &vars)?;
         let (mut train_curve, mut held_curve) = (Vec::new(), vec![best.loss]);

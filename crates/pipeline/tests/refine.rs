@@ -58,8 +58,9 @@ fn refinement_lowers_the_heldout_loss_and_repeats_byte_for_byte() {
         ),
         (Some(7), Some(1))
     );
-    // Its own window count: more windows than calibration's.
-    let more = json!({"refine": "blockwise", "refine_epochs": 1, "refine_samples": 16});
+    // Its own window count (more windows than calibration's) and end-to-end step.
+    let more = json!({"refine": "both", "refine_epochs": 1, "refine_samples": 16,
+                      "refine_e2e_lr": 0.0005});
     let m = run(w.options("more", more));
     let mrep = refine_section(&m);
     assert_eq!(
@@ -68,6 +69,10 @@ fn refinement_lowers_the_heldout_loss_and_repeats_byte_for_byte() {
             mrep["heldout_windows"].as_u64()
         ),
         (Some(14), Some(2))
+    );
+    assert_eq!(
+        (mrep["lr"].as_f64(), mrep["e2e_lr"].as_f64()),
+        (Some(0.001), Some(0.0005))
     );
     assert_eq!(
         m.summary.manifest.quantization["options"]["refine_samples"],
@@ -123,6 +128,7 @@ fn codes_stay_and_scales_move() {
         mode: adaptq_pipeline::RefineMode::E2e,
         epochs: 2,
         lr: 0.01,
+        e2e_lr: None,
         cosine_weight: 0.1,
         seed: 0,
         top_k: TOP_K,

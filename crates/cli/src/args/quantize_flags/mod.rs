@@ -273,6 +273,12 @@ pub const REFINE: Section = (
             "Adam step size at the start of each phase, decayed to zero over its epochs on a half cosine; relative: each scale moves as s*(1+d), each norm weight likewise.",
         ),
         (
+            "refine_e2e_lr",
+            Number,
+            "The end-to-end phase's starting step (default: --refine-lr). Every layer moves \
+             the KL at once there, so a block's step can overshoot.",
+        ),
+        (
             "kd_cosine_weight",
             Number,
             "Weight of the cosine distance between student and teacher outputs (block \
