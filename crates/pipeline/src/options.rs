@@ -755,7 +755,8 @@ impl QuantizeOptions {
         if self.refine.refine_samples.is_none() {
             map.shift_remove("refine_samples");
         }
-        if self.refine.refine_e2e_lr.is_none() {
+        // Without an end-to-end phase its step decides nothing.
+        if self.refine.refine_e2e_lr.is_none() || !self.refine.refine.e2e() {
             map.shift_remove("refine_e2e_lr");
         }
         for key in [
@@ -929,10 +930,13 @@ mod tests {
         assert_ne!(o.recorded(), plain.recorded());
         // The fingerprint hashes the bytes, key order included.
         let bytes = |o: &QuantizeOptions| serde_json::to_vec(&o.calibration_recorded()).unwrap();
-        for samples in [None, Some(64)] {
+        for (samples, lr) in [(None, None), (Some(64), None), (None, Some(1e-4))] {
             o.refine.refine_samples = samples;
+            o.refine.refine_e2e_lr = lr;
             assert_eq!(bytes(&o), bytes(&plain));
         }
+        o.refine.refine = RefineMode::Blockwise;
+        assert!(o.recorded().get("refine_e2e_lr").is_none());
         o.bits = Bits::one(3);
         assert_ne!(bytes(&o), bytes(&plain));
     }

@@ -971,6 +971,10 @@ fn phases(progress: &mut dyn Progress) -> impl FnMut(&str, usize, usize) + '_ {
 }
 
 /// Refinement's settings, and what it cannot run with.
+/// Refinement keeps four activation streams of every window in memory (2.4 MB a window for
+/// SmolLM2 at 256 tokens): the cap keeps a typo from exhausting it after calibration.
+const MAX_REFINE_SAMPLES: usize = 1024;
+
 fn check_refine(o: &QuantizeOptions) -> Result<()> {
     let r = &o.refine;
     if r.refine == crate::options::RefineMode::Off {
@@ -1001,6 +1005,10 @@ fn check_refine(o: &QuantizeOptions) -> Result<()> {
         Some(n) if n < 2 => {
             bail!("refinement holds out some of its windows: refine_samples must be at least 2")
         }
+        Some(n) if n > MAX_REFINE_SAMPLES => bail!(
+            "refine_samples is {n}; refinement holds every window's activations in memory, \
+             so at most {MAX_REFINE_SAMPLES}"
+        ),
         None if o.calibration.calib_samples < 2 => {
             bail!("refinement holds out some calibration windows: calib_samples must be at least 2")
         }

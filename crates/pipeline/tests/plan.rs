@@ -421,6 +421,21 @@ fn impossible_combinations_are_refused_before_any_work() {
             "does not round onto it",
         ),
         (Method::Gptq, json!({"blocks": "2..1"}), "is empty"),
+        (
+            Method::Rtn,
+            json!({"refine": "both", "refine_samples": 1}),
+            "at least 2",
+        ),
+        (
+            Method::Rtn,
+            json!({"refine": "both", "refine_samples": 100000}),
+            "at most 1024",
+        ),
+        (
+            Method::Rtn,
+            json!({"refine": "e2e", "refine_e2e_lr": -0.1}),
+            "positive number",
+        ),
         (Method::Gptq, json!({"blocks": "1"}), "write A..B"),
         (
             Method::Gptq,

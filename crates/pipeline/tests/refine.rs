@@ -58,11 +58,14 @@ fn refinement_lowers_the_heldout_loss_and_repeats_byte_for_byte() {
         ),
         (Some(7), Some(1))
     );
-    // Its own window count (more windows than calibration's) and end-to-end step.
-    let more = json!({"refine": "both", "refine_epochs": 1, "refine_samples": 16,
-                      "refine_e2e_lr": 0.0005});
-    let m = run(w.options("more", more));
+    // Its own window count (more windows than calibration's) and end-to-end step: another
+    // step leaves the block-wise phase as it was and moves the end-to-end one.
+    let more = |lr: f64| json!({"refine": "both", "refine_epochs": 1, "refine_samples": 16, "refine_e2e_lr": lr});
+    let m = run(w.options("more", more(0.0005)));
     let mrep = refine_section(&m);
+    let other = refine_section(&run(w.options("other", more(0.005))));
+    assert_eq!(mrep["blockwise"], other["blockwise"]);
+    assert_ne!(mrep["e2e"]["train_kl"], other["e2e"]["train_kl"]);
     assert_eq!(
         (
             mrep["train_windows"].as_u64(),
