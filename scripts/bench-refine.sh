@@ -54,7 +54,8 @@ rows=(
   "novaq-2.5|--method novaq --preset high-quality $C"
   # The same average (2.5 bits per linear-layer weight), rotated first and spread over the
   # layers by measured sensitivity (--spread-bits). Its best refinement so far:
-  # REFINE='--refine blockwise --refine-epochs 4 --refine-lr 0.003' (README).
+  # REFINE='--refine both --refine-epochs 2 --refine-lr 0.003 --refine-e2e-lr 0.0003
+  # --refine-samples 64' (README).
   "novaq-2.5-rot-spread|--method novaq --preset high-quality --rotate --spread-bits $C"
   "apq-3.5|--method apq --bits 2-8 --target-bpw 3.5 --max-bpw 3.5 --sym --embeddings quant $C"
   "apq-4.5|--method apq --bits 2-8 --target-bpw 4.5 --max-bpw 4.5 --sym --embeddings quant $C"
