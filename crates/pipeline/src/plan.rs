@@ -970,11 +970,11 @@ fn phases(progress: &mut dyn Progress) -> impl FnMut(&str, usize, usize) + '_ {
     }
 }
 
-/// Refinement's settings, and what it cannot run with.
 /// Refinement keeps four activation streams of every window in memory (2.4 MB a window for
 /// SmolLM2 at 256 tokens): the cap keeps a typo from exhausting it after calibration.
 const MAX_REFINE_SAMPLES: usize = 1024;
 
+/// Refinement's settings, and what it cannot run with.
 fn check_refine(o: &QuantizeOptions) -> Result<()> {
     let r = &o.refine;
     if r.refine == crate::options::RefineMode::Off {
